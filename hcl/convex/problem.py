@@ -1,0 +1,331 @@
+"""The convex problem of a two-layer ReLU network for fixed activation patterns.
+
+Every constant follows the project's convex note: for patterns ``D_1 … D_P`` (columns of a boolean
+``n × P`` matrix), data ``X`` (first-layer bias already folded in as a column of ones), targets ``Y``
+(``n × c``) and weight decay ``λ``::
+
+    min  s · ‖ Σ_i D_i X (U_i − V_i) + 1 b₀ᵀ − Y ‖_F²  +  2λ Σ_i pen(U_i, V_i)
+    s.t. (2 D_i − I) X U_i ≥ 0,  (2 D_i − I) X V_i ≥ 0          (column-wise)
+
+with ``s = 1`` for reduction ``"sum"`` and ``s = 1/n`` for ``"mean"``, ``pen = ‖u_i‖ + ‖v_i‖`` for a
+scalar output and ``pen = ‖[U_i, V_i]‖_F`` for ``c > 1`` (a lower bound for the shared-layer network),
+and an unpenalised output bias ``b₀`` when the network has one.
+
+A block may be restricted to one sign (``signs[i] = +1``: only ``U_i``; ``-1``: only ``V_i``): this is
+the per-neuron formulation, one block per neuron with the sign of its output weight fixed.
+
+Variables are stored as tensors ``U, V`` of shape ``(P, d, c)`` and ``b0`` of shape ``(c,)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Reduction = Literal["sum", "mean"]
+REDUCTIONS = ("sum", "mean")
+
+
+def data_scale(reduction: str, n: int) -> float:
+    """The factor ``s`` of the data term: 1 for ``"sum"``, ``1/n`` for ``"mean"``."""
+    if reduction == "sum":
+        return 1.0
+    if reduction == "mean":
+        return 1.0 / n
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def fold_bias(X: Tensor, bias: bool) -> Tensor:
+    """Append the column of ones that carries the first-layer bias (``X̃ = [X, 1]``) when ``bias``."""
+    if not bias:
+        return X
+    return torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype, device=X.device)], dim=1)
+
+
+def fold_weights(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``w̃_i = [w_i, b_i]``: the hidden layer's weight ``(m, d)`` with its bias as a last column."""
+    if bias is None:
+        return weight
+    return torch.cat([weight, bias.reshape(-1, 1)], dim=1)
+
+
+@dataclass
+class ConvexProblem:
+    """The convex reformulation for fixed patterns (see the module docstring).
+
+    Args:
+        X: ``(n, d)`` data, bias column already folded in.
+        Y: ``(n, c)`` targets (a 1-D ``y`` is reshaped to ``(n, 1)``).
+        patterns: ``(n, P)`` boolean activation patterns, one column per block.
+        weight_decay: ``λ ≥ 0`` of the non-convex objective.
+        reduction: ``"sum"`` or ``"mean"``.
+        output_bias: whether an unpenalised output bias ``b₀`` is a variable.
+        signs: optional ``(P,)`` integer tensor in ``{-1, 0, +1}``; ``None`` means all ``0`` (both signs).
+
+    Raises:
+        ValueError: on mismatched shapes, non-finite data, ``λ < 0``, an unknown reduction or an empty
+            pattern set.
+    """
+
+    X: Tensor
+    Y: Tensor
+    patterns: Tensor
+    weight_decay: float = 0.0
+    reduction: str = "mean"
+    output_bias: bool = False
+    signs: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.X, Tensor) or self.X.ndim != 2:
+            raise ValueError(f"X must be a 2-D tensor (n, d), got shape {tuple(getattr(self.X, 'shape', ()))}")
+        if not self.X.is_floating_point():
+            raise ValueError(f"X must be a floating-point tensor, got {self.X.dtype}")
+        if self.Y.ndim == 1:
+            self.Y = self.Y.reshape(-1, 1)
+        if self.Y.ndim != 2 or self.Y.shape[0] != self.X.shape[0]:
+            raise ValueError(
+                f"Y must have shape (n,) or (n, c) with n = {self.X.shape[0]} rows of X, got {tuple(self.Y.shape)}"
+            )
+        self.Y = self.Y.to(dtype=self.X.dtype, device=self.X.device)
+        if self.X.shape[0] == 0:
+            raise ValueError("the data is empty (n = 0)")
+        if not torch.isfinite(self.X).all():
+            raise ValueError("X contains NaN or inf")
+        if not torch.isfinite(self.Y).all():
+            raise ValueError("Y contains NaN or inf")
+        if self.patterns.ndim != 2 or self.patterns.shape[0] != self.X.shape[0]:
+            raise ValueError(
+                f"patterns must have shape (n, P) with n = {self.X.shape[0]}, got {tuple(self.patterns.shape)}"
+            )
+        if self.patterns.shape[1] == 0:
+            raise ValueError("the pattern set is empty (P = 0): nothing to solve")
+        self.patterns = self.patterns.to(device=self.X.device, dtype=torch.bool)
+        if not math.isfinite(float(self.weight_decay)) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {self.weight_decay}")
+        self.weight_decay = float(self.weight_decay)
+        data_scale(self.reduction, 1)  # validates the name
+        if self.signs is not None:
+            self.signs = torch.as_tensor(self.signs, device=self.X.device).to(torch.int8).reshape(-1)
+            if self.signs.numel() != self.patterns.shape[1]:
+                raise ValueError(
+                    f"signs must have one entry per pattern ({self.patterns.shape[1]}), got {self.signs.numel()}"
+                )
+            if not bool(((self.signs >= -1) & (self.signs <= 1)).all()):
+                raise ValueError("signs must be -1, 0 or +1")
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def c(self) -> int:
+        return self.Y.shape[1]
+
+    @property
+    def num_patterns(self) -> int:
+        return self.patterns.shape[1]
+
+    @property
+    def scale(self) -> float:
+        """The data-term factor ``s``."""
+        return data_scale(self.reduction, self.n)
+
+    @property
+    def is_bound(self) -> bool:
+        """True for vector outputs: the value is a lower bound, not an attained optimum."""
+        return self.c > 1
+
+    def allows_u(self) -> Tensor:
+        """``(P,)`` boolean: may block ``i`` use its ``U`` variable."""
+        if self.signs is None:
+            return torch.ones(self.num_patterns, dtype=torch.bool, device=self.X.device)
+        return self.signs >= 0
+
+    def allows_v(self) -> Tensor:
+        """``(P,)`` boolean: may block ``i`` use its ``V`` variable."""
+        if self.signs is None:
+            return torch.ones(self.num_patterns, dtype=torch.bool, device=self.X.device)
+        return self.signs <= 0
+
+    def zeros(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A zero point ``(U, V, b0)`` of the right shapes (always feasible)."""
+        shape = (self.num_patterns, self.d, self.c)
+        z = torch.zeros(shape, dtype=self.X.dtype, device=self.X.device)
+        return z, z.clone(), torch.zeros(self.c, dtype=self.X.dtype, device=self.X.device)
+
+    # ------------------------------------------------------------ evaluation
+    def predict(self, U: Tensor, V: Tensor, b0: Tensor | None = None) -> Tensor:
+        """``Σ_i D_i X (U_i − V_i) (+ b₀)``, shape ``(n, c)``."""
+        W = (U - V).to(self.X.dtype)
+        Z = torch.einsum("nd,pdc->npc", self.X, W)
+        out = (Z * self.patterns.unsqueeze(-1)).sum(dim=1)
+        if self.output_bias and b0 is not None:
+            out = out + b0.reshape(1, -1)
+        return out
+
+    def data_term(self, U: Tensor, V: Tensor, b0: Tensor | None = None) -> Tensor:
+        """``s · ‖prediction − Y‖_F²``."""
+        return self.scale * (self.predict(U, V, b0) - self.Y).square().sum()
+
+    def group_norms(self, U: Tensor, V: Tensor) -> Tensor:
+        """``(P,)`` the per-block penalty ``‖u_i‖ + ‖v_i‖`` (scalar) or ``‖[U_i, V_i]‖_F`` (vector)."""
+        if self.c == 1:
+            return U.flatten(1).norm(dim=1) + V.flatten(1).norm(dim=1)
+        return torch.sqrt(U.flatten(1).square().sum(1) + V.flatten(1).square().sum(1))
+
+    def penalty(self, U: Tensor, V: Tensor) -> Tensor:
+        """``2λ Σ_i pen(U_i, V_i)``."""
+        return 2.0 * self.weight_decay * self.group_norms(U, V).sum()
+
+    def objective(self, U: Tensor, V: Tensor, b0: Tensor | None = None) -> Tensor:
+        """The convex objective at ``(U, V, b0)`` (feasibility is not checked: see ``violation``)."""
+        return self.data_term(U, V, b0) + self.penalty(U, V)
+
+    def violation(self, U: Tensor, V: Tensor) -> Tensor:
+        """Largest violation of the cone and sign constraints (0 when feasible), in data units."""
+        S = (2.0 * self.patterns.to(self.X.dtype) - 1.0).unsqueeze(-1)  # (n, P, 1)
+        worst = torch.zeros((), dtype=self.X.dtype, device=self.X.device)
+        for W, allowed in ((U, self.allows_u()), (V, self.allows_v())):
+            Z = torch.einsum("nd,pdc->npc", self.X, W.to(self.X.dtype))
+            worst = torch.maximum(worst, torch.relu(-S * Z).amax())
+            if not bool(allowed.all()):
+                forbidden = W[~allowed]
+                if forbidden.numel():
+                    worst = torch.maximum(worst, forbidden.abs().amax() * self.X.abs().amax())
+        return worst
+
+    # --------------------------------------------------------------- mapping
+    def point_from_network(
+        self, hidden_weight: Tensor, output_weight: Tensor, neuron_block: Tensor, output_bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Network → convex: neuron ``j`` (folded weight ``w̃_j``, output ``α_j``) joins block ``neuron_block[j]``.
+
+        ``u = w̃ α⁺ᵀ``, ``v = w̃ α⁻ᵀ``; neurons sharing a block add up. A neuron with
+        ``neuron_block[j] < 0`` (dead, dropped) is left out. The block's pattern must be the neuron's own.
+
+        Args:
+            hidden_weight: ``(m, d)`` folded first-layer weights.
+            output_weight: ``(c, m)`` second-layer weight (``nn.Linear`` layout).
+            neuron_block: ``(m,)`` block index of each neuron, ``-1`` to leave it out.
+            output_bias: ``(c,)`` or ``None``.
+        """
+        W = hidden_weight.to(self.X)
+        A = output_weight.to(self.X).reshape(self.c, -1).T  # (m, c)
+        U, V, b0 = self.zeros()
+        keep = neuron_block >= 0
+        idx = neuron_block[keep].to(self.X.device)
+        outer_pos = W[keep].unsqueeze(-1) * A[keep].clamp(min=0).unsqueeze(1)  # (k, d, c)
+        outer_neg = W[keep].unsqueeze(-1) * (-A[keep]).clamp(min=0).unsqueeze(1)
+        U.index_add_(0, idx, outer_pos)
+        V.index_add_(0, idx, outer_neg)
+        if self.output_bias and output_bias is not None:
+            b0 = output_bias.to(self.X).reshape(-1).clone()
+        return U, V, b0
+
+    def to_network(
+        self, U: Tensor, V: Tensor, b0: Tensor | None = None, tol: float = 0.0
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Convex → network with the balanced map ``w = u/√‖u‖``, ``α = ±√‖u‖``.
+
+        For a scalar output every nonzero ``u_i`` / ``v_i`` becomes one neuron (at most ``2P``), and the
+        network's objective equals the convex objective exactly. For ``c > 1`` every nonzero column
+        ``U_i[:, k]`` becomes a neuron with output ``√‖u‖ e_k`` (the one-vs-all network): its objective is
+        at least the convex bound.
+
+        Returns:
+            ``(hidden_weight (k, d), output_weight (c, k), output_bias (c,) or None)``.
+        """
+        cols = []
+        for W, sign in ((U, 1.0), (V, -1.0)):
+            # (P, d, c) → one candidate neuron per (block, output) column
+            vecs = W.permute(0, 2, 1).reshape(-1, self.d)  # (P*c, d)
+            out_index = torch.arange(self.c, device=W.device).repeat(W.shape[0])
+            norms = vecs.norm(dim=1)
+            keep = norms > tol
+            cols.append((vecs[keep], norms[keep], out_index[keep], sign))
+        hidden, outputs = [], []
+        for vecs, norms, out_index, sign in cols:
+            root = norms.sqrt()
+            hidden.append(vecs / root.unsqueeze(1))
+            alpha = torch.zeros(self.c, vecs.shape[0], dtype=vecs.dtype, device=vecs.device)
+            alpha[out_index, torch.arange(vecs.shape[0], device=vecs.device)] = sign * root
+            outputs.append(alpha)
+        hidden_weight = torch.cat(hidden, dim=0)
+        output_weight = torch.cat(outputs, dim=1)
+        bias = b0.clone() if (self.output_bias and b0 is not None) else None
+        return hidden_weight, output_weight, bias
+
+
+def network_objective(
+    X: Tensor,
+    Y: Tensor,
+    hidden_weight: Tensor,
+    output_weight: Tensor,
+    output_bias: Tensor | None,
+    weight_decay: float,
+    reduction: str,
+) -> Tensor:
+    """The non-convex objective ``L`` of the note, with ``X`` and ``hidden_weight`` already folded.
+
+    ``L = s Σ_j ‖f(x_j) − y_j‖² + λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``; the output bias is not penalised.
+    """
+    if Y.ndim == 1:
+        Y = Y.reshape(-1, 1)
+    out = torch.relu(X @ hidden_weight.T) @ output_weight.T
+    if output_bias is not None:
+        out = out + output_bias.reshape(1, -1)
+    data = data_scale(reduction, X.shape[0]) * (out - Y).square().sum()
+    return data + weight_decay * (hidden_weight.square().sum() + output_weight.square().sum())
+
+
+@dataclass
+class ConvexSolution:
+    """What a solver returns.
+
+    Attributes:
+        value: the convex objective at ``(U, V, b0)`` (the optimum when ``status`` is ``"optimal"``; for
+            ``c > 1`` a lower bound on every network with these patterns).
+        U, V, b0: the solution, shapes ``(P, d, c)``, ``(P, d, c)``, ``(c,)``.
+        status: ``"optimal"``, ``"optimal_inaccurate"``, ``"max_iterations"``, ``"time_limit"`` or the
+            solver's failure status.
+        solver: the solver's name.
+        solve_seconds: wall time of the solve.
+        iterations: iterations used, where the solver counts them.
+        dual_value: a certified lower bound on the problem's optimum, where the solver gives one.
+        violation: largest constraint violation of ``(U, V)``.
+        gated: True when this solves the gated relaxation (no cone constraints).
+        multipliers: solver-specific state for warm starts (``None`` when there is none).
+    """
+
+    value: float
+    U: Tensor
+    V: Tensor
+    b0: Tensor
+    status: str
+    solver: str
+    solve_seconds: float
+    iterations: int | None = None
+    dual_value: float | None = None
+    violation: float = 0.0
+    gated: bool = False
+    multipliers: object | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("optimal", "optimal_inaccurate") and math.isfinite(self.value)
+
+    @property
+    def relative_gap(self) -> float | None:
+        """``(value − dual_value) / max(1, |value|)`` when a dual value is known."""
+        if self.dual_value is None:
+            return None
+        return (self.value - self.dual_value) / max(1.0, abs(self.value))
