@@ -65,6 +65,8 @@ class ConvexProblem:
         reduction: ``"sum"`` or ``"mean"``.
         output_bias: whether an unpenalised output bias ``b₀`` is a variable.
         signs: optional ``(P,)`` integer tensor in ``{-1, 0, +1}``; ``None`` means all ``0`` (both signs).
+        one_vs_all: for ``c > 1``, one group per (block, output column) — scnn's choice, exact for a network
+            whose second layer is block-diagonal; its value is *not* a bound for a shared hidden layer.
 
     Raises:
         ValueError: on mismatched shapes, non-finite data, ``λ < 0``, an unknown reduction or an empty
@@ -78,6 +80,7 @@ class ConvexProblem:
     reduction: str = "mean"
     output_bias: bool = False
     signs: Tensor | None = None
+    one_vs_all: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.X, Tensor) or self.X.ndim != 2:
@@ -141,8 +144,8 @@ class ConvexProblem:
 
     @property
     def is_bound(self) -> bool:
-        """True for vector outputs: the value is a lower bound, not an attained optimum."""
-        return self.c > 1
+        """True for shared-layer vector outputs: the value is a lower bound, not an attained optimum."""
+        return self.c > 1 and not self.one_vs_all
 
     def allows_u(self) -> Tensor:
         """``(P,)`` boolean: may block ``i`` use its ``U`` variable."""
@@ -177,7 +180,12 @@ class ConvexProblem:
         return self.scale * (self.predict(U, V, b0) - self.Y).square().sum()
 
     def group_norms(self, U: Tensor, V: Tensor) -> Tensor:
-        """``(P,)`` the per-block penalty ``‖u_i‖ + ‖v_i‖`` (scalar) or ``‖[U_i, V_i]‖_F`` (vector)."""
+        """``(P,)`` the per-block penalty ``‖u_i‖ + ‖v_i‖`` (scalar) or ``‖[U_i, V_i]‖_F`` (vector).
+
+        With ``one_vs_all`` every column is its own group: ``Σ_k ‖U_i[:, k]‖ + ‖V_i[:, k]‖``.
+        """
+        if self.one_vs_all:
+            return U.norm(dim=1).sum(1) + V.norm(dim=1).sum(1)
         if self.c == 1:
             return U.flatten(1).norm(dim=1) + V.flatten(1).norm(dim=1)
         return torch.sqrt(U.flatten(1).square().sum(1) + V.flatten(1).square().sum(1))
