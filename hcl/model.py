@@ -1,0 +1,241 @@
+"""The two-layer ReLU network whose training hcl watches.
+
+``f(x) = Σ_i relu(w_i·x + b_i) α_i (+ b₀)``, trained on the objective of the project's convex note::
+
+    L(W, α) = s · Σ_j ‖f(x_j) − y_j‖² + λ Σ_i (‖w̃_i‖² + ‖α_i‖²)
+
+``s = 1`` for reduction ``"sum"`` and ``1/n`` for ``"mean"``; ``w̃_i = [w_i, b_i]`` when the first layer
+has a bias; the output bias ``b₀`` is not penalised. ``λ`` (``weight_decay``) is added to the loss
+explicitly, never through the optimizer, so the logged ``train/objective`` is exactly ``L``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from hcl.convex.problem import REDUCTIONS, data_scale
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
+INITS = ("uniform", "normal", "kaiming")
+LOSSES = ("squared", "cross_entropy")
+
+
+class TwoLayerReLU(pl.LightningModule):
+    """A two-layer ReLU network ``Linear → ReLU → Linear`` trained on the note's objective ``L``.
+
+    Logged keys (every training step): ``train/data_loss`` (``s Σ‖f(x) − y‖²``, or ``s Σ`` cross-entropy),
+    ``train/penalty`` (``λ Σ (‖w̃‖² + ‖α‖²)``), ``train/objective`` (their sum), and ``train/acc`` for
+    classification. Validation and test steps log the same under ``val/`` and ``test/``.
+
+    Under DDP with sharded full-batch data the loss each rank differentiates is scaled so that the averaged
+    gradient is the gradient of the global objective (``n`` is summed over ranks), and the logged values are
+    the global ones.
+
+    Args:
+        in_features: input dimension ``d`` (inputs are flattened).
+        hidden: number of hidden neurons ``m``.
+        out_features: ``1`` for regression, ``c`` for ``c``-class classification.
+        bias: first-layer bias (the seed's column of ones), part of the penalty.
+        output_bias: unpenalised output bias.
+        reduction: ``"sum"`` (``s = 1``) or ``"mean"`` (``s = 1/n``).
+        weight_decay: ``λ ≥ 0``.
+        loss: ``"squared"`` (on one-hot targets for classification: the convex formulation's loss) or
+            ``"cross_entropy"`` (classification only).
+        optimizer: ``"sgd"`` (plain gradient descent, the default), ``"momentum"``, ``"adam"`` or ``"adagrad"``.
+        lr: learning rate.
+        momentum: momentum of ``"momentum"``.
+        init: ``"uniform"`` (torch's default), ``"normal"`` (``N(0, 1/fan_in)`` for both layers) or
+            ``"kaiming"`` (He normal for the hidden layer, ``N(0, 1/m)`` for the output layer).
+        init_scale: factor applied to every initial weight and bias (``1e-6`` to ``1e2`` and beyond).
+        hidden_weight: optional explicit initial hidden weight, ``m × in_features`` (``init_scale`` not applied).
+        hidden_bias_init: optional explicit initial hidden bias, length ``m``.
+        output_weight: optional explicit initial output weight, ``out_features × m``.
+
+    Raises:
+        ValueError: on a non-positive size, an unknown option, ``λ < 0``, a non-positive learning rate or
+            init scale, or explicit weights of the wrong shape.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 10,
+        hidden: int = 20,
+        out_features: int = 1,
+        bias: bool = False,
+        output_bias: bool = False,
+        reduction: Literal["sum", "mean"] = "mean",
+        weight_decay: float = 0.0,
+        loss: Literal["squared", "cross_entropy"] = "squared",
+        optimizer: Literal["sgd", "momentum", "adam", "adagrad"] = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        init: Literal["uniform", "normal", "kaiming"] = "uniform",
+        init_scale: float = 1.0,
+        hidden_weight: list[list[float]] | None = None,
+        hidden_bias_init: list[float] | None = None,
+        output_weight: list[list[float]] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("hidden", hidden), ("out_features", out_features)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_choice("reduction", reduction, REDUCTIONS)
+        _check_choice("loss", loss, LOSSES)
+        _check_choice("optimizer", optimizer, OPTIMIZERS)
+        _check_choice("init", init, INITS)
+        if not math.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {weight_decay}")
+        if not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        if not math.isfinite(init_scale) or init_scale <= 0:
+            raise ValueError(f"init_scale must be a positive number, got {init_scale}")
+        if loss == "cross_entropy" and out_features < 2:
+            raise ValueError("loss='cross_entropy' needs out_features ≥ 2 (classification)")
+        self.save_hyperparameters()
+
+        self.hidden_layer = nn.Linear(in_features, hidden, bias=bias)
+        self.output_layer = nn.Linear(hidden, out_features, bias=output_bias)
+        self.weight_decay = float(weight_decay)
+        self.reduction = reduction
+        self._initialise(init, init_scale, hidden_weight, hidden_bias_init, output_weight)
+        if out_features > 1:
+            self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
+            self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
+            self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
+
+    # ----------------------------------------------------------------- model
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_layer(torch.relu(self.hidden_layer(x.reshape(x.shape[0], -1))))
+
+    def penalty(self) -> Tensor:
+        """``λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``; the output bias is not penalised."""
+        squares = self.hidden_layer.weight.square().sum() + self.output_layer.weight.square().sum()
+        if self.hidden_layer.bias is not None:
+            squares = squares + self.hidden_layer.bias.square().sum()
+        return self.weight_decay * squares
+
+    def data_loss_sum(self, output: Tensor, target: Tensor) -> Tensor:
+        """``Σ_j ‖f(x_j) − y_j‖²`` (or the summed cross-entropy), before the scale ``s``."""
+        if self.hparams.loss == "cross_entropy":
+            if target.is_floating_point() and target.ndim == 2:
+                return F.cross_entropy(output, target, reduction="sum")
+            return F.cross_entropy(output, target.long().reshape(-1), reduction="sum")
+        return (output - self._as_output(target, output)).square().sum()
+
+    def objective(self, x: Tensor, y: Tensor) -> Tensor:
+        """``L`` on ``(x, y)`` on this process (no cross-rank reduction)."""
+        out = self(x)
+        return data_scale(self.reduction, x.shape[0]) * self.data_loss_sum(out, y) + self.penalty()
+
+    # -------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # λ lives in the loss; the optimizers never get a weight_decay of their own.
+        name, lr = self.hparams.optimizer, self.hparams.lr
+        if name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.0)
+        if name == "momentum":
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=self.hparams.momentum)
+        if name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=lr)
+        return torch.optim.Adagrad(self.parameters(), lr=lr)
+
+    # --------------------------------------------------------------- helpers
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        out = self(x)
+        local_sum = self.data_loss_sum(out, y)
+        penalty = self.penalty()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # Global n and global data sum; DDP averages gradients over ranks, hence the factor `world`.
+            n_total = self.all_gather(torch.tensor(float(x.shape[0]), device=out.device)).sum()
+            scale = 1.0 if self.reduction == "sum" else 1.0 / n_total
+            data_loss = scale * self.all_gather(local_sum.detach()).sum()
+            loss = world * scale * local_sum + penalty
+        else:
+            data_loss = data_scale(self.reduction, x.shape[0]) * local_sum
+            loss = data_loss + penalty
+        on_step = stage == "train"
+        self.log(f"{stage}/data_loss", data_loss, on_step=on_step, on_epoch=not on_step)
+        self.log(f"{stage}/penalty", penalty, on_step=on_step, on_epoch=not on_step)
+        self.log(f"{stage}/objective", data_loss.detach() + penalty.detach(), on_step=on_step,
+                 on_epoch=not on_step, prog_bar=True)
+        if self.hparams.out_features > 1:
+            metric = getattr(self, f"{stage}_acc")
+            metric(out.detach(), self._class_index(y))
+            self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
+        return loss
+
+    def _as_output(self, target: Tensor, output: Tensor) -> Tensor:
+        c = self.hparams.out_features
+        if c > 1 and not target.is_floating_point():
+            return F.one_hot(target.long().reshape(-1), c).to(output.dtype)
+        return target.reshape(output.shape).to(output.dtype)
+
+    def _class_index(self, target: Tensor) -> Tensor:
+        if target.is_floating_point() and target.ndim == 2:
+            return target.argmax(dim=1)
+        return target.long().reshape(-1)
+
+    @torch.no_grad()
+    def _initialise(
+        self,
+        init: str,
+        scale: float,
+        hidden_weight: list[list[float]] | None,
+        hidden_bias_init: list[float] | None,
+        output_weight: list[list[float]] | None,
+    ) -> None:
+        layers = (self.hidden_layer, self.output_layer)
+        if init == "normal":
+            for layer in layers:
+                nn.init.normal_(layer.weight, std=1.0 / math.sqrt(layer.in_features))
+                if layer.bias is not None:
+                    nn.init.normal_(layer.bias, std=1.0 / math.sqrt(layer.in_features))
+        elif init == "kaiming":
+            nn.init.kaiming_normal_(self.hidden_layer.weight, nonlinearity="relu")
+            nn.init.normal_(self.output_layer.weight, std=1.0 / math.sqrt(self.output_layer.in_features))
+            for layer in layers:
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        # "uniform" keeps torch's default initialisation.
+        for p in self.parameters():
+            p.mul_(scale)
+        _set_explicit(self.hidden_layer.weight, hidden_weight, "hidden_weight")
+        if hidden_bias_init is not None:
+            if self.hidden_layer.bias is None:
+                raise ValueError("hidden_bias_init given but the model has bias=False")
+            _set_explicit(self.hidden_layer.bias, hidden_bias_init, "hidden_bias_init")
+        _set_explicit(self.output_layer.weight, output_weight, "output_weight")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _set_explicit(param: Tensor, values: list | None, name: str) -> None:
+    if values is None:
+        return
+    tensor = torch.as_tensor(values, dtype=param.dtype)
+    if tensor.shape != param.shape:
+        raise ValueError(f"{name} must have shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    param.copy_(tensor)
