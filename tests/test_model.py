@@ -1,0 +1,158 @@
+"""TwoLayerReLU: its objective is the note's L, its options and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from hcl import TwoLayerReLU
+from hcl.convex import fold_bias, fold_weights, network_objective
+
+
+def _hand_objective(model: TwoLayerReLU, X: torch.Tensor, y: torch.Tensor, reduction: str) -> float:
+    """L computed neuron by neuron, sample by sample, with plain Python floats."""
+    W = model.hidden_layer.weight.tolist()
+    b = model.hidden_layer.bias.tolist() if model.hidden_layer.bias is not None else [0.0] * len(W)
+    A = model.output_layer.weight.tolist()
+    b0 = model.output_layer.bias.tolist() if model.output_layer.bias is not None else [0.0] * len(A)
+    total = 0.0
+    for x, target in zip(X.tolist(), y.reshape(len(X), -1).tolist()):
+        hidden = [max(0.0, sum(wi * xi for wi, xi in zip(w, x)) + bi) for w, bi in zip(W, b)]
+        for k, a in enumerate(A):
+            out = sum(ak * h for ak, h in zip(a, hidden)) + b0[k]
+            total += (out - target[k]) ** 2
+    scale = 1.0 if reduction == "sum" else 1.0 / len(X)
+    squares = sum(v * v for row in W for v in row) + sum(v * v for row in A for v in row)
+    if model.hidden_layer.bias is not None:
+        squares += sum(v * v for v in b)
+    return scale * total + model.weight_decay * squares
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("bias,output_bias,out_features", [(False, False, 1), (True, True, 1), (True, False, 3)])
+def test_objective_matches_a_hand_computation(reduction, bias, output_bias, out_features):
+    torch.manual_seed(0)
+    model = TwoLayerReLU(in_features=3, hidden=4, out_features=out_features, bias=bias, output_bias=output_bias,
+                         reduction=reduction, weight_decay=0.07).double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, out_features, dtype=torch.float64)
+    assert float(model.objective(X, y)) == pytest.approx(_hand_objective(model, X, y, reduction), rel=1e-12)
+    # ... and it is the convex module's network_objective on the folded weights.
+    Wf = fold_weights(model.hidden_layer.weight, model.hidden_layer.bias)
+    L = network_objective(fold_bias(X, bias), y, Wf, model.output_layer.weight, model.output_layer.bias,
+                          0.07, reduction)
+    assert float(L) == pytest.approx(float(model.objective(X, y)), rel=1e-12)
+
+
+def _single_neuron() -> tuple[TwoLayerReLU, torch.Tensor, torch.Tensor]:
+    model = TwoLayerReLU(in_features=2, hidden=1, bias=False, reduction="mean", weight_decay=0.0, lr=0.5,
+                         hidden_weight=[[0.3, -0.15]], output_weight=[[1.0]])
+    X = torch.tensor([[-0.2, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0.5, 1.0])
+    return model, X, y
+
+
+def test_seed_single_neuron_objective_at_step_zero():
+    model, X, y = _single_neuron()
+    assert float(model.objective(X, y)) == pytest.approx(0.48625, abs=1e-6)
+
+
+class _Recorder(pl.Callback):
+    def __init__(self):
+        self.objectives = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.objectives.append(float(trainer.callback_metrics["train/objective"]))
+
+
+def test_seed_single_neuron_reaches_zero_with_gradient_descent(tmp_path):
+    model, X, y = _single_neuron()
+    loader = DataLoader(TensorDataset(X, y), batch_size=2)
+    recorder = _Recorder()
+    trainer = pl.Trainer(max_steps=1500, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[recorder], default_root_dir=tmp_path,
+                         accelerator="cpu")
+    trainer.fit(model, loader)
+    assert recorder.objectives[0] == pytest.approx(0.48625, abs=1e-6)
+    assert float(model.objective(X, y)) < 1e-4
+    # The neuron ends up active on both points (its activation point left the data).
+    assert bool((model.hidden_layer(X) >= 0).all())
+
+
+@pytest.mark.parametrize("optimizer,cls", [("sgd", torch.optim.SGD), ("momentum", torch.optim.SGD),
+                                           ("adam", torch.optim.Adam), ("adagrad", torch.optim.Adagrad)])
+def test_optimizers_never_get_a_weight_decay(optimizer, cls):
+    model = TwoLayerReLU(weight_decay=0.3, optimizer=optimizer, lr=0.01, momentum=0.5)
+    opt = model.configure_optimizers()
+    assert isinstance(opt, cls)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0
+    assert group["lr"] == 0.01
+    if cls is torch.optim.SGD:
+        assert group["momentum"] == (0.0 if optimizer == "sgd" else 0.5)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e2])
+@pytest.mark.parametrize("init", ["uniform", "normal", "kaiming"])
+def test_init_scale_multiplies_every_weight(init, scale):
+    torch.manual_seed(3)
+    base = TwoLayerReLU(in_features=5, hidden=50, bias=True, init=init, init_scale=1.0)
+    torch.manual_seed(3)
+    scaled = TwoLayerReLU(in_features=5, hidden=50, bias=True, init=init, init_scale=scale)
+    for p, q in zip(base.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p * scale, rtol=1e-5, atol=0.0)
+    assert all(torch.isfinite(p).all() for p in scaled.parameters())
+
+
+def test_normal_init_has_the_announced_variance():
+    torch.manual_seed(0)
+    model = TwoLayerReLU(in_features=100, hidden=2000, init="normal")
+    std = float(model.hidden_layer.weight.std())
+    assert std == pytest.approx(1 / math.sqrt(100), rel=0.05)
+
+
+def test_classification_logs_accuracy_and_uses_one_hot_squared_loss():
+    torch.manual_seed(0)
+    model = TwoLayerReLU(in_features=4, hidden=8, out_features=3)
+    X = torch.randn(10, 4)
+    labels = torch.randint(0, 3, (10,))
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    # Index targets and one-hot targets give the same squared loss.
+    assert float(model.objective(X, labels)) == pytest.approx(float(model.objective(X, one_hot)), rel=1e-6)
+    ce = TwoLayerReLU(in_features=4, hidden=8, out_features=3, loss="cross_entropy")
+    expected = torch.nn.functional.cross_entropy(ce(X), labels, reduction="mean")
+    assert float(ce.objective(X, labels)) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"hidden": 0}, "hidden"),
+        ({"in_features": -1}, "in_features"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"init": "xavier"}, "init"),
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"lr": -0.1}, "lr"),
+        ({"loss": "cross_entropy"}, "cross_entropy"),
+        ({"in_features": 2, "hidden": 1, "hidden_weight": [[1.0, 2.0, 3.0]]}, "hidden_weight"),
+        ({"in_features": 2, "hidden": 1, "hidden_weight": [[float("nan"), 1.0]]}, "NaN"),
+        ({"hidden_bias_init": [0.0] * 20}, "bias=False"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TwoLayerReLU(**kwargs)
+
+
+def test_exposes_layers_and_objective_settings():
+    model = TwoLayerReLU(in_features=7, hidden=9, out_features=2, bias=True, weight_decay=0.2, reduction="sum")
+    assert isinstance(model.hidden_layer, torch.nn.Linear) and model.hidden_layer.weight.shape == (9, 7)
+    assert isinstance(model.output_layer, torch.nn.Linear) and model.output_layer.weight.shape == (2, 9)
+    assert model.weight_decay == 0.2 and model.reduction == "sum"
