@@ -185,7 +185,7 @@ def _build(problem: ConvexProblem, gated: bool):
 
     # M = [D_1 X, …, D_P X]: column i·d + r holds D_i X[:, r].
     DX = (D[:, :, None] * X[:, None, :]).reshape(n, P * d)
-    signs = (2.0 * D - 1.0)
+    signs = 2.0 * D - 1.0
 
     def block_columns(blocks: np.ndarray) -> sp.csr_matrix:
         cols = (blocks[:, None] * d + np.arange(d)[None, :]).reshape(-1)

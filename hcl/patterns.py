@@ -1,0 +1,364 @@
+"""Activation patterns of a two-layer ReLU network's hidden neurons.
+
+The pattern of neuron ``i`` on data ``X`` is the boolean column ``1[X w_i (+ b_i) ≥ 0]``. **Ties count as
+active** (``≥``, the convention of the project's convex note and of the seed post's pattern counter);
+scnn uses a strict ``> 0``. The two differ only for points exactly on a neuron's hyperplane.
+
+Everything here runs on the data's device without a Python loop over neurons: columns are packed into
+63-bit words (so each word is a non-negative ``int64``), deduplicated with ``torch.unique`` on the packed
+rows, and hashed to 128-bit keys with wrapping ``int64`` arithmetic for tracking patterns over a run.
+
+Low-dimensional data can have all its patterns enumerated (:func:`enumerate_patterns`); otherwise
+patterns are sampled from Gaussian gates (:func:`sample_patterns`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+_BITS_PER_WORD = 63
+
+
+# --------------------------------------------------------------------------- computing patterns
+def activation_patterns(X: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(n, m)`` boolean ``X @ weight.T (+ bias) ≥ 0``: one column per neuron, ties active.
+
+    Args:
+        X: ``(n, d)`` data.
+        weight: ``(m, d)`` first-layer weight (``nn.Linear`` layout).
+        bias: ``(m,)`` first-layer bias, or ``None``.
+    """
+    if X.ndim != 2 or weight.ndim != 2 or X.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"X must be (n, d) and weight (m, d) with the same d, got {tuple(X.shape)} and {tuple(weight.shape)}"
+        )
+    pre = X @ weight.to(X).T
+    if bias is not None:
+        if bias.numel() != weight.shape[0]:
+            raise ValueError(f"bias must have {weight.shape[0]} entries, got {bias.numel()}")
+        pre = pre + bias.to(X).reshape(1, -1)
+    return pre >= 0
+
+
+def dead_neurons(D: Tensor) -> Tensor:
+    """``(m,)`` boolean: neurons whose pattern is all zero (inactive on every point)."""
+    _check_patterns(D)
+    return ~D.any(dim=0)
+
+
+def pack_patterns(D: Tensor) -> Tensor:
+    """Pack the columns of a boolean ``(n, m)`` matrix into ``(m, ceil(n/63))`` ``int64`` words.
+
+    Row ``j`` of the result encodes column ``j`` of ``D``; bit ``b`` of word ``w`` is ``D[63 w + b, j]``.
+    63 bits per word keep every word non-negative, so no arithmetic overflows.
+    """
+    _check_patterns(D)
+    n, m = D.shape
+    words = max(1, -(-n // _BITS_PER_WORD))
+    bits = torch.zeros(m, words * _BITS_PER_WORD, dtype=torch.int64, device=D.device)
+    bits[:, :n] = D.T.to(torch.int64)
+    powers = torch.ones(_BITS_PER_WORD, dtype=torch.int64, device=D.device) << torch.arange(
+        _BITS_PER_WORD, device=D.device
+    )
+    return (bits.reshape(m, words, _BITS_PER_WORD) * powers).sum(dim=-1)
+
+
+def unpack_patterns(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_patterns`: ``(m, words)`` words back to the ``(n, m)`` boolean matrix."""
+    if packed.ndim != 2 or packed.dtype != torch.int64:
+        raise ValueError(f"packed must be a 2-D int64 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if n > packed.shape[1] * _BITS_PER_WORD:
+        raise ValueError(f"n = {n} exceeds the {packed.shape[1] * _BITS_PER_WORD} packed bits")
+    shifts = torch.arange(_BITS_PER_WORD, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :n].T.bool()
+
+
+class UniquePatterns(NamedTuple):
+    """Distinct patterns among the columns of ``D``.
+
+    Attributes:
+        patterns: ``(n, P)`` boolean, the distinct columns.
+        neuron_to_pattern: ``(m,)`` long, the column of ``patterns`` each neuron has (``-1`` for a dead
+            neuron when the all-zero pattern was dropped).
+        counts: ``(P,)`` long, how many neurons share each pattern.
+    """
+
+    patterns: Tensor
+    neuron_to_pattern: Tensor
+    counts: Tensor
+
+
+def unique_patterns(D: Tensor, drop_dead: bool = False) -> UniquePatterns:
+    """The distinct columns of ``D`` (in the order of their packed words), with the neuron → pattern map.
+
+    Args:
+        D: ``(n, m)`` boolean patterns, one column per neuron.
+        drop_dead: remove the all-zero pattern; its neurons map to ``-1``.
+    """
+    _check_patterns(D)
+    n, m = D.shape
+    long = dict(dtype=torch.long, device=D.device)
+    if m == 0:
+        return UniquePatterns(D.clone(), torch.zeros(0, **long), torch.zeros(0, **long))
+    packed = pack_patterns(D)
+    words, inverse, counts = torch.unique(packed, dim=0, return_inverse=True, return_counts=True)
+    # One representative neuron per distinct pattern: the first one that has it.
+    first = torch.full((words.shape[0],), m, **long).scatter_reduce(0, inverse, torch.arange(m, **long), reduce="amin")
+    patterns = D[:, first]
+    if drop_dead:
+        live = words.any(dim=1)
+        if not bool(live.all()):
+            new_index = torch.cumsum(live.long(), 0) - 1
+            new_index[~live] = -1
+            inverse = new_index[inverse]
+            patterns, counts = patterns[:, live], counts[live]
+    return UniquePatterns(patterns, inverse, counts)
+
+
+# Fixed odd 64-bit multipliers (as signed int64) and offsets of the per-word hash, two lanes.
+_MIX_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX_2 = -7723592293110705685  # 0x94D049BB133111EB
+_LANE_SEEDS = (0x2545F4914F6CDD1D, 0x1B873593CC9E2D51)
+
+
+def _logical_shift_right(x: Tensor, k: int) -> Tensor:
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: Tensor) -> Tensor:
+    # splitmix64's finaliser with wrapping int64 arithmetic: a bijection that spreads every input bit.
+    x = x ^ _logical_shift_right(x, 30)
+    x = x * _MIX_1
+    x = x ^ _logical_shift_right(x, 27)
+    x = x * _MIX_2
+    return x ^ _logical_shift_right(x, 31)
+
+
+def pattern_keys(D: Tensor) -> Tensor:
+    """``(m, 2)`` int64: a 128-bit hash of each column of ``D`` (two independent 64-bit lanes).
+
+    Each packed word is mixed with its position and lane and the mixed words are summed with wrapping
+    ``int64`` arithmetic, so the keys are computed on the data's device in a few vectorised operations.
+    Equal columns have equal keys; distinct columns collide with probability about ``2^-128`` for data
+    unrelated to the hash. Keys depend on ``n`` only through the words, so compare keys of one data set.
+    """
+    packed = pack_patterns(D)
+    positions = torch.arange(1, packed.shape[1] + 1, dtype=torch.int64, device=D.device)
+    lanes = []
+    for seed in _LANE_SEEDS:
+        salt = _mix64(positions * seed)
+        lanes.append(_mix64(_mix64(packed ^ salt) + salt).sum(dim=1))
+    return torch.stack(lanes, dim=1)
+
+
+# --------------------------------------------------------------------------- tracking over a run
+class PatternStats(NamedTuple):
+    """Pattern counts at one snapshot.
+
+    Attributes:
+        unique: distinct patterns among the neurons, the all-zero (dead) one included.
+        dead: neurons with the all-zero pattern.
+        changed: neurons whose pattern differs from the previous snapshot (0 at the first).
+        new: distinct patterns never seen before in the run (all of them at the first snapshot).
+        unique_live: distinct patterns other than the all-zero one (the convex problem's blocks).
+    """
+
+    unique: int
+    dead: int
+    changed: int
+    new: int
+    unique_live: int
+
+
+class PatternTracker:
+    """Follows the neurons' patterns over a run: distinct, dead, changed and never-seen-before counts.
+
+    Patterns are remembered by their 128-bit keys (:func:`pattern_keys`), so the history stays small and
+    is saved by :meth:`state_dict` as plain Python ints: a resumed run continues ``new`` and
+    ``changed`` where it stopped. All snapshots must be taken on the same data (the same rows of ``D``).
+
+    Example::
+
+        tracker = PatternTracker()
+        stats = tracker.update(activation_patterns(X, W, b))
+        stats.unique, stats.dead, stats.changed, stats.new
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[int, int]] = set()
+        self._previous: Tensor | None = None  # (m, 2) keys of the last snapshot
+
+    def reset(self) -> None:
+        """Forget the history (the next snapshot counts as the first)."""
+        self._seen = set()
+        self._previous = None
+
+    @property
+    def num_seen(self) -> int:
+        """Distinct patterns seen so far in the run."""
+        return len(self._seen)
+
+    def update(self, D: Tensor) -> PatternStats:
+        """Record the snapshot ``D`` (``(n, m)`` boolean) and return its counts."""
+        _check_patterns(D)
+        keys = pattern_keys(D)
+        dead = dead_neurons(D)
+        distinct = torch.unique(keys, dim=0)
+        has_dead = bool(dead.any())
+        if self._previous is None:
+            changed = 0
+        else:
+            if self._previous.shape != keys.shape:
+                raise ValueError(
+                    f"the number of neurons changed from {self._previous.shape[0]} to {keys.shape[0]}: "
+                    "call reset() before tracking a different network"
+                )
+            changed = int((self._previous.to(keys.device) != keys).any(dim=1).sum())
+        new = 0
+        for pair in distinct.cpu().tolist():
+            key = (pair[0], pair[1])
+            if key not in self._seen:
+                self._seen.add(key)
+                new += 1
+        self._previous = keys
+        unique = distinct.shape[0]
+        return PatternStats(
+            unique=unique, dead=int(dead.sum()), changed=changed, new=new, unique_live=unique - int(has_dead)
+        )
+
+    def state_dict(self) -> dict:
+        """The history as plain Python ints and lists (picklable, no tensors)."""
+        previous = None if self._previous is None else self._previous.cpu().tolist()
+        return {"seen": sorted(self._seen), "previous": previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a history saved by :meth:`state_dict`."""
+        if not isinstance(state, dict) or "seen" not in state or "previous" not in state:
+            raise ValueError("state must be a dict with keys 'seen' and 'previous' (from state_dict())")
+        self._seen = {(int(a), int(b)) for a, b in state["seen"]}
+        previous = state["previous"]
+        self._previous = None if previous is None else torch.tensor(previous, dtype=torch.int64).reshape(-1, 2)
+
+
+# --------------------------------------------------------------------------- sampling and enumerating
+def sample_patterns(X: Tensor, k: int, generator: torch.Generator | None = None, unique: bool = True) -> Tensor:
+    """Patterns ``1[X g ≥ 0]`` of ``k`` Gaussian gates ``g ~ N(0, I)``.
+
+    Args:
+        X: ``(n, d)`` data (with its bias column if the network has a first-layer bias).
+        k: number of gates.
+        generator: random generator; gates are drawn on its device and moved to ``X``'s.
+        unique: drop duplicate and all-zero columns, so at most ``k`` columns come back.
+
+    Returns:
+        ``(n, ≤ k)`` boolean (exactly ``k`` columns when ``unique`` is False).
+    """
+    if X.ndim != 2:
+        raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    device = generator.device if generator is not None else X.device
+    dtype = X.dtype if X.is_floating_point() else torch.float32
+    gates = torch.randn(X.shape[1], k, generator=generator, dtype=dtype, device=device).to(X.device)
+    D = X.to(dtype) @ gates >= 0
+    if unique:
+        D = unique_patterns(D, drop_dead=True).patterns
+    return D
+
+
+def enumerate_patterns(X: Tensor) -> Tensor:
+    """All nonzero patterns ``{1[X u ≥ 0] : u ∈ R^d}`` of 1-D or 2-D data with a bias column.
+
+    ``X`` must be ``(n, 2)`` or ``(n, 3)`` with an all-ones last column. The all-zero pattern is left out:
+    it contributes nothing to the convex problem.
+
+    * ``d = 2`` (1-D data): the patterns are thresholds ``{x ≥ t}`` and ``{x ≤ t}``, at most ``2n − 1``.
+    * ``d = 3`` (2-D data): at most ``n² − n + 1``. Every pattern is that of a cell of the arrangement of
+      the planes ``x̃_jᵀu = 0`` (a point on a face can be pushed into a cell by adding ``ε e_last``, which
+      makes every tied point strictly active), and every cell touches a vertex ``u ⟂ x̃_i, x̃_j`` for two
+      distinct points. Around that vertex the points off the line through ``x_i, x_j`` keep their side, and
+      the points on it (collinear ones included) split by a threshold along the line. All these are
+      generated for every pair, so the enumeration is complete, degenerate data included. The output has
+      ``O(n²)`` columns of ``n`` rows: meant for ``n`` up to a few hundred.
+
+    Raises:
+        ValueError: for any other shape, or a last column that is not all ones.
+    """
+    if X.ndim != 2 or X.shape[1] not in (2, 3):
+        raise ValueError(
+            f"enumerate_patterns needs (n, d) data with d = 2 or 3 including the bias column (1-D or 2-D "
+            f"data); got d = {X.shape[-1] if X.ndim else X.ndim}. In higher dimension use sample_patterns."
+        )
+    if X.shape[0] == 0:
+        raise ValueError("X is empty (n = 0)")
+    if not bool((X[:, -1] == 1).all()):
+        raise ValueError("the last column of X must be all ones (the folded first-layer bias)")
+    X = X.to(torch.float64) if X.is_floating_point() else X.double()
+    if X.shape[1] == 2:
+        return _enumerate_1d(X[:, 0])
+    return _enumerate_2d(X[:, :2])
+
+
+def _threshold_sets(t: Tensor, values: Tensor) -> Tensor:
+    """``(n, 2k)`` boolean: ``t ≥ v`` and ``t ≤ v`` for each ``v`` in ``values``."""
+    return torch.cat([t[:, None] >= values[None, :], t[:, None] <= values[None, :]], dim=1)
+
+
+def _enumerate_1d(x: Tensor) -> Tensor:
+    D = _threshold_sets(x, torch.unique(x))
+    return unique_patterns(D, drop_dead=True).patterns
+
+
+def _enumerate_2d(points: Tensor, chunk: int = 4096) -> Tensor:
+    n = points.shape[0]
+    distinct = torch.unique(points, dim=0)
+    if distinct.shape[0] == 1:
+        return torch.ones(n, 1, dtype=torch.bool, device=points.device)
+    i, j = torch.triu_indices(distinct.shape[0], distinct.shape[0], offset=1, device=points.device)
+    p, q = distinct[i], distinct[j]
+    scale = points.abs().max().clamp(min=1.0)
+    keys: list[Tensor] = []
+    for start in range(0, i.numel(), chunk):
+        a, b = p[start : start + chunk], q[start : start + chunk]
+        direction = b - a  # (B, 2)
+        normal = torch.stack([-direction[:, 1], direction[:, 0]], dim=1)
+        # signed offset of each point from the line through a and b, and its position along the line
+        side = (points[None, :, :] - a[:, None, :]) @ normal[:, :, None]  # (B, n, 1)
+        side = side.squeeze(-1)
+        along = ((points[None, :, :] - a[:, None, :]) @ direction[:, :, None]).squeeze(-1)
+        length2 = direction.square().sum(1, keepdim=True)
+        offset_scale = scale * normal.norm(dim=1, keepdim=True)
+        sets = []
+        # Points on the line split by thresholds; the rest keep their side. Two tolerances: a tight one
+        # (rounding only) gives the true patterns, a loose one adds patterns for nearly collinear points —
+        # an extra pattern is harmless for the convex problem, a missed one is not.
+        for tolerance in (1e-13, 1e-8):
+            on_line = side.abs() <= tolerance * offset_scale
+            positive, negative = (side > 0) & ~on_line, (side < 0) & ~on_line
+            splits = torch.stack(
+                [
+                    torch.zeros_like(on_line),
+                    on_line,
+                    on_line & (along >= 0),
+                    on_line & (along <= 0),
+                    on_line & (along >= length2),
+                    on_line & (along <= length2),
+                ],
+                dim=1,
+            )  # (B, 6, n): thresholds at a and at b, in both directions, plus none and all
+            sets += [positive[:, None, :] | splits, negative[:, None, :] | splits]
+        candidates = torch.cat(sets, dim=1)
+        block = candidates.reshape(-1, n).T
+        keys.append(unique_patterns(block, drop_dead=True).patterns)
+    return unique_patterns(torch.cat(keys, dim=1), drop_dead=True).patterns
+
+
+def _check_patterns(D: Tensor) -> None:
+    if not isinstance(D, Tensor) or D.ndim != 2:
+        raise ValueError(f"patterns must be a 2-D (n, m) tensor, got {type(D).__name__} {getattr(D, 'shape', '')}")
+    if D.dtype != torch.bool:
+        raise TypeError(f"patterns must be a boolean tensor, got {D.dtype}")
