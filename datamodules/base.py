@@ -1,0 +1,436 @@
+r"""
+Tensor data modules
+===================
+
+Data held as whole tensors in memory, served either as one full batch per step (the convex reformulation
+and plain gradient descent see every point at once) or as shuffled mini-batches.
+
+The training set is moved once to ``trainer.strategy.root_device`` in :meth:`TensorDataModule.setup`, so a
+full-batch step costs no host-to-device copy. Under DDP each rank trains on ``X[rank::world_size]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+_SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _FullBatch(Dataset):
+    """A length-1 dataset whose only item is the whole ``(inputs, targets)`` pair: one step is one epoch."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs = inputs
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if index != 0:
+            raise IndexError(f"a full-batch dataset has the single index 0, got {index}")
+        return self.inputs, self.targets
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Map ``"float32"`` / ``"float64"`` to the torch dtype, with a clear error for anything else."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def validate_split(inputs: Tensor, targets: Tensor, split: str, num_classes: int | None = None) -> None:
+    """Check one split and raise an error that names the problem and the split.
+
+    Inputs must be a floating ``(n, d)`` tensor. Targets are either floating ``(n, c)`` (regression, or
+    one-hot classes when ``num_classes`` is given, then ``c == num_classes``) or, for classification only,
+    integer class indices of shape ``(n,)`` in ``[0, num_classes)``.
+
+    Args:
+        inputs: the split's inputs.
+        targets: the split's targets.
+        split: ``"train"``, ``"val"`` or ``"test"`` (used in the messages).
+        num_classes: number of classes for classification, ``None`` for regression.
+
+    Raises:
+        TypeError: if either is not a tensor or has the wrong kind of dtype.
+        ValueError: on empty data, wrong shapes, different numbers of points, NaN or inf values, or class
+            indices out of range.
+    """
+    name = _SPLIT_NAMES.get(split, split)
+    for what, tensor in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} {what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if inputs.ndim != 2:
+        raise ValueError(f"{name} inputs must be a 2-D tensor (n, d), got shape {tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"{name} inputs must be floating point, got {inputs.dtype}")
+    if inputs.shape[0] == 0 or targets.numel() == 0:
+        raise ValueError(
+            f"{name} set is empty: inputs of shape {tuple(inputs.shape)}, targets of shape {tuple(targets.shape)}"
+        )
+    if inputs.shape[1] == 0:
+        raise ValueError(f"{name} inputs have no features: shape {tuple(inputs.shape)}")
+
+    class_indices = not targets.is_floating_point()
+    if class_indices:
+        if num_classes is None:
+            raise TypeError(f"{name} targets must be floating point for regression, got {targets.dtype}")
+        if targets.ndim != 1:
+            raise ValueError(f"{name} targets holding class indices must be 1-D (n,), got shape {tuple(targets.shape)}")
+    else:
+        if targets.ndim != 2:
+            raise ValueError(f"{name} targets must be a 2-D tensor (n, c), got shape {tuple(targets.shape)}")
+        if num_classes is not None and targets.shape[1] != num_classes:
+            raise ValueError(f"{name} targets have {targets.shape[1]} columns but there are {num_classes} classes")
+        if targets.dtype != inputs.dtype:
+            raise TypeError(f"{name} targets have dtype {targets.dtype} but the inputs have {inputs.dtype}")
+    if targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"{name} inputs and targets hold different numbers of points: "
+            f"{inputs.shape[0]} inputs vs {targets.shape[0]} targets"
+        )
+
+    for what, tensor in (("inputs", inputs), ("targets", targets)):
+        if not tensor.is_floating_point():
+            continue
+        if torch.isnan(tensor).any():
+            raise ValueError(f"{name} {what} contain NaN")
+        if torch.isinf(tensor).any():
+            raise ValueError(f"{name} {what} contain inf")
+    if class_indices and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(
+            f"{name} targets hold class indices outside [0, {num_classes}): "
+            f"min {int(targets.min())}, max {int(targets.max())}"
+        )
+
+
+def shard(inputs: Tensor, targets: Tensor, rank: int, world_size: int) -> tuple[Tensor, Tensor]:
+    """The points ``rank, rank + world_size, …`` of a split: disjoint across ranks and covering every point.
+
+    Raises:
+        ValueError: on a rank outside ``[0, world_size)`` or when a rank would get no point.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
+    if inputs.shape[0] < world_size:
+        raise ValueError(
+            f"cannot shard {inputs.shape[0]} training points over {world_size} ranks: some rank would get "
+            "no point (pass shard=False to give every rank the whole set)"
+        )
+    return inputs[rank::world_size].contiguous(), targets[rank::world_size].contiguous()
+
+
+class TensorDataModule(pl.LightningDataModule):
+    r"""In-memory tensors served as one full batch or as shuffled mini-batches.
+
+    Use it directly with tensors, or subclass it and override :meth:`_load_splits` together with
+    ``in_features`` / ``out_features`` (and ``num_classes`` for classification), which must be known
+    right after ``__init__`` so that a CLI can link them into the model.
+
+    Args:
+        train: ``(inputs, targets)`` of the training set; required unless a subclass loads its own data.
+        val: optional ``(inputs, targets)`` of a validation set.
+        test: optional ``(inputs, targets)`` of a test set.
+        num_classes: number of classes for classification; ``None`` (default) means regression.
+        batch_size: ``None`` (default) for full-batch training, where one step is one epoch; an integer for
+            shuffled mini-batches (reshuffled every epoch, deterministically from ``seed`` and the epoch).
+        shard: under DDP, give rank ``r`` of ``w`` the training points ``r, r + w, …`` (default). With
+            ``False`` every rank trains on the whole set.
+        seed: seed of every random choice the module makes (data generation and splits in subclasses,
+            mini-batch order).
+
+    Raises:
+        ValueError: on a non-positive ``batch_size`` or ``num_classes``, or a missing training set.
+        TypeError: on arguments of the wrong type.
+
+    Example::
+
+        X = torch.randn(100, 10)
+        dm = TensorDataModule(train=(X, X @ torch.ones(10, 1)))
+        trainer.fit(model, datamodule=dm)    # one step = one full-batch epoch
+    """
+
+    def __init__(
+        self,
+        train: tuple[Tensor, Tensor] | None = None,
+        val: tuple[Tensor, Tensor] | None = None,
+        test: tuple[Tensor, Tensor] | None = None,
+        num_classes: int | None = None,
+        batch_size: int | None = None,
+        shard: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+            raise ValueError(f"batch_size must be None (full batch) or a positive integer, got {batch_size!r}")
+        if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+            raise ValueError(f"num_classes must be None (regression) or a positive integer, got {num_classes!r}")
+        if not isinstance(shard, bool):
+            raise TypeError(f"shard must be a bool, got {type(shard).__name__}")
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        given = {"train": train, "val": val, "test": test}
+        for split, pair in given.items():
+            if pair is not None and (not isinstance(pair, Sequence) or len(pair) != 2):
+                raise TypeError(f"{split} must be an (inputs, targets) pair, got {type(pair).__name__}")
+        # A subclass loads its own data; a direct use needs at least a training set.
+        if type(self)._load_splits is TensorDataModule._load_splits and train is None:
+            raise ValueError("TensorDataModule needs a training set: pass train=(inputs, targets)")
+        self._given = {split: tuple(pair) for split, pair in given.items() if pair is not None}
+        self._num_classes = num_classes
+        self.batch_size = batch_size
+        self.shard = shard
+        self.seed = seed
+        self._splits: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ description (known before setup)
+    @property
+    def in_features(self) -> int:
+        """Number of input features ``d`` (bias column included when the data carry one)."""
+        return self._given["train"][0].shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        """Number of outputs: the number of classes, or the number of target columns for regression."""
+        if self.num_classes is not None:
+            return self.num_classes
+        targets = self._given["train"][1]
+        return targets.shape[1] if targets.ndim == 2 else 1
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes for classification, ``None`` for regression."""
+        return self._num_classes
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        return "regression" if self.num_classes is None else "classification"
+
+    # ------------------------------------------------------------------ loading
+    def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Return ``{"train": (X, y), "val": …, "test": …}`` on the CPU; ``val``/``test`` may be absent.
+
+        Subclasses override this; it is called once, on the first :meth:`setup`.
+        """
+        return dict(self._given)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and validate every split once, then move them to the trainer's root device."""
+        if self._splits is None:
+            splits = self._load_splits()
+            if "train" not in splits:
+                raise RuntimeError(f"{type(self).__name__} loaded no training set")
+            for split, (inputs, targets) in splits.items():
+                validate_split(inputs, targets, split, self.num_classes)
+                self._check_width(inputs, targets, split)
+            self._splits = splits
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        self._splits = {split: (X.to(device), y.to(device)) for split, (X, y) in self._splits.items()}
+
+    def _check_width(self, inputs: Tensor, targets: Tensor, split: str) -> None:
+        # The model was built from in_features / out_features before the data were loaded.
+        name = _SPLIT_NAMES[split]
+        if inputs.shape[1] != self.in_features:
+            raise ValueError(f"{name} inputs have {inputs.shape[1]} features but in_features is {self.in_features}")
+        if targets.ndim == 2 and targets.shape[1] != self.out_features:
+            raise ValueError(f"{name} targets have {targets.shape[1]} columns but out_features is {self.out_features}")
+
+    def _split(self, split: str) -> tuple[Tensor, Tensor]:
+        if self._splits is None:
+            self.setup("fit")
+        return self._splits[split]
+
+    def train_tensors(self) -> tuple[Tensor, Tensor]:
+        """The full, unsharded training inputs and targets (set up lazily if needed).
+
+        They live on the trainer's root device once the trainer has called :meth:`setup`, else on the CPU.
+        """
+        return self._split("train")
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        """One full batch per epoch, or shuffled mini-batches; sharded by rank under DDP when ``shard``."""
+        inputs, targets = self._split("train")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.shard and world_size > 1:
+            inputs, targets = shard(inputs, targets, self.trainer.global_rank, world_size)
+        return self._loader(inputs, targets, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation set like the training set, unsharded; an empty list (no validation) if absent."""
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The test set like the training set, unsharded; an empty list (no test batches) if absent."""
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        self._split("train")  # sets up lazily
+        if split not in self._splits:
+            # Lightning runs no loop over an empty list of loaders: no validation set, no validation.
+            return []
+        return self._loader(*self._splits[split], shuffle=False)
+
+    def _loader(self, inputs: Tensor, targets: Tensor, shuffle: bool) -> DataLoader:
+        if self.batch_size is None:
+            return DataLoader(_FullBatch(inputs, targets), batch_size=None)
+        dataset = TensorDataset(inputs, targets)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size)
+        # A single-replica DistributedSampler: Lightning leaves it in place under DDP (any other sampler
+        # would be wrapped and shard the already sharded data again) and calls its set_epoch, so the
+        # order depends only on the seed and the epoch, also after resuming from a checkpoint.
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+class _TorchvisionClassification(TensorDataModule):
+    """Shared loading of a torchvision image-classification dataset as flat tensors.
+
+    Subclasses set the class attributes below and implement :meth:`_dataset_class`, :meth:`_images` and
+    :meth:`_expected_files`.
+    """
+
+    _name: str
+    _image_shape: tuple[int, int, int]  # (channels, height, width)
+    _total_classes: int = 10
+    _mean: tuple[float, ...]
+    _std: tuple[float, ...]
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        subset: int | None = None,
+        random_subset: bool = True,
+        classes: list[int] | None = None,
+        one_hot: bool = True,
+        normalize: bool = True,
+        val_size: int = 0,
+        dtype: str = "float32",
+        batch_size: int | None = None,
+        shard: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if subset is not None and (not _is_int(subset) or subset < 1):
+            raise ValueError(f"subset must be None (whole training set) or a positive integer, got {subset!r}")
+        if not _is_int(val_size) or val_size < 0:
+            raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
+        if classes is not None:
+            classes = list(classes)
+            if len(classes) < 2:
+                raise ValueError(f"classes must list at least two classes, got {classes}")
+            if any(not _is_int(c) or not 0 <= c < self._total_classes for c in classes):
+                raise ValueError(f"classes must be integers in [0, {self._total_classes}), got {classes}")
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"classes must not repeat a class, got {classes}")
+        self._dtype = resolve_dtype(dtype)
+        num_classes = self._total_classes if classes is None else len(classes)
+        super().__init__(num_classes=num_classes, batch_size=batch_size, shard=shard, seed=seed)
+        self.root = os.fspath(root)
+        self.download = download
+        self.subset = subset
+        self.random_subset = random_subset
+        self.classes = classes
+        self.one_hot = one_hot
+        self.normalize = normalize
+        self.val_size = val_size
+
+    @property
+    def in_features(self) -> int:
+        channels, height, width = self._image_shape
+        return channels * height * width
+
+    # ------------------------------------------------------------------ dataset specifics
+    def _dataset_class(self) -> type:
+        raise NotImplementedError
+
+    def _images(self, dataset: Any) -> Tensor:
+        """The dataset's images as a uint8 tensor ``(n, channels, height, width)``."""
+        raise NotImplementedError
+
+    def _expected_files(self) -> list[str]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ loading
+    def prepare_data(self) -> None:
+        """Download the dataset with torchvision when ``download=True`` (once, on one process)."""
+        if self.download:
+            # torchvision's download fetches both splits; opening the small test split triggers it.
+            self._dataset_class()(self.root, train=False, download=True)
+
+    def _open(self, train: bool) -> Any:
+        try:
+            return self._dataset_class()(self.root, train=train, download=False)
+        except RuntimeError as error:
+            if "not found" not in str(error):
+                raise
+            files = "\n  ".join(self._expected_files())
+            raise FileNotFoundError(
+                f"{self._name} not found (or corrupted) under root {os.path.abspath(self.root)!r}; "
+                f"expected the files:\n  {files}\n"
+                f"Pass download=True to download it, or point root at the folder that holds them."
+            ) from error
+
+    def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        train, test = self._open(train=True), self._open(train=False)
+        images, labels = self._select_classes(self._images(train), _labels(train))
+        test_images, test_labels = self._select_classes(self._images(test), _labels(test))
+
+        n = labels.shape[0]
+        needed = self.val_size + (self.subset or 1)
+        if needed > n:
+            raise ValueError(
+                f"{self._name} has {n} training points (after the class selection) but val_size="
+                f"{self.val_size} and subset={self.subset} need {needed}"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        val_index, pool = order[: self.val_size].sort().values, order[self.val_size :]
+        if self.subset is not None:
+            pool = pool[: self.subset] if self.random_subset else pool.sort().values[: self.subset]
+        train_index = pool.sort().values
+
+        splits = {
+            "train": self._tensors(images[train_index], labels[train_index]),
+            "test": self._tensors(test_images, test_labels),
+        }
+        if self.val_size > 0:
+            splits["val"] = self._tensors(images[val_index], labels[val_index])
+        return splits
+
+    def _select_classes(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.classes is None:
+            return images, labels
+        keep = torch.isin(labels, torch.tensor(self.classes))
+        remap = torch.full((self._total_classes,), -1, dtype=torch.int64)
+        remap[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        return images[keep], remap[labels[keep]]
+
+    def _tensors(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        inputs = images.to(self._dtype) / 255.0
+        if self.normalize:
+            mean = torch.tensor(self._mean, dtype=self._dtype).view(1, -1, 1, 1)
+            std = torch.tensor(self._std, dtype=self._dtype).view(1, -1, 1, 1)
+            inputs = (inputs - mean) / std
+        inputs = inputs.reshape(inputs.shape[0], -1)
+        if not self.one_hot:
+            return inputs, labels
+        return inputs, torch.nn.functional.one_hot(labels, self.num_classes).to(self._dtype)
+
+
+def _labels(dataset: Any) -> Tensor:
+    return torch.as_tensor(dataset.targets, dtype=torch.int64)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
