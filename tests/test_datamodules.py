@@ -1,0 +1,622 @@
+"""Tests of hcl.datamodules: generated data, loaders, sharding, validation and torchvision loading."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from hcl.datamodules import CIFAR10, MNIST, SyntheticRegression, TensorDataModule, shard, validate_split
+
+REAL_MNIST_ROOT = Path("/work/shared/data")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _attach(dm: pl.LightningDataModule, device: str = "cpu", world_size: int = 1, rank: int = 0) -> None:
+    """Attach the parts of a trainer the data module reads."""
+    dm.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device(device)), world_size=world_size, global_rank=rank
+    )
+
+
+def _all_splits(dm: pl.LightningDataModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    dm.setup("fit")
+    return dict(dm._splits)
+
+
+# --------------------------------------------------------------------------- synthetic data
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kind="gaussian_linear", n=30, d=4, noise=0.1, val_n=5, test_n=6),
+        dict(kind="points", n=12, val_n=3, test_n=3),
+        dict(kind="orthogonal", n=5, d=8),
+    ],
+)
+def test_synthetic_same_seed_same_data_other_seed_other_data(kwargs):
+    first = _all_splits(SyntheticRegression(seed=3, **kwargs))
+    again = _all_splits(SyntheticRegression(seed=3, **kwargs))
+    other = _all_splits(SyntheticRegression(seed=4, **kwargs))
+    assert first.keys() == again.keys() == other.keys()
+    for split in first:
+        for a, b, c in zip(first[split], again[split], other[split]):
+            assert torch.equal(a, b)
+            assert not torch.allclose(a, c)
+
+
+def test_synthetic_training_points_do_not_depend_on_extra_splits():
+    alone = SyntheticRegression(n=20, d=3, seed=1).train_tensors()
+    with_extra = SyntheticRegression(n=20, d=3, seed=1, val_n=7, test_n=2).train_tensors()
+    assert torch.equal(alone[0], with_extra[0]) and torch.equal(alone[1], with_extra[1])
+
+
+def test_gaussian_linear_unit_beta_and_exact_linear_labels():
+    dm = SyntheticRegression(n=50, d=7, dtype="float64", val_n=10, seed=5)
+    beta = dm.beta
+    assert beta.shape == (7, 1)
+    assert torch.linalg.norm(beta).item() == pytest.approx(1.0, abs=1e-12)
+    for split in ("train", "val"):
+        X, y = dm._splits[split]
+        assert X.dtype == y.dtype == torch.float64
+        torch.testing.assert_close(y, X @ beta, rtol=0, atol=1e-12)
+
+
+def test_gaussian_linear_noise_has_the_requested_scale_and_keeps_inputs():
+    clean = SyntheticRegression(n=4000, d=3, dtype="float64", seed=2)
+    noisy = SyntheticRegression(n=4000, d=3, dtype="float64", noise=0.5, seed=2)
+    X, (Xn, yn) = clean.train_tensors()[0], noisy.train_tensors()
+    assert torch.equal(X, Xn)
+    residual = yn - Xn @ noisy.beta
+    assert residual.std().item() == pytest.approx(0.5, rel=0.05)
+    assert X.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_float32_data_round_the_float64_draw():
+    X32, y32 = SyntheticRegression(n=10, d=3, seed=0).train_tensors()
+    X64, y64 = SyntheticRegression(n=10, d=3, seed=0, dtype="float64").train_tensors()
+    assert X32.dtype == torch.float32 and X64.dtype == torch.float64
+    assert torch.equal(X32, X64.float()) and torch.equal(y32, y64.float())
+
+
+def test_orthogonal_rows_are_orthonormal():
+    dm = SyntheticRegression(kind="orthogonal", n=6, d=9, dtype="float64", seed=0)
+    X, y = dm.train_tensors()
+    assert X.shape == (6, 9) and y.shape == (6, 1)
+    torch.testing.assert_close(X @ X.T, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    square = SyntheticRegression(kind="orthogonal", dtype="float64").train_tensors()[0]
+    torch.testing.assert_close(square @ square.T, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_explicit_points_with_ones_column_single_neuron_example():
+    dm = SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True, dtype="float64")
+    assert (dm.in_features, dm.out_features, dm.task, dm.num_classes) == (2, 1, "regression", None)
+    X, y = dm.train_tensors()
+    assert torch.equal(X, torch.tensor([[-0.2, 1.0], [1.0, 1.0]], dtype=torch.float64))
+    assert torch.equal(y, torch.tensor([[0.5], [1.0]], dtype=torch.float64))
+
+
+def test_explicit_multidimensional_points():
+    dm = SyntheticRegression(kind="points", x=[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], y=[[1.0, 2.0], [3.0, 4.0]])
+    assert (dm.in_features, dm.out_features) == (3, 2)
+    X, y = dm.train_tensors()
+    assert X.shape == (2, 3) and y.shape == (2, 2)
+
+
+def test_generated_points_lie_on_the_line_in_the_unit_interval():
+    dm = SyntheticRegression(kind="points", n=200, append_ones=True, dtype="float64", test_n=100, seed=9)
+    assert dm.in_features == 2
+    for X, y in (dm.train_tensors(), dm._splits["test"]):
+        x = X[:, 0]
+        assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.9
+        assert torch.equal(X[:, 1], torch.ones_like(x))
+        torch.testing.assert_close(y[:, 0], 0.6 * x + 0.7, rtol=0, atol=1e-12)
+    other = SyntheticRegression(kind="points", n=50, slope=-2.0, intercept=0.0, dtype="float64").train_tensors()
+    torch.testing.assert_close(other[1], -2.0 * other[0], rtol=0, atol=1e-12)
+
+
+def test_features_are_known_before_setup():
+    cases = [
+        (SyntheticRegression(), 10, 1),
+        (SyntheticRegression(d=4, append_ones=True), 5, 1),
+        (SyntheticRegression(kind="points", n=4, append_ones=True), 2, 1),
+        (MNIST(root="does-not-exist"), 784, 10),
+        (MNIST(root="does-not-exist", classes=[1, 7]), 784, 2),
+        (CIFAR10(root="does-not-exist", classes=[0, 1, 2], one_hot=False), 3072, 3),
+    ]
+    for dm, in_features, out_features in cases:
+        assert (dm.in_features, dm.out_features) == (in_features, out_features)
+        assert dm._splits is None
+    assert MNIST(root="x").task == "classification" and MNIST(root="x", classes=[2, 3]).num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kind="spiral"), "unknown kind 'spiral'"),
+        (dict(kind="orthogonal", n=11, d=10), "n <= d"),
+        (dict(kind="orthogonal", n=3, d=5, val_n=2), "val_n"),
+        (dict(kind="points", x=[0.0, 1.0]), "needs both x and y"),
+        (dict(kind="points", x=[[0.0, 1.0], [2.0]], y=[1.0, 2.0]), "equal-length lists"),
+        (dict(kind="points", x=[0.0, 1.0], y=[1.0, 2.0], n=3), "n=3 but x holds 2 points"),
+        (dict(kind="points", x=[0.0, 1.0], y=[1.0, 2.0], val_n=1), "no law"),
+        (dict(kind="points", d=2), "1-D inputs"),
+        (dict(kind="gaussian_linear", x=[1.0], y=[1.0]), "kind='points'"),
+        (dict(n=0), "n must be an integer >= 1"),
+        (dict(noise=-1.0), "noise"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
+def test_synthetic_bad_arguments_raise_early(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticRegression(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "x, y, message",
+    [
+        ([float("nan"), 1.0], [0.5, 1.0], "training inputs contain NaN"),
+        ([0.0, 1.0], [0.5, float("inf")], "training targets contain inf"),
+        ([0.0, 1.0, 2.0], [0.5, 1.0], "different numbers of points: 3 inputs vs 2 targets"),
+        ([], [], "training set is empty"),
+    ],
+)
+def test_bad_explicit_points_raise_in_setup(x, y, message):
+    dm = SyntheticRegression(kind="points", x=x, y=y)
+    with pytest.raises(ValueError, match=message):
+        dm.setup("fit")
+
+
+# --------------------------------------------------------------------------- validation of tensors
+def _pair(n=4, d=3, c=1, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype), torch.randn(n, c, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make, num_classes, error, message",
+    [
+        (lambda X, y: (X.index_fill(0, torch.tensor([1]), float("nan")), y), None, ValueError, "inputs contain NaN"),
+        (lambda X, y: (X, y.index_fill(0, torch.tensor([0]), float("nan"))), None, ValueError, "targets contain NaN"),
+        (lambda X, y: (X.index_fill(0, torch.tensor([2]), float("-inf")), y), None, ValueError, "inputs contain inf"),
+        (lambda X, y: (X, y.index_fill(0, torch.tensor([3]), float("inf"))), None, ValueError, "targets contain inf"),
+        (lambda X, y: (X[:0], y[:0]), None, ValueError, "set is empty"),
+        (lambda X, y: (X[:, :0], y), None, ValueError, "no features"),
+        (lambda X, y: (X, y[:3]), None, ValueError, "different numbers of points: 4 inputs vs 3 targets"),
+        (lambda X, y: (X[:, 0], y), None, ValueError, r"inputs must be a 2-D tensor \(n, d\), got shape \(4,\)"),
+        (lambda X, y: (X, y[:, 0]), None, ValueError, r"targets must be a 2-D tensor \(n, c\)"),
+        (lambda X, y: (X, y.double()), None, TypeError, "targets have dtype torch.float64"),
+        (lambda X, y: (X.long(), y), None, TypeError, "inputs must be floating point"),
+        (lambda X, y: (X, torch.zeros(4, dtype=torch.int64)), None, TypeError, "floating point for regression"),
+        (lambda X, y: (X, torch.tensor([0, 1, 2, 3])), 3, ValueError, r"class indices outside \[0, 3\)"),
+        (lambda X, y: (X, torch.tensor([[0], [1], [2], [1]])), 3, ValueError, "class indices must be 1-D"),
+        (lambda X, y: (X, torch.zeros(4, 2)), 3, ValueError, "2 columns but there are 3 classes"),
+        (lambda X, y: (X.numpy(), y), None, TypeError, "must be a torch.Tensor"),
+    ],
+)
+def test_validate_split_names_the_problem_and_the_split(make, num_classes, error, message):
+    inputs, targets = make(*_pair())
+    for split, name in (("train", "training"), ("val", "validation"), ("test", "test")):
+        with pytest.raises(error, match=message) as caught:
+            validate_split(inputs, targets, split, num_classes)
+        assert str(caught.value).startswith(name)
+
+
+def test_valid_splits_pass_validation():
+    X, y = _pair()
+    validate_split(X, y, "train")
+    validate_split(X, torch.tensor([0, 2, 1, 2]), "train", num_classes=3)
+    validate_split(X, torch.eye(3)[[0, 2, 1, 2]], "train", num_classes=3)
+
+
+def test_setup_validates_every_split_and_the_feature_counts():
+    X, y = _pair()
+    bad_val = (X.clone().fill_(float("nan")), y)
+    with pytest.raises(ValueError, match="validation inputs contain NaN"):
+        TensorDataModule(train=(X, y), val=bad_val).setup("fit")
+    with pytest.raises(ValueError, match="test inputs have 2 features but in_features is 3"):
+        TensorDataModule(train=(X, y), test=_pair(d=2)).setup("test")
+    with pytest.raises(ValueError, match="needs a training set"):
+        TensorDataModule()
+
+
+# --------------------------------------------------------------------------- loaders and devices
+def _indexed_module(n: int, **kwargs) -> TensorDataModule:
+    """Inputs whose first column is the point's index, so coverage can be read off a batch."""
+    X = torch.stack([torch.arange(n, dtype=torch.float32), torch.randn(n)], dim=1)
+    return TensorDataModule(train=(X, 2 * X[:, :1]), **kwargs)
+
+
+def test_full_batch_loader_yields_one_batch_with_every_point():
+    dm = SyntheticRegression(n=37, d=5, val_n=4, test_n=3, seed=0)
+    dm.setup("fit")
+    for loader, (X, y) in (
+        (dm.train_dataloader(), dm.train_tensors()),
+        (dm.val_dataloader(), dm._splits["val"]),
+        (dm.test_dataloader(), dm._splits["test"]),
+    ):
+        batches = list(loader)
+        assert len(loader) == 1 and len(batches) == 1
+        inputs, targets = batches[0]
+        assert torch.equal(inputs, X) and torch.equal(targets, y)
+    assert dm.train_tensors()[0].shape == (37, 5)
+
+
+def test_setup_moves_every_split_to_the_root_device():
+    dm = SyntheticRegression(n=8, d=2, val_n=2, test_n=2)
+    _attach(dm, device="meta")
+    dm.setup("fit")
+    assert all(t.device.type == "meta" for pair in dm._splits.values() for t in pair)
+    ((inputs, targets),) = list(dm.train_dataloader())
+    assert inputs.device.type == "meta" and inputs.shape == (8, 2) and targets.shape == (8, 1)
+
+
+def test_train_tensors_sets_up_lazily():
+    dm = SyntheticRegression(n=6, d=2)
+    assert dm._splits is None
+    X, y = dm.train_tensors()
+    assert X.shape == (6, 2) and y.shape == (6, 1)
+
+
+def test_minibatch_loader_covers_every_point_once_per_epoch_in_a_seeded_order():
+    def epoch_order(dm, epoch):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert all(len(b[0]) <= 8 for b in batches) and len(batches) == 4
+        for inputs, targets in batches:
+            assert torch.equal(targets, 2 * inputs[:, :1])
+        return torch.cat([inputs[:, 0] for inputs, _ in batches]).long()
+
+    dm = _indexed_module(27, batch_size=8, seed=1)
+    first = epoch_order(dm, 0)
+    assert torch.equal(first.sort().values, torch.arange(27))
+    assert not torch.equal(first, torch.arange(27))
+    assert torch.equal(first, epoch_order(_indexed_module(27, batch_size=8, seed=1), 0))
+    assert not torch.equal(first, epoch_order(dm, 1))
+    assert not torch.equal(first, epoch_order(_indexed_module(27, batch_size=8, seed=2), 0))
+    val = TensorDataModule(train=_pair(), val=_pair(n=10), batch_size=4).val_dataloader()
+    assert [len(b[0]) for b in val] == [4, 4, 2]
+
+
+def test_missing_val_and_test_give_no_loader():
+    dm = SyntheticRegression(n=5, d=2)
+    assert dm.val_dataloader() == [] and dm.test_dataloader() == []
+
+
+class _BatchRecorder(pl.Callback):
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, batch[0].shape[0], batch[0].device.type))
+
+
+class _Regressor(pl.LightningModule):
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.layer = nn.Linear(in_features, out_features)
+
+    def training_step(self, batch, batch_idx):
+        X, y = batch
+        return (self.layer(X) - y).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit(dm, accelerator="cpu", epochs=3):
+    recorder = _BatchRecorder()
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(_Regressor(dm.in_features, dm.out_features), datamodule=dm)
+    return trainer, recorder.batches
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_trainer_full_batch_is_one_step_per_epoch_without_val_loader():
+    dm = SyntheticRegression(n=25, d=3)
+    trainer, batches = _fit(dm)
+    assert trainer.global_step == 3
+    assert batches == [(0, 25, "cpu"), (1, 25, "cpu"), (2, 25, "cpu")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to check the move to the GPU")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_trainer_full_batch_lives_on_the_gpu():
+    dm = SyntheticRegression(n=25, d=3, val_n=5)
+    trainer, batches = _fit(dm, accelerator="gpu", epochs=2)
+    assert batches == [(0, 25, "cuda"), (1, 25, "cuda")]
+    assert all(t.is_cuda for pair in dm._splits.values() for t in pair)
+
+
+# --------------------------------------------------------------------------- DDP sharding
+@pytest.mark.parametrize("n, world_size", [(10, 3), (9, 3), (7, 2), (5, 5)])
+def test_shards_are_disjoint_and_cover_every_point(n, world_size):
+    X = torch.arange(n, dtype=torch.float32).reshape(n, 1)
+    shards = [shard(X, -X, rank, world_size) for rank in range(world_size)]
+    indices = torch.cat([inputs[:, 0] for inputs, _ in shards]).long()
+    assert torch.equal(indices.sort().values, torch.arange(n))
+    assert max(len(s[0]) for s in shards) - min(len(s[0]) for s in shards) <= 1
+    for inputs, targets in shards:
+        assert torch.equal(targets, -inputs)
+
+
+def test_shard_rejects_bad_ranks_and_too_few_points():
+    X = torch.zeros(3, 1)
+    with pytest.raises(ValueError, match="rank must lie"):
+        shard(X, X, 2, 2)
+    with pytest.raises(ValueError, match="cannot shard 3 training points over 4 ranks"):
+        shard(X, X, 0, 4)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_train_loader_is_sharded_by_rank_while_train_tensors_stay_whole(batch_size):
+    seen = []
+    for rank in range(3):
+        dm = _indexed_module(11, batch_size=batch_size)
+        _attach(dm, world_size=3, rank=rank)
+        dm.setup("fit")
+        indices = torch.cat([inputs[:, 0] for inputs, _ in dm.train_dataloader()]).long()
+        assert torch.equal(indices.sort().values, torch.arange(rank, 11, 3))
+        assert dm.train_tensors()[0].shape[0] == 11
+        seen.append(indices)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(11))
+
+    dm = _indexed_module(11, batch_size=batch_size, shard=False)
+    _attach(dm, world_size=3, rank=1)
+    indices = torch.cat([inputs[:, 0] for inputs, _ in dm.train_dataloader()]).long()
+    assert torch.equal(indices.sort().values, torch.arange(11))
+
+
+# --------------------------------------------------------------------------- MNIST on tiny IDX files
+def _write_mnist(raw: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        n = len(labels[prefix])
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images[prefix].tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels[prefix].tobytes())
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {p: rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8) for p, n in (("train", 40), ("t10k", 12))}
+    labels = {"train": np.arange(40, dtype=np.uint8) % 10, "t10k": np.arange(12, dtype=np.uint8) % 10}
+    _write_mnist(tmp_path / "MNIST" / "raw", images, labels)
+    return tmp_path, images, labels
+
+
+def test_mnist_pixels_targets_and_test_split(tiny_mnist):
+    root, images, labels = tiny_mnist
+    raw = torch.from_numpy(images["train"].reshape(40, 784).astype(np.float64)) / 255
+    X, y = MNIST(root=root, normalize=False, dtype="float64").train_tensors()
+    assert X.shape == (40, 784) and X.dtype == torch.float64
+    torch.testing.assert_close(X, raw, rtol=0, atol=1e-12)
+    assert torch.equal(y, torch.eye(10, dtype=torch.float64)[torch.from_numpy(labels["train"]).long()])
+
+    dm = MNIST(root=root)
+    X, y = dm.train_tensors()
+    assert X.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(X, ((raw - 0.1307) / 0.3081).float())
+
+    Xt, yt = dm._splits["test"]
+    assert Xt.shape == (12, 784)
+    assert torch.equal(yt.argmax(1), torch.from_numpy(labels["t10k"]).long())
+
+    _, indices = MNIST(root=root, one_hot=False).train_tensors()
+    assert indices.dtype == torch.int64 and torch.equal(indices, torch.from_numpy(labels["train"]).long())
+
+
+def test_mnist_class_subset_is_remapped_in_the_given_order(tiny_mnist):
+    root, images, labels = tiny_mnist
+    dm = MNIST(root=root, classes=[7, 3], normalize=False)
+    assert dm.out_features == dm.num_classes == 2
+    X, y = dm.train_tensors()
+    keep = np.flatnonzero(np.isin(labels["train"], [7, 3]))
+    assert X.shape == (len(keep), 784) and y.shape == (len(keep), 2)
+    torch.testing.assert_close(X, torch.from_numpy(images["train"][keep].reshape(-1, 784)).float() / 255)
+    expected = torch.from_numpy((labels["train"][keep] == 3).astype(np.int64))  # 7 -> 0, 3 -> 1
+    assert torch.equal(y.argmax(1), expected) and torch.equal(y.sum(1), torch.ones(len(keep)))
+    assert set(dm._splits["test"][1].argmax(1).tolist()) == {0, 1}
+
+
+def test_mnist_validation_split_and_subset(tiny_mnist):
+    root, images, _ = tiny_mnist
+
+    def rows(X):
+        return {tuple((x * 255).round().long().tolist()) for x in X}
+
+    dm = MNIST(root=root, normalize=False, val_size=8, subset=20, seed=3)
+    X, _ = dm.train_tensors()
+    Xv, _ = dm._splits["val"]
+    assert X.shape[0] == 20 and Xv.shape[0] == 8
+    assert not rows(X) & rows(Xv)
+    assert rows(X) | rows(Xv) <= rows(torch.from_numpy(images["train"].reshape(40, 784)).float() / 255)
+
+    again = MNIST(root=root, normalize=False, val_size=8, subset=20, seed=3)
+    assert torch.equal(again.train_tensors()[0], X) and torch.equal(again._splits["val"][0], Xv)
+    assert not torch.equal(MNIST(root=root, normalize=False, val_size=8, subset=20, seed=4).train_tensors()[0], X)
+
+    first = MNIST(root=root, normalize=False, subset=5, random_subset=False).train_tensors()[0]
+    torch.testing.assert_close(first, torch.from_numpy(images["train"][:5].reshape(5, 784)).float() / 255)
+
+    with pytest.raises(ValueError, match="has 40 training points"):
+        MNIST(root=root, val_size=30, subset=20).setup("fit")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(classes=[3]), "at least two classes"),
+        (dict(classes=[3, 3]), "must not repeat"),
+        (dict(classes=[1, 10]), r"integers in \[0, 10\)"),
+        (dict(subset=0), "subset"),
+        (dict(val_size=-1), "val_size"),
+        (dict(dtype="int8"), "dtype"),
+    ],
+)
+def test_image_modules_reject_bad_arguments(kwargs, message):
+    for module in (MNIST, CIFAR10):
+        with pytest.raises(ValueError, match=message):
+            module(root="data", **kwargs)
+
+
+def test_mnist_missing_files_raise_file_not_found_naming_root_and_files(tmp_path):
+    dm = MNIST(root=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as caught:
+        dm.setup("fit")
+    message = str(caught.value)
+    assert str(tmp_path / "nowhere") in message and "download=True" in message
+    assert all(os.path.join("MNIST", "raw", name) in message for name in MNIST_FILES)
+
+
+def test_mnist_download_goes_through_torchvision_only_in_prepare_data(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    images = {
+        "train": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+        "t10k": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+    }
+    labels = {"train": np.array([0, 1, 2, 3, 4, 5], dtype=np.uint8), "t10k": np.array([6, 7, 8], dtype=np.uint8)}
+    calls = []
+
+    def fake_download(url, download_root, filename=None, md5=None, **kwargs):
+        calls.append(filename)
+        if len(calls) == 4:  # the last archive: write what the four would have unpacked to
+            _write_mnist(Path(download_root), images, labels)
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", fake_download)
+    MNIST(root=tmp_path).prepare_data()
+    assert calls == []
+    dm = MNIST(root=tmp_path, download=True, normalize=False)
+    dm.prepare_data()
+    assert sorted(calls) == sorted(f"{name}.gz" for name in MNIST_FILES)
+    X, _ = dm.train_tensors()
+    torch.testing.assert_close(X, torch.from_numpy(images["train"].reshape(6, 784)).float() / 255)
+    dm.prepare_data()  # the files are there now: nothing is downloaded again
+    assert len(calls) == 4
+
+
+@pytest.mark.skipif(
+    not all((REAL_MNIST_ROOT / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES),
+    reason=f"the real MNIST is not at {REAL_MNIST_ROOT}/MNIST/raw",
+)
+def test_real_mnist_small_subset_matches_the_raw_files():
+    dm = MNIST(root=REAL_MNIST_ROOT, subset=64, random_subset=False, normalize=False)
+    X, y = dm.train_tensors()
+    raw = REAL_MNIST_ROOT / "MNIST" / "raw"
+    with open(raw / "train-images-idx3-ubyte", "rb") as f:
+        assert struct.unpack(">IIII", f.read(16)) == (2051, 60000, 28, 28)
+        pixels = np.frombuffer(f.read(64 * 784), dtype=np.uint8).reshape(64, 784)
+    with open(raw / "train-labels-idx1-ubyte", "rb") as f:
+        assert struct.unpack(">II", f.read(8)) == (2049, 60000)
+        digits = np.frombuffer(f.read(64), dtype=np.uint8)
+    assert X.shape == (64, 784) and y.shape == (64, 10)
+    torch.testing.assert_close(X, torch.from_numpy(pixels.astype(np.float32)) / 255)
+    assert torch.equal(y.argmax(1), torch.from_numpy(digits.astype(np.int64)))
+    assert dm._splits["test"][0].shape == (10000, 784)
+    normalized = MNIST(root=REAL_MNIST_ROOT, subset=2000, classes=[0, 1]).train_tensors()[0]
+    assert normalized.shape == (2000, 784)
+    assert abs(normalized.mean().item()) < 0.3 and 0.7 < normalized.std().item() < 1.3
+
+
+# --------------------------------------------------------------------------- CIFAR-10 on tiny pickled batches
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _write_cifar(folder: Path, per_batch: int = 4, test_n: int = 6, seed: int = 0) -> dict[str, dict]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name in CIFAR_BATCHES:
+        n = test_n if name == "test_batch" else per_batch
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+        batches[name] = entry
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return batches
+
+
+@pytest.fixture
+def no_md5_check(monkeypatch):
+    """Fake batches have other checksums: check only that the files exist, as torchvision's own tests do."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+def test_cifar_flattens_channel_first_and_standardises_per_channel(tmp_path, no_md5_check):
+    batches = _write_cifar(tmp_path / "cifar-10-batches-py")
+    rows = np.concatenate([batches[name]["data"] for name in CIFAR_BATCHES[:5]])
+    labels = torch.tensor(sum((batches[name]["labels"] for name in CIFAR_BATCHES[:5]), []))
+    raw = torch.from_numpy(rows.astype(np.float64)) / 255
+
+    X, y = CIFAR10(root=tmp_path, normalize=False, dtype="float64").train_tensors()
+    assert X.shape == (20, 3072)
+    torch.testing.assert_close(X, raw, rtol=0, atol=1e-12)  # the files' own layout: R plane, G plane, B plane
+    assert torch.equal(y.argmax(1), labels) and torch.equal(y.sum(1), torch.ones(20, dtype=torch.float64))
+
+    dm = CIFAR10(root=tmp_path, dtype="float64", one_hot=False)
+    X, y = dm.train_tensors()
+    for channel, (mean, std) in enumerate(zip((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))):
+        plane = slice(1024 * channel, 1024 * (channel + 1))
+        torch.testing.assert_close(X[:, plane], (raw[:, plane] - mean) / std)
+    assert y.dtype == torch.int64 and torch.equal(y, labels)
+    Xt, yt = dm._splits["test"]
+    assert Xt.shape == (6, 3072) and torch.equal(yt, torch.tensor(batches["test_batch"]["labels"]))
+
+
+def test_cifar_class_subset_and_validation(tmp_path, no_md5_check):
+    batches = _write_cifar(tmp_path / "cifar-10-batches-py", per_batch=30, seed=1)
+    labels = np.array(sum((batches[name]["labels"] for name in CIFAR_BATCHES[:5]), []))
+    kept = int(np.isin(labels, [2, 5, 9]).sum())
+    dm = CIFAR10(root=tmp_path, classes=[2, 5, 9], val_size=5, one_hot=False)
+    X, y = dm.train_tensors()
+    Xv, yv = dm._splits["val"]
+    assert X.shape == (kept - 5, 3072) and Xv.shape == (5, 3072)
+    assert set(torch.cat([y, yv]).tolist()) == {0, 1, 2}
+    counts = torch.bincount(torch.cat([y, yv]), minlength=3)
+    assert counts.tolist() == [int((labels == c).sum()) for c in (2, 5, 9)]
+
+
+def test_cifar_missing_or_corrupt_batches_raise_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download=True") as caught:
+        CIFAR10(root=tmp_path).setup("fit")
+    assert all(name in str(caught.value) for name in CIFAR_BATCHES + ["batches.meta"])
+    _write_cifar(tmp_path / "cifar-10-batches-py")  # right names, wrong md5 without the patch
+    with pytest.raises(FileNotFoundError, match="corrupted"):
+        CIFAR10(root=tmp_path).setup("fit")
+
+
+def test_cifar_download_goes_through_torchvision_only_in_prepare_data(tmp_path, monkeypatch, no_md5_check):
+    calls = []
+
+    def fake_download(url, download_root, filename=None, md5=None, **kwargs):
+        calls.append((url, os.fspath(download_root), filename))
+        _write_cifar(Path(download_root) / "cifar-10-batches-py")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
+    CIFAR10(root=tmp_path).prepare_data()
+    assert calls == []
+    dm = CIFAR10(root=tmp_path, download=True)
+    dm.prepare_data()
+    assert calls == [(torchvision.datasets.CIFAR10.url, os.fspath(tmp_path), "cifar-10-python.tar.gz")]
+    assert dm.train_tensors()[0].shape == (20, 3072)
