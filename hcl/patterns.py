@@ -333,10 +333,10 @@ def _enumerate_2d(points: Tensor, chunk: int = 4096) -> Tensor:
         length2 = direction.square().sum(1, keepdim=True)
         offset_scale = scale * normal.norm(dim=1, keepdim=True)
         sets = []
-        # Points on the line split by thresholds; the rest keep their side. Two tolerances: a tight one
-        # (rounding only) gives the true patterns, a loose one adds patterns for nearly collinear points —
-        # an extra pattern is harmless for the convex problem, a missed one is not.
-        for tolerance in (1e-13, 1e-8):
+        # Points on the line split by thresholds; the rest keep their side. Both readings of points within
+        # rounding of the line (exactly on it, or on the side the arithmetic says) are generated: an extra
+        # pattern is harmless for the convex problem, a missed one is not.
+        for tolerance in (0.0, 1e-13):
             on_line = side.abs() <= tolerance * offset_scale
             positive, negative = (side > 0) & ~on_line, (side < 0) & ~on_line
             splits = torch.stack(

@@ -1,0 +1,147 @@
+"""solve_cvxpy against an independent per-pattern cvxpy formulation written here."""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy
+from hcl.convex.problem import ConvexProblem
+
+
+def reference_value(problem: ConvexProblem, gated: bool = False) -> float:
+    """The optimum, from a loop over patterns with one cvxpy variable per block and sign."""
+    X = problem.X.double().numpy()
+    Y = problem.Y.double().numpy()
+    D = problem.patterns.numpy()
+    n, d = X.shape
+    c = Y.shape[1]
+    s = problem.scale
+    signs = [0] * problem.num_patterns if problem.signs is None else problem.signs.tolist()
+    prediction = np.zeros((n, c))
+    constraints, groups = [], []
+    for i in range(problem.num_patterns):
+        Di = np.diag(D[:, i].astype(float))
+        Si = np.diag(2.0 * D[:, i] - 1.0)
+        if gated:
+            z = cp.Variable((d, c))
+            prediction = prediction + Di @ X @ z
+            if c == 1 or problem.one_vs_all:
+                groups += [cp.norm(z[:, k]) for k in range(c)]
+            else:
+                groups.append(cp.norm(z, "fro"))
+            continue
+        block = []
+        for sign, allowed in ((1.0, signs[i] >= 0), (-1.0, signs[i] <= 0)):
+            if not allowed:
+                continue
+            w = cp.Variable((d, c))
+            constraints.append(Si @ X @ w >= 0)
+            prediction = prediction + sign * (Di @ X @ w)
+            block.append(w)
+        if c == 1 or problem.one_vs_all:
+            groups += [cp.norm(w[:, k]) for w in block for k in range(c)]
+        else:
+            groups.append(cp.norm(cp.hstack(block), "fro"))
+    residual = prediction - Y
+    if problem.output_bias:
+        b = cp.Variable((1, c))
+        residual = residual + np.ones((n, 1)) @ b
+    objective = s * cp.sum_squares(residual) + 2 * problem.weight_decay * cp.sum(cp.hstack(groups))
+    reference = cp.Problem(cp.Minimize(objective), constraints)
+    reference.solve(solver="CLARABEL")
+    assert reference.status == cp.OPTIMAL
+    return float(reference.value)
+
+
+def random_problem(
+    seed: int,
+    *,
+    c: int = 1,
+    lam: float = 0.05,
+    reduction: str = "mean",
+    output_bias: bool = False,
+    one_vs_all: bool = False,
+    signs: bool = False,
+    n: int = 30,
+    d: int = 4,
+    P: int = 6,
+) -> ConvexProblem:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, -1] = 1.0  # a bias column, as in practice
+    Y = torch.randn(n, c, generator=g, dtype=torch.float64) + 0.5
+    D = X @ torch.randn(d, P, generator=g, dtype=torch.float64) >= 0
+    sign = torch.tensor([(-1, 0, 1)[i % 3] for i in range(P)]) if signs else None
+    return ConvexProblem(X, Y, D, lam, reduction, output_bias, sign, one_vs_all)
+
+
+CASES = {
+    "scalar": dict(),
+    "scalar-sum": dict(reduction="sum", lam=0.5),
+    "lambda0": dict(lam=0.0),
+    "output-bias": dict(output_bias=True),
+    "signs": dict(signs=True),
+    "signs-bias": dict(signs=True, output_bias=True, reduction="sum"),
+    "vector-bound": dict(c=3),
+    "vector-bound-signs": dict(c=3, signs=True, output_bias=True),
+    "one-vs-all": dict(c=3, one_vs_all=True),
+}
+
+
+@pytest.mark.parametrize("solver", ["CLARABEL", "ECOS"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_agrees_with_reference(case, solver):
+    problem = random_problem(sum(map(ord, case)), **CASES[case])
+    solution = solve_cvxpy(problem, solver)
+    assert solution.ok and solution.solver == solver and not solution.gated
+    assert solution.value == pytest.approx(reference_value(problem), rel=1e-5, abs=1e-7)
+    assert solution.violation < 1e-6
+    # value is the problem's own objective at the returned point
+    assert solution.value == pytest.approx(float(problem.objective(solution.U, solution.V, solution.b0)), rel=1e-12)
+    # sign restrictions hold exactly: forbidden parts are zero
+    assert torch.all(solution.U[~problem.allows_u()] == 0)
+    assert torch.all(solution.V[~problem.allows_v()] == 0)
+
+
+@pytest.mark.parametrize("case", ["scalar", "output-bias", "vector-bound", "one-vs-all", "lambda0"])
+def test_gated_agrees_with_reference_and_is_a_lower_bound(case):
+    problem = random_problem(7 + len(case), **CASES[case])
+    gated = solve_cvxpy(problem, "ECOS", gated=True)
+    assert gated.gated and gated.violation == 0.0
+    assert torch.all(gated.V == 0)
+    assert gated.value == pytest.approx(reference_value(problem, gated=True), rel=1e-5, abs=1e-7)
+    exact = solve_cvxpy(problem, "CLARABEL")
+    assert gated.value <= exact.value + 1e-6
+
+
+def test_solver_name_is_case_insensitive_and_unknown_names_are_refused():
+    assert "CLARABEL" in installed_solvers()
+    problem = random_problem(0)
+    assert solve_cvxpy(problem, "clarabel").solver == "CLARABEL"
+    with pytest.raises(ValueError, match="CLARABEL"):
+        solve_cvxpy(problem, "NOT_A_SOLVER")
+    with pytest.raises(ValueError, match="installed"):
+        solve_cvxpy(problem, "OSQP")  # installed in cvxpy but cannot take cones
+
+
+def test_solution_keeps_the_problem_dtype_and_shapes():
+    problem64 = random_problem(3, c=2, output_bias=True)
+    problem = ConvexProblem(
+        problem64.X.float(), problem64.Y.float(), problem64.patterns, 0.05, "mean", output_bias=True
+    )
+    solution = solve_cvxpy(problem)
+    P, d, c = problem.num_patterns, problem.d, problem.c
+    assert solution.U.shape == (P, d, c) and solution.V.shape == (P, d, c) and solution.b0.shape == (c,)
+    assert solution.U.dtype == torch.float32 and solution.b0.dtype == torch.float32
+    assert solution.value == pytest.approx(solve_cvxpy(problem64).value, rel=1e-5)
+
+
+def test_no_solution_raises_convex_solve_error_naming_solver_and_status():
+    problem = random_problem(4)
+    with pytest.raises(ConvexSolveError, match="CLARABEL.*user_limit"):
+        solve_cvxpy(problem, "CLARABEL", max_iter=1)
+    with pytest.raises(ValueError, match="time_limit"):
+        solve_cvxpy(problem, time_limit=0.0)

@@ -1,0 +1,206 @@
+"""Activation patterns: computing, packing, deduplicating, tracking, sampling and enumerating."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+
+from hcl.patterns import (
+    PatternTracker,
+    activation_patterns,
+    dead_neurons,
+    enumerate_patterns,
+    pack_patterns,
+    pattern_keys,
+    sample_patterns,
+    unique_patterns,
+    unpack_patterns,
+)
+
+
+def column_set(D: torch.Tensor) -> set[tuple[bool, ...]]:
+    return {tuple(col) for col in D.T.tolist()}
+
+
+def with_bias(points: torch.Tensor) -> torch.Tensor:
+    points = points.reshape(points.shape[0], -1).double()
+    return torch.cat([points, torch.ones(points.shape[0], 1, dtype=torch.float64)], dim=1)
+
+
+def sampled_patterns(X: torch.Tensor, count: int, seed: int = 0) -> set[tuple[bool, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(X.shape[1], count, generator=g, dtype=torch.float64)
+    return column_set(unique_patterns(X @ directions >= 0, drop_dead=True).patterns)
+
+
+def realisable(X: torch.Tensor, pattern: torch.Tensor) -> bool:
+    """Is there a u with x_jᵀu ≥ 0 on the pattern and x_jᵀu ≤ −1 off it (an LP feasibility problem)?"""
+    signs = torch.where(pattern, -1.0, 1.0).double()
+    A = (signs[:, None] * X).numpy()
+    b = torch.where(pattern, 0.0, -1.0).double().numpy()
+    result = linprog(np.zeros(X.shape[1]), A_ub=A, b_ub=b, bounds=[(None, None)] * X.shape[1])
+    return result.status == 0
+
+
+# ------------------------------------------------------------------------------------------ basics
+def test_activation_patterns_count_ties_as_active():
+    X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    W = torch.tensor([[0.0, 1.0], [1.0, -1.0]])
+    D = activation_patterns(X, W)
+    # neuron 0 is exactly 0 on rows 0 and 2: ties are active
+    assert D.tolist() == [[True, True], [True, False], [True, False]]
+    D = activation_patterns(X, W, torch.tensor([-0.5, 1.0]))
+    assert D.tolist() == [[False, True], [True, True], [False, True]]  # 0 on rows 1, 2: active
+    with pytest.raises(ValueError, match="same d"):
+        activation_patterns(X, torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("n", [1, 62, 63, 64, 130])
+def test_packing_round_trips_and_stays_non_negative(n):
+    g = torch.Generator().manual_seed(n)
+    D = torch.rand(n, 9, generator=g) < 0.5
+    D[:, 0] = True  # all bits set: the largest word value
+    packed = pack_patterns(D)
+    assert packed.shape == (9, -(-n // 63)) and packed.dtype == torch.int64
+    assert bool((packed >= 0).all())
+    assert torch.equal(unpack_patterns(packed, n), D)
+
+
+def test_unique_patterns_on_hand_made_matrix():
+    a, b, z = [1, 0, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]
+    columns = [a, z, b, a, a, z, b]
+    D = torch.tensor(columns, dtype=torch.bool).T
+    result = unique_patterns(D)
+    assert result.patterns.shape == (4, 3)
+    assert column_set(result.patterns) == column_set(D)
+    # each neuron maps to its own column, counts match
+    assert torch.equal(result.patterns[:, result.neuron_to_pattern], D)
+    assert sorted(result.counts.tolist()) == [2, 2, 3]
+    assert result.counts.sum() == 7
+
+    live = unique_patterns(D, drop_dead=True)
+    assert live.patterns.shape == (4, 2) and bool(live.patterns.any(0).all())
+    assert live.neuron_to_pattern[[1, 5]].tolist() == [-1, -1]
+    kept = live.neuron_to_pattern >= 0
+    assert torch.equal(live.patterns[:, live.neuron_to_pattern[kept]], D[:, kept])
+    assert sorted(live.counts.tolist()) == [2, 3]
+    assert dead_neurons(D).tolist() == [False, True, False, False, False, True, False]
+
+    with pytest.raises(TypeError, match="boolean"):
+        unique_patterns(D.float())
+
+
+def test_pattern_keys_identify_columns():
+    g = torch.Generator().manual_seed(1)
+    D = torch.rand(200, 50, generator=g) < 0.5
+    D[:, 10] = D[:, 3]
+    D[5, 20] = ~D[5, 21]
+    D[:, 21] = D[:, 20]
+    D[5, 21] = ~D[5, 20]  # columns 20 and 21 differ in a single bit
+    keys = pattern_keys(D)
+    assert keys.shape == (50, 2) and keys.dtype == torch.int64
+    assert torch.equal(keys[10], keys[3])
+    distinct = torch.unique(keys, dim=0).shape[0]
+    assert distinct == unique_patterns(D).patterns.shape[1] == 49
+    # a column's key does not depend on the other columns
+    assert torch.equal(pattern_keys(D[:, 20:22]), keys[20:22])
+
+
+# ------------------------------------------------------------------------------------------ tracker
+def test_tracker_counts_unique_dead_changed_and_new():
+    a, b, c, z = [1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]
+
+    def snapshot(*cols):
+        return torch.tensor(cols, dtype=torch.bool).T
+
+    tracker = PatternTracker()
+    first = tracker.update(snapshot(a, a, b, z))
+    assert (first.unique, first.dead, first.changed, first.new, first.unique_live) == (3, 1, 0, 3, 2)
+    second = tracker.update(snapshot(a, c, b, z))  # neuron 1 moves to a never-seen pattern
+    assert (second.unique, second.dead, second.changed, second.new) == (4, 1, 1, 1)
+    third = tracker.update(snapshot(a, a, z, z))  # two neurons move back to seen patterns
+    assert (third.unique, third.dead, third.changed, third.new, third.unique_live) == (2, 2, 2, 0, 1)
+
+    # a resumed run continues from a pickled, tensor-free state
+    state = pickle.loads(pickle.dumps(tracker.state_dict()))
+    assert "torch" not in repr(state)
+    resumed = PatternTracker()
+    resumed.load_state_dict(state)
+    for t in (tracker, resumed):
+        fourth = t.update(snapshot(b, c, z, [1, 1, 1]))
+        assert (fourth.changed, fourth.new) == (3, 1)
+    assert resumed.num_seen == tracker.num_seen == 5
+
+    tracker.reset()
+    assert tracker.update(snapshot(a, a, b, z)).new == 3
+    with pytest.raises(ValueError, match="number of neurons"):
+        tracker.update(snapshot(a, b))
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_sample_patterns_unique_and_reproducible():
+    X = with_bias(torch.randn(40, 3, dtype=torch.float64))
+    D = sample_patterns(X, 300, generator=torch.Generator().manual_seed(0))
+    assert D.dtype == torch.bool and D.shape[0] == 40 and 0 < D.shape[1] <= 300
+    assert unique_patterns(D).patterns.shape[1] == D.shape[1]  # no duplicates
+    assert bool(D.any(0).all())  # no all-zero column
+    again = sample_patterns(X, 300, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(D, again)
+    raw = sample_patterns(X, 25, generator=torch.Generator().manual_seed(0), unique=False)
+    assert raw.shape == (40, 25)
+    with pytest.raises(ValueError, match="positive"):
+        sample_patterns(X, 0)
+
+
+# ------------------------------------------------------------------------------------------ enumeration
+def test_enumerate_1d_gives_all_threshold_patterns():
+    x = torch.tensor([0.3, -1.0, 2.0, 0.3, 5.0, -0.2], dtype=torch.float64)  # 5 distinct values, one tie
+    X = with_bias(x)
+    E = enumerate_patterns(X)
+    assert E.shape[1] == 2 * 5 - 1
+    assert bool(E.any(0).all())
+    # exactly the thresholds {x ≥ t}, {x ≤ t}
+    expected = {tuple((x >= t).tolist()) for t in x} | {tuple((x <= t).tolist()) for t in x}
+    assert column_set(E) == expected
+    assert sampled_patterns(X, 20000) <= column_set(E)
+
+
+def test_enumerate_2d_general_position_count_and_completeness():
+    g = torch.Generator().manual_seed(3)
+    n = 14
+    X = with_bias(torch.randn(n, 2, generator=g, dtype=torch.float64))
+    E = enumerate_patterns(X)
+    # cells of n planes in general position through the origin of R^3, minus the empty pattern
+    assert E.shape[1] == n * n - n + 1
+    assert unique_patterns(E).patterns.shape[1] == E.shape[1]
+    assert sampled_patterns(X, 200000) <= column_set(E)
+
+
+@pytest.mark.parametrize("kind", ["grid", "line", "duplicates"])
+def test_enumerate_2d_degenerate_data_is_complete(kind):
+    if kind == "grid":
+        points = torch.cartesian_prod(torch.arange(4.0), torch.arange(4.0)) * 0.3 - 0.4
+    elif kind == "line":
+        t = torch.arange(-3.0, 4.0) / 4  # dyadic: exactly collinear in floating point
+        points = torch.stack([t, 0.5 * t + 0.25], dim=1)
+    else:
+        points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.5, 1.0], [1.0, 0.0]])
+    X = with_bias(points)
+    E = enumerate_patterns(X)
+    assert sampled_patterns(X, 300000) <= column_set(E)
+    assert unique_patterns(E).patterns.shape[1] == E.shape[1]
+    for column in E.T:
+        assert realisable(X, column), column.int().tolist()
+
+
+def test_enumerate_rejects_other_dimensions():
+    with pytest.raises(ValueError, match="d = 4"):
+        enumerate_patterns(torch.ones(10, 4))
+    with pytest.raises(ValueError, match="d = 1"):
+        enumerate_patterns(torch.ones(10, 1))
+    with pytest.raises(ValueError, match="all ones"):
+        enumerate_patterns(torch.randn(10, 3))
