@@ -180,8 +180,10 @@ class TensorDataModule(pl.LightningDataModule):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         given = {"train": train, "val": val, "test": test}
         for split, pair in given.items():
-            if pair is not None and (not isinstance(pair, Sequence) or len(pair) != 2):
-                raise TypeError(f"{split} must be an (inputs, targets) pair, got {type(pair).__name__}")
+            if pair is not None and (
+                not isinstance(pair, Sequence) or len(pair) != 2 or not all(isinstance(t, Tensor) for t in pair)
+            ):
+                raise TypeError(f"{split} must be an (inputs, targets) pair of tensors, got {pair!r:.80}")
         # A subclass loads its own data; a direct use needs at least a training set.
         if type(self)._load_splits is TensorDataModule._load_splits and train is None:
             raise ValueError("TensorDataModule needs a training set: pass train=(inputs, targets)")
@@ -306,6 +308,7 @@ class _TorchvisionClassification(TensorDataModule):
     _total_classes: int = 10
     _mean: tuple[float, ...]
     _std: tuple[float, ...]
+    _not_found: str = "not found"  # what torchvision checks, for the error message
 
     def __init__(
         self,
@@ -377,7 +380,7 @@ class _TorchvisionClassification(TensorDataModule):
                 raise
             files = "\n  ".join(self._expected_files())
             raise FileNotFoundError(
-                f"{self._name} not found (or corrupted) under root {os.path.abspath(self.root)!r}; "
+                f"{self._name} {self._not_found} under root {os.path.abspath(self.root)!r}; "
                 f"expected the files:\n  {files}\n"
                 f"Pass download=True to download it, or point root at the folder that holds them."
             ) from error

@@ -59,6 +59,7 @@ class CIFAR10(_TorchvisionClassification):
     _image_shape = (3, 32, 32)
     _mean = (0.4914, 0.4822, 0.4465)
     _std = (0.2470, 0.2435, 0.2616)
+    _not_found = "not found or corrupted (torchvision checks the files' md5 sums)"
 
     def _dataset_class(self) -> type:
         return torchvision.datasets.CIFAR10

@@ -620,3 +620,10 @@ def test_cifar_download_goes_through_torchvision_only_in_prepare_data(tmp_path, 
     dm.prepare_data()
     assert calls == [(torchvision.datasets.CIFAR10.url, os.fspath(tmp_path), "cifar-10-python.tar.gz")]
     assert dm.train_tensors()[0].shape == (20, 3072)
+
+
+def test_tensor_module_rejects_non_tensor_pairs_early():
+    with pytest.raises(TypeError, match="train must be an"):
+        TensorDataModule(train=([[1.0]], [[1.0]]))
+    with pytest.raises(TypeError, match="val must be an"):
+        TensorDataModule(train=_pair(), val=_pair()[0])
