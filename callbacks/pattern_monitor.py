@@ -1,0 +1,163 @@
+r"""
+Pattern monitor
+===============
+
+Counts the activation patterns of a two-layer ReLU network's hidden neurons while it trains.
+
+The pattern of neuron ``i`` on data ``X`` is ``1[X w̃_i ≥ 0]`` (ties active). Every ``every_n_steps`` global
+steps the monitor snapshots the patterns of all neurons and logs how many are distinct, how many neurons are
+dead, how many neurons changed pattern since the previous snapshot and how many patterns were never seen before
+in the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from hcl import dashboard
+from hcl.monitoring import check_every_n_steps, check_probe, is_due, log_scalars, training_data, warn_if_no_logger
+from hcl.network import ReLUStack, find_relu_stack
+from hcl.patterns import PatternTracker, activation_patterns
+
+
+class PatternMonitor(Callback):
+    r"""Log the hidden layer's activation-pattern counts at the trainer's global step.
+
+    Logged keys (at steps ``0, k, 2k, …`` with ``k = every_n_steps``, using the weights the training step at that
+    global step computes its loss with):
+
+    - ``patterns/unique``: number of distinct patterns among the neurons (the all-zero pattern included);
+    - ``patterns/dead``: neurons active on no sample;
+    - ``patterns/changed``: neurons whose pattern differs from the previous snapshot (0 at the first);
+    - ``patterns/new``: distinct patterns never seen before in the run (all of them at the first snapshot).
+
+    When no ``probe`` is given and a training batch holds the whole training set (full-batch training), the
+    patterns are read from the hidden layer's own forward pass, at no extra matrix product; otherwise they are
+    recomputed on the probe (or the data module's training set).
+
+    Args:
+        every_n_steps: snapshot period in global steps.
+        probe: inputs to compute patterns on; default: the training data (``datamodule.train_tensors()``, or one
+            pass over the training dataloader).
+        layer: qualified name of the hidden ``nn.Linear`` when the model's stack is not found automatically
+            (see :func:`hcl.network.find_relu_stack`).
+        output_layer: qualified name of the output ``nn.Linear``, for models that are not a ``Sequential``.
+        max_samples: use only the first ``max_samples`` samples of the data.
+
+    Raises:
+        ValueError: on a non-positive ``every_n_steps`` or ``max_samples``, an empty or non-finite probe, and, at
+            setup, when the model holds no (or several) two-layer ReLU stack.
+
+    Example::
+
+        trainer = Trainer(callbacks=[PatternMonitor(every_n_steps=1)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        probe: Tensor | None = None,
+        layer: str | None = None,
+        output_layer: str | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        self.every_n_steps = check_every_n_steps(every_n_steps)
+        self.probe = check_probe(probe)
+        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+        self.layer = layer
+        self.output_layer = output_layer
+        self.max_samples = max_samples
+        self._tracker = PatternTracker()
+        self._last_step = -1
+        self._stack: ReLUStack | None = None
+        self._data: Tensor | None = None
+        self._hook = None
+        self._pending = False
+        self._trainer: pl.Trainer | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, layer=self.layer)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._stack = find_relu_stack(pl_module, self.layer, self.output_layer)
+        if self.probe is not None:
+            self._stack.inputs(self.probe)  # shape check before training
+        dashboard.register_charts(trainer, "hcl", {"unique activation patterns": ["patterns/unique"],
+                                                   "pattern changes": ["patterns/changed", "patterns/new"]})
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        warn_if_no_logger(trainer, type(self).__name__)
+        dashboard.write_layout(trainer)
+        X, _ = training_data(trainer, self.probe, None, self.max_samples)
+        self._data = self._stack.inputs(X)
+        self._trainer = trainer
+        if self.probe is None and self.max_samples is None:
+            self._hook = self._stack.hidden.register_forward_hook(self._from_forward)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not is_due(step, self.every_n_steps, self._last_step):
+            return
+        if self._hook is not None and _batch_size(batch) == self._data.shape[0]:
+            self._pending = True  # the forward pass of this step sees the whole training set: read it there
+            return
+        weight, bias, _, _ = self._stack.weights()
+        self._record(trainer, activation_patterns(self._data, weight, bias), step)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_hook()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._remove_hook()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "tracker": self._tracker.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
+        self._tracker.load_state_dict(state_dict["tracker"])
+
+    # ------------------------------------------------------------------ helpers
+    def _from_forward(self, module, inputs, output: Tensor) -> None:
+        trainer = self._trainer
+        if not (self._pending and module.training and trainer is not None):
+            return
+        self._pending = False
+        self._record(trainer, output.detach() >= 0, trainer.global_step)
+
+    def _record(self, trainer: "pl.Trainer", patterns: Tensor, step: int) -> None:
+        self._last_step = step
+        stats = self._tracker.update(patterns)
+        if trainer.is_global_zero:
+            log_scalars(
+                trainer,
+                {"patterns/unique": stats.unique, "patterns/dead": stats.dead,
+                 "patterns/changed": stats.changed, "patterns/new": stats.new},
+                step,
+            )
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return first.shape[0] if isinstance(first, Tensor) else -1

@@ -1,0 +1,220 @@
+"""PatternMonitor and ConvexGapMonitor in real training runs, read back from TensorBoard event files."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _events import read_scalars, tensor_tags
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hcl.callbacks.convex_gap as convex_gap_module
+from hcl import TwoLayerReLU
+from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+from hcl.convex import fold_bias, fold_weights
+from hcl.datamodules import SyntheticRegression
+from hcl.patterns import activation_patterns, unique_patterns
+
+
+def _trainer(tmp_path, callbacks, max_steps=12, logger=True):
+    return pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="run") if logger else False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
+    )
+
+
+def _seed_c(n=60, d=6, hidden=10, bias=False, init_scale=1e-2, weight_decay=0.0, lr=0.05):
+    torch.manual_seed(0)
+    data = SyntheticRegression(kind="gaussian_linear", n=n, d=d, seed=0, dtype="float64")
+    model = TwoLayerReLU(in_features=d, hidden=hidden, bias=bias, init="normal", init_scale=init_scale,
+                         weight_decay=weight_decay, lr=lr)
+    return model, data
+
+
+def test_pattern_monitor_logs_counts_that_match_the_weights(tmp_path):
+    model, data = _seed_c(init_scale=1.0, lr=0.2)
+    data.setup("fit")
+    X, _ = data.train_tensors()
+    initial = activation_patterns(X.double(), model.hidden_layer.weight.detach().double())
+    trainer = _trainer(tmp_path, [PatternMonitor(every_n_steps=1)], max_steps=10)
+    trainer.fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    for tag in ("patterns/unique", "patterns/dead", "patterns/changed", "patterns/new"):
+        assert [step for step, _ in s[tag]] == list(range(10)), tag
+    first = unique_patterns(initial)
+    assert s["patterns/unique"][0][1] == first.patterns.shape[1]
+    assert s["patterns/changed"][0][1] == 0
+    assert s["patterns/new"][0][1] == first.patterns.shape[1]
+    # The final logged snapshot is that of the weights before the last step, not after it.
+    assert all(0 <= v <= 10 for _, v in s["patterns/unique"])
+
+
+def test_forward_hook_and_recomputation_give_the_same_series(tmp_path):
+    """Full-batch runs read patterns from the forward pass; a probe recomputes them: both must agree."""
+    runs = {}
+    for name, probe in (("hook", None), ("probe", True)):
+        model, data = _seed_c(init_scale=1.0, lr=0.3)
+        data.setup("fit")
+        X, _ = data.train_tensors()
+        monitor = PatternMonitor(every_n_steps=2, probe=X if probe else None)
+        _trainer(tmp_path / name, [monitor], max_steps=15).fit(model, datamodule=data)
+        runs[name] = read_scalars(tmp_path / name)
+    for tag in ("patterns/unique", "patterns/dead", "patterns/changed", "patterns/new"):
+        assert runs["hook"][tag] == runs["probe"][tag]
+        assert [step for step, _ in runs["hook"][tag]] == list(range(0, 15, 2))
+    assert any(v > 0 for _, v in runs["hook"]["patterns/changed"])  # something moved, so the test means something
+
+
+@pytest.mark.parametrize("formulation", ["neurons", "patterns"])
+@pytest.mark.parametrize("bias,weight_decay", [(False, 0.0), (True, 1e-2)])
+def test_convex_optimum_never_exceeds_the_objective(tmp_path, formulation, bias, weight_decay):
+    model, data = _seed_c(bias=bias, weight_decay=weight_decay, init_scale=0.5)
+    monitor = ConvexGapMonitor(every_n_steps=1, formulation=formulation, solver="clarabel")
+    _trainer(tmp_path, [monitor], max_steps=8).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    steps = [step for step, _ in s["convex/optimum"]]
+    assert steps == list(range(8))
+    optimum = dict(s["convex/optimum"])
+    objective = dict(s["convex/nonconvex_objective"])
+    train = dict(s["train/objective"])
+    for step in steps:
+        assert optimum[step] <= objective[step] * (1 + 1e-6) + 1e-9
+        # The monitor evaluates the weights the training step uses: the same L as the model logs.
+        assert objective[step] == pytest.approx(train[step], rel=1e-6)
+        assert dict(s["convex/gap"])[step] == pytest.approx(objective[step] - optimum[step], rel=1e-5, abs=1e-7)
+    assert all(code <= 1 for _, code in s["convex/status"])
+    assert "custom_scalars__config__" in tensor_tags(tmp_path)
+
+
+def test_both_formulations_reproduce_the_seed_step_zero_picture(tmp_path):
+    """Seed (c) at step 0: the per-neuron problem is far above 0, the pattern problem fits the linear labels."""
+    torch.manual_seed(0)
+    data = SyntheticRegression(kind="gaussian_linear", n=100, d=10, seed=0, dtype="float64")
+    model = TwoLayerReLU(in_features=10, hidden=20, init="normal", init_scale=1e-3, lr=0.05)
+    monitors = [ConvexGapMonitor(formulation="neurons", solver="clarabel", prefix="convex"),
+                ConvexGapMonitor(formulation="patterns", solver="clarabel", prefix="convex_patterns")]
+    _trainer(tmp_path, monitors, max_steps=1).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    neurons, patterns = s["convex/optimum"][0][1], s["convex_patterns/optimum"][0][1]
+    loss = s["convex/nonconvex_objective"][0][1]
+    assert 0.02 < neurons < 0.5 * loss
+    assert patterns < 1e-4
+
+
+class _UserModule(pl.LightningModule):
+    """A user's own module: nn.Sequential with biases, plain MSE, nothing hcl-specific."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x).squeeze(-1), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_user_style_module_works_unchanged(tmp_path):
+    torch.manual_seed(1)
+    X = torch.randn(40, 3, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3
+    model = _UserModule()
+    loader = DataLoader(TensorDataset(X, y), batch_size=40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callbacks = [PatternMonitor(), ConvexGapMonitor(formulation="patterns", solver="clarabel")]
+        _trainer(tmp_path, callbacks, max_steps=5).fit(model, loader)
+    assert any("weight_decay" in str(w.message) for w in caught)  # λ = 0, mean: said, not silently assumed
+    s = read_scalars(tmp_path)
+    losses = dict(s["train_loss"])
+    for step, value in s["convex/nonconvex_objective"]:
+        # mean reduction, λ = 0: the monitor's L is the user's own MSE at that step.
+        assert value == pytest.approx(losses[step], rel=1e-6)
+        assert dict(s["convex/optimum"])[step] <= value * (1 + 1e-6) + 1e-9
+    assert len(s["patterns/unique"]) == 5
+
+
+def test_model_without_a_stack_is_refused_at_setup(tmp_path):
+    class ThreeLayers(_UserModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    loader = DataLoader(TensorDataset(torch.randn(10, 3), torch.randn(10)), batch_size=10)
+    with pytest.raises(ValueError, match="no two-layer ReLU stack.*net.0"):
+        _trainer(tmp_path, [ConvexGapMonitor()], max_steps=1, logger=False).fit(ThreeLayers(), loader)
+
+
+def test_a_failing_solver_warns_and_training_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("solver exploded")
+
+    monkeypatch.setattr(convex_gap_module, "solve", broken)
+    model, data = _seed_c()
+    with pytest.warns(UserWarning, match="solver exploded"):
+        _trainer(tmp_path, [ConvexGapMonitor()], max_steps=4).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    assert [v for _, v in s["convex/status"]] == [3.0] * 4
+    assert len(s["train/objective"]) == 4  # training was not interrupted
+    assert "convex/optimum" not in s
+
+
+def test_non_finite_weights_are_reported_not_solved(tmp_path):
+    model, data = _seed_c()
+    with torch.no_grad():
+        model.output_layer.weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite"):
+        _trainer(tmp_path, [ConvexGapMonitor()], max_steps=2).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    assert [v for _, v in s["convex/status"]] == [4.0, 4.0]
+
+
+def test_load_solution_moves_the_network_to_the_convex_optimum(tmp_path):
+    model, data = _seed_c(weight_decay=1e-3, init_scale=0.5)
+    monitor = ConvexGapMonitor(every_n_steps=2, formulation="neurons", solver="clarabel", load_solution=True)
+    _trainer(tmp_path, [monitor], max_steps=4).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    optimum, before, after = dict(s["convex/optimum"]), dict(s["convex/nonconvex_objective"]), dict(s["train/objective"])
+    for step in (0, 2):
+        # The solve happens before the step's forward pass: the step trains the mapped convex optimum, whose
+        # objective equals the convex value (invariant 2), strictly better than the network it replaced.
+        assert after[step] == pytest.approx(optimum[step], rel=1e-5)
+        assert after[step] < before[step]
+
+
+def test_bad_arguments_are_refused_early():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ConvexGapMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="formulation"):
+        ConvexGapMonitor(formulation="layers")
+    with pytest.raises(ValueError, match="weight_decay"):
+        ConvexGapMonitor(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="probe and target"):
+        ConvexGapMonitor(probe=torch.randn(3, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        PatternMonitor(probe=torch.tensor([[float("nan")]]))
+    with pytest.raises(ValueError, match="empty"):
+        PatternMonitor(probe=torch.zeros(0, 3))
+
+
+def test_folded_bias_patterns_match_the_hidden_layer(tmp_path):
+    """With a first-layer bias, patterns are those of X̃ w̃ (the bias is the ones column)."""
+    torch.manual_seed(0)
+    X = torch.randn(30, 4, dtype=torch.float64)
+    layer = nn.Linear(4, 7).double()
+    direct = activation_patterns(X, layer.weight.detach(), layer.bias.detach())
+    folded = activation_patterns(fold_bias(X, True), fold_weights(layer.weight.detach(), layer.bias.detach()))
+    assert torch.equal(direct, folded)
+    assert torch.equal(direct, layer(X).detach() >= 0)
