@@ -186,7 +186,8 @@ def test_load_solution_moves_the_network_to_the_convex_optimum(tmp_path):
     monitor = ConvexGapMonitor(every_n_steps=2, formulation="neurons", solver="clarabel", load_solution=True)
     _trainer(tmp_path, [monitor], max_steps=4).fit(model, datamodule=data)
     s = read_scalars(tmp_path)
-    optimum, before, after = dict(s["convex/optimum"]), dict(s["convex/nonconvex_objective"]), dict(s["train/objective"])
+    optimum, before = dict(s["convex/optimum"]), dict(s["convex/nonconvex_objective"])
+    after = dict(s["train/objective"])
     for step in (0, 2):
         # The solve happens before the step's forward pass: the step trains the mapped convex optimum, whose
         # objective equals the convex value (invariant 2), strictly better than the network it replaced.
