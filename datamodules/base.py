@@ -299,10 +299,11 @@ class TensorDataModule(pl.LightningDataModule):
 class _TorchvisionClassification(TensorDataModule):
     """Shared loading of a torchvision image-classification dataset as flat tensors.
 
-    Subclasses set the class attributes below and implement :meth:`_dataset_class`, :meth:`_images` and
-    :meth:`_expected_files`.
+    Subclasses set the class attributes below and implement :meth:`_images`.
     """
 
+    _dataset_class: type  # the torchvision dataset
+    _expected_files: tuple[str, ...]  # relative to root, for the missing-file message
     _name: str
     _image_shape: tuple[int, int, int]  # (channels, height, width)
     _total_classes: int = 10
@@ -354,15 +355,8 @@ class _TorchvisionClassification(TensorDataModule):
         channels, height, width = self._image_shape
         return channels * height * width
 
-    # ------------------------------------------------------------------ dataset specifics
-    def _dataset_class(self) -> type:
-        raise NotImplementedError
-
     def _images(self, dataset: Any) -> Tensor:
         """The dataset's images as a uint8 tensor ``(n, channels, height, width)``."""
-        raise NotImplementedError
-
-    def _expected_files(self) -> list[str]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ loading
@@ -370,17 +364,18 @@ class _TorchvisionClassification(TensorDataModule):
         """Download the dataset with torchvision when ``download=True`` (once, on one process)."""
         if self.download:
             # torchvision's download fetches both splits; opening the small test split triggers it.
-            self._dataset_class()(self.root, train=False, download=True)
+            self._dataset_class(self.root, train=False, download=True)
 
     def _open(self, train: bool) -> Any:
         try:
-            return self._dataset_class()(self.root, train=train, download=False)
+            return self._dataset_class(self.root, train=train, download=False)
         except RuntimeError as error:
             if "not found" not in str(error):
                 raise
-            files = "\n  ".join(self._expected_files())
+            root = os.path.abspath(self.root)
+            files = "\n  ".join(os.path.join(root, name) for name in self._expected_files)
             raise FileNotFoundError(
-                f"{self._name} {self._not_found} under root {os.path.abspath(self.root)!r}; "
+                f"{self._name} {self._not_found} under root {root!r}; "
                 f"expected the files:\n  {files}\n"
                 f"Pass download=True to download it, or point root at the folder that holds them."
             ) from error

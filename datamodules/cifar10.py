@@ -55,20 +55,17 @@ class CIFAR10(_TorchvisionClassification):
         dm = CIFAR10(root="data", download=True, subset=5000, batch_size=256)
     """
 
+    _dataset_class = torchvision.datasets.CIFAR10
+    _expected_files = tuple(
+        os.path.join(torchvision.datasets.CIFAR10.base_folder, name)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    )
     _name = "CIFAR-10"
     _image_shape = (3, 32, 32)
     _mean = (0.4914, 0.4822, 0.4465)
     _std = (0.2470, 0.2435, 0.2616)
     _not_found = "not found or corrupted (torchvision checks the files' md5 sums)"
 
-    def _dataset_class(self) -> type:
-        return torchvision.datasets.CIFAR10
-
     def _images(self, dataset: Any) -> Tensor:
         # torchvision keeps the batches as a (n, 32, 32, 3) uint8 array.
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
-
-    def _expected_files(self) -> list[str]:
-        folder = os.path.join(os.path.abspath(self.root), torchvision.datasets.CIFAR10.base_folder)
-        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-        return [os.path.join(folder, name) for name in names]

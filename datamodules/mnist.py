@@ -52,23 +52,16 @@ class MNIST(_TorchvisionClassification):
         dm = MNIST(root="data", subset=1000, classes=[0, 1])   # 1000 zeros and ones, full batch
     """
 
+    _dataset_class = torchvision.datasets.MNIST
+    _expected_files = tuple(
+        os.path.join("MNIST", "raw", f"{split}-{kind}-ubyte")
+        for split in ("train", "t10k")
+        for kind in ("images-idx3", "labels-idx1")
+    )
     _name = "MNIST"
     _image_shape = (1, 28, 28)
     _mean = (0.1307,)
     _std = (0.3081,)
 
-    def _dataset_class(self) -> type:
-        return torchvision.datasets.MNIST
-
     def _images(self, dataset: Any) -> Tensor:
         return dataset.data.unsqueeze(1)
-
-    def _expected_files(self) -> list[str]:
-        raw = os.path.join(os.path.abspath(self.root), "MNIST", "raw")
-        names = (
-            "train-images-idx3-ubyte",
-            "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte",
-            "t10k-labels-idx1-ubyte",
-        )
-        return [os.path.join(raw, name) for name in names]
