@@ -143,6 +143,9 @@ class ConvexGapMonitor(Callback):
             raise ValueError(f"solver must be a solver name, got {solver!r}")
         if isinstance(sampled_patterns, bool) or not isinstance(sampled_patterns, int) or sampled_patterns < 0:
             raise ValueError(f"sampled_patterns must be an integer ≥ 0, got {sampled_patterns!r}")
+        if sampled_patterns and formulation != "patterns":
+            raise ValueError("sampled_patterns needs formulation='patterns' (the neurons formulation has one block "
+                             "per neuron)")
         if weight_decay is not None and (not math.isfinite(weight_decay) or weight_decay < 0):
             raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {weight_decay}")
         if reduction is not None and reduction not in REDUCTIONS:
