@@ -17,8 +17,17 @@ from torch import nn
 
 from hcl.datamodules import CIFAR10, MNIST, SyntheticRegression, TensorDataModule, shard, validate_split
 
-REAL_MNIST_ROOT = Path("/work/shared/data")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# The shared data folder sits beside the checkout; HCL_MNIST_ROOT points elsewhere.
+_MNIST_ROOTS = [os.environ.get("HCL_MNIST_ROOT", ""), Path(__file__).resolve().parents[2] / "shared" / "data"]
+REAL_MNIST_ROOT = next(
+    (
+        Path(root)
+        for root in _MNIST_ROOTS
+        if root and all((Path(root) / "MNIST" / "raw" / f).is_file() for f in MNIST_FILES)
+    ),
+    None,
+)
 
 
 def _attach(dm: pl.LightningDataModule, device: str = "cpu", world_size: int = 1, rank: int = 0) -> None:
@@ -516,8 +525,7 @@ def test_mnist_download_goes_through_torchvision_only_in_prepare_data(tmp_path, 
 
 
 @pytest.mark.skipif(
-    not all((REAL_MNIST_ROOT / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES),
-    reason=f"the real MNIST is not at {REAL_MNIST_ROOT}/MNIST/raw",
+    REAL_MNIST_ROOT is None, reason="the real MNIST is neither at ../shared/data/MNIST/raw nor at $HCL_MNIST_ROOT"
 )
 def test_real_mnist_small_subset_matches_the_raw_files():
     dm = MNIST(root=REAL_MNIST_ROOT, subset=64, random_subset=False, normalize=False)
