@@ -19,6 +19,15 @@ from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights, network_o
 from hcl.patterns import activation_patterns, enumerate_patterns, sample_patterns
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_optimum(problem: ConvexProblem) -> float:
     """``p*`` of the note's scalar-output problem (signs, output bias), by a loop over patterns."""
     assert problem.c == 1
@@ -63,18 +72,13 @@ def train(X, Y, W, b, A, b0, lam, reduction, steps=200, lr=0.03):
     params = [t.clone().requires_grad_(True) for t in (W, b, A, b0) if t is not None]
     names = [k for k, t in zip("W b A b0".split(), (W, b, A, b0)) if t is not None]
     optimizer = torch.optim.Adam(params, lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread avoids contention on a shared machine
-    try:
-        for _ in range(steps):
-            p = dict(zip(names, params))
-            Xf = fold_bias(X, "b" in p)
-            loss = network_objective(Xf, Y, fold_weights(p["W"], p.get("b")), p["A"], p.get("b0"), lam, reduction)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps):
+        p = dict(zip(names, params))
+        Xf = fold_bias(X, "b" in p)
+        loss = network_objective(Xf, Y, fold_weights(p["W"], p.get("b")), p["A"], p.get("b0"), lam, reduction)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     p = {k: v.detach() for k, v in zip(names, params)}
     return p["W"], p.get("b"), p["A"], p.get("b0")
 

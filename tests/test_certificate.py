@@ -1,0 +1,163 @@
+"""The global dual certificate: valid below the all-patterns optimum, tight at it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hcl.convex.build import problem_from_network
+from hcl.convex.certificate import global_lower_bound, max_abs_relu_correlation
+from hcl.convex.cvxpy_solver import solve_cvxpy
+from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights, network_objective
+from hcl.patterns import enumerate_patterns, sample_patterns
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def instance(seed: int, n: int = 12, d: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.rand(n, d, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.cos(3 * X.sum(1)) + 0.2 * torch.randn(n, generator=g, dtype=torch.float64)
+    return X, y
+
+
+def trained_network(X, y, lam, reduction, output_bias, seed, width=12, steps=200):
+    g = torch.Generator().manual_seed(seed)
+    params = {
+        "W": torch.randn(width, X.shape[1], generator=g, dtype=torch.float64),
+        "b": torch.randn(width, generator=g, dtype=torch.float64),
+        "A": torch.randn(1, width, generator=g, dtype=torch.float64) * 0.3,
+    }
+    if output_bias:
+        params["b0"] = torch.zeros(1, dtype=torch.float64)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params.values(), lr=0.03)
+    Xf = fold_bias(X, True)
+
+    def objective():
+        Wf = fold_weights(params["W"], params["b"])
+        return network_objective(Xf, y, Wf, params["A"], params.get("b0"), lam, reduction)
+
+    for _ in range(steps):
+        optimizer.zero_grad()
+        objective().backward()
+        optimizer.step()
+    with torch.no_grad():
+        Wf = fold_weights(params["W"], params["b"])
+        prediction = torch.relu(Xf @ Wf.T) @ params["A"].T + params.get("b0", 0.0)
+        return {k: v.detach() for k, v in params.items()}, prediction.reshape(-1), float(objective())
+
+
+def all_patterns_optimum(X, y, lam, reduction, output_bias):
+    Xf = fold_bias(X, True)
+    problem = ConvexProblem(Xf, y, enumerate_patterns(Xf), lam, reduction, output_bias)
+    return problem, solve_cvxpy(problem, "CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10)
+
+
+def test_exact_m_matches_a_dense_sweep_of_the_circle():
+    theta = torch.linspace(0, 2 * math.pi, 200001, dtype=torch.float64)
+    circle = torch.stack([theta.cos(), theta.sin()], dim=1)
+    g = torch.Generator().manual_seed(0)
+    for n, ties in [(3, False), (25, False), (25, True), (80, False)]:
+        X = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        if ties:  # repeated points, opposite points and a zero row
+            X[5], X[6], X[7] = X[4], -X[4], 0.0
+        nu = torch.randn(n, generator=g, dtype=torch.float64)
+        exact = max_abs_relu_correlation(X, nu)
+        dense = float((torch.relu(circle @ X.T) @ nu).abs().max())
+        assert dense <= exact + 1e-12
+        assert exact <= dense * (1 + 1e-4)  # the sweep misses a kink by up to its step
+
+
+@pytest.mark.parametrize(
+    "lam, reduction, output_bias", [(1e-3, "mean", False), (1e-1, "mean", True), (3e-2, "sum", False)]
+)
+def test_bound_below_all_patterns_optimum_below_trained_networks(lam, reduction, output_bias):
+    X, y = instance(int(lam * 1000))
+    problem, optimum = all_patterns_optimum(X, y, lam, reduction, output_bias)
+    p_all = optimum.value
+    for seed in (0, 1):
+        params, prediction, L = trained_network(X, y, lam, reduction, output_bias, seed)
+        assert p_all <= L + 1e-8
+        certificate = global_lower_bound(
+            X, y, prediction, weight_decay=lam, reduction=reduction, bias=True, output_bias=output_bias
+        )
+        assert certificate.method == "exact"
+        assert certificate.lower_bound <= p_all + 1e-8
+        # the scaled ν is dual feasible
+        assert max_abs_relu_correlation(fold_bias(X, True), certificate.nu) <= 2 * lam * (1 + 1e-9)
+        if output_bias:
+            assert abs(float(certificate.nu.sum())) < 1e-10
+        spectral = global_lower_bound(
+            X,
+            y,
+            prediction,
+            weight_decay=lam,
+            reduction=reduction,
+            bias=True,
+            output_bias=output_bias,
+            method="spectral",
+        )
+        assert spectral.M >= certificate.M - 1e-12
+        assert spectral.lower_bound <= certificate.lower_bound + 1e-12
+
+    # tight at the optimum's prediction
+    prediction = problem.predict(optimum.U, optimum.V, optimum.b0).reshape(-1)
+    certificate = global_lower_bound(
+        X, y, prediction, weight_decay=lam, reduction=reduction, bias=True, output_bias=output_bias
+    )
+    assert certificate.lower_bound <= p_all + 1e-8
+    assert certificate.lower_bound == pytest.approx(p_all, rel=1e-3)
+
+
+def test_spectral_bound_is_valid_in_higher_dimension():
+    lam, reduction = 0.05, "mean"
+    X, y = instance(5, n=30, d=4)
+    params, prediction, L = trained_network(X, y, lam, reduction, False, 0)
+    certificate = global_lower_bound(X, y, prediction, weight_decay=lam, reduction=reduction, bias=True)
+    assert certificate.method == "spectral" and certificate.lower_bound > 0
+    # below p* of any pattern set (each is ≥ the all-patterns optimum), hence below L
+    extra = sample_patterns(fold_bias(X, True), 60, generator=torch.Generator().manual_seed(0))
+    problem, _ = problem_from_network(
+        X,
+        y,
+        params["W"],
+        params["b"],
+        params["A"],
+        None,
+        weight_decay=lam,
+        reduction=reduction,
+        extra_patterns=extra,
+    )
+    assert certificate.lower_bound <= solve_cvxpy(problem).value + 1e-8 <= L + 2e-8
+    with pytest.raises(ValueError, match="2 folded columns"):
+        global_lower_bound(X, y, prediction, weight_decay=lam, reduction=reduction, bias=True, method="exact")
+
+
+def test_zero_weight_decay_gives_the_trivial_bound():
+    X, y = instance(2)
+    certificate = global_lower_bound(X, y, torch.zeros_like(y), weight_decay=0.0, reduction="mean", bias=True)
+    assert certificate.lower_bound == 0.0 and bool((certificate.nu == 0).all())
+    # a perfect fit gives ν = 0: the bound is 0 too, for any λ
+    perfect = global_lower_bound(X, y, y, weight_decay=0.1, reduction="sum", bias=True)
+    assert perfect.lower_bound == 0.0
+
+
+def test_bad_arguments_are_refused():
+    X, y = instance(3)
+    with pytest.raises(ValueError, match="method"):
+        global_lower_bound(X, y, y, weight_decay=0.1, reduction="mean", bias=True, method="sampled")
+    with pytest.raises(ValueError, match="scalar output"):
+        global_lower_bound(X, torch.stack([y, y], 1), y, weight_decay=0.1, reduction="mean", bias=True)
+    with pytest.raises(ValueError, match="weight_decay"):
+        global_lower_bound(X, y, y, weight_decay=-1.0, reduction="mean", bias=True)
