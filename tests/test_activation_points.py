@@ -1,0 +1,168 @@
+"""ActivationPointPlot: the geometry of the markers, the drawn picture, and a real run's images and GIF."""
+
+from __future__ import annotations
+
+import io
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
+
+from hcl import TwoLayerReLU
+from hcl.callbacks.activation_points import (
+    ActivationPointFigure,
+    ActivationPointPlot,
+    InputLayout,
+    input_layout,
+    neuron_markers,
+)
+from hcl.datamodules import SyntheticRegression
+
+
+def _trainer(tmp_path, callbacks, max_steps):
+    return pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="run"), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
+    )
+
+
+def _images(log_dir, tag):
+    events = []
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+        acc.Reload()
+        if tag in acc.Tags()["images"]:
+            events.extend(acc.Images(tag))
+    return events
+
+
+def test_input_layout_finds_x_and_the_ones_in_any_order():
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64).reshape(-1, 1)
+    ones = torch.ones_like(x)
+    assert input_layout(torch.cat([x, ones], 1), has_bias=False) == InputLayout(0, 1, 2)
+    assert input_layout(torch.cat([ones, x], 1), has_bias=False) == InputLayout(1, 0, 2)
+    assert input_layout(x, has_bias=True) == InputLayout(0, None, 1)
+    with pytest.raises(ValueError, match="needs a bias"):
+        input_layout(x, has_bias=False)
+    with pytest.raises(ValueError, match="1-D data"):
+        input_layout(torch.cat([x, x.square(), ones], 1), has_bias=False)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_markers_sit_where_each_neuron_switches_on_and_measure_its_slope(with_bias):
+    generator = torch.Generator().manual_seed(0)
+    m = 12
+    if with_bias:
+        weight = torch.randn(m, 1, generator=generator, dtype=torch.float64)
+        bias = torch.randn(m, generator=generator, dtype=torch.float64)
+        layout = InputLayout(0, None, 1)
+    else:  # the seed's layout: a column of ones, placed first here
+        weight = torch.randn(m, 2, generator=generator, dtype=torch.float64)
+        bias = None
+        layout = InputLayout(1, 0, 2)
+    alpha = torch.randn(1, m, generator=generator, dtype=torch.float64)
+    markers = neuron_markers(weight, bias, alpha, layout)
+
+    def neuron_outputs(points):
+        pre = layout.inputs(points) @ weight.T + (0 if bias is None else bias)
+        return torch.relu(pre) * alpha  # (k, m): each neuron's own contribution
+
+    delta = 1e-3
+    left = neuron_outputs(markers.position - delta)
+    right = neuron_outputs(markers.position + delta)
+    at = neuron_outputs(markers.position)
+    eye = torch.eye(m, dtype=torch.bool)
+    assert torch.allclose(at[eye], torch.zeros(m, dtype=torch.float64), atol=1e-12)  # switches at its point
+    active_right = right[eye] != 0
+    active_left = left[eye] != 0
+    assert torch.equal(active_right, markers.right)  # the triangle points to the active side
+    assert torch.equal(active_left, ~markers.right)
+    slope = (right[eye] - left[eye]).abs() / delta  # only the active side contributes
+    assert torch.allclose(slope, markers.height, rtol=1e-9)
+    assert torch.equal(markers.positive, alpha.reshape(-1) >= 0)
+
+
+def _colour_pixels(image):
+    r, g, b = (image[..., k].astype(int) for k in range(3))
+    green = (g > r + 60) & (g > b + 60)
+    red = (r > g + 80) & (r > b + 80)
+    return int(green.sum()), int(red.sum())
+
+
+def test_picture_colours_neurons_by_the_sign_of_their_output_weight():
+    from hcl.callbacks.activation_points import _Frame
+
+    grid = np.linspace(-2, 2, 400)
+    x, y = np.array([-0.5, 0.5]), np.array([0.2, 0.8])
+    figure = ActivationPointFigure(grid, x, y, (-2.0, 2.0), figsize=(4, 3), dpi=60)
+    # The legend shows one marker of each colour: draw without neurons first to measure it.
+    empty = _Frame(0, 0.1, np.array([np.nan]), np.array([0.0]), np.array([True]), np.array([True]), 0 * grid)
+    legend_green, legend_red = _colour_pixels(figure.render(empty))
+    positions = np.array([-1.0, 0.0, 1.0])
+    for positive in (True, False):
+        frame = _Frame(1, 0.1, positions, np.array([0.5, 1.0, 0.7]), np.array([True, False, True]),
+                       np.full(3, positive), 0.3 * grid)
+        image = figure.render(frame)
+        assert image.shape == (180, 240, 3)
+        green, red = _colour_pixels(image)
+        # Three triangles of one colour, none of the other (a few pixels of slack for anti-aliasing).
+        if positive:
+            assert green > legend_green + 20 and red <= legend_red + 3
+        else:
+            assert red > legend_red + 20 and green <= legend_green + 3
+
+
+def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(tmp_path):
+    torch.manual_seed(0)
+    data = SyntheticRegression(kind="points", x=[-0.7, -0.3, 0.7, 0.8], y=[0.28, 0.52, 1.12, 1.18],
+                               append_ones=True, dtype="float64")
+    model = TwoLayerReLU(in_features=2, hidden=6, lr=0.2, init="normal")
+    plot = ActivationPointPlot(every_n_steps=3, gif=True, x_range=(-2.0, 2.0), figsize=(4, 3), dpi=50)
+    _trainer(tmp_path, [plot], max_steps=7).fit(model, datamodule=data)
+
+    events = _images(tmp_path, "activation_points")
+    assert [e.step for e in events] == [0, 3, 6, 7]  # every 3 steps, plus the final weights
+    first = Image.open(io.BytesIO(events[0].encoded_image_string))
+    assert first.size == (200, 150)
+    assert len(np.unique(np.asarray(first.convert("RGB")).reshape(-1, 3), axis=0)) > 10
+
+    assert plot.gif_path == tmp_path / "run" / "version_0" / "activation_points.gif"
+    gif = Image.open(plot.gif_path)
+    assert gif.n_frames == 4
+    # The last frame is the trained network: its curve is the model's output on the grid.
+    grid = torch.linspace(-2.0, 2.0, 400, dtype=torch.float64)
+    inputs = torch.stack([grid, torch.ones_like(grid)], 1)
+    with torch.no_grad():
+        expected = model(inputs).reshape(-1).numpy()
+    assert np.allclose(plot.frames[-1].curve, expected, atol=1e-12)
+    assert plot.frames[-1].step == 7
+    assert plot.frames[0].objective > plot.frames[-1].objective
+
+
+def test_unsupported_models_and_data_are_refused(tmp_path):
+    data = SyntheticRegression(kind="points", x=[[0.1, 0.2], [0.3, -0.1], [0.5, 0.9]], y=[0.0, 1.0, 0.5],
+                               dtype="float64")
+    with pytest.raises(ValueError, match="1-D data"):
+        _trainer(tmp_path, [ActivationPointPlot()], 1).fit(TwoLayerReLU(in_features=2, hidden=3, bias=True),
+                                                           datamodule=data)
+    with pytest.raises(ValueError, match="scalar output"):
+        _trainer(tmp_path, [ActivationPointPlot()], 1).fit(
+            TwoLayerReLU(in_features=2, hidden=3, out_features=2), datamodule=data)
+
+
+def test_bad_arguments_are_refused_early():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ActivationPointPlot(every_n_steps=0)
+    with pytest.raises(ValueError, match="x_range"):
+        ActivationPointPlot(x_range=(1.0, -1.0))
+    with pytest.raises(ValueError, match="gif_name"):
+        ActivationPointPlot(gif_name="../out.gif")
+    with pytest.raises(ValueError, match="gif_fps"):
+        ActivationPointPlot(gif_fps=0)
+    with pytest.raises(ValueError, match="together"):
+        ActivationPointPlot(probe=torch.zeros(3, 2))

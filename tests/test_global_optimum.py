@@ -1,0 +1,210 @@
+"""GlobalOptimumMonitor: the all-patterns optimum against an independent formulation, and L ≥ p*_all in training."""
+
+from __future__ import annotations
+
+import math
+
+import cvxpy as cp
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from _events import read_scalars
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from hcl import TwoLayerReLU, dashboard
+from hcl.callbacks.convex_gap import ConvexGapMonitor
+from hcl.callbacks.global_optimum import GlobalOptimumMonitor, all_patterns_problem
+from hcl.convex.problem import fold_bias, network_objective
+from hcl.convex.solve import solve
+from hcl.datamodules import SyntheticRegression
+
+
+def _trainer(tmp_path, callbacks, max_steps):
+    return pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="run"), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
+    )
+
+
+def _sampled_patterns(Xf: np.ndarray, rng: np.random.Generator, draws: int = 200_000) -> np.ndarray:
+    """Every nonzero pattern 1[X̃u ≥ 0] of generic data, found by brute force over random directions u."""
+    U = rng.standard_normal((Xf.shape[1], draws))
+    D = Xf @ U >= 0
+    D = np.unique(D.T, axis=0).T
+    return D[:, D.any(axis=0)]
+
+
+def _independent_optimum(Xf: np.ndarray, y: np.ndarray, D: np.ndarray, lam: float, reduction: str) -> float:
+    """The note's all-patterns problem written out pattern by pattern in cvxpy."""
+    n, d = Xf.shape
+    s = 1.0 if reduction == "sum" else 1.0 / n
+    us = [cp.Variable(d) for _ in range(D.shape[1])]
+    vs = [cp.Variable(d) for _ in range(D.shape[1])]
+    prediction, constraints, penalty = 0, [], 0
+    for i in range(D.shape[1]):
+        Di = D[:, i].astype(float)
+        prediction = prediction + cp.multiply(Di, Xf @ (us[i] - vs[i]))
+        sign = 2 * Di - 1
+        constraints += [cp.multiply(sign, Xf @ us[i]) >= 0, cp.multiply(sign, Xf @ vs[i]) >= 0]
+        penalty = penalty + cp.norm(us[i], 2) + cp.norm(vs[i], 2)
+    problem = cp.Problem(cp.Minimize(s * cp.sum_squares(prediction - y) + 2 * lam * penalty), constraints)
+    problem.solve(solver="CLARABEL")
+    return float(problem.value)
+
+
+@pytest.mark.parametrize("dim,n", [(1, 7), (2, 6)])
+@pytest.mark.parametrize("lam,reduction", [(0.05, "mean"), (0.01, "sum"), (0.0, "mean")])
+def test_all_patterns_optimum_matches_an_independent_formulation(dim, n, lam, reduction):
+    rng = np.random.default_rng(10 * dim + n)
+    X = rng.uniform(-1, 1, size=(n, dim))
+    y = rng.standard_normal(n)
+    problem = all_patterns_problem(torch.from_numpy(X), torch.from_numpy(y), bias=True, weight_decay=lam,
+                                   reduction=reduction)
+    D = _sampled_patterns(fold_bias(torch.from_numpy(X), True).numpy(), rng)
+    # Generic data: 2n − 1 nonzero patterns in 1-D, n² − n + 1 in 2-D; brute force and enumeration agree.
+    expected = 2 * n - 1 if dim == 1 else n * n - n + 1
+    assert problem.num_patterns == D.shape[1] == expected
+    mine = {tuple(col) for col in problem.patterns.T.tolist()}
+    assert mine == {tuple(col) for col in D.T.tolist()}
+
+    value = solve(problem, "clarabel").value
+    reference = _independent_optimum(problem.X.numpy(), y, D, lam, reduction)
+    assert value == pytest.approx(reference, rel=1e-5, abs=1e-7)
+
+
+def test_no_network_beats_the_global_optimum_and_the_mapped_solution_attains_it():
+    rng = np.random.default_rng(3)
+    X = torch.from_numpy(rng.uniform(-1, 1, size=(8, 2)))
+    y = torch.from_numpy(np.sin(3 * X[:, 0].numpy()) + X[:, 1].numpy() ** 2)
+    lam = 0.02
+    problem = all_patterns_problem(X, y, bias=True, weight_decay=lam, reduction="mean")
+    solution = solve(problem, "clarabel")
+    p_star = solution.value
+    assert p_star > 0.01  # λ > 0 and a nonlinear target: a meaningful bound
+
+    Xf = fold_bias(X, True)
+    W, A, _ = problem.to_network(solution.U, solution.V)
+    optimum = float(network_objective(Xf, y, W, A, None, lam, "mean"))
+    assert optimum == pytest.approx(p_star, rel=1e-6)  # the convex note's invariant 2
+    generator = torch.Generator().manual_seed(0)
+    for width in (1, 3, 10, 40):
+        for scale in (0.1, 0.5, 1.5):
+            W = scale * torch.randn(width, 3, generator=generator, dtype=torch.float64)
+            A = scale * torch.randn(1, width, generator=generator, dtype=torch.float64)
+            assert float(network_objective(Xf, y, W, A, None, lam, "mean")) >= p_star * (1 - 1e-7)
+    # Small moves around the mapped optimum never go below it either.
+    W0, A0, _ = problem.to_network(solution.U, solution.V)
+    for _ in range(20):
+        W = W0 + 1e-3 * torch.randn(W0.shape, generator=generator, dtype=torch.float64)
+        A = A0 + 1e-3 * torch.randn(A0.shape, generator=generator, dtype=torch.float64)
+        assert float(network_objective(Xf, y, W, A, None, lam, "mean")) >= p_star * (1 - 1e-7)
+
+
+def test_first_layer_bias_and_data_column_of_ones_give_the_same_optimum():
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.uniform(-1, 1, size=(6, 1)))
+    y = torch.from_numpy(rng.standard_normal(6))
+    ones = torch.ones(6, 1, dtype=torch.float64)
+    values = []
+    for X, bias in ((x, True), (torch.cat([x, ones], 1), False), (torch.cat([ones, x], 1), False)):
+        problem = all_patterns_problem(X, y, bias=bias, weight_decay=0.03, reduction="mean")
+        assert problem.num_patterns == 11
+        values.append(solve(problem, "clarabel").value)
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+    assert values[2] == pytest.approx(values[0], rel=1e-6)
+
+
+def test_data_without_bias_or_in_three_dimensions_is_refused():
+    X = torch.randn(5, 2, dtype=torch.float64)
+    y = torch.randn(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs a bias"):
+        all_patterns_problem(X, y, bias=False, weight_decay=0.0, reduction="mean")
+    with pytest.raises(ValueError, match="1-D or 2-D data.*3 input columns"):
+        all_patterns_problem(torch.randn(5, 3, dtype=torch.float64), y, bias=True, weight_decay=0.0,
+                             reduction="mean")
+
+
+def _points_data(n=6, seed=0, append_ones=True):
+    rng = np.random.default_rng(seed)
+    x = np.sort(rng.uniform(-1, 1, n))
+    y = np.abs(x) + 0.3 * x  # a kink: one neuron is not enough
+    return SyntheticRegression(kind="points", x=x.tolist(), y=y.tolist(), append_ones=append_ones, dtype="float64")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path, bias):
+    """Invariant 4 in a real run, read back from the event file; λ > 0 so that p*_all > 0."""
+    torch.manual_seed(0)
+    data = _points_data(append_ones=not bias)
+    model = TwoLayerReLU(in_features=1 if bias else 2, hidden=20, bias=bias, weight_decay=1e-3, lr=0.3,
+                         init="normal", init_scale=0.5)
+    monitor = GlobalOptimumMonitor(every_n_steps=2)
+    _trainer(tmp_path, [monitor], max_steps=40).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    p_star = monitor.optimum
+    assert p_star > 1e-4
+    assert monitor.num_patterns == 11
+    assert [step for step, _ in s["convex/global_optimum"]] == list(range(0, 40, 2))
+    assert all(v == pytest.approx(p_star, rel=1e-6) for _, v in s["convex/global_optimum"])
+    train, gap = dict(s["train/objective"]), dict(s["convex/global_gap"])
+    assert len(train) == 40
+    assert all(L >= p_star * (1 - 1e-6) for L in train.values())
+    for step, g in gap.items():
+        # The monitor measures the weights the training step uses: its gap is the model's own L − p*.
+        assert g == pytest.approx(train[step] - p_star, rel=1e-5, abs=1e-9)
+    assert train[39] < train[0]  # training made progress, so the check covered a range of L
+
+
+def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(tmp_path):
+    """Seed (b): one neuron, two points, λ = 0: p*_all = 0 and the gap closes."""
+    data = SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True, dtype="float64")
+    model = TwoLayerReLU(in_features=2, hidden=1, bias=False, lr=0.2, hidden_weight=[[0.3, -0.15]],
+                         output_weight=[[1.0]])
+    monitor = GlobalOptimumMonitor(every_n_steps=5)
+    _trainer(tmp_path, [monitor], max_steps=80).fit(model, datamodule=data)
+    assert monitor.num_patterns == 3  # {x1}, {x2}, {x1, x2}
+    assert abs(monitor.optimum) < 1e-8
+    gaps = read_scalars(tmp_path)["convex/global_gap"]
+    assert gaps[0] == (0, pytest.approx(0.48625, rel=1e-6))  # the seed's printed 0.4862 at step 0
+    assert gaps[-1][1] < 1e-6
+
+
+def test_charts_are_registered_beside_the_convex_gap_monitor(tmp_path):
+    data = _points_data()
+    model = TwoLayerReLU(in_features=2, hidden=4, lr=0.1)
+    trainer = _trainer(tmp_path, [ConvexGapMonitor(solver="clarabel"), GlobalOptimumMonitor()], max_steps=1)
+    trainer.fit(model, datamodule=data)
+    charts = dashboard.layout_of(trainer)["hcl"]
+    assert charts["objective vs global optimum"] == ["Multiline", ["train/objective", "convex/global_optimum"]]
+    assert charts["global gap"] == ["Multiline", ["convex/global_gap"]]
+    assert "convex/global_optimum" in charts["objective vs convex optimum"][1]
+    assert "convex/optimum" in charts["objective vs convex optimum"][1]
+
+
+def test_training_on_unsupported_data_fails_before_the_first_step(tmp_path):
+    data = SyntheticRegression(kind="gaussian_linear", n=10, d=3, dtype="float64")
+    model = TwoLayerReLU(in_features=3, hidden=4, bias=True)
+    with pytest.raises(ValueError, match="1-D or 2-D data"):
+        _trainer(tmp_path, [GlobalOptimumMonitor()], max_steps=2).fit(model, datamodule=data)
+    assert model.trainer.global_step == 0
+    data = _points_data(append_ones=False)
+    with pytest.raises(ValueError, match="needs a bias"):
+        _trainer(tmp_path, [GlobalOptimumMonitor()], max_steps=2).fit(TwoLayerReLU(in_features=1, hidden=2),
+                                                                      datamodule=data)
+
+
+def test_bad_arguments_are_refused_early():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GlobalOptimumMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        GlobalOptimumMonitor(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        GlobalOptimumMonitor(weight_decay=math.inf)
+    with pytest.raises(ValueError, match="reduction"):
+        GlobalOptimumMonitor(reduction="max")
+    with pytest.raises(ValueError, match="prefix"):
+        GlobalOptimumMonitor(prefix="a/b")
+    with pytest.raises(ValueError, match="together"):
+        GlobalOptimumMonitor(probe=torch.zeros(3, 2))
