@@ -58,12 +58,14 @@ def pack_patterns(D: Tensor) -> Tensor:
     _check_patterns(D)
     n, m = D.shape
     words = max(1, -(-n // _BITS_PER_WORD))
-    bits = torch.zeros(m, words * _BITS_PER_WORD, dtype=torch.int64, device=D.device)
-    bits[:, :n] = D.T.to(torch.int64)
-    powers = torch.ones(_BITS_PER_WORD, dtype=torch.int64, device=D.device) << torch.arange(
-        _BITS_PER_WORD, device=D.device
-    )
-    return (bits.reshape(m, words, _BITS_PER_WORD) * powers).sum(dim=-1)
+    # (m, words, 63) booleans (one byte per bit), then 63 shifted ORs: peak memory ~n·m bytes, not 8·n·m.
+    bits = torch.zeros(m, words * _BITS_PER_WORD, dtype=torch.bool, device=D.device)
+    bits[:, :n] = D.T
+    bits = bits.reshape(m, words, _BITS_PER_WORD)
+    packed = torch.zeros(m, words, dtype=torch.int64, device=D.device)
+    for bit in range(_BITS_PER_WORD):
+        packed |= bits[:, :, bit].to(torch.int64) << bit
+    return packed
 
 
 def unpack_patterns(packed: Tensor, n: int) -> Tensor:

@@ -204,3 +204,23 @@ def test_enumerate_rejects_other_dimensions():
         enumerate_patterns(torch.ones(10, 1))
     with pytest.raises(ValueError, match="all ones"):
         enumerate_patterns(torch.randn(10, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_results_match_cpu():
+    g = torch.Generator().manual_seed(4)
+    X = with_bias(torch.randn(300, 5, generator=g, dtype=torch.float64))
+    W = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    D = activation_patterns(X, W)
+    D[:, 7] = D[:, 3]
+    D[:, 9] = False
+    Dc = activation_patterns(X.cuda(), W.cuda())
+    Dc[:, 7], Dc[:, 9] = Dc[:, 3], False
+    assert torch.equal(Dc.cpu(), D)
+    assert torch.equal(pack_patterns(Dc).cpu(), pack_patterns(D))
+    assert torch.equal(pattern_keys(Dc).cpu(), pattern_keys(D))
+    on_cpu, on_gpu = unique_patterns(D, drop_dead=True), unique_patterns(Dc, drop_dead=True)
+    for a, b in zip(on_cpu, on_gpu):
+        assert torch.equal(a, b.cpu())
+    assert PatternTracker().update(Dc) == PatternTracker().update(D)
+    assert torch.equal(enumerate_patterns(X[:40, -3:].cuda()).cpu(), enumerate_patterns(X[:40, -3:]))
