@@ -139,7 +139,10 @@ def solve_cvxpy(
     start = time.perf_counter()
     cvx_problem, read_solution = _build(problem, gated)
     try:
-        cvx_problem.solve(solver=name, verbose=verbose, **options)
+        with warnings.catch_warnings():
+            # the status ("optimal_inaccurate") already says so; keep training logs free of it
+            warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+            cvx_problem.solve(solver=name, verbose=verbose, **options)
     except cp.error.SolverError as error:
         raise ConvexSolveError(f"{name} failed: {error}") from error
     status = cvx_problem.status
