@@ -94,8 +94,7 @@ def global_lower_bound(
     if not math.isfinite(float(weight_decay)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay}")
     s = data_scale(reduction, n)
-    dtype = torch.float64 if X.dtype != torch.float64 else X.dtype
-    Xf = fold_bias(X.detach().to(dtype), bias)
+    Xf = fold_bias(X.detach().to(torch.float64), bias)  # the bound is computed in float64
     y = y.detach().to(Xf).reshape(-1)
     nu = 2.0 * s * (prediction.detach().to(Xf).reshape(-1) - y)
     if output_bias:
