@@ -96,8 +96,8 @@ class GlobalOptimumMonitor(Callback):
       gradient descent has found a global minimum.
 
     The number of enumerated patterns, the number of neurons the optimum needs (its nonzero blocks) and the
-    solve time go to the run's hyper-parameters (``<prefix>/global_patterns``, ``<prefix>/global_neurons``,
-    ``<prefix>/global_solve_seconds``) and stay readable as attributes (:attr:`optimum`, :attr:`num_patterns`,
+    solve time are logged once, at the first logged step (``<prefix>/global_patterns``, ``<prefix>/global_neurons``,
+    ``<prefix>/global_solve_seconds``), and stay readable as attributes (:attr:`optimum`, :attr:`num_patterns`,
     :attr:`num_neurons`, :attr:`problem`, :attr:`solution`). A network narrower than ``num_neurons`` cannot
     reach ``p*_all`` (a warning says so when ``λ > 0``); it remains a lower bound. With ``λ = 0`` the optimum is
     usually not unique and ``num_neurons`` counts the blocks of the solver's solution, not the fewest needed.
@@ -168,6 +168,7 @@ class GlobalOptimumMonitor(Callback):
         self.num_patterns: int | None = None
         self.num_neurons: int | None = None
         self._last_step = -1
+        self._described = False
         self._stack: ReLUStack | None = None
         self._X: Tensor | None = None
         self._Y: Tensor | None = None
@@ -193,14 +194,13 @@ class GlobalOptimumMonitor(Callback):
             self._stack.inputs(self.probe)
         self._resolve_objective(pl_module)
         p = self.prefix
-        dashboard.register_charts(trainer, "hcl", {
-            "objective vs global optimum": ["train/objective", self.value_tag],
-            "global gap": [f"{p}/global_gap"],
-        })
-        # Beside a ConvexGapMonitor of the same prefix, draw the three values on its chart as well.
-        if any(type(cb).__name__ == "ConvexGapMonitor" and getattr(cb, "prefix", None) == p
-               for cb in trainer.callbacks):
-            dashboard.register_charts(trainer, "hcl", {"objective vs convex optimum": [self.value_tag]})
+        # Beside a ConvexGapMonitor of the same prefix, the objective, the convex optimum and the global optimum
+        # share its chart; alone, the monitor draws the objective and the global optimum on a chart of its own.
+        beside_convex_gap = any(type(cb).__name__ == "ConvexGapMonitor" and getattr(cb, "prefix", None) == p
+                                for cb in trainer.callbacks)
+        title = "objective vs convex optimum" if beside_convex_gap else "objective vs global optimum"
+        dashboard.register_charts(trainer, "hcl", {title: ["train/objective", self.value_tag],
+                                                   "global gap": [f"{p}/global_gap"]})
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -214,12 +214,6 @@ class GlobalOptimumMonitor(Callback):
         if not trainer.is_global_zero or self.optimum is not None:
             return
         self._solve_once()
-        for logger in trainer.loggers:
-            logger.log_hyperparams({
-                f"{self.prefix}/global_patterns": self.num_patterns,
-                f"{self.prefix}/global_neurons": self.num_neurons,
-                f"{self.prefix}/global_solve_seconds": round(self.solution.solve_seconds, 4),
-            })
         width = self._stack.hidden.out_features
         if self._lambda > 0 and width < self.num_neurons:
             rank_zero_warn(
@@ -239,6 +233,13 @@ class GlobalOptimumMonitor(Callback):
             return
         L = self.network_objective()
         metrics = {self.value_tag: self.optimum}
+        if not self._described:
+            # Constants of the run, logged once (TensorBoard shows only the first hyper-parameter record of a run,
+            # which Lightning writes before any callback runs).
+            self._described = True
+            metrics.update({f"{self.prefix}/global_patterns": self.num_patterns,
+                            f"{self.prefix}/global_neurons": self.num_neurons,
+                            f"{self.prefix}/global_solve_seconds": self.solution.solve_seconds})
         if math.isfinite(L):
             metrics[f"{self.prefix}/global_gap"] = L - self.optimum
         log_scalars(trainer, metrics, step)

@@ -169,18 +169,25 @@ def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(t
     gaps = read_scalars(tmp_path)["convex/global_gap"]
     assert gaps[0] == (0, pytest.approx(0.48625, rel=1e-6))  # the seed's printed 0.4862 at step 0
     assert gaps[-1][1] < 1e-6
+    described = read_scalars(tmp_path)
+    assert described["convex/global_patterns"] == [(0, 3.0)]  # constants of the run: logged once
+    assert described["convex/global_neurons"] == [(0, float(monitor.num_neurons))]
 
 
-def test_charts_are_registered_beside_the_convex_gap_monitor(tmp_path):
+def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path):
     data = _points_data()
-    model = TwoLayerReLU(in_features=2, hidden=4, lr=0.1)
-    trainer = _trainer(tmp_path, [ConvexGapMonitor(solver="clarabel"), GlobalOptimumMonitor()], max_steps=1)
-    trainer.fit(model, datamodule=data)
-    charts = dashboard.layout_of(trainer)["hcl"]
-    assert charts["objective vs global optimum"] == ["Multiline", ["train/objective", "convex/global_optimum"]]
-    assert charts["global gap"] == ["Multiline", ["convex/global_gap"]]
-    assert "convex/global_optimum" in charts["objective vs convex optimum"][1]
-    assert "convex/optimum" in charts["objective vs convex optimum"][1]
+    alone = _trainer(tmp_path / "alone", [GlobalOptimumMonitor()], max_steps=1)
+    alone.fit(TwoLayerReLU(in_features=2, hidden=4, lr=0.1), datamodule=data)
+    charts = dashboard.layout_of(alone)["hcl"]
+    assert charts == {"objective vs global optimum": ["Multiline", ["train/objective", "convex/global_optimum"]],
+                      "global gap": ["Multiline", ["convex/global_gap"]]}
+
+    both = _trainer(tmp_path / "both", [GlobalOptimumMonitor(), ConvexGapMonitor(solver="clarabel")], max_steps=1)
+    both.fit(TwoLayerReLU(in_features=2, hidden=4, lr=0.1), datamodule=data)
+    charts = dashboard.layout_of(both)["hcl"]
+    assert "objective vs global optimum" not in charts  # one chart with all three lines
+    assert set(charts["objective vs convex optimum"][1]) == {
+        "train/objective", "convex/nonconvex_objective", "convex/optimum", "convex/global_optimum"}
 
 
 def test_training_on_unsupported_data_fails_before_the_first_step(tmp_path):
