@@ -5,7 +5,8 @@ active** (``≥``, the convention of the project's convex note and of the seed p
 scnn uses a strict ``> 0``. The two differ only for points exactly on a neuron's hyperplane.
 
 Everything here runs on the data's device without a Python loop over neurons: columns are packed into
-63-bit words (so each word is a non-negative ``int64``), deduplicated with ``torch.unique`` on the packed
+64-bit words, hashed to 128-bit keys with wrapping ``int64`` arithmetic and deduplicated with ``torch.unique``
+on the keys (an ``(m, 2)`` tensor, whatever ``n``), which also track patterns over a run.
 rows, and hashed to 128-bit keys with wrapping ``int64`` arithmetic for tracking patterns over a run.
 
 Low-dimensional data can have all its patterns enumerated (:func:`enumerate_patterns`); otherwise
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-_BITS_PER_WORD = 63
+_BITS_PER_WORD = 64
 
 
 # --------------------------------------------------------------------------- computing patterns
@@ -50,22 +51,24 @@ def dead_neurons(D: Tensor) -> Tensor:
 
 
 def pack_patterns(D: Tensor) -> Tensor:
-    """Pack the columns of a boolean ``(n, m)`` matrix into ``(m, ceil(n/63))`` ``int64`` words.
+    """Pack the columns of a boolean ``(n, m)`` matrix into ``(m, ceil(n/64))`` ``int64`` words.
 
-    Row ``j`` of the result encodes column ``j`` of ``D``; bit ``b`` of word ``w`` is ``D[63 w + b, j]``.
-    63 bits per word keep every word non-negative, so no arithmetic overflows.
+    Row ``j`` of the result encodes column ``j`` of ``D``: bytes of 8 consecutive rows (bit ``b`` of byte ``k``
+    is ``D[8k + b, j]``), 8 bytes viewed as one ``int64`` word (so a word may be negative; only equality and
+    hashing use it). Eight shifted ORs over ``n·m/8`` bytes: memory-bound and about ``n·m`` bytes of scratch.
     """
     _check_patterns(D)
     n, m = D.shape
     words = max(1, -(-n // _BITS_PER_WORD))
-    # (m, words, 63) booleans (one byte per bit), then 63 shifted ORs: peak memory ~n·m bytes, not 8·n·m.
-    bits = torch.zeros(m, words * _BITS_PER_WORD, dtype=torch.bool, device=D.device)
-    bits[:, :n] = D.T
-    bits = bits.reshape(m, words, _BITS_PER_WORD)
-    packed = torch.zeros(m, words, dtype=torch.int64, device=D.device)
-    for bit in range(_BITS_PER_WORD):
-        packed |= bits[:, :, bit].to(torch.int64) << bit
-    return packed
+    # Pack along the rows first (8 contiguous row slices per byte), then transpose only the packed bytes.
+    bits = torch.zeros(words * _BITS_PER_WORD, m, dtype=torch.uint8, device=D.device)
+    bits[:n] = D
+    bits = bits.reshape(words * 8, 8, m)
+    octets = bits[:, 0].clone()
+    for bit in range(1, 8):
+        octets |= bits[:, bit] << bit
+    packed = octets.T.contiguous()  # (m, 8 · words)
+    return packed.view(torch.int64)
 
 
 def unpack_patterns(packed: Tensor, n: int) -> Tensor:
@@ -74,8 +77,9 @@ def unpack_patterns(packed: Tensor, n: int) -> Tensor:
         raise ValueError(f"packed must be a 2-D int64 tensor, got {packed.dtype} {tuple(packed.shape)}")
     if n > packed.shape[1] * _BITS_PER_WORD:
         raise ValueError(f"n = {n} exceeds the {packed.shape[1] * _BITS_PER_WORD} packed bits")
-    shifts = torch.arange(_BITS_PER_WORD, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    octets = packed.contiguous().view(torch.uint8)  # (m, 8 · words)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (octets.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(packed.shape[0], -1)[:, :n].T.bool()
 
 
@@ -95,7 +99,7 @@ class UniquePatterns(NamedTuple):
 
 
 def unique_patterns(D: Tensor, drop_dead: bool = False) -> UniquePatterns:
-    """The distinct columns of ``D`` (in the order of their packed words), with the neuron → pattern map.
+    """The distinct columns of ``D`` (in the order of their keys), with the neuron → pattern map.
 
     Args:
         D: ``(n, m)`` boolean patterns, one column per neuron.
@@ -106,13 +110,14 @@ def unique_patterns(D: Tensor, drop_dead: bool = False) -> UniquePatterns:
     long = dict(dtype=torch.long, device=D.device)
     if m == 0:
         return UniquePatterns(D.clone(), torch.zeros(0, **long), torch.zeros(0, **long))
-    packed = pack_patterns(D)
-    words, inverse, counts = torch.unique(packed, dim=0, return_inverse=True, return_counts=True)
+    # Deduplicate the (m, 2) 128-bit keys rather than the (m, n/64) words: same result (collisions have
+    # probability ~m²·2⁻¹²⁹), a tiny sort whatever n.
+    keys, inverse, counts = torch.unique(pattern_keys(D), dim=0, return_inverse=True, return_counts=True)
     # One representative neuron per distinct pattern: the first one that has it.
-    first = torch.full((words.shape[0],), m, **long).scatter_reduce(0, inverse, torch.arange(m, **long), reduce="amin")
+    first = torch.full((keys.shape[0],), m, **long).scatter_reduce(0, inverse, torch.arange(m, **long), reduce="amin")
     patterns = D[:, first]
     if drop_dead:
-        live = words.any(dim=1)
+        live = patterns.any(dim=0)
         if not bool(live.all()):
             new_index = torch.cumsum(live.long(), 0) - 1
             new_index[~live] = -1
@@ -143,17 +148,18 @@ def _mix64(x: Tensor) -> Tensor:
 def pattern_keys(D: Tensor) -> Tensor:
     """``(m, 2)`` int64: a 128-bit hash of each column of ``D`` (two independent 64-bit lanes).
 
-    Each packed word is mixed with its position and lane and the mixed words are summed with wrapping
-    ``int64`` arithmetic, so the keys are computed on the data's device in a few vectorised operations.
-    Equal columns have equal keys; distinct columns collide with probability about ``2^-128`` for data
-    unrelated to the hash. Keys depend on ``n`` only through the words, so compare keys of one data set.
+    Each packed word is salted with its position and mixed once (a bijection of 64-bit words); lane 1 sums
+    the mixed words, lane 2 sums them times per-position odd multipliers, both with wrapping ``int64``
+    arithmetic, so the keys are computed on the data's device in a few vectorised passes. Equal columns
+    have equal keys; distinct columns collide with probability about ``2^-128`` for data unrelated to the
+    hash. Keys depend on ``n`` only through the words, so compare keys of one data set.
     """
     packed = pack_patterns(D)
     positions = torch.arange(1, packed.shape[1] + 1, dtype=torch.int64, device=D.device)
-    lanes = []
-    for seed in _LANE_SEEDS:
-        salt = _mix64(positions * seed)
-        lanes.append(_mix64(_mix64(packed ^ salt) + salt).sum(dim=1))
+    salt = _mix64(positions * _LANE_SEEDS[0])
+    multipliers = _mix64(positions * _LANE_SEEDS[1]) | 1
+    mixed = _mix64(packed ^ salt)
+    lanes = [mixed.sum(dim=1), (mixed * multipliers).sum(dim=1)]
     return torch.stack(lanes, dim=1)
 
 
@@ -208,7 +214,9 @@ class PatternTracker:
         """Record the snapshot ``D`` (``(n, m)`` boolean) and return its counts."""
         _check_patterns(D)
         keys = pattern_keys(D)
-        dead = dead_neurons(D)
+        # A dead neuron's key is the all-zero column's: no second pass over D.
+        zero_key = pattern_keys(torch.zeros(D.shape[0], 1, dtype=torch.bool, device=D.device))
+        dead = (keys == zero_key).all(dim=1)
         distinct = torch.unique(keys, dim=0)
         has_dead = bool(dead.any())
         if self._previous is None:
