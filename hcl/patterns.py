@@ -67,7 +67,8 @@ def pack_patterns(D: Tensor) -> Tensor:
     octets = bits[:, 0].clone()
     for bit in range(1, 8):
         octets |= bits[:, bit] << bit
-    packed = octets.T.contiguous()  # (m, 8 · words)
+    packed = torch.empty(m, words * 8, dtype=torch.uint8, device=D.device)  # fresh strides: viewable as int64
+    packed.copy_(octets.T)
     return packed.view(torch.int64)
 
 
