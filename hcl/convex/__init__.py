@@ -1,5 +1,8 @@
-"""Convex reformulation of two-layer ReLU networks: the problem, its maps and its solvers."""
+"""Convex reformulation of two-layer ReLU networks: the problem, its maps, its solvers and certificates."""
 
+from hcl.convex.build import problem_from_network
+from hcl.convex.certificate import CertificateResult, global_lower_bound, max_abs_relu_correlation
+from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy
 from hcl.convex.problem import (
     ConvexProblem,
     ConvexSolution,
@@ -10,10 +13,17 @@ from hcl.convex.problem import (
 )
 
 __all__ = [
+    "CertificateResult",
     "ConvexProblem",
     "ConvexSolution",
+    "ConvexSolveError",
     "data_scale",
     "fold_bias",
     "fold_weights",
+    "global_lower_bound",
+    "installed_solvers",
+    "max_abs_relu_correlation",
     "network_objective",
+    "problem_from_network",
+    "solve_cvxpy",
 ]
