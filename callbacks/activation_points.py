@@ -10,7 +10,7 @@ other. The picture shows the data as crosses, the network's output as a line, an
 at ``a_i`` whose height is ``|w_i α_i|`` (on its own axis, on the right), pointing to the side it activates
 (``>`` when ``w_i > 0``) and coloured by the sign of ``α_i`` (green ``+``, red ``−``). Every ``every_n_steps``
 steps the picture is logged as a TensorBoard image; with ``gif=True`` the whole run is also written as an
-animated GIF in the log folder at the end of training, with axes fixed over the run.
+animated GIF in the log folder at the end of training, with the output axis fixed over the run.
 """
 
 from __future__ import annotations
@@ -340,22 +340,19 @@ class ActivationPointPlot(Callback):
     def _write_gif(self, trainer: "pl.Trainer") -> Path:
         from PIL import Image
 
-        # Axes fixed over the run, so that the animation shows the movement.
+        # The output axis is fixed over the run, so that the animation shows the fit moving; the slope axis is
+        # scaled per frame (as in the seed's animations), so that the neurons' relative sizes stay visible while
+        # they are all tiny (small initialisation).
         y = _numpy(self._Y)
-        low, high, top = float(y.min()), float(y.max()), 0.0
+        low, high = float(y.min()), float(y.max())
         for frame in self.frames:
             finite = frame.curve[np.isfinite(frame.curve)]
             if finite.size:
                 low, high = min(low, float(finite.min())), max(high, float(finite.max()))
-            visible = np.isfinite(frame.position) & (frame.position >= self.x_range[0]) & (
-                frame.position <= self.x_range[1])
-            if visible.any():
-                top = max(top, float(frame.height[visible].max()))
         pad = 0.08 * max(high - low, 1e-6)
-        limits, height_limit = (low - pad, high + pad), (top * 1.1 if top > 0 else 1.0)
+        limits = (low - pad, high + pad)
         images = [
-            Image.fromarray(self.render(frame, limits, height_limit)).quantize(colors=255,
-                                                                              method=Image.Quantize.FASTOCTREE)
+            Image.fromarray(self.render(frame, limits)).quantize(colors=255, method=Image.Quantize.FASTOCTREE)
             for frame in self.frames
         ]
         folder = Path(_log_folder(trainer))
