@@ -9,14 +9,23 @@ For a scalar output the convex problem is exact: its optimum ``p*`` is the best 
 these patterns reaches, and since the network itself is one of them, ``p* ≤ L`` (the note's invariant 1). The
 monitor guarantees this for every logged value: the network's own mapped point is feasible, so the logged
 optimum is never above its value even when a solver stops early.
+
+Solves can run in the background (``asynchronous=True``): the training thread only copies the weights; a worker
+solves; the results are logged at the step of their snapshot. Under DDP the monitor solves on rank zero only.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
+import uuid
 import warnings
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -31,11 +40,25 @@ from hcl import dashboard
 from hcl.convex.build import problem_from_network
 from hcl.convex.problem import REDUCTIONS, ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
 from hcl.convex.solve import solve
-from hcl.monitoring import check_every_n_steps, check_probe, is_due, log_scalars, training_data, warn_if_no_logger
+from hcl.monitoring import (
+    WORKER_KINDS,
+    BackgroundWorker,
+    check_every_n_steps,
+    check_probe,
+    flush_loggers,
+    is_due,
+    log_scalars,
+    mark_resumed_run,
+    training_data,
+    warn_if_no_logger,
+)
 from hcl.network import ReLUStack, find_relu_stack
 from hcl.patterns import sample_patterns
 
 FORMULATIONS = ("neurons", "patterns")
+
+#: solver names besides cvxpy's installed conic solvers
+GENERIC_SOLVERS = ("auto", "native", "cvxpylayers")
 
 #: numeric codes of ``<prefix>/status``
 STATUS_CODES = {
@@ -62,6 +85,39 @@ class Snapshot:
     extra_patterns: Tensor | None
 
 
+@dataclass(frozen=True)
+class _SolveSpec:
+    """How to solve, independent of the callback object (picklable, sent to the worker process)."""
+
+    owner: str
+    prefix: str
+    value_tag: str
+    formulation: str
+    solver: str
+    gated: bool
+    weight_decay: float
+    reduction: str
+    solver_options: dict[str, Any]
+    time_limit: float | None
+
+
+@dataclass
+class _Outcome:
+    """The result of one solve: what to log, what to warn about, and the solution when it is to be kept."""
+
+    metrics: dict[str, float]
+    messages: list[str] = field(default_factory=list)
+    solved: tuple[ConvexProblem, ConvexSolution] | None = None
+    error: str | None = None  # the solver's exception, when it raised
+
+
+@dataclass
+class _Job:
+    step: int
+    snapshot: Snapshot
+    future: Future
+
+
 class ConvexGapMonitor(Callback):
     r"""Solve the convex problem of the network's current patterns and log the gap to its objective.
 
@@ -78,6 +134,8 @@ class ConvexGapMonitor(Callback):
     - ``<prefix>/duality_gap``: the solver's certified relative gap, where it gives one;
     - ``<prefix>/status``: ``0`` optimal, ``1`` inaccurate, ``2`` iteration/time limit, ``3`` failed, ``4``
       non-finite weights (no solve). A failure also raises a warning; training goes on.
+    - ``<prefix>/skipped`` (asynchronous mode): how many snapshots were skipped so far because the solver fell
+      behind, logged at each skipped step.
 
     The formulation is written to the run's hyper-parameters as ``<prefix>/formulation``.
 
@@ -93,11 +151,25 @@ class ConvexGapMonitor(Callback):
     model's ``weight_decay`` / ``reduction`` attributes (as :class:`hcl.TwoLayerReLU` has), else ``λ = 0`` and
     ``"mean"`` with a warning.
 
+    Asynchronous solving (``asynchronous=True``): at a due step the training thread copies the weights to the CPU
+    and queues the snapshot; one background worker solves the snapshots in order; finished results are logged at
+    their snapshot's step from the training thread (TensorBoard accepts the out-of-order steps). When
+    ``max_pending`` snapshots are already waiting, the new one is skipped and counted in ``<prefix>/skipped``. The
+    queue is drained when training ends and cancelled when it fails. A checkpoint waits for the solves in flight,
+    so that what it records as done has been logged (checkpoint less often than every step to keep training
+    unblocked). The worker is a low-priority child process by default (``worker="process"``: no competition for the
+    GIL, and an overrunning solve is killed); ``worker="thread"`` runs in this process.
+
+    Under DDP every rank takes part in the data gathering (and, with ``load_solution``, in the broadcast of the new
+    weights); rank zero alone solves and logs.
+
     Args:
         every_n_steps: solve period in global steps.
         formulation: ``"neurons"`` or ``"patterns"``.
-        solver: ``"auto"``, ``"native"``, ``"cvxpylayers"`` or a cvxpy solver (``"clarabel"``, ``"ecos"``, ...).
-        sampled_patterns: ``K`` Gaussian-gate patterns added to the network's own at each solve.
+        solver: ``"auto"``, ``"native"``, ``"cvxpylayers"`` or an installed cvxpy solver (``"clarabel"``, ``"ecos"``,
+            ...).
+        sampled_patterns: ``K`` Gaussian-gate patterns added to the network's own at each solve (drawn from ``seed``
+            and the step, so a resumed or distributed run samples the same ones).
         gated: solve the gated relaxation instead (a lower bound, no cone constraints).
         weight_decay: ``λ``; ``None`` reads the model's.
         reduction: ``"sum"`` or ``"mean"``; ``None`` reads the model's.
@@ -106,15 +178,27 @@ class ConvexGapMonitor(Callback):
         layer: qualified name of the hidden ``nn.Linear`` (see :func:`hcl.network.find_relu_stack`).
         output_layer: qualified name of the output ``nn.Linear`` for models that are not a ``Sequential``.
         load_solution: after each solve, replace the network's weights by the mapped convex solution. **This
-            changes training**: the network jumps to the convex optimum of its patterns.
+            changes training**: the network jumps to the convex optimum of its patterns. Not with ``asynchronous``.
         solver_options: extra keyword arguments for the solver.
         prefix: tag prefix, so that two monitors (e.g. both formulations) can log side by side.
         seed: seed of the sampled patterns.
         max_samples: use only the first ``max_samples`` samples.
+        asynchronous: solve in a background worker instead of on the training thread.
+        max_pending: asynchronous mode: most snapshots queued or being solved at once; more are skipped.
+        solve_time_limit: seconds a solve may take; passed to the solver, and a later result is logged with status
+            ``2``. In asynchronous mode a solve still running well past it is abandoned (its process killed).
+        raise_worker_errors: asynchronous mode: re-raise a failed solve on the training thread (stopping training)
+            instead of warning.
+        worker: ``"process"`` or ``"thread"`` (see above).
 
     Raises:
         ValueError: on bad arguments; at setup, on a model without a two-layer ReLU stack, or data of the wrong
-            width.
+            width; at the start of training, on a model whose output is not that of the stack.
+        TypeError: on arguments of the wrong type.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ConvexGapMonitor(every_n_steps=1, asynchronous=True, solve_time_limit=5.0)])
     """
 
     def __init__(
@@ -135,19 +219,20 @@ class ConvexGapMonitor(Callback):
         prefix: str = "convex",
         seed: int = 0,
         max_samples: int | None = None,
+        asynchronous: bool = False,
+        max_pending: int = 2,
+        solve_time_limit: float | None = None,
+        raise_worker_errors: bool = False,
+        worker: Literal["process", "thread"] = "process",
     ) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
-        if not isinstance(solver, str) or not solver:
-            raise ValueError(f"solver must be a solver name, got {solver!r}")
-        if isinstance(sampled_patterns, bool) or not isinstance(sampled_patterns, int) or sampled_patterns < 0:
+        self.solver = _check_solver(solver)
+        if not _is_int(sampled_patterns) or sampled_patterns < 0:
             raise ValueError(f"sampled_patterns must be an integer ≥ 0, got {sampled_patterns!r}")
-        if sampled_patterns and formulation != "patterns":
-            raise ValueError("sampled_patterns needs formulation='patterns' (the neurons formulation has one block "
-                             "per neuron)")
-        if weight_decay is not None and (not math.isfinite(weight_decay) or weight_decay < 0):
-            raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {weight_decay}")
+        if weight_decay is not None:
+            weight_decay = _check_lambda(weight_decay, "weight_decay (λ)")
         if reduction is not None and reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.probe = check_probe(probe)
@@ -156,12 +241,31 @@ class ConvexGapMonitor(Callback):
             raise ValueError("probe and target go together: pass both or neither")
         if self.probe is not None and self.probe.shape[0] != self.target.shape[0]:
             raise ValueError(f"probe has {self.probe.shape[0]} samples but target {self.target.shape[0]}")
-        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-        if not prefix or "/" in prefix:
+        if not isinstance(prefix, str) or not prefix or "/" in prefix:
             raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
+        if solver_options is not None and not isinstance(solver_options, Mapping):
+            raise TypeError(f"solver_options must be a dict of keyword arguments, got {type(solver_options).__name__}")
+        for name, flag in (("gated", gated), ("load_solution", load_solution), ("asynchronous", asynchronous),
+                           ("raise_worker_errors", raise_worker_errors)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not _is_int(max_pending) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
+        if solve_time_limit is not None:
+            if not isinstance(solve_time_limit, numbers.Real) or isinstance(solve_time_limit, bool):
+                raise TypeError(f"solve_time_limit must be a number of seconds or None, got {solve_time_limit!r}")
+            if not math.isfinite(solve_time_limit) or solve_time_limit <= 0:
+                raise ValueError(f"solve_time_limit must be a positive number of seconds, got {solve_time_limit}")
+        if worker not in WORKER_KINDS:
+            raise ValueError(f"worker must be one of {WORKER_KINDS}, got {worker!r}")
+        if asynchronous and load_solution:
+            raise ValueError("load_solution cannot be used with asynchronous=True: a solution that arrives steps later "
+                             "would overwrite newer weights")
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         self.formulation = formulation
-        self.solver = solver.lower()
         self.sampled_patterns = sampled_patterns
         self.gated = gated
         self.weight_decay = weight_decay
@@ -173,11 +277,25 @@ class ConvexGapMonitor(Callback):
         self.prefix = prefix
         self.seed = seed
         self.max_samples = max_samples
+        self.asynchronous = asynchronous
+        self.max_pending = max_pending
+        self.solve_time_limit = None if solve_time_limit is None else float(solve_time_limit)
+        self.raise_worker_errors = raise_worker_errors
+        self.worker = worker
         self._last_step = -1
+        self._skipped = 0
         self._stack: ReLUStack | None = None
         self._X: Tensor | None = None
         self._Y: Tensor | None = None
-        self._generator: torch.Generator | None = None
+        self._lambda = 0.0
+        self._reduction = "mean"
+        # Asynchronous state, created on rank zero when training starts (never in __init__: ddp_spawn pickles us).
+        self._worker: BackgroundWorker | None = None
+        self._jobs: deque[_Job] = deque()
+        self._data_key: str | None = None
+        self._X_cpu: Tensor | None = None
+        self._Y_cpu: Tensor | None = None
+        self._trainer: pl.Trainer | None = None
 
     @property
     def state_key(self) -> str:
@@ -189,6 +307,7 @@ class ConvexGapMonitor(Callback):
         self._stack = find_relu_stack(pl_module, self.layer, self.output_layer)
         if self.probe is not None:
             self._stack.inputs(self.probe)
+            self._check_target_width(self.target)
         self._resolve_objective(pl_module)
         p = self.prefix
         value_tag = self._value_tag(self._stack.output.out_features)
@@ -202,6 +321,7 @@ class ConvexGapMonitor(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         warn_if_no_logger(trainer, type(self).__name__)
         dashboard.write_layout(trainer)
+        mark_resumed_run(trainer)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_hyperparams({f"{self.prefix}/formulation": self.formulation,
@@ -210,31 +330,83 @@ class ConvexGapMonitor(Callback):
         if Y is None:
             raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass target=)")
         self._X = self._stack.inputs(X)
+        self._check_target_width(Y)
         self._Y = _as_targets(Y, self._stack.output.out_features, self._X)
-        self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        _check_forward(pl_module, self._stack, self._X)
+        self._trainer = trainer
+        if self.asynchronous and trainer.is_global_zero:
+            self._X_cpu = self._X.detach().to("cpu", copy=True)
+            self._Y_cpu = self._Y.detach().to("cpu", copy=True)
+            self._start_worker()
 
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
+        if self._jobs:
+            self._collect(trainer)
         step = trainer.global_step
         if not is_due(step, self.every_n_steps, self._last_step):
             return
         self._last_step = step
+        distributed_load = self.load_solution and trainer.world_size > 1
         if not trainer.is_global_zero:
+            if distributed_load:
+                self._apply(trainer.strategy.broadcast(None, src=0))  # collective: every rank, every due step
             return
-        metrics, solved = self.evaluate(self._snapshot(step))
+        snapshot = self._snapshot(step)
+        if self.asynchronous:
+            self._submit(trainer, snapshot)
+            return
+        metrics, solved = self.evaluate(snapshot)
         log_scalars(trainer, metrics, step)
-        if self.load_solution and solved is not None:
-            self._load(*solved)
+        if self.load_solution:
+            weights = None if solved is None else self._mapped_weights(*solved)
+            if distributed_load:
+                weights = trainer.strategy.broadcast(weights, src=0)
+            self._apply(weights)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._jobs:
+            self._collect(trainer)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._worker is not None or self._jobs:
+            self._collect(trainer, wait=True)
+            self._stop_worker(kill=False)
+            flush_loggers(trainer)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self._worker is not None or self._jobs:
+            try:
+                self._collect(trainer, raise_errors=False)  # keep what is already solved
+            finally:
+                self._jobs.clear()  # the rest is cancelled: a resumed run re-solves those steps
+                self._stop_worker(kill=True)
+        flush_loggers(trainer)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._jobs.clear()
+        self._stop_worker(kill=True)
+        self._trainer = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step}
+        if self._jobs and self._trainer is not None:
+            # A checkpoint is a consistent cut: every step it records as done has been logged.
+            self._collect(self._trainer, wait=True)
+        return {"last_step": self._last_step, "skipped": self._skipped}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
+        self._skipped = state_dict.get("skipped", 0)
 
     # -------------------------------------------------------------- the solve
     def evaluate(self, snap: Snapshot) -> tuple[dict[str, float], tuple[ConvexProblem, ConvexSolution] | None]:
@@ -242,69 +414,123 @@ class ConvexGapMonitor(Callback):
 
         Returns the metrics to log and, when the solve succeeded, the problem and its solution.
         """
+        outcome = _evaluate(self._spec(snap.output_weight.shape[0]), snap, solve, quiet=True, keep_solution=True)
+        for message in outcome.messages:
+            rank_zero_warn(message)
+        return outcome.metrics, outcome.solved
+
+    def _spec(self, out_features: int) -> _SolveSpec:
+        return _SolveSpec(
+            owner=type(self).__name__, prefix=self.prefix, value_tag=self._value_tag(out_features),
+            formulation=self.formulation, solver=self.solver, gated=self.gated, weight_decay=self._lambda,
+            reduction=self._reduction, solver_options=dict(self.solver_options), time_limit=self.solve_time_limit,
+        )
+
+    # ------------------------------------------------------------ asynchronous
+    def _start_worker(self) -> None:
+        self._worker = BackgroundWorker(self.worker, name=f"hcl-{self.prefix}-solver")
+        self._data_key = None
+        if self.worker == "process":
+            # The data goes to the worker process once; snapshots carry only the weights.
+            self._data_key = uuid.uuid4().hex
+            self._worker.submit(_store_data, self._data_key, self._X_cpu, self._Y_cpu)
+
+    def _stop_worker(self, kill: bool) -> None:
+        if self._worker is not None:
+            self._worker.close(kill=kill)
+            self._worker = None
+
+    def _submit(self, trainer: "pl.Trainer", snapshot: Snapshot) -> None:
+        if len(self._jobs) >= self.max_pending:
+            self._skipped += 1
+            log_scalars(trainer, {f"{self.prefix}/skipped": self._skipped}, snapshot.step)
+            return
+        self._jobs.append(_Job(snapshot.step, snapshot, self._send(snapshot)))
+
+    def _send(self, snapshot: Snapshot) -> Future:
+        spec = self._spec(snapshot.output_weight.shape[0])
+        if self._worker is None:
+            self._start_worker()
+        if self._data_key is not None:
+            snapshot = replace(snapshot, X=None, Y=None)
+        return self._worker.submit(_solve_job, spec, snapshot, self._data_key, solve)
+
+    def _collect(self, trainer: "pl.Trainer", wait: bool = False, raise_errors: bool = True) -> None:
+        """Log the finished solves in snapshot order; with ``wait``, until none is left."""
+        while self._jobs:
+            job = self._jobs[0]
+            if not job.future.done():
+                overrun = self._overrun(job)
+                if overrun is not None:
+                    self._abandon(trainer, overrun)
+                    continue
+                if not wait:
+                    return
+                try:
+                    job.future.result(timeout=0.2)
+                except FutureTimeout:
+                    continue
+                except Exception:  # noqa: BLE001 - read again below
+                    pass
+            self._jobs.popleft()
+            self._finish(trainer, job, raise_errors)
+
+    def _finish(self, trainer: "pl.Trainer", job: _Job, raise_errors: bool) -> None:
         p = self.prefix
-        tag = self._value_tag(snap.output_weight.shape[0])
-        weights = [t for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias)
-                   if t is not None]
-        if not all(bool(torch.isfinite(t).all()) for t in weights):
-            rank_zero_warn(f"{type(self).__name__}: non-finite network weights at step {snap.step}; no solve")
-            return {f"{p}/status": STATUS_CODES["nonfinite"]}, None
-        Xf = fold_bias(snap.X, snap.hidden_bias is not None)
-        Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
-        L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias,
-                                    self._lambda, self._reduction))
-        metrics: dict[str, float] = {f"{p}/nonconvex_objective": L}
-        start = time.perf_counter()
         try:
-            problem, point = problem_from_network(
-                snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias,
-                weight_decay=self._lambda, reduction=self._reduction, formulation=self.formulation,
-                extra_patterns=snap.extra_patterns,
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # solver chatter; the status is logged instead
-                solution = solve(problem, self.solver, gated=self.gated, warm_start=point,
-                                 **self.solver_options)
-        except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
-            rank_zero_warn(f"{type(self).__name__}: convex solve failed at step {snap.step}: "
-                           f"{type(err).__name__}: {err}")
-            metrics[f"{p}/status"] = STATUS_CODES["failed"]
-            metrics[f"{p}/solve_seconds"] = time.perf_counter() - start
-            return metrics, None
-        seconds = time.perf_counter() - start
-        value = solution.value
-        if not self.gated:
-            # The network's own point is feasible: p* is never above its value, whatever the solver reached.
-            value = min(value, float(problem.objective(*point)))
-        status = solution.status if solution.status in STATUS_CODES else "failed"
-        if not math.isfinite(value):
-            status = "failed"
-        if status != "optimal":
-            rank_zero_warn(f"{type(self).__name__}: solver status {solution.status!r} at step {snap.step}")
-        metrics.update({
-            tag: value,
-            f"{p}/gap": L - value,
-            f"{p}/solve_seconds": seconds,
-            f"{p}/active_neurons": _active_neurons(problem, solution),
-            f"{p}/status": STATUS_CODES[status],
-        })
-        if solution.relative_gap is not None:
-            metrics[f"{p}/duality_gap"] = solution.relative_gap
-        return metrics, ((problem, solution) if solution.ok else None)
+            outcome = job.future.result()
+        except Exception as err:  # noqa: BLE001 - the worker itself failed (died, could not run the job)
+            outcome = _Outcome({f"{p}/status": STATUS_CODES["failed"]},
+                               [f"{type(self).__name__}: the background solve of step {job.step} failed: {err}"],
+                               error=str(err))
+        log_scalars(trainer, outcome.metrics, job.step)
+        if raise_errors and self.raise_worker_errors and outcome.error is not None:
+            raise RuntimeError(f"{type(self).__name__}: the background solve of step {job.step} failed: "
+                               f"{outcome.error}")
+        for message in outcome.messages:
+            rank_zero_warn(message)
+
+    def _overrun(self, job: _Job) -> float | None:
+        """Seconds the job has been running when that is well past the time limit, else None."""
+        if self.solve_time_limit is None or self._worker is None:
+            return None
+        started = self._worker.started_at(job.future)
+        if started is None:
+            return None
+        elapsed = time.monotonic() - started
+        # The solver is told the limit; only one that ignores it reaches this margin.
+        return elapsed if elapsed > self.solve_time_limit + max(1.0, 0.5 * self.solve_time_limit) else None
+
+    def _abandon(self, trainer: "pl.Trainer", elapsed: float) -> None:
+        job = self._jobs.popleft()
+        p = self.prefix
+        log_scalars(trainer, {f"{p}/status": STATUS_CODES["time_limit"], f"{p}/solve_seconds": elapsed}, job.step)
+        rank_zero_warn(f"{type(self).__name__}: the solve of step {job.step} was still running after {elapsed:.1f} s "
+                       f"(time limit {self.solve_time_limit} s): abandoned")
+        # A fresh worker (started on demand) takes the queue over; the stuck one is killed (process) or left to
+        # finish alone (thread).
+        self._stop_worker(kill=True)
+        for queued in self._jobs:
+            queued.future = self._send(queued.snapshot)
 
     # ---------------------------------------------------------------- helpers
     def _snapshot(self, step: int) -> Snapshot:
         hidden_weight, hidden_bias, output_weight, output_bias = self._stack.weights()
+        # Asynchronous snapshots are CPU copies: the worker never touches the training device or live tensors.
+        device = "cpu" if self.asynchronous else None
 
         def copy(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().clone()
+            return None if t is None else t.detach().to(device=device, copy=True)
 
         extra = None
         if self.sampled_patterns:
+            generator = torch.Generator(device="cpu").manual_seed(_step_seed(self.seed, step))
             extra = sample_patterns(fold_bias(self._X, hidden_bias is not None).cpu(), self.sampled_patterns,
-                                    generator=self._generator).to(self._X.device)
-        return Snapshot(step, self._X, self._Y, copy(hidden_weight), copy(hidden_bias), copy(output_weight),
-                        copy(output_bias), extra)
+                                    generator=generator)
+            extra = extra if self.asynchronous else extra.to(self._X.device)
+        X, Y = (self._X_cpu, self._Y_cpu) if self.asynchronous else (self._X, self._Y)
+        return Snapshot(step, X, Y, copy(hidden_weight), copy(hidden_bias), copy(output_weight), copy(output_bias),
+                        extra)
 
     def _value_tag(self, out_features: int) -> str:
         if self.gated:
@@ -319,20 +545,40 @@ class ConvexGapMonitor(Callback):
                 f"{type(self).__name__}: the model has no `weight_decay`/`reduction` attributes and the callback was "
                 "given none: using λ = 0 and reduction 'mean'"
             )
-        self._lambda = float(lam or 0.0)
+        self._lambda = _check_lambda(lam or 0.0, "the model's weight_decay (λ)")
         self._reduction = red or "mean"
         if self._reduction not in REDUCTIONS:
             raise ValueError(f"the model's reduction must be one of {REDUCTIONS}, got {self._reduction!r}")
 
-    @torch.no_grad()
-    def _load(self, problem: ConvexProblem, solution: ConvexSolution) -> None:
-        """Replace the network's weights by the mapped convex solution (zero-padded to the network's width)."""
-        stack, hidden = self._stack, self._stack.hidden
-        W, A, b0 = problem.to_network(solution.U, solution.V, solution.b0)
-        if W.shape[0] > hidden.out_features:
+    def _check_target_width(self, Y: Tensor) -> None:
+        c = self._stack.output.out_features
+        if Y.is_floating_point() and Y.ndim == 2 and Y.shape[1] != c:
+            raise ValueError(f"the targets have {Y.shape[1]} columns but the model's output layer has {c} outputs")
+        if Y.ndim > 2:
+            raise ValueError(f"the targets must be (n,) or (n, c), got shape {tuple(Y.shape)}")
+
+    def _mapped_weights(self, problem: ConvexProblem, solution: ConvexSolution) -> tuple[Tensor, ...] | None:
+        """The network weights ``(W̃, A, b₀)`` of the convex solution on the CPU, or None if they do not fit."""
+        try:
+            W, A, b0 = problem.to_network(solution.U, solution.V, solution.b0)
+        except Exception as err:  # noqa: BLE001 - under DDP the other ranks wait for these weights: never raise
+            rank_zero_warn(f"{type(self).__name__}: the convex solution could not be mapped to network weights "
+                           f"({type(err).__name__}: {err}); weights not loaded")
+            return None
+        width = self._stack.hidden.out_features
+        if W.shape[0] > width:
             rank_zero_warn(f"{type(self).__name__}: the convex solution needs {W.shape[0]} neurons but the network "
-                           f"has {hidden.out_features}; weights not loaded")
+                           f"has {width}; weights not loaded")
+            return None
+        return W.detach().cpu(), A.detach().cpu(), None if b0 is None else b0.detach().cpu()
+
+    @torch.no_grad()
+    def _apply(self, weights: tuple[Tensor, ...] | None) -> None:
+        """Replace the network's weights by mapped convex weights (zero-padded to the network's width)."""
+        if weights is None:
             return
+        W, A, b0 = weights
+        stack, hidden = self._stack, self._stack.hidden
         k = W.shape[0]
         hidden.weight.zero_()
         stack.output.weight.zero_()
@@ -343,6 +589,167 @@ class ConvexGapMonitor(Callback):
         stack.output.weight[:, :k] = A.to(stack.output.weight)
         if stack.output.bias is not None and b0 is not None:
             stack.output.bias.copy_(b0.to(stack.output.bias))
+
+
+# ------------------------------------------------------------------------------------------------------ the solve
+def _evaluate(
+    spec: _SolveSpec, snap: Snapshot, solve_fn: Callable[..., ConvexSolution], quiet: bool, keep_solution: bool
+) -> _Outcome:
+    """Build, solve and measure one snapshot. Never raises: failures become a status and a message."""
+    p = spec.prefix
+    owner = spec.owner
+    weights = [t for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias)
+               if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in weights):
+        return _Outcome({f"{p}/status": STATUS_CODES["nonfinite"]},
+                        [f"{owner}: non-finite network weights at step {snap.step}; no solve"])
+    Xf = fold_bias(snap.X, snap.hidden_bias is not None)
+    Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
+    L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias, spec.weight_decay,
+                                spec.reduction))
+    metrics: dict[str, float] = {f"{p}/nonconvex_objective": L}
+    options = dict(spec.solver_options)
+    if spec.time_limit is not None:
+        options.setdefault("time_limit", spec.time_limit)
+    start = time.perf_counter()
+    try:
+        problem, point = problem_from_network(
+            snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias,
+            weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
+            extra_patterns=snap.extra_patterns,
+        )
+        if quiet:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # solver chatter; the status is logged instead
+                solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
+        else:
+            solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
+        if not isinstance(solution, ConvexSolution):
+            raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
+    except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
+        seconds = time.perf_counter() - start
+        late = spec.time_limit is not None and seconds >= spec.time_limit
+        metrics[f"{p}/status"] = STATUS_CODES["time_limit" if late else "failed"]
+        metrics[f"{p}/solve_seconds"] = seconds
+        reason = f" after {seconds:.2f} s (time limit {spec.time_limit} s)" if late else ""
+        description = f"{type(err).__name__}: {err}"
+        return _Outcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {description}"],
+                        error=description)
+    seconds = time.perf_counter() - start
+    value = solution.value
+    if not spec.gated:
+        # The network's own point is feasible: p* is never above its value, whatever the solver reached.
+        value = min(value, float(problem.objective(*point)))
+    status = solution.status if solution.status in STATUS_CODES else "failed"
+    if not math.isfinite(value):
+        status = "failed"
+    messages = []
+    if spec.time_limit is not None and seconds > spec.time_limit and status != "failed":
+        status = "time_limit"
+        messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.2f} s, over the time limit of "
+                        f"{spec.time_limit} s")
+    elif status != "optimal":
+        messages.append(f"{owner}: solver status {solution.status!r} at step {snap.step}")
+    metrics.update({
+        spec.value_tag: value,
+        f"{p}/gap": L - value,
+        f"{p}/solve_seconds": seconds,
+        f"{p}/active_neurons": _active_neurons(problem, solution),
+        f"{p}/status": STATUS_CODES[status],
+    })
+    if solution.relative_gap is not None:
+        metrics[f"{p}/duality_gap"] = solution.relative_gap
+    solved = (problem, solution) if keep_solution and solution.ok else None
+    return _Outcome(metrics, messages, solved)
+
+
+# Data sent once to the worker process, by key (several monitors may share one process's module).
+_WORKER_DATA: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+def _store_data(key: str, X: Tensor, Y: Tensor) -> None:
+    _WORKER_DATA.clear()  # one training run per worker process
+    _WORKER_DATA[key] = (X, Y)
+
+
+def _solve_job(spec: _SolveSpec, snap: Snapshot, data_key: str | None, solve_fn: Callable[..., Any]) -> _Outcome:
+    """The worker's job: the snapshot's data is either in it (thread) or stored in the worker process."""
+    if data_key is not None:
+        X, Y = _WORKER_DATA[data_key]
+        snap = replace(snap, X=X, Y=Y)
+    # No warnings filter here: it is process-global and would hide the training thread's warnings too.
+    return _evaluate(spec, snap, solve_fn, quiet=False, keep_solution=False)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _check_forward(pl_module: "pl.LightningModule", stack: ReLUStack, X: Tensor, rows: int = 8) -> None:
+    """Refuse a model whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of its stack (deeper nets, extra layers, scaling).
+
+    The convex problem describes the stack only; a model that computes something else would get meaningless numbers.
+    A model whose forward does not take a plain input tensor cannot be checked and is let through.
+    """
+    sample = X[:rows]
+    weight, bias, output_weight, output_bias = stack.weights()
+    modes = {module: module.training for module in pl_module.modules()}
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            expected = torch.relu(F.linear(sample, weight, bias))
+            expected = F.linear(expected, output_weight, output_bias)
+            try:
+                actual = pl_module(sample)
+            except Exception:  # noqa: BLE001 - e.g. a forward that expects a dict batch: nothing to compare
+                return
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if not isinstance(actual, Tensor) or actual.numel() != expected.numel():
+        shape = tuple(actual.shape) if isinstance(actual, Tensor) else type(actual).__name__
+        raise ValueError(
+            f"the model's output ({shape}) is not that of its two-layer ReLU stack {stack.name!r} "
+            f"({tuple(expected.shape)}): the convex problem describes a network Linear → ReLU → Linear only"
+        )
+    actual = actual.reshape(expected.shape).to(expected)
+    if not (torch.isfinite(expected).all() and torch.isfinite(actual).all()):
+        return  # non-finite weights are reported at each solve instead
+    scale = expected.abs().max().clamp_min(1e-12)
+    tolerance = 1e-4 if expected.dtype == torch.float64 else 1e-3
+    if float((actual - expected).abs().max() / scale) > tolerance:
+        raise ValueError(
+            f"the model's output differs from that of its two-layer ReLU stack {stack.name!r} (hidden layer → ReLU → "
+            "output layer): a deeper network, extra layers or a scaled output? The convex problem describes a network "
+            "Linear → ReLU → Linear only; name another stack with layer=/output_layer=, or use a two-layer model"
+        )
+
+
+def _check_solver(solver: str) -> str:
+    if not isinstance(solver, str) or not solver:
+        raise ValueError(f"solver must be a solver name, got {solver!r}")
+    name = solver.lower()
+    if name in GENERIC_SOLVERS:
+        return name
+    from hcl.convex.cvxpy_solver import installed_solvers
+
+    installed = [s.lower() for s in installed_solvers()]
+    if name not in installed:
+        raise ValueError(f"unknown solver {solver!r}: use one of {list(GENERIC_SOLVERS) + installed}")
+    return name
+
+
+def _check_lambda(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
+    return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
 
 
 def _active_neurons(problem, solution: ConvexSolution) -> int:

@@ -8,6 +8,10 @@ The pattern of neuron ``i`` on data ``X`` is ``1[X w̃_i ≥ 0]`` (ties active).
 steps the monitor snapshots the patterns of all neurons and logs how many are distinct, how many neurons are
 dead, how many neurons changed pattern since the previous snapshot and how many patterns were never seen before
 in the run.
+
+Under DDP every rank computes the same patterns (the data is gathered from all ranks when it comes from a plain
+dataloader) and rank zero logs them; the pattern history is part of the checkpoint, so a resumed run continues
+``patterns/new`` and ``patterns/changed`` where it stopped.
 """
 
 from __future__ import annotations
@@ -15,12 +19,23 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from hcl import dashboard
-from hcl.monitoring import check_every_n_steps, check_probe, is_due, log_scalars, training_data, warn_if_no_logger
+from hcl.monitoring import (
+    check_every_n_steps,
+    check_probe,
+    flush_loggers,
+    is_due,
+    log_scalars,
+    mark_resumed_run,
+    training_data,
+    warn_if_no_logger,
+)
 from hcl.network import ReLUStack, find_relu_stack
 from hcl.patterns import PatternTracker, activation_patterns
 
@@ -35,6 +50,8 @@ class PatternMonitor(Callback):
     - ``patterns/dead``: neurons active on no sample;
     - ``patterns/changed``: neurons whose pattern differs from the previous snapshot (0 at the first);
     - ``patterns/new``: distinct patterns never seen before in the run (all of them at the first snapshot).
+
+    Snapshots of non-finite weights are not counted (a warning says so once).
 
     When no ``probe`` is given and a training batch holds the whole training set (full-batch training), the
     patterns are read from the hidden layer's own forward pass, at no extra matrix product; otherwise they are
@@ -68,7 +85,8 @@ class PatternMonitor(Callback):
     ) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self.probe = check_probe(probe)
-        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                        or max_samples < 1):
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
         self.layer = layer
         self.output_layer = output_layer
@@ -80,6 +98,7 @@ class PatternMonitor(Callback):
         self._hook = None
         self._pending = False
         self._trainer: pl.Trainer | None = None
+        self._warned_nonfinite = False
 
     @property
     def state_key(self) -> str:
@@ -97,6 +116,7 @@ class PatternMonitor(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         warn_if_no_logger(trainer, type(self).__name__)
         dashboard.write_layout(trainer)
+        mark_resumed_run(trainer)
         X, _ = training_data(trainer, self.probe, None, self.max_samples)
         self._data = self._stack.inputs(X)
         self._trainer = trainer
@@ -114,6 +134,9 @@ class PatternMonitor(Callback):
             self._pending = True  # the forward pass of this step sees the whole training set: read it there
             return
         weight, bias, _, _ = self._stack.weights()
+        if not self._finite(weight, bias, step):
+            self._last_step = step
+            return
         self._record(trainer, activation_patterns(self._data, weight, bias), step)
 
     @override
@@ -123,6 +146,7 @@ class PatternMonitor(Callback):
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._remove_hook()
+        flush_loggers(trainer)  # what was logged before the failure stays on disk
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -139,7 +163,11 @@ class PatternMonitor(Callback):
         if not (self._pending and module.training and trainer is not None):
             return
         self._pending = False
-        self._record(trainer, output.detach() >= 0, trainer.global_step)
+        step = trainer.global_step
+        if not self._finite(output, None, step):
+            self._last_step = step
+            return
+        self._record(trainer, output.detach() >= 0, step)
 
     def _record(self, trainer: "pl.Trainer", patterns: Tensor, step: int) -> None:
         self._last_step = step
@@ -151,6 +179,16 @@ class PatternMonitor(Callback):
                  "patterns/changed": stats.changed, "patterns/new": stats.new},
                 step,
             )
+
+    def _finite(self, values: Tensor, bias: Tensor | None, step: int) -> bool:
+        # NaN compares false: non-finite weights would be counted as dead neurons, which they are not.
+        if bool(torch.isfinite(values).all()) and (bias is None or bool(torch.isfinite(bias).all())):
+            return True
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(f"{type(self).__name__}: non-finite hidden-layer weights at step {step}; patterns are not "
+                           "counted while they last")
+        return False
 
     def _remove_hook(self) -> None:
         if self._hook is not None:

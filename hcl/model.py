@@ -34,9 +34,12 @@ class TwoLayerReLU(pl.LightningModule):
     ``train/penalty`` (``λ Σ (‖w̃‖² + ‖α‖²)``), ``train/objective`` (their sum), and ``train/acc`` for
     classification. Validation and test steps log the same under ``val/`` and ``test/``.
 
-    Under DDP with sharded full-batch data the loss each rank differentiates is scaled so that the averaged
-    gradient is the gradient of the global objective (``n`` is summed over ranks), and the logged values are
-    the global ones.
+    Under DDP with sharded training data the loss each rank differentiates is scaled so that the averaged
+    gradient is the gradient of the global objective (``n`` and the data sum are summed over ranks), and the
+    logged training values are the global ones: full-batch gradient descent on two processes follows the same
+    path as on one, for both reductions. The training objective is over the union of the ranks' batches, so with
+    unsharded training data (``shard=False``) and reduction ``"sum"`` every point counts once per rank.
+    Validation and test values are averaged over ranks.
 
     Args:
         in_features: input dimension ``d`` (inputs are flattened).
@@ -162,24 +165,42 @@ class TwoLayerReLU(pl.LightningModule):
         local_sum = self.data_loss_sum(out, y)
         penalty = self.penalty()
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            # Global n and global data sum; DDP averages gradients over ranks, hence the factor `world`.
+        on_step = stage == "train"
+        accuracy = None
+        if world > 1 and stage == "train":
+            # Each rank holds a disjoint shard of the training set. L is taken over all of them: n and the data sum
+            # are summed over ranks, and since DDP averages the ranks' gradients, each rank differentiates
+            # `world · s · (its data sum) + penalty`, whose average is the gradient of L (the penalty's gradient is
+            # the same on every rank). Every rank logs the same global values.
             n_total = self.all_gather(torch.tensor(float(x.shape[0]), device=out.device)).sum()
             scale = 1.0 if self.reduction == "sum" else 1.0 / n_total
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
+            if self.hparams.out_features > 1:
+                correct = (out.detach().argmax(dim=1) == self._class_index(y)).sum().to(out.dtype)
+                accuracy = self.all_gather(correct).sum() / n_total
         else:
+            # Validation and test sets are not sharded by the data modules (each rank evaluates all of them) and a
+            # distributed sampler splits them evenly otherwise: the mean over ranks is the single-process value.
             data_loss = data_scale(self.reduction, x.shape[0]) * local_sum
             loss = data_loss + penalty
-        on_step = stage == "train"
-        self.log(f"{stage}/data_loss", data_loss, on_step=on_step, on_epoch=not on_step)
-        self.log(f"{stage}/penalty", penalty, on_step=on_step, on_epoch=not on_step)
+        sync = world > 1 and not on_step
+        if on_step:
+            # Training values are logged at the global step, like hcl's callbacks. Lightning's own log step is one
+            # ahead after resuming from an end-of-epoch checkpoint (every checkpoint of full-batch training), which
+            # would leave a hole in the series and shift it against the callbacks'.
+            self.log("step", float(self.global_step), on_step=True, on_epoch=False)
+        self.log(f"{stage}/data_loss", data_loss, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
+        self.log(f"{stage}/penalty", penalty, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
         self.log(f"{stage}/objective", data_loss.detach() + penalty.detach(), on_step=on_step,
-                 on_epoch=not on_step, prog_bar=True)
+                 on_epoch=not on_step, prog_bar=True, sync_dist=sync)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             metric(out.detach(), self._class_index(y))
-            self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
+            if accuracy is not None:
+                self.log(f"{stage}/acc", accuracy, on_step=True, on_epoch=False)
+            else:
+                self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
         return loss
 
     def _as_output(self, target: Tensor, output: Tensor) -> Tensor:

@@ -1,14 +1,36 @@
-"""Helpers shared by hcl's callbacks: where the data comes from, when to act, how values are logged."""
+"""Helpers shared by hcl's callbacks: where the data comes from, when to act, how values are logged, and a
+background worker for solves that must not stall training.
+
+Distributed training: :func:`training_data` gathers the ranks' shards of a plain dataloader with a collective, so
+every rank must call it (as the callbacks do, in ``on_train_start``); everything else here is local.
+"""
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import math
-from collections.abc import Mapping
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+WORKER_KINDS = ("process", "thread")
 
 
 def check_every_n_steps(every_n_steps: int) -> int:
@@ -22,9 +44,16 @@ def check_probe(probe: Tensor | None, name: str = "probe") -> Tensor | None:
     if probe is None:
         return None
     if not isinstance(probe, Tensor):
-        probe = torch.as_tensor(probe)
-    if probe.ndim == 0 or probe.shape[0] == 0:
+        try:
+            probe = torch.as_tensor(probe)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor (or convertible to one), got {type(probe).__name__}") from err
+    if probe.ndim == 0:
+        raise ValueError(f"{name} must have a leading sample dimension, got a 0-dimensional tensor")
+    if probe.shape[0] == 0:
         raise ValueError(f"{name} is empty: it must hold at least one sample")
+    if probe.is_complex() or probe.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got {probe.dtype}")
     if probe.is_floating_point() and not torch.isfinite(probe).all():
         raise ValueError(f"{name} contains NaN or inf")
     return probe
@@ -41,10 +70,12 @@ def training_data(
     """The inputs (and targets) a callback evaluates the network on.
 
     The ``probe``/``target`` the user gave, else the data module's full training set (``train_tensors()``, as in
-    :mod:`hcl.datamodules`), else one pass over the training dataloader. ``max_samples`` keeps the first ones.
+    :mod:`hcl.datamodules`), else one pass over the training dataloader. Under DDP a dataloader only yields this
+    rank's shard, so the shards are gathered from all ranks (a collective: call this on every rank). ``max_samples``
+    keeps the first ones.
 
     Raises:
-        ValueError: when no data can be found or it is empty / not finite.
+        ValueError: when no data can be found or it is empty / not finite, or targets do not match the inputs.
     """
     if probe is not None:
         X, Y = probe, target
@@ -54,6 +85,9 @@ def training_data(
             X, Y = datamodule.train_tensors()
         else:
             X, Y = _collect_dataloader(trainer)
+            if trainer.world_size > 1:
+                X = gather_rows(trainer, X)
+                Y = None if Y is None else gather_rows(trainer, Y)
     if max_samples is not None:
         X = X[:max_samples]
         Y = None if Y is None else Y[:max_samples]
@@ -61,9 +95,29 @@ def training_data(
         raise ValueError("the data to evaluate the network on is empty")
     if X.is_floating_point() and not torch.isfinite(X).all():
         raise ValueError("the data to evaluate the network on contains NaN or inf")
-    if Y is not None and Y.shape[0] != X.shape[0]:
-        raise ValueError(f"the targets have {Y.shape[0]} rows but the inputs {X.shape[0]}")
+    if Y is not None:
+        if Y.ndim == 0 or Y.shape[0] != X.shape[0]:
+            raise ValueError(f"the targets have shape {tuple(Y.shape)} but the inputs have {X.shape[0]} rows")
+        if Y.is_floating_point() and not torch.isfinite(Y).all():
+            raise ValueError("the targets to evaluate the network on contain NaN or inf")
     return X, Y
+
+
+def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
+    """Concatenate the ranks' tensors along the first dimension (rank 0's rows first); sizes may differ.
+
+    A collective: every rank must call it. The result is on this rank's original device.
+    """
+    strategy = trainer.strategy
+    device = strategy.root_device
+    local = tensor.detach().to(device)
+    sizes = strategy.all_gather(torch.tensor([local.shape[0]], device=device)).reshape(-1).tolist()
+    longest = max(int(s) for s in sizes)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    everything = strategy.all_gather(padded)  # (world, longest, ...)
+    parts = [everything[rank, : int(size)] for rank, size in enumerate(sizes)]
+    return torch.cat(parts).to(tensor.device)
 
 
 def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
@@ -75,7 +129,7 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
         raise ValueError("no training data found: pass probe= (and target=) to the callback")
     xs, ys = [], []
     for batch in loader:
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(b, Tensor) for b in batch[:2]):
             xs.append(batch[0])
             ys.append(batch[1])
         elif isinstance(batch, Tensor):
@@ -86,7 +140,10 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
             )
     if not xs:
         raise ValueError("the training dataloader is empty")
-    return torch.cat(xs), (torch.cat(ys) if ys else None)
+    try:
+        return torch.cat(xs), (torch.cat(ys) if ys else None)
+    except RuntimeError as err:
+        raise ValueError(f"the training batches cannot be stacked into one data set ({err}): pass probe=") from err
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
@@ -98,13 +155,345 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         trainer.callback_metrics[k] = torch.tensor(v)
 
 
+def flush_loggers(trainer: pl.Trainer) -> None:
+    """Write what the loggers hold to disk (rank zero); a logger that fails to save only warns."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        try:
+            logger.save()
+        except Exception as err:  # noqa: BLE001 - flushing is best effort, it must not mask the real error
+            warnings.warn(f"could not flush the logger {type(logger).__name__}: {err}", stacklevel=2)
+
+
+_RESTART_MARKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def mark_resumed_run(trainer: pl.Trainer) -> bool:
+    """After a resume, tell TensorBoard that the run restarts at ``trainer.global_step``.
+
+    A run that continues in the same TensorBoard directory after a crash re-runs the steps between its checkpoint and
+    the crash. The restart marker (TensorBoard's ``SessionLog.START``, what ``SummaryWriter(purge_step=...)`` writes)
+    makes TensorBoard drop the points the interrupted run logged at or after that step, so every series has each
+    step exactly once. Written once per trainer, on rank zero, only when training starts past step 0. Returns True
+    when written.
+    """
+    step = trainer.global_step
+    if step <= 0 or not trainer.is_global_zero or _RESTART_MARKED.get(trainer) == step:
+        return False
+    _RESTART_MARKED[trainer] = step
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    written = False
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            file_writer = logger.experiment._get_file_writer()
+            file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+            file_writer.flush()
+            written = True
+    return written
+
+
 def warn_if_no_logger(trainer: pl.Trainer, owner: str) -> bool:
     """Warn once that nothing will be recorded when the trainer has no logger; True if a logger exists."""
     if trainer.loggers:
         return True
+    from lightning.pytorch.utilities import rank_zero_warn
+
     rank_zero_warn(f"{owner}: the trainer has no logger, so its values are only kept in trainer.callback_metrics")
     return False
 
 
 def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------------------------- background worker
+class WorkerError(RuntimeError):
+    """A job failed in the background worker, or the worker went away; the message names the original error."""
+
+
+class BackgroundWorker:
+    """Runs jobs ``fn(*args)`` one at a time, in submission order, away from the training thread.
+
+    Two kinds:
+
+    - ``"process"`` (default): a child Python process started with ``subprocess`` (independent of the user's
+      ``__main__``, unlike ``multiprocessing``'s spawn) at a lower CPU priority. It holds its own GIL, so a
+      Python-heavy job (building a cvxpy problem) does not slow the training thread down, and it can be killed when a
+      job overruns. ``fn`` must be a module-level function and ``args`` picklable; the child starts with the parent's
+      ``sys.path``.
+    - ``"thread"``: a daemon thread; jobs may be any callable (a monkeypatched function too), but they compete with
+      training for the GIL and cannot be killed (an overrunning job is abandoned with its thread).
+
+    Both are daemonic: a stuck job never keeps the interpreter alive at exit. Jobs return :class:`Future` objects; a
+    job's exception, or the worker's death, sets a :class:`WorkerError` on its future.
+    """
+
+    def __init__(self, kind: str = "process", name: str = "hcl-worker", niceness: int = 10) -> None:
+        if kind not in WORKER_KINDS:
+            raise ValueError(f"worker must be one of {WORKER_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.name = name
+        self._niceness = niceness
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._started: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # future → start time
+        self._closed = False
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._futures: dict[int, Future] = {}
+        self._ids = itertools.count()
+        if kind == "thread":
+            self._thread = threading.Thread(target=self._thread_loop, name=name, daemon=True)
+            self._thread.start()
+        else:
+            self._start_process()
+
+    # -------------------------------------------------------------------------------------------- public
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)``; its future is set when it finishes (or fails)."""
+        future: Future = Future()
+        if self._closed:
+            future.set_exception(WorkerError(f"{self.name}: the worker is closed"))
+            return future
+        if self.kind == "thread":
+            self._jobs.put((future, fn, args))
+        else:
+            with self._lock:
+                job_id = next(self._ids)
+                self._futures[job_id] = future
+            self._jobs.put((job_id, fn, args))
+        return future
+
+    def started_at(self, future: Future) -> float | None:
+        """``time.monotonic()`` when the worker began ``future``'s job, ``None`` while it waits in the queue."""
+        return self._started.get(future)
+
+    @property
+    def alive(self) -> bool:
+        if self._closed:
+            return False
+        if self.kind == "thread":
+            return self._thread.is_alive()
+        return self._process is not None and self._process.poll() is None
+
+    def close(self, kill: bool = False) -> None:
+        """Stop taking jobs. Queued jobs are cancelled; ``kill`` also ends a running job (process worker only)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        if self.kind == "process" and self._process is not None:
+            if kill:
+                _terminate(self._process)
+            else:
+                # The child finishes its current job, reads the stop marker and exits; never wait on it forever.
+                threading.Thread(target=_reap, args=(self._process, 30.0), daemon=True).start()
+            self._fail_outstanding(WorkerError(f"{self.name}: the worker was closed"), running_too=kill)
+
+    # ----------------------------------------------------------------------------------------------- thread
+    def _thread_loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if self._closed or not future.set_running_or_notify_cancel():
+                if not future.done():
+                    future.cancel()
+                continue
+            self._started[future] = time.monotonic()
+            try:
+                result = fn(*args)
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread
+                future.set_exception(_as_worker_error(err, traceback.format_exc()))
+            else:
+                future.set_result(result)
+
+    # ---------------------------------------------------------------------------------------------- process
+    def _start_process(self) -> None:
+        job_read, job_write = os.pipe()
+        result_read, result_write = os.pipe()
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        code = f"from hcl.monitoring import _worker_process_main; _worker_process_main({job_read}, {result_write})"
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", code], pass_fds=(job_read, result_write), stdin=subprocess.DEVNULL, env=env,
+                close_fds=True,
+            )
+        finally:
+            os.close(job_read)
+            os.close(result_write)
+        _LIVE_PROCESSES.add(self._process)
+        self._job_pipe = os.fdopen(job_write, "wb")
+        self._result_pipe = os.fdopen(result_read, "rb")
+        config = {"sys_path": list(sys.path), "niceness": self._niceness}
+        self._jobs.put(("config", config))
+        threading.Thread(target=self._writer_loop, name=f"{self.name}-writer", daemon=True).start()
+        threading.Thread(target=self._reader_loop, name=f"{self.name}-reader", daemon=True).start()
+
+    def _writer_loop(self) -> None:
+        # Pickling and writing happen here, not on the training thread: a full pipe must never block training.
+        pipe = self._job_pipe
+        try:
+            while True:
+                item = self._jobs.get()
+                if item is None:
+                    pickle.dump(None, pipe)
+                    pipe.flush()
+                    return
+                if item[0] == "config":
+                    pickle.dump(item[1], pipe)
+                    pipe.flush()
+                    continue
+                job_id, fn, args = item
+                future = self._futures.get(job_id)
+                if future is None or future.cancelled():
+                    continue
+                try:
+                    job = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+                    payload = pickle.dumps((job_id, job), protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception as err:  # noqa: BLE001 - an unpicklable job fails alone
+                    self._pop(job_id)
+                    _set_exception(future, WorkerError(
+                        f"{self.name}: the job cannot be sent to the worker process ({type(err).__name__}: {err}); "
+                        "use module-level functions and picklable arguments, or worker='thread'"))
+                    continue
+                pipe.write(payload)
+                pipe.flush()
+        except (OSError, ValueError):
+            return  # the child is gone; the reader fails the outstanding futures
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def _reader_loop(self) -> None:
+        pipe = self._result_pipe
+        try:
+            while True:
+                try:
+                    message = pickle.load(pipe)
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    break
+                kind, job_id = message[0], message[1]
+                future = self._futures.get(job_id)
+                if future is None:
+                    continue
+                if kind == "started":
+                    if future.set_running_or_notify_cancel():
+                        self._started[future] = time.monotonic()
+                    continue
+                self._pop(job_id)
+                if kind == "done":
+                    _set_result(future, message[2])
+                else:
+                    type_name, text, trace = message[2]
+                    error = WorkerError(f"{type_name}: {text}")
+                    error.worker_traceback = trace
+                    _set_exception(future, error)
+        finally:
+            code = None if self._process is None else self._process.poll()
+            reason = "was closed" if self._closed else f"exited unexpectedly (exit code {code})"
+            self._fail_outstanding(WorkerError(f"{self.name}: the worker process {reason}"), running_too=True)
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def _pop(self, job_id: int) -> None:
+        with self._lock:
+            self._futures.pop(job_id, None)
+
+    def _fail_outstanding(self, error: Exception, running_too: bool) -> None:
+        with self._lock:
+            outstanding = list(self._futures.items())
+        for job_id, future in outstanding:
+            if future.running() and not running_too:
+                continue
+            self._pop(job_id)
+            if not future.cancel():
+                _set_exception(future, error)
+
+
+def _set_result(future: Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: Future, error: BaseException) -> None:
+    if future.cancelled() or future.done():
+        return
+    if future.running() or future.set_running_or_notify_cancel():
+        future.set_exception(error)
+
+
+def _as_worker_error(err: BaseException, trace: str) -> WorkerError:
+    error = WorkerError(f"{type(err).__name__}: {err}")
+    error.worker_traceback = trace
+    return error
+
+
+_LIVE_PROCESSES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _terminate(process: subprocess.Popen, grace: float = 2.0) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _reap(process: subprocess.Popen, timeout: float) -> None:
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _terminate(process)
+
+
+@atexit.register
+def _kill_live_processes() -> None:
+    for process in list(_LIVE_PROCESSES):
+        _terminate(process, grace=0.5)
+
+
+def _worker_process_main(job_fd: int, result_fd: int) -> None:
+    """Entry point of the worker process: run the jobs read from ``job_fd``, answer on ``result_fd``."""
+    jobs = os.fdopen(job_fd, "rb")
+    results = os.fdopen(result_fd, "wb")
+
+    def send(message: tuple) -> None:
+        results.write(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        results.flush()
+
+    config = pickle.load(jobs)
+    sys.path[:] = config["sys_path"]
+    try:
+        os.nice(config["niceness"])  # the monitor yields the CPU to training
+    except (AttributeError, OSError):
+        pass
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # solver chatter; statuses are reported instead
+    while True:
+        try:
+            item = pickle.load(jobs)
+        except EOFError:
+            return
+        if item is None:
+            return
+        job_id, job = item
+        send(("started", job_id))
+        try:
+            fn, args = pickle.loads(job)  # here, so that a job whose function cannot be imported fails alone
+            value = fn(*args)
+            payload = pickle.dumps(("done", job_id, value), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            payload = pickle.dumps(("error", job_id, (type(err).__name__, str(err), traceback.format_exc())))
+        results.write(payload)
+        results.flush()
