@@ -53,9 +53,11 @@ class PatternMonitor(Callback):
 
     Snapshots of non-finite weights are not counted (a warning says so once).
 
-    When no ``probe`` is given and a training batch holds the whole training set (full-batch training), the
-    patterns are read from the hidden layer's own forward pass, at no extra matrix product; otherwise they are
-    recomputed on the probe (or the data module's training set).
+    The snapshot is taken during the training step's forward pass (a forward hook on the hidden layer), so it sees
+    the weights the loss is computed with even when another callback changed them at the start of the step. When no
+    ``probe`` is given and the batch is the monitored training set itself (full-batch training on a data module's
+    tensors), the patterns are the sign of the hidden layer's output, at no extra matrix product; otherwise they are
+    recomputed on the probe (or the training set) with the current weights.
 
     Args:
         every_n_steps: snapshot period in global steps.
@@ -96,7 +98,8 @@ class PatternMonitor(Callback):
         self._stack: ReLUStack | None = None
         self._data: Tensor | None = None
         self._hook = None
-        self._pending = False
+        self._pending: int | None = None  # the due step whose patterns the next training forward pass records
+        self._read_output = False
         self._trainer: pl.Trainer | None = None
         self._warned_nonfinite = False
 
@@ -120,8 +123,10 @@ class PatternMonitor(Callback):
         X, _ = training_data(trainer, self.probe, None, self.max_samples)
         self._data = self._stack.inputs(X)
         self._trainer = trainer
-        if self.probe is None and self.max_samples is None:
-            self._hook = self._stack.hidden.register_forward_hook(self._from_forward)
+        self._pending = None
+        # Patterns are taken in the training step's own forward pass: of exactly the weights its loss uses, even when
+        # another callback changed them earlier in the step (ConvexGapMonitor(load_solution=True)).
+        self._hook = self._stack.hidden.register_forward_hook(self._from_forward)
 
     @override
     def on_train_batch_start(
@@ -130,14 +135,18 @@ class PatternMonitor(Callback):
         step = trainer.global_step
         if not is_due(step, self.every_n_steps, self._last_step):
             return
-        if self._hook is not None and _batch_size(batch) == self._data.shape[0]:
-            self._pending = True  # the forward pass of this step sees the whole training set: read it there
-            return
-        weight, bias, _, _ = self._stack.weights()
-        if not self._finite(weight, bias, step):
-            self._last_step = step
-            return
-        self._record(trainer, activation_patterns(self._data, weight, bias), step)
+        self._last_step = step
+        self._pending = step
+        # The batch is the monitored data itself (full-batch training on the data module's tensors): the patterns
+        # are the sign of the hidden layer's output, at no extra matrix product.
+        self._read_output = self.probe is None and self.max_samples is None and _same_tensor(batch, self._data)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending is not None:  # the model's forward never ran the hidden layer in training mode
+            self._snapshot(trainer, None)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -159,18 +168,23 @@ class PatternMonitor(Callback):
 
     # ------------------------------------------------------------------ helpers
     def _from_forward(self, module, inputs, output: Tensor) -> None:
-        trainer = self._trainer
-        if not (self._pending and module.training and trainer is not None):
-            return
-        self._pending = False
-        step = trainer.global_step
-        if not self._finite(output, None, step):
-            self._last_step = step
-            return
-        self._record(trainer, output.detach() >= 0, step)
+        if self._pending is not None and module.training and self._trainer is not None:
+            self._snapshot(self._trainer, output.detach() if self._read_output else None)
+
+    def _snapshot(self, trainer: "pl.Trainer", output: Tensor | None) -> None:
+        step, self._pending = self._pending, None
+        if output is None:
+            weight, bias, _, _ = self._stack.weights()
+            if not self._finite(weight, bias, step):
+                return
+            patterns = activation_patterns(self._data, weight, bias)
+        else:
+            if not self._finite(output, None, step):
+                return
+            patterns = output >= 0
+        self._record(trainer, patterns, step)
 
     def _record(self, trainer: "pl.Trainer", patterns: Tensor, step: int) -> None:
-        self._last_step = step
         stats = self._tracker.update(patterns)
         if trainer.is_global_zero:
             log_scalars(
@@ -196,6 +210,10 @@ class PatternMonitor(Callback):
             self._hook = None
 
 
-def _batch_size(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return first.shape[0] if isinstance(first, Tensor) else -1
+def _same_tensor(batch: Any, data: Tensor) -> bool:
+    """Whether the batch's inputs are ``data`` itself (same memory and shape), so that row ``j`` is sample ``j``."""
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(first, Tensor):
+        return False
+    first = first.reshape(first.shape[0], -1) if first.ndim > 1 else first
+    return first.shape == data.shape and first.dtype == data.dtype and first.data_ptr() == data.data_ptr()

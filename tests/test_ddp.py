@@ -1,0 +1,121 @@
+"""Two-process DDP on the CPU (ddp_spawn, gloo): the same objective, the same convex optimum, each point logged once.
+
+Each spawn costs seconds on a small machine, so there are two runs only: one through the CLI (hcl's data module,
+reduction "sum", load_solution broadcast), one with a plain dataloader (shards gathered, reduction "mean", an
+asynchronous monitor on rank zero).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from hcl import TwoLayerReLU
+from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+from hcl.fit import main
+
+pytestmark = pytest.mark.timeout(300)  # a collective called on one rank only would hang: fail instead
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  max_steps: 6
+  precision: 64-true
+  accelerator: cpu
+  log_every_n_steps: 1
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: hcl.callbacks.PatternMonitor
+    - class_path: hcl.callbacks.ConvexGapMonitor
+      init_args: {formulation: neurons, solver: clarabel, every_n_steps: 2, load_solution: true}
+    - class_path: hcl.callbacks.ConvexGapMonitor
+      init_args: {formulation: neurons, solver: clarabel, prefix: convex_every_step}
+model: {hidden: 12, reduction: sum, lr: 0.002, init: normal, init_scale: 0.5, weight_decay: 0.01}
+data:
+  class_path: hcl.datamodules.SyntheticRegression
+  init_args: {kind: gaussian_linear, n: 51, d: 6, seed: 0, dtype: float64}
+"""
+
+
+def _series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _assert_same_run(one: dict, two: dict, tags: tuple[str, ...], steps: list[int], optimum_tag: str) -> None:
+    for tag in tags:
+        # Rank zero alone logs: each step once, not once per process.
+        assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]], tag
+    assert [s for s, _ in two["train/objective"]] == steps
+    # Full-batch gradient descent on two shards follows the one-process path.
+    for (_, single), (_, double) in zip(one["train/objective"], two["train/objective"]):
+        assert double == pytest.approx(single, rel=1e-4)
+    assert two[optimum_tag][0][1] == pytest.approx(one[optimum_tag][0][1], rel=1e-6)
+    assert two[optimum_tag][-1][1] == pytest.approx(one[optimum_tag][-1][1], rel=1e-4)
+    for tag in ("patterns/unique", "patterns/new", "patterns/changed", "patterns/dead"):
+        assert two[tag] == one[tag], tag
+
+
+def test_cli_ddp_spawn_matches_one_process_with_reduction_sum(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    runs = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices{devices}"
+        args = ["--config", str(config), f"--trainer.default_root_dir={root}", f"--trainer.devices={devices}",
+                "--trainer.accelerator=cpu"]
+        if devices == 2:
+            args.append("--trainer.strategy=ddp_spawn")
+        main(args)
+        runs[devices] = _series(root / "lightning_logs" / "version_0")
+    one, two = runs[1], runs[2]
+    _assert_same_run(one, two, ("convex/optimum", "convex_every_step/optimum", "patterns/unique"), list(range(6)),
+                     "convex_every_step/optimum")
+    assert [s for s, _ in two["convex/optimum"]] == [0, 2, 4]
+    # load_solution: every rank loaded the broadcast solution, or the gathered objective would drift from one process.
+    loaded_step = dict(two["train/objective"])[2]
+    assert loaded_step == pytest.approx(dict(two["convex/optimum"])[2], rel=1e-5)
+
+
+def _plain_run(tmp_path: Path, devices: int) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    X = torch.randn(40, 5, dtype=torch.float64)
+    y = (X @ torch.linspace(-1, 1, 5, dtype=torch.float64)).unsqueeze(1)
+    model = TwoLayerReLU(in_features=5, hidden=10, reduction="mean", init="normal", init_scale=0.5, lr=0.1)
+    callbacks = [
+        PatternMonitor(),
+        ConvexGapMonitor(formulation="neurons", solver="clarabel"),
+        ConvexGapMonitor(formulation="neurons", solver="clarabel", prefix="convex_async", asynchronous=True,
+                         worker="thread", max_pending=100),
+    ]
+    trainer = pl.Trainer(
+        max_steps=5, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        precision="64-true", log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="run", version=0),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+    # One batch of all 40 points; under DDP Lightning's distributed sampler gives each rank 20 of them.
+    trainer.fit(model, DataLoader(TensorDataset(X, y), batch_size=40))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return _series(tmp_path / "run" / "version_0"), metrics
+
+
+def test_plain_dataloader_shards_are_gathered_with_reduction_mean(tmp_path):
+    one, one_metrics = _plain_run(tmp_path / "one", devices=1)
+    two, two_metrics = _plain_run(tmp_path / "two", devices=2)
+    _assert_same_run(one, two, ("convex/optimum", "convex_async/optimum", "patterns/unique"), list(range(5)),
+                     "convex/optimum")
+    # The asynchronous monitor solved every step on rank zero, at the same weights as the synchronous one.
+    assert [s for s, _ in two["convex_async/optimum"]] == list(range(5))
+    for (_, sync), (_, background) in zip(two["convex/optimum"], two["convex_async/optimum"]):
+        assert background == pytest.approx(sync, rel=1e-6)
+    # What rank zero logged comes back from the spawned processes.
+    assert two_metrics["convex/optimum"] == pytest.approx(one_metrics["convex/optimum"], rel=1e-4)

@@ -1,0 +1,139 @@
+"""Killing a run and resuming it with ``--ckpt_path``: every series has each step once, with the values of a run that
+was never interrupted."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _events import read_scalars
+from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
+
+import hcl.callbacks.convex_gap as convex_gap_module
+from hcl.convex.problem import ConvexSolution
+from hcl.fit import main
+
+pytestmark = pytest.mark.timeout(240)
+
+STEPS = 10
+KILL_AT = 6
+TAGS = ("train/objective", "patterns/unique", "patterns/new", "patterns/changed", "convex/optimum",
+        "convex/nonconvex_objective", "convex_async/optimum", "convex_async/status")
+
+
+class KillAtStep(pl.Callback):
+    """Raises at the end of step ``step``, after the monitors have logged it and before its checkpoint."""
+
+    def __init__(self, step: int = KILL_AT) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:  # the optimizer has stepped: global_step counts step `step` done
+            raise RuntimeError(f"killed at step {self.step}")
+
+
+def _tensorboard_view(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The series as TensorBoard shows them: every event file of the run directory read in order, restart markers
+    honoured (unlike ``_events.read_scalars``, which reads each file on its own)."""
+    acc = EventAccumulator(str(run_dir), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
+
+
+def _cli(root: Path, *extra: str) -> None:
+    main([
+        "--config", str(Path(__file__).parents[1] / "configs" / "seed_c_100x10.yaml"),
+        f"--trainer.max_steps={STEPS}", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--model.init_scale=0.5", "--model.lr=0.1",
+        "--trainer.callbacks+=hcl.callbacks.ConvexGapMonitor", "--trainer.callbacks.prefix=convex_async",
+        "--trainer.callbacks.asynchronous=true", "--trainer.callbacks.worker=thread",
+        "--trainer.callbacks.max_pending=100", "--trainer.callbacks.solver=clarabel", *extra,
+    ])
+
+
+def test_a_killed_run_resumed_through_the_cli_has_every_step_once(tmp_path):
+    _cli(tmp_path / "reference")
+    reference = _tensorboard_view(tmp_path / "reference" / "lightning_logs" / "version_0")
+
+    root = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match=f"killed at step {KILL_AT}"):
+        _cli(root, "--trainer.callbacks+=test_resume.KillAtStep")
+    run_dir = root / "lightning_logs" / "version_0"
+    crashed = read_scalars(run_dir)  # what the killed run left on disk: flushed on the exception
+    for tag in ("patterns/unique", "convex/optimum"):
+        assert [s for s, _ in crashed[tag]] == list(range(KILL_AT + 1)), tag
+    assert [s for s, _ in crashed["train/objective"]] == list(range(KILL_AT))
+
+    checkpoints = sorted(run_dir.glob("checkpoints/*.ckpt"))
+    assert len(checkpoints) == 1
+    assert torch.load(checkpoints[0], weights_only=False)["global_step"] == KILL_AT  # the last full step
+    _cli(root, f"--ckpt_path={checkpoints[0]}")
+
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]  # the same run continues
+    raw = read_scalars(run_dir)
+    assert [s for s, _ in raw["patterns/unique"]].count(KILL_AT) == 2  # step 6 was logged by both runs ...
+    resumed = _tensorboard_view(run_dir)  # ... and TensorBoard keeps the resumed run's only
+    for tag in TAGS:
+        assert [s for s, _ in resumed[tag]] == list(range(STEPS)), tag
+        for (step, value), (_, expected) in zip(resumed[tag], reference[tag]):
+            assert value == pytest.approx(expected, rel=1e-6, abs=1e-12), (tag, step)
+
+
+def slow_point_solve(problem, solver, *, gated=False, warm_start=None, **options):
+    time.sleep(0.03)
+    U, V, b0 = warm_start
+    return ConvexSolution(value=float(problem.objective(U, V, b0)), U=U, V=V, b0=b0, status="optimal",
+                          solver="slow", solve_seconds=0.03)
+
+
+def test_continuing_after_max_steps_keeps_counting(tmp_path, monkeypatch):
+    """The pattern history and the skipped-snapshot count carry over; the checkpointed state is plain and small."""
+    monkeypatch.setattr(convex_gap_module, "solve", slow_point_solve)
+    # A checkpoint waits for the solves in flight: checkpoint every 5 steps so that the queue can fill up.
+    common = ["--trainer.callbacks=[]", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              "--trainer.callbacks.every_n_epochs=5", "--trainer.callbacks+=hcl.callbacks.PatternMonitor",
+              "--trainer.callbacks+=hcl.callbacks.ConvexGapMonitor", "--trainer.callbacks.asynchronous=true",
+              "--trainer.callbacks.worker=thread", "--trainer.callbacks.max_pending=1"]
+    config = ["--config", str(Path(__file__).parents[1] / "configs" / "seed_c_100x10.yaml"),
+              "--trainer.enable_progress_bar=false", "--model.init_scale=0.5", "--model.lr=0.1", *common]
+    main([*config, "--trainer.max_steps=30", f"--trainer.default_root_dir={tmp_path / 'reference'}"])
+    reference = _tensorboard_view(tmp_path / "reference" / "lightning_logs" / "version_0")
+
+    root = tmp_path / "run"
+    main([*config, "--trainer.max_steps=15", f"--trainer.default_root_dir={root}"])
+    checkpoint = next(root.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
+    states = torch.load(checkpoint, weights_only=False)["callbacks"]
+    gap_state = next(v for k, v in states.items() if k.startswith("ConvexGapMonitor"))
+    pattern_state = next(v for k, v in states.items() if k.startswith("PatternMonitor"))
+    assert gap_state["last_step"] == 14 and gap_state["skipped"] > 0
+    assert pattern_state["last_step"] == 14 and pattern_state["tracker"]["seen"]
+    for state in (gap_state, pattern_state):
+        _assert_plain(state)
+
+    main([*config, "--trainer.max_steps=30", f"--trainer.default_root_dir={root}", f"--ckpt_path={checkpoint}"])
+    s = _tensorboard_view(root / "lightning_logs" / "version_0")
+    for tag in ("patterns/new", "patterns/changed", "patterns/unique"):
+        # A forgotten history would count the patterns of step 15 as new and none as changed.
+        assert s[tag] == reference[tag], tag
+    assert sum(v for _, v in s["patterns/changed"][15:]) > 0  # patterns do move after the resume
+    skipped = [v for _, v in s["convex/skipped"]]
+    assert skipped == list(range(1, len(skipped) + 1))  # one running count across both runs
+    assert min(step for step, _ in s["convex/skipped"] if step >= 15) >= 15
+    solved = [step for step, _ in s["convex/status"]]
+    assert sorted(solved + [step for step, _ in s["convex/skipped"]]) == list(range(30))
+
+
+def _assert_plain(value) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _assert_plain(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _assert_plain(item)
+    elif isinstance(value, torch.Tensor):
+        assert value.device.type == "cpu"
+    else:
+        assert value is None or isinstance(value, (int, float, str, bool)), type(value)
