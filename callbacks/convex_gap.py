@@ -330,9 +330,9 @@ class ConvexGapMonitor(Callback):
         if Y is None:
             raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass target=)")
         self._X = self._stack.inputs(X)
+        _check_forward(pl_module, self._stack, self._X)
         self._check_target_width(Y)
         self._Y = _as_targets(Y, self._stack.output.out_features, self._X)
-        _check_forward(pl_module, self._stack, self._X)
         self._trainer = trainer
         if self.asynchronous and trainer.is_global_zero:
             self._X_cpu = self._X.detach().to("cpu", copy=True)

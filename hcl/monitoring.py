@@ -134,6 +134,8 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
             ys.append(batch[1])
         elif isinstance(batch, Tensor):
             xs.append(batch)
+        elif isinstance(batch, (tuple, list)) and len(batch) == 1 and isinstance(batch[0], Tensor):
+            xs.append(batch[0])  # TensorDataset(X): inputs only
         else:
             raise ValueError(
                 f"cannot read inputs from a training batch of type {type(batch).__name__}: pass probe= to the callback"
