@@ -234,7 +234,14 @@ def screenshot(log_dir: Path, png: Path, log_charts: str) -> None:
             time.sleep(0.5)
         time.sleep(2)
         url = f"http://127.0.0.1:{port}/#custom_scalars&_smoothingWeight=0"
-        asyncio.run(_devtools_screenshot(chromium, url, png, log_charts, profile))
+        try:
+            import aiohttp  # noqa: F401 - the DevTools client; without it, a plain screenshot (linear axes)
+        except ImportError:
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                            f"--user-data-dir={profile}", f"--screenshot={png}", "--window-size=1400,1000",
+                            "--virtual-time-budget=30000", url], capture_output=True, timeout=180, check=False)
+        else:
+            asyncio.run(_devtools_screenshot(chromium, url, png, log_charts, profile))
         print(f"  screenshot: {png}")
     finally:
         shutil.rmtree(profile, ignore_errors=True)
