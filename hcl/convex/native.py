@@ -1,0 +1,876 @@
+"""hcl's own solver for the convex problem, in torch, on the data's device.
+
+Two methods solve the fixed-pattern problem of :mod:`hcl.convex.problem` (and its gated relaxation);
+both stop on a **certificate** — a relative duality gap from the dual of the project's convex note,
+restricted to the problem's patterns, and the constraint violation — never on an iteration count alone.
+
+``"newton"`` — a primal-dual interior-point method (Mehrotra predictor-corrector). The cone
+constraints ``(2D_i − I) X W ≥ 0`` get slacks and multipliers; the group norms are smoothed to
+``√(‖W_g‖² + ε²)`` with ``ε`` driven to zero along with the barrier parameter. Each Newton system
+
+    (2 MᵀΠM + H̄) ΔW = R,    H̄ block-diagonal (one d×d block per pattern, side and output)
+
+is solved exactly through the Woodbury identity: ``H̄`` is inverted block by block and the coupling
+goes through one ``n × n`` matrix per output (``Π`` centres it when there is an output bias). Building
+that matrix costs ``O(n² P d)`` and ``O(n²)`` memory, so this method is for ``n`` up to a few thousand;
+it needs 25–50 iterations whatever the conditioning, which is what first-order methods lack here (see
+``docs/solvers.md`` for the measurements). A vector output with the shared-layer (Frobenius) groups
+adds one rank-one term per pattern, handled by a second, ``P × P`` Woodbury step.
+
+``"fista"`` — matrix-free, for problems where an ``n × n`` matrix does not fit (MNIST size): an
+augmented Lagrangian on the cone constraints (squared-hinge penalty ``δ/2 ‖(γ/δ − S⊙XW)₊‖²``, the
+user may set ``δ``) whose subproblems are solved by FISTA with the group soft-threshold, textbook
+momentum ``t₊ = (1 + √(1 + 4t²))/2``, backtracking with step growth and gradient-based restarts. The
+gated relaxation is plain FISTA. Each iteration costs two products with ``X`` (``n × d`` times
+``d × 2Pc``), chunked over samples; memory is ``O(n P c + d P c)`` plus ``X``.
+
+Certificate. With residual ``r = prediction − Y`` (centred per output when there is an output bias),
+``ν = 2 s r`` and cone multipliers ``μ ≥ 0`` from the solver, every ``t ≥ 0`` with
+``t ‖g_k‖ ≤ 2λ`` for all groups ``k``, where ``g = ±Xᵀ D_i ν − Xᵀ (2D_i − I) μ`` (per side), gives
+
+    p* ≥ −t ⟨ν, Y⟩ − t² ‖ν‖² / (4s),
+
+maximised over ``t`` in closed form. This is ``dual_value``; the derivation is in ``docs/solvers.md``.
+
+Variables are stored as ``W`` of shape ``(d, 2, P, c)`` (side 0 is ``U``, side 1 is ``V``), so that
+``X @ W.reshape(d, -1)`` gives all block outputs in one product.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hcl.convex.problem import ConvexProblem, ConvexSolution
+
+METHODS = ("auto", "newton", "fista")
+
+# ``"auto"`` uses the interior-point method while its n × n matrices stay small.
+NEWTON_MAX_SAMPLES = 6000
+
+
+# ----------------------------------------------------------------------------- public helpers
+@dataclass
+class Multipliers:
+    """Cone multipliers of a native solve, kept for warm starts.
+
+    Attributes:
+        cone: sparse COO tensor of shape ``(n, 2, P, c)``: ``μ ≥ 0`` of the constraint
+            ``(2D_i − I) X W_{side,i}[:, o] ≥ 0`` (only nonzero entries are stored: active constraints).
+        penalty: the augmented-Lagrangian penalty ``δ`` reached (``None`` for the interior-point method).
+    """
+
+    cone: Tensor
+    penalty: float | None = None
+
+
+def remap_warm_start(
+    old_patterns: Tensor, old_solution: ConvexSolution | tuple, new_patterns: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Multipliers | None]:
+    """Carry a solution over to a new pattern set: blocks whose pattern column is unchanged keep their values.
+
+    Args:
+        old_patterns: ``(n, P_old)`` boolean patterns of the solved problem.
+        old_solution: a :class:`ConvexSolution` or a ``(U, V, b0[, multipliers])`` tuple for those patterns.
+        new_patterns: ``(n, P_new)`` boolean patterns of the next problem (same samples).
+
+    Returns:
+        ``(U, V, b0, multipliers)`` for the new problem: blocks of new patterns start at zero (a feasible
+        value), multipliers follow their blocks (``None`` if there were none).
+    """
+    if old_patterns.ndim != 2 or new_patterns.ndim != 2 or old_patterns.shape[0] != new_patterns.shape[0]:
+        raise ValueError(
+            f"patterns must be (n, P) with the same n, got {tuple(old_patterns.shape)} and {tuple(new_patterns.shape)}"
+        )
+    U, V, b0, mult = _unpack_warm(old_solution)
+    if U.shape[0] != old_patterns.shape[1]:
+        raise ValueError(f"the solution has {U.shape[0]} blocks but old_patterns has {old_patterns.shape[1]}")
+    old_index = _match_columns(old_patterns.bool(), new_patterns.to(old_patterns.device).bool())
+    keep = old_index >= 0
+    P_new = new_patterns.shape[1]
+    U_new = U.new_zeros((P_new,) + tuple(U.shape[1:]))
+    V_new = V.new_zeros((P_new,) + tuple(V.shape[1:]))
+    U_new[keep] = U[old_index[keep]]
+    V_new[keep] = V[old_index[keep]]
+    new_mult = None
+    if mult is not None:
+        cone = mult.cone.coalesce()
+        idx, vals = cone.indices(), cone.values()
+        lookup = torch.full((U.shape[0],), -1, dtype=torch.long, device=idx.device)
+        lookup[old_index[keep].to(idx.device)] = torch.nonzero(keep).flatten().to(idx.device)
+        new_block = lookup[idx[2]]
+        sel = new_block >= 0
+        idx = torch.stack([idx[0][sel], idx[1][sel], new_block[sel], idx[3][sel]])
+        shape = (cone.shape[0], 2, P_new, cone.shape[3])
+        new_mult = Multipliers(torch.sparse_coo_tensor(idx, vals[sel], shape).coalesce(), mult.penalty)
+    return U_new, V_new, b0.clone(), new_mult
+
+
+def dual_certificate(
+    problem: ConvexProblem,
+    U: Tensor,
+    V: Tensor,
+    b0: Tensor | None = None,
+    multipliers: Tensor | Multipliers | None = None,
+    *,
+    gated: bool = False,
+) -> float:
+    """A certified lower bound on the problem's optimum (or on ``g*`` when ``gated``) from a point.
+
+    ``ν = 2s r`` from the point's residual (centred with an output bias), ``μ`` the given cone multipliers
+    (dense ``(n, 2, P, c)``, sparse, or ``None`` for zero), scaled by the best feasible ``t`` — see the
+    module docstring. Computed in float64. Any point and any ``μ ≥ 0`` give a valid bound; a good pair
+    gives a tight one.
+    """
+    op = _Operator(problem, gated=gated, dtype=torch.float64)
+    W = op.pack(U, V)
+    if multipliers is None:
+        mu = None
+    else:
+        cone = multipliers.cone if isinstance(multipliers, Multipliers) else multipliers
+        mu = (cone.to_dense() if cone.is_sparse else cone).to(torch.float64).clamp(min=0) * op.cmask
+    b = None if b0 is None else b0.to(torch.float64)
+    return op.certificate(op.forward(W), mu, b0=b)[0]
+
+
+# ----------------------------------------------------------------------------- entry point
+def solve_native(
+    problem: ConvexProblem,
+    *,
+    gated: bool = False,
+    warm_start: ConvexSolution | tuple | None = None,
+    tol: float = 1e-6,
+    constraint_tol: float = 1e-6,
+    max_iters: int | None = None,
+    time_limit: float | None = None,
+    penalty: float | None = None,
+    dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+    verbose: bool = False,
+) -> ConvexSolution:
+    """Solve ``problem`` (or its gated relaxation) with hcl's native solver.
+
+    Args:
+        problem: the convex problem; the solve runs on its tensors' device.
+        gated: solve the gated relaxation (free ``z_i = U_i``, ``V = 0``, no cone constraints).
+        warm_start: a :class:`ConvexSolution` or a ``(U, V, b0[, multipliers])`` tuple with this problem's
+            number of patterns (see :func:`remap_warm_start` when the patterns changed).
+        tol: target relative duality gap ``(value − dual_value) / max(|value|, 1e-6 s‖Y‖²)``.
+        constraint_tol: target constraint violation, relative to ``max |Y|``.
+        max_iters: iteration cap (default 100 for ``"newton"``, 20000 for ``"fista"``).
+        time_limit: wall-clock limit in seconds.
+        penalty: the augmented-Lagrangian penalty ``δ`` of ``"fista"`` (default: chosen from the data's
+            curvature; it still doubles when the violation stalls).
+        dtype: working precision; default float64 for ``"newton"`` (the barrier's systems need it) and the
+            problem's dtype (float32 when it is float32) for ``"fista"``.
+        chunk_size: samples per chunk in the first-order products / patterns per chunk when building the
+            interior-point matrices (default: all at once up to ~2²⁴ elements per temporary).
+        method: ``"auto"``, ``"newton"`` or ``"fista"``; ``"auto"`` takes ``"newton"`` when
+            ``n ≤ NEWTON_MAX_SAMPLES``.
+        verbose: print one line per iteration (newton) or per multiplier update (fista).
+
+    Returns:
+        A :class:`ConvexSolution`: ``U, V, b0`` in the problem's dtype, ``value`` recomputed by
+        ``problem.objective``, ``dual_value`` the certified lower bound, ``violation`` the largest cone
+        violation (absolute, data units), ``iterations``, ``multipliers`` (a :class:`Multipliers`, for warm
+        starts) and ``status`` ``"optimal"`` when the certificate is met, ``"optimal_inaccurate"`` when the
+        method converged but the certificate could not be closed (e.g. ``λ = 0``, where the only
+        certifiable bound is 0), ``"max_iterations"`` or ``"time_limit"`` otherwise.
+
+    Raises:
+        TypeError: ``problem`` is not a :class:`ConvexProblem`.
+        ValueError: bad options or a warm start of the wrong shape.
+    """
+    if not isinstance(problem, ConvexProblem):
+        raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for name, value in (("tol", tol), ("constraint_tol", constraint_tol)):
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if max_iters is not None and (not isinstance(max_iters, int) or max_iters < 1):
+        raise ValueError(f"max_iters must be a positive integer, got {max_iters!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be > 0 seconds, got {time_limit!r}")
+    if penalty is not None and not (penalty > 0 and math.isfinite(penalty)):
+        raise ValueError(f"penalty must be a finite number > 0, got {penalty!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if method == "auto":
+        method = "newton" if problem.n <= NEWTON_MAX_SAMPLES else "fista"
+    if dtype is None:
+        dtype = torch.float64 if method == "newton" else problem.X.dtype
+    start = time.perf_counter()
+    deadline = None if time_limit is None else start + float(time_limit)
+
+    op = _Operator(problem, gated=gated, dtype=dtype, chunk_size=chunk_size)
+    warm = None if warm_start is None else op.warm(warm_start)
+    if op.y_scale == 0.0:  # Y = 0: the zero point is optimal, with a zero certificate
+        result = _Result(op.zeros(), None, None, 0, "optimal")
+    elif method == "newton":
+        result = _interior_point(op, warm, tol, constraint_tol, max_iters or 100, deadline, verbose)
+    else:
+        result = _first_order(op, warm, tol, constraint_tol, max_iters or 20000, deadline, penalty, verbose)
+    return op.solution(result, time.perf_counter() - start, "native-" + method)
+
+
+# ----------------------------------------------------------------------------- the operator
+@dataclass
+class _Result:
+    W: Tensor  # (d, 2, P, c), normalised units
+    mu: Tensor | None  # (n, 2, P, c) cone multipliers, normalised units
+    b0: Tensor | None
+    iterations: int
+    status: str
+    penalty: float | None = None
+
+
+class _Operator:
+    """The problem in the solver's layout and normalised units (``s = 1``, ``max|Y| = 1``).
+
+    With ``a = max|Y|`` the objective ``s‖MW − Y‖² + 2λΣ‖W_g‖`` equals ``s a² (‖MW' − Y'‖² + 2λ'Σ‖W'_g‖)``
+    for ``W = a W'``, ``Y = a Y'`` and ``λ' = λ / (s a)``.
+    """
+
+    def __init__(
+        self, problem: ConvexProblem, *, gated: bool, dtype: torch.dtype, chunk_size: int | None = None
+    ) -> None:
+        self.problem = problem
+        self.gated = gated
+        self.dtype = dtype
+        self.device = problem.X.device
+        self.chunk_size = chunk_size
+        self.X = problem.X.to(dtype)
+        Y = problem.Y.to(dtype)
+        self.n, self.d = self.X.shape
+        self.P, self.c = problem.num_patterns, problem.c
+        self.bias = problem.output_bias
+        self.y_scale = float(Y.abs().max()) if Y.numel() else 0.0
+        a = self.y_scale if self.y_scale > 0 else 1.0
+        self.Y = Y / a
+        self.lam = problem.weight_decay / (problem.scale * a)
+        self.Dm = problem.patterns.to(dtype)  # (n, P)
+        self.S = (2.0 * self.Dm - 1.0)[:, None, :, None]  # (n, 1, P, 1)
+        if gated:
+            allowed = torch.zeros(2, self.P, dtype=torch.bool, device=self.device)
+            allowed[0] = True
+        else:
+            allowed = torch.stack([problem.allows_u(), problem.allows_v()])
+        self.allowed = allowed.to(self.device)
+        self.wmask = self.allowed[None, :, :, None].to(dtype)  # (1, 2, P, 1) on W
+        self.cmask = self.wmask if not gated else torch.zeros_like(self.wmask)  # constrained blocks
+        # groups: one per (side, pattern, output) column, or one per pattern (shared-layer bound)
+        self.per_column = self.c == 1 or problem.one_vs_all
+        self.num_constraints = int(self.cmask.sum()) * self.n * self.c
+        # a tiny multiple of the data term's curvature scale (2‖X‖_F², normalised units)
+        self.regularization = 2e-12 * float(self.X.square().sum())
+
+    # ---- layout
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.d, 2, self.P, self.c, dtype=self.dtype, device=self.device)
+
+    def pack(self, U: Tensor, V: Tensor) -> Tensor:
+        """``(P, d, c)`` pair → ``(d, 2, P, c)`` in normalised units."""
+        a = self.y_scale if self.y_scale > 0 else 1.0
+        W = torch.stack([U, V]).to(device=self.device, dtype=self.dtype).permute(2, 0, 1, 3) / a
+        if self.gated:
+            W = torch.stack([W[:, 0] - W[:, 1], torch.zeros_like(W[:, 1])], dim=1)
+        return W * self.wmask
+
+    def warm(self, warm_start) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        U, V, b0, mult = _unpack_warm(warm_start)
+        shape = (self.P, self.d, self.c)
+        if tuple(U.shape) != shape or tuple(V.shape) != shape:
+            raise ValueError(
+                f"warm start U, V must have shape {shape} (P, d, c), got {tuple(U.shape)} and {tuple(V.shape)}"
+                " (use remap_warm_start when the patterns changed)"
+            )
+        if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
+            raise ValueError("warm start contains NaN or inf")
+        W = self.pack(U, V)
+        mu = None
+        if mult is not None and not self.gated:
+            cone = mult.cone if isinstance(mult, Multipliers) else mult
+            if tuple(cone.shape) != (self.n, 2, self.P, self.c):
+                raise ValueError(f"warm-start multipliers must have shape {(self.n, 2, self.P, self.c)}")
+            cone = cone.to_dense() if cone.is_sparse else cone
+            a = self.y_scale if self.y_scale > 0 else 1.0
+            # μ is in units of ν = 2 s r: normalised by s a
+            mu = cone.to(device=self.device, dtype=self.dtype).clamp(min=0) * self.cmask / (self.problem.scale * a)
+        return W, mu, (None if b0 is None else b0)
+
+    # ---- products
+    def forward(self, W: Tensor) -> Tensor:
+        """``Z = X W`` block outputs, shape ``(n, 2, P, c)``."""
+        return (self.X @ W.reshape(self.d, -1)).reshape(self.n, 2, self.P, self.c)
+
+    def predict(self, Z: Tensor) -> Tensor:
+        """``Σ_i D_i X (U_i − V_i)``, shape ``(n, c)``."""
+        return torch.einsum("np,npc->nc", self.Dm, Z[:, 0] - Z[:, 1])
+
+    def residual(self, Z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``r = prediction + b₀ − Y`` with the optimal output bias (``r`` centred) when there is one."""
+        r = self.predict(Z) - self.Y
+        if not self.bias:
+            return r, None
+        mean = r.mean(0)
+        return r - mean, -mean
+
+    def center(self, r: Tensor) -> Tensor:
+        return r - r.mean(0) if self.bias else r
+
+    def adjoint_data(self, r: Tensor) -> Tensor:
+        """``Mᵀ r``: block ``(side, i, o)`` gets ``± Xᵀ D_i r_o``; shape ``(d, 2, P, c)``."""
+        G = (self.X.T @ (self.Dm[:, :, None] * r[:, None, :]).reshape(self.n, -1)).reshape(self.d, self.P, self.c)
+        return torch.stack([G, -G], dim=1) * self.wmask
+
+    def constraint(self, Z: Tensor) -> Tensor:
+        return self.S * Z * self.cmask
+
+    def adjoint_constraint(self, Y: Tensor) -> Tensor:
+        return (self.X.T @ (self.S * Y).reshape(self.n, -1)).reshape(self.d, 2, self.P, self.c) * self.cmask[0]
+
+    # ---- groups
+    def group_norms(self, W: Tensor) -> Tensor:
+        """Per-group norms: ``(2, P, c)`` column groups or ``(P,)`` pattern groups."""
+        if self.per_column:
+            return W.square().sum(0).sqrt()
+        return W.square().sum((0, 1, 3)).sqrt()
+
+    def expand(self, g: Tensor) -> Tensor:
+        """A per-group quantity broadcast to ``W``'s shape."""
+        return g[None] if self.per_column else g[None, None, :, None]
+
+    def penalty_value(self, W: Tensor) -> Tensor:
+        norms = self.group_norms(W)
+        if self.per_column:
+            norms = norms * self.allowed[:, :, None]
+        return 2.0 * self.lam * norms.sum()
+
+    def objective(self, W: Tensor, Z: Tensor | None = None) -> Tensor:
+        Z = self.forward(W) if Z is None else Z
+        r, _ = self.residual(Z)
+        return r.square().sum() + self.penalty_value(W)
+
+    def group_soft_threshold(self, W: Tensor, threshold: float) -> Tensor:
+        norms = self.expand(self.group_norms(W))
+        return W * torch.clamp(1.0 - threshold / norms.clamp(min=1e-300), min=0.0)
+
+    # ---- certificate
+    def certificate(
+        self, Z: Tensor, mu: Tensor | None, b0: Tensor | None = None
+    ) -> tuple[float, float, Tensor | None]:
+        """``(dual_value, primal_value_data_term, b0)`` in the problem's units (see the module docstring)."""
+        X64 = self.X.to(torch.float64)
+        Y = self.Y.to(torch.float64)
+        pred = torch.einsum("np,npc->nc", self.Dm.to(torch.float64), (Z[:, 0] - Z[:, 1]).to(torch.float64))
+        r = pred - Y
+        if self.bias:
+            if b0 is None:
+                r = r - r.mean(0)
+            else:
+                a = self.y_scale if self.y_scale > 0 else 1.0
+                r = r + b0.to(torch.float64).to(r.device).reshape(1, -1) / a
+                # ν must sum to zero per output: centre (a valid choice for any b₀)
+                r = r - r.mean(0)
+        nu = 2.0 * r
+        Dm = self.Dm.to(torch.float64)
+        G = (X64.T @ (Dm[:, :, None] * nu[:, None, :]).reshape(self.n, -1)).reshape(self.d, self.P, self.c)
+        g = torch.stack([G, -G], dim=1)
+        if mu is not None:
+            S = self.S.to(torch.float64)
+            g = g - (X64.T @ (S * mu.to(torch.float64)).reshape(self.n, -1)).reshape(self.d, 2, self.P, self.c)
+        g = g * self.wmask.to(torch.float64)
+        if self.per_column:
+            worst = float(g.square().sum(0).sqrt().amax())
+        else:
+            worst = float(g.square().sum((0, 1, 3)).sqrt().amax())
+        nu_y = float((nu * Y).sum())
+        nu_sq = float(nu.square().sum())
+        if nu_sq == 0.0:
+            value = 0.0
+        else:
+            t_max = math.inf if worst == 0.0 else 2.0 * self.lam / worst
+            t = min(max(-2.0 * nu_y / nu_sq, 0.0), t_max)
+            value = -t * nu_y - t * t * nu_sq / 4.0
+        a = self.y_scale if self.y_scale > 0 else 1.0
+        return value * self.problem.scale * a * a, worst, None
+
+    # ---- output
+    def unpack(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.y_scale if self.y_scale > 0 else 1.0
+        W = (W * self.wmask * a).to(self.problem.X.dtype)
+        return W[:, 0].permute(1, 0, 2).contiguous(), W[:, 1].permute(1, 0, 2).contiguous()
+
+    def solution(self, result: _Result, seconds: float, name: str) -> ConvexSolution:
+        problem = self.problem
+        U, V = self.unpack(result.W)
+        Z = self.forward(result.W)
+        _, b0 = self.residual(Z)
+        a = self.y_scale if self.y_scale > 0 else 1.0
+        b0 = (
+            torch.zeros(self.c, dtype=problem.X.dtype, device=self.device)
+            if b0 is None
+            else (b0 * a).to(problem.X.dtype)
+        )
+        value = float(problem.objective(U, V, b0))
+        dual = self.certificate(Z, result.mu, b0=b0)[0]
+        violation = 0.0 if self.gated else float(problem.violation(U, V))
+        multipliers = None
+        if result.mu is not None:
+            cone = (result.mu * self.cmask * problem.scale * a).to(problem.X.dtype)
+            multipliers = Multipliers(cone.to_sparse(), result.penalty)
+        return ConvexSolution(
+            value=value,
+            U=U,
+            V=V,
+            b0=b0,
+            status=result.status,
+            solver=name,
+            solve_seconds=seconds,
+            iterations=result.iterations,
+            dual_value=dual,
+            violation=violation,
+            gated=self.gated,
+            multipliers=multipliers,
+        )
+
+    # ---- stopping rule, shared by both methods
+    def converged(self, W: Tensor, Z: Tensor, mu: Tensor | None, tol: float, constraint_tol: float) -> tuple:
+        """``(met, relative_gap, relative_violation)`` at the point ``W`` (normalised units)."""
+        a = self.y_scale if self.y_scale > 0 else 1.0
+        scale = self.problem.scale * a * a
+        r, _ = self.residual(Z)
+        value = float(r.to(torch.float64).square().sum() + self.penalty_value(W.to(torch.float64))) * scale
+        dual = self.certificate(Z, mu)[0]
+        floor = 1e-6 * scale * float(self.center(self.Y).to(torch.float64).square().sum())
+        gap = (value - dual) / max(abs(value), floor, 1e-300)
+        violation = 0.0 if self.gated else float(torch.relu(-self.S * Z * self.cmask).amax())
+        return gap <= tol and violation <= constraint_tol, gap, violation
+
+
+def _unpack_warm(warm_start):
+    if isinstance(warm_start, ConvexSolution):
+        return warm_start.U, warm_start.V, warm_start.b0, warm_start.multipliers
+    if isinstance(warm_start, (tuple, list)) and len(warm_start) in (3, 4):
+        U, V, b0 = warm_start[:3]
+        mult = warm_start[3] if len(warm_start) == 4 else None
+        return U, V, b0, mult
+    raise TypeError("warm_start must be a ConvexSolution or a (U, V, b0[, multipliers]) tuple")
+
+
+def _match_columns(old: Tensor, new: Tensor) -> Tensor:
+    """For each column of ``new`` the index of an identical column of ``old``, or -1."""
+    weights = torch.randn(old.shape[0], 2, dtype=torch.float64, device=old.device,
+                          generator=torch.Generator(device=old.device).manual_seed(0))
+    key_old = old.T.to(torch.float64) @ weights
+    key_new = new.T.to(torch.float64) @ weights
+    index = torch.full((new.shape[1],), -1, dtype=torch.long, device=old.device)
+    lookup = {}
+    for j, key in enumerate(map(tuple, key_old.tolist())):
+        lookup.setdefault(key, []).append(j)
+    for j, key in enumerate(map(tuple, key_new.tolist())):
+        for i in lookup.get(key, ()):
+            if torch.equal(old[:, i], new[:, j]):
+                index[j] = i
+                break
+    return index
+
+
+def _time_up(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() > deadline
+
+
+# ----------------------------------------------------------------------------- interior point
+def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, verbose) -> _Result:
+    n, d, P, c = op.n, op.d, op.P, op.c
+    dtype, device = op.dtype, op.device
+    lam = op.lam
+    cm = op.cmask
+    m = max(op.num_constraints, 1)
+    constrained = op.num_constraints > 0
+    eye = torch.eye(d, dtype=dtype, device=device)
+
+    W = op.zeros() if warm is None else warm[0].clone()
+    Z = op.forward(W)
+    if constrained:
+        if warm is not None and warm[1] is not None:
+            floor = 1e-2
+            Sl = torch.clamp(op.constraint(Z), min=floor) * cm + (1 - cm)
+            Zd = torch.clamp(warm[1], min=floor) * cm
+        else:
+            Sl = (torch.clamp(op.constraint(Z), min=0.0) + 1.0) * cm + (1 - cm)
+            Zd = cm.expand(n, 2, P, c).clone()
+    else:
+        Sl = Zd = None
+    # smoothing of the group norms: starts at the scale of the normalised data, shrinks with μ
+    eps = 1.0 if warm is None else 1e-2
+    eps_min = 1e-13
+    num_groups = int(op.allowed.sum()) * (c if op.per_column else 1)
+    status = "max_iterations"
+    it = 0
+    mu = None
+    for it in range(1, max_iters + 1):
+        Z = op.forward(W)
+        met, gap, viol = op.converged(W, Z, Zd if constrained else None, tol, constraint_tol)
+        if verbose:
+            mu_now = float((Sl * Zd).sum()) / m if constrained else 0.0
+            print(f"newton {it:3d}  rel.gap {gap:.2e}  violation {viol:.2e}  mu {mu_now:.2e}  eps {eps:.1e}")
+        if met:
+            status = "optimal"
+            break
+        if _time_up(deadline):
+            status = "time_limit"
+            break
+        r, _ = op.residual(Z)
+        norms = op.group_norms(W)
+        smooth = torch.sqrt(norms.square() + eps * eps)
+        grad_data = 2.0 * op.adjoint_data(r)
+        grad = (grad_data + 2.0 * lam * W / op.expand(smooth)) * op.wmask
+        if constrained:
+            rd = grad - op.adjoint_constraint(Zd)
+            rp = (op.constraint(Z) - Sl) * cm
+            mu = float((Sl * Zd).sum()) / m
+            theta = Zd / Sl * cm
+        else:
+            rd = grad
+            theta = None
+        if lam == 0 and _kkt_met(op, r, grad_data, rd, mu, m, viol, tol, constraint_tol):
+            # λ = 0: the dual constraint is an equality no floating-point ν meets, so the only certified
+            # bound is 0; stop on the Karush-Kuhn-Tucker residuals instead
+            status = "optimal_inaccurate"
+            break
+        system = _NewtonSystem(op, W, theta, smooth, eps, eye)
+
+        if constrained:
+            def direction(rc: Tensor, rd=rd, rp=rp, Sl=Sl, Zd=Zd, system=system) -> tuple:
+                R = -rd - op.adjoint_constraint((rc + Zd * rp) / Sl)
+                dW = system.solve(R)
+                dS = op.constraint(op.forward(dW)) + rp
+                dZ = -(rc + Zd * dS) / Sl * cm
+                return dW, dS * cm, dZ
+
+            dWa, dSa, dZa = direction(Sl * Zd)
+            alpha_p, alpha_d = _max_step(Sl, dSa), _max_step(Zd, dZa)
+            mu_aff = float(((Sl + alpha_p * dSa) * (Zd + alpha_d * dZa) * cm).sum()) / m
+            sigma = min(1.0, max(mu_aff / mu, 0.0)) ** 3
+            # the barrier and the smoothing need only reach a tenth of the tolerance: going further
+            # makes the Newton systems needlessly ill-conditioned
+            value = float(r.square().sum() + op.penalty_value(W))
+            target = max(sigma * mu, 0.1 * tol * value / m)
+            dW, dS, dZ = direction(Sl * Zd + dSa * dZa - target)
+            alpha = 0.99 * min(_max_step(Sl, dS), _max_step(Zd, dZ))
+            if verbose:
+                print(f"           step {alpha:.3f}  sigma {sigma:.2e}  |rd| {float(rd.abs().amax()):.2e}")
+            W = W + alpha * dW
+            Sl = (Sl + alpha * dS) * cm + (1 - cm)
+            Zd = (Zd + alpha * dZ) * cm
+            if lam > 0:
+                eps_floor = 0.05 * tol * value / (lam * num_groups)
+                eps = max(min(eps, target * n / (2.0 * lam)), eps_floor, eps_min)
+        else:
+            dW = system.solve(-rd)
+            W, eps = _smoothed_newton_step(op, W, dW, grad, eps, eps_min)
+    else:
+        if status == "max_iterations" and op.converged(W, op.forward(W), Zd, tol, constraint_tol)[0]:
+            status = "optimal"
+    return _Result(W * op.wmask, Zd if constrained else None, None, it, status)
+
+
+def _kkt_met(op, r, grad_data, rd, mu, m, violation, tol, constraint_tol) -> bool:
+    """Stationarity, complementarity and feasibility to ``tol`` (normalised units)."""
+    if violation > constraint_tol:
+        return False
+    data = float(r.square().sum())
+    floor = 1e-6 * float(op.center(op.Y).square().sum())
+    if mu is not None and mu * m > tol * max(data, floor):
+        return False
+    return float(rd.abs().amax()) <= tol * max(1.0, float(grad_data.abs().amax()))
+
+
+def _smoothed_newton_step(op: _Operator, W: Tensor, dW: Tensor, grad: Tensor, eps: float, eps_min: float):
+    """Gated relaxation: a damped Newton step on the smoothed objective, then a smaller ``ε``."""
+
+    def smoothed(V: Tensor) -> float:
+        r, _ = op.residual(op.forward(V))
+        norms = op.group_norms(V)
+        if op.per_column:
+            norms = norms * op.allowed[:, :, None]
+        return float(r.square().sum() + 2.0 * op.lam * torch.sqrt(norms.square() + eps * eps).sum())
+
+    f0 = smoothed(W)
+    slope = float((grad * dW).sum())
+    step = 1.0
+    while step > 1e-8:
+        if smoothed(W + step * dW) <= f0 + 1e-4 * step * slope:
+            break
+        step *= 0.5
+    W = W + step * dW
+    eps = max(eps * (0.2 if step == 1.0 else 0.7), eps_min)
+    return W, eps
+
+
+def _max_step(x: Tensor, dx: Tensor) -> float:
+    """Largest ``α ≤ 1`` keeping ``x + α dx ≥ 0``."""
+    ratio = torch.where(dx < 0, -x / dx.clamp(max=-1e-300), torch.ones_like(x))
+    return min(1.0, float(ratio.amin()))
+
+
+class _NewtonSystem:
+    """``(2 MᵀΠM + H̄) ΔW = R`` solved by the Woodbury identity.
+
+    ``H̄`` holds, per block ``(side, i, o)``, ``Xᵀ diag(θ) X`` from the barrier and the smoothed norm's
+    Hessian ``ρ (I − W_g W_gᵀ / N²)`` (``ρ = 2λ/N``, ``N = √(‖W_g‖² + ε²)``). With column groups the
+    norm Hessian lives inside the block; with pattern groups its rank-one part spans the pattern's blocks
+    and is carried by a ``P``-dimensional correction.
+    """
+
+    def __init__(self, op: _Operator, W: Tensor, theta: Tensor | None, smooth: Tensor, eps: float, eye: Tensor):
+        self.op = op
+        n, d, P, c = op.n, op.d, op.P, op.c
+        dtype = op.dtype
+        K = 2 * P * c
+        X = op.X
+        lam = op.lam
+        # ----- block-diagonal part, one (d, d) block per (side, i, o), ordered like W.reshape(d, K)
+        budget = op.chunk_size or max(1, (1 << 24) // max(n * d, 1))
+        if theta is not None:
+            # Xᵀ diag(θ_k) X for every block k as one product: θᵀ (x_j x_jᵀ)_j, chunked over samples
+            theta_k = theta.reshape(n, K)
+            B = torch.zeros(K, d * d, dtype=dtype, device=op.device)
+            rows = max(1, (1 << 24) // max(d * d, 1))
+            for lo in range(0, n, rows):
+                Xc = X[lo:lo + rows]
+                outer = (Xc[:, :, None] * Xc[:, None, :]).reshape(Xc.shape[0], d * d)
+                B.addmm_(theta_k[lo:lo + rows].T, outer)
+            B = B.reshape(K, d, d)
+        else:
+            B = torch.zeros(K, d, d, dtype=dtype, device=op.device)
+        rho = 2.0 * lam / smooth  # per group
+        Wf = W.reshape(d, K).T  # (K, d)
+        if op.per_column:
+            rho_k = rho.reshape(K)
+            B = B + rho_k[:, None, None] * (eye - Wf[:, :, None] * Wf[:, None, :] / smooth.reshape(K, 1, 1) ** 2)
+            self.low_rank = None
+        else:
+            rho_k = rho[None, :, None].expand(2, P, c).reshape(K)
+            B = B + rho_k[:, None, None] * eye
+        self.B_exact = B.clone()
+        # static regularisation (relative) keeps every block positive definite; iterative refinement
+        # against the unregularised system removes its effect on the direction
+        # (an absolute floor relative to the data term's curvature keeps λ = 0 and the smoothed norms'
+        # flat radial directions solvable)
+        diag_scale = B.diagonal(dim1=1, dim2=2).amax(1)
+        reg = torch.clamp(1e-14 * diag_scale, min=op.regularization)
+        B = B + reg[:, None, None] * eye
+        allowed = op.wmask.expand(1, 2, P, c).reshape(K).bool()
+        B[~allowed] = eye
+        L = torch.linalg.cholesky(B)
+        Binv = torch.cholesky_inverse(L)
+        Binv[~allowed] = 0.0
+        self.Binv = Binv  # (K, d, d)
+        if not op.per_column:
+            # rank-one part −(ρ/N²) w wᵀ per pattern over its 2·c blocks: H̄_i⁻¹ = Bd⁻¹ + γ q qᵀ
+            Wp = W.permute(2, 1, 3, 0)  # (P, 2, c, d)
+            Bp = Binv.reshape(2, P, c, d, d).permute(1, 0, 2, 3, 4).reshape(P, 2 * c, d, d)
+            q = torch.einsum("pkde,pke->pkd", Bp, Wp.reshape(P, 2 * c, d))  # Bd⁻¹ w
+            kappa = rho / smooth.square()  # (P,)
+            wq = (Wp.reshape(P, 2 * c, d) * q).sum((1, 2))
+            gamma = kappa / (1.0 - kappa * wq).clamp(min=1e-300)
+            self.q = q.reshape(P, 2, c, d).permute(3, 1, 0, 2)  # (d, 2, P, c)
+            self.gamma = gamma
+            self.B_rank_one = (kappa, W)
+        # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
+        # G = B_u⁻¹ + B_v⁻¹ = L Lᵀ: S gets (D_i X L)(D_i X L)ᵀ, built a chunk of patterns at a time
+        G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
+        ridge = 1e-14 * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-300)
+        LG = torch.linalg.cholesky(G + ridge[..., None, None] * eye)
+        S = torch.zeros(c, n, n, dtype=dtype, device=op.device)
+        for lo in range(0, P, budget):
+            hi = min(P, lo + budget)
+            for o in range(c):
+                F = (X @ LG[lo:hi, o].permute(1, 0, 2).reshape(d, -1)).reshape(n, hi - lo, d)
+                F = (F * op.Dm[:, lo:hi, None]).reshape(n, -1)
+                S[o].addmm_(F, F.T)
+        if op.bias:
+            S = S - S.mean(1, keepdim=True)
+            S = S - S.mean(2, keepdim=True)
+        S.diagonal(dim1=1, dim2=2).add_(0.5)
+        self.LS = torch.linalg.cholesky(S)
+        if not op.per_column:
+            # capacitance for the rank-one terms: columns Π M q_i (n, c) per pattern
+            Q = self._predict_blocks(self.q)  # (P, n, c)
+            Q = Q - Q.mean(1, keepdim=True) if op.bias else Q
+            root = self.gamma.clamp(min=0).sqrt()
+            Qs = Q * root[:, None, None]  # (P, n, c)
+            SinvQ = torch.cholesky_solve(Qs.permute(2, 1, 0), self.LS)  # (c, n, P)
+            cap = torch.einsum("pnc,cnq->pq", Qs, SinvQ) + torch.eye(P, dtype=dtype, device=op.device)
+            self.Qs, self.SinvQ = Qs, SinvQ
+            self.Lcap = torch.linalg.cholesky(cap)
+
+    def _predict_blocks(self, V: Tensor) -> Tensor:
+        """Per-pattern predictions ``D_i X (V_{0,i} − V_{1,i})``, shape ``(P, n, c)``."""
+        op = self.op
+        Z = op.forward(V)
+        return (op.Dm[:, :, None] * (Z[:, 0] - Z[:, 1])).permute(1, 0, 2)
+
+    def _block_inverse(self, R: Tensor) -> Tensor:
+        op = self.op
+        K = 2 * op.P * op.c
+        out = torch.einsum("kde,ek->dk", self.Binv, R.reshape(op.d, K)).reshape(R.shape)
+        if not op.per_column:
+            coef = (self.q * R).sum((0, 1, 3)) * self.gamma  # (P,)
+            out = out + self.q * coef[None, None, :, None]
+        return out
+
+    def _schur_solve(self, t: Tensor) -> Tensor:
+        """Solve ``S τ = t`` for ``t`` of shape ``(n, c)``."""
+        x = torch.cholesky_solve(t.T[:, :, None], self.LS)[:, :, 0].T  # (n, c)
+        if not self.op.per_column:
+            proj = torch.einsum("pnc,nc->p", self.Qs, x)
+            y = torch.cholesky_solve(proj[:, None], self.Lcap)[:, 0]
+            x = x - torch.einsum("cnp,p->nc", self.SinvQ, y)
+        return x
+
+    def _apply_inverse(self, R: Tensor) -> Tensor:
+        op = self.op
+        g0 = self._block_inverse(R)
+        t = op.center(op.predict(op.forward(g0)))
+        tau = op.center(self._schur_solve(t))
+        return g0 - self._block_inverse(op.adjoint_data(tau))
+
+    def _apply(self, V: Tensor) -> Tensor:
+        """The exact (unregularised) matrix times ``V``."""
+        op = self.op
+        K = 2 * op.P * op.c
+        out = torch.einsum("kde,ek->dk", self.B_exact, V.reshape(op.d, K)).reshape(V.shape)
+        if not op.per_column:
+            kappa, W = self.B_rank_one
+            coef = (W * V).sum((0, 1, 3)) * kappa
+            out = out - W * coef[None, None, :, None]
+        out = out + 2.0 * op.adjoint_data(op.center(op.predict(op.forward(V))))
+        return out * op.wmask
+
+    def solve(self, R: Tensor, refinements: int = 1) -> Tensor:
+        R = R * self.op.wmask
+        dW = self._apply_inverse(R)
+        for _ in range(refinements):
+            dW = dW + self._apply_inverse(R - self._apply(dW))
+        return dW * self.op.wmask
+
+
+# ----------------------------------------------------------------------------- first order
+def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, penalty, verbose) -> _Result:
+    """Augmented Lagrangian + FISTA (constrained) or FISTA (gated); see the module docstring."""
+    n, P, c = op.n, op.P, op.c
+    lam = op.lam
+    cm = op.cmask
+    constrained = op.num_constraints > 0
+    W = op.zeros() if warm is None else warm[0].clone()
+    gamma = None
+    if constrained:
+        gamma = torch.zeros(n, 2, P, c, dtype=op.dtype, device=op.device)
+        if warm is not None and warm[1] is not None:
+            gamma = warm[1].clone()
+    # curvature of the data term (power iteration) and of the constraint map (‖X‖²)
+    L_data = 2.0 * _power_norm(lambda V: op.adjoint_data(op.center(op.predict(op.forward(V)))), op.zeros(), op)
+    L_cons = 0.0
+    if constrained:
+        L_cons = _power_norm(lambda V: op.adjoint_constraint(op.constraint(op.forward(V))), op.zeros(), op)
+    if penalty is not None:
+        delta = float(penalty) / op.problem.scale  # δ multiplies (data units)², as s does
+    else:
+        delta = L_data / max(L_cons, 1e-300) if constrained else 0.0
+    step = 1.0 / max(L_data + delta * L_cons, 1e-300)
+    Z = op.forward(W)
+    W_prev, Z_prev = W, Z
+    t = 1.0
+    inner_tol = 1e-1
+    status = "max_iterations"
+    last_violation = math.inf
+    iters_since = 0
+    it = 0
+
+    def smooth_part(Zv: Tensor) -> tuple[float, Tensor, Tensor | None]:
+        r, _ = op.residual(Zv)
+        value = r.square().sum()
+        hinge = None
+        if constrained:
+            hinge = torch.relu(gamma / delta - op.S * Zv) * cm
+            value = value + 0.5 * delta * hinge.square().sum()
+        return float(value), r, hinge
+
+    check_every = 25
+    for it in range(1, max_iters + 1):
+        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        beta = (t - 1.0) / t_next
+        Wy = W + beta * (W - W_prev)
+        Zy = Z + beta * (Z - Z_prev)  # X is linear: no product needed
+        fy, r, hinge = smooth_part(Zy)
+        grad = 2.0 * op.adjoint_data(r)
+        if constrained:
+            grad = grad - delta * op.adjoint_constraint(hinge)
+        while True:
+            W_new = op.group_soft_threshold(Wy - step * grad, 2.0 * lam * step) * op.wmask
+            Z_new = op.forward(W_new)
+            f_new = smooth_part(Z_new)[0]
+            diff = W_new - Wy
+            if f_new <= fy + float((grad * diff).sum()) + float(diff.square().sum()) / (2.0 * step) + 1e-12 * abs(fy):
+                break
+            step *= 0.5
+        # gradient-based restart (O'Donoghue & Candès): drop momentum when it points uphill
+        if float(((Wy - W_new) * (W_new - W)).sum()) > 0:
+            t, W_prev, Z_prev = 1.0, W_new, Z_new
+        else:
+            t, W_prev, Z_prev = t_next, W, Z
+        W, Z = W_new, Z_new
+        step *= 1.05
+        iters_since += 1
+        mapping = float(diff.norm()) / step
+        inner_done = mapping < inner_tol or iters_since >= 2000
+        if constrained and inner_done:
+            gamma = torch.relu(gamma - delta * op.S * Z) * cm
+            violation = float(torch.relu(-op.S * Z * cm).amax())
+            if violation > 0.25 * last_violation and violation > constraint_tol:
+                delta *= 2.0
+            last_violation = violation
+            inner_tol = max(inner_tol * 0.3, 1e-12)
+            iters_since = 0
+            t, W_prev, Z_prev = 1.0, W, Z
+        if (constrained and inner_done) or (not constrained and it % check_every == 0):
+            met, gap, viol = op.converged(W, Z, gamma, tol, constraint_tol)
+            if verbose:
+                print(f"fista {it:6d}  rel.gap {gap:.2e}  violation {viol:.2e}  delta {delta:.2e}")
+            if met:
+                status = "optimal"
+                break
+            if lam == 0 and viol <= constraint_tol and mapping <= tol * max(1.0, float(grad.abs().amax())):
+                status = "optimal_inaccurate"  # λ = 0: no certificate beyond 0 (see _interior_point)
+                break
+        if _time_up(deadline):
+            status = "time_limit"
+            break
+    return _Result(W * op.wmask, gamma, None, it, status, penalty=(delta * op.problem.scale) if constrained else None)
+
+
+def _power_norm(apply, V0: Tensor, op: _Operator, iters: int = 30) -> float:
+    """Largest eigenvalue of a positive semi-definite operator (power iteration from a fixed seed)."""
+    gen = torch.Generator(device=op.device).manual_seed(0)
+    V = torch.randn(V0.shape, generator=gen, dtype=op.dtype, device=op.device) * op.wmask
+    value = 0.0
+    for _ in range(iters):
+        norm = float(V.norm())
+        if norm == 0.0:
+            return 0.0
+        V = V / norm
+        AV = apply(V)
+        value = float((V * AV).sum())
+        V = AV
+    return value * 1.05  # a margin: the power iteration approaches from below
