@@ -1,6 +1,8 @@
 """Lightning callbacks that watch a two-layer ReLU network's activation patterns and convex reformulation."""
 
+from hcl.callbacks.activation_points import ActivationPointPlot
 from hcl.callbacks.convex_gap import ConvexGapMonitor
+from hcl.callbacks.global_optimum import GlobalOptimumMonitor
 from hcl.callbacks.pattern_monitor import PatternMonitor
 
-__all__ = ["ConvexGapMonitor", "PatternMonitor"]
+__all__ = ["ActivationPointPlot", "ConvexGapMonitor", "GlobalOptimumMonitor", "PatternMonitor"]
