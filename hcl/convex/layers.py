@@ -1,0 +1,228 @@
+"""The fixed-pattern convex problem as a differentiable layer (cvxpylayers).
+
+:class:`FixedPatternLayer` maps right-hand sides ``y`` (a batch of them: e.g. the classes of a one-vs-all
+problem, which share ``X`` and the patterns) to the optimal ``(U, V, b₀)`` of the scalar-output problem
+
+    min  s ‖Σ_i D_i X (u_i − v_i) + b₀ − y‖² + 2λ Σ_i (‖u_i‖ + ‖v_i‖)   s.t. (2D_i − I) X u_i, v_i ≥ 0,
+
+and is differentiable with respect to ``y`` (implicit differentiation of the conic program by diffcp).
+Two DPP forms:
+
+* ``data_as_parameters=False`` (default): ``X`` and the patterns are constants of the layer (``M = [D_1 X …
+  D_P X]`` precomputed); only ``y`` is a parameter. Fastest; one layer per pattern set.
+* ``data_as_parameters=True``: ``X``, the patterns ``D`` and ``y`` are parameters, with auxiliary
+  variables ``Z_u = X U``, ``Z_v = X V`` so that every product is parameter × variable (the products
+  ``D ⊙ (X U)`` are not DPP otherwise). One layer then serves every snapshot of the same ``(n, d, P)``;
+  it pays ``2nP`` extra variables.
+
+What it is good for: gradients of the convex optimum (or of the solution) with respect to the targets —
+e.g. the sensitivity of the global-optimum bound to each label, or training something upstream of
+``y`` through the convex problem. What it is not for: speed. It runs diffcp on the CPU in float64 and
+is slower than cvxpy's plain solve; ``docs/solvers.md`` has the measured times. By the envelope theorem
+the gradient of the optimal *value* is simply ``−2s r*`` (``r*`` the optimal residual), which the native
+solver gives for free; the layer is needed for gradients of the *solution*.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from hcl.convex.problem import ConvexProblem, ConvexSolution, data_scale
+
+DEFAULT_SOLVER_ARGS = {"solve_method": "Clarabel"}
+
+
+class FixedPatternLayer(torch.nn.Module):
+    """Optimal ``(U, V, b₀)`` of the fixed-pattern problem as a function of ``y`` (scalar output per item).
+
+    Args:
+        X: ``(n, d)`` data with the bias column folded in.
+        patterns: ``(n, P)`` boolean patterns.
+        weight_decay: ``λ ≥ 0``.
+        reduction: ``"sum"`` or ``"mean"``.
+        output_bias: whether an unpenalised output bias is a variable.
+        signs: optional ``(P,)`` in ``{-1, 0, +1}`` restricting blocks to ``U`` or ``V``.
+        gated: the gated relaxation (free ``z_i`` returned as ``U``, ``V = 0``, no cones).
+        data_as_parameters: make ``X`` and the patterns parameters too (see the module docstring); then
+            :meth:`forward` takes them as arguments.
+        solver_args: arguments for the diffcp backend (default ``{"solve_method": "Clarabel"}``).
+
+    Raises:
+        ValueError: mismatched shapes, non-finite data, ``λ < 0`` or an empty pattern set.
+    """
+
+    def __init__(
+        self,
+        X: Tensor,
+        patterns: Tensor,
+        *,
+        weight_decay: float,
+        reduction: str = "mean",
+        output_bias: bool = False,
+        signs: Tensor | None = None,
+        gated: bool = False,
+        data_as_parameters: bool = False,
+        solver_args: dict | None = None,
+    ) -> None:
+        super().__init__()
+        from cvxpylayers.torch import CvxpyLayer
+
+        # ConvexProblem validates shapes, finiteness, λ and the pattern set
+        check = ConvexProblem(X, torch.zeros(X.shape[0], dtype=X.dtype), patterns, weight_decay, reduction,
+                              output_bias, signs)
+        self.n, self.d = check.X.shape
+        self.P = check.num_patterns
+        self.gated = gated
+        self.output_bias = output_bias
+        self.data_as_parameters = data_as_parameters
+        self.solver_args = dict(DEFAULT_SOLVER_ARGS if solver_args is None else solver_args)
+        self.register_buffer("X", check.X.detach().to(torch.float64))
+        self.register_buffer("patterns", check.patterns.detach().clone())
+        allow_u = np.ones(self.P, bool) if gated else check.allows_u().cpu().numpy()
+        allow_v = np.zeros(self.P, bool) if gated else check.allows_v().cpu().numpy()
+        self._blocks = (np.flatnonzero(allow_u), np.flatnonzero(allow_v))
+        problem, parameters, variables = self._build(check.weight_decay, data_scale(reduction, self.n))
+        self.layer = CvxpyLayer(problem, parameters=parameters, variables=variables)
+
+    def _build(self, lam: float, scale: float):
+        n, d = self.n, self.d
+        y = cp.Parameter(n)
+        blocks_u, blocks_v = self._blocks
+        U = cp.Variable((d, blocks_u.size)) if blocks_u.size else None
+        V = cp.Variable((d, blocks_v.size)) if blocks_v.size else None
+        b = cp.Variable() if self.output_bias else None
+        constraints = []
+        parameters = [y]
+        if self.data_as_parameters:
+            Xp = cp.Parameter((n, d))
+            Dp = cp.Parameter((n, self.P))
+            parameters = [Xp, Dp, y]
+            prediction = 0
+            for W, blocks, sign in ((U, blocks_u, 1.0), (V, blocks_v, -1.0)):
+                if W is None:
+                    continue
+                Zw = cp.Variable((n, blocks.size))
+                Db = Dp[:, blocks]
+                constraints.append(Zw == Xp @ W)
+                if not self.gated:
+                    constraints.append(cp.multiply(2 * Db - 1, Zw) >= 0)
+                prediction = prediction + sign * cp.sum(cp.multiply(Db, Zw), axis=1)
+        else:
+            X = self.X.cpu().numpy()
+            D = self.patterns.cpu().numpy().astype(np.float64)
+            DX = (D[:, :, None] * X[:, None, :]).reshape(n, self.P * d)
+            prediction = 0
+            for W, blocks, sign in ((U, blocks_u, 1.0), (V, blocks_v, -1.0)):
+                if W is None:
+                    continue
+                cols = (blocks[:, None] * d + np.arange(d)[None, :]).reshape(-1)
+                prediction = prediction + sign * (sp.csr_matrix(DX[:, cols]) @ cp.vec(W, order="F"))
+                if not self.gated:
+                    constraints.append(cp.multiply(2 * D[:, blocks] - 1, X @ W) >= 0)
+        residual = prediction - y if b is None else prediction + b - y
+        objective = scale * cp.sum_squares(residual)
+        if lam > 0:
+            norms = [cp.sum(cp.norm(W, 2, axis=0)) for W in (U, V) if W is not None]
+            objective = objective + 2.0 * lam * sum(norms)
+        problem = cp.Problem(cp.Minimize(objective), constraints)
+        variables = [W for W in (U, V, b) if W is not None]
+        return problem, parameters, variables
+
+    def forward(self, Y: Tensor, X: Tensor | None = None, patterns: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Solve for each right-hand side.
+
+        Args:
+            Y: ``(n,)`` or ``(batch, n)`` targets.
+            X, patterns: the data, only (and always) with ``data_as_parameters=True``.
+
+        Returns:
+            ``U, V`` of shape ``(batch, P, d)`` (``(P, d)`` for a 1-D ``Y``) and ``b0`` of shape ``(batch,)``
+            (zeros without an output bias), differentiable with respect to ``Y`` (and ``X``).
+        """
+        single = Y.ndim == 1
+        Yb = Y.reshape(1, -1) if single else Y
+        if Yb.ndim != 2 or Yb.shape[1] != self.n:
+            raise ValueError(f"Y must have shape (n,) or (batch, n) with n = {self.n}, got {tuple(Y.shape)}")
+        if not torch.isfinite(Yb).all():
+            raise ValueError("Y contains NaN or inf")
+        Yb = Yb.to(torch.float64)
+        args: list[Tensor] = [Yb]
+        if self.data_as_parameters:
+            if X is None or patterns is None:
+                raise ValueError("this layer takes X and patterns as arguments (data_as_parameters=True)")
+            if tuple(X.shape) != (self.n, self.d) or tuple(patterns.shape) != (self.n, self.P):
+                raise ValueError(f"X and patterns must have shapes {(self.n, self.d)} and {(self.n, self.P)}")
+            args = [X.to(torch.float64), patterns.to(torch.float64), Yb]
+        elif X is not None or patterns is not None:
+            raise ValueError("X and patterns are constants of this layer (data_as_parameters=False)")
+        outputs = list(self.layer(*args, solver_args=self.solver_args))
+        batch = Yb.shape[0]
+        blocks_u, blocks_v = self._blocks
+        U = Yb.new_zeros(batch, self.P, self.d)
+        V = Yb.new_zeros(batch, self.P, self.d)
+        for blocks, target in ((blocks_u, "U"), (blocks_v, "V")):
+            if blocks.size == 0:
+                continue
+            value = outputs.pop(0).reshape(batch, self.d, blocks.size).transpose(1, 2)
+            index = torch.as_tensor(blocks, device=value.device)
+            if target == "U":
+                U = U.index_copy(1, index, value)
+            else:
+                V = V.index_copy(1, index, value)
+        b0 = outputs.pop(0).reshape(batch) if self.output_bias else Yb.new_zeros(batch)
+        if single:
+            return U[0], V[0], b0[0]
+        return U, V, b0
+
+    @classmethod
+    def from_problem(cls, problem: ConvexProblem, *, gated: bool = False, **kwargs) -> FixedPatternLayer:
+        """A layer for ``problem``'s data, patterns, λ, reduction, output bias and signs."""
+        if problem.c > 1 and not problem.one_vs_all:
+            raise ValueError(
+                "the layer solves scalar-output problems (a batch of them): use one_vs_all=True for c > 1; "
+                "the shared-layer Frobenius bound couples the outputs"
+            )
+        return cls(problem.X, problem.patterns, weight_decay=problem.weight_decay, reduction=problem.reduction,
+                   output_bias=problem.output_bias, signs=problem.signs, gated=gated, **kwargs)
+
+
+def solve_layer(
+    problem: ConvexProblem,
+    *,
+    gated: bool = False,
+    solver_args: dict | None = None,
+    verbose: bool = False,
+    **unused,
+) -> ConvexSolution:
+    """Solve ``problem`` through :class:`FixedPatternLayer`, one batch item per output column.
+
+    For ``solve(problem, "cvxpylayers")``; options of other solvers (``tol``, ``time_limit``, …) are
+    accepted and ignored. The returned tensors are detached; use the layer itself for gradients.
+    """
+    del unused, verbose
+    start = time.perf_counter()
+    layer = FixedPatternLayer.from_problem(problem, gated=gated, solver_args=solver_args)
+    with torch.no_grad():
+        U, V, b0 = layer(problem.Y.T.contiguous())
+    dtype, device = problem.X.dtype, problem.X.device
+    U = U.permute(1, 2, 0).to(dtype=dtype, device=device).contiguous()  # (P, d, c)
+    V = V.permute(1, 2, 0).to(dtype=dtype, device=device).contiguous()
+    b0 = b0.to(dtype=dtype, device=device) if problem.output_bias else torch.zeros(problem.c, dtype=dtype,
+                                                                                 device=device)
+    return ConvexSolution(
+        value=float(problem.objective(U, V, b0)),
+        U=U,
+        V=V,
+        b0=b0,
+        status="optimal",
+        solver="cvxpylayers",
+        solve_seconds=time.perf_counter() - start,
+        violation=0.0 if gated else float(problem.violation(U, V)),
+        gated=gated,
+    )

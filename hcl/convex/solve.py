@@ -1,0 +1,98 @@
+"""One entry point for every solver of the convex problem.
+
+``solve(problem, solver, **options)`` dispatches to
+
+* ``"native"``: hcl's own torch solver (:func:`hcl.convex.native.solve_native`), on the data's device;
+* ``"cvxpylayers"``: the problem as a differentiable ``CvxpyLayer`` (:func:`hcl.convex.layers.solve_layer`);
+* a cvxpy conic solver — ``"clarabel"``, ``"ecos"``, ``"scs"``, ``"mosek"`` — when installed
+  (:func:`hcl.convex.cvxpy_solver.solve_cvxpy`);
+* ``"auto"``: :func:`choose_solver`, i.e. Clarabel where it is faster (small problems) and the native
+  solver otherwise. The switch point was measured (``benchmarks/solvers.py --crossover``; the table is
+  in ``docs/solvers.md``) on the size ``n · d · P · c``.
+
+Options that only one family understands are dropped for the others, so that a caller (the convex-gap
+callback) can pass ``warm_start`` and native tolerances whatever the solver: cvxpy solvers ignore
+``warm_start``, ``tol``, ``constraint_tol``, ``max_iters``, ``penalty``, ``dtype``, ``chunk_size`` and
+``method``; the native solver ignores nothing (an unknown option is a ``TypeError``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy
+from hcl.convex.native import solve_native
+from hcl.convex.problem import ConvexProblem, ConvexSolution
+
+# ``"auto"`` takes Clarabel up to this size n·d·P·c and the native solver above it (measured: see the
+# module docstring; at the seed's size, 100·10·20 = 2·10⁴, Clarabel is the faster of the two).
+AUTO_NATIVE_ABOVE = 60_000
+
+_NATIVE_ONLY = ("warm_start", "tol", "constraint_tol", "max_iters", "penalty", "dtype", "chunk_size", "method")
+
+
+def available_solvers() -> list[str]:
+    """Solver names :func:`solve` accepts here: ``auto``, ``native``, ``cvxpylayers`` and the installed cvxpy ones."""
+    return ["auto", "native", "cvxpylayers"] + [name.lower() for name in installed_solvers()]
+
+
+def problem_size(problem: ConvexProblem) -> int:
+    """``n · d · P · c``, the size :func:`choose_solver` compares with ``AUTO_NATIVE_ABOVE``."""
+    return problem.n * problem.d * problem.num_patterns * problem.c
+
+
+def choose_solver(problem: ConvexProblem) -> str:
+    """The solver ``"auto"`` uses for ``problem``: ``"clarabel"`` for small problems on the CPU, else ``"native"``.
+
+    Data on an accelerator always goes to the native solver (no copy to the CPU and back).
+    """
+    if not isinstance(problem, ConvexProblem):
+        raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
+    small = problem_size(problem) <= AUTO_NATIVE_ABOVE
+    if small and problem.X.device.type == "cpu" and "CLARABEL" in installed_solvers():
+        return "clarabel"
+    return "native"
+
+
+def solve(problem: ConvexProblem, solver: str = "auto", **options) -> ConvexSolution:
+    """Solve ``problem`` with ``solver`` (see the module docstring); ``options`` go to that solver.
+
+    Args:
+        problem: the convex problem.
+        solver: ``"auto"``, ``"native"``, ``"cvxpylayers"`` or an installed cvxpy solver name
+            (case-insensitive).
+        **options: e.g. ``gated``, ``warm_start``, ``tol``, ``time_limit``, ``verbose``.
+
+    Raises:
+        TypeError: ``problem`` is not a :class:`ConvexProblem` or ``solver`` is not a string.
+        ValueError: an unknown solver name (the message lists the available ones).
+        ConvexSolveError: a cvxpy solver failed (``"auto"`` then falls back to the native solver).
+    """
+    if not isinstance(problem, ConvexProblem):
+        raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a string, got {type(solver).__name__}")
+    name = solver.lower()
+    if name == "auto":
+        choice = choose_solver(problem)
+        if choice == "native":
+            return solve_native(problem, **options)
+        try:
+            return _solve_cvxpy(problem, choice, options)
+        except ConvexSolveError as error:
+            warnings.warn(f"{choice} failed ({error}); solving with the native solver", stacklevel=2)
+            return solve_native(problem, **options)
+    if name == "native":
+        return solve_native(problem, **options)
+    if name == "cvxpylayers":
+        from hcl.convex.layers import solve_layer  # cvxpylayers is imported only when asked for
+
+        return solve_layer(problem, **{k: v for k, v in options.items() if k != "warm_start"})
+    if name.upper() in installed_solvers():
+        return _solve_cvxpy(problem, name, options)
+    raise ValueError(f"unknown solver {solver!r}; available: {available_solvers()}")
+
+
+def _solve_cvxpy(problem: ConvexProblem, name: str, options: dict) -> ConvexSolution:
+    kept = {k: v for k, v in options.items() if k not in _NATIVE_ONLY}
+    return solve_cvxpy(problem, name.upper(), **kept)
