@@ -20,12 +20,11 @@ import math
 import numbers
 import time
 import uuid
-import warnings
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -37,18 +36,24 @@ from torch import Tensor
 from typing_extensions import override
 
 from hcl import dashboard
-from hcl.convex.build import problem_from_network
-from hcl.convex.problem import REDUCTIONS, ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
-from hcl.convex.solve import solve
+from hcl.convex.problem import REDUCTIONS, ConvexProblem, ConvexSolution, fold_bias
+from hcl.convex.solve import available_solvers, solve
 from hcl.monitoring import (
+    STATUS_CODES,
     WORKER_KINDS,
     BackgroundWorker,
+    Snapshot,
+    SolveOutcome,
+    SolveSpec,
     check_every_n_steps,
     check_probe,
+    evaluate_snapshot,
     flush_loggers,
     is_due,
     log_scalars,
     mark_resumed_run,
+    solve_snapshot_job,
+    store_worker_data,
     training_data,
     warn_if_no_logger,
 )
@@ -60,55 +65,7 @@ FORMULATIONS = ("neurons", "patterns")
 #: solver names besides cvxpy's installed conic solvers
 GENERIC_SOLVERS = ("auto", "native", "cvxpylayers")
 
-#: numeric codes of ``<prefix>/status``
-STATUS_CODES = {
-    "optimal": 0,
-    "optimal_inaccurate": 1,
-    "max_iterations": 2,
-    "time_limit": 2,
-    "failed": 3,
-    "nonfinite": 4,
-}
-
-
-@dataclass
-class Snapshot:
-    """Everything a solve needs, copied on the training thread (safe to hand to another thread)."""
-
-    step: int
-    X: Tensor
-    Y: Tensor
-    hidden_weight: Tensor
-    hidden_bias: Tensor | None
-    output_weight: Tensor
-    output_bias: Tensor | None
-    extra_patterns: Tensor | None
-
-
-@dataclass(frozen=True)
-class _SolveSpec:
-    """How to solve, independent of the callback object (picklable, sent to the worker process)."""
-
-    owner: str
-    prefix: str
-    value_tag: str
-    formulation: str
-    solver: str
-    gated: bool
-    weight_decay: float
-    reduction: str
-    solver_options: dict[str, Any]
-    time_limit: float | None
-
-
-@dataclass
-class _Outcome:
-    """The result of one solve: what to log, what to warn about, and the solution when it is to be kept."""
-
-    metrics: dict[str, float]
-    messages: list[str] = field(default_factory=list)
-    solved: tuple[ConvexProblem, ConvexSolution] | None = None
-    error: str | None = None  # the solver's exception, when it raised
+__all__ = ["ConvexGapMonitor", "Snapshot", "STATUS_CODES"]
 
 
 @dataclass
@@ -299,7 +256,10 @@ class ConvexGapMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, every_n_steps=self.every_n_steps)
+        # Lightning reads it at every hook call (profiler names): built once.
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(prefix=self.prefix, every_n_steps=self.every_n_steps)
+        return self._state_key
 
     # ------------------------------------------------------------------- hooks
     @override
@@ -414,13 +374,14 @@ class ConvexGapMonitor(Callback):
 
         Returns the metrics to log and, when the solve succeeded, the problem and its solution.
         """
-        outcome = _evaluate(self._spec(snap.output_weight.shape[0]), snap, solve, quiet=True, keep_solution=True)
+        spec = self._spec(snap.output_weight.shape[0])
+        outcome = evaluate_snapshot(spec, snap, solve, quiet=True, keep_solution=True)
         for message in outcome.messages:
             rank_zero_warn(message)
         return outcome.metrics, outcome.solved
 
-    def _spec(self, out_features: int) -> _SolveSpec:
-        return _SolveSpec(
+    def _spec(self, out_features: int) -> SolveSpec:
+        return SolveSpec(
             owner=type(self).__name__, prefix=self.prefix, value_tag=self._value_tag(out_features),
             formulation=self.formulation, solver=self.solver, gated=self.gated, weight_decay=self._lambda,
             reduction=self._reduction, solver_options=dict(self.solver_options), time_limit=self.solve_time_limit,
@@ -433,7 +394,7 @@ class ConvexGapMonitor(Callback):
         if self.worker == "process":
             # The data goes to the worker process once; snapshots carry only the weights.
             self._data_key = uuid.uuid4().hex
-            self._worker.submit(_store_data, self._data_key, self._X_cpu, self._Y_cpu)
+            self._worker.submit(store_worker_data, self._data_key, self._X_cpu, self._Y_cpu)
 
     def _stop_worker(self, kill: bool) -> None:
         if self._worker is not None:
@@ -453,7 +414,7 @@ class ConvexGapMonitor(Callback):
             self._start_worker()
         if self._data_key is not None:
             snapshot = replace(snapshot, X=None, Y=None)
-        return self._worker.submit(_solve_job, spec, snapshot, self._data_key, solve)
+        return self._worker.submit(solve_snapshot_job, spec, snapshot, self._data_key, solve)
 
     def _collect(self, trainer: "pl.Trainer", wait: bool = False, raise_errors: bool = True) -> None:
         """Log the finished solves in snapshot order; with ``wait``, until none is left."""
@@ -480,7 +441,7 @@ class ConvexGapMonitor(Callback):
         try:
             outcome = job.future.result()
         except Exception as err:  # noqa: BLE001 - the worker itself failed (died, could not run the job)
-            outcome = _Outcome({f"{p}/status": STATUS_CODES["failed"]},
+            outcome = SolveOutcome({f"{p}/status": STATUS_CODES["failed"]},
                                [f"{type(self).__name__}: the background solve of step {job.step} failed: {err}"],
                                error=str(err))
         log_scalars(trainer, outcome.metrics, job.step)
@@ -591,96 +552,6 @@ class ConvexGapMonitor(Callback):
             stack.output.bias.copy_(b0.to(stack.output.bias))
 
 
-# ------------------------------------------------------------------------------------------------------ the solve
-def _evaluate(
-    spec: _SolveSpec, snap: Snapshot, solve_fn: Callable[..., ConvexSolution], quiet: bool, keep_solution: bool
-) -> _Outcome:
-    """Build, solve and measure one snapshot. Never raises: failures become a status and a message."""
-    p = spec.prefix
-    owner = spec.owner
-    weights = [t for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias)
-               if t is not None]
-    if not all(bool(torch.isfinite(t).all()) for t in weights):
-        return _Outcome({f"{p}/status": STATUS_CODES["nonfinite"]},
-                        [f"{owner}: non-finite network weights at step {snap.step}; no solve"])
-    Xf = fold_bias(snap.X, snap.hidden_bias is not None)
-    Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
-    L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias, spec.weight_decay,
-                                spec.reduction))
-    metrics: dict[str, float] = {f"{p}/nonconvex_objective": L}
-    options = dict(spec.solver_options)
-    if spec.time_limit is not None:
-        options.setdefault("time_limit", spec.time_limit)
-    start = time.perf_counter()
-    try:
-        problem, point = problem_from_network(
-            snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias,
-            weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
-            extra_patterns=snap.extra_patterns,
-        )
-        if quiet:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # solver chatter; the status is logged instead
-                solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
-        else:
-            solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
-        if not isinstance(solution, ConvexSolution):
-            raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
-    except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
-        seconds = time.perf_counter() - start
-        late = spec.time_limit is not None and seconds >= spec.time_limit
-        metrics[f"{p}/status"] = STATUS_CODES["time_limit" if late else "failed"]
-        metrics[f"{p}/solve_seconds"] = seconds
-        reason = f" after {seconds:.2f} s (time limit {spec.time_limit} s)" if late else ""
-        description = f"{type(err).__name__}: {err}"
-        return _Outcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {description}"],
-                        error=description)
-    seconds = time.perf_counter() - start
-    value = solution.value
-    if not spec.gated:
-        # The network's own point is feasible: p* is never above its value, whatever the solver reached.
-        value = min(value, float(problem.objective(*point)))
-    status = solution.status if solution.status in STATUS_CODES else "failed"
-    if not math.isfinite(value):
-        status = "failed"
-    messages = []
-    if spec.time_limit is not None and seconds > spec.time_limit and status != "failed":
-        status = "time_limit"
-        messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.2f} s, over the time limit of "
-                        f"{spec.time_limit} s")
-    elif status != "optimal":
-        messages.append(f"{owner}: solver status {solution.status!r} at step {snap.step}")
-    metrics.update({
-        spec.value_tag: value,
-        f"{p}/gap": L - value,
-        f"{p}/solve_seconds": seconds,
-        f"{p}/active_neurons": _active_neurons(problem, solution),
-        f"{p}/status": STATUS_CODES[status],
-    })
-    if solution.relative_gap is not None:
-        metrics[f"{p}/duality_gap"] = solution.relative_gap
-    solved = (problem, solution) if keep_solution and solution.ok else None
-    return _Outcome(metrics, messages, solved)
-
-
-# Data sent once to the worker process, by key (several monitors may share one process's module).
-_WORKER_DATA: dict[str, tuple[Tensor, Tensor]] = {}
-
-
-def _store_data(key: str, X: Tensor, Y: Tensor) -> None:
-    _WORKER_DATA.clear()  # one training run per worker process
-    _WORKER_DATA[key] = (X, Y)
-
-
-def _solve_job(spec: _SolveSpec, snap: Snapshot, data_key: str | None, solve_fn: Callable[..., Any]) -> _Outcome:
-    """The worker's job: the snapshot's data is either in it (thread) or stored in the worker process."""
-    if data_key is not None:
-        X, Y = _WORKER_DATA[data_key]
-        snap = replace(snap, X=X, Y=Y)
-    # No warnings filter here: it is process-global and would hide the training thread's warnings too.
-    return _evaluate(spec, snap, solve_fn, quiet=False, keep_solution=False)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 def _check_forward(pl_module: "pl.LightningModule", stack: ReLUStack, X: Tensor, rows: int = 8) -> None:
     """Refuse a model whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of its stack (deeper nets, extra layers, scaling).
@@ -728,11 +599,9 @@ def _check_solver(solver: str) -> str:
     name = solver.lower()
     if name in GENERIC_SOLVERS:
         return name
-    from hcl.convex.cvxpy_solver import installed_solvers
-
-    installed = [s.lower() for s in installed_solvers()]
-    if name not in installed:
-        raise ValueError(f"unknown solver {solver!r}: use one of {list(GENERIC_SOLVERS) + installed}")
+    known = available_solvers()
+    if name not in known:
+        raise ValueError(f"unknown solver {solver!r}: use one of {known}")
     return name
 
 
@@ -750,12 +619,6 @@ def _is_int(value: Any) -> bool:
 
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
-
-
-def _active_neurons(problem, solution: ConvexSolution) -> int:
-    norms = torch.cat([solution.U.flatten(1).norm(dim=1), solution.V.flatten(1).norm(dim=1)])
-    scale = max(float(norms.max()), 1e-30) if norms.numel() else 1.0
-    return int((norms > 1e-6 * scale).sum())
 
 
 def _as_targets(Y: Tensor, out_features: int, like: Tensor) -> Tensor:

@@ -105,7 +105,10 @@ class PatternMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, layer=self.layer)
+        # Lightning reads it at every hook call (profiler names): built once.
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(every_n_steps=self.every_n_steps, layer=self.layer)
+        return self._state_key
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -22,10 +22,14 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from hcl.convex.build import problem_from_network
+from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -210,6 +214,156 @@ def warn_if_no_logger(trainer: pl.Trainer, owner: str) -> bool:
 def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
+# --------------------------------------------------------------------------------------------- one convex solve
+# The solve of one snapshot lives here, importable without Lightning, so that a worker process starts quickly.
+
+#: numeric codes of ``<prefix>/status``
+STATUS_CODES = {
+    "optimal": 0,
+    "optimal_inaccurate": 1,
+    "max_iterations": 2,
+    "time_limit": 2,
+    "failed": 3,
+    "nonfinite": 4,
+}
+
+
+@dataclass
+class Snapshot:
+    """Everything a solve needs, copied on the training thread (safe to hand to another thread)."""
+
+    step: int
+    X: Tensor
+    Y: Tensor
+    hidden_weight: Tensor
+    hidden_bias: Tensor | None
+    output_weight: Tensor
+    output_bias: Tensor | None
+    extra_patterns: Tensor | None
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """How to solve, independent of the callback object (picklable, sent to the worker process)."""
+
+    owner: str
+    prefix: str
+    value_tag: str
+    formulation: str
+    solver: str
+    gated: bool
+    weight_decay: float
+    reduction: str
+    solver_options: dict[str, Any]
+    time_limit: float | None
+
+
+@dataclass
+class SolveOutcome:
+    """The result of one solve: what to log, what to warn about, and the solution when it is to be kept."""
+
+    metrics: dict[str, float]
+    messages: list[str] = field(default_factory=list)
+    solved: tuple[ConvexProblem, ConvexSolution] | None = None
+    error: str | None = None  # the solver's exception, when it raised
+
+
+def evaluate_snapshot(
+    spec: SolveSpec, snap: Snapshot, solve_fn: Callable[..., ConvexSolution], quiet: bool, keep_solution: bool
+) -> SolveOutcome:
+    """Build, solve and measure one snapshot. Never raises: failures become a status and a message."""
+    p = spec.prefix
+    owner = spec.owner
+    weights = [t for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias)
+               if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in weights):
+        return SolveOutcome({f"{p}/status": STATUS_CODES["nonfinite"]},
+                        [f"{owner}: non-finite network weights at step {snap.step}; no solve"])
+    Xf = fold_bias(snap.X, snap.hidden_bias is not None)
+    Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
+    L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias, spec.weight_decay,
+                                spec.reduction))
+    metrics: dict[str, float] = {f"{p}/nonconvex_objective": L}
+    options = dict(spec.solver_options)
+    if spec.time_limit is not None:
+        options.setdefault("time_limit", spec.time_limit)
+    start = time.perf_counter()
+    try:
+        problem, point = problem_from_network(
+            snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias,
+            weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
+            extra_patterns=snap.extra_patterns,
+        )
+        if quiet:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # solver chatter; the status is logged instead
+                solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
+        else:
+            solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
+        if not isinstance(solution, ConvexSolution):
+            raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
+    except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
+        seconds = time.perf_counter() - start
+        late = spec.time_limit is not None and seconds >= spec.time_limit
+        metrics[f"{p}/status"] = STATUS_CODES["time_limit" if late else "failed"]
+        metrics[f"{p}/solve_seconds"] = seconds
+        reason = f" after {seconds:.2f} s (time limit {spec.time_limit} s)" if late else ""
+        description = f"{type(err).__name__}: {err}"
+        return SolveOutcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {description}"],
+                        error=description)
+    seconds = time.perf_counter() - start
+    value = solution.value
+    if not spec.gated:
+        # The network's own point is feasible: p* is never above its value, whatever the solver reached.
+        value = min(value, float(problem.objective(*point)))
+    status = solution.status if solution.status in STATUS_CODES else "failed"
+    if not math.isfinite(value):
+        status = "failed"
+    messages = []
+    if spec.time_limit is not None and seconds > spec.time_limit and status != "failed":
+        status = "time_limit"
+        messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.2f} s, over the time limit of "
+                        f"{spec.time_limit} s")
+    elif status != "optimal":
+        messages.append(f"{owner}: solver status {solution.status!r} at step {snap.step}")
+    metrics.update({
+        spec.value_tag: value,
+        f"{p}/gap": L - value,
+        f"{p}/solve_seconds": seconds,
+        f"{p}/active_neurons": active_neurons(problem, solution),
+        f"{p}/status": STATUS_CODES[status],
+    })
+    if solution.relative_gap is not None:
+        metrics[f"{p}/duality_gap"] = solution.relative_gap
+    solved = (problem, solution) if keep_solution and solution.ok else None
+    return SolveOutcome(metrics, messages, solved)
+
+
+# Data sent once to the worker process, by key (several monitors may share one process's module).
+_WORKER_DATA: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+def store_worker_data(key: str, X: Tensor, Y: Tensor) -> None:
+    _WORKER_DATA.clear()  # one training run per worker process
+    _WORKER_DATA[key] = (X, Y)
+
+
+def solve_snapshot_job(
+    spec: SolveSpec, snap: Snapshot, data_key: str | None, solve_fn: Callable[..., Any]
+) -> SolveOutcome:
+    """The worker's job: the snapshot's data is either in it (thread) or stored in the worker process."""
+    if data_key is not None:
+        X, Y = _WORKER_DATA[data_key]
+        snap = replace(snap, X=X, Y=Y)
+    # No warnings filter here: it is process-global and would hide the training thread's warnings too.
+    return evaluate_snapshot(spec, snap, solve_fn, quiet=False, keep_solution=False)
+
+
+def active_neurons(problem, solution: ConvexSolution) -> int:
+    norms = torch.cat([solution.U.flatten(1).norm(dim=1), solution.V.flatten(1).norm(dim=1)])
+    scale = max(float(norms.max()), 1e-30) if norms.numel() else 1.0
+    return int((norms > 1e-6 * scale).sum())
+
 
 # ----------------------------------------------------------------------------------------------- background worker
 class WorkerError(RuntimeError):
@@ -318,7 +472,7 @@ class BackgroundWorker:
         job_read, job_write = os.pipe()
         result_read, result_write = os.pipe()
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        code = f"from hcl.monitoring import _worker_process_main; _worker_process_main({job_read}, {result_write})"
+        code = _WORKER_BOOTSTRAP.format(niceness=int(self._niceness), job_fd=job_read, result_fd=result_write)
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", code], pass_fds=(job_read, result_write), stdin=subprocess.DEVNULL, env=env,
@@ -438,6 +592,29 @@ def _as_worker_error(err: BaseException, trace: str) -> WorkerError:
     return error
 
 
+# The worker process's first lines. It lowers its priority before anything else (importing torch and the solvers is
+# its heaviest moment), and registers ``hcl`` without running ``hcl/__init__.py``, which imports Lightning: the worker
+# only needs ``hcl.convex`` and this module, and starts in half the time. The package's own attributes load on first
+# use (a job function defined in a module that does ``from hcl import TwoLayerReLU``).
+_WORKER_BOOTSTRAP = """
+import importlib.util, os, sys
+try:
+    os.nice({niceness})
+except (AttributeError, OSError):
+    pass
+spec = importlib.util.find_spec("hcl")
+if spec is not None and spec.loader is not None and spec.submodule_search_locations:
+    package = importlib.util.module_from_spec(spec)
+    def _load_package(name, package=package, spec=spec):
+        del package.__dict__["__getattr__"]
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+    package.__getattr__ = _load_package
+    sys.modules["hcl"] = package
+from hcl.monitoring import _worker_process_main
+_worker_process_main({job_fd}, {result_fd})
+"""
+
 _LIVE_PROCESSES: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -476,10 +653,6 @@ def _worker_process_main(job_fd: int, result_fd: int) -> None:
 
     config = pickle.load(jobs)
     sys.path[:] = config["sys_path"]
-    try:
-        os.nice(config["niceness"])  # the monitor yields the CPU to training
-    except (AttributeError, OSError):
-        pass
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # solver chatter; statuses are reported instead
     while True:
