@@ -132,7 +132,9 @@ def dual_certificate(
         mu = None
     else:
         cone = multipliers.cone if isinstance(multipliers, Multipliers) else multipliers
+        a = op.y_scale if op.y_scale > 0 else 1.0
         mu = (cone.to_dense() if cone.is_sparse else cone).to(torch.float64).clamp(min=0) * op.cmask
+        mu = mu / (problem.scale * a)  # the operator works in normalised units
     b = None if b0 is None else b0.to(torch.float64)
     return op.certificate(op.forward(W), mu, b0=b)[0]
 
@@ -502,7 +504,7 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
     Z = op.forward(W)
     if constrained:
         if warm is not None and warm[1] is not None:
-            floor = 1e-2
+            floor = 1e-3  # measured: 1e-2 … 1e-5 floors; 1e-3 never slower than a cold start
             Sl = torch.clamp(op.constraint(Z), min=floor) * cm + (1 - cm)
             Zd = torch.clamp(warm[1], min=floor) * cm
         else:
@@ -511,7 +513,7 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
     else:
         Sl = Zd = None
     # smoothing of the group norms: starts at the scale of the normalised data, shrinks with μ
-    eps = 1.0 if warm is None else 1e-2
+    eps = 1e-3 if (warm is not None and (warm[1] is not None or not constrained)) else 1.0
     eps_min = 1e-13
     num_groups = int(op.allowed.sum()) * (c if op.per_column else 1)
     status = "max_iterations"
@@ -577,7 +579,9 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
                 eps = max(min(eps, target * n / (2.0 * lam)), eps_floor, eps_min)
         else:
             dW = system.solve(-rd)
-            W, eps = _smoothed_newton_step(op, W, dW, grad, eps, eps_min)
+            value = float(r.square().sum() + op.penalty_value(W))
+            eps_floor = 0.05 * tol * value / (lam * num_groups) if lam > 0 else eps_min
+            W, eps = _smoothed_newton_step(op, W, dW, grad, eps, max(eps_floor, eps_min))
     else:
         if status == "max_iterations" and op.converged(W, op.forward(W), Zd, tol, constraint_tol)[0]:
             status = "optimal"
@@ -677,16 +681,9 @@ class _NewtonSystem:
         Binv[~allowed] = 0.0
         self.Binv = Binv  # (K, d, d)
         if not op.per_column:
-            # rank-one part −(ρ/N²) w wᵀ per pattern over its 2·c blocks: H̄_i⁻¹ = Bd⁻¹ + γ q qᵀ
-            Wp = W.permute(2, 1, 3, 0)  # (P, 2, c, d)
-            Bp = Binv.reshape(2, P, c, d, d).permute(1, 0, 2, 3, 4).reshape(P, 2 * c, d, d)
-            q = torch.einsum("pkde,pke->pkd", Bp, Wp.reshape(P, 2 * c, d))  # Bd⁻¹ w
-            kappa = rho / smooth.square()  # (P,)
-            wq = (Wp.reshape(P, 2 * c, d) * q).sum((1, 2))
-            gamma = kappa / (1.0 - kappa * wq).clamp(min=1e-300)
-            self.q = q.reshape(P, 2, c, d).permute(3, 1, 0, 2)  # (d, 2, P, c)
-            self.gamma = gamma
-            self.B_rank_one = (kappa, W)
+            # the rank-one part −(ρ/N²) w wᵀ of a pattern group spans its 2·c blocks; it is left out of
+            # the preconditioner (which then dominates the matrix) and kept in the exact product
+            self.B_rank_one = (rho / smooth.square(), W)
         # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
         # G = B_u⁻¹ + B_v⁻¹ = L Lᵀ: S gets (D_i X L)(D_i X L)ᵀ, built a chunk of patterns at a time
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
@@ -704,40 +701,15 @@ class _NewtonSystem:
             S = S - S.mean(2, keepdim=True)
         S.diagonal(dim1=1, dim2=2).add_(0.5)
         self.LS = torch.linalg.cholesky(S)
-        if not op.per_column:
-            # capacitance for the rank-one terms: columns Π M q_i (n, c) per pattern
-            Q = self._predict_blocks(self.q)  # (P, n, c)
-            Q = Q - Q.mean(1, keepdim=True) if op.bias else Q
-            root = self.gamma.clamp(min=0).sqrt()
-            Qs = Q * root[:, None, None]  # (P, n, c)
-            SinvQ = torch.cholesky_solve(Qs.permute(2, 1, 0), self.LS)  # (c, n, P)
-            cap = torch.einsum("pnc,cnq->pq", Qs, SinvQ) + torch.eye(P, dtype=dtype, device=op.device)
-            self.Qs, self.SinvQ = Qs, SinvQ
-            self.Lcap = torch.linalg.cholesky(cap)
-
-    def _predict_blocks(self, V: Tensor) -> Tensor:
-        """Per-pattern predictions ``D_i X (V_{0,i} − V_{1,i})``, shape ``(P, n, c)``."""
-        op = self.op
-        Z = op.forward(V)
-        return (op.Dm[:, :, None] * (Z[:, 0] - Z[:, 1])).permute(1, 0, 2)
 
     def _block_inverse(self, R: Tensor) -> Tensor:
         op = self.op
         K = 2 * op.P * op.c
-        out = torch.einsum("kde,ek->dk", self.Binv, R.reshape(op.d, K)).reshape(R.shape)
-        if not op.per_column:
-            coef = (self.q * R).sum((0, 1, 3)) * self.gamma  # (P,)
-            out = out + self.q * coef[None, None, :, None]
-        return out
+        return torch.einsum("kde,ek->dk", self.Binv, R.reshape(op.d, K)).reshape(R.shape)
 
     def _schur_solve(self, t: Tensor) -> Tensor:
         """Solve ``S τ = t`` for ``t`` of shape ``(n, c)``."""
-        x = torch.cholesky_solve(t.T[:, :, None], self.LS)[:, :, 0].T  # (n, c)
-        if not self.op.per_column:
-            proj = torch.einsum("pnc,nc->p", self.Qs, x)
-            y = torch.cholesky_solve(proj[:, None], self.Lcap)[:, 0]
-            x = x - torch.einsum("cnp,p->nc", self.SinvQ, y)
-        return x
+        return torch.cholesky_solve(t.T[:, :, None], self.LS)[:, :, 0].T  # (n, c)
 
     def _apply_inverse(self, R: Tensor) -> Tensor:
         op = self.op
@@ -758,12 +730,34 @@ class _NewtonSystem:
         out = out + 2.0 * op.adjoint_data(op.center(op.predict(op.forward(V))))
         return out * op.wmask
 
-    def solve(self, R: Tensor, refinements: int = 1) -> Tensor:
+    def solve(self, R: Tensor, rtol: float = 1e-10, max_iters: int = 50) -> Tensor:
+        """Conjugate gradients on the exact matrix, preconditioned by the Woodbury inverse.
+
+        With column groups the preconditioner is the matrix up to a tiny regularisation and one or two
+        iterations suffice; with pattern groups it lacks the rank-one norm terms (one per pattern).
+        """
         R = R * self.op.wmask
-        dW = self._apply_inverse(R)
-        for _ in range(refinements):
-            dW = dW + self._apply_inverse(R - self._apply(dW))
-        return dW * self.op.wmask
+        x = torch.zeros_like(R)
+        res = R.clone()
+        z = self._apply_inverse(res) * self.op.wmask
+        p = z.clone()
+        rz = float((res * z).sum())
+        target = rtol * float(R.norm())
+        for _ in range(max_iters):
+            Ap = self._apply(p)
+            curvature = float((p * Ap).sum())
+            if curvature <= 0.0:
+                break
+            alpha = rz / curvature
+            x = x + alpha * p
+            res = res - alpha * Ap
+            if float(res.norm()) <= target:
+                break
+            z = self._apply_inverse(res) * self.op.wmask
+            rz_next = float((res * z).sum())
+            p = z + (rz_next / rz) * p
+            rz = rz_next
+        return x * self.op.wmask
 
 
 # ----------------------------------------------------------------------------- first order
@@ -789,6 +783,8 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
     else:
         delta = L_data / max(L_cons, 1e-300) if constrained else 0.0
     step = 1.0 / max(L_data + delta * L_cons, 1e-300)
+    min_step = 1e-6 * step
+    rounding = 10.0 * torch.finfo(op.dtype).eps  # the sufficient-decrease test tolerates round-off
     Z = op.forward(W)
     W_prev, Z_prev = W, Z
     t = 1.0
@@ -822,7 +818,8 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
             Z_new = op.forward(W_new)
             f_new = smooth_part(Z_new)[0]
             diff = W_new - Wy
-            if f_new <= fy + float((grad * diff).sum()) + float(diff.square().sum()) / (2.0 * step) + 1e-12 * abs(fy):
+            bound = fy + float((grad * diff).sum()) + float(diff.square().sum()) / (2.0 * step)
+            if f_new <= bound + rounding * abs(fy) or step < min_step:
                 break
             step *= 0.5
         # gradient-based restart (O'Donoghue & Candès): drop momentum when it points uphill

@@ -25,8 +25,8 @@ from hcl.convex.native import solve_native
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 
 # ``"auto"`` takes Clarabel up to this size n·d·P·c and the native solver above it (measured: see the
-# module docstring; at the seed's size, 100·10·20 = 2·10⁴, Clarabel is the faster of the two).
-AUTO_NATIVE_ABOVE = 60_000
+# module docstring: equal times near 5·10³, native 1.4–1.7× faster at the seed size 100·10·20 = 2·10⁴).
+AUTO_NATIVE_ABOVE = 6_000
 
 _NATIVE_ONLY = ("warm_start", "tol", "constraint_tol", "max_iters", "penalty", "dtype", "chunk_size", "method")
 

@@ -1,0 +1,261 @@
+"""hcl's native solver against an independent cvxpy formulation, its certificate, warm starts and errors."""
+
+import itertools
+import math
+import warnings
+import zlib
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from hcl.convex.native import Multipliers, dual_certificate, remap_warm_start, solve_native
+from hcl.convex.problem import ConvexProblem
+from hcl.convex.solve import AUTO_NATIVE_ABOVE, available_solvers, choose_solver, solve
+
+
+# ----------------------------------------------------------------------------- an independent reference
+def reference_value(problem: ConvexProblem, gated: bool = False) -> float:
+    """The optimum by cvxpy/Clarabel, written block by block from the convex note (no shared code)."""
+    X = problem.X.double().numpy()
+    Y = problem.Y.double().numpy()
+    D = problem.patterns.numpy().astype(float)
+    n, d = X.shape
+    P, c = D.shape[1], Y.shape[1]
+    signs = np.zeros(P) if problem.signs is None else problem.signs.numpy()
+    prediction, constraints, penalty = 0, [], 0
+    for i in range(P):
+        Di = D[:, i : i + 1]
+        if gated:
+            Z = cp.Variable((d, c))
+            prediction = prediction + cp.multiply(Di, X @ Z)
+            if c == 1 or problem.one_vs_all:
+                penalty = penalty + sum(cp.norm(Z[:, k]) for k in range(c))
+            else:
+                penalty = penalty + cp.norm(Z, "fro")
+            continue
+        U, V = cp.Variable((d, c)), cp.Variable((d, c))
+        prediction = prediction + cp.multiply(Di, X @ (U - V))
+        constraints += [cp.multiply(2 * Di - 1, X @ U) >= 0, cp.multiply(2 * Di - 1, X @ V) >= 0]
+        if signs[i] > 0:
+            constraints.append(V == 0)
+        if signs[i] < 0:
+            constraints.append(U == 0)
+        if c == 1 or problem.one_vs_all:
+            penalty = penalty + sum(cp.norm(U[:, k]) + cp.norm(V[:, k]) for k in range(c))
+        else:
+            penalty = penalty + cp.norm(cp.hstack([U, V]), "fro")
+    residual = prediction - Y
+    if problem.output_bias:
+        b = cp.Variable((1, c))
+        residual = residual + np.ones((n, 1)) @ b
+    objective = problem.scale * cp.sum_squares(residual) + 2 * problem.weight_decay * penalty
+    cvx = cp.Problem(cp.Minimize(objective), constraints)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "may be inaccurate" at these very tight tolerances
+        cvx.solve(solver="CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    return float(cvx.value)
+
+
+def random_problem(seed, n=24, d=4, P=5, c=1, lam=0.05, reduction="mean", bias=False, one_vs_all=False,
+                   signs=False) -> ConvexProblem:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, -1] = 1.0  # a folded first-layer bias
+    patterns = (X @ torch.randn(d, P, generator=g, dtype=torch.float64)) >= 0
+    Y = torch.randn(n, c, generator=g, dtype=torch.float64)
+    sign = torch.randint(-1, 2, (P,), generator=g) if signs else None
+    return ConvexProblem(X, Y, patterns, weight_decay=lam, reduction=reduction, output_bias=bias, signs=sign,
+                         one_vs_all=one_vs_all)
+
+
+def assert_agrees(solution, problem, ref, gated, tol=1e-6):
+    scale = max(abs(ref), 1e-8)
+    assert solution.ok, solution.status
+    assert abs(solution.value - ref) <= 1e-5 * scale
+    # the certificate is a valid lower bound …
+    assert solution.dual_value <= ref + 1e-8 * scale
+    # … and, when the status says so, a tight one
+    if solution.status == "optimal":
+        assert solution.value - solution.dual_value <= 2 * tol * max(abs(solution.value), 1e-6)
+    # the solution is the problem's (recomputed independently)
+    assert math.isclose(float(problem.objective(solution.U, solution.V, solution.b0)), solution.value,
+                        rel_tol=1e-9, abs_tol=1e-12)
+    if not gated:
+        assert solution.violation <= 1e-6 * float(problem.Y.abs().max())
+        assert float(problem.violation(solution.U, solution.V)) <= 1e-6 * float(problem.Y.abs().max())
+    else:
+        assert torch.count_nonzero(solution.V) == 0
+
+
+OUTPUTS = [(1, False), (3, False), (3, True)]  # scalar, shared-layer vector (Frobenius), one-vs-all
+
+
+@pytest.mark.parametrize(
+    "outputs,bias,reduction,lam,gated",
+    list(itertools.product(OUTPUTS, [False, True], ["sum", "mean"], [0.0, 0.05], [False, True])),
+)
+def test_newton_agrees_with_cvxpy(outputs, bias, reduction, lam, gated):
+    c, one_vs_all = outputs
+    seed = zlib.crc32(repr((c, one_vs_all, bias, reduction, lam, gated)).encode()) % 1000
+    problem = random_problem(seed, c=c, one_vs_all=one_vs_all, bias=bias, reduction=reduction, lam=lam)
+    ref = reference_value(problem, gated)
+    solution = solve_native(problem, gated=gated, method="newton")
+    assert_agrees(solution, problem, ref, gated)
+    if lam > 0:
+        assert solution.status == "optimal"  # the certificate closes
+    else:
+        # λ = 0: the only certified bound is 0; the method stops on its optimality conditions
+        assert solution.status in ("optimal", "optimal_inaccurate")
+        assert solution.dual_value >= 0.0
+
+
+@pytest.mark.parametrize("signs", [True])
+@pytest.mark.parametrize("outputs", OUTPUTS)
+def test_newton_with_sign_restricted_blocks(outputs, signs):
+    c, one_vs_all = outputs
+    problem = random_problem(7, c=c, one_vs_all=one_vs_all, signs=signs, bias=True)
+    ref = reference_value(problem)
+    solution = solve_native(problem)
+    assert_agrees(solution, problem, ref, gated=False)
+    forbidden_u = problem.signs < 0
+    forbidden_v = problem.signs > 0
+    assert torch.count_nonzero(solution.U[forbidden_u]) == 0
+    assert torch.count_nonzero(solution.V[forbidden_v]) == 0
+
+
+@pytest.mark.parametrize(
+    "outputs,gated,bias", [((1, False), False, True), ((3, False), False, False), ((3, True), True, True)]
+)
+def test_fista_agrees_with_cvxpy(outputs, gated, bias):
+    c, one_vs_all = outputs
+    problem = random_problem(11, n=16, d=3, P=4, c=c, one_vs_all=one_vs_all, bias=bias, lam=0.1)
+    ref = reference_value(problem, gated)
+    solution = solve_native(problem, gated=gated, method="fista", tol=1e-5, dtype=torch.float64)
+    assert solution.status == "optimal"
+    assert_agrees(solution, problem, ref, gated, tol=1e-5)
+    assert isinstance(solution.multipliers, Multipliers) or gated
+
+
+def test_fista_float32_by_default_and_chunks_agree():
+    problem = random_problem(3, n=16, d=3, P=4, lam=0.1, bias=True)
+    problem32 = ConvexProblem(problem.X.float(), problem.Y.float(), problem.patterns, 0.1, "mean", True)
+    ref = reference_value(problem, gated=True)
+    full = solve_native(problem32, gated=True, method="fista", tol=1e-4)
+    chunked = solve_native(problem, gated=True, method="fista", chunk_size=5, tol=1e-6)
+    assert full.U.dtype == torch.float32
+    assert abs(full.value - ref) <= 1e-3 * ref
+    assert abs(chunked.value - ref) <= 1e-5 * ref
+
+
+def test_certificate_never_exceeds_the_optimum_at_any_point():
+    for seed in range(4):
+        problem = random_problem(100 + seed, c=1 + seed % 2 * 2, bias=bool(seed % 2), lam=0.05)
+        ref = reference_value(problem)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            U = torch.randn(problem.num_patterns, problem.d, problem.c, generator=g, dtype=torch.float64)
+            V = torch.randn(problem.num_patterns, problem.d, problem.c, generator=g, dtype=torch.float64)
+            mu = torch.rand(problem.n, 2, problem.num_patterns, problem.c, generator=g, dtype=torch.float64)
+            assert dual_certificate(problem, U, V, multipliers=mu) <= ref + 1e-9 * abs(ref)
+            assert dual_certificate(problem, 0.1 * U, 0.1 * V) <= ref + 1e-9 * abs(ref)
+        solution = solve_native(problem)
+        tight = dual_certificate(problem, solution.U, solution.V, solution.b0, solution.multipliers)
+        assert ref - 1e-5 * ref <= tight <= ref + 1e-9 * abs(ref)
+
+
+def test_warm_start_cuts_iterations():
+    problem = random_problem(21, n=60, d=6, P=12, lam=0.02, reduction="sum")
+    first = solve_native(problem)
+    g = torch.Generator().manual_seed(1)
+    nudged = ConvexProblem(problem.X, problem.Y + 0.01 * torch.randn(problem.Y.shape, generator=g,
+                                                                      dtype=torch.float64),
+                           problem.patterns, problem.weight_decay, problem.reduction)
+    cold = solve_native(nudged)
+    warm = solve_native(nudged, warm_start=first)
+    assert warm.status == cold.status == "optimal"
+    assert warm.iterations < cold.iterations
+    assert abs(warm.value - cold.value) <= 1e-5 * cold.value
+    # the same with a tuple carrying the multipliers
+    warm_tuple = solve_native(nudged, warm_start=(first.U, first.V, first.b0, first.multipliers))
+    assert warm_tuple.iterations == warm.iterations
+    # first order: restarting from the solution of the same problem certifies at once
+    small = random_problem(21, n=30, d=4, P=6, lam=0.1)
+    gated = solve_native(small, gated=True, method="fista", dtype=torch.float64)
+    again = solve_native(small, gated=True, method="fista", dtype=torch.float64, warm_start=gated)
+    assert gated.status == again.status == "optimal"
+    assert again.iterations < gated.iterations
+
+
+def test_remap_warm_start_matches_identical_patterns():
+    problem = random_problem(5, c=2, P=5)
+    solution = solve_native(problem)
+    old = problem.patterns
+    new_column = ~old[:, :1]
+    new = torch.cat([old[:, [3, 1]], new_column, old[:, [0]]], dim=1)  # reorder, drop 2 and 4, add one
+    U, V, b0, mult = remap_warm_start(old, solution, new)
+    assert U.shape == (4, problem.d, 2)
+    assert torch.equal(U[0], solution.U[3]) and torch.equal(V[1], solution.V[1])
+    assert torch.equal(U[3], solution.U[0])
+    assert torch.count_nonzero(U[2]) == 0 and torch.count_nonzero(V[2]) == 0
+    dense_old = solution.multipliers.cone.to_dense()
+    dense_new = mult.cone.to_dense()
+    assert torch.equal(dense_new[:, :, 0], dense_old[:, :, 3])
+    assert torch.count_nonzero(dense_new[:, :, 2]) == 0
+    # the remapped point is a valid warm start for the new problem
+    next_problem = ConvexProblem(problem.X, problem.Y, new, problem.weight_decay, problem.reduction)
+    warm = solve_native(next_problem, warm_start=(U, V, b0, mult))
+    assert warm.status == "optimal"
+    assert abs(warm.value - reference_value(next_problem)) <= 1e-5 * warm.value
+
+
+def test_bad_inputs_raise_clear_errors():
+    problem = random_problem(0)
+    X, Y, D = problem.X, problem.Y, problem.patterns
+    with pytest.raises(ValueError, match="NaN"):
+        ConvexProblem(torch.where(X > 1, float("nan"), X), Y, D, 0.1)
+    with pytest.raises(ValueError, match="shape"):
+        ConvexProblem(X, Y[:-1], D, 0.1)
+    with pytest.raises(ValueError, match="λ"):
+        ConvexProblem(X, Y, D, -0.1)
+    with pytest.raises(ValueError, match="empty"):
+        ConvexProblem(X, Y, D[:, :0], 0.1)
+    with pytest.raises(TypeError, match="ConvexProblem"):
+        solve_native((X, Y, D))
+    with pytest.raises(ValueError, match="method"):
+        solve_native(problem, method="admm")
+    with pytest.raises(ValueError, match="tol"):
+        solve_native(problem, tol=0.0)
+    with pytest.raises(ValueError, match="penalty"):
+        solve_native(problem, penalty=-1.0)
+    with pytest.raises(ValueError, match="warm start U, V must have shape"):
+        solve_native(problem, warm_start=(torch.zeros(2, 4, 1), torch.zeros(2, 4, 1), torch.zeros(1)))
+    bad = torch.full((problem.num_patterns, problem.d, 1), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN"):
+        solve_native(problem, warm_start=(bad, bad, torch.zeros(1)))
+    with pytest.raises(TypeError, match="warm_start"):
+        solve_native(problem, warm_start="previous")
+
+
+def test_zero_targets_give_the_zero_solution():
+    problem = random_problem(1)
+    zero = ConvexProblem(problem.X, torch.zeros_like(problem.Y), problem.patterns, 0.1)
+    solution = solve_native(zero)
+    assert solution.status == "optimal" and solution.value == 0.0 and solution.dual_value == 0.0
+
+
+def test_dispatcher():
+    problem = random_problem(2)
+    assert "native" in available_solvers() and "clarabel" in available_solvers()
+    with pytest.raises(ValueError, match="available"):
+        solve(problem, "gurobi-ish")
+    assert choose_solver(problem) == ("clarabel" if problem.n * problem.d * problem.num_patterns
+                                      <= AUTO_NATIVE_ABOVE else "native")
+    big = random_problem(2, n=200, d=10, P=20)
+    assert choose_solver(big) == "native"
+    ref = reference_value(problem)
+    for name in ("auto", "native", "clarabel", "ECOS"):
+        # native-only options (the callback's warm start) are accepted by every solver
+        solution = solve(problem, name, warm_start=problem.zeros(), tol=1e-7)
+        assert abs(solution.value - ref) <= 1e-5 * ref, name
