@@ -106,7 +106,9 @@ def remap_warm_start(
         sel = new_block >= 0
         idx = torch.stack([idx[0][sel], idx[1][sel], new_block[sel], idx[3][sel]])
         shape = (cone.shape[0], 2, P_new, cone.shape[3])
-        new_mult = Multipliers(torch.sparse_coo_tensor(idx, vals[sel], shape).coalesce(), mult.penalty)
+        new_mult = Multipliers(
+            torch.sparse_coo_tensor(idx, vals[sel], shape, check_invariants=False).coalesce(), mult.penalty
+        )
     return U_new, V_new, b0.clone(), new_mult
 
 

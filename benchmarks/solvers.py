@@ -1,0 +1,289 @@
+"""Benchmark of the convex solvers: hcl's native solver against cvxpy's Clarabel and ECOS.
+
+Prints markdown tables (this is a measurement, not a test):
+
+* **cold** — a random instance (Gaussian data with a bias column, Gaussian gates, Gaussian targets,
+  reduction ``"sum"``, ``λ = 0.1``) solved from zero at ``(n, d, P)`` = (100, 10, 20), (500, 20, 100),
+  (1000, 50, 100), (2000, 100, 400), plus an MNIST-size instance when a GPU is present;
+* **warm** — the callback's real use: a network of ``P`` neurons trained by full-batch gradient descent on
+  ``n`` points in ``d`` dimensions (a planted teacher plus noise, reduction ``"mean"``); the problem of its
+  patterns at one step is solved, then the next step's problem, warm-started from the previous solution
+  (patterns matched by :func:`hcl.convex.native.remap_warm_start`) and from the network's own point;
+* **per iteration** — the native solver's time per iteration against the time of the dense products one
+  iteration needs, measured with ``torch.matmul`` in the same run;
+* **first order** — what the matrix-free method reaches at (500, 20, 100) in a fixed time;
+* ``--crossover`` — native against Clarabel on small sizes (the ``"auto"`` switch point).
+
+Each cvxpy solve runs in a child process and is stopped past ``--time-limit`` seconds ("skipped (> N s)").
+Relative objective differences are against the best (lowest) cvxpy value; the violation is relative to
+``max |Y|``; the gap is the native certificate's ``(value − dual) / value``.
+
+Usage: ``python benchmarks/solvers.py [--time-limit 120] [--only cold,warm,iter,first,crossover] [--threads 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import subprocess
+import time
+
+import torch
+
+from hcl.convex.build import problem_from_network
+from hcl.convex.cvxpy_solver import solve_cvxpy
+from hcl.convex.native import remap_warm_start, solve_native
+from hcl.convex.problem import ConvexProblem
+from hcl.convex.solve import choose_solver, solve
+
+COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
+WARM_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100)]
+CROSSOVER_SIZES = [(30, 3, 6), (50, 5, 10), (60, 6, 12), (80, 8, 16), (100, 10, 10), (100, 10, 20), (200, 10, 40)]
+
+
+# ----------------------------------------------------------------------------- instances
+def cold_instance(n: int, d: int, P: int, seed: int = 0, device: str = "cpu") -> ConvexProblem:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d - 1, generator=g, dtype=torch.float64)
+    X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    gates = torch.randn(d, P, generator=g, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    return ConvexProblem(X.to(device), y.to(device), (X @ gates >= 0).to(device), weight_decay=0.1, reduction="sum")
+
+
+def trained_snapshots(n: int, d: int, P: int, steps: int = 300, seed: int = 0):
+    """Two consecutive full-batch GD steps of a P-neuron network: ``[(problem, point), (problem, point)]``."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d - 1, generator=g, dtype=torch.float64)
+    teacher = torch.randn(5, d - 1, generator=g, dtype=torch.float64)
+    y = torch.relu(X @ teacher.T).sum(1) / 5 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    W1 = (torch.randn(P, d - 1, generator=g, dtype=torch.float64) / (d - 1) ** 0.5).requires_grad_(True)
+    b1 = (0.1 * torch.randn(P, generator=g, dtype=torch.float64)).requires_grad_(True)
+    W2 = (torch.randn(1, P, generator=g, dtype=torch.float64) / P**0.5).requires_grad_(True)
+    lam, lr = 1e-3, 0.05
+    snapshots = []
+    for step in range(steps + 1):
+        if step >= steps - 1:
+            snapshots.append(problem_from_network(X, y, W1.detach(), b1.detach(), W2.detach(), None,
+                                                  weight_decay=lam, reduction="mean"))
+        loss = (torch.relu(X @ W1.T + b1) @ W2.T - y[:, None]).square().mean()
+        loss = loss + lam * (W1.square().sum() + b1.square().sum() + W2.square().sum())
+        grads = torch.autograd.grad(loss, [W1, b1, W2])
+        with torch.no_grad():
+            for param, grad in zip([W1, b1, W2], grads):
+                param -= lr * grad
+    return snapshots
+
+
+# ----------------------------------------------------------------------------- cvxpy in a child process
+def _child(problem, name, pipe):
+    torch.set_num_threads(1)
+    try:
+        solution = solve_cvxpy(problem, name)
+        pipe.send((solution.value, solution.solve_seconds, solution.status))
+    except Exception as error:  # noqa: BLE001 - reported in the table
+        pipe.send((None, None, f"failed: {type(error).__name__}"))
+
+
+def run_cvxpy(problem: ConvexProblem, name: str, time_limit: float):
+    """``(value, seconds, status)``, or ``(None, None, "skipped (> N s)")`` past the limit."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(problem, name, child))
+    process.start()
+    if parent.poll(time_limit):
+        result = parent.recv()
+        process.join()
+        return result
+    process.terminate()
+    process.join()
+    return None, None, f"skipped (> {time_limit:.0f} s)"
+
+
+# ----------------------------------------------------------------------------- helpers
+def fmt_time(seconds) -> str:
+    return "–" if seconds is None else (f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}")
+
+
+def best_cvxpy(results):
+    values = [(v, t) for v, t, _ in results if v is not None]
+    if not values:
+        return None, None
+    return min(v for v, _ in values), min(t for _, t in values)
+
+
+def row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> float:
+    """Time of the dense products one iteration of ``method`` needs, with random data of the right shapes."""
+    n, d, P, c = problem.n, problem.d, problem.num_patterns, problem.c
+    dt, dev = torch.float64 if method == "newton" else problem.X.dtype, problem.X.device
+    X = torch.randn(n, d, dtype=dt, device=dev)
+    W = torch.randn(d, 2 * P * c, dtype=dt, device=dev)
+    G = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
+    if method == "newton":
+        F = torch.randn(n, P * d, dtype=dt, device=dev)
+        theta = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
+        outer = torch.randn(n, d * d, dtype=dt, device=dev)
+
+    def once():
+        if method == "newton":
+            for _ in range(c):
+                torch.matmul(F, F.T)  # the n × n Schur matrix
+            torch.matmul(theta.T, outer)  # the per-block Xᵀ diag(θ) X
+            for _ in range(6):  # products with X and Xᵀ (predictor, corrector, one CG step each)
+                torch.matmul(X, W)
+                torch.matmul(X.T, G)
+        else:
+            torch.matmul(X, W)
+            torch.matmul(X.T, G)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    once()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    return (time.perf_counter() - start) / repeats
+
+
+def machine() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{model}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); {gpu}"
+
+
+# ----------------------------------------------------------------------------- sections
+def cold(args) -> None:
+    print("\n### Cold start (random instance, reduction sum, λ = 0.1)\n")
+    print(row(["n, d, P", "native s (iters)", "Clarabel s", "ECOS s", "rel. obj. diff", "violation", "gap",
+               "speed-up"]))
+    print(row(["---"] * 8))
+    for n, d, P in COLD_SIZES:
+        problem = cold_instance(n, d, P)
+        native = solve_native(problem, time_limit=args.native_limit)
+        results = [run_cvxpy(problem, name, args.time_limit) for name in ("CLARABEL", "ECOS")]
+        ref, t_best = best_cvxpy(results)
+        diff = "–" if ref is None else f"{(native.value - ref) / abs(ref):.1e}"
+        speed = (f"{t_best / native.solve_seconds:.1f}×" if t_best is not None
+                 else f"> {args.time_limit / native.solve_seconds:.1f}×")
+        cells = [f"{n}, {d}, {P}", f"{fmt_time(native.solve_seconds)} ({native.iterations}, {native.status})"]
+        cells += [fmt_time(t) if v is not None else s for v, t, s in results]
+        cells += [diff, f"{native.violation / float(problem.Y.abs().max()):.1e}", f"{native.relative_gap:.1e}",
+                  speed]
+        print(row(cells), flush=True)
+    if torch.cuda.is_available():
+        mnist_size(args)
+    else:
+        print("\nMNIST-size instance (n = 60000, d = 785, P = 1000): skipped (no GPU in this run).")
+
+
+def mnist_size(args) -> None:
+    problem = cold_instance(60000, 785, 1000, device="cuda")
+    problem = ConvexProblem(problem.X.float(), problem.Y.float(), problem.patterns, weight_decay=0.1 / 60000,
+                            reduction="mean")
+    start = time.perf_counter()
+    solution = solve_native(problem, time_limit=args.native_limit)
+    print(f"\nMNIST-size (60000, 785, 1000) on {torch.cuda.get_device_name(0)}: {solution.status} after "
+          f"{solution.iterations} iterations, {time.perf_counter() - start:.1f} s, gap {solution.relative_gap:.1e}, "
+          f"violation {solution.violation:.1e}, {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def warm(args) -> None:
+    print("\n### Warm start (consecutive GD steps of a trained network, reduction mean, λ = 1e-3)\n")
+    print(row(["n, d, P", "patterns (new)", "native cold s (it)", "warm: previous s (it)", "warm: network s (it)",
+               "Clarabel s", "ECOS s", "rel. obj. diff", "gap", "speed-up (previous)"]))
+    print(row(["---"] * 10))
+    for n, d, P in WARM_SIZES:
+        (first, _), (second, point) = trained_snapshots(n, d, P)
+        previous = solve_native(first)
+        old = first.patterns
+        new = second.patterns
+        remapped = remap_warm_start(old, previous, new)
+        fresh = int((remapped[0].flatten(1).norm(dim=1) + remapped[1].flatten(1).norm(dim=1) == 0).sum())
+        cold_solution = solve_native(second)
+        from_previous = solve_native(second, warm_start=remapped)
+        from_network = solve_native(second, warm_start=point)
+        results = [run_cvxpy(second, name, args.time_limit) for name in ("CLARABEL", "ECOS")]
+        ref, t_best = best_cvxpy(results)
+        diff = "–" if ref is None else f"{(from_previous.value - ref) / abs(ref):.1e}"
+        speed = ("–" if t_best is None else f"{t_best / from_previous.solve_seconds:.1f}×")
+        cells = [f"{n}, {d}, {P}", f"{new.shape[1]} ({fresh})"]
+        cells += [f"{fmt_time(s.solve_seconds)} ({s.iterations})" for s in (cold_solution, from_previous, from_network)]
+        cells += [fmt_time(t) if v is not None else s for v, t, s in results]
+        cells += [diff, f"{from_previous.relative_gap:.1e}", speed]
+        print(row(cells), flush=True)
+
+
+def per_iteration(args) -> None:
+    print("\n### Native time per iteration against the dense products an iteration needs (torch.matmul)\n")
+    print(row(["n, d, P", "method", "s / iteration", "matmuls s", "ratio"]))
+    print(row(["---"] * 5))
+    for n, d, P in COLD_SIZES[:3]:
+        problem = cold_instance(n, d, P)
+        for method in ("newton", "fista"):
+            solution = solve_native(problem, method=method, max_iters=10 if method == "newton" else 200,
+                                    dtype=torch.float64)
+            per_it = solution.solve_seconds / solution.iterations
+            mm = matmul_seconds(problem, method)
+            print(row([f"{n}, {d}, {P}", method, f"{per_it * 1e3:.2f} ms", f"{mm * 1e3:.2f} ms",
+                       f"{per_it / mm:.2f}"]), flush=True)
+
+
+def first_order(args) -> None:
+    n, d, P = 500, 20, 100
+    problem = cold_instance(n, d, P)
+    ref = solve_native(problem)
+    print(f"\n### First-order method alone at ({n}, {d}, {P})\n")
+    print(row(["time limit s", "iterations", "rel. obj. diff", "violation", "gap"]))
+    print(row(["---"] * 5))
+    for limit in (5.0, 30.0):
+        solution = solve_native(problem, method="fista", dtype=torch.float64, time_limit=limit)
+        print(row([f"{limit:.0f}", solution.iterations, f"{(solution.value - ref.value) / ref.value:.1e}",
+                   f"{solution.violation / float(problem.Y.abs().max()):.1e}", f"{solution.relative_gap:.1e}"]),
+              flush=True)
+
+
+def crossover(args) -> None:
+    print("\n### Crossover: native against Clarabel on small sizes (best of 3)\n")
+    print(row(["n, d, P", "n·d·P", "native s", "Clarabel s", "Clarabel / native", "auto picks"]))
+    print(row(["---"] * 6))
+    for n, d, P in CROSSOVER_SIZES:
+        problem = cold_instance(n, d, P)
+        t_native = min(solve_native(problem).solve_seconds for _ in range(3))
+        t_clarabel = min(solve_cvxpy(problem, "CLARABEL").solve_seconds for _ in range(3))
+        t_auto = min(_timed(lambda p=problem: solve(p, "auto")) for _ in range(3))
+        print(row([f"{n}, {d}, {P}", n * d * P, f"{t_native:.3f}", f"{t_clarabel:.3f}",
+                   f"{t_clarabel / t_native:.2f}", f"{choose_solver(problem)} ({t_auto:.3f} s)"]), flush=True)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per cvxpy solve")
+    parser.add_argument("--native-limit", type=float, default=900.0, help="seconds per native solve")
+    parser.add_argument("--only", default="crossover,cold,warm,iter,first")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"Machine: {machine()}")
+    solve_native(cold_instance(40, 4, 8))  # first-call overheads (lazy initialisation) out of the timings
+    sections = {"crossover": crossover, "cold": cold, "warm": warm, "iter": per_iteration, "first": first_order}
+    for name in args.only.split(","):
+        sections[name](args)
+
+
+if __name__ == "__main__":
+    main()
