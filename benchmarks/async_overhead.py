@@ -13,6 +13,7 @@ medians over the repetitions:
   for a short run, the start of the worker process).
 
     python benchmarks/async_overhead.py                     # process worker, 600 steps, 3 repetitions
+    python benchmarks/async_overhead.py --niceness 0                        # worker at training's priority
     python benchmarks/async_overhead.py --worker thread --sync --steps 300
 """
 
@@ -28,6 +29,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
+import hcl.monitoring
 from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor
 from hcl.datamodules import SyntheticRegression
@@ -88,8 +90,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=["process", "thread"], default="process")
     parser.add_argument("--max-pending", type=int, default=2)
+    parser.add_argument("--niceness", type=int, default=None,
+                        help="nice increment of the worker process (default: hcl.monitoring.WORKER_NICENESS)")
     parser.add_argument("--sync", action="store_true", help="also time the synchronous monitor (slow)")
     args = parser.parse_args()
+    if args.niceness is not None:
+        hcl.monitoring.WORKER_NICENESS = args.niceness
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
@@ -108,7 +114,8 @@ def main() -> None:
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores (load average {load}), 1 torch thread; {args.steps} "
-          f"full-batch steps, {args.repeats} repetitions; worker={args.worker}, max_pending={args.max_pending}")
+          f"full-batch steps, {args.repeats} repetitions; worker={args.worker}, max_pending={args.max_pending}, "
+          f"niceness={hcl.monitoring.WORKER_NICENESS}")
     base = results["baseline"]
     medians = {key: statistics.median(r[key] for r in base) for key in KEYS}
     print(f"baseline: cpu {medians['cpu']:.2f} s, steps {medians['steps']:.2f} s, "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 import uuid
 from collections import deque
@@ -389,9 +390,14 @@ class ConvexGapMonitor(Callback):
 
     # ------------------------------------------------------------ asynchronous
     def _start_worker(self) -> None:
-        self._worker = BackgroundWorker(self.worker, name=f"hcl-{self.prefix}-solver")
+        kind = self.worker
+        if kind == "process" and os.name != "posix":
+            # The worker process inherits its pipes by descriptor number, which only POSIX systems offer.
+            rank_zero_warn(f"{type(self).__name__}: worker='process' needs a POSIX system; solving in a thread")
+            kind = self.worker = "thread"
+        self._worker = BackgroundWorker(kind, name=f"hcl-{self.prefix}-solver")
         self._data_key = None
-        if self.worker == "process":
+        if kind == "process":
             # The data goes to the worker process once; snapshots carry only the weights.
             self._data_key = uuid.uuid4().hex
             self._worker.submit(store_worker_data, self._data_key, self._X_cpu, self._Y_cpu)

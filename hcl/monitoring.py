@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 WORKER_KINDS = ("process", "thread")
 
+#: ``nice`` increment of worker processes: on a busy machine the monitor yields the CPU to training and falls behind
+#: (skipping snapshots) rather than slowing training down. 0 makes it compete on equal terms.
+WORKER_NICENESS = 10
+
 
 def check_every_n_steps(every_n_steps: int) -> int:
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -387,12 +391,12 @@ class BackgroundWorker:
     job's exception, or the worker's death, sets a :class:`WorkerError` on its future.
     """
 
-    def __init__(self, kind: str = "process", name: str = "hcl-worker", niceness: int = 10) -> None:
+    def __init__(self, kind: str = "process", name: str = "hcl-worker", niceness: int | None = None) -> None:
         if kind not in WORKER_KINDS:
             raise ValueError(f"worker must be one of {WORKER_KINDS}, got {kind!r}")
         self.kind = kind
         self.name = name
-        self._niceness = niceness
+        self._niceness = WORKER_NICENESS if niceness is None else niceness
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._started: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # future → start time
         self._closed = False

@@ -12,6 +12,7 @@ from _events import read_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import hcl.callbacks.convex_gap as convex_gap_module
+import hcl.monitoring
 from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor
 from hcl.convex.problem import ConvexSolution
@@ -58,8 +59,14 @@ def exploding_solve(problem, solver, **options):
     raise RuntimeError("solver exploded")
 
 
+@pytest.fixture
+def full_priority(monkeypatch):
+    # The test machine is shared: a worker process at a lower priority could take long to start.
+    monkeypatch.setattr(hcl.monitoring, "WORKER_NICENESS", 0)
+
+
 @pytest.mark.parametrize("worker", ["thread", "process"])
-def test_with_room_in_the_queue_the_async_series_is_the_sync_series(tmp_path, worker):
+def test_with_room_in_the_queue_the_async_series_is_the_sync_series(tmp_path, worker, full_priority):
     """Every due step is solved once, at the weights of its own step, whatever the order results arrive in."""
     sync = _run(tmp_path / "sync", [ConvexGapMonitor(every_n_steps=2, solver="clarabel")])
     monitor = ConvexGapMonitor(every_n_steps=2, solver="clarabel", asynchronous=True, max_pending=100, worker=worker)
@@ -148,7 +155,7 @@ def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch):
     assert len(s["train/objective"]) == 6
 
 
-def test_the_worker_process_is_killed_when_a_solve_overruns(tmp_path, monkeypatch):
+def test_the_worker_process_is_killed_when_a_solve_overruns(tmp_path, monkeypatch, full_priority):
     monkeypatch.setattr(convex_gap_module, "solve", sleepy_solve)
     monitor = ConvexGapMonitor(every_n_steps=100, asynchronous=True, worker="process", solve_time_limit=0.2)
     with pytest.warns(UserWarning, match="abandoned"):
