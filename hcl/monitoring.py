@@ -218,6 +218,7 @@ def warn_if_no_logger(trainer: pl.Trainer, owner: str) -> bool:
 def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
+
 # --------------------------------------------------------------------------------------------- one convex solve
 # The solve of one snapshot lives here, importable without Lightning, so that a worker process starts quickly.
 
@@ -282,17 +283,18 @@ def evaluate_snapshot(
                if t is not None]
     if not all(bool(torch.isfinite(t).all()) for t in weights):
         return SolveOutcome({f"{p}/status": STATUS_CODES["nonfinite"]},
-                        [f"{owner}: non-finite network weights at step {snap.step}; no solve"])
-    Xf = fold_bias(snap.X, snap.hidden_bias is not None)
-    Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
-    L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias, spec.weight_decay,
-                                spec.reduction))
-    metrics: dict[str, float] = {f"{p}/nonconvex_objective": L}
+                            [f"{owner}: non-finite network weights at step {snap.step}; no solve"])
+    metrics: dict[str, float] = {}
     options = dict(spec.solver_options)
     if spec.time_limit is not None:
         options.setdefault("time_limit", spec.time_limit)
     start = time.perf_counter()
     try:
+        Xf = fold_bias(snap.X, snap.hidden_bias is not None)
+        Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
+        L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias, spec.weight_decay,
+                                    spec.reduction))
+        metrics[f"{p}/nonconvex_objective"] = L
         problem, point = problem_from_network(
             snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias,
             weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
@@ -306,6 +308,8 @@ def evaluate_snapshot(
             solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
         if not isinstance(solution, ConvexSolution):
             raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
+        seconds = time.perf_counter() - start
+        return _measure(spec, snap, problem, point, solution, L, seconds, metrics, keep_solution)
     except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
         seconds = time.perf_counter() - start
         late = spec.time_limit is not None and seconds >= spec.time_limit
@@ -314,8 +318,14 @@ def evaluate_snapshot(
         reason = f" after {seconds:.2f} s (time limit {spec.time_limit} s)" if late else ""
         description = f"{type(err).__name__}: {err}"
         return SolveOutcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {description}"],
-                        error=description)
-    seconds = time.perf_counter() - start
+                            error=description)
+
+
+def _measure(
+    spec: SolveSpec, snap: Snapshot, problem: ConvexProblem, point: tuple, solution: ConvexSolution, L: float,
+    seconds: float, metrics: dict[str, float], keep_solution: bool,
+) -> SolveOutcome:
+    p, owner = spec.prefix, spec.owner
     value = solution.value
     if not spec.gated:
         # The network's own point is feasible: p* is never above its value, whatever the solver reached.
