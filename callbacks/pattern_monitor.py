@@ -214,9 +214,15 @@ class PatternMonitor(Callback):
 
 
 def _same_tensor(batch: Any, data: Tensor) -> bool:
-    """Whether the batch's inputs are ``data`` itself (same memory and shape), so that row ``j`` is sample ``j``."""
+    """Whether the batch's inputs are ``data`` itself, row for row (so that output row ``j`` is sample ``j``).
+
+    The same memory answers at once; otherwise equal values do (a collated full batch, not shuffled), checked at a
+    cost of ``n · d`` against the ``n · d · m`` of recomputing the patterns.
+    """
     first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-    if not isinstance(first, Tensor):
+    if not isinstance(first, Tensor) or first.shape[0] != data.shape[0]:
         return False
-    first = first.reshape(first.shape[0], -1) if first.ndim > 1 else first
-    return first.shape == data.shape and first.dtype == data.dtype and first.data_ptr() == data.data_ptr()
+    first = first.reshape(first.shape[0], -1)
+    if first.shape != data.shape or first.dtype != data.dtype or first.device != data.device:
+        return False
+    return first.data_ptr() == data.data_ptr() or bool(torch.equal(first, data))

@@ -150,6 +150,9 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
             )
     if not xs:
         raise ValueError("the training dataloader is empty")
+    if len(xs) == 1:
+        # One batch (full-batch training): keep its tensors, so that a callback can recognise them in a training step.
+        return xs[0], (ys[0] if ys else None)
     try:
         return torch.cat(xs), (torch.cat(ys) if ys else None)
     except RuntimeError as err:

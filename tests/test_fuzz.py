@@ -409,3 +409,23 @@ def test_fast_dev_run_with_its_dummy_logger(tmp_path):
     trainer.fit(_model(), datamodule=_dm(*_data()))
     assert float(trainer.callback_metrics["convex/status"]) == 0.0
     assert trainer.callback_metrics["convex/optimum"] <= trainer.callback_metrics["convex/nonconvex_objective"] + 1e-9
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_full_batch_loader_is_read_row_for_row_only_when_it_is_the_data(tmp_path, shuffle):
+    """A shuffled full batch holds the same points in another order each step: patterns read from the forward pass
+    would change order with it and count as changed; the monitor recomputes them instead."""
+    X, y = _data(n=40)
+    series = {}
+    for name, callbacks, loader in (
+        ("probe", [PatternMonitor(probe=X)], _loader(X, y)),
+        ("loader", [PatternMonitor()], DataLoader(TensorDataset(X, y), batch_size=40, shuffle=shuffle)),
+    ):
+        torch.manual_seed(0)
+        model = Net(two_layer(m=6))
+        _fit(model, loader, callbacks, tmp_path / name, max_steps=6)
+        from _events import read_scalars
+
+        series[name] = read_scalars(tmp_path / name)
+    for tag in ("patterns/unique", "patterns/changed", "patterns/new", "patterns/dead"):
+        assert series["loader"][tag] == series["probe"][tag], tag
