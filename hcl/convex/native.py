@@ -217,7 +217,7 @@ def solve_native(
     op = _Operator(problem, gated=gated, dtype=dtype, chunk_size=chunk_size)
     warm = None if warm_start is None else op.warm(warm_start)
     if op.y_scale == 0.0:  # Y = 0: the zero point is optimal, with a zero certificate
-        result = _Result(op.zeros(), None, None, 0, "optimal")
+        result = _Result(op.zeros(), None, 0, "optimal")
     elif method == "newton":
         result = _interior_point(op, warm, tol, constraint_tol, max_iters or 100, deadline, verbose)
     else:
@@ -230,7 +230,6 @@ def solve_native(
 class _Result:
     W: Tensor  # (d, 2, P, c), normalised units
     mu: Tensor | None  # (n, 2, P, c) cone multipliers, normalised units
-    b0: Tensor | None
     iterations: int
     status: str
     penalty: float | None = None
@@ -315,9 +314,9 @@ class _Operator:
         """``Z = X W`` block outputs, shape ``(n, 2, P, c)``."""
         return (self.X @ W.reshape(self.d, -1)).reshape(self.n, 2, self.P, self.c)
 
-    def predict(self, Z: Tensor) -> Tensor:
-        """``Σ_i D_i X (U_i − V_i)``, shape ``(n, c)``."""
-        return torch.einsum("np,npc->nc", self.Dm, Z[:, 0] - Z[:, 1])
+    def predict(self, Z: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``Σ_i D_i X (U_i − V_i)``, shape ``(n, c)`` (or the rows ``rows`` of it, given their ``Z``)."""
+        return torch.einsum("np,npc->nc", self.Dm[rows], Z[:, 0] - Z[:, 1])
 
     def residual(self, Z: Tensor) -> tuple[Tensor, Tensor | None]:
         """``r = prediction + b₀ − Y`` with the optimal output bias (``r`` centred) when there is one."""
@@ -330,16 +329,18 @@ class _Operator:
     def center(self, r: Tensor) -> Tensor:
         return r - r.mean(0) if self.bias else r
 
-    def adjoint_data(self, r: Tensor) -> Tensor:
-        """``Mᵀ r``: block ``(side, i, o)`` gets ``± Xᵀ D_i r_o``; shape ``(d, 2, P, c)``."""
-        G = (self.X.T @ (self.Dm[:, :, None] * r[:, None, :]).reshape(self.n, -1)).reshape(self.d, self.P, self.c)
+    def adjoint_data(self, r: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``Mᵀ r``: block ``(side, i, o)`` gets ``± Xᵀ D_i r_o``; shape ``(d, 2, P, c)`` (``r`` on ``rows``)."""
+        X, Dm = self.X[rows], self.Dm[rows]
+        G = (X.T @ (Dm[:, :, None] * r[:, None, :]).reshape(X.shape[0], -1)).reshape(self.d, self.P, self.c)
         return torch.stack([G, -G], dim=1) * self.wmask
 
     def constraint(self, Z: Tensor) -> Tensor:
         return self.S * Z * self.cmask
 
-    def adjoint_constraint(self, Y: Tensor) -> Tensor:
-        return (self.X.T @ (self.S * Y).reshape(self.n, -1)).reshape(self.d, 2, self.P, self.c) * self.cmask[0]
+    def adjoint_constraint(self, Y: Tensor, rows: slice = slice(None)) -> Tensor:
+        X = self.X[rows]
+        return (X.T @ (self.S[rows] * Y).reshape(X.shape[0], -1)).reshape(self.d, 2, self.P, self.c) * self.cmask[0]
 
     # ---- groups
     def group_norms(self, W: Tensor) -> Tensor:
@@ -370,8 +371,8 @@ class _Operator:
     # ---- certificate
     def certificate(
         self, Z: Tensor, mu: Tensor | None, b0: Tensor | None = None
-    ) -> tuple[float, float, Tensor | None]:
-        """``(dual_value, primal_value_data_term, b0)`` in the problem's units (see the module docstring)."""
+    ) -> tuple[float, float]:
+        """``(dual_value, max_k ‖g_k‖)``: the certified bound in the problem's units and the worst group."""
         X64 = self.X.to(torch.float64)
         Y = self.Y.to(torch.float64)
         pred = torch.einsum("np,npc->nc", self.Dm.to(torch.float64), (Z[:, 0] - Z[:, 1]).to(torch.float64))
@@ -405,7 +406,7 @@ class _Operator:
             t = min(max(-2.0 * nu_y / nu_sq, 0.0), t_max)
             value = -t * nu_y - t * t * nu_sq / 4.0
         a = self.y_scale if self.y_scale > 0 else 1.0
-        return value * self.problem.scale * a * a, worst, None
+        return value * self.problem.scale * a * a, worst
 
     # ---- output
     def unpack(self, W: Tensor) -> tuple[Tensor, Tensor]:
@@ -587,7 +588,7 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
     else:
         if status == "max_iterations" and op.converged(W, op.forward(W), Zd, tol, constraint_tol)[0]:
             status = "optimal"
-    return _Result(W * op.wmask, Zd if constrained else None, None, it, status)
+    return _Result(W * op.wmask, Zd if constrained else None, it, status)
 
 
 def _kkt_met(op, r, grad_data, rd, mu, m, violation, tol, constraint_tol) -> bool:
@@ -796,25 +797,44 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
     iters_since = 0
     it = 0
 
-    def smooth_part(Zv: Tensor) -> tuple[float, Tensor, Tensor | None]:
-        r, _ = op.residual(Zv)
-        value = r.square().sum()
-        hinge = None
-        if constrained:
-            hinge = torch.relu(gamma / delta - op.S * Zv) * cm
-            value = value + 0.5 * delta * hinge.square().sum()
-        return float(value), r, hinge
+    rows_per_chunk = op.chunk_size or n
+
+    def smooth_part(Za: Tensor, Zb: Tensor | None = None, beta: float = 0.0, want_grad: bool = False):
+        """Value (and gradient) of the smooth part at ``Z = Za + β (Za − Zb)``, a chunk of samples at a time.
+
+        Everything but the output bias's mean is row-local, so the temporaries are ``chunk × 2Pc``.
+        """
+        chunks = [slice(lo, min(n, lo + rows_per_chunk)) for lo in range(0, n, rows_per_chunk)]
+
+        def block_outputs(rows: slice) -> Tensor:
+            Zc = Za[rows]
+            return Zc if Zb is None or beta == 0.0 else Zc + beta * (Zc - Zb[rows])
+
+        shift = 0.0
+        if op.bias:  # the optimal output bias centres the residual: its mean needs every row first
+            shift = sum((op.predict(block_outputs(rows), rows) - op.Y[rows]).sum(0) for rows in chunks) / n
+        value = 0.0
+        grad = torch.zeros_like(W) if want_grad else None
+        for rows in chunks:
+            Zc = block_outputs(rows)
+            r = op.predict(Zc, rows) - op.Y[rows] - shift
+            value += float(r.square().sum())
+            if want_grad:
+                grad += 2.0 * op.adjoint_data(r, rows)
+            if constrained:
+                hinge = torch.relu(gamma[rows] / delta - op.S[rows] * Zc) * cm
+                value += 0.5 * delta * float(hinge.square().sum())
+                if want_grad:
+                    grad -= delta * op.adjoint_constraint(hinge, rows)
+        return value, grad
 
     check_every = 25
     for it in range(1, max_iters + 1):
         t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         beta = (t - 1.0) / t_next
         Wy = W + beta * (W - W_prev)
-        Zy = Z + beta * (Z - Z_prev)  # X is linear: no product needed
-        fy, r, hinge = smooth_part(Zy)
-        grad = 2.0 * op.adjoint_data(r)
-        if constrained:
-            grad = grad - delta * op.adjoint_constraint(hinge)
+        # X is linear: the extrapolated point's X W_y is Z + β (Z − Z_prev), no product needed
+        fy, grad = smooth_part(Z, Z_prev, beta, want_grad=True)
         while True:
             W_new = op.group_soft_threshold(Wy - step * grad, 2.0 * lam * step) * op.wmask
             Z_new = op.forward(W_new)
@@ -856,7 +876,8 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
         if _time_up(deadline):
             status = "time_limit"
             break
-    return _Result(W * op.wmask, gamma, None, it, status, penalty=(delta * op.problem.scale) if constrained else None)
+    penalty_reached = delta * op.problem.scale if constrained else None
+    return _Result(W * op.wmask, gamma, it, status, penalty=penalty_reached)
 
 
 def _power_norm(apply, V0: Tensor, op: _Operator, iters: int = 30) -> float:
