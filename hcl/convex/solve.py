@@ -18,7 +18,11 @@ callback) can pass ``warm_start`` and native tolerances whatever the solver: cvx
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
+
+import torch
 
 from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy
 from hcl.convex.native import solve_native
@@ -29,6 +33,29 @@ from hcl.convex.problem import ConvexProblem, ConvexSolution
 AUTO_NATIVE_ABOVE = 6_000
 
 _NATIVE_ONLY = ("warm_start", "tol", "constraint_tol", "max_iters", "penalty", "dtype", "chunk_size", "method")
+
+
+# Below this size n·d·P·c a CPU solve is dominated by per-operation overhead, which extra torch threads only
+# add to (measured: 30× slower with 2 threads than with 1 on a busy 2-core machine at the seed's size).
+SINGLE_THREAD_BELOW = 5_000_000
+
+
+@contextlib.contextmanager
+def _cpu_threads_for(problem: ConvexProblem) -> Iterator[None]:
+    if problem.X.device.type != "cpu" or problem_size(problem) >= SINGLE_THREAD_BELOW:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _solve_native(problem: ConvexProblem, options: dict) -> ConvexSolution:
+    with _cpu_threads_for(problem):
+        return solve_native(problem, **options)
 
 
 def available_solvers() -> list[str]:
@@ -76,14 +103,14 @@ def solve(problem: ConvexProblem, solver: str = "auto", **options) -> ConvexSolu
     if name == "auto":
         choice = choose_solver(problem)
         if choice == "native":
-            return solve_native(problem, **options)
+            return _solve_native(problem, options)
         try:
             return _solve_cvxpy(problem, choice, options)
         except ConvexSolveError as error:
             warnings.warn(f"{choice} failed ({error}); solving with the native solver", stacklevel=2)
-            return solve_native(problem, **options)
+            return _solve_native(problem, options)
     if name == "native":
-        return solve_native(problem, **options)
+        return _solve_native(problem, options)
     if name == "cvxpylayers":
         from hcl.convex.layers import solve_layer  # cvxpylayers is imported only when asked for
 
