@@ -18,7 +18,8 @@ Each cvxpy solve runs in a child process and is stopped past ``--time-limit`` se
 Relative objective differences are against the best (lowest) cvxpy value; the violation is relative to
 ``max |Y|``; the gap is the native certificate's ``(value − dual) / value``.
 
-Usage: ``python benchmarks/solvers.py [--time-limit 120] [--only cold,warm,iter,first,crossover] [--threads 1]``.
+Usage: ``python benchmarks/solvers.py [--time-limit 120] [--only crossover,cold,warm,iter,first]
+[--cold-sizes "500,20,100;1000,50,100"] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -276,7 +277,10 @@ def main() -> None:
     parser.add_argument("--native-limit", type=float, default=900.0, help="seconds per native solve")
     parser.add_argument("--only", default="crossover,cold,warm,iter,first")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cold-sizes", default=None, help='e.g. "500,20,100;1000,50,100"')
     args = parser.parse_args()
+    if args.cold_sizes:
+        COLD_SIZES[:] = [tuple(int(v) for v in size.split(",")) for size in args.cold_sizes.split(";")]
     torch.set_num_threads(args.threads)
     print(f"Machine: {machine()}")
     solve_native(cold_instance(40, 4, 8))  # first-call overheads (lazy initialisation) out of the timings
