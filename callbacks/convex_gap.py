@@ -47,7 +47,8 @@ from hcl.monitoring import (
     SolveOutcome,
     SolveSpec,
     check_every_n_steps,
-    check_probe,
+    check_prefix,
+    check_probe_and_target,
     evaluate_snapshot,
     flush_loggers,
     is_due,
@@ -193,16 +194,10 @@ class ConvexGapMonitor(Callback):
             weight_decay = _check_lambda(weight_decay, "weight_decay (λ)")
         if reduction is not None and reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.probe = check_probe(probe)
-        self.target = check_probe(target, "target")
-        if (self.probe is None) != (self.target is None):
-            raise ValueError("probe and target go together: pass both or neither")
-        if self.probe is not None and self.probe.shape[0] != self.target.shape[0]:
-            raise ValueError(f"probe has {self.probe.shape[0]} samples but target {self.target.shape[0]}")
+        self.probe, self.target = check_probe_and_target(probe, target)
         if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-        if not isinstance(prefix, str) or not prefix or "/" in prefix:
-            raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
+        check_prefix(prefix)
         if solver_options is not None and not isinstance(solver_options, Mapping):
             raise TypeError(f"solver_options must be a dict of keyword arguments, got {type(solver_options).__name__}")
         for name, flag in (("gated", gated), ("load_solution", load_solution), ("asynchronous", asynchronous),

@@ -29,7 +29,15 @@ from typing_extensions import override
 
 from hcl import dashboard
 from hcl.convex.problem import REDUCTIONS, ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
-from hcl.monitoring import check_every_n_steps, check_probe, is_due, log_scalars, training_data, warn_if_no_logger
+from hcl.monitoring import (
+    check_every_n_steps,
+    check_prefix,
+    check_probe_and_target,
+    is_due,
+    log_scalars,
+    training_data,
+    warn_if_no_logger,
+)
 from hcl.network import ReLUStack, find_relu_stack
 from hcl.patterns import enumerate_patterns
 
@@ -147,14 +155,8 @@ class GlobalOptimumMonitor(Callback):
             raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {weight_decay}")
         if reduction is not None and reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.probe = check_probe(probe)
-        self.target = check_probe(target, "target")
-        if (self.probe is None) != (self.target is None):
-            raise ValueError("probe and target go together: pass both or neither")
-        if self.probe is not None and self.probe.shape[0] != self.target.shape[0]:
-            raise ValueError(f"probe has {self.probe.shape[0]} samples but target {self.target.shape[0]}")
-        if not isinstance(prefix, str) or not prefix or "/" in prefix:
-            raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
+        self.probe, self.target = check_probe_and_target(probe, target)
+        check_prefix(prefix)
         self.solver = solver.lower()
         self.weight_decay = weight_decay
         self.reduction = reduction

@@ -67,6 +67,23 @@ def check_probe(probe: Tensor | None, name: str = "probe") -> Tensor | None:
     return probe
 
 
+def check_probe_and_target(probe: Tensor | None, target: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Validate a ``probe``/``target`` pair early: each as :func:`check_probe`, both or neither, same length."""
+    probe, target = check_probe(probe), check_probe(target, "target")
+    if (probe is None) != (target is None):
+        raise ValueError("probe and target go together: pass both or neither")
+    if probe is not None and probe.shape[0] != target.shape[0]:
+        raise ValueError(f"probe has {probe.shape[0]} samples but target {target.shape[0]}")
+    return probe, target
+
+
+def check_prefix(prefix: str) -> str:
+    """A tag prefix: a non-empty name without ``/``."""
+    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+        raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
+    return prefix
+
+
 def is_due(step: int, every_n_steps: int, last_step: int) -> bool:
     """Act at steps ``0, k, 2k, …``, once each (a repeated ``global_step`` — accumulation, resume — is skipped)."""
     return step > last_step and step % every_n_steps == 0
