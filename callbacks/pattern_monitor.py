@@ -176,15 +176,11 @@ class PatternMonitor(Callback):
 
     def _snapshot(self, trainer: "pl.Trainer", output: Tensor | None) -> None:
         step, self._pending = self._pending, None
-        if output is None:
-            weight, bias, _, _ = self._stack.weights()
-            if not self._finite(weight, bias, step):
-                return
-            patterns = activation_patterns(self._data, weight, bias)
-        else:
-            if not self._finite(output, None, step):
-                return
-            patterns = output >= 0
+        weight, bias, _, _ = self._stack.weights()
+        # The data were checked once; finite weights then mean a finite output (an m × d check, not n × m).
+        if not self._finite(weight, bias, step):
+            return
+        patterns = activation_patterns(self._data, weight, bias) if output is None else output >= 0
         self._record(trainer, patterns, step)
 
     def _record(self, trainer: "pl.Trainer", patterns: Tensor, step: int) -> None:
