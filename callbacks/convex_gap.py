@@ -49,11 +49,13 @@ from hcl.monitoring import (
     check_every_n_steps,
     check_prefix,
     check_probe_and_target,
+    check_weight_decay,
     evaluate_snapshot,
     flush_loggers,
     is_due,
     log_scalars,
     mark_resumed_run,
+    resolve_objective,
     solve_snapshot_job,
     store_worker_data,
     training_data,
@@ -191,7 +193,7 @@ class ConvexGapMonitor(Callback):
         if not _is_int(sampled_patterns) or sampled_patterns < 0:
             raise ValueError(f"sampled_patterns must be an integer ≥ 0, got {sampled_patterns!r}")
         if weight_decay is not None:
-            weight_decay = _check_lambda(weight_decay, "weight_decay (λ)")
+            weight_decay = check_weight_decay(weight_decay)
         if reduction is not None and reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.probe, self.target = check_probe_and_target(probe, target)
@@ -264,7 +266,8 @@ class ConvexGapMonitor(Callback):
         if self.probe is not None:
             self._stack.inputs(self.probe)
             self._check_target_width(self.target)
-        self._resolve_objective(pl_module)
+        self._lambda, self._reduction = resolve_objective(pl_module, self.weight_decay, self.reduction,
+                                                          type(self).__name__)
         p = self.prefix
         value_tag = self._value_tag(self._stack.output.out_features)
         dashboard.register_charts(
@@ -499,19 +502,6 @@ class ConvexGapMonitor(Callback):
             return f"{self.prefix}/gated_lower_bound"
         return f"{self.prefix}/optimum" if out_features == 1 else f"{self.prefix}/lower_bound"
 
-    def _resolve_objective(self, pl_module: "pl.LightningModule") -> None:
-        lam = self.weight_decay if self.weight_decay is not None else getattr(pl_module, "weight_decay", None)
-        red = self.reduction if self.reduction is not None else getattr(pl_module, "reduction", None)
-        if lam is None or red is None:
-            rank_zero_warn(
-                f"{type(self).__name__}: the model has no `weight_decay`/`reduction` attributes and the callback was "
-                "given none: using λ = 0 and reduction 'mean'"
-            )
-        self._lambda = _check_lambda(lam or 0.0, "the model's weight_decay (λ)")
-        self._reduction = red or "mean"
-        if self._reduction not in REDUCTIONS:
-            raise ValueError(f"the model's reduction must be one of {REDUCTIONS}, got {self._reduction!r}")
-
     def _check_target_width(self, Y: Tensor) -> None:
         c = self._stack.output.out_features
         if Y.is_floating_point() and Y.ndim == 2 and Y.shape[1] != c:
@@ -604,14 +594,6 @@ def _check_solver(solver: str) -> str:
     if name not in known:
         raise ValueError(f"unknown solver {solver!r}: use one of {known}")
     return name
-
-
-def _check_lambda(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
-    return float(value)
 
 
 def _is_int(value: Any) -> bool:

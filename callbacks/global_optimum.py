@@ -35,6 +35,7 @@ from hcl.monitoring import (
     check_probe_and_target,
     is_due,
     log_scalars,
+    resolve_objective,
     training_data,
     warn_if_no_logger,
 )
@@ -194,7 +195,8 @@ class GlobalOptimumMonitor(Callback):
         self._stack = find_relu_stack(pl_module, self.layer, self.output_layer)
         if self.probe is not None:
             self._stack.inputs(self.probe)
-        self._resolve_objective(pl_module)
+        self._lambda, self._reduction = resolve_objective(pl_module, self.weight_decay, self.reduction,
+                                                          type(self).__name__)
         p = self.prefix
         # Beside a ConvexGapMonitor of the same prefix, the objective, the convex optimum and the global optimum
         # share its chart; alone, the monitor draws the objective and the global optimum on a chart of its own.
@@ -287,19 +289,6 @@ class GlobalOptimumMonitor(Callback):
         self.optimum = float(solution.value)
         self.num_patterns = self.problem.num_patterns
         self.num_neurons = _nonzero_blocks(solution)
-
-    def _resolve_objective(self, pl_module: "pl.LightningModule") -> None:
-        lam = self.weight_decay if self.weight_decay is not None else getattr(pl_module, "weight_decay", None)
-        red = self.reduction if self.reduction is not None else getattr(pl_module, "reduction", None)
-        if lam is None or red is None:
-            rank_zero_warn(
-                f"{type(self).__name__}: the model has no `weight_decay`/`reduction` attributes and the callback was "
-                "given none: using λ = 0 and reduction 'mean'"
-            )
-        self._lambda = float(lam or 0.0)
-        self._reduction = red or "mean"
-        if self._reduction not in REDUCTIONS:
-            raise ValueError(f"the model's reduction must be one of {REDUCTIONS}, got {self._reduction!r}")
 
 
 def _nonzero_blocks(solution: ConvexSolution) -> int:

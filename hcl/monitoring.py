@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import math
+import numbers
 import os
 import pickle
 import queue
@@ -29,7 +30,14 @@ import torch
 from torch import Tensor
 
 from hcl.convex.build import problem_from_network
-from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
+from hcl.convex.problem import (
+    REDUCTIONS,
+    ConvexProblem,
+    ConvexSolution,
+    fold_bias,
+    fold_weights,
+    network_objective,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -82,6 +90,36 @@ def check_prefix(prefix: str) -> str:
     if not isinstance(prefix, str) or not prefix or "/" in prefix:
         raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
     return prefix
+
+
+def check_weight_decay(value: Any, name: str = "weight_decay (λ)") -> float:
+    """``λ``: a real number, finite and ``≥ 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
+    return float(value)
+
+
+def resolve_objective(
+    pl_module: "pl.LightningModule", weight_decay: float | None, reduction: str | None, owner: str
+) -> tuple[float, str]:
+    """``(λ, reduction)``: the callback's own values when given, else the model's ``weight_decay`` / ``reduction``
+    attributes, else ``λ = 0`` and ``"mean"`` with a warning."""
+    lam = weight_decay if weight_decay is not None else getattr(pl_module, "weight_decay", None)
+    red = reduction if reduction is not None else getattr(pl_module, "reduction", None)
+    if lam is None or red is None:
+        from lightning.pytorch.utilities import rank_zero_warn  # Lightning stays out of the worker process
+
+        rank_zero_warn(
+            f"{owner}: the model has no `weight_decay`/`reduction` attributes and the callback was given none: "
+            "using λ = 0 and reduction 'mean'"
+        )
+    lam = check_weight_decay(lam or 0.0, "the model's weight_decay (λ)")
+    red = red or "mean"
+    if red not in REDUCTIONS:
+        raise ValueError(f"the model's reduction must be one of {REDUCTIONS}, got {red!r}")
+    return lam, red
 
 
 def is_due(step: int, every_n_steps: int, last_step: int) -> bool:
