@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hcl import TwoLayerReLU
 from hcl.callbacks import PatternMonitor
-from hcl.patterns import PatternTracker
+from hcl.patterns import PatternTracker, pack_signs
 
 
 class _FullBatch(Dataset):
@@ -122,11 +122,11 @@ def main() -> None:
     torch.manual_seed(1)
     pre = X @ torch.randn(args.hidden, X.shape[1], device=device).T
     tracker = PatternTracker()
-    tracker.update(pre >= 0)
+    tracker.update_packed(pack_signs(pre))
     _sync()
     start = time.perf_counter()
     for _ in range(args.steps):
-        tracker.update(pre >= 0)
+        tracker.update_packed(pack_signs(pre))
     _sync()
     own = (time.perf_counter() - start) / args.steps
     print(f"monitor work per snapshot     : {1e3 * own:9.1f} ms = {own / (without / args.steps):.3f} of a step")

@@ -37,7 +37,7 @@ from hcl.monitoring import (
     warn_if_no_logger,
 )
 from hcl.network import ReLUStack, find_relu_stack
-from hcl.patterns import PatternTracker, activation_patterns
+from hcl.patterns import PatternTracker, pack_signs, pre_activations
 
 
 class PatternMonitor(Callback):
@@ -180,11 +180,12 @@ class PatternMonitor(Callback):
         # The data were checked once; finite weights then mean a finite output (an m × d check, not n × m).
         if not self._finite(weight, bias, step):
             return
-        patterns = activation_patterns(self._data, weight, bias) if output is None else output >= 0
-        self._record(trainer, patterns, step)
+        # Packed straight from the pre-activations: no (n, m) boolean matrix.
+        pre = pre_activations(self._data, weight, bias) if output is None else output
+        self._record(trainer, pack_signs(pre), step)
 
-    def _record(self, trainer: "pl.Trainer", patterns: Tensor, step: int) -> None:
-        stats = self._tracker.update(patterns)
+    def _record(self, trainer: "pl.Trainer", packed: Tensor, step: int) -> None:
+        stats = self._tracker.update_packed(packed)
         if trainer.is_global_zero:
             log_scalars(
                 trainer,

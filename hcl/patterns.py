@@ -6,8 +6,8 @@ scnn uses a strict ``> 0``. The two differ only for points exactly on a neuron's
 
 Everything here runs on the data's device without a Python loop over neurons: columns are packed into
 64-bit words, hashed to 128-bit keys with wrapping ``int64`` arithmetic and deduplicated with ``torch.unique``
-on the keys (an ``(m, 2)`` tensor, whatever ``n``), which also track patterns over a run.
-rows, and hashed to 128-bit keys with wrapping ``int64`` arithmetic for tracking patterns over a run.
+on the keys (an ``(m, 2)`` tensor, whatever ``n``), which also track patterns over a run. Patterns can be
+packed straight from the hidden pre-activations (:func:`pack_signs`), without the ``(n, m)`` boolean matrix.
 
 Low-dimensional data can have all its patterns enumerated (:func:`enumerate_patterns`); otherwise
 patterns are sampled from Gaussian gates (:func:`sample_patterns`).
@@ -32,6 +32,11 @@ def activation_patterns(X: Tensor, weight: Tensor, bias: Tensor | None = None) -
         weight: ``(m, d)`` first-layer weight (``nn.Linear`` layout).
         bias: ``(m,)`` first-layer bias, or ``None``.
     """
+    return pre_activations(X, weight, bias) >= 0
+
+
+def pre_activations(X: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(n, m)`` hidden pre-activations ``X @ weight.T (+ bias)`` (arguments as in :func:`activation_patterns`)."""
     if X.ndim != 2 or weight.ndim != 2 or X.shape[1] != weight.shape[1]:
         raise ValueError(
             f"X must be (n, d) and weight (m, d) with the same d, got {tuple(X.shape)} and {tuple(weight.shape)}"
@@ -41,7 +46,7 @@ def activation_patterns(X: Tensor, weight: Tensor, bias: Tensor | None = None) -
         if bias.numel() != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} entries, got {bias.numel()}")
         pre = pre + bias.to(X).reshape(1, -1)
-    return pre >= 0
+    return pre
 
 
 def dead_neurons(D: Tensor) -> Tensor:
@@ -55,19 +60,56 @@ def pack_patterns(D: Tensor) -> Tensor:
 
     Row ``j`` of the result encodes column ``j`` of ``D``: bytes of 8 consecutive rows (bit ``b`` of byte ``k``
     is ``D[8k + b, j]``), 8 bytes viewed as one ``int64`` word (so a word may be negative; only equality and
-    hashing use it). Eight shifted ORs over ``n·m/8`` bytes: memory-bound and about ``n·m`` bytes of scratch.
+    hashing use it).
     """
     _check_patterns(D)
-    n, m = D.shape
+    return _pack_rows(D, _copy_bits)
+
+
+def pack_signs(pre_activations: Tensor) -> Tensor:
+    """``pack_patterns(pre_activations >= 0)`` without forming the ``(n, m)`` boolean matrix.
+
+    One pass over the pre-activations, a block of rows at a time, so that the bit slices stay in cache: the
+    patterns of the ``(n, m)`` hidden pre-activations (ties active) as ``(m, ceil(n/64))`` ``int64`` words.
+    """
+    if not isinstance(pre_activations, Tensor) or pre_activations.ndim != 2:
+        raise ValueError(f"pre_activations must be a 2-D (n, m) tensor, got {getattr(pre_activations, 'shape', '')}")
+    if not pre_activations.is_floating_point():
+        raise TypeError(f"pre_activations must be floating point, got {pre_activations.dtype}")
+    return _pack_rows(pre_activations, _sign_bits)
+
+
+def _copy_bits(rows: Tensor, out: Tensor) -> None:
+    out.copy_(rows)
+
+
+def _sign_bits(rows: Tensor, out: Tensor) -> None:
+    torch.ge(rows, 0, out=out)  # ties active; -0.0 ≥ 0 too
+
+
+# Bytes per bit slice of one block: the 8 slices of a block and the byte being built stay in the L2 cache.
+_BLOCK_BYTES = 1 << 18
+
+
+def _pack_rows(source: Tensor, bits_of) -> Tensor:
+    n, m = source.shape
     words = max(1, -(-n // _BITS_PER_WORD))
-    # Pack along the rows first (8 contiguous row slices per byte), then transpose only the packed bytes.
-    bits = torch.zeros(words * _BITS_PER_WORD, m, dtype=torch.uint8, device=D.device)
-    bits[:n] = D
-    bits = bits.reshape(words * 8, 8, m)
-    octets = bits[:, 0].clone()
-    for bit in range(1, 8):
-        octets |= bits[:, bit] << bit
-    packed = torch.empty(m, words * 8, dtype=torch.uint8, device=D.device)  # fresh strides: viewable as int64
+    octets = torch.zeros(words * 8, m, dtype=torch.uint8, device=source.device)
+    full = n // 8  # bytes whose 8 rows all exist
+    block = max(1, _BLOCK_BYTES // max(m, 1))
+    scratch = torch.empty(min(block, max(full, 1)), m, dtype=torch.uint8, device=source.device)
+    for start in range(0, full, block):
+        stop = min(full, start + block)
+        rows = source[8 * start : 8 * stop].reshape(stop - start, 8, m)
+        byte, bit_slice = octets[start:stop], scratch[: stop - start]
+        bits_of(rows[:, 0], byte)
+        for bit in range(1, 8):
+            bits_of(rows[:, bit], bit_slice)
+            byte.add_(bit_slice, alpha=1 << bit)  # distinct bits: adding is OR-ing
+    for bit in range(n - 8 * full):  # the last, partial byte
+        bits_of(source[8 * full + bit], scratch[0])
+        octets[full].add_(scratch[0], alpha=1 << bit)
+    packed = torch.empty(m, words * 8, dtype=torch.uint8, device=source.device)  # fresh strides: viewable as int64
     packed.copy_(octets.T)
     return packed.view(torch.int64)
 
@@ -133,17 +175,17 @@ _MIX_2 = -7723592293110705685  # 0x94D049BB133111EB
 _LANE_SEEDS = (0x2545F4914F6CDD1D, 0x1B873593CC9E2D51)
 
 
-def _logical_shift_right(x: Tensor, k: int) -> Tensor:
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
 def _mix64(x: Tensor) -> Tensor:
-    # splitmix64's finaliser with wrapping int64 arithmetic: a bijection that spreads every input bit.
-    x = x ^ _logical_shift_right(x, 30)
-    x = x * _MIX_1
-    x = x ^ _logical_shift_right(x, 27)
-    x = x * _MIX_2
-    return x ^ _logical_shift_right(x, 31)
+    """splitmix64's finaliser with wrapping int64 arithmetic: a bijection that spreads every input bit."""
+    x = x.clone()
+    shifted = torch.empty_like(x)
+    for shift, multiplier in ((30, _MIX_1), (27, _MIX_2), (31, None)):
+        torch.bitwise_right_shift(x, shift, out=shifted)
+        shifted.bitwise_and_((1 << (64 - shift)) - 1)  # a logical shift: drop the copies of the sign bit
+        x.bitwise_xor_(shifted)
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x
 
 
 def pattern_keys(D: Tensor) -> Tensor:
@@ -155,14 +197,19 @@ def pattern_keys(D: Tensor) -> Tensor:
     have equal keys; distinct columns collide with probability about ``2^-128`` for data unrelated to the
     hash. Keys depend on ``n`` only through the words, so compare keys of one data set.
     """
-    packed = pack_patterns(D)
-    positions = torch.arange(1, packed.shape[1] + 1, dtype=torch.int64, device=D.device)
+    return keys_of_packed(pack_patterns(D))
+
+
+def keys_of_packed(packed: Tensor) -> Tensor:
+    """:func:`pattern_keys` of columns already packed by :func:`pack_patterns` or :func:`pack_signs`."""
+    if packed.ndim != 2 or packed.dtype != torch.int64:
+        raise ValueError(f"packed must be a 2-D int64 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    positions = torch.arange(1, packed.shape[1] + 1, dtype=torch.int64, device=packed.device)
     salt = _mix64(positions * _LANE_SEEDS[0])
     multipliers = _mix64(positions * _LANE_SEEDS[1]) | 1
     mixed = _mix64(packed ^ salt)
-    lanes = [mixed.sum(dim=1), (mixed * multipliers).sum(dim=1)]
+    lanes = [mixed.sum(dim=1), mixed.mul_(multipliers).sum(dim=1)]
     return torch.stack(lanes, dim=1)
-
 
 # --------------------------------------------------------------------------- tracking over a run
 class PatternStats(NamedTuple):
@@ -214,9 +261,13 @@ class PatternTracker:
     def update(self, D: Tensor) -> PatternStats:
         """Record the snapshot ``D`` (``(n, m)`` boolean) and return its counts."""
         _check_patterns(D)
-        keys = pattern_keys(D)
-        # A dead neuron's key is the all-zero column's: no second pass over D.
-        zero_key = pattern_keys(torch.zeros(D.shape[0], 1, dtype=torch.bool, device=D.device))
+        return self.update_packed(pack_patterns(D))
+
+    def update_packed(self, packed: Tensor) -> PatternStats:
+        """Record a snapshot packed by :func:`pack_patterns` or :func:`pack_signs` (``(m, words)`` int64)."""
+        keys = keys_of_packed(packed)
+        # A dead neuron's key is the all-zero column's: no second pass over the patterns.
+        zero_key = keys_of_packed(torch.zeros(1, packed.shape[1], dtype=torch.int64, device=packed.device))
         dead = (keys == zero_key).all(dim=1)
         distinct = torch.unique(keys, dim=0)
         has_dead = bool(dead.any())

@@ -15,6 +15,7 @@ from hcl.patterns import (
     dead_neurons,
     enumerate_patterns,
     pack_patterns,
+    pack_signs,
     pattern_keys,
     sample_patterns,
     unique_patterns,
@@ -76,6 +77,30 @@ def test_packing_round_trips(n):
     packed = pack_patterns(D)
     assert packed.shape == (9, -(-n // 64)) and packed.dtype == torch.int64
     assert torch.equal(unpack_patterns(packed, n), D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 65, 130, 1001])
+def test_pack_signs_matches_packing_the_boolean_patterns(n, dtype, monkeypatch):
+    import hcl.patterns as patterns_module
+
+    monkeypatch.setattr(patterns_module, "_BLOCK_BYTES", 40)  # several blocks, the last one short
+    g = torch.Generator().manual_seed(n)
+    pre = torch.randn(n, 11, generator=g, dtype=dtype)
+    pre[0, 0], pre[-1, 1], pre[n // 2, 2] = -0.0, 0.0, float("-inf")  # ties are active, -0.0 included
+    pre[:, 3] = -1.0  # a dead neuron
+    packed = pack_signs(pre)
+    assert torch.equal(unpack_patterns(packed, n), pre >= 0)
+    assert torch.equal(packed, pack_patterns(pre >= 0))
+    assert PatternTracker().update_packed(packed) == PatternTracker().update(pre >= 0)
+    assert PatternTracker().update_packed(packed).dead == int((~(pre >= 0).any(0)).sum()) >= 1
+
+
+def test_pack_signs_rejects_bad_input():
+    with pytest.raises(TypeError, match="floating point"):
+        pack_signs(torch.ones(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="2-D"):
+        pack_signs(torch.ones(4))
 
 
 def test_unique_patterns_on_hand_made_matrix():
