@@ -125,6 +125,26 @@ def test_newton_with_sign_restricted_blocks(outputs, signs):
     assert torch.count_nonzero(solution.V[forbidden_v]) == 0
 
 
+@pytest.mark.parametrize("float32_cg_iters", [0, 20])
+@pytest.mark.parametrize("outputs,bias", [((1, False), True), ((3, False), False)])
+def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(outputs, bias, float32_cg_iters, monkeypatch):
+    """The Schur matrix is built in float32 and rebuilt in float64 when conjugate gradients stall on it; with no
+    float32 iterations allowed every system takes the fallback. Both must reach the certified optimum."""
+    import hcl.convex.native as native
+
+    monkeypatch.setattr(native, "FLOAT32_CG_ITERS", float32_cg_iters)
+    rebuilt = []
+    refine = native._NewtonSystem._refine_schur
+    monkeypatch.setattr(native._NewtonSystem, "_refine_schur", lambda self: rebuilt.append(1) or refine(self))
+    c, one_vs_all = outputs
+    problem = random_problem(11, n=60, d=5, P=12, c=c, one_vs_all=one_vs_all, bias=bias, lam=0.02)
+    solution = solve_native(problem, method="newton")
+    assert_agrees(solution, problem, reference_value(problem), gated=False)
+    assert solution.status == "optimal"
+    if float32_cg_iters == 0:
+        assert rebuilt  # the fallback ran
+
+
 @pytest.mark.parametrize(
     "outputs,gated,bias", [((1, False), False, True), ((3, False), False, False), ((3, True), True, True)]
 )

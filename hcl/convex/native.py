@@ -51,6 +51,8 @@ METHODS = ("auto", "newton", "fista")
 
 # ``"auto"`` uses the interior-point method while its n × n matrices stay small.
 NEWTON_MAX_SAMPLES = 6000
+# Conjugate-gradient iterations a float32-built preconditioner gets before it is rebuilt in float64.
+FLOAT32_CG_ITERS = 20
 
 
 # ----------------------------------------------------------------------------- public helpers
@@ -272,8 +274,17 @@ class _Operator:
         # groups: one per (side, pattern, output) column, or one per pattern (shared-layer bound)
         self.per_column = self.c == 1 or problem.one_vs_all
         self.num_constraints = int(self.cmask.sum()) * self.n * self.c
+        self._outer: Tensor | None = None
+        # precision the interior point builds its Schur matrices in (see _NewtonSystem)
+        self.schur_dtype = torch.float32 if dtype == torch.float64 else dtype
         # a tiny multiple of the data term's curvature scale (2‖X‖_F², normalised units)
         self.regularization = 2e-12 * float(self.X.square().sum())
+
+    def sample_outer_products(self) -> Tensor | None:
+        """``(n, d²)`` rows ``x_j x_jᵀ``, kept between Newton systems when they take at most 256 MiB."""
+        if self._outer is None and self.n * self.d * self.d * self.X.element_size() <= 1 << 28:
+            self._outer = (self.X[:, :, None] * self.X[:, None, :]).reshape(self.n, self.d * self.d)
+        return self._outer
 
     # ---- layout
     def zeros(self) -> Tensor:
@@ -624,6 +635,13 @@ def _smoothed_newton_step(op: _Operator, W: Tensor, dW: Tensor, grad: Tensor, ep
     return W, eps
 
 
+def _row_blocks(n: int, size: int = 256) -> list[tuple[int, int]]:
+    """``[lo, hi)`` row ranges of about ``size`` rows covering ``range(n)``."""
+    count = max(1, round(n / size))
+    edges = [round(k * n / count) for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def _max_step(x: Tensor, dx: Tensor) -> float:
     """Largest ``α ≤ 1`` keeping ``x + α dx ≥ 0``."""
     ratio = torch.where(dx < 0, -x / dx.clamp(max=-1e-300), torch.ones_like(x))
@@ -652,11 +670,14 @@ class _NewtonSystem:
             # Xᵀ diag(θ_k) X for every block k as one product: θᵀ (x_j x_jᵀ)_j, chunked over samples
             theta_k = theta.reshape(n, K)
             B = torch.zeros(K, d * d, dtype=dtype, device=op.device)
-            rows = max(1, (1 << 24) // max(d * d, 1))
-            for lo in range(0, n, rows):
-                Xc = X[lo:lo + rows]
-                outer = (Xc[:, :, None] * Xc[:, None, :]).reshape(Xc.shape[0], d * d)
-                B.addmm_(theta_k[lo:lo + rows].T, outer)
+            outer = op.sample_outer_products()
+            if outer is not None:
+                B.addmm_(theta_k.T, outer)
+            else:
+                rows = max(1, (1 << 24) // max(d * d, 1))
+                for lo in range(0, n, rows):
+                    Xc = X[lo:lo + rows]
+                    B.addmm_(theta_k[lo:lo + rows].T, (Xc[:, :, None] * Xc[:, None, :]).reshape(Xc.shape[0], d * d))
             B = B.reshape(K, d, d)
         else:
             B = torch.zeros(K, d, d, dtype=dtype, device=op.device)
@@ -688,22 +709,59 @@ class _NewtonSystem:
             # the preconditioner (which then dominates the matrix) and kept in the exact product
             self.B_rank_one = (rho / smooth.square(), W)
         # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
-        # G = B_u⁻¹ + B_v⁻¹ = L Lᵀ: S gets (D_i X L)(D_i X L)ᵀ, built a chunk of patterns at a time
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
         ridge = 1e-14 * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-300)
-        LG = torch.linalg.cholesky(G + ridge[..., None, None] * eye)
+        self.LG = torch.linalg.cholesky(G + ridge[..., None, None] * eye)
+        self.budget = budget
+        # It is only the preconditioner of the conjugate gradients below, which run on the exact matrix: it is
+        # built in float32 (twice the speed of float64) until float32 stops being enough, which happens as the
+        # barrier's systems grow ill-conditioned; from then on (op.schur_dtype) it is built in float64.
+        self.schur_dtype = op.schur_dtype
+        self.LS = self._factor_schur(self.schur_dtype)
+        if self.LS is None:
+            self._refine_schur()
+
+    def _factor_schur(self, dtype: torch.dtype) -> Tensor | None:
+        """Cholesky factor (in the working precision) of the Schur matrices, built in ``dtype``; ``None`` when
+        rounding made one of them indefinite."""
+        op = self.op
+        n, d, P, c = op.n, op.d, op.P, op.c
+        X, Dm = op.X.to(dtype), op.Dm.to(dtype)
+        LG = self.LG.to(dtype)
+        # S gets (D_i X L)(D_i X L)ᵀ (G = L Lᵀ), a chunk of patterns at a time; only the blocks on and below the
+        # diagonal are formed (the factorisation reads the lower triangle), which saves up to half the products.
+        rows = _row_blocks(n)
         S = torch.zeros(c, n, n, dtype=dtype, device=op.device)
-        for lo in range(0, P, budget):
-            hi = min(P, lo + budget)
+        for lo in range(0, P, self.budget):
+            hi = min(P, lo + self.budget)
             for o in range(c):
                 F = (X @ LG[lo:hi, o].permute(1, 0, 2).reshape(d, -1)).reshape(n, hi - lo, d)
-                F = (F * op.Dm[:, lo:hi, None]).reshape(n, -1)
-                S[o].addmm_(F, F.T)
-        if op.bias:
+                F = (F * Dm[:, lo:hi, None]).reshape(n, -1)
+                for a, (a_lo, a_hi) in enumerate(rows):
+                    for b_lo, b_hi in rows[: a + 1]:
+                        S[o, a_lo:a_hi, b_lo:b_hi].addmm_(F[a_lo:a_hi], F[b_lo:b_hi].T)
+        S = S.to(op.dtype)
+        if op.bias:  # Π S Π needs the whole matrix: mirror the blocks below the diagonal
+            for a, (a_lo, a_hi) in enumerate(rows):
+                for b_lo, b_hi in rows[:a]:
+                    S[:, b_lo:b_hi, a_lo:a_hi] = S[:, a_lo:a_hi, b_lo:b_hi].transpose(1, 2)
             S = S - S.mean(1, keepdim=True)
             S = S - S.mean(2, keepdim=True)
         S.diagonal(dim1=1, dim2=2).add_(0.5)
-        self.LS = torch.linalg.cholesky(S)
+        L, info = torch.linalg.cholesky_ex(S)
+        if not bool((info > 0).any()):
+            return L
+        if dtype != op.dtype:
+            return None
+        return torch.linalg.cholesky(S)  # raises, naming the failure
+
+    def _refine_schur(self) -> bool:
+        """Rebuild the Schur factor in the working precision; ``False`` when it already was."""
+        if self.schur_dtype == self.op.dtype:
+            return False
+        self.schur_dtype = self.op.schur_dtype = self.op.dtype
+        self.LS = self._factor_schur(self.op.dtype)
+        return True
 
     def _block_inverse(self, R: Tensor) -> Tensor:
         op = self.op
@@ -736,17 +794,30 @@ class _NewtonSystem:
     def solve(self, R: Tensor, rtol: float = 1e-10, max_iters: int = 50) -> Tensor:
         """Conjugate gradients on the exact matrix, preconditioned by the Woodbury inverse.
 
-        With column groups the preconditioner is the matrix up to a tiny regularisation and one or two
-        iterations suffice; with pattern groups it lacks the rank-one norm terms (one per pattern).
+        With column groups the preconditioner is the matrix up to a tiny regularisation (and the float32
+        rounding of its Schur matrix) and a few iterations suffice; with pattern groups it lacks the rank-one
+        norm terms (one per pattern). When a float32 preconditioner does not reach ``rtol`` in
+        ``FLOAT32_CG_ITERS`` iterations, it is rebuilt in the working precision and the solve starts again.
         """
         R = R * self.op.wmask
+        if self.schur_dtype != self.op.dtype:
+            x, iterations = self._conjugate_gradients(R, rtol, min(max_iters, FLOAT32_CG_ITERS))
+            if iterations > FLOAT32_CG_ITERS // 2:  # the next systems are built in float64
+                self.op.schur_dtype = self.op.dtype
+            if iterations <= FLOAT32_CG_ITERS or not self._refine_schur():
+                return x
+        return self._conjugate_gradients(R, rtol, max_iters)[0]
+
+    def _conjugate_gradients(self, R: Tensor, rtol: float, max_iters: int) -> tuple[Tensor, int]:
+        """The solution and the iterations it took (``max_iters + 1`` when ``rtol`` was not reached)."""
         x = torch.zeros_like(R)
         res = R.clone()
         z = self._apply_inverse(res) * self.op.wmask
         p = z.clone()
         rz = float((res * z).sum())
         target = rtol * float(R.norm())
-        for _ in range(max_iters):
+        iterations = max_iters + 1
+        for it in range(1, max_iters + 1):
             Ap = self._apply(p)
             curvature = float((p * Ap).sum())
             if curvature <= 0.0:
@@ -755,12 +826,13 @@ class _NewtonSystem:
             x = x + alpha * p
             res = res - alpha * Ap
             if float(res.norm()) <= target:
+                iterations = it
                 break
             z = self._apply_inverse(res) * self.op.wmask
             rz_next = float((res * z).sum())
             p = z + (rz_next / rz) * p
             rz = rz_next
-        return x * self.op.wmask
+        return x * self.op.wmask, iterations
 
 
 # ----------------------------------------------------------------------------- first order
