@@ -19,7 +19,7 @@ Relative objective differences are against the best (lowest) cvxpy value; the vi
 ``max |Y|``; the gap is the native certificate's ``(value − dual) / value``.
 
 Usage: ``python benchmarks/solvers.py [--time-limit 120] [--only crossover,cold,warm,iter,first]
-[--cold-sizes "500,20,100;1000,50,100"] [--threads 1]``.
+[--cold-sizes "500,20,100;1000,50,100"] [--warm-sizes "500,20,100"] [--threads N]`` (default: torch's, all cores).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import solve_cvxpy
-from hcl.convex.native import remap_warm_start, solve_native
+from hcl.convex.native import _row_blocks, remap_warm_start, solve_native
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.solve import choose_solver, solve
 
@@ -126,14 +126,21 @@ def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> flo
     W = torch.randn(d, 2 * P * c, dtype=dt, device=dev)
     G = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
     if method == "newton":
-        F = torch.randn(n, P * d, dtype=dt, device=dev)
+        # the Schur matrix is built in float32 (hcl.convex.native), its blocks on and below the diagonal
+        F = torch.randn(n, P * d, dtype=torch.float32, device=dev)
+        S = torch.zeros(n, n, dtype=torch.float32, device=dev)
+        X32, LG = X.float(), torch.randn(d, P * d, dtype=torch.float32, device=dev)
+        blocks = _row_blocks(n)
         theta = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
         outer = torch.randn(n, d * d, dtype=dt, device=dev)
 
     def once():
         if method == "newton":
             for _ in range(c):
-                torch.matmul(F, F.T)  # the n × n Schur matrix
+                torch.matmul(X32, LG)  # D_i X L_i for every pattern
+                for a, (a_lo, a_hi) in enumerate(blocks):  # the n × n Schur matrix
+                    for b_lo, b_hi in blocks[: a + 1]:
+                        S[a_lo:a_hi, b_lo:b_hi].addmm_(F[a_lo:a_hi], F[b_lo:b_hi].T)
             torch.matmul(theta.T, outer)  # the per-block Xᵀ diag(θ) X
             for _ in range(6):  # products with X and Xᵀ (predictor, corrector, one CG step each)
                 torch.matmul(X, W)
@@ -276,11 +283,14 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per cvxpy solve")
     parser.add_argument("--native-limit", type=float, default=900.0, help="seconds per native solve")
     parser.add_argument("--only", default="crossover,cold,warm,iter,first")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of the native solver (default: all cores; cvxpy's solvers use one)")
     parser.add_argument("--cold-sizes", default=None, help='e.g. "500,20,100;1000,50,100"')
+    parser.add_argument("--warm-sizes", default=None, help='e.g. "500,20,100"')
     args = parser.parse_args()
-    if args.cold_sizes:
-        COLD_SIZES[:] = [tuple(int(v) for v in size.split(",")) for size in args.cold_sizes.split(";")]
+    for sizes, option in ((COLD_SIZES, args.cold_sizes), (WARM_SIZES, args.warm_sizes)):
+        if option:
+            sizes[:] = [tuple(int(v) for v in size.split(",")) for size in option.split(";")]
     torch.set_num_threads(args.threads)
     print(f"Machine: {machine()}")
     solve_native(cold_instance(40, 4, 8))  # first-call overheads (lazy initialisation) out of the timings

@@ -230,6 +230,26 @@ def test_remap_warm_start_matches_identical_patterns():
     assert abs(warm.value - reference_value(next_problem)) <= 1e-5 * warm.value
 
 
+def test_remap_warm_start_gives_changed_patterns_the_nearest_block():
+    problem = random_problem(9, n=40, P=4)
+    solution = solve_native(problem)
+    old = problem.patterns
+    near = old[:, 1].clone()
+    near[0] = ~near[0]  # one sample changed side
+    new = torch.stack([old[:, 0], near, old[:, 1], old[:, 3]], dim=1)
+    U, V, _, mult = remap_warm_start(old, solution, new)
+    assert torch.equal(U[0], solution.U[0]) and torch.equal(U[3], solution.U[3])
+    # old block 1 is taken by two new patterns: shared, so that their predictions add up to the old block's
+    assert torch.allclose(U[1], solution.U[1] / 2) and torch.allclose(U[2], solution.U[1] / 2)
+    assert torch.allclose(V[1] + V[2], solution.V[1])
+    dense_old, dense_new = solution.multipliers.cone.to_dense(), mult.cone.to_dense()
+    assert torch.equal(dense_new[:, :, 1], dense_old[:, :, 1])
+    next_problem = ConvexProblem(problem.X, problem.Y, new, problem.weight_decay, problem.reduction)
+    warm = solve_native(next_problem, warm_start=(U, V, solution.b0, mult))
+    assert warm.status == "optimal"
+    assert abs(warm.value - reference_value(next_problem)) <= 1e-5 * warm.value
+
+
 def test_bad_inputs_raise_clear_errors():
     problem = random_problem(0)
     X, Y, D = problem.X, problem.Y, problem.patterns

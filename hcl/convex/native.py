@@ -73,7 +73,14 @@ class Multipliers:
 def remap_warm_start(
     old_patterns: Tensor, old_solution: ConvexSolution | tuple, new_patterns: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Multipliers | None]:
-    """Carry a solution over to a new pattern set: blocks whose pattern column is unchanged keep their values.
+    """Carry a solution over to a new pattern set: each new pattern takes the block of its nearest old pattern.
+
+    Between two training steps most patterns are unchanged and a changed one differs from its neuron's previous
+    pattern in a few samples, so the block of the nearest old pattern (fewest differing samples) is close to the
+    new optimum's, where a zero block is not. An old block taken by several new patterns is shared equally among
+    them (their predictions then add up to the old block's). A new pattern farther than ``n / 10`` samples from
+    every old one starts at zero. The result may violate a few of the new cone constraints; the solvers start
+    from infeasible points.
 
     Args:
         old_patterns: ``(n, P_old)`` boolean patterns of the solved problem.
@@ -81,8 +88,8 @@ def remap_warm_start(
         new_patterns: ``(n, P_new)`` boolean patterns of the next problem (same samples).
 
     Returns:
-        ``(U, V, b0, multipliers)`` for the new problem: blocks of new patterns start at zero (a feasible
-        value), multipliers follow their blocks (``None`` if there were none).
+        ``(U, V, b0, multipliers)`` for the new problem; multipliers follow their blocks (``None`` if there were
+        none).
     """
     if old_patterns.ndim != 2 or new_patterns.ndim != 2 or old_patterns.shape[0] != new_patterns.shape[0]:
         raise ValueError(
@@ -91,26 +98,23 @@ def remap_warm_start(
     U, V, b0, mult = _unpack_warm(old_solution)
     if U.shape[0] != old_patterns.shape[1]:
         raise ValueError(f"the solution has {U.shape[0]} blocks but old_patterns has {old_patterns.shape[1]}")
-    old_index = _match_columns(old_patterns.bool(), new_patterns.to(old_patterns.device).bool())
+    old_index = _nearest_columns(old_patterns.bool(), new_patterns.to(old_patterns.device).bool())
     keep = old_index >= 0
     P_new = new_patterns.shape[1]
+    takers = torch.bincount(old_index[keep], minlength=U.shape[0]).to(U.dtype)
+    share = torch.zeros(P_new, dtype=U.dtype, device=U.device)
+    share[keep] = 1.0 / takers[old_index[keep]].to(U.device)
     U_new = U.new_zeros((P_new,) + tuple(U.shape[1:]))
     V_new = V.new_zeros((P_new,) + tuple(V.shape[1:]))
-    U_new[keep] = U[old_index[keep]]
-    V_new[keep] = V[old_index[keep]]
+    U_new[keep] = U[old_index[keep]] * share[keep, None, None]
+    V_new[keep] = V[old_index[keep]] * share[keep, None, None]
     new_mult = None
     if mult is not None:
-        cone = mult.cone.coalesce()
-        idx, vals = cone.indices(), cone.values()
-        lookup = torch.full((U.shape[0],), -1, dtype=torch.long, device=idx.device)
-        lookup[old_index[keep].to(idx.device)] = torch.nonzero(keep).flatten().to(idx.device)
-        new_block = lookup[idx[2]]
-        sel = new_block >= 0
-        idx = torch.stack([idx[0][sel], idx[1][sel], new_block[sel], idx[3][sel]])
-        shape = (cone.shape[0], 2, P_new, cone.shape[3])
-        new_mult = Multipliers(
-            torch.sparse_coo_tensor(idx, vals[sel], shape, check_invariants=False).coalesce(), mult.penalty
-        )
+        # a block's multipliers do not scale with it (stationarity involves w / ‖w‖): copied as they are
+        cone = mult.cone.to_dense() if mult.cone.is_sparse else mult.cone
+        dense = cone.new_zeros(cone.shape[:2] + (P_new,) + cone.shape[3:])
+        dense[:, :, keep] = cone[:, :, old_index[keep].to(cone.device)]
+        new_mult = Multipliers(dense.to_sparse(), mult.penalty)
     return U_new, V_new, b0.clone(), new_mult
 
 
@@ -482,21 +486,15 @@ def _unpack_warm(warm_start):
     raise TypeError("warm_start must be a ConvexSolution or a (U, V, b0[, multipliers]) tuple")
 
 
-def _match_columns(old: Tensor, new: Tensor) -> Tensor:
-    """For each column of ``new`` the index of an identical column of ``old``, or -1."""
-    weights = torch.randn(old.shape[0], 2, dtype=torch.float64, device=old.device,
-                          generator=torch.Generator(device=old.device).manual_seed(0))
-    key_old = old.T.to(torch.float64) @ weights
-    key_new = new.T.to(torch.float64) @ weights
-    index = torch.full((new.shape[1],), -1, dtype=torch.long, device=old.device)
-    lookup = {}
-    for j, key in enumerate(map(tuple, key_old.tolist())):
-        lookup.setdefault(key, []).append(j)
-    for j, key in enumerate(map(tuple, key_new.tolist())):
-        for i in lookup.get(key, ()):
-            if torch.equal(old[:, i], new[:, j]):
-                index[j] = i
-                break
+def _nearest_columns(old: Tensor, new: Tensor) -> Tensor:
+    """For each column of ``new`` the index of the column of ``old`` differing in the fewest rows (one of them on
+    a tie), or -1 when even that one differs in more than a tenth of the rows."""
+    if old.shape[1] == 0 or new.shape[1] == 0:
+        return torch.full((new.shape[1],), -1, dtype=torch.long, device=old.device)
+    old_f, new_f = old.to(torch.float64), new.to(torch.float64)
+    agree = new_f.T @ old_f + (1.0 - new_f).T @ (1.0 - old_f)  # (P_new, P_old), exact in float64
+    best_agree, index = agree.max(dim=1)
+    index[old.shape[0] - best_agree > old.shape[0] / 10] = -1
     return index
 
 
