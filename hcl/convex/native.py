@@ -768,7 +768,9 @@ class _NewtonSystem:
 
     def _schur_solve(self, t: Tensor) -> Tensor:
         """Solve ``S τ = t`` for ``t`` of shape ``(n, c)``."""
-        return torch.cholesky_solve(t.T[:, :, None], self.LS)[:, :, 0].T  # (n, c)
+        # two triangular solves: several times faster here than cholesky_solve, which copies the factor
+        half = torch.linalg.solve_triangular(self.LS, t.T[:, :, None], upper=False)
+        return torch.linalg.solve_triangular(self.LS.mT, half, upper=True)[:, :, 0].T  # (n, c)
 
     def _apply_inverse(self, R: Tensor) -> Tensor:
         op = self.op

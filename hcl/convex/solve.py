@@ -37,8 +37,9 @@ _NATIVE_ONLY = ("warm_start", "tol", "constraint_tol", "max_iters", "penalty", "
 
 
 # Below this size n·d·P·c a CPU solve is dominated by per-operation overhead, which extra torch threads only
-# add to (measured: 30× slower with 2 threads than with 1 on a busy 2-core machine at the seed's size).
-SINGLE_THREAD_BELOW = 5_000_000
+# add to (measured: 30× slower with 2 threads than with 1 on a busy 2-core machine at the seed's size); at
+# (500, 20, 100), 10⁶, two threads were faster on a quiet 2-core machine (1.99 s against 2.27 s).
+SINGLE_THREAD_BELOW = 1_000_000
 
 
 @contextlib.contextmanager
