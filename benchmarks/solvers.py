@@ -176,7 +176,7 @@ def cold(args) -> None:
     print(row(["---"] * 8))
     for n, d, P in COLD_SIZES:
         problem = cold_instance(n, d, P)
-        native = solve_native(problem, time_limit=args.native_limit)
+        native = solve(problem, "native", time_limit=args.native_limit)  # with solve()'s thread policy
         results = [run_cvxpy(problem, name, args.time_limit) for name in ("CLARABEL", "ECOS")]
         ref, t_best = best_cvxpy(results)
         diff = "–" if ref is None else f"{(native.value - ref) / abs(ref):.1e}"
@@ -211,14 +211,14 @@ def warm(args) -> None:
     print(row(["---"] * 10))
     for n, d, P in WARM_SIZES:
         (first, _), (second, point) = trained_snapshots(n, d, P)
-        previous = solve_native(first)
+        previous = solve(first, "native")
         old = first.patterns
         new = second.patterns
         remapped = remap_warm_start(old, previous, new)
         fresh = int((remapped[0].flatten(1).norm(dim=1) + remapped[1].flatten(1).norm(dim=1) == 0).sum())
-        cold_solution = solve_native(second)
-        from_previous = solve_native(second, warm_start=remapped)
-        from_network = solve_native(second, warm_start=point)
+        cold_solution = solve(second, "native")
+        from_previous = solve(second, "native", warm_start=remapped)
+        from_network = solve(second, "native", warm_start=point)
         results = [run_cvxpy(second, name, args.time_limit) for name in ("CLARABEL", "ECOS")]
         ref, t_best = best_cvxpy(results)
         diff = "–" if ref is None else f"{(from_previous.value - ref) / abs(ref):.1e}"

@@ -132,6 +132,7 @@ def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(outputs,
     float32 iterations allowed every system takes the fallback. Both must reach the certified optimum."""
     import hcl.convex.native as native
 
+    monkeypatch.setattr(native, "FLOAT32_SCHUR_ABOVE", 0)  # float32 at this small size too
     monkeypatch.setattr(native, "FLOAT32_CG_ITERS", float32_cg_iters)
     rebuilt = []
     refine = native._NewtonSystem._refine_schur
