@@ -496,10 +496,13 @@ def _nearest_columns(old: Tensor, new: Tensor) -> Tensor:
     a tie), or -1 when even that one differs in more than a tenth of the rows."""
     if old.shape[1] == 0 or new.shape[1] == 0:
         return torch.full((new.shape[1],), -1, dtype=torch.long, device=old.device)
-    old_f, new_f = old.to(torch.float64), new.to(torch.float64)
-    agree = new_f.T @ old_f + (1.0 - new_f).T @ (1.0 - old_f)  # (P_new, P_old), exact in float64
+    n = old.shape[0]
+    dtype = torch.float32 if n <= 1 << 22 else torch.float64  # integers up to 3n: exact in either
+    old_f, new_f = old.to(dtype), new.to(dtype)
+    # rows where both columns agree: Σ ab + (1 − a)(1 − b) = n − |a| − |b| + 2 aᵀb, one (P_new, P_old) product
+    agree = 2.0 * (new_f.T @ old_f) - new_f.sum(0)[:, None] - old_f.sum(0)[None, :] + n
     best_agree, index = agree.max(dim=1)
-    index[old.shape[0] - best_agree > old.shape[0] / 10] = -1
+    index[n - best_agree > n / 10] = -1
     return index
 
 
