@@ -215,7 +215,8 @@ def warm(args) -> None:
         old = first.patterns
         new = second.patterns
         remapped = remap_warm_start(old, previous, new)
-        fresh = int((remapped[0].flatten(1).norm(dim=1) + remapped[1].flatten(1).norm(dim=1) == 0).sum())
+        same = (new.T.to(torch.float64) @ old.to(torch.float64) + (~new).T.to(torch.float64) @ (~old).to(torch.float64))
+        fresh = int((same.amax(dim=1) < new.shape[0]).sum())  # patterns no column of the old problem has
         cold_solution = solve(second, "native")
         from_previous = solve(second, "native", warm_start=remapped)
         from_network = solve(second, "native", warm_start=point)

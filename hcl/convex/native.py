@@ -282,12 +282,20 @@ class _Operator:
         self.per_column = self.c == 1 or problem.one_vs_all
         self.num_constraints = int(self.cmask.sum()) * self.n * self.c
         self._outer: Tensor | None = None
+        self._scratch: dict[str, Tensor] = {}
         # precision the interior point builds its Schur matrices in (see _NewtonSystem): float32 where building
         # them dominates an iteration; below, the extra conjugate-gradient steps float32 costs do
         large = self.n * self.n * self.P * self.d * self.c >= FLOAT32_SCHUR_ABOVE
         self.schur_dtype = torch.float32 if dtype == torch.float64 and large else dtype
         # a tiny multiple of the data term's curvature scale (2‖X‖_F², normalised units)
         self.regularization = 2e-12 * float(self.X.square().sum())
+
+    def scratch(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
+        """A flat buffer of at least ``numel`` elements, reused from one call to the next (contents undefined)."""
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buffer[:numel]
 
     def sample_outer_products(self) -> Tensor | None:
         """``(n, d²)`` rows ``x_j x_jᵀ``, kept between Newton systems when they take at most 256 MiB."""
@@ -737,16 +745,20 @@ class _NewtonSystem:
         # S gets (D_i X L)(D_i X L)ᵀ (G = L Lᵀ), a chunk of patterns at a time; only the blocks on and below the
         # diagonal are formed (the factorisation reads the lower triangle), which saves up to half the products.
         rows = _row_blocks(n)
-        S = torch.zeros(c, n, n, dtype=dtype, device=op.device)
+        # Buffers kept between Newton systems: fresh memory of this size costs page faults at every iteration.
+        S = op.scratch("schur", c * n * n, dtype).view(c, n, n).zero_()
+        chunk = op.scratch("schur_factors", n * min(P, self.budget) * d, dtype)
         for lo in range(0, P, self.budget):
             hi = min(P, lo + self.budget)
             for o in range(c):
-                F = (X @ LG[lo:hi, o].permute(1, 0, 2).reshape(d, -1)).reshape(n, hi - lo, d)
-                F = (F * Dm[:, lo:hi, None]).reshape(n, -1)
+                F = chunk[: n * (hi - lo) * d].view(n, (hi - lo) * d)
+                torch.matmul(X, LG[lo:hi, o].permute(1, 0, 2).reshape(d, -1), out=F)
+                F.view(n, hi - lo, d).mul_(Dm[:, lo:hi, None])
                 for a, (a_lo, a_hi) in enumerate(rows):
                     for b_lo, b_hi in rows[: a + 1]:
                         S[o, a_lo:a_hi, b_lo:b_hi].addmm_(F[a_lo:a_hi], F[b_lo:b_hi].T)
-        S = S.to(op.dtype)
+        if dtype != op.dtype:
+            S = op.scratch("schur_working", c * n * n, op.dtype).view(c, n, n).copy_(S)
         if op.bias:  # Π S Π needs the whole matrix: mirror the blocks below the diagonal
             for a, (a_lo, a_hi) in enumerate(rows):
                 for b_lo, b_hi in rows[:a]:
