@@ -34,9 +34,9 @@ import torch
 
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import solve_cvxpy
-from hcl.convex.native import _row_blocks, remap_warm_start, solve_native
+from hcl.convex.native import FLOAT32_SCHUR_ABOVE, _row_blocks, remap_warm_start, solve_native
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.solve import choose_solver, solve
+from hcl.convex.solve import _cpu_threads_for, choose_solver, solve
 
 COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 WARM_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100)]
@@ -126,10 +126,12 @@ def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> flo
     W = torch.randn(d, 2 * P * c, dtype=dt, device=dev)
     G = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
     if method == "newton":
-        # the Schur matrix is built in float32 (hcl.convex.native), its blocks on and below the diagonal
-        F = torch.randn(n, P * d, dtype=torch.float32, device=dev)
-        S = torch.zeros(n, n, dtype=torch.float32, device=dev)
-        X32, LG = X.float(), torch.randn(d, P * d, dtype=torch.float32, device=dev)
+        # the Schur matrix, built in float32 from FLOAT32_SCHUR_ABOVE on (hcl.convex.native), its blocks on and below
+        # the diagonal
+        schur = torch.float32 if n * n * P * d * c >= FLOAT32_SCHUR_ABOVE else torch.float64
+        F = torch.randn(n, P * d, dtype=schur, device=dev)
+        S = torch.zeros(n, n, dtype=schur, device=dev)
+        X32, LG = X.to(schur), torch.randn(d, P * d, dtype=schur, device=dev)
         blocks = _row_blocks(n)
         theta = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
         outer = torch.randn(n, d * d, dtype=dt, device=dev)
@@ -238,10 +240,11 @@ def per_iteration(args) -> None:
     for n, d, P in COLD_SIZES[:3]:
         problem = cold_instance(n, d, P)
         for method in ("newton", "fista"):
-            solution = solve_native(problem, method=method, max_iters=10 if method == "newton" else 200,
-                                    dtype=torch.float64)
+            solution = solve(problem, "native", method=method, max_iters=10 if method == "newton" else 200,
+                             dtype=torch.float64)
             per_it = solution.solve_seconds / solution.iterations
-            mm = matmul_seconds(problem, method)
+            with _cpu_threads_for(problem):  # the threads solve() gave the solver
+                mm = matmul_seconds(problem, method)
             print(row([f"{n}, {d}, {P}", method, f"{per_it * 1e3:.2f} ms", f"{mm * 1e3:.2f} ms",
                        f"{per_it / mm:.2f}"]), flush=True)
 
