@@ -65,6 +65,7 @@ from hcl.network import ReLUStack, find_relu_stack
 from hcl.patterns import sample_patterns
 
 FORMULATIONS = ("neurons", "patterns")
+WARM_STARTS = ("network", "previous")
 
 #: solver names besides cvxpy's installed conic solvers
 GENERIC_SOLVERS = ("auto", "native", "cvxpylayers")
@@ -151,6 +152,11 @@ class ConvexGapMonitor(Callback):
         raise_worker_errors: asynchronous mode: re-raise a failed solve on the training thread (stopping training)
             instead of warning.
         worker: ``"process"`` or ``"thread"`` (see above).
+        warm_start: where the native solver starts: ``"network"``, the network's own mapped point; or
+            ``"previous"``, the last solved snapshot's solution carried over to the new patterns by
+            :func:`hcl.convex.native.remap_warm_start` (each pattern takes its nearest old pattern's block, with its
+            multipliers), and the network's point at the first snapshot of a run. cvxpy's solvers take no warm
+            start.
 
     Raises:
         ValueError: on bad arguments; at setup, on a model without a two-layer ReLU stack, or data of the wrong
@@ -185,6 +191,7 @@ class ConvexGapMonitor(Callback):
         solve_time_limit: float | None = None,
         raise_worker_errors: bool = False,
         worker: Literal["process", "thread"] = "process",
+        warm_start: Literal["network", "previous"] = "network",
     ) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         if formulation not in FORMULATIONS:
@@ -220,6 +227,8 @@ class ConvexGapMonitor(Callback):
                              "would overwrite newer weights")
         if not _is_int(seed):
             raise TypeError(f"seed must be an integer, got {seed!r}")
+        if warm_start not in WARM_STARTS:
+            raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
         self.formulation = formulation
         self.sampled_patterns = sampled_patterns
         self.gated = gated
@@ -237,6 +246,8 @@ class ConvexGapMonitor(Callback):
         self.solve_time_limit = None if solve_time_limit is None else float(solve_time_limit)
         self.raise_worker_errors = raise_worker_errors
         self.worker = worker
+        self.warm_start = warm_start
+        self._warm_key: str | None = None  # names this run's chain of solutions where the solves run
         self._last_step = -1
         self._skipped = 0
         self._stack: ReLUStack | None = None
@@ -293,6 +304,7 @@ class ConvexGapMonitor(Callback):
         self._check_target_width(Y)
         self._Y = _as_targets(Y, self._stack.output.out_features, self._X)
         self._trainer = trainer
+        self._warm_key = uuid.uuid4().hex if self.warm_start == "previous" else None
         if self.asynchronous and trainer.is_global_zero:
             self._X_cpu = self._X.detach().to("cpu", copy=True)
             self._Y_cpu = self._Y.detach().to("cpu", copy=True)
@@ -384,6 +396,7 @@ class ConvexGapMonitor(Callback):
             owner=type(self).__name__, prefix=self.prefix, value_tag=self._value_tag(out_features),
             formulation=self.formulation, solver=self.solver, gated=self.gated, weight_decay=self._lambda,
             reduction=self._reduction, solver_options=dict(self.solver_options), time_limit=self.solve_time_limit,
+            warm_key=self._warm_key,
         )
 
     # ------------------------------------------------------------ asynchronous

@@ -21,6 +21,7 @@ import time
 import traceback
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from hcl.convex.build import problem_from_network
+from hcl.convex.native import remap_warm_start
 from hcl.convex.problem import (
     REDUCTIONS,
     ConvexProblem,
@@ -319,6 +321,7 @@ class SolveSpec:
     reduction: str
     solver_options: dict[str, Any]
     time_limit: float | None
+    warm_key: str | None = None  # warm-start from the last solution stored under this key (see evaluate_snapshot)
 
 
 @dataclass
@@ -358,14 +361,16 @@ def evaluate_snapshot(
             weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
             extra_patterns=snap.extra_patterns,
         )
+        warm = _previous_solution(spec, problem) or point
         if quiet:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # solver chatter; the status is logged instead
-                solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
+                solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
         else:
-            solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=point, **options)
+            solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
         if not isinstance(solution, ConvexSolution):
             raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
+        _keep_solution(spec, problem, solution)
         seconds = time.perf_counter() - start
         return _measure(spec, snap, problem, point, solution, L, seconds, metrics, keep_solution)
     except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
@@ -377,6 +382,32 @@ def evaluate_snapshot(
         description = f"{type(err).__name__}: {err}"
         return SolveOutcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {description}"],
                             error=description)
+
+
+# The last solution of each chain of solves (SolveSpec.warm_key), in the process that solves: the training process
+# or the worker. A few chains at most are kept; an evicted chain starts again from the network's point.
+_PREVIOUS_SOLUTIONS: OrderedDict[str, tuple[ConvexProblem, ConvexSolution]] = OrderedDict()
+_MAX_CHAINS = 8
+
+
+def _previous_solution(spec: SolveSpec, problem: ConvexProblem) -> tuple | None:
+    """The last solution of ``spec``'s chain carried over to ``problem``'s patterns, or ``None``."""
+    previous = _PREVIOUS_SOLUTIONS.get(spec.warm_key) if spec.warm_key is not None else None
+    if previous is None:
+        return None
+    old_problem, old_solution = previous
+    if old_problem.X.shape != problem.X.shape or old_problem.c != problem.c or old_solution.gated != spec.gated:
+        return None
+    return remap_warm_start(old_problem.patterns, old_solution, problem.patterns)
+
+
+def _keep_solution(spec: SolveSpec, problem: ConvexProblem, solution: ConvexSolution) -> None:
+    if spec.warm_key is None or not solution.ok or solution.U is None:
+        return
+    _PREVIOUS_SOLUTIONS[spec.warm_key] = (problem, solution)
+    _PREVIOUS_SOLUTIONS.move_to_end(spec.warm_key)
+    while len(_PREVIOUS_SOLUTIONS) > _MAX_CHAINS:
+        _PREVIOUS_SOLUTIONS.popitem(last=False)
 
 
 def _measure(

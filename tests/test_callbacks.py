@@ -171,6 +171,54 @@ def test_a_failing_solver_warns_and_training_goes_on(tmp_path, monkeypatch):
     assert "convex/optimum" not in s
 
 
+@pytest.mark.parametrize("formulation", ["neurons", "patterns"])
+def test_previous_solution_warm_start_carries_each_solve_to_the_next(tmp_path, monkeypatch, formulation):
+    """warm_start="previous": every solve after the first starts from the last solution, remapped to the new
+    patterns; the optima are those of the default start (both are certified to the solver's tolerance)."""
+    from hcl.convex.native import remap_warm_start
+    from hcl.convex.solve import solve as real_solve
+
+    calls = []
+
+    def recording_solve(problem, solver, **options):
+        solution = real_solve(problem, solver, **options)
+        calls.append((problem, options["warm_start"], solution))
+        return solution
+
+    monkeypatch.setattr(convex_gap_module, "solve", recording_solve)
+    optima = {}
+    for warm_start in ("network", "previous"):
+        calls.clear()
+        model, data = _seed_c(init_scale=1.0, lr=0.2, weight_decay=1e-2)
+        monitor = ConvexGapMonitor(every_n_steps=1, formulation=formulation, solver="native",
+                                   warm_start=warm_start)
+        _trainer(tmp_path / warm_start, [monitor], max_steps=6).fit(model, datamodule=data)
+        optima[warm_start] = [v for _, v in read_scalars(tmp_path / warm_start)["convex/optimum"]]
+        assert len(calls) == 6 and all(solution.ok for _, _, solution in calls)
+        assert len(calls[0][1]) == 3  # the network's own point first
+        for (old, _, old_solution), (new, warm, _) in zip(calls, calls[1:]):
+            if warm_start == "network":
+                assert len(warm) == 3
+                continue
+            expected = remap_warm_start(old.patterns, old_solution, new.patterns)
+            assert torch.equal(warm[0], expected[0]) and torch.equal(warm[1], expected[1])
+            assert warm[3] is not None  # the multipliers come along
+    assert optima["previous"] == pytest.approx(optima["network"], rel=1e-5, abs=1e-9)
+
+
+def test_previous_solution_warm_start_in_the_worker_process(tmp_path):
+    """The chain of solutions lives where the solves run: here the worker process."""
+    optima = {}
+    for name, options in (("sync", {}), ("worker", {"asynchronous": True, "max_pending": 100})):
+        model, data = _seed_c(init_scale=1.0, lr=0.2, weight_decay=1e-2)
+        monitor = ConvexGapMonitor(every_n_steps=1, solver="native", warm_start="previous", **options)
+        _trainer(tmp_path / name, [monitor], max_steps=5).fit(model, datamodule=data)
+        s = read_scalars(tmp_path / name)
+        assert [code for _, code in s["convex/status"]] == [0.0] * 5
+        optima[name] = [v for _, v in s["convex/optimum"]]
+    assert optima["worker"] == pytest.approx(optima["sync"], rel=1e-6, abs=1e-9)
+
+
 def test_non_finite_weights_are_reported_not_solved(tmp_path):
     model, data = _seed_c()
     with torch.no_grad():
@@ -200,6 +248,8 @@ def test_bad_arguments_are_refused_early():
         ConvexGapMonitor(every_n_steps=0)
     with pytest.raises(ValueError, match="formulation"):
         ConvexGapMonitor(formulation="layers")
+    with pytest.raises(ValueError, match="warm_start"):
+        ConvexGapMonitor(warm_start="last")
     with pytest.raises(ValueError, match="weight_decay"):
         ConvexGapMonitor(weight_decay=-1.0)
     with pytest.raises(ValueError, match="probe and target"):
