@@ -37,6 +37,7 @@ from hcl.convex.cvxpy_solver import solve_cvxpy
 from hcl.convex.native import FLOAT32_SCHUR_ABOVE, _row_blocks, remap_warm_start, solve_native
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.solve import _cpu_threads_for, choose_solver, solve
+from hcl.patterns import pattern_keys
 
 COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 WARM_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100)]
@@ -217,8 +218,8 @@ def warm(args) -> None:
         old = first.patterns
         new = second.patterns
         remapped = remap_warm_start(old, previous, new)
-        same = (new.T.to(torch.float64) @ old.to(torch.float64) + (~new).T.to(torch.float64) @ (~old).to(torch.float64))
-        fresh = int((same.amax(dim=1) < new.shape[0]).sum())  # patterns no column of the old problem has
+        old_keys = set(map(tuple, pattern_keys(old).tolist()))
+        fresh = sum(key not in old_keys for key in map(tuple, pattern_keys(new).tolist()))  # patterns new to it
         cold_solution = solve(second, "native")
         from_previous = solve(second, "native", warm_start=remapped)
         from_network = solve(second, "native", warm_start=point)

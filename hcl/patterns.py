@@ -211,6 +211,7 @@ def keys_of_packed(packed: Tensor) -> Tensor:
     lanes = [mixed.sum(dim=1), mixed.mul_(multipliers).sum(dim=1)]
     return torch.stack(lanes, dim=1)
 
+
 # --------------------------------------------------------------------------- tracking over a run
 class PatternStats(NamedTuple):
     """Pattern counts at one snapshot.
@@ -260,7 +261,6 @@ class PatternTracker:
 
     def update(self, D: Tensor) -> PatternStats:
         """Record the snapshot ``D`` (``(n, m)`` boolean) and return its counts."""
-        _check_patterns(D)
         return self.update_packed(pack_patterns(D))
 
     def update_packed(self, packed: Tensor) -> PatternStats:

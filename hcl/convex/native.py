@@ -283,6 +283,7 @@ class _Operator:
         self.num_constraints = int(self.cmask.sum()) * self.n * self.c
         self._outer: Tensor | None = None
         self._scratch: dict[str, Tensor] = {}
+        self._data_in: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         # precision the interior point builds its Schur matrices in (see _NewtonSystem): float32 where building
         # them dominates an iteration; below, the extra conjugate-gradient steps float32 costs do
         large = self.n * self.n * self.P * self.d * self.c >= FLOAT32_SCHUR_ABOVE
@@ -296,6 +297,12 @@ class _Operator:
         if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
             buffer = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.device)
         return buffer[:numel]
+
+    def data_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``X`` and the patterns (as 0/1) in ``dtype``, converted once per solve."""
+        if dtype not in self._data_in:
+            self._data_in[dtype] = (self.X.to(dtype), self.Dm.to(dtype))
+        return self._data_in[dtype]
 
     def sample_outer_products(self) -> Tensor | None:
         """``(n, d²)`` rows ``x_j x_jᵀ``, kept between Newton systems when they take at most 256 MiB."""
@@ -740,7 +747,7 @@ class _NewtonSystem:
         rounding made one of them indefinite."""
         op = self.op
         n, d, P, c = op.n, op.d, op.P, op.c
-        X, Dm = op.X.to(dtype), op.Dm.to(dtype)
+        X, Dm = op.data_in(dtype)
         LG = self.LG.to(dtype)
         # S gets (D_i X L)(D_i X L)ᵀ (G = L Lᵀ), a chunk of patterns at a time; only the blocks on and below the
         # diagonal are formed (the factorisation reads the lower triangle), which saves up to half the products.
