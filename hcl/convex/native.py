@@ -704,31 +704,34 @@ class _NewtonSystem:
             B = torch.zeros(K, d, d, dtype=dtype, device=op.device)
         rho = 2.0 * lam / smooth  # per group
         Wf = W.reshape(d, K).T  # (K, d)
+        # the smoothed norm's Hessian, added in place (these (K, d, d) tensors are the largest of an iteration)
         if op.per_column:
             rho_k = rho.reshape(K)
-            B = B + rho_k[:, None, None] * (eye - Wf[:, :, None] * Wf[:, None, :] / smooth.reshape(K, 1, 1) ** 2)
-            self.low_rank = None
+            B.diagonal(dim1=1, dim2=2).add_(rho_k[:, None])
+            B.baddbmm_((-rho_k / smooth.reshape(K) ** 2)[:, None, None] * Wf[:, :, None], Wf[:, None, :])
         else:
             rho_k = rho[None, :, None].expand(2, P, c).reshape(K)
-            B = B + rho_k[:, None, None] * eye
-        self.B_exact = B.clone()
+            B.diagonal(dim1=1, dim2=2).add_(rho_k[:, None])
+        # what the exact (matrix-free) product needs: the barrier weights and the norm Hessian's pieces
+        self.theta = theta
+        self.rho = rho
+        self.norm_direction = W
+        self.norm_rank_one = rho / smooth.square()
         # static regularisation (relative) keeps every block positive definite; iterative refinement
         # against the unregularised system removes its effect on the direction
         # (an absolute floor relative to the data term's curvature keeps λ = 0 and the smoothed norms'
         # flat radial directions solvable)
-        diag_scale = B.diagonal(dim1=1, dim2=2).amax(1)
-        reg = torch.clamp(1e-14 * diag_scale, min=op.regularization)
-        B = B + reg[:, None, None] * eye
+        diag = B.diagonal(dim1=1, dim2=2)
+        reg = torch.clamp(1e-14 * diag.amax(1), min=op.regularization)
+        diag.add_(reg[:, None])
         allowed = op.wmask.expand(1, 2, P, c).reshape(K).bool()
         B[~allowed] = eye
         L = torch.linalg.cholesky(B)
         Binv = torch.cholesky_inverse(L)
         Binv[~allowed] = 0.0
         self.Binv = Binv  # (K, d, d)
-        if not op.per_column:
-            # the rank-one part −(ρ/N²) w wᵀ of a pattern group spans its 2·c blocks; it is left out of
-            # the preconditioner (which then dominates the matrix) and kept in the exact product
-            self.B_rank_one = (rho / smooth.square(), W)
+        # with pattern groups the rank-one part −(ρ/N²) w wᵀ of a group spans its pattern's 2·c blocks; it is left
+        # out of the preconditioner (which then dominates the matrix) and kept in the exact product
         # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
         ridge = 1e-14 * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-300)
@@ -807,15 +810,23 @@ class _NewtonSystem:
         return g0 - self._block_inverse(op.adjoint_data(tau))
 
     def _apply(self, V: Tensor) -> Tensor:
-        """The exact (unregularised) matrix times ``V``."""
+        """The exact (unregularised) matrix times ``V``, matrix-free: one product with ``X`` and one with ``Xᵀ``."""
         op = self.op
-        K = 2 * op.P * op.c
-        out = torch.einsum("kde,ek->dk", self.B_exact, V.reshape(op.d, K)).reshape(V.shape)
-        if not op.per_column:
-            kappa, W = self.B_rank_one
-            coef = (W * V).sum((0, 1, 3)) * kappa
-            out = out - W * coef[None, None, :, None]
-        out = out + 2.0 * op.adjoint_data(op.center(op.predict(op.forward(V))))
+        Z = op.forward(V)
+        data = 2.0 * op.center(op.predict(Z))  # 2 Π M V, (n, c)
+        # Xᵀ [θ ⊙ X V  (the barrier: S² = 1 on the constrained blocks) + 2 D_i Π M V on side u, minus it on side v]
+        weighted = Z.mul_(self.theta) if self.theta is not None else Z.zero_()
+        spread = op.Dm[:, :, None] * data[:, None, :]  # (n, P, c)
+        weighted[:, 0] += spread
+        weighted[:, 1] -= spread
+        out = (op.X.T @ weighted.reshape(op.n, -1)).reshape(V.shape)
+        norms = self.norm_direction
+        if op.per_column:
+            coef = (norms * V).sum(0, keepdim=True) * self.norm_rank_one[None]
+            out += self.rho[None] * V - norms * coef
+        else:
+            coef = (norms * V).sum((0, 1, 3)) * self.norm_rank_one
+            out += self.rho[None, None, :, None] * V - norms * coef[None, None, :, None]
         return out * op.wmask
 
     def solve(self, R: Tensor, rtol: float = 1e-10, max_iters: int = 50) -> Tensor:
