@@ -9,8 +9,9 @@ Prints markdown tables (this is a measurement, not a test):
   ``n`` points in ``d`` dimensions (a planted teacher plus noise, reduction ``"mean"``); the problem of its
   patterns at one step is solved, then the next step's problem, warm-started from the previous solution
   (patterns matched by :func:`hcl.convex.native.remap_warm_start`) and from the network's own point;
-* **per iteration** — the native solver's time per iteration against the time of the dense products one
-  iteration needs, measured with ``torch.matmul`` in the same run;
+* **per iteration** — the native solver's time per iteration (best of two solves) against the time of the dense
+  products one iteration needs, measured with ``torch.matmul`` in the same run (best of three), up to
+  (2000, 100, 400);
 * **first order** — what the matrix-free method reaches at (500, 20, 100) in a fixed time;
 * ``--crossover`` — native against Clarabel on small sizes (the ``"auto"`` switch point).
 
@@ -19,7 +20,9 @@ Relative objective differences are against the best (lowest) cvxpy value; the vi
 ``max |Y|``; the gap is the native certificate's ``(value − dual) / value``.
 
 Usage: ``python benchmarks/solvers.py [--time-limit 120] [--only crossover,cold,warm,iter,first]
-[--cold-sizes "500,20,100;1000,50,100"] [--warm-sizes "500,20,100"] [--threads N]`` (default: torch's, all cores).
+[--cold-sizes "500,20,100;1000,50,100"] [--warm-sizes "500,20,100"] [--iter-sizes "1000,50,100"] [--repeats R]
+[--threads N]`` (default: torch's threads, all cores). With ``--repeats R`` every cold and warm solve, native and
+cvxpy, runs ``R`` times and its fastest run is reported: the machines are noisy.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from hcl.patterns import pattern_keys
 
 COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 WARM_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100)]
+ITER_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 CROSSOVER_SIZES = [(30, 3, 6), (50, 5, 10), (60, 6, 12), (80, 8, 16), (100, 10, 10), (100, 10, 20), (200, 10, 40)]
 
 
@@ -103,6 +107,22 @@ def run_cvxpy(problem: ConvexProblem, name: str, time_limit: float):
     return None, None, f"skipped (> {time_limit:.0f} s)"
 
 
+def fastest_cvxpy(problem: ConvexProblem, name: str, time_limit: float, repeats: int):
+    """:func:`run_cvxpy` ``repeats`` times (fewer once a run is skipped); the fastest run."""
+    results = []
+    for _ in range(repeats):
+        results.append(run_cvxpy(problem, name, time_limit))
+        if results[-1][0] is None:
+            break
+    finished = [result for result in results if result[0] is not None]
+    return min(finished, key=lambda result: result[1]) if finished else results[-1]
+
+
+def fastest(repeats: int, problem: ConvexProblem, **options):
+    """The fastest of ``repeats`` native solves through ``solve()`` (its thread policy)."""
+    return min((solve(problem, "native", **options) for _ in range(repeats)), key=lambda s: s.solve_seconds)
+
+
 # ----------------------------------------------------------------------------- helpers
 def fmt_time(seconds) -> str:
     return "–" if seconds is None else (f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}")
@@ -120,7 +140,8 @@ def row(cells) -> str:
 
 
 def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> float:
-    """Time of the dense products one iteration of ``method`` needs, with random data of the right shapes."""
+    """Time of the dense products one iteration of ``method`` needs, with random data of the right shapes (the
+    best of ``repeats``)."""
     n, d, P, c = problem.n, problem.d, problem.num_patterns, problem.c
     dt, dev = torch.float64 if method == "newton" else problem.X.dtype, problem.X.device
     X = torch.randn(n, d, dtype=dt, device=dev)
@@ -155,10 +176,7 @@ def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> flo
             torch.cuda.synchronize()
 
     once()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    return (time.perf_counter() - start) / repeats
+    return min(_timed(once) for _ in range(repeats))
 
 
 def machine() -> str:
@@ -179,8 +197,8 @@ def cold(args) -> None:
     print(row(["---"] * 8))
     for n, d, P in COLD_SIZES:
         problem = cold_instance(n, d, P)
-        native = solve(problem, "native", time_limit=args.native_limit)  # with solve()'s thread policy
-        results = [run_cvxpy(problem, name, args.time_limit) for name in ("CLARABEL", "ECOS")]
+        native = fastest(args.repeats, problem, time_limit=args.native_limit)
+        results = [fastest_cvxpy(problem, name, args.time_limit, args.repeats) for name in ("CLARABEL", "ECOS")]
         ref, t_best = best_cvxpy(results)
         diff = "–" if ref is None else f"{(native.value - ref) / abs(ref):.1e}"
         speed = (f"{t_best / native.solve_seconds:.1f}×" if t_best is not None
@@ -220,10 +238,10 @@ def warm(args) -> None:
         remapped = remap_warm_start(old, previous, new)
         old_keys = set(map(tuple, pattern_keys(old).tolist()))
         fresh = sum(key not in old_keys for key in map(tuple, pattern_keys(new).tolist()))  # patterns new to it
-        cold_solution = solve(second, "native")
-        from_previous = solve(second, "native", warm_start=remapped)
-        from_network = solve(second, "native", warm_start=point)
-        results = [run_cvxpy(second, name, args.time_limit) for name in ("CLARABEL", "ECOS")]
+        cold_solution = fastest(args.repeats, second)
+        from_previous = fastest(args.repeats, second, warm_start=remapped)
+        from_network = fastest(args.repeats, second, warm_start=point)
+        results = [fastest_cvxpy(second, name, args.time_limit, args.repeats) for name in ("CLARABEL", "ECOS")]
         ref, t_best = best_cvxpy(results)
         diff = "–" if ref is None else f"{(from_previous.value - ref) / abs(ref):.1e}"
         speed = ("–" if t_best is None else f"{t_best / from_previous.solve_seconds:.1f}×")
@@ -238,12 +256,18 @@ def per_iteration(args) -> None:
     print("\n### Native time per iteration against the dense products an iteration needs (torch.matmul)\n")
     print(row(["n, d, P", "method", "s / iteration", "matmuls s", "ratio"]))
     print(row(["---"] * 5))
-    for n, d, P in COLD_SIZES[:3]:
+    for n, d, P in ITER_SIZES:
         problem = cold_instance(n, d, P)
         for method in ("newton", "fista"):
-            solution = solve(problem, "native", method=method, max_iters=10 if method == "newton" else 200,
-                             dtype=torch.float64)
-            per_it = solution.solve_seconds / solution.iterations
+            # a few Newton iterations where each takes seconds; best of two solves, as the matmuls are best of three
+            iterations = (10 if n * n * P * d < 10**10 else 3) if method == "newton" else 200
+            per_it = min(
+                solution.solve_seconds / solution.iterations
+                for solution in (
+                    solve(problem, "native", method=method, max_iters=iterations, dtype=torch.float64)
+                    for _ in range(2)
+                )
+            )
             with _cpu_threads_for(problem):  # the threads solve() gave the solver
                 mm = matmul_seconds(problem, method)
             print(row([f"{n}, {d}, {P}", method, f"{per_it * 1e3:.2f} ms", f"{mm * 1e3:.2f} ms",
@@ -292,8 +316,13 @@ def main() -> None:
                         help="torch threads of the native solver (default: all cores; cvxpy's solvers use one)")
     parser.add_argument("--cold-sizes", default=None, help='e.g. "500,20,100;1000,50,100"')
     parser.add_argument("--warm-sizes", default=None, help='e.g. "500,20,100"')
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="cold and warm sections: every solve this many times, its fastest run reported")
+    parser.add_argument("--iter-sizes", default=None, help='sizes of the per-iteration section, e.g. "1000,50,100"')
     args = parser.parse_args()
-    for sizes, option in ((COLD_SIZES, args.cold_sizes), (WARM_SIZES, args.warm_sizes)):
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    for sizes, option in ((COLD_SIZES, args.cold_sizes), (WARM_SIZES, args.warm_sizes), (ITER_SIZES, args.iter_sizes)):
         if option:
             sizes[:] = [tuple(int(v) for v in size.split(",")) for size in option.split(";")]
     torch.set_num_threads(args.threads)
