@@ -146,6 +146,24 @@ def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(outputs,
         assert rebuilt  # the fallback ran
 
 
+@pytest.mark.parametrize("outputs,signs", [((1, False), True), ((3, False), False), ((3, True), False)])
+def test_newton_barrier_blocks_built_block_by_block_agree_with_cvxpy(outputs, signs, monkeypatch):
+    """With large ``d`` the rows ``x_j x_jᵀ`` are not kept and each block's ``Xᵀ diag(θ) X`` is its own product,
+    a few blocks at a time (forced here, with blocks split over several chunks)."""
+    import hcl.convex.native as native
+
+    monkeypatch.setattr(native, "OUTER_PRODUCTS_MAX_BYTES", 0)
+    c, one_vs_all = outputs
+    problem = random_problem(5, n=40, d=6, P=9, c=c, one_vs_all=one_vs_all, signs=signs, bias=True, lam=0.03)
+    seen = []
+    outer = native._Operator.sample_outer_products
+    monkeypatch.setattr(native._Operator, "sample_outer_products", lambda op: seen.append(outer(op)) or seen[-1])
+    solution = solve_native(problem, method="newton", chunk_size=1)
+    assert seen and all(rows is None for rows in seen)  # the block-by-block path ran
+    assert_agrees(solution, problem, reference_value(problem), gated=False)
+    assert solution.status == "optimal"
+
+
 @pytest.mark.parametrize(
     "outputs,gated,bias", [((1, False), False, True), ((3, False), False, False), ((3, True), True, True)]
 )

@@ -56,6 +56,8 @@ NEWTON_MAX_SAMPLES = 6000
 FLOAT32_SCHUR_ABOVE = 100_000_000
 # Conjugate-gradient iterations a float32-built preconditioner gets before it is rebuilt in float64.
 FLOAT32_CG_ITERS = 20
+# Largest size of the rows x_j x_jᵀ the interior point keeps between iterations (beyond: products block by block).
+OUTER_PRODUCTS_MAX_BYTES = 1 << 28
 
 
 # ----------------------------------------------------------------------------- public helpers
@@ -181,8 +183,8 @@ def solve_native(
             curvature; it still doubles when the violation stalls).
         dtype: working precision; default float64 for ``"newton"`` (the barrier's systems need it) and the
             problem's dtype (float32 when it is float32) for ``"fista"``.
-        chunk_size: samples per chunk in the first-order products / patterns per chunk when building the
-            interior-point matrices (default: all at once up to ~2²⁴ elements per temporary).
+        chunk_size: samples per chunk in the first-order products / patterns (or blocks) per chunk when building
+            the interior-point matrices (default: all at once up to ~2²⁴ elements per temporary).
         method: ``"auto"``, ``"newton"`` or ``"fista"``; ``"auto"`` takes ``"newton"`` when
             ``n ≤ NEWTON_MAX_SAMPLES``.
         verbose: print one line per iteration (newton) or per multiplier update (fista).
@@ -305,8 +307,9 @@ class _Operator:
         return self._data_in[dtype]
 
     def sample_outer_products(self) -> Tensor | None:
-        """``(n, d²)`` rows ``x_j x_jᵀ``, kept between Newton systems when they take at most 256 MiB."""
-        if self._outer is None and self.n * self.d * self.d * self.X.element_size() <= 1 << 28:
+        """``(n, d²)`` rows ``x_j x_jᵀ``, kept between Newton systems when they take at most
+        ``OUTER_PRODUCTS_MAX_BYTES``; ``None`` beyond."""
+        if self._outer is None and self.n * self.d * self.d * self.X.element_size() <= OUTER_PRODUCTS_MAX_BYTES:
             self._outer = (self.X[:, :, None] * self.X[:, None, :]).reshape(self.n, self.d * self.d)
         return self._outer
 
@@ -695,10 +698,13 @@ class _NewtonSystem:
             if outer is not None:
                 B.addmm_(theta_k.T, outer)
             else:
-                rows = max(1, (1 << 24) // max(d * d, 1))
-                for lo in range(0, n, rows):
-                    Xc = X[lo:lo + rows]
-                    B.addmm_(theta_k[lo:lo + rows].T, (Xc[:, :, None] * Xc[:, None, :]).reshape(Xc.shape[0], d * d))
+                # too many rows x_j x_jᵀ to keep (large d): (θ_k ⊙ X)ᵀ X block by block, a few blocks at a time, as
+                # deep products (a chunk of the rows x_j x_jᵀ would give products only a few samples deep)
+                B3 = B.view(K, d, d)
+                for lo in range(0, K, budget):
+                    hi = min(K, lo + budget)
+                    weighted = theta_k[:, lo:hi].T[:, :, None] * X  # (blocks, n, d)
+                    torch.matmul(weighted.transpose(1, 2), X, out=B3[lo:hi])
             B = B.reshape(K, d, d)
         else:
             B = torch.zeros(K, d, d, dtype=dtype, device=op.device)
