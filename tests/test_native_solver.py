@@ -125,14 +125,19 @@ def test_newton_with_sign_restricted_blocks(outputs, signs):
     assert torch.count_nonzero(solution.V[forbidden_v]) == 0
 
 
+@pytest.mark.parametrize("float32_blocks", [False, True])
 @pytest.mark.parametrize("float32_cg_iters", [0, 20])
 @pytest.mark.parametrize("outputs,bias", [((1, False), True), ((3, False), False)])
-def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(outputs, bias, float32_cg_iters, monkeypatch):
-    """The Schur matrix is built in float32 and rebuilt in float64 when conjugate gradients stall on it; with no
-    float32 iterations allowed every system takes the fallback. Both must reach the certified optimum."""
+def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(
+    outputs, bias, float32_cg_iters, float32_blocks, monkeypatch
+):
+    """The Schur matrix (and, for large d, the blocks) is built in float32 and rebuilt in float64 when conjugate
+    gradients stall on it; with no float32 iterations allowed every system takes the fallback. All must reach the
+    certified optimum."""
     import hcl.convex.native as native
 
     monkeypatch.setattr(native, "FLOAT32_SCHUR_ABOVE", 0)  # float32 at this small size too
+    monkeypatch.setattr(native, "FLOAT32_BLOCKS_FROM_D_OVER_N", 0.0 if float32_blocks else 1e9)
     monkeypatch.setattr(native, "FLOAT32_CG_ITERS", float32_cg_iters)
     rebuilt = []
     refine = native._NewtonSystem._refine_schur
@@ -157,7 +162,9 @@ def test_newton_barrier_blocks_built_block_by_block_agree_with_cvxpy(outputs, si
     problem = random_problem(5, n=40, d=6, P=9, c=c, one_vs_all=one_vs_all, signs=signs, bias=True, lam=0.03)
     seen = []
     outer = native._Operator.sample_outer_products
-    monkeypatch.setattr(native._Operator, "sample_outer_products", lambda op: seen.append(outer(op)) or seen[-1])
+    monkeypatch.setattr(
+        native._Operator, "sample_outer_products", lambda op, dtype: seen.append(outer(op, dtype)) or seen[-1]
+    )
     solution = solve_native(problem, method="newton", chunk_size=1)
     assert seen and all(rows is None for rows in seen)  # the block-by-block path ran
     assert_agrees(solution, problem, reference_value(problem), gated=False)

@@ -56,6 +56,10 @@ NEWTON_MAX_SAMPLES = 6000
 FLOAT32_SCHUR_ABOVE = 100_000_000
 # Conjugate-gradient iterations a float32-built preconditioner gets before it is rebuilt in float64.
 FLOAT32_CG_ITERS = 20
+# d/n from which the interior point's (d, d) blocks follow the Schur matrices into float32: building them costs
+# K n d² against the Schur matrices' c n² P d, so from 2d ≥ n on they dominate. Measured: 3 iterations at
+# (n, d, P) = (1000, 785, 20) 13.8 s → 10.5 s; at (500, 20, 100), where the Schur matrices dominate, 10 % slower.
+FLOAT32_BLOCKS_FROM_D_OVER_N = 0.5
 # Largest size of the rows x_j x_jᵀ the interior point keeps between iterations (beyond: products block by block).
 OUTER_PRODUCTS_MAX_BYTES = 1 << 28
 
@@ -283,13 +287,15 @@ class _Operator:
         # groups: one per (side, pattern, output) column, or one per pattern (shared-layer bound)
         self.per_column = self.c == 1 or problem.one_vs_all
         self.num_constraints = int(self.cmask.sum()) * self.n * self.c
-        self._outer: Tensor | None = None
+        self._outer: dict[torch.dtype, Tensor] = {}
         self._scratch: dict[str, Tensor] = {}
         self._data_in: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         # precision the interior point builds its Schur matrices in (see _NewtonSystem): float32 where building
         # them dominates an iteration; below, the extra conjugate-gradient steps float32 costs do
         large = self.n * self.n * self.P * self.d * self.c >= FLOAT32_SCHUR_ABOVE
         self.schur_dtype = torch.float32 if dtype == torch.float64 and large else dtype
+        # the (d, d) blocks are built in that precision too where they cost more than the Schur matrices
+        self.float32_blocks = self.d >= FLOAT32_BLOCKS_FROM_D_OVER_N * self.n
         # a tiny multiple of the data term's curvature scale (2‖X‖_F², normalised units)
         self.regularization = 2e-12 * float(self.X.square().sum())
 
@@ -306,12 +312,13 @@ class _Operator:
             self._data_in[dtype] = (self.X.to(dtype), self.Dm.to(dtype))
         return self._data_in[dtype]
 
-    def sample_outer_products(self) -> Tensor | None:
-        """``(n, d²)`` rows ``x_j x_jᵀ``, kept between Newton systems when they take at most
+    def sample_outer_products(self, dtype: torch.dtype) -> Tensor | None:
+        """``(n, d²)`` rows ``x_j x_jᵀ`` in ``dtype``, kept between Newton systems when they take at most
         ``OUTER_PRODUCTS_MAX_BYTES``; ``None`` beyond."""
-        if self._outer is None and self.n * self.d * self.d * self.X.element_size() <= OUTER_PRODUCTS_MAX_BYTES:
-            self._outer = (self.X[:, :, None] * self.X[:, None, :]).reshape(self.n, self.d * self.d)
-        return self._outer
+        if dtype not in self._outer and self.n * self.d * self.d * self.X.element_size() <= OUTER_PRODUCTS_MAX_BYTES:
+            X = self.data_in(dtype)[0]
+            self._outer[dtype] = (X[:, :, None] * X[:, None, :]).reshape(self.n, self.d * self.d)
+        return self._outer.get(dtype)
 
     # ---- layout
     def zeros(self) -> Tensor:
@@ -683,73 +690,99 @@ class _NewtonSystem:
 
     def __init__(self, op: _Operator, W: Tensor, theta: Tensor | None, smooth: Tensor, eps: float, eye: Tensor):
         self.op = op
+        # what the exact (matrix-free) product needs: the barrier weights and the norm Hessian's pieces
+        self.theta = theta
+        self.rho = 2.0 * op.lam / smooth  # per group
+        self.norm_direction = W
+        self.smooth = smooth
+        self.norm_rank_one = self.rho / smooth.square()
+        self.eye = eye
+        self.budget = op.chunk_size or max(1, (1 << 24) // max(op.n * op.d, 1))
+        # The inverse built below is only the preconditioner of the conjugate gradients, which run on the exact
+        # matrix: it is built in float32 (twice the speed of float64, half the memory traffic) until float32 stops
+        # being enough, which happens as the barrier's systems grow ill-conditioned; from then on (op.schur_dtype)
+        # it is built in float64.
+        self.schur_dtype = op.schur_dtype
+        if not self._build(self.schur_dtype):
+            self._refine_schur()
+
+    def _build(self, dtype: torch.dtype) -> bool:
+        """The blocks' inverses and the Schur factor, built in ``dtype``; ``False`` when float32 rounding made one of
+        the matrices indefinite (float64 failures raise)."""
+        op = self.op
         n, d, P, c = op.n, op.d, op.P, op.c
-        dtype = op.dtype
         K = 2 * P * c
-        X = op.X
-        lam = op.lam
+        # the blocks follow the Schur matrix into float32 only where building them dominates (large d)
+        blocks = dtype if op.float32_blocks else op.dtype
+        X = op.data_in(blocks)[0]
+        eye = self.eye.to(blocks)
+        # relative regularisation: negligible in float64, and below float32's rounding in float32 (1e-6 made the
+        # conjugate gradients slower)
+        relative = 1e-14 if blocks == torch.float64 else 1e-8
         # ----- block-diagonal part, one (d, d) block per (side, i, o), ordered like W.reshape(d, K)
-        budget = op.chunk_size or max(1, (1 << 24) // max(n * d, 1))
-        if theta is not None:
-            # Xᵀ diag(θ_k) X for every block k as one product: θᵀ (x_j x_jᵀ)_j, chunked over samples
-            theta_k = theta.reshape(n, K)
-            B = torch.zeros(K, d * d, dtype=dtype, device=op.device)
-            outer = op.sample_outer_products()
-            if outer is not None:
+        if self.theta is not None:
+            theta_k = self.theta.reshape(n, K).to(blocks)
+            B = torch.zeros(K, d * d, dtype=blocks, device=op.device)
+            outer = op.sample_outer_products(blocks)
+            if outer is not None:  # Xᵀ diag(θ_k) X for every block k as one product: θᵀ (x_j x_jᵀ)_j
                 B.addmm_(theta_k.T, outer)
             else:
                 # too many rows x_j x_jᵀ to keep (large d): (θ_k ⊙ X)ᵀ X block by block, a few blocks at a time, as
                 # deep products (a chunk of the rows x_j x_jᵀ would give products only a few samples deep)
                 B3 = B.view(K, d, d)
-                for lo in range(0, K, budget):
-                    hi = min(K, lo + budget)
+                for lo in range(0, K, self.budget):
+                    hi = min(K, lo + self.budget)
                     weighted = theta_k[:, lo:hi].T[:, :, None] * X  # (blocks, n, d)
                     torch.matmul(weighted.transpose(1, 2), X, out=B3[lo:hi])
             B = B.reshape(K, d, d)
         else:
-            B = torch.zeros(K, d, d, dtype=dtype, device=op.device)
-        rho = 2.0 * lam / smooth  # per group
-        Wf = W.reshape(d, K).T  # (K, d)
+            B = torch.zeros(K, d, d, dtype=blocks, device=op.device)
+        rho, smooth = self.rho.to(blocks), self.smooth.to(blocks)
         # the smoothed norm's Hessian, added in place (these (K, d, d) tensors are the largest of an iteration)
         if op.per_column:
+            Wf = self.norm_direction.reshape(d, K).T.to(blocks)  # (K, d)
             rho_k = rho.reshape(K)
             B.diagonal(dim1=1, dim2=2).add_(rho_k[:, None])
             B.baddbmm_((-rho_k / smooth.reshape(K) ** 2)[:, None, None] * Wf[:, :, None], Wf[:, None, :])
         else:
+            # with pattern groups the rank-one part −(ρ/N²) w wᵀ of a group spans its pattern's 2·c blocks; it is
+            # left out of the preconditioner (which then dominates the matrix) and kept in the exact product
             rho_k = rho[None, :, None].expand(2, P, c).reshape(K)
             B.diagonal(dim1=1, dim2=2).add_(rho_k[:, None])
-        # what the exact (matrix-free) product needs: the barrier weights and the norm Hessian's pieces
-        self.theta = theta
-        self.rho = rho
-        self.norm_direction = W
-        self.norm_rank_one = rho / smooth.square()
-        # static regularisation (relative) keeps every block positive definite; iterative refinement
-        # against the unregularised system removes its effect on the direction
-        # (an absolute floor relative to the data term's curvature keeps λ = 0 and the smoothed norms'
-        # flat radial directions solvable)
+        # static regularisation (relative) keeps every block positive definite; the conjugate gradients on the
+        # unregularised system remove its effect on the direction (an absolute floor relative to the data term's
+        # curvature keeps λ = 0 and the smoothed norms' flat radial directions solvable)
         diag = B.diagonal(dim1=1, dim2=2)
-        reg = torch.clamp(1e-14 * diag.amax(1), min=op.regularization)
+        reg = torch.clamp(relative * diag.amax(1), min=op.regularization)
         diag.add_(reg[:, None])
         allowed = op.wmask.expand(1, 2, P, c).reshape(K).bool()
         B[~allowed] = eye
-        L = torch.linalg.cholesky(B)
+        L = self._cholesky(B, blocks)
+        if L is None:
+            return False
         Binv = torch.cholesky_inverse(L)
         Binv[~allowed] = 0.0
-        self.Binv = Binv  # (K, d, d)
-        # with pattern groups the rank-one part −(ρ/N²) w wᵀ of a group spans its pattern's 2·c blocks; it is left
-        # out of the preconditioner (which then dominates the matrix) and kept in the exact product
         # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
-        ridge = 1e-14 * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-300)
-        self.LG = torch.linalg.cholesky(G + ridge[..., None, None] * eye)
-        self.budget = budget
-        # It is only the preconditioner of the conjugate gradients below, which run on the exact matrix: it is
-        # built in float32 (twice the speed of float64) until float32 stops being enough, which happens as the
-        # barrier's systems grow ill-conditioned; from then on (op.schur_dtype) it is built in float64.
-        self.schur_dtype = op.schur_dtype
-        self.LS = self._factor_schur(self.schur_dtype)
-        if self.LS is None:
-            self._refine_schur()
+        ridge = relative * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-30)
+        LG = self._cholesky(G + ridge[..., None, None] * eye, blocks)
+        if LG is None:
+            return False
+        self.Binv, self.LG = Binv, LG
+        LS = self._factor_schur(dtype)
+        if LS is None:
+            return False
+        self.LS = LS
+        return True
+
+    def _cholesky(self, A: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """Cholesky factor of ``A``; ``None`` when it is not positive definite in float32 (raises in float64)."""
+        L, info = torch.linalg.cholesky_ex(A)
+        if not bool((info > 0).any()):
+            return L
+        if dtype != self.op.dtype:
+            return None
+        return torch.linalg.cholesky(A)  # raises, naming the failure
 
     def _factor_schur(self, dtype: torch.dtype) -> Tensor | None:
         """Cholesky factor (in the working precision) of the Schur matrices, built in ``dtype``; ``None`` when
@@ -782,25 +815,21 @@ class _NewtonSystem:
             S = S - S.mean(1, keepdim=True)
             S = S - S.mean(2, keepdim=True)
         S.diagonal(dim1=1, dim2=2).add_(0.5)
-        L, info = torch.linalg.cholesky_ex(S)
-        if not bool((info > 0).any()):
-            return L
-        if dtype != op.dtype:
-            return None
-        return torch.linalg.cholesky(S)  # raises, naming the failure
+        return self._cholesky(S, dtype)
 
     def _refine_schur(self) -> bool:
-        """Rebuild the Schur factor in the working precision; ``False`` when it already was."""
+        """Rebuild the preconditioner in the working precision; ``False`` when it already was."""
         if self.schur_dtype == self.op.dtype:
             return False
         self.schur_dtype = self.op.schur_dtype = self.op.dtype
-        self.LS = self._factor_schur(self.op.dtype)
+        self._build(self.op.dtype)
         return True
 
     def _block_inverse(self, R: Tensor) -> Tensor:
         op = self.op
         K = 2 * op.P * op.c
-        return torch.einsum("kde,ek->dk", self.Binv, R.reshape(op.d, K)).reshape(R.shape)
+        out = torch.einsum("kde,ek->dk", self.Binv, R.reshape(op.d, K).to(self.Binv.dtype))
+        return out.reshape(R.shape).to(R.dtype)
 
     def _schur_solve(self, t: Tensor) -> Tensor:
         """Solve ``S τ = t`` for ``t`` of shape ``(n, c)``."""
