@@ -13,6 +13,9 @@ Prints markdown tables (this is a measurement, not a test):
   products one iteration needs, measured with ``torch.matmul`` in the same run (best of three), up to
   (2000, 100, 400);
 * **first order** — what the matrix-free method reaches at (500, 20, 100) in a fixed time;
+* ``counts`` (not in the default ``--only``) — iterations of the interior point against Clarabel's and ECOS's;
+* ``mnist`` (not in the default ``--only``) — large ``d``: both native methods on 1000 real MNIST images
+  (``d = 785``, 20 Gaussian gates, digit parity as the target), read from ``--mnist-root``;
 * ``--crossover`` — native against Clarabel on small sizes (the ``"auto"`` switch point).
 
 Each cvxpy solve runs in a child process and is stopped past ``--time-limit`` seconds ("skipped (> N s)").
@@ -44,6 +47,7 @@ from hcl.patterns import pattern_keys
 
 COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 WARM_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100)]
+COUNT_SIZES = [(200, 10, 40), (300, 20, 50), (500, 20, 100)]
 ITER_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 CROSSOVER_SIZES = [(30, 3, 6), (50, 5, 10), (60, 6, 12), (80, 8, 16), (100, 10, 10), (100, 10, 20), (200, 10, 40)]
 
@@ -288,6 +292,44 @@ def first_order(args) -> None:
               flush=True)
 
 
+def mnist_subsample(args) -> None:
+    """Large ``d``: the interior point against the first-order method on real MNIST pixels."""
+    from torchvision.datasets import MNIST
+
+    n, P = 1000, 20
+    try:
+        data = MNIST(args.mnist_root, train=True, download=False)
+    except RuntimeError as error:
+        print(f"\nMNIST subsample: skipped ({error})")
+        return
+    g = torch.Generator().manual_seed(0)
+    index = torch.randperm(len(data), generator=g)[:n]
+    X = data.data[index].reshape(n, -1).double() / 255
+    X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    y = (data.targets[index] % 2).double() * 2 - 1  # digit parity as ±1
+    gates = torch.randn(X.shape[1], P, generator=g, dtype=torch.float64)
+    problem = ConvexProblem(X, y, X @ gates >= 0, weight_decay=1e-3, reduction="mean")
+    print(f"\n### MNIST subsample (n = {n}, d = {X.shape[1]}, P = {P}, parity target, λ = 1e-3, reduction mean)\n")
+    print(row(["method", "s", "iterations", "status", "gap", "value"]))
+    print(row(["---"] * 6))
+    for method in ("newton", "fista"):
+        solution = solve(problem, "native", method=method, time_limit=args.mnist_limit)
+        print(row([method, fmt_time(solution.solve_seconds), solution.iterations, solution.status,
+                   f"{solution.relative_gap:.1e}", f"{solution.value:.6e}"]), flush=True)
+
+
+def iteration_counts(args) -> None:
+    """Iterations of the native interior point against Clarabel's and ECOS's (each to its default tolerance)."""
+    print("\n### Iterations to convergence, cold instances\n")
+    print(row(["n, d, P", "native (tol 1e-6)", "Clarabel", "ECOS"]))
+    print(row(["---"] * 4))
+    for n, d, P in COUNT_SIZES:
+        problem = cold_instance(n, d, P)
+        counts = [solve_native(problem, method="newton").iterations]
+        counts += [solve_cvxpy(problem, name).iterations for name in ("CLARABEL", "ECOS")]
+        print(row([f"{n}, {d}, {P}", *counts]), flush=True)
+
+
 def crossover(args) -> None:
     print("\n### Crossover: native against Clarabel on small sizes (best of 3)\n")
     print(row(["n, d, P", "n·d·P", "native s", "Clarabel s", "Clarabel / native", "auto picks"]))
@@ -318,6 +360,8 @@ def main() -> None:
     parser.add_argument("--warm-sizes", default=None, help='e.g. "500,20,100"')
     parser.add_argument("--repeats", type=int, default=1,
                         help="cold and warm sections: every solve this many times, its fastest run reported")
+    parser.add_argument("--mnist-root", default="../shared/data", help="torchvision MNIST root (mnist section)")
+    parser.add_argument("--mnist-limit", type=float, default=300.0, help="seconds per solve (mnist section)")
     parser.add_argument("--iter-sizes", default=None, help='sizes of the per-iteration section, e.g. "1000,50,100"')
     args = parser.parse_args()
     if args.repeats < 1:
@@ -328,7 +372,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"Machine: {machine()}")
     solve_native(cold_instance(40, 4, 8))  # first-call overheads (lazy initialisation) out of the timings
-    sections = {"crossover": crossover, "cold": cold, "warm": warm, "iter": per_iteration, "first": first_order}
+    sections = {"crossover": crossover, "cold": cold, "warm": warm, "iter": per_iteration, "first": first_order,
+                "mnist": mnist_subsample, "counts": iteration_counts}
     for name in args.only.split(","):
         sections[name](args)
 
