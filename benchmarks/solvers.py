@@ -166,9 +166,8 @@ def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> flo
         if method == "newton":
             for _ in range(c):
                 torch.matmul(X32, LG)  # D_i X L_i for every pattern
-                for a, (a_lo, a_hi) in enumerate(blocks):  # the n × n Schur matrix
-                    for b_lo, b_hi in blocks[: a + 1]:
-                        S[a_lo:a_hi, b_lo:b_hi].addmm_(F[a_lo:a_hi], F[b_lo:b_hi].T)
+                for a_lo, a_hi in blocks:  # the n × n Schur matrix, on and below the diagonal, by panels of rows
+                    S[a_lo:a_hi, :a_hi].addmm_(F[a_lo:a_hi], F[:a_hi].T)
             torch.matmul(theta.T, outer)  # the per-block Xᵀ diag(θ) X
             for _ in range(6):  # products with X and Xᵀ (predictor, corrector, one CG step each)
                 torch.matmul(X, W)

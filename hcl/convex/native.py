@@ -803,9 +803,8 @@ class _NewtonSystem:
                 F = chunk[: n * (hi - lo) * d].view(n, (hi - lo) * d)
                 torch.matmul(X, LG[lo:hi, o].permute(1, 0, 2).reshape(d, -1), out=F)
                 F.view(n, hi - lo, d).mul_(Dm[:, lo:hi, None])
-                for a, (a_lo, a_hi) in enumerate(rows):
-                    for b_lo, b_hi in rows[: a + 1]:
-                        S[o, a_lo:a_hi, b_lo:b_hi].addmm_(F[a_lo:a_hi], F[b_lo:b_hi].T)
+                for a_lo, a_hi in rows:  # one product per panel of rows, up to the diagonal
+                    S[o, a_lo:a_hi, :a_hi].addmm_(F[a_lo:a_hi], F[:a_hi].T)
         if dtype != op.dtype:
             S = op.scratch("schur_working", c * n * n, op.dtype).view(c, n, n).copy_(S)
         if op.bias:  # Π S Π needs the whole matrix: mirror the blocks below the diagonal
