@@ -52,8 +52,9 @@ METHODS = ("auto", "newton", "fista")
 # ``"auto"`` uses the interior-point method while its n × n matrices stay small.
 NEWTON_MAX_SAMPLES = 6000
 # n² P d c from which the interior point builds its n × n matrices in float32 (measured: 1.5× slower up to 1.6·10⁷,
-# at (30, 3, 6) … (200, 10, 40); 2× faster per build at (1000, 50, 100))
-FLOAT32_SCHUR_ABOVE = 100_000_000
+# at (30, 3, 6) … (200, 10, 40); at (500, 20, 100), 5·10⁸, cold solves 1.76–1.82 s in float64 against 1.98–2.28 s;
+# 2× faster per build at (1000, 50, 100), 5·10⁹)
+FLOAT32_SCHUR_ABOVE = 1_000_000_000
 # Conjugate-gradient iterations a float32-built preconditioner gets before it is rebuilt in float64.
 FLOAT32_CG_ITERS = 20
 # d/n from which the interior point's (d, d) blocks follow the Schur matrices into float32: building them costs
