@@ -59,7 +59,7 @@ FLOAT32_SCHUR_ABOVE = 1_000_000_000
 FLOAT32_CG_ITERS = 20
 # d/n from which the interior point's (d, d) blocks follow the Schur matrices into float32: building them costs
 # K n d² against the Schur matrices' c n² P d, so from 2d ≥ n on they dominate. Measured: 3 iterations at
-# (n, d, P) = (1000, 785, 20) 13.8 s → 10.5 s; at (500, 20, 100), where the Schur matrices dominate, 10 % slower.
+# (n, d, P) = (1000, 785, 20) 13.8 s → 10.3–10.5 s; at (500, 20, 100), where the Schur matrices dominate, 10 % slower.
 FLOAT32_BLOCKS_FROM_D_OVER_N = 0.5
 # Largest size of the rows x_j x_jᵀ the interior point keeps between iterations (beyond: products block by block).
 OUTER_PRODUCTS_MAX_BYTES = 1 << 28
