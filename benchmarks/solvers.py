@@ -264,13 +264,8 @@ def per_iteration(args) -> None:
         for method in ("newton", "fista"):
             # a few Newton iterations where each takes seconds; best of two solves, as the matmuls are best of three
             iterations = (10 if n * n * P * d < 10**10 else 3) if method == "newton" else 200
-            per_it = min(
-                solution.solve_seconds / solution.iterations
-                for solution in (
-                    solve(problem, "native", method=method, max_iters=iterations, dtype=torch.float64)
-                    for _ in range(2)
-                )
-            )
+            solution = fastest(2, problem, method=method, max_iters=iterations, dtype=torch.float64)
+            per_it = solution.solve_seconds / solution.iterations
             with _cpu_threads_for(problem):  # the threads solve() gave the solver
                 mm = matmul_seconds(problem, method)
             print(row([f"{n}, {d}, {P}", method, f"{per_it * 1e3:.2f} ms", f"{mm * 1e3:.2f} ms",
@@ -335,7 +330,7 @@ def crossover(args) -> None:
     print(row(["---"] * 6))
     for n, d, P in CROSSOVER_SIZES:
         problem = cold_instance(n, d, P)
-        t_native = min(solve(problem, "native").solve_seconds for _ in range(3))  # its thread policy
+        t_native = fastest(3, problem).solve_seconds
         t_clarabel = min(solve_cvxpy(problem, "CLARABEL").solve_seconds for _ in range(3))
         t_auto = min(_timed(lambda p=problem: solve(p, "auto")) for _ in range(3))
         print(row([f"{n}, {d}, {P}", n * d * P, f"{t_native:.3f}", f"{t_clarabel:.3f}",

@@ -595,7 +595,7 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
             # bound is 0; stop on the Karush-Kuhn-Tucker residuals instead
             status = "optimal_inaccurate"
             break
-        system = _NewtonSystem(op, W, theta, smooth, eps, eye)
+        system = _NewtonSystem(op, W, theta, smooth, eye)
 
         if constrained:
             def direction(rc: Tensor, rd=rd, rp=rp, Sl=Sl, Zd=Zd, system=system) -> tuple:
@@ -686,10 +686,10 @@ class _NewtonSystem:
     ``H̄`` holds, per block ``(side, i, o)``, ``Xᵀ diag(θ) X`` from the barrier and the smoothed norm's
     Hessian ``ρ (I − W_g W_gᵀ / N²)`` (``ρ = 2λ/N``, ``N = √(‖W_g‖² + ε²)``). With column groups the
     norm Hessian lives inside the block; with pattern groups its rank-one part spans the pattern's blocks
-    and is carried by a ``P``-dimensional correction.
+    and only the exact (matrix-free) product carries it, the conjugate gradients making up for it.
     """
 
-    def __init__(self, op: _Operator, W: Tensor, theta: Tensor | None, smooth: Tensor, eps: float, eye: Tensor):
+    def __init__(self, op: _Operator, W: Tensor, theta: Tensor | None, smooth: Tensor, eye: Tensor):
         self.op = op
         # what the exact (matrix-free) product needs: the barrier weights and the norm Hessian's pieces
         self.theta = theta
