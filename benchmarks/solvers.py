@@ -40,7 +40,7 @@ import torch
 
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import solve_cvxpy
-from hcl.convex.native import FLOAT32_SCHUR_ABOVE, _row_blocks, remap_warm_start, solve_native
+from hcl.convex.native import FLOAT32_SCHUR_ABOVE, _schur_panels, remap_warm_start, solve_native
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.solve import _cpu_threads_for, choose_solver, solve
 from hcl.patterns import pattern_keys
@@ -158,7 +158,7 @@ def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> flo
         F = torch.randn(n, P * d, dtype=schur, device=dev)
         S = torch.zeros(n, n, dtype=schur, device=dev)
         X32, LG = X.to(schur), torch.randn(d, P * d, dtype=schur, device=dev)
-        blocks = _row_blocks(n)
+        blocks = _schur_panels(n)
         theta = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
         outer = torch.randn(n, d * d, dtype=dt, device=dev)
 
