@@ -296,6 +296,7 @@ class _Operator:
         else:
             allowed = torch.stack([problem.allows_u(), problem.allows_v()])
         self.allowed = allowed.to(self.device)
+        self.restricted = not bool(self.allowed.all())  # some blocks are fixed at zero
         self.wmask = self.allowed[None, :, :, None].to(dtype)  # (1, 2, P, 1) on W
         self.cmask = self.wmask if not gated else torch.zeros_like(self.wmask)  # constrained blocks
         # groups: one per (side, pattern, output) column, or one per pattern (shared-layer bound)
@@ -376,6 +377,12 @@ class _Operator:
     def predict(self, Z: Tensor, rows: slice = slice(None)) -> Tensor:
         """``Σ_i D_i X (U_i − V_i)``, shape ``(n, c)`` (or the rows ``rows`` of it, given their ``Z``)."""
         return torch.einsum("np,npc->nc", self.Dm[rows], Z[:, 0] - Z[:, 1])
+
+    def predict_difference(self, W_diff: Tensor) -> Tensor:
+        """``Σ_i D_i X (U_i − V_i)`` from ``U − V`` of shape ``(d, P, c)``: one product half the width of
+        :meth:`forward`'s."""
+        Z = (self.X @ W_diff.reshape(self.d, -1)).reshape(self.n, self.P, self.c)
+        return (Z.mul_(self.Dm[:, :, None])).sum(1)
 
     def residual(self, Z: Tensor) -> tuple[Tensor, Tensor | None]:
         """``r = prediction + b₀ − Y`` with the optimal output bias (``r`` centred) when there is one."""
@@ -776,13 +783,15 @@ class _NewtonSystem:
         diag = B.diagonal(dim1=1, dim2=2)
         reg = torch.clamp(relative * diag.amax(1), min=op.regularization)
         diag.add_(reg[:, None])
-        allowed = op.wmask.expand(1, 2, P, c).reshape(K).bool()
-        B[~allowed] = eye
+        excluded = ~op.wmask.expand(1, 2, P, c).reshape(K).bool()  # blocks a sign restriction removes
+        if op.restricted:
+            B[excluded] = eye
         L = self._cholesky(B, blocks)
         if L is None:
             return False
         Binv = torch.cholesky_inverse(L)
-        Binv[~allowed] = 0.0
+        if op.restricted:
+            Binv[excluded] = 0.0
         # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
         ridge = relative * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-30)
@@ -860,7 +869,7 @@ class _NewtonSystem:
     def _apply_inverse(self, R: Tensor) -> Tensor:
         op = self.op
         g0 = self._block_inverse(R)
-        t = op.center(op.predict(op.forward(g0)))
+        t = op.center(op.predict_difference(g0[:, 0] - g0[:, 1]))
         tau = op.center(self._schur_solve(t))
         return g0 - self._block_inverse(op.adjoint_data(tau))
 
