@@ -299,6 +299,7 @@ class _Operator:
         self.restricted = not bool(self.allowed.all())  # some blocks are fixed at zero
         self.wmask = self.allowed[None, :, :, None].to(dtype)  # (1, 2, P, 1) on W
         self.cmask = self.wmask if not gated else torch.zeros_like(self.wmask)  # constrained blocks
+        self.signed_cmask = self.S * self.cmask  # (n, 2, P, 1): the cones' signs on the constrained blocks
         # groups: one per (side, pattern, output) column, or one per pattern (shared-layer bound)
         self.per_column = self.c == 1 or problem.one_vs_all
         self.num_constraints = int(self.cmask.sum()) * self.n * self.c
@@ -402,11 +403,12 @@ class _Operator:
         return torch.stack([G, -G], dim=1) * self.wmask
 
     def constraint(self, Z: Tensor) -> Tensor:
-        return self.S * Z * self.cmask
+        """``(2D_i − I) X W`` on the constrained blocks, zero on the others."""
+        return self.signed_cmask * Z
 
     def adjoint_constraint(self, Y: Tensor, rows: slice = slice(None)) -> Tensor:
         X = self.X[rows]
-        return (X.T @ (self.S[rows] * Y).reshape(X.shape[0], -1)).reshape(self.d, 2, self.P, self.c) * self.cmask[0]
+        return (X.T @ (self.signed_cmask[rows] * Y).reshape(X.shape[0], -1)).reshape(self.d, 2, self.P, self.c)
 
     # ---- groups
     def group_norms(self, W: Tensor) -> Tensor:
@@ -436,11 +438,18 @@ class _Operator:
 
     # ---- certificate
     def certificate(
-        self, Z: Tensor, mu: Tensor | None, b0: Tensor | None = None
+        self, Z: Tensor, mu: Tensor | None, b0: Tensor | None = None, known: tuple[Tensor, Tensor] | None = None
     ) -> tuple[float, float]:
-        """``(dual_value, max_k ‖g_k‖)``: the certified bound in the problem's units and the worst group."""
-        X64 = self.X.to(torch.float64)
+        """``(dual_value, max_k ‖g_k‖)``: the certified bound in the problem's units and the worst group.
+
+        ``known``: float64 ``(r, g)`` the caller has already computed at ``Z`` and ``mu`` — the residual (centred
+        with an output bias) and ``g = Mᵀν − Aᵀμ`` — to save their products.
+        """
         Y = self.Y.to(torch.float64)
+        if known is not None:
+            r, g = known
+            return self._dual_value(2.0 * r, Y, g)
+        X64 = self.X.to(torch.float64)
         pred = torch.einsum("np,npc->nc", self.Dm.to(torch.float64), (Z[:, 0] - Z[:, 1]).to(torch.float64))
         r = pred - Y
         if self.bias:
@@ -458,7 +467,10 @@ class _Operator:
         if mu is not None:
             S = self.S.to(torch.float64)
             g = g - (X64.T @ (S * mu.to(torch.float64)).reshape(self.n, -1)).reshape(self.d, 2, self.P, self.c)
-        g = g * self.wmask.to(torch.float64)
+        return self._dual_value(nu, Y, g * self.wmask.to(torch.float64))
+
+    def _dual_value(self, nu: Tensor, Y: Tensor, g: Tensor) -> tuple[float, float]:
+        """The certificate's bound from ``ν`` and the (masked) ``g``, maximised over the scaling ``t``."""
         if self.per_column:
             worst = float(g.square().sum(0).sqrt().amax())
         else:
@@ -514,16 +526,20 @@ class _Operator:
         )
 
     # ---- stopping rule, shared by both methods
-    def converged(self, W: Tensor, Z: Tensor, mu: Tensor | None, tol: float, constraint_tol: float) -> tuple:
-        """``(met, relative_gap, relative_violation)`` at the point ``W`` (normalised units)."""
+    def converged(
+        self, W: Tensor, Z: Tensor, mu: Tensor | None, tol: float, constraint_tol: float,
+        known: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple:
+        """``(met, relative_gap, relative_violation)`` at the point ``W`` (normalised units); ``known`` as in
+        :meth:`certificate`."""
         a = self.y_scale if self.y_scale > 0 else 1.0
         scale = self.problem.scale * a * a
-        r, _ = self.residual(Z)
+        r = self.residual(Z)[0] if known is None else known[0]
         value = float(r.to(torch.float64).square().sum() + self.penalty_value(W.to(torch.float64))) * scale
-        dual = self.certificate(Z, mu)[0]
+        dual = self.certificate(Z, mu, known=known)[0]
         floor = 1e-6 * scale * float(self.center(self.Y).to(torch.float64).square().sum())
         gap = (value - dual) / max(abs(value), floor, 1e-300)
-        violation = 0.0 if self.gated else float(torch.relu(-self.S * Z * self.cmask).amax())
+        violation = 0.0 if self.gated else float(torch.relu(-self.constraint(Z)).amax())
         return gap <= tol and violation <= constraint_tol, gap, violation
 
 
@@ -588,7 +604,14 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
     mu = None
     for it in range(1, max_iters + 1):
         Z = op.forward(W)
-        met, gap, viol = op.converged(W, Z, Zd if constrained else None, tol, constraint_tol)
+        r, _ = op.residual(Z)
+        grad_data = 2.0 * op.adjoint_data(r)
+        cone_force = op.adjoint_constraint(Zd) if constrained else None
+        # the certificate needs the same products: handed over where they already are in float64
+        known = None
+        if op.dtype == torch.float64:
+            known = (r, grad_data if cone_force is None else grad_data - cone_force)
+        met, gap, viol = op.converged(W, Z, Zd if constrained else None, tol, constraint_tol, known)
         if verbose:
             mu_now = float((Sl * Zd).sum()) / m if constrained else 0.0
             print(f"newton {it:3d}  rel.gap {gap:.2e}  violation {viol:.2e}  mu {mu_now:.2e}  eps {eps:.1e}")
@@ -598,16 +621,16 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
         if _time_up(deadline):
             status = "time_limit"
             break
-        r, _ = op.residual(Z)
         norms = op.group_norms(W)
         smooth = torch.sqrt(norms.square() + eps * eps)
-        grad_data = 2.0 * op.adjoint_data(r)
         grad = (grad_data + 2.0 * lam * W / op.expand(smooth)) * op.wmask
         if constrained:
-            rd = grad - op.adjoint_constraint(Zd)
-            rp = (op.constraint(Z) - Sl) * cm
+            rd = grad - cone_force
+            rp = op.constraint(Z) - Sl
+            if op.restricted:  # the slacks of blocks without cones are 1, their constraints 0
+                rp *= cm
             mu = float((Sl * Zd).sum()) / m
-            theta = Zd / Sl * cm
+            theta = Zd / Sl  # zero on blocks without cones, whose multipliers are 0
         else:
             rd = grad
             theta = None
@@ -623,12 +646,15 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
                 R = -rd - op.adjoint_constraint((rc + Zd * rp) / Sl)
                 dW = system.solve(R)
                 dS = op.constraint(op.forward(dW)) + rp
-                dZ = -(rc + Zd * dS) / Sl * cm
-                return dW, dS * cm, dZ
+                dZ = -(rc + Zd * dS) / Sl
+                if op.restricted:
+                    dZ *= cm
+                # dS and dZ are 0 on blocks without cones: their slacks stay 1 and their multipliers 0
+                return dW, dS, dZ
 
             dWa, dSa, dZa = direction(Sl * Zd)
             alpha_p, alpha_d = _max_step(Sl, dSa), _max_step(Zd, dZa)
-            mu_aff = float(((Sl + alpha_p * dSa) * (Zd + alpha_d * dZa) * cm).sum()) / m
+            mu_aff = float(((Sl + alpha_p * dSa) * (Zd + alpha_d * dZa)).sum()) / m
             sigma = min(1.0, max(mu_aff / mu, 0.0)) ** 3
             # the barrier and the smoothing need only reach a tenth of the tolerance: going further
             # makes the Newton systems needlessly ill-conditioned
@@ -639,8 +665,8 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
             if verbose:
                 print(f"           step {alpha:.3f}  sigma {sigma:.2e}  |rd| {float(rd.abs().amax()):.2e}")
             W = W + alpha * dW
-            Sl = (Sl + alpha * dS) * cm + (1 - cm)
-            Zd = (Zd + alpha * dZ) * cm
+            Sl = Sl + alpha * dS
+            Zd = Zd + alpha * dZ
             if lam > 0:
                 eps_floor = 0.05 * tol * value / (lam * num_groups)
                 eps = max(min(eps, target * n / (2.0 * lam)), eps_floor, eps_min)
