@@ -25,7 +25,8 @@ Relative objective differences are against the best (lowest) cvxpy value; the vi
 Usage: ``python benchmarks/solvers.py [--time-limit 120] [--only crossover,cold,warm,iter,first]
 [--cold-sizes "500,20,100;1000,50,100"] [--warm-sizes "500,20,100"] [--iter-sizes "1000,50,100"] [--repeats R]
 [--threads N]`` (default: torch's threads, all cores). With ``--repeats R`` every cold and warm solve, native and
-cvxpy, runs ``R`` times and its fastest run is reported: the machines are noisy.
+cvxpy, runs ``R`` times and its fastest run is reported: the machines are noisy. The per-iteration section takes
+the best of ``max(2, R)`` solves and ``max(3, R)`` runs of its matmuls.
 """
 
 from __future__ import annotations
@@ -262,12 +263,13 @@ def per_iteration(args) -> None:
     for n, d, P in ITER_SIZES:
         problem = cold_instance(n, d, P)
         for method in ("newton", "fista"):
-            # a few Newton iterations where each takes seconds; best of two solves, as the matmuls are best of three
+            # a few Newton iterations where each takes seconds; the best of two solves and of three runs of the
+            # matmuls at least (of --repeats each when more)
             iterations = (10 if n * n * P * d < 10**10 else 3) if method == "newton" else 200
-            solution = fastest(2, problem, method=method, max_iters=iterations, dtype=torch.float64)
+            solution = fastest(max(2, args.repeats), problem, method=method, max_iters=iterations, dtype=torch.float64)
             per_it = solution.solve_seconds / solution.iterations
             with _cpu_threads_for(problem):  # the threads solve() gave the solver
-                mm = matmul_seconds(problem, method)
+                mm = matmul_seconds(problem, method, repeats=max(3, args.repeats))
             print(row([f"{n}, {d}, {P}", method, f"{per_it * 1e3:.2f} ms", f"{mm * 1e3:.2f} ms",
                        f"{per_it / mm:.2f}"]), flush=True)
 
@@ -353,7 +355,8 @@ def main() -> None:
     parser.add_argument("--cold-sizes", default=None, help='e.g. "500,20,100;1000,50,100"')
     parser.add_argument("--warm-sizes", default=None, help='e.g. "500,20,100"')
     parser.add_argument("--repeats", type=int, default=1,
-                        help="cold and warm sections: every solve this many times, its fastest run reported")
+                        help="every solve this many times, its fastest run reported (per iteration: at least 2 "
+                             "solves and 3 runs of the matmuls)")
     parser.add_argument("--mnist-root", default="../shared/data", help="torchvision MNIST root (mnist section)")
     parser.add_argument("--mnist-limit", type=float, default=300.0, help="seconds per solve (mnist section)")
     parser.add_argument("--iter-sizes", default=None, help='sizes of the per-iteration section, e.g. "1000,50,100"')

@@ -325,3 +325,44 @@ def test_dispatcher():
         # native-only options (the callback's warm start) are accepted by every solver
         solution = solve(problem, name, warm_start=problem.zeros(), tol=1e-7)
         assert abs(solution.value - ref) <= 1e-5 * ref, name
+
+
+def test_step_to_the_boundary():
+    """``_max_step``: the largest α ≤ 1 with x + α dx ≥ 0, ignoring entries fixed at zero (x = dx = 0)."""
+    from hcl.convex.native import _max_step
+
+    x = torch.tensor([1.0, 2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    dx = torch.tensor([-4.0, 1.0, -0.25, 0.0, 0.0], dtype=torch.float64)
+    assert _max_step(x, dx) == pytest.approx(0.25)  # the first entry reaches 0 first
+    assert _max_step(x, dx.abs()) == 1.0
+    assert _max_step(x, -0.5 * x) == 1.0  # reaching half way at α = 1
+    assert _max_step(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([-1.0, 1.0], dtype=torch.float64)) == 0
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1000, generator=g, dtype=torch.float64) + 1e-3
+    dx = torch.randn(1000, generator=g, dtype=torch.float64)
+    alpha = _max_step(x, dx)
+    assert bool((x + alpha * dx >= -1e-12).all())
+    assert alpha == 1.0 or float((x + alpha * dx).min()) <= 1e-12  # no longer step is allowed
+
+
+@pytest.mark.parametrize("bias,signs,outputs", [(False, False, (1, False)), (True, True, (1, False)),
+                                                (True, False, (3, True)), (False, True, (3, False))])
+def test_certificate_from_the_iterations_products_equals_its_own(bias, signs, outputs):
+    """The interior point hands its residual and its products with Xᵀ to the certificate instead of recomputing
+    them: at any point the bound must be the one the certificate computes itself."""
+    from hcl.convex.native import _Operator
+
+    c, one_vs_all = outputs
+    problem = random_problem(9, n=30, d=4, P=6, c=c, one_vs_all=one_vs_all, bias=bias, signs=signs, lam=0.05)
+    op = _Operator(problem, gated=False, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(op.d, 2, op.P, op.c, generator=g, dtype=torch.float64) * op.wmask
+    mu = torch.rand(op.n, 2, op.P, op.c, generator=g, dtype=torch.float64) * op.cmask
+    Z = op.forward(W)
+    r, _ = op.residual(Z)
+    known = (r, 2.0 * op.adjoint_data(r) - op.adjoint_constraint(mu))
+    own, own_worst = op.certificate(Z, mu)
+    handed, handed_worst = op.certificate(Z, mu, known=known)
+    assert own < 0 or own > 0  # a nonzero bound, so that the comparison means something
+    assert handed == pytest.approx(own, rel=1e-12, abs=1e-14)
+    assert handed_worst == pytest.approx(own_worst, rel=1e-12)

@@ -729,7 +729,7 @@ def _schur_panels(n: int) -> list[tuple[int, int]]:
 def _max_step(x: Tensor, dx: Tensor) -> float:
     """Largest ``α ≤ 1`` keeping ``x + α dx ≥ 0`` (``x ≥ 0``; entries with ``x = dx = 0`` are ignored)."""
     # one division and one reduction: the most negative dx / x, from which α = −x/dx (a masked ratio was 8× slower)
-    worst = float(torch.div(dx, x).nan_to_num_(0.0).amin())
+    worst = float(torch.div(dx, x).nan_to_num_(0.0, posinf=math.inf, neginf=-math.inf).amin())
     return 1.0 if worst >= -1.0 else -1.0 / worst
 
 
