@@ -73,7 +73,8 @@ CG_RTOL_PATTERN_GROUPS = 1e-10
 # WARM_CENTRALITY / slack, so that no slack-multiplier product starts below WARM_CENTRALITY (normalised units).
 # Measured on the benchmark's warm instances (iterations): (100, 10, 20) 13 → 12, (300, 20, 50) 18 → 16,
 # (500, 20, 100) 22 → 19, (1000, 50, 100) 26 → 22, against a plain floor of 1e-3 on both; products of 3·10⁻⁶ and
-# 3·10⁻⁵ did as well or one iteration worse, 10⁻⁴ and above or 10⁻⁷ and below worse; slack floors of 3·10⁻⁴ the same.
+# 3·10⁻⁵ did as well or one or two iterations worse, 10⁻⁴ and above or 10⁻⁷ and below worse; slack floors of 3·10⁻⁴
+# the same.
 WARM_SLACK_FLOOR = 1e-3
 WARM_CENTRALITY = 1e-5
 
@@ -717,9 +718,10 @@ def _smoothed_newton_step(op: _Operator, W: Tensor, dW: Tensor, grad: Tensor, ep
 def _schur_panels(n: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` panels of rows covering ``range(n)``, in which the Schur matrices are built up to their diagonal.
 
-    Finer panels skip more of the upper triangle but make smaller products. At n = 500, four panels instead of two
-    took the warm solve at (500, 20, 100) from 0.621 to 0.591 s (fastest of 5, alternating); at n = 1000 panels of
-    128 rows gained nothing over 256, and at n = 2000 they were slower in float32 (1.63 against 1.42 s per build).
+    Finer panels skip more of the upper triangle but make smaller products. At n = 500 the warm solve at
+    (500, 20, 100) took 0.688 s with two panels, 0.640 s with four and 0.627 s with five (medians of 5, alternating;
+    fastest 0.621, 0.617 and 0.591 s); at n = 1000 panels of 128 rows gained nothing over 256, and at n = 2000 they
+    were slower in float32 (1.63 against 1.42 s per build).
     """
     count = max(1, round(n / min(256, max(96, n // 4))))
     edges = [round(k * n / count) for k in range(count + 1)]
