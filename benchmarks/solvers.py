@@ -42,7 +42,7 @@ import torch
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import solve_cvxpy
 from hcl.convex.native import FLOAT32_SCHUR_ABOVE, _schur_panels, remap_warm_start, solve_native
-from hcl.convex.problem import ConvexProblem
+from hcl.convex.problem import ConvexProblem, fold_bias
 from hcl.convex.solve import _cpu_threads_for, choose_solver, solve
 from hcl.patterns import pattern_keys
 
@@ -57,7 +57,7 @@ CROSSOVER_SIZES = [(30, 3, 6), (50, 5, 10), (60, 6, 12), (80, 8, 16), (100, 10, 
 def cold_instance(n: int, d: int, P: int, seed: int = 0, device: str = "cpu") -> ConvexProblem:
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d - 1, generator=g, dtype=torch.float64)
-    X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    X = fold_bias(X, True)
     gates = torch.randn(d, P, generator=g, dtype=torch.float64)
     y = torch.randn(n, generator=g, dtype=torch.float64)
     return ConvexProblem(X.to(device), y.to(device), (X @ gates >= 0).to(device), weight_decay=0.1, reduction="sum")
@@ -305,7 +305,7 @@ def mnist_subsample(args) -> None:
     g = torch.Generator().manual_seed(0)
     index = torch.randperm(len(data), generator=g)[:n]
     X = data.data[index].reshape(n, -1).double() / 255
-    X = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    X = fold_bias(X, True)
     y = (data.targets[index] % 2).double() * 2 - 1  # digit parity as ±1
     gates = torch.randn(X.shape[1], P, generator=g, dtype=torch.float64)
     problem = ConvexProblem(X, y, X @ gates >= 0, weight_decay=1e-3, reduction="mean")

@@ -811,8 +811,8 @@ class _NewtonSystem:
         diag = B.diagonal(dim1=1, dim2=2)
         reg = torch.clamp(relative * diag.amax(1), min=op.regularization)
         diag.add_(reg[:, None])
-        excluded = ~op.wmask.expand(1, 2, P, c).reshape(K).bool()  # blocks a sign restriction removes
         if op.restricted:
+            excluded = ~op.wmask.expand(1, 2, P, c).reshape(K).bool()  # blocks a sign restriction removes
             B[excluded] = eye
         L = self._cholesky(B, blocks)
         if L is None:
