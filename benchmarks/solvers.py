@@ -50,7 +50,8 @@ COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 WARM_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100)]
 COUNT_SIZES = [(200, 10, 40), (300, 20, 50), (500, 20, 100)]
 ITER_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
-CROSSOVER_SIZES = [(30, 3, 6), (50, 5, 10), (60, 6, 12), (80, 8, 16), (100, 10, 10), (100, 10, 20), (200, 10, 40)]
+CROSSOVER_SIZES = [(30, 3, 6), (50, 5, 10), (60, 6, 12), (70, 7, 14), (80, 8, 16), (100, 10, 10), (100, 10, 20),
+                   (200, 10, 40)]
 
 
 # ----------------------------------------------------------------------------- instances
@@ -332,15 +333,18 @@ def iteration_counts(args) -> None:
 
 def crossover(args) -> None:
     print("\n### Crossover: native against Clarabel on small sizes (best of 3)\n")
-    print(row(["n, d, P", "n·d·P", "native s", "Clarabel s", "Clarabel / native", "auto picks"]))
-    print(row(["---"] * 6))
-    for n, d, P in CROSSOVER_SIZES:
-        problem = cold_instance(n, d, P)
-        t_native = fastest(3, problem).solve_seconds
-        t_clarabel = min(solve_cvxpy(problem, "CLARABEL").solve_seconds for _ in range(3))
-        t_auto = min(_timed(lambda p=problem: solve(p, "auto")) for _ in range(3))
-        print(row([f"{n}, {d}, {P}", n * d * P, f"{t_native:.3f}", f"{t_clarabel:.3f}",
-                   f"{t_clarabel / t_native:.2f}", f"{choose_solver(problem)} ({t_auto:.3f} s)"]), flush=True)
+    print(row(["λ", "n, d, P", "n·d·P", "native s (status)", "Clarabel s", "Clarabel / native", "auto picks"]))
+    print(row(["---"] * 7))
+    for lam in (0.1, 0.0):  # "auto" has one switch point for λ > 0 and one for λ = 0
+        for n, d, P in CROSSOVER_SIZES:
+            base = cold_instance(n, d, P)
+            problem = ConvexProblem(base.X, base.Y, base.patterns, weight_decay=lam, reduction="sum")
+            native = fastest(3, problem)
+            t_clarabel = min(solve_cvxpy(problem, "CLARABEL").solve_seconds for _ in range(3))
+            t_auto = min(_timed(lambda p=problem: solve(p, "auto")) for _ in range(3))
+            print(row([lam, f"{n}, {d}, {P}", n * d * P, f"{native.solve_seconds:.3f} ({native.status})",
+                       f"{t_clarabel:.3f}", f"{t_clarabel / native.solve_seconds:.2f}",
+                       f"{choose_solver(problem)} ({t_auto:.3f} s)"]), flush=True)
 
 
 def _timed(fn) -> float:

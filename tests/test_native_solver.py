@@ -12,7 +12,14 @@ import torch
 
 from hcl.convex.native import Multipliers, dual_certificate, remap_warm_start, solve_native
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.solve import AUTO_NATIVE_ABOVE, available_solvers, choose_solver, solve
+from hcl.convex.solve import (
+    AUTO_NATIVE_ABOVE,
+    AUTO_NATIVE_ABOVE_UNREGULARIZED,
+    available_solvers,
+    choose_solver,
+    problem_size,
+    solve,
+)
 
 
 # ----------------------------------------------------------------------------- an independent reference
@@ -320,6 +327,14 @@ def test_dispatcher():
                                       <= AUTO_NATIVE_ABOVE else "native")
     big = random_problem(2, n=200, d=10, P=20)
     assert choose_solver(big) == "native"
+    # between the two switch points the native solver takes a problem with λ > 0, Clarabel the same one with λ = 0
+    # (whose optimum the native solver cannot certify)
+    middle = random_problem(2, n=100, d=10, P=10)
+    assert AUTO_NATIVE_ABOVE < problem_size(middle) <= AUTO_NATIVE_ABOVE_UNREGULARIZED
+    assert choose_solver(middle) == "native"
+    unregularized = random_problem(2, n=100, d=10, P=10, lam=0.0)
+    assert choose_solver(unregularized) == "clarabel"
+    assert choose_solver(random_problem(2, n=200, d=10, P=20, lam=0.0)) == "native"
     ref = reference_value(problem)
     for name in ("auto", "native", "clarabel", "ECOS"):
         # native-only options (the callback's warm start) are accepted by every solver

@@ -28,12 +28,15 @@ from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_c
 from hcl.convex.native import solve_native
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 
-# ``"auto"`` takes Clarabel up to this size n·d·P·c and the native solver above it. Random-gate instances
-# break even near 5·10³, and at the seed's size 100·10·20 = 2·10⁴ the native solver now solves the per-neuron
-# (sign-fixed) problem 1.0–1.8× faster than Clarabel (0.034–0.085 s). The switch stays above the seed's size all
-# the same: the seed's default experiment has λ = 0, where the native solver can only stop on its KKT residuals
-# (status "optimal_inaccurate", certified bound 0), and at these sizes Clarabel costs a few hundredths of a second.
-AUTO_NATIVE_ABOVE = 25_000
+# ``"auto"`` takes Clarabel up to this size n·d·P·c and the native solver above it, when λ > 0. Measured
+# (``benchmarks/solvers.py --only crossover``, random-gate instances, λ = 0.1): Clarabel was faster up to 4 320 and
+# the native solver 1.6–1.7× faster from 10 000, 2× at the seed's size 2·10⁴.
+AUTO_NATIVE_ABOVE = 5_000
+# The same switch when λ = 0. There the native solver can only stop on its optimality residuals (status
+# "optimal_inaccurate", certified bound 0, which the dashboard would show as a duality gap equal to the optimum),
+# so Clarabel, a few hundredths of a second per solve at these sizes, keeps the problems up to just above the seed's
+# size, where every experiment of the seed has λ = 0.
+AUTO_NATIVE_ABOVE_UNREGULARIZED = 25_000
 
 _NATIVE_ONLY = ("warm_start", "tol", "constraint_tol", "max_iters", "penalty", "dtype", "chunk_size", "method")
 
@@ -68,18 +71,20 @@ def available_solvers() -> list[str]:
 
 
 def problem_size(problem: ConvexProblem) -> int:
-    """``n · d · P · c``, the size :func:`choose_solver` compares with ``AUTO_NATIVE_ABOVE``."""
+    """``n · d · P · c``, the size :func:`choose_solver` compares with its switch points."""
     return problem.n * problem.d * problem.num_patterns * problem.c
 
 
 def choose_solver(problem: ConvexProblem) -> str:
     """The solver ``"auto"`` uses for ``problem``: ``"clarabel"`` for small problems on the CPU, else ``"native"``.
 
-    Data on an accelerator always goes to the native solver (no copy to the CPU and back).
+    Small means ``n·d·P·c`` up to ``AUTO_NATIVE_ABOVE`` (``AUTO_NATIVE_ABOVE_UNREGULARIZED`` when ``λ = 0``). Data on
+    an accelerator always goes to the native solver (no copy to the CPU and back).
     """
     if not isinstance(problem, ConvexProblem):
         raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
-    small = problem_size(problem) <= AUTO_NATIVE_ABOVE
+    switch = AUTO_NATIVE_ABOVE if problem.weight_decay > 0 else AUTO_NATIVE_ABOVE_UNREGULARIZED
+    small = problem_size(problem) <= switch
     if small and problem.X.device.type == "cpu" and "CLARABEL" in installed_solvers():
         return "clarabel"
     return "native"
