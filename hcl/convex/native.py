@@ -290,6 +290,8 @@ class _Operator:
         self.Y = Y / a
         self.lam = problem.weight_decay / (problem.scale * a)
         self.Dm = problem.patterns.to(dtype)  # (n, P)
+        # [D, −D] as (n, 1, 2P): the prediction Σ_i D_i (X U_i − X V_i) as one batched product with the block outputs
+        self.signed_patterns = torch.cat([self.Dm, -self.Dm], dim=1)[:, None, :]
         self.S = (2.0 * self.Dm - 1.0)[:, None, :, None]  # (n, 1, P, 1)
         if gated:
             allowed = torch.zeros(2, self.P, dtype=torch.bool, device=self.device)
@@ -378,7 +380,8 @@ class _Operator:
 
     def predict(self, Z: Tensor, rows: slice = slice(None)) -> Tensor:
         """``Σ_i D_i X (U_i − V_i)``, shape ``(n, c)`` (or the rows ``rows`` of it, given their ``Z``)."""
-        return torch.einsum("np,npc->nc", self.Dm[rows], Z[:, 0] - Z[:, 1])
+        k = Z.shape[0]
+        return torch.bmm(self.signed_patterns[rows], Z.reshape(k, 2 * self.P, self.c)).reshape(k, self.c)
 
     def predict_difference(self, W_diff: Tensor) -> Tensor:
         """``Σ_i D_i X (U_i − V_i)`` from ``U − V`` of shape ``(d, P, c)``: one product half the width of
@@ -403,10 +406,11 @@ class _Operator:
         G = (X.T @ (Dm[:, :, None] * r[:, None, :]).reshape(X.shape[0], -1)).reshape(self.d, self.P, self.c)
         return torch.stack([G, -G], dim=1) * self.wmask
 
-    def adjoint(self, r: Tensor, cone: Tensor, rows: slice = slice(None)) -> Tensor:
-        """``Mᵀ r − Aᵀ cone`` (:meth:`adjoint_data` minus :meth:`adjoint_constraint`) in one product with ``Xᵀ``."""
+    def adjoint(self, r: Tensor, cone: Tensor, rows: slice = slice(None), overwrite: bool = False) -> Tensor:
+        """``Mᵀ r − Aᵀ cone`` (:meth:`adjoint_data` minus :meth:`adjoint_constraint`) in one product with ``Xᵀ``;
+        ``overwrite``: ``cone`` may serve as the workspace."""
         X, Dm = self.X[rows], self.Dm[rows]
-        weighted = self.signed_cmask[rows] * cone
+        weighted = cone.mul_(self.signed_cmask[rows]) if overwrite else self.signed_cmask[rows] * cone
         spread = Dm[:, :, None] * r[:, None, :]  # (rows, P, c)
         weighted[:, 0] -= spread
         weighted[:, 1] += spread
@@ -998,6 +1002,7 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
     else:
         delta = L_data / max(L_cons, 1e-300) if constrained else 0.0
     step = 1.0 / max(L_data + delta * L_cons, 1e-300)
+    shifted = gamma / delta if constrained else None  # γ/δ, the hinge's offset
     min_step = 1e-6 * step
     rounding = 10.0 * torch.finfo(op.dtype).eps  # the sufficient-decrease test tolerates round-off
     Z = op.forward(W)
@@ -1020,7 +1025,10 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
 
         def block_outputs(rows: slice) -> Tensor:
             Zc = Za[rows]
-            return Zc if Zb is None or beta == 0.0 else Zc + beta * (Zc - Zb[rows])
+            if Zb is None or beta == 0.0:
+                return Zc
+            out = op.scratch("extrapolated", Zc.numel(), Zc.dtype).view(Zc.shape)
+            return torch.lerp(Zb[rows], Zc, 1.0 + beta, out=out)  # Zc + β (Zc − Zb)
 
         shift = 0.0
         if op.bias:  # the optimal output bias centres the residual: its mean needs every row first
@@ -1032,10 +1040,14 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
             r = op.predict(Zc, rows) - op.Y[rows] - shift
             value += float(r.square().sum())
             if constrained:
-                hinge = torch.relu(gamma[rows] / delta - op.S[rows] * Zc) * cm
-                value += 0.5 * delta * float(hinge.square().sum())
+                # (γ/δ − S ⊙ XW)₊, zero on the blocks without cones (γ/δ and the signs are zero there); fused ops:
+                # these (rows, 2, P, c) temporaries are an iteration's largest
+                hinge = op.scratch("hinge", Zc.numel(), Zc.dtype).view(Zc.shape)
+                torch.addcmul(shifted[rows], op.signed_cmask[rows], Zc, value=-1.0, out=hinge).relu_()
+                flat = hinge.view(-1)
+                value += 0.5 * delta * float(torch.dot(flat, flat))
                 if want_grad:  # both terms' products with Xᵀ as one
-                    grad += op.adjoint(2.0 * r, hinge.mul_(delta), rows)
+                    grad += op.adjoint(2.0 * r, hinge.mul_(delta), rows, overwrite=True)
             elif want_grad:
                 grad += 2.0 * op.adjoint_data(r, rows)
         return value, grad
@@ -1067,10 +1079,11 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
         mapping = float(diff.norm()) / step
         inner_done = mapping < inner_tol or iters_since >= 2000
         if constrained and inner_done:
-            gamma = torch.relu(gamma - delta * op.S * Z) * cm
+            gamma = torch.addcmul(gamma, op.signed_cmask, Z, value=-delta).relu_()  # zero where cm is
             violation = float(torch.relu(-op.S * Z * cm).amax())
             if violation > 0.25 * last_violation and violation > constraint_tol:
                 delta *= 2.0
+            shifted = gamma / delta
             last_violation = violation
             inner_tol = max(inner_tol * 0.3, 1e-12)
             iters_since = 0
