@@ -638,10 +638,11 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
         smooth = torch.sqrt(norms.square() + eps * eps)
         rd = (forces + 2.0 * lam * W / op.expand(smooth)) * op.wmask  # the dual residual
         if constrained:
-            rp = op.constraint(Z) - Sl
+            rp = op.constraint(Z).sub_(Sl)
             if op.restricted:  # the slacks of blocks without cones are 1, their constraints 0
                 rp *= cm
-            mu = float((Sl * Zd).sum()) / m
+            products = Sl * Zd  # the slack-multiplier products
+            mu = float(products.sum()) / m
             theta = Zd / Sl  # zero on blocks without cones, whose multipliers are 0
         else:
             theta = None
@@ -653,31 +654,34 @@ def _interior_point(op: _Operator, warm, tol, constraint_tol, max_iters, deadlin
         system = _NewtonSystem(op, W, theta, smooth, eye)
 
         if constrained:
+            # fused element-wise operations: the (n, 2, P, c) temporaries are the iteration's largest after the
+            # Newton system's
             def direction(rc: Tensor, rd=rd, rp=rp, Sl=Sl, Zd=Zd, system=system) -> tuple:
-                R = -rd - op.adjoint_constraint((rc + Zd * rp) / Sl)
+                R = -rd - op.adjoint_constraint(torch.addcmul(rc, Zd, rp).div_(Sl))
                 dW = system.solve(R)
-                dS = op.constraint(op.forward(dW)) + rp
-                dZ = -(rc + Zd * dS) / Sl
+                dS = torch.addcmul(rp, op.signed_cmask, op.forward(dW))  # A dW + rp
+                dZ = torch.addcmul(rc, Zd, dS).div_(Sl).neg_()
                 if op.restricted:
                     dZ *= cm
                 # dS and dZ are 0 on blocks without cones: their slacks stay 1 and their multipliers 0
                 return dW, dS, dZ
 
-            dWa, dSa, dZa = direction(Sl * Zd)
+            dWa, dSa, dZa = direction(products)
             alpha_p, alpha_d = _max_step(Sl, dSa), _max_step(Zd, dZa)
-            mu_aff = float(((Sl + alpha_p * dSa) * (Zd + alpha_d * dZa)).sum()) / m
+            stepped = torch.add(Sl, dSa, alpha=alpha_p).view(-1), torch.add(Zd, dZa, alpha=alpha_d).view(-1)
+            mu_aff = float(torch.dot(*stepped)) / m
             sigma = min(1.0, max(mu_aff / mu, 0.0)) ** 3
             # the barrier and the smoothing need only reach a tenth of the tolerance: going further
             # makes the Newton systems needlessly ill-conditioned
             value = float(r.square().sum() + op.penalty_value(W))
             target = max(sigma * mu, 0.1 * tol * value / m)
-            dW, dS, dZ = direction(Sl * Zd + dSa * dZa - target)
+            dW, dS, dZ = direction(torch.addcmul(products, dSa, dZa).sub_(target))
             alpha = 0.99 * min(_max_step(Sl, dS), _max_step(Zd, dZ))
             if verbose:
                 print(f"           step {alpha:.3f}  sigma {sigma:.2e}  |rd| {float(rd.abs().amax()):.2e}")
             W = W + alpha * dW
-            Sl = Sl + alpha * dS
-            Zd = Zd + alpha * dZ
+            Sl = Sl.add_(dS, alpha=alpha)  # no other reference to them remains
+            Zd = Zd.add_(dZ, alpha=alpha)
             if lam > 0:
                 eps_floor = 0.05 * tol * value / (lam * num_groups)
                 eps = max(min(eps, target * n / (2.0 * lam)), eps_floor, eps_min)
