@@ -202,6 +202,20 @@ def test_fista_float32_by_default_and_chunks_agree():
     assert abs(chunked.value - ref) <= 1e-5 * ref
 
 
+def test_fista_constrained_by_chunks_with_signs_agrees_with_cvxpy():
+    # chunks of 5, 5, 5 and 1 samples share the first-order method's work buffers; the sign restriction removes
+    # blocks, whose hinge must stay zero
+    problem = random_problem(12, n=16, d=3, P=4, lam=0.1, bias=True, signs=True)
+    assert not (problem.allows_u().all() and problem.allows_v().all())
+    ref = reference_value(problem)
+    whole = solve_native(problem, method="fista", tol=1e-5, dtype=torch.float64)
+    chunked = solve_native(problem, method="fista", tol=1e-5, dtype=torch.float64, chunk_size=5)
+    for solution in (whole, chunked):
+        assert solution.status == "optimal"
+        assert_agrees(solution, problem, ref, gated=False, tol=1e-5)
+    assert torch.allclose(chunked.U, whole.U, atol=1e-6) and torch.allclose(chunked.V, whole.V, atol=1e-6)
+
+
 def test_certificate_never_exceeds_the_optimum_at_any_point():
     for seed in range(4):
         problem = random_problem(100 + seed, c=1 + seed % 2 * 2, bias=bool(seed % 2), lam=0.05)
