@@ -216,6 +216,16 @@ def test_fista_constrained_by_chunks_with_signs_agrees_with_cvxpy():
     assert torch.allclose(chunked.U, whole.U, atol=1e-6) and torch.allclose(chunked.V, whole.V, atol=1e-6)
 
 
+def test_fista_with_only_an_empty_pattern():
+    # a pattern that selects no sample leaves the data term flat: the penalty must still enforce the cones
+    problem = random_problem(23, n=20, d=3, P=1, c=3, one_vs_all=True, lam=0.5, reduction="sum")
+    problem = ConvexProblem(problem.X, problem.Y, torch.zeros_like(problem.patterns), 0.5, "sum", one_vs_all=True)
+    ref = reference_value(problem)
+    solution = solve_native(problem, method="fista", dtype=torch.float64)
+    assert solution.status == "optimal"
+    assert_agrees(solution, problem, ref, gated=False)
+
+
 def test_certificate_never_exceeds_the_optimum_at_any_point():
     for seed in range(4):
         problem = random_problem(100 + seed, c=1 + seed % 2 * 2, bias=bool(seed % 2), lam=0.05)
