@@ -226,6 +226,21 @@ def test_fista_with_only_an_empty_pattern():
     assert_agrees(solution, problem, ref, gated=False)
 
 
+def test_fista_with_a_data_term_the_output_bias_makes_flat():
+    # X = 1 and patterns that take all samples or none: every block output is constant, and the output bias centres
+    # it away, so the data term has no curvature at all
+    n = 12
+    X = torch.ones(n, 1, dtype=torch.float64)
+    patterns = torch.tensor([True, False, True])[None, :].expand(n, 3)
+    Y = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    problem = ConvexProblem(X, Y, patterns, 0.5, "sum", output_bias=True)
+    for gated in (True, False):
+        ref = reference_value(problem, gated)
+        solution = solve_native(problem, gated=gated, method="fista", dtype=torch.float64)
+        assert solution.status == "optimal"
+        assert_agrees(solution, problem, ref, gated)
+
+
 def test_certificate_never_exceeds_the_optimum_at_any_point():
     for seed in range(4):
         problem = random_problem(100 + seed, c=1 + seed % 2 * 2, bias=bool(seed % 2), lam=0.05)

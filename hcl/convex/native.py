@@ -1007,7 +1007,8 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
         # the data term's curvature over the constraints'; floored for patterns that select no sample, where the
         # data term is flat (L_data = 0) and δ = 0 would leave the constraints unenforced
         delta = max(L_data / max(L_cons, 1e-300), 1e-6) if constrained else 0.0
-    step = 1.0 / max(L_data + delta * L_cons, 1e-300)
+    # (floored where the data term is flat, e.g. constant block outputs centred away by the output bias)
+    step = 1.0 / max(L_data + delta * L_cons, op.regularization, 1e-300)
     shifted = gamma / delta if constrained else None  # γ/δ, the hinge's offset
     min_step = 1e-6 * step
     rounding = 10.0 * torch.finfo(op.dtype).eps  # the sufficient-decrease test tolerates round-off
