@@ -29,8 +29,8 @@ from hcl.convex.native import solve_native
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 
 # ``"auto"`` takes Clarabel up to this size n·d·P·c and the native solver above it, when λ > 0. Measured
-# (``benchmarks/solvers.py --only crossover``, random-gate instances, λ = 0.1): Clarabel was faster up to 4 320 and
-# the native solver 1.6–1.7× faster from 10 000, 2× at the seed's size 2·10⁴.
+# (``benchmarks/solvers.py --only crossover``, random-gate instances, λ = 0.1): Clarabel was faster up to 4 320, the
+# native solver from 6 860 on (1.1× there, 1.4–1.8× near 10⁴, 2.35× at the seed's size 2·10⁴).
 AUTO_NATIVE_ABOVE = 5_000
 # The same switch when λ = 0. There the native solver can only stop on its optimality residuals (status
 # "optimal_inaccurate", certified bound 0, which the dashboard would show as a duality gap equal to the optimum),
