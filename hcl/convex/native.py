@@ -988,7 +988,6 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
     """Augmented Lagrangian + FISTA (constrained) or FISTA (gated); see the module docstring."""
     n, P, c = op.n, op.P, op.c
     lam = op.lam
-    cm = op.cmask
     constrained = op.num_constraints > 0
     W = op.zeros() if warm is None else warm[0].clone()
     gamma = None
@@ -1086,8 +1085,8 @@ def _first_order(op: _Operator, warm, tol, constraint_tol, max_iters, deadline, 
         mapping = float(diff.norm()) / step
         inner_done = mapping < inner_tol or iters_since >= 2000
         if constrained and inner_done:
-            gamma = torch.addcmul(gamma, op.signed_cmask, Z, value=-delta).relu_()  # zero where cm is
-            violation = float(torch.relu(-op.S * Z * cm).amax())
+            gamma = torch.addcmul(gamma, op.signed_cmask, Z, value=-delta).relu_()  # zero off the cones
+            violation = float(torch.relu(-op.constraint(Z)).amax())
             if violation > 0.25 * last_violation and violation > constraint_tol:
                 delta *= 2.0
             shifted = gamma / delta
