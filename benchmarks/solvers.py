@@ -39,11 +39,13 @@ import time
 
 import torch
 
+from hcl.convex import choose_solver, solve
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import solve_cvxpy
-from hcl.convex.native import FLOAT32_SCHUR_ABOVE, _schur_panels, remap_warm_start, solve_native
+from hcl.convex.native import remap_warm_start, solve_native
+from hcl.convex.native.newton import FLOAT32_SCHUR_ABOVE, schur_panels
 from hcl.convex.problem import ConvexProblem, fold_bias
-from hcl.convex.solve import _cpu_threads_for, choose_solver, solve
+from hcl.convex.solvers import NativeSolver
 from hcl.patterns import pattern_keys
 
 COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
@@ -160,7 +162,7 @@ def matmul_seconds(problem: ConvexProblem, method: str, repeats: int = 3) -> flo
         F = torch.randn(n, P * d, dtype=schur, device=dev)
         S = torch.zeros(n, n, dtype=schur, device=dev)
         X32, LG = X.to(schur), torch.randn(d, P * d, dtype=schur, device=dev)
-        blocks = _schur_panels(n)
+        blocks = schur_panels(n)
         theta = torch.randn(n, 2 * P * c, dtype=dt, device=dev)
         outer = torch.randn(n, d * d, dtype=dt, device=dev)
 
@@ -273,7 +275,7 @@ def per_iteration(args) -> None:
             iterations = (10 if n * n * P * d < 10**10 else 3) if method == "newton" else 200
             solution = fastest(max(2, args.repeats), problem, method=method, max_iters=iterations, dtype=torch.float64)
             per_it = solution.solve_seconds / solution.iterations
-            with _cpu_threads_for(problem):  # the threads solve() gave the solver
+            with NativeSolver.cpu_threads(problem):  # the threads solve() gave the solver
                 mm = matmul_seconds(problem, method, repeats=max(3, args.repeats))
             print(row([f"{n}, {d}, {P}", method, f"{per_it * 1e3:.2f} ms", f"{mm * 1e3:.2f} ms",
                        f"{per_it / mm:.2f}"]), flush=True)

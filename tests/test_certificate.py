@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from hcl.convex.build import problem_from_network
-from hcl.convex.certificate import global_lower_bound, max_abs_relu_correlation
+from hcl.convex.certificate import best_scaled_bound, global_lower_bound, max_abs_relu_correlation
 from hcl.convex.cvxpy_solver import solve_cvxpy
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights, network_objective
 from hcl.patterns import enumerate_patterns, sample_patterns
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def instance(seed: int, n: int = 12, d: int = 1):
@@ -161,3 +152,21 @@ def test_bad_arguments_are_refused():
         global_lower_bound(X, torch.stack([y, y], 1), y, weight_decay=0.1, reduction="mean", bias=True)
     with pytest.raises(ValueError, match="weight_decay"):
         global_lower_bound(X, y, y, weight_decay=-1.0, reduction="mean", bias=True)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_best_scaled_bound_is_the_maximum_over_the_feasible_scalings(signed):
+    """The closed form shared by the global bound and the native certificate, against a dense grid of t."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        nu_y, quadratic = float(torch.randn(1, generator=g)), float(torch.rand(1, generator=g)) + 0.1
+        limit = float(torch.rand(1, generator=g)) * 3
+        bound, t = best_scaled_bound(nu_y, quadratic, limit, signed=signed)
+        grid = torch.linspace(-limit if signed else 0.0, limit, 20001, dtype=torch.float64)
+        values = -grid * nu_y - grid.square() * quadratic
+        assert (-limit if signed else 0.0) <= t <= limit
+        assert bound == pytest.approx(-t * nu_y - t * t * quadratic)
+        assert float(values.max()) <= bound + 1e-12
+        assert bound <= float(values.max()) + 1e-6
+    assert best_scaled_bound(1.0, 0.0, 1.0) == (0.0, 0.0)  # ν = 0
+    assert best_scaled_bound(-1.0, 0.25, math.inf) == (pytest.approx(1.0), pytest.approx(2.0))

@@ -1,4 +1,4 @@
-"""The convex note's invariants 1–5 on random instances, checked against an independent formulation.
+"""The invariants 1–5 of docs/convex.md on random instances, checked against an independent formulation.
 
 The reference below is written independently of ``hcl.convex.cvxpy_solver``: one cvxpy variable per
 (pattern, sign) and explicit diagonal matrices, looping over patterns.
@@ -29,7 +29,7 @@ def one_thread():
 
 
 def reference_optimum(problem: ConvexProblem) -> float:
-    """``p*`` of the note's scalar-output problem (signs, output bias), by a loop over patterns."""
+    """``p*`` of the scalar-output problem of docs/convex.md (signs, output bias), by a loop over patterns."""
     assert problem.c == 1
     X, y = problem.X.numpy(), problem.Y.numpy()[:, 0]
     n = X.shape[0]
@@ -252,9 +252,9 @@ def test_merging_neurons_with_one_pattern_keeps_output_and_lowers_penalty(second
     )
 
 
-# ------------------------------------------------------------------------------------------ seed (c)
+# ---------------------------------------------------------------------- experiment (c) of docs/experiments.md
 def test_seed_experiment_c_setting_at_step_zero():
-    """The seed's 10-D experiment: the per-neuron problem gives ≈ 0.10 at step 0, the exact one ≈ 0."""
+    """Experiment (c) of docs/experiments.md: the per-neuron problem gives ≈ 0.10 at step 0, the exact one ≈ 0."""
     torch.manual_seed(0)
     n, d, m, init = 100, 10, 20, 1e-3
     X = torch.randn(n, d, dtype=torch.float64)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from hcl.convex import solve
 from hcl.convex.layers import FixedPatternLayer
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.solve import solve
 
 
 def small_problem(c=2, bias=True, lam=0.05, reduction="mean", signs=None):

@@ -14,9 +14,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from hcl import TwoLayerReLU, dashboard
 from hcl.callbacks.convex_gap import ConvexGapMonitor
-from hcl.callbacks.global_optimum import GlobalOptimumMonitor, all_patterns_problem
+from hcl.callbacks.global_optimum import GlobalOptimumMonitor
+from hcl.convex import solve
+from hcl.convex.build import all_patterns_problem
 from hcl.convex.problem import fold_bias, network_objective
-from hcl.convex.solve import solve
 from hcl.datamodules import SyntheticRegression
 
 
@@ -37,7 +38,7 @@ def _sampled_patterns(Xf: np.ndarray, rng: np.random.Generator, draws: int = 200
 
 
 def _independent_optimum(Xf: np.ndarray, y: np.ndarray, D: np.ndarray, lam: float, reduction: str) -> float:
-    """The note's all-patterns problem written out pattern by pattern in cvxpy."""
+    """The all-patterns problem of docs/convex.md written out pattern by pattern in cvxpy."""
     n, d = Xf.shape
     s = 1.0 if reduction == "sum" else 1.0 / n
     us = [cp.Variable(d) for _ in range(D.shape[1])]
@@ -87,7 +88,7 @@ def test_no_network_beats_the_global_optimum_and_the_mapped_solution_attains_it(
     Xf = fold_bias(X, True)
     W, A, _ = problem.to_network(solution.U, solution.V)
     optimum = float(network_objective(Xf, y, W, A, None, lam, "mean"))
-    assert optimum == pytest.approx(p_star, rel=1e-6)  # the convex note's invariant 2
+    assert optimum == pytest.approx(p_star, rel=1e-6)  # invariant 2 of docs/convex.md
     generator = torch.Generator().manual_seed(0)
     for width in (1, 3, 10, 40):
         for scale in (0.1, 0.5, 1.5):
@@ -158,7 +159,7 @@ def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path,
 
 
 def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(tmp_path):
-    """Seed (b): one neuron, two points, λ = 0: p*_all = 0 and the gap closes."""
+    """Experiment (b) of docs/experiments.md: one neuron, two points, λ = 0: p*_all = 0 and the gap closes."""
     data = SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True, dtype="float64")
     model = TwoLayerReLU(in_features=2, hidden=1, bias=False, lr=0.2, hidden_weight=[[0.3, -0.15]],
                          output_weight=[[1.0]])
@@ -167,7 +168,7 @@ def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(t
     assert monitor.num_patterns == 3  # {x1}, {x2}, {x1, x2}
     assert abs(monitor.optimum) < 1e-8
     gaps = read_scalars(tmp_path)["convex/global_gap"]
-    assert gaps[0] == (0, pytest.approx(0.48625, rel=1e-6))  # the seed's printed 0.4862 at step 0
+    assert gaps[0] == (0, pytest.approx(0.48625, rel=1e-6))  # 0.4862 at step 0 in docs/experiments.md (b)
     assert gaps[-1][1] < 1e-6
     described = read_scalars(tmp_path)
     assert described["convex/global_patterns"] == [(0, 3.0)]  # constants of the run: logged once

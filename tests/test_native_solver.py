@@ -1,5 +1,6 @@
 """hcl's native solver against an independent cvxpy formulation, its certificate, warm starts and errors."""
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hcl.convex.native import Multipliers, dual_certificate, remap_warm_start, solve_native
+from hcl.convex.native import Multipliers, NativeOptions, dual_certificate, remap_warm_start, solve_native
+from hcl.convex.native.options import NEWTON_MAX_SAMPLES
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.solve import (
+from hcl.convex.solvers import (
     AUTO_NATIVE_ABOVE,
     AUTO_NATIVE_ABOVE_UNREGULARIZED,
     available_solvers,
@@ -24,7 +26,7 @@ from hcl.convex.solve import (
 
 # ----------------------------------------------------------------------------- an independent reference
 def reference_value(problem: ConvexProblem, gated: bool = False) -> float:
-    """The optimum by cvxpy/Clarabel, written block by block from the convex note (no shared code)."""
+    """The optimum by cvxpy/Clarabel, written block by block from docs/convex.md (no shared code)."""
     X = problem.X.double().numpy()
     Y = problem.Y.double().numpy()
     D = problem.patterns.numpy().astype(float)
@@ -141,14 +143,15 @@ def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(
     """The Schur matrix (and, for large d, the blocks) is built in float32 and rebuilt in float64 when conjugate
     gradients stall on it; with no float32 iterations allowed every system takes the fallback. All must reach the
     certified optimum."""
-    import hcl.convex.native as native
+    from hcl.convex.native import newton
 
-    monkeypatch.setattr(native, "FLOAT32_SCHUR_ABOVE", 0)  # float32 at this small size too
-    monkeypatch.setattr(native, "FLOAT32_BLOCKS_FROM_D_OVER_N", 0.0 if float32_blocks else 1e9)
-    monkeypatch.setattr(native, "FLOAT32_CG_ITERS", float32_cg_iters)
+    # the constants are read where they are used, in hcl.convex.native.newton
+    monkeypatch.setattr(newton, "FLOAT32_SCHUR_ABOVE", 0)  # float32 at this small size too
+    monkeypatch.setattr(newton, "FLOAT32_BLOCKS_FROM_D_OVER_N", 0.0 if float32_blocks else 1e9)
+    monkeypatch.setattr(newton, "FLOAT32_CG_ITERS", float32_cg_iters)
     rebuilt = []
-    refine = native._NewtonSystem._refine_schur
-    monkeypatch.setattr(native._NewtonSystem, "_refine_schur", lambda self: rebuilt.append(1) or refine(self))
+    refine = newton.NewtonSystem.refine_schur
+    monkeypatch.setattr(newton.NewtonSystem, "refine_schur", lambda self: rebuilt.append(1) or refine(self))
     c, one_vs_all = outputs
     problem = random_problem(11, n=60, d=5, P=12, c=c, one_vs_all=one_vs_all, bias=bias, lam=0.02)
     solution = solve_native(problem, method="newton")
@@ -162,15 +165,15 @@ def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(
 def test_newton_barrier_blocks_built_block_by_block_agree_with_cvxpy(outputs, signs, monkeypatch):
     """With large ``d`` the rows ``x_j x_jᵀ`` are not kept and each block's ``Xᵀ diag(θ) X`` is its own product,
     a few blocks at a time (forced here, with blocks split over several chunks)."""
-    import hcl.convex.native as native
+    from hcl.convex.native import workspace
 
-    monkeypatch.setattr(native, "OUTER_PRODUCTS_MAX_BYTES", 0)
+    monkeypatch.setattr(workspace, "OUTER_PRODUCTS_MAX_BYTES", 0)
     c, one_vs_all = outputs
     problem = random_problem(5, n=40, d=6, P=9, c=c, one_vs_all=one_vs_all, signs=signs, bias=True, lam=0.03)
     seen = []
-    outer = native._Operator.sample_outer_products
+    outer = workspace.Workspace.sample_outer_products
     monkeypatch.setattr(
-        native._Operator, "sample_outer_products", lambda op, dtype: seen.append(outer(op, dtype)) or seen[-1]
+        workspace.Workspace, "sample_outer_products", lambda ws, dtype: seen.append(outer(ws, dtype)) or seen[-1]
     )
     solution = solve_native(problem, method="newton", chunk_size=1)
     assert seen and all(rows is None for rows in seen)  # the block-by-block path ran
@@ -348,6 +351,28 @@ def test_bad_inputs_raise_clear_errors():
         solve_native(problem, warm_start=(bad, bad, torch.zeros(1)))
     with pytest.raises(TypeError, match="warm_start"):
         solve_native(problem, warm_start="previous")
+    with pytest.raises(TypeError, match="'tolerance'"):  # an unknown option is named, not ignored
+        solve_native(problem, tolerance=1e-3)
+    for bad_option in ({"max_iters": 0}, {"time_limit": 0.0}, {"chunk_size": 1.5}, {"dtype": torch.float16},
+                       {"constraint_tol": math.inf}):
+        with pytest.raises(ValueError, match=next(iter(bad_option))):
+            solve_native(problem, **bad_option)
+
+
+def test_native_options_are_checked_once_and_frozen():
+    options = NativeOptions(tol=1e-4, max_iters=7)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.tol = 1.0
+    with pytest.raises(ValueError, match="method"):
+        NativeOptions(method="admm")
+    small, large = random_problem(0), random_problem(0, n=NEWTON_MAX_SAMPLES + 1, d=2, P=1)
+    assert NativeOptions().resolved(small).method == "newton" and NativeOptions().resolved(large).method == "fista"
+    assert NativeOptions(method="fista").resolved(small).max_iters == 20000
+    assert options.resolved(small).max_iters == 7 and options.resolved(small).tol == 1e-4
+    assert NativeOptions().working_dtype(small) == torch.float64
+    float32 = ConvexProblem(small.X.float(), small.Y.float(), small.patterns, 0.1)
+    assert NativeOptions(method="fista").working_dtype(float32) == torch.float32
+    assert NativeOptions(method="newton").working_dtype(float32) == torch.float64
 
 
 def test_zero_targets_give_the_zero_solution():
@@ -376,25 +401,30 @@ def test_dispatcher():
     assert choose_solver(random_problem(2, n=200, d=10, P=20, lam=0.0)) == "native"
     ref = reference_value(problem)
     for name in ("auto", "native", "clarabel", "ECOS"):
-        # native-only options (the callback's warm start) are accepted by every solver
-        solution = solve(problem, name, warm_start=problem.zeros(), tol=1e-7)
+        # the callback's warm start is an option of every solver (the conic ones start cold); "auto" passes the
+        # native tolerance on only to the native solver
+        options = {"tol": 1e-7} if name in ("auto", "native") else {}
+        solution = solve(problem, name, warm_start=problem.zeros(), **options)
         assert abs(solution.value - ref) <= 1e-5 * ref, name
+    for name in ("clarabel", "ECOS"):  # a named solver refuses an option it does not take
+        with pytest.raises(TypeError, match="'tol'"):
+            solve(problem, name, warm_start=problem.zeros(), tol=1e-7)
 
 
 def test_step_to_the_boundary():
-    """``_max_step``: the largest α ≤ 1 with x + α dx ≥ 0, ignoring entries fixed at zero (x = dx = 0)."""
-    from hcl.convex.native import _max_step
+    """``max_step``: the largest α ≤ 1 with x + α dx ≥ 0, ignoring entries fixed at zero (x = dx = 0)."""
+    from hcl.convex.native.interior_point import max_step
 
     x = torch.tensor([1.0, 2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
     dx = torch.tensor([-4.0, 1.0, -0.25, 0.0, 0.0], dtype=torch.float64)
-    assert _max_step(x, dx) == pytest.approx(0.25)  # the first entry reaches 0 first
-    assert _max_step(x, dx.abs()) == 1.0
-    assert _max_step(x, -0.5 * x) == 1.0  # reaching half way at α = 1
-    assert _max_step(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([-1.0, 1.0], dtype=torch.float64)) == 0
+    assert max_step(x, dx) == pytest.approx(0.25)  # the first entry reaches 0 first
+    assert max_step(x, dx.abs()) == 1.0
+    assert max_step(x, -0.5 * x) == 1.0  # reaching half way at α = 1
+    assert max_step(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([-1.0, 1.0], dtype=torch.float64)) == 0
     g = torch.Generator().manual_seed(3)
     x = torch.rand(1000, generator=g, dtype=torch.float64) + 1e-3
     dx = torch.randn(1000, generator=g, dtype=torch.float64)
-    alpha = _max_step(x, dx)
+    alpha = max_step(x, dx)
     assert bool((x + alpha * dx >= -1e-12).all())
     assert alpha == 1.0 or float((x + alpha * dx).min()) <= 1e-12  # no longer step is allowed
 
@@ -404,19 +434,20 @@ def test_step_to_the_boundary():
 def test_certificate_from_the_iterations_products_equals_its_own(bias, signs, outputs):
     """The interior point hands its residual and its products with Xᵀ to the certificate instead of recomputing
     them: at any point the bound must be the one the certificate computes itself."""
-    from hcl.convex.native import _Operator
+    from hcl.convex.native.certificate import certificate
+    from hcl.convex.native.operator import Operator
 
     c, one_vs_all = outputs
     problem = random_problem(9, n=30, d=4, P=6, c=c, one_vs_all=one_vs_all, bias=bias, signs=signs, lam=0.05)
-    op = _Operator(problem, gated=False, dtype=torch.float64)
+    op = Operator(problem, gated=False, dtype=torch.float64)
     g = torch.Generator().manual_seed(4)
     W = torch.randn(op.d, 2, op.P, op.c, generator=g, dtype=torch.float64) * op.wmask
     mu = torch.rand(op.n, 2, op.P, op.c, generator=g, dtype=torch.float64) * op.cmask
     Z = op.forward(W)
     r, _ = op.residual(Z)
     known = (r, 2.0 * op.adjoint_data(r) - op.adjoint_constraint(mu))
-    own, own_worst = op.certificate(Z, mu)
-    handed, handed_worst = op.certificate(Z, mu, known=known)
+    own, own_worst = certificate(op, Z, mu)
+    handed, handed_worst = certificate(op, Z, mu, known=known)
     assert own < 0 or own > 0  # a nonzero bound, so that the comparison means something
     assert handed == pytest.approx(own, rel=1e-12, abs=1e-14)
     assert handed_worst == pytest.approx(own_worst, rel=1e-12)

@@ -1,7 +1,7 @@
-"""Build the convex problem of a two-layer ReLU network from its current weights.
+"""Build the convex problem of a two-layer ReLU network from its current weights, or over every pattern of its data.
 
 The patterns are the neurons' own (``1[X̃ w̃_j ≥ 0]``, ties active); the network maps to a feasible point
-of the problem (network → convex map of the project's convex note), so the problem's optimum is at most
+of the problem (the network → convex map of ``docs/convex.md``), so the problem's optimum is at most
 the network's objective ``L`` — the invariant the callbacks log.
 
 Two formulations:
@@ -9,13 +9,16 @@ Two formulations:
 * ``"patterns"`` (the exact reformulation restricted to the network's patterns): one ``(u, v)`` block per
   distinct live pattern, neurons sharing a pattern added up in the same block, plus optional extra
   patterns (e.g. sampled or enumerated ones), deduplicated against them.
-* ``"neurons"`` (the seed notebook's formulation): one block per live neuron. For a scalar output the
-  block keeps the sign of the neuron's output weight (``signs = sign(α_j)``, ``α_j = 0`` counts as
+* ``"neurons"`` (the per-neuron formulation of ``docs/experiments.md``): one block per live neuron. For a scalar
+  output the block keeps the sign of the neuron's output weight (``signs = sign(α_j)``, ``α_j = 0`` counts as
   ``+1``); for ``c > 1`` an output weight is a vector with no single sign, so each block gets both
   ``U`` and ``V``. Duplicate patterns are kept (one block per neuron).
 
 Dead neurons (all-zero pattern) output zero on the data and are dropped: leaving out their penalty
 only lowers the feasible point's value, so ``p* ≤ L`` still holds.
+
+:func:`all_patterns_problem` builds the problem over *every* activation pattern of 1-D or 2-D data with a bias,
+whose optimum is the global minimum of ``L`` over networks of any width.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights
-from hcl.patterns import activation_patterns, unique_patterns
+from hcl.patterns import activation_patterns, enumerate_patterns, unique_patterns
 
 FORMULATIONS = ("patterns", "neurons")
 
@@ -132,3 +135,51 @@ def _append_new(patterns: Tensor, extra: Tensor) -> Tensor:
     known = torch.zeros(unique.patterns.shape[1], dtype=torch.bool, device=both.device)
     known[unique.neuron_to_pattern[: patterns.shape[1]]] = True
     return torch.cat([patterns, unique.patterns[:, ~known]], dim=1)
+
+
+def all_patterns_problem(
+    X: Tensor,
+    Y: Tensor,
+    *,
+    bias: bool,
+    weight_decay: float,
+    reduction: str,
+    output_bias: bool = False,
+) -> ConvexProblem:
+    """The convex problem over every activation pattern of 1-D or 2-D data with a bias.
+
+    The bias is the first layer's own (``bias=True``: a column of ones is appended) or a column of ones already
+    in ``X``, or both; columns of ones after the first add no pattern. The problem is built in float64.
+
+    Args:
+        X: ``(n, k)`` inputs of the hidden layer.
+        Y: ``(n,)`` or ``(n, c)`` targets.
+        bias: whether the hidden layer has its own bias.
+        weight_decay: ``λ ≥ 0``.
+        reduction: ``"sum"`` or ``"mean"``.
+        output_bias: whether the network has an unpenalised output bias.
+
+    Raises:
+        ValueError: when there is no bias (no first-layer bias and no column of ones), or when the data has more
+            than two columns besides the ones (patterns are enumerated for 1-D and 2-D data only).
+    """
+    if X.ndim != 2:
+        raise ValueError(f"X must be (n, features), got shape {tuple(X.shape)}")
+    Xf = fold_bias(X.detach().to("cpu", torch.float64), bias)
+    is_ones = (Xf == 1).all(dim=0)
+    if not bool(is_ones.any()):
+        raise ValueError(
+            "the global optimum needs a bias: a first-layer bias (bias=True) or a data column of ones (e.g. "
+            "SyntheticRegression(append_ones=True)); without one the patterns of this data are not enumerated"
+        )
+    features = Xf[:, ~is_ones]
+    if features.shape[1] not in (1, 2):
+        raise ValueError(
+            f"the global optimum is computed for 1-D or 2-D data with a bias; this data has {features.shape[1]} "
+            "input columns besides the bias (too many patterns to enumerate: use ConvexGapMonitor instead)"
+        )
+    # The patterns {1[X̃u ≥ 0]} depend only on the span of the columns: one ones column, placed last, suffices.
+    ones = torch.ones(Xf.shape[0], 1, dtype=Xf.dtype)
+    patterns = enumerate_patterns(torch.cat([features, ones], dim=1))
+    return ConvexProblem(X=Xf, Y=Y.detach().to("cpu", torch.float64), patterns=patterns,
+                         weight_decay=weight_decay, reduction=reduction, output_bias=output_bias)

@@ -1,15 +1,15 @@
 """A global lower bound on the training objective from any fit (scalar output).
 
-Lagrange duality for the all-patterns convex problem (the project's convex note) gives, for every ``ν``
-with ``M(ν) = max_{‖u‖≤1} |νᵀ relu(X̃ u)| ≤ 2λ`` (and ``1ᵀν = 0`` when the network has an unpenalised
-output bias), the bound
+Lagrange duality for the all-patterns convex problem (``docs/convex.md#certificates``) gives, for every ``ν``
+with ``M(ν) = max_{‖u‖≤1} |νᵀ relu(X̃ u)| ≤ 2λ`` (and ``1ᵀν = 0`` when the network has an unpenalised output
+bias), the bound
 
     min_network L  ≥  −νᵀy − ‖ν‖² / (4s).
 
 From a fit ``ŷ`` (any network's prediction) the candidate is ``ν = 2s(ŷ − y)`` (centred when there is an
 output bias); it is scaled by the ``t`` that maximises the concave quadratic ``−t νᵀy − t² ‖ν‖²/(4s)``
-over the feasible range ``|t| ≤ 2λ / M(ν)``. At the global optimum's prediction ``t = 1`` and the bound is
-tight (when ``M`` is exact).
+over the feasible range ``|t| ≤ 2λ / M(ν)`` (:func:`best_scaled_bound`). At the global optimum's prediction
+``t = 1`` and the bound is tight (when ``M`` is exact).
 
 ``M(ν)`` is computed
 
@@ -111,15 +111,33 @@ def global_lower_bound(
     else:
         M = _spectral_bound(Xf, nu)
 
-    a = float(nu @ y)
-    b = float(nu @ nu) / (4.0 * s)
-    if b == 0.0:
-        return CertificateResult(0.0, nu * 0.0, M, method)
-    t = -a / (2.0 * b)  # unconstrained maximiser of −t a − t² b
     limit = 2.0 * float(weight_decay) / M if M > 0 else math.inf
-    t = min(max(t, -limit), limit)
-    bound = -t * a - t * t * b
+    # M bounds |νᵀ relu(X̃u)|, so ν and −ν are both feasible: t takes either sign
+    bound, t = best_scaled_bound(float(nu @ y), float(nu @ nu) / (4.0 * s), limit, signed=True)
     return CertificateResult(float(bound), t * nu, M, method)
+
+
+def best_scaled_bound(nu_y: float, quadratic: float, limit: float, *, signed: bool = False) -> tuple[float, float]:
+    """The dual bound ``−t νᵀy − t² ‖ν‖²/(4s)`` maximised over the scaling ``t`` of a candidate ``ν``, in closed form.
+
+    The bound is a concave quadratic in ``t``; its unconstrained maximiser ``−νᵀy / (2q)`` is clipped to the
+    feasible range ``0 ≤ t ≤ limit`` (``|t| ≤ limit`` when ``signed``: the dual constraint is symmetric in ``ν``).
+    Both :func:`global_lower_bound` and the native solver's certificate (``hcl.convex.native.certificate``) use it.
+
+    Args:
+        nu_y: ``νᵀy`` (``⟨ν, Y⟩`` for a vector output).
+        quadratic: ``q = ‖ν‖² / (4s)``.
+        limit: the largest feasible ``t`` (``math.inf`` when every dual constraint holds for any ``t``).
+        signed: whether negative ``t`` are feasible too.
+
+    Returns:
+        ``(bound, t)``; ``(0.0, 0.0)`` when ``ν = 0``.
+    """
+    if quadratic == 0.0:
+        return 0.0, 0.0
+    t = -nu_y / (2.0 * quadratic)
+    t = min(max(t, -limit if signed else 0.0), limit)
+    return -t * nu_y - t * t * quadratic, t
 
 
 def max_abs_relu_correlation(X: Tensor, nu: Tensor) -> float:

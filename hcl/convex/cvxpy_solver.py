@@ -2,8 +2,8 @@
 
 The problem is rebuilt with constant data at every call: the project's solver measurements found a
 constant-data rebuild faster than any parametrised (DPP) formulation at the sizes where interior-point
-methods are usable (``n`` up to a few hundred, ``P`` up to ~100). The formulation is vectorised — one
-variable matrix per sign, no Python loop over patterns:
+methods are usable (``n`` up to a few hundred, ``P`` up to ~100). The formulation (:func:`formulate`, shared with
+:mod:`hcl.convex.layers`) is vectorised — one variable matrix per sign, no Python loop over patterns:
 
 * ``U`` is a ``(d·c, P_u)`` variable whose column ``i`` is ``vec(U_i)`` (column-major), for the blocks
   allowed a positive part (``signs ≥ 0``); ``V`` likewise for ``signs ≤ 0``;
@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from dataclasses import dataclass
 
 import cvxpy as cp
 import numpy as np
@@ -34,6 +35,7 @@ import scipy.sparse as sp
 import torch
 
 from hcl.convex.problem import ConvexProblem, ConvexSolution
+from hcl.convex.status import Status
 
 # Conic solvers that take second-order cones, in order of preference.
 _SOCP_SOLVERS = ("CLARABEL", "ECOS", "SCS", "MOSEK")
@@ -45,9 +47,19 @@ _TIME_LIMIT_OPTION = {
     "MOSEK": lambda t: {"mosek_params": {"MSK_DPAR_OPTIMIZER_MAX_TIME": float(t)}},
 }
 
-_STATUS = {
-    cp.OPTIMAL: "optimal",
-    cp.OPTIMAL_INACCURATE: "optimal_inaccurate",
+# The settings cvxpy passes on to each solver, as the solvers document them (Clarabel's are read from the solver).
+_SETTINGS = {
+    "ECOS": ("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc", "reltol_inacc", "max_iters", "nitref"),
+    "SCS": ("max_iters", "eps", "eps_abs", "eps_rel", "eps_infeas", "alpha", "scale", "adaptive_scale", "normalize",
+            "rho_x", "acceleration_lookback", "acceleration_interval", "time_limit_secs", "use_indirect",
+            "linear_solver", "write_data_filename", "log_csv_filename"),
+    "MOSEK": ("mosek_params", "save_file", "bfs", "eps", "accept_unknown"),
+}
+
+# cvxpy's statuses that come with a solution; any other raises ConvexSolveError.
+STATUS_MAP = {
+    cp.OPTIMAL: Status.OPTIMAL,
+    cp.OPTIMAL_INACCURATE: Status.OPTIMAL_INACCURATE,
 }
 
 
@@ -70,6 +82,22 @@ def installed_solvers() -> list[str]:
     return usable
 
 
+@functools.cache
+def solver_settings(solver: str) -> frozenset[str]:
+    """The settings of the conic solver ``solver`` itself that :func:`solve_cvxpy` passes on to cvxpy.
+
+    ``verbose`` and ``time_limit`` are :func:`solve_cvxpy`'s own arguments and are not listed.
+    """
+    name = solver.upper()
+    if name == "CLARABEL":
+        import clarabel
+
+        names = {key for key in dir(clarabel.DefaultSettings()) if not key.startswith("_")} - {"default"}
+    else:
+        names = set(_SETTINGS.get(name, ()))
+    return frozenset(names - {"verbose", "time_limit"})
+
+
 def _solver_works(name: str) -> bool:
     x = cp.Variable(2)
     probe = cp.Problem(cp.Minimize(cp.sum_squares(x - 1.0) + cp.norm(x, 2)), [x >= 0])
@@ -79,7 +107,7 @@ def _solver_works(name: str) -> bool:
             probe.solve(solver=name)
     except Exception:  # noqa: BLE001 - any failure (licence, import, crash) means "not usable"
         return False
-    return probe.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
+    return probe.status in STATUS_MAP
 
 
 def _check_solver(solver: str) -> str:
@@ -111,7 +139,8 @@ def solve_cvxpy(
         time_limit: wall-clock limit in seconds passed to the solver (ignored with a warning by ECOS,
             which has none).
         verbose: print the solver's log.
-        **solver_options: passed to ``cvxpy.Problem.solve`` (e.g. ``tol_gap_rel`` for Clarabel).
+        **solver_options: the solver's own settings, passed to ``cvxpy.Problem.solve`` (e.g. ``tol_gap_rel``
+            for Clarabel; see :func:`solver_settings`).
 
     Returns:
         A :class:`ConvexSolution` with ``U, V`` of shape ``(P, d, c)`` and ``b0`` ``(c,)`` in the
@@ -121,6 +150,7 @@ def solve_cvxpy(
 
     Raises:
         ValueError: for an unknown or uninstalled solver, or a bad ``time_limit``.
+        TypeError: a setting the solver does not know (the message names the solver).
         ConvexSolveError: when the solver raises or returns no solution (infeasible, unbounded, a time
             or iteration limit): the message names the solver and its status.
     """
@@ -145,8 +175,12 @@ def solve_cvxpy(
             cvx_problem.solve(solver=name, verbose=verbose, **options)
     except cp.error.SolverError as error:
         raise ConvexSolveError(f"{name} failed: {error}") from error
+    except TypeError as error:  # an unknown setting: name the solver, which ECOS and SCS do not
+        if name.lower() in str(error).lower():
+            raise
+        raise TypeError(f"{name}: {error}") from error
     status = cvx_problem.status
-    if status not in _STATUS:
+    if status not in STATUS_MAP:
         raise ConvexSolveError(f"{name} returned no solution: status {status!r}")
     try:
         U, V, b0 = read_solution()
@@ -161,7 +195,7 @@ def solve_cvxpy(
         U=U,
         V=V,
         b0=b0,
-        status=_STATUS[status],
+        status=STATUS_MAP[status],
         solver=name,
         solve_seconds=seconds,
         iterations=cvx_problem.solver_stats.num_iters if cvx_problem.solver_stats else None,
@@ -175,86 +209,107 @@ class _NoValue(Exception):
     pass
 
 
+@dataclass
+class Formulation:
+    """The cvxpy expressions of the fixed-pattern problem with constant data (see the module docstring).
+
+    Attributes:
+        parts: ``(W, blocks, sign)`` per variable matrix: ``W`` is ``(d·c, len(blocks))``, its column ``i`` is
+            ``vec`` (column-major) of block ``blocks[i]``'s ``U`` (``sign = +1``) or ``V`` (``sign = −1``).
+        predictions: ``Σ_i D_i X (U_i − V_i)`` for each output column (without the output bias).
+        constraints: the cone constraints (none for the gated relaxation).
+        group_sum: ``Σ_i pen(U_i, V_i)``, the penalty before its factor ``2λ``.
+    """
+
+    parts: list[tuple[cp.Variable, np.ndarray, float]]
+    predictions: list[cp.Expression]
+    constraints: list[cp.Constraint]
+    group_sum: cp.Expression
+
+
+def formulate(
+    X: np.ndarray, patterns: np.ndarray, blocks_u: np.ndarray, blocks_v: np.ndarray, c: int, *, cones: bool,
+    per_column: bool,
+) -> Formulation:
+    """The variables, predictions, cone constraints and group penalty of the problem, for cvxpy.
+
+    Args:
+        X: ``(n, d)`` data (float64, bias column folded in).
+        patterns: ``(n, P)`` patterns (boolean or 0/1).
+        blocks_u, blocks_v: the blocks that have a ``U`` (``V``) variable.
+        c: number of outputs.
+        cones: add the cone constraints ``(2D_i − I) X U_i ≥ 0`` (``False`` for the gated relaxation).
+        per_column: one group per (block, output column) (scalar output, one-vs-all); else one Frobenius group
+            per block over its ``U`` and ``V`` together (shared layer, ``c > 1``).
+    """
+    n, d = X.shape
+    P = patterns.shape[1]
+    # M = [D_1 X, …, D_P X]: column i·d + r holds D_i X[:, r].
+    DX = (patterns[:, :, None] * X[:, None, :]).reshape(n, P * d)
+    signs = 2.0 * patterns - 1.0
+    parts: list[tuple[cp.Variable, np.ndarray, float]] = []
+    constraints: list[cp.Constraint] = []
+    predictions: list = [0.0] * c
+    for blocks, sign in ((blocks_u, 1.0), (blocks_v, -1.0)):
+        if not blocks.size:
+            continue
+        W = cp.Variable((d * c, blocks.size))
+        parts.append((W, blocks, sign))
+        M = sp.csr_matrix(DX[:, (blocks[:, None] * d + np.arange(d)[None, :]).reshape(-1)])
+        for k in range(c):
+            predictions[k] = predictions[k] + sign * (M @ cp.vec(W[k * d : (k + 1) * d, :], order="F"))
+            if cones:
+                constraints.append(cp.multiply(signs[:, blocks], X @ W[k * d : (k + 1) * d, :]) >= 0)
+    if per_column:
+        # (d·c, count) → (d, c·count): one column per (block, output) pair.
+        group_sum = sum(cp.sum(cp.norm(cp.reshape(W, (d, c * blocks.size), order="F"), 2, axis=0))
+                        for W, blocks, _ in parts)
+    elif len(parts) == 1 and np.array_equal(parts[0][1], np.arange(P)):
+        group_sum = cp.sum(cp.norm(parts[0][0], 2, axis=0))
+    else:
+        # Align U and V blocks (a block may have only one of them) before the joint Frobenius norm.
+        stacked = []
+        for W, blocks, _ in parts:
+            select = sp.csr_matrix((np.ones(blocks.size), (np.arange(blocks.size), blocks)), (blocks.size, P))
+            stacked.append(W @ select)
+        group_sum = cp.sum(cp.norm(cp.vstack(stacked), 2, axis=0))
+    return Formulation(parts, predictions, constraints, group_sum)
+
+
 def _build(problem: ConvexProblem, gated: bool):
     """The cvxpy problem and a function reading its solution back as ``(U, V, b0)`` tensors."""
     X = problem.X.detach().to("cpu", torch.float64).numpy()
     Y = problem.Y.detach().to("cpu", torch.float64).numpy()
     D = problem.patterns.detach().cpu().numpy()
-    n, d = X.shape
     c, P = Y.shape[1], D.shape[1]
-    lam, scale = problem.weight_decay, problem.scale
+    if gated:
+        blocks_u, blocks_v = np.arange(P), np.arange(0)
+    else:
+        blocks_u = np.flatnonzero(problem.allows_u().cpu().numpy())
+        blocks_v = np.flatnonzero(problem.allows_v().cpu().numpy())
     # Column-wise groups (scalar output, one-vs-all) or one Frobenius group per block (shared c > 1).
-    per_column = c == 1 or problem.one_vs_all
-
-    # M = [D_1 X, …, D_P X]: column i·d + r holds D_i X[:, r].
-    DX = (D[:, :, None] * X[:, None, :]).reshape(n, P * d)
-    signs = 2.0 * D - 1.0
-
-    def block_columns(blocks: np.ndarray) -> sp.csr_matrix:
-        cols = (blocks[:, None] * d + np.arange(d)[None, :]).reshape(-1)
-        return sp.csr_matrix(DX[:, cols])
-
-    def predict(W: cp.Variable, M: sp.csr_matrix) -> list:
-        return [M @ cp.vec(W[k * d : (k + 1) * d, :], order="F") for k in range(c)]
-
-    def column_norms(W: cp.Variable, count: int):
-        # (d·c, count) → (d, c·count): one column per (block, output) pair.
-        return cp.sum(cp.norm(cp.reshape(W, (d, c * count), order="F"), 2, axis=0))
+    form = formulate(X, D, blocks_u, blocks_v, c, cones=not gated, per_column=c == 1 or problem.one_vs_all)
 
     b0 = cp.Variable(c) if problem.output_bias else None
-    constraints = []
-    if gated:
-        all_blocks = np.arange(P)
-        Z = cp.Variable((d * c, P))
-        parts = [(Z, all_blocks, 1.0)]
-        if per_column:
-            group_sum = column_norms(Z, P)
-        else:
-            group_sum = cp.sum(cp.norm(Z, 2, axis=0))
-    else:
-        allow_u = problem.allows_u().cpu().numpy()
-        allow_v = problem.allows_v().cpu().numpy()
-        parts = []
-        for allowed, sign in ((allow_u, 1.0), (allow_v, -1.0)):
-            blocks = np.flatnonzero(allowed)
-            if blocks.size:
-                W = cp.Variable((d * c, blocks.size))
-                parts.append((W, blocks, sign))
-                S = signs[:, blocks]
-                constraints += [cp.multiply(S, X @ W[k * d : (k + 1) * d, :]) >= 0 for k in range(c)]
-        if per_column:
-            group_sum = sum(column_norms(W, blocks.size) for W, blocks, _ in parts)
-        else:
-            # Align U and V blocks (a block may have only one of them) before the joint Frobenius norm.
-            stacked = []
-            for W, blocks, _ in parts:
-                select = sp.csr_matrix((np.ones(blocks.size), (np.arange(blocks.size), blocks)), (blocks.size, P))
-                stacked.append(W @ select)
-            group_sum = cp.sum(cp.norm(cp.vstack(stacked), 2, axis=0))
-
-    prediction = [0.0] * c
-    for W, blocks, sign in parts:
-        for k, term in enumerate(predict(W, block_columns(blocks))):
-            prediction[k] = prediction[k] + sign * term
     residuals = []
     for k in range(c):
-        r = prediction[k] - Y[:, k]
+        r = form.predictions[k] - Y[:, k]
         if b0 is not None:
             r = r + b0[k]
         residuals.append(r)
-    objective = scale * sum(cp.sum_squares(r) for r in residuals)
-    if lam > 0:
-        objective = objective + 2.0 * lam * group_sum
-    cvx_problem = cp.Problem(cp.Minimize(objective), constraints)
+    objective = problem.scale * sum(cp.sum_squares(r) for r in residuals)
+    if problem.weight_decay > 0:
+        objective = objective + 2.0 * problem.weight_decay * form.group_sum
+    cvx_problem = cp.Problem(cp.Minimize(objective), form.constraints)
 
     def read_solution():
         U, V, b = problem.zeros()
         targets = {1.0: U, -1.0: V}
-        for W, blocks, sign in parts:
+        for W, blocks, sign in form.parts:
             if W.value is None:
                 raise _NoValue
             # column i = vec(W_i) column-major → (count, d, c)
-            value = W.value.T.reshape(blocks.size, c, d).transpose(0, 2, 1)
+            value = W.value.T.reshape(blocks.size, c, problem.d).transpose(0, 2, 1)
             targets[sign][torch.as_tensor(blocks, device=U.device)] = torch.as_tensor(
                 value, dtype=U.dtype, device=U.device
             )

@@ -29,11 +29,12 @@ import time
 
 import cvxpy as cp
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from hcl.convex.cvxpy_solver import formulate
 from hcl.convex.problem import ConvexProblem, ConvexSolution, data_scale
+from hcl.convex.status import Status
 
 DEFAULT_SOLVER_ARGS = {"solve_method": "Clarabel"}
 
@@ -52,6 +53,7 @@ class FixedPatternLayer(torch.nn.Module):
         data_as_parameters: make ``X`` and the patterns parameters too (see the module docstring); then
             :meth:`forward` takes them as arguments.
         solver_args: arguments for the diffcp backend (default ``{"solve_method": "Clarabel"}``).
+        verbose: print the backend's log at every solve.
 
     Raises:
         ValueError: mismatched shapes, non-finite data, ``λ < 0`` or an empty pattern set.
@@ -69,6 +71,7 @@ class FixedPatternLayer(torch.nn.Module):
         gated: bool = False,
         data_as_parameters: bool = False,
         solver_args: dict | None = None,
+        verbose: bool = False,
     ) -> None:
         super().__init__()
         from cvxpylayers.torch import CvxpyLayer
@@ -88,51 +91,47 @@ class FixedPatternLayer(torch.nn.Module):
         allow_v = np.zeros(self.P, bool) if gated else check.allows_v().cpu().numpy()
         self._blocks = (np.flatnonzero(allow_u), np.flatnonzero(allow_v))
         problem, parameters, variables = self._build(check.weight_decay, data_scale(reduction, self.n))
-        self.layer = CvxpyLayer(problem, parameters=parameters, variables=variables)
+        self.layer = CvxpyLayer(problem, parameters=parameters, variables=variables, verbose=verbose)
 
     def _build(self, lam: float, scale: float):
-        n, d = self.n, self.d
-        y = cp.Parameter(n)
-        blocks_u, blocks_v = self._blocks
-        U = cp.Variable((d, blocks_u.size)) if blocks_u.size else None
-        V = cp.Variable((d, blocks_v.size)) if blocks_v.size else None
+        y = cp.Parameter(self.n)
         b = cp.Variable() if self.output_bias else None
-        constraints = []
-        parameters = [y]
         if self.data_as_parameters:
-            Xp = cp.Parameter((n, d))
-            Dp = cp.Parameter((n, self.P))
-            parameters = [Xp, Dp, y]
-            prediction = 0
-            for W, blocks, sign in ((U, blocks_u, 1.0), (V, blocks_v, -1.0)):
-                if W is None:
-                    continue
-                Zw = cp.Variable((n, blocks.size))
-                Db = Dp[:, blocks]
-                constraints.append(Zw == Xp @ W)
-                if not self.gated:
-                    constraints.append(cp.multiply(2 * Db - 1, Zw) >= 0)
-                prediction = prediction + sign * cp.sum(cp.multiply(Db, Zw), axis=1)
+            parameters, parts, prediction, constraints = self._parametrised(y)
+            group_sum = sum(cp.sum(cp.norm(W, 2, axis=0)) for W, _, _ in parts)
         else:
             X = self.X.cpu().numpy()
             D = self.patterns.cpu().numpy().astype(np.float64)
-            DX = (D[:, :, None] * X[:, None, :]).reshape(n, self.P * d)
-            prediction = 0
-            for W, blocks, sign in ((U, blocks_u, 1.0), (V, blocks_v, -1.0)):
-                if W is None:
-                    continue
-                cols = (blocks[:, None] * d + np.arange(d)[None, :]).reshape(-1)
-                prediction = prediction + sign * (sp.csr_matrix(DX[:, cols]) @ cp.vec(W, order="F"))
-                if not self.gated:
-                    constraints.append(cp.multiply(2 * D[:, blocks] - 1, X @ W) >= 0)
+            form = formulate(X, D, *self._blocks, 1, cones=not self.gated, per_column=True)
+            parameters, parts, prediction = [y], form.parts, form.predictions[0]
+            constraints, group_sum = form.constraints, form.group_sum
         residual = prediction - y if b is None else prediction + b - y
         objective = scale * cp.sum_squares(residual)
         if lam > 0:
-            norms = [cp.sum(cp.norm(W, 2, axis=0)) for W in (U, V) if W is not None]
-            objective = objective + 2.0 * lam * sum(norms)
+            objective = objective + 2.0 * lam * group_sum
         problem = cp.Problem(cp.Minimize(objective), constraints)
-        variables = [W for W in (U, V, b) if W is not None]
+        variables = [W for W, _, _ in parts] + ([b] if b is not None else [])
         return problem, parameters, variables
+
+    def _parametrised(self, y: cp.Parameter):
+        """``X`` and the patterns as parameters, with ``Z_w = X W`` so that every product is DPP."""
+        n, d = self.n, self.d
+        Xp = cp.Parameter((n, d))
+        Dp = cp.Parameter((n, self.P))
+        parts, constraints = [], []
+        prediction = 0
+        for blocks, sign in zip(self._blocks, (1.0, -1.0)):
+            if not blocks.size:
+                continue
+            W = cp.Variable((d, blocks.size))
+            parts.append((W, blocks, sign))
+            Zw = cp.Variable((n, blocks.size))
+            Db = Dp[:, blocks]
+            constraints.append(Zw == Xp @ W)
+            if not self.gated:
+                constraints.append(cp.multiply(2 * Db - 1, Zw) >= 0)
+            prediction = prediction + sign * cp.sum(cp.multiply(Db, Zw), axis=1)
+        return [Xp, Dp, y], parts, prediction, constraints
 
     def forward(self, Y: Tensor, X: Tensor | None = None, patterns: Tensor | None = None) -> tuple[Tensor, ...]:
         """Solve for each right-hand side.
@@ -198,16 +197,20 @@ def solve_layer(
     gated: bool = False,
     solver_args: dict | None = None,
     verbose: bool = False,
-    **unused,
 ) -> ConvexSolution:
     """Solve ``problem`` through :class:`FixedPatternLayer`, one batch item per output column.
 
-    For ``solve(problem, "cvxpylayers")``; options of other solvers (``tol``, ``time_limit``, …) are
-    accepted and ignored. The returned tensors are detached; use the layer itself for gradients.
+    What ``solve(problem, "cvxpylayers")`` runs. The returned tensors are detached; use the layer itself for
+    gradients.
+
+    Args:
+        problem: a scalar-output or one-vs-all problem (see :meth:`FixedPatternLayer.from_problem`).
+        gated: solve the gated relaxation.
+        solver_args: arguments for the diffcp backend (default ``{"solve_method": "Clarabel"}``).
+        verbose: print the backend's log.
     """
-    del unused, verbose
     start = time.perf_counter()
-    layer = FixedPatternLayer.from_problem(problem, gated=gated, solver_args=solver_args)
+    layer = FixedPatternLayer.from_problem(problem, gated=gated, solver_args=solver_args, verbose=verbose)
     with torch.no_grad():
         U, V, b0 = layer(problem.Y.T.contiguous())
     dtype, device = problem.X.dtype, problem.X.device
@@ -220,7 +223,7 @@ def solve_layer(
         U=U,
         V=V,
         b0=b0,
-        status="optimal",
+        status=Status.OPTIMAL,
         solver="cvxpylayers",
         solve_seconds=time.perf_counter() - start,
         violation=0.0 if gated else float(problem.violation(U, V)),

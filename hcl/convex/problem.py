@@ -1,6 +1,6 @@
 """The convex problem of a two-layer ReLU network for fixed activation patterns.
 
-Every constant follows the project's convex note: for patterns ``D_1 … D_P`` (columns of a boolean
+Every constant follows ``docs/convex.md``: for patterns ``D_1 … D_P`` (columns of a boolean
 ``n × P`` matrix), data ``X`` (first-layer bias already folded in as a column of ones), targets ``Y``
 (``n × c``) and weight decay ``λ``::
 
@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from hcl.checks import REDUCTIONS
+from hcl.convex.status import Status, relative_gap
+
 Reduction = Literal["sum", "mean"]
-REDUCTIONS = ("sum", "mean")
 
 
 def data_scale(reduction: str, n: int) -> float:
@@ -273,6 +276,18 @@ class ConvexProblem:
         return hidden_weight, output_weight, bias
 
 
+def as_targets(Y: Tensor, out_features: int, like: Tensor) -> Tensor:
+    """Targets as an ``(n, c)`` tensor of ``like``'s dtype and device.
+
+    Integer class labels of a network with ``out_features > 1`` outputs become one-hot rows; anything else is
+    reshaped to ``(n, -1)``.
+    """
+    if out_features > 1 and not Y.is_floating_point():
+        return F.one_hot(Y.long().reshape(-1), out_features).to(like)
+    Y = Y.detach().to(like)
+    return Y.reshape(Y.shape[0], -1)
+
+
 def network_objective(
     X: Tensor,
     Y: Tensor,
@@ -282,7 +297,7 @@ def network_objective(
     weight_decay: float,
     reduction: str,
 ) -> Tensor:
-    """The non-convex objective ``L`` of the note, with ``X`` and ``hidden_weight`` already folded.
+    """The non-convex objective ``L`` (``docs/convex.md``), with ``X`` and ``hidden_weight`` already folded.
 
     ``L = s Σ_j ‖f(x_j) − y_j‖² + λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``; the output bias is not penalised.
     """
@@ -303,8 +318,8 @@ class ConvexSolution:
         value: the convex objective at ``(U, V, b0)`` (the optimum when ``status`` is ``"optimal"``; for
             ``c > 1`` a lower bound on every network with these patterns).
         U, V, b0: the solution, shapes ``(P, d, c)``, ``(P, d, c)``, ``(c,)``.
-        status: ``"optimal"``, ``"optimal_inaccurate"``, ``"max_iterations"``, ``"time_limit"`` or the
-            solver's failure status.
+        status: a :class:`~hcl.convex.status.Status` (a ``str``): ``"optimal"``, ``"optimal_inaccurate"``,
+            ``"max_iterations"``, ``"time_limit"`` or ``"failed"``.
         solver: the solver's name.
         solve_seconds: wall time of the solve.
         iterations: iterations used, where the solver counts them.
@@ -329,11 +344,21 @@ class ConvexSolution:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("optimal", "optimal_inaccurate") and math.isfinite(self.value)
+        """A usable point: the status is optimal (or optimal to a looser tolerance) and the value is finite."""
+        return Status.of(self.status).solved and math.isfinite(self.value)
+
+    def active_blocks(self, rtol: float = 1e-6) -> int:
+        """How many ``U_i`` and ``V_i`` are nonzero (norm above ``rtol`` times the largest).
+
+        For a scalar output, the number of neurons of the mapped network (:meth:`ConvexProblem.to_network`).
+        """
+        norms = torch.cat([self.U.flatten(1).norm(dim=1), self.V.flatten(1).norm(dim=1)])
+        scale = max(float(norms.max()), 1e-30) if norms.numel() else 1.0
+        return int((norms > rtol * scale).sum())
 
     @property
     def relative_gap(self) -> float | None:
         """``(value − dual_value) / max(1, |value|)`` when a dual value is known."""
         if self.dual_value is None:
             return None
-        return (self.value - self.dual_value) / max(1.0, abs(self.value))
+        return relative_gap(self.value, self.dual_value)

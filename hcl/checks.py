@@ -1,0 +1,77 @@
+"""Argument checks shared by the engine and the adapters: each returns the clean value or raises a clear error."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("sum", "mean")
+
+
+def is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_every_n_steps(every_n_steps: int) -> int:
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+    return every_n_steps
+
+
+def check_probe(probe: Tensor | None, name: str = "probe") -> Tensor | None:
+    """Validate a user-given probe tensor early (in ``__init__``)."""
+    if probe is None:
+        return None
+    if not isinstance(probe, Tensor):
+        try:
+            probe = torch.as_tensor(probe)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor (or convertible to one), got {type(probe).__name__}") from err
+    if probe.ndim == 0:
+        raise ValueError(f"{name} must have a leading sample dimension, got a 0-dimensional tensor")
+    if probe.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    if probe.is_complex() or probe.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers, got {probe.dtype}")
+    if probe.is_floating_point() and not torch.isfinite(probe).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return probe
+
+
+def check_probe_and_target(probe: Tensor | None, target: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Validate a ``probe``/``target`` pair early: each as :func:`check_probe`, both or neither, same length."""
+    probe, target = check_probe(probe), check_probe(target, "target")
+    if (probe is None) != (target is None):
+        raise ValueError("probe and target go together: pass both or neither")
+    if probe is not None and probe.shape[0] != target.shape[0]:
+        raise ValueError(f"probe has {probe.shape[0]} samples but target {target.shape[0]}")
+    return probe, target
+
+
+def check_prefix(prefix: str) -> str:
+    """A tag prefix: a non-empty name without ``/``."""
+    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+        raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
+    return prefix
+
+
+def check_weight_decay(value: Any, name: str = "weight_decay (λ)") -> float:
+    """``λ``: a real number, finite and ``≥ 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
+    return float(value)
+
+
+
+def check_reduction(value: Any, name: str = "reduction") -> str:
+    """A data-term reduction: ``"sum"`` or ``"mean"``."""
+    if value not in REDUCTIONS:
+        raise ValueError(f"{name} must be one of {REDUCTIONS}, got {value!r}")
+    return value

@@ -1,0 +1,143 @@
+"""The native solver's certificate and its one stopping rule.
+
+With residual ``r = prediction − Y`` (centred per output when there is an output bias), ``ν = 2 s r`` and cone
+multipliers ``μ ≥ 0``, every ``t ≥ 0`` with ``t ‖g_k‖ ≤ 2λ`` for all groups ``k``, where
+``g = ±Xᵀ D_i ν − Xᵀ (2D_i − I) μ`` (per side), gives
+
+    p* ≥ −t ⟨ν, Y⟩ − t² ‖ν‖² / (4s),
+
+maximised over ``t`` in closed form (:func:`hcl.convex.certificate.best_scaled_bound`). The derivation is in
+``docs/solvers.md#the-certificate-derivation``. Both methods stop when the relative gap between the objective and
+this bound is within ``tol`` and the cone violation within ``constraint_tol`` (:func:`converged`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from hcl.convex.certificate import best_scaled_bound
+from hcl.convex.native.operator import Operator
+from hcl.convex.native.options import NativeOptions
+from hcl.convex.native.warm_start import Multipliers
+from hcl.convex.problem import ConvexProblem
+from hcl.convex.status import relative_gap
+
+# The gap's denominator is at least this fraction of the data's own scale s‖Y − Ȳ‖², so that a zero optimum (the
+# data interpolated) can be certified; see docs/solvers.md#tuned-constants
+GAP_FLOOR = 1e-6
+
+
+class Convergence(NamedTuple):
+    """The stopping rule's verdict at a point.
+
+    Attributes:
+        met: the relative gap is within ``tol`` and the violation within ``constraint_tol``.
+        gap: the relative duality gap, with the data-scale floor.
+        violation: the largest cone violation, relative to ``max |Y|``.
+    """
+
+    met: bool
+    gap: float
+    violation: float
+
+
+def dual_certificate(
+    problem: ConvexProblem,
+    U: Tensor,
+    V: Tensor,
+    b0: Tensor | None = None,
+    multipliers: Tensor | Multipliers | None = None,
+    *,
+    gated: bool = False,
+) -> float:
+    """A certified lower bound on the problem's optimum (or on ``g*`` when ``gated``) from a point.
+
+    ``ν = 2s r`` from the point's residual (centred with an output bias), ``μ`` the given cone multipliers
+    (dense ``(n, 2, P, c)``, sparse, or ``None`` for zero), scaled by the best feasible ``t`` — see the
+    module docstring. Computed in float64. Any point and any ``μ ≥ 0`` give a valid bound; a good pair
+    gives a tight one.
+    """
+    op = Operator(problem, gated=gated, dtype=torch.float64)
+    W = op.pack(U, V)
+    mu = None
+    if multipliers is not None:
+        cone = multipliers.cone if isinstance(multipliers, Multipliers) else multipliers
+        mu = op.normalise_multipliers(cone.to_dense() if cone.is_sparse else cone)
+    b = None if b0 is None else b0.to(torch.float64)
+    return certificate(op, op.forward(W), mu, b0=b)[0]
+
+
+def certificate(
+    op: Operator, Z: Tensor, mu: Tensor | None, b0: Tensor | None = None, known: tuple[Tensor, Tensor] | None = None
+) -> tuple[float, float]:
+    """``(dual_value, max_k ‖g_k‖)``: the certified bound in the problem's units and the worst group.
+
+    Args:
+        op: the problem.
+        Z: ``(n, 2, P, c)`` block outputs of the point.
+        mu: ``(n, 2, P, c)`` cone multipliers in normalised units, or ``None`` for zero.
+        b0: the point's output bias in the problem's units (default: the optimal one, which centres ``r``).
+        known: float64 ``(r, g)`` the caller has already computed at ``Z`` and ``mu`` — the residual (centred
+            with an output bias) and ``g = Mᵀν − Aᵀμ`` — to save their products.
+    """
+    Y = op.Y.to(torch.float64)
+    if known is not None:
+        r, g = known
+        return dual_value(op, 2.0 * r, Y, g)
+    X64 = op.X.to(torch.float64)
+    pred = torch.einsum("np,npc->nc", op.Dm.to(torch.float64), (Z[:, 0] - Z[:, 1]).to(torch.float64))
+    r = pred - Y
+    if op.bias:
+        if b0 is None:
+            r = r - r.mean(0)
+        else:
+            r = r + b0.to(torch.float64).to(r.device).reshape(1, -1) / op.y_unit
+            # ν must sum to zero per output: centre (a valid choice for any b₀)
+            r = r - r.mean(0)
+    nu = 2.0 * r
+    Dm = op.Dm.to(torch.float64)
+    G = (X64.T @ (Dm[:, :, None] * nu[:, None, :]).reshape(op.n, -1)).reshape(op.d, op.P, op.c)
+    g = torch.stack([G, -G], dim=1)
+    if mu is not None:
+        S = op.S.to(torch.float64)
+        g = g - (X64.T @ (S * mu.to(torch.float64)).reshape(op.n, -1)).reshape(op.d, 2, op.P, op.c)
+    return dual_value(op, nu, Y, g * op.wmask.to(torch.float64))
+
+
+def dual_value(op: Operator, nu: Tensor, Y: Tensor, g: Tensor) -> tuple[float, float]:
+    """The bound from ``ν`` and the (masked) ``g`` in normalised units, maximised over the scaling ``t``, and the
+    worst group norm of ``g``."""
+    if op.per_column:
+        worst = float(g.square().sum(0).sqrt().amax())
+    else:
+        worst = float(g.square().sum((0, 1, 3)).sqrt().amax())
+    t_max = math.inf if worst == 0.0 else 2.0 * op.lam / worst
+    value, _ = best_scaled_bound(float((nu * Y).sum()), float(nu.square().sum()) / 4.0, t_max)
+    return value * op.problem.scale * op.y_unit * op.y_unit, worst
+
+
+def converged(
+    op: Operator,
+    W: Tensor,
+    Z: Tensor,
+    mu: Tensor | None,
+    options: NativeOptions,
+    known: tuple[Tensor, Tensor] | None = None,
+) -> Convergence:
+    """The stopping rule at the point ``W`` (``Z = X W``, normalised units), shared by both methods.
+
+    The relative gap is :func:`hcl.convex.status.relative_gap` between the objective and :func:`certificate`'s bound,
+    with the floor ``GAP_FLOOR · s‖Y − Ȳ‖²``; ``known`` as in :func:`certificate`.
+    """
+    scale = op.problem.scale * op.y_unit * op.y_unit
+    r = op.residual(Z)[0] if known is None else known[0]
+    value = float(r.to(torch.float64).square().sum() + op.penalty_value(W.to(torch.float64))) * scale
+    dual = certificate(op, Z, mu, known=known)[0]
+    floor = GAP_FLOOR * scale * float(op.center(op.Y).to(torch.float64).square().sum())
+    gap = relative_gap(value, dual, floor)
+    violation = op.violation(Z)
+    return Convergence(gap <= options.tol and violation <= options.constraint_tol, gap, violation)

@@ -1,0 +1,201 @@
+"""The convex problem in the native solver's layout and normalised units, and its products.
+
+Variables are stored as ``W`` of shape ``(d, 2, P, c)`` (side 0 is ``U``, side 1 is ``V``), so that
+``X @ W.reshape(d, -1)`` gives all block outputs ``Z`` of shape ``(n, 2, P, c)`` in one product. Cone multipliers
+``μ`` have ``Z``'s shape. The operator holds no solver state: the methods keep their buffers in a
+:class:`~hcl.convex.native.workspace.Workspace` and their precision in their own objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hcl.convex.problem import ConvexProblem
+from hcl.convex.status import Status
+
+
+@dataclass
+class Result:
+    """What a method returns, in the operator's layout and normalised units.
+
+    Attributes:
+        W: ``(d, 2, P, c)`` the point reached.
+        mu: ``(n, 2, P, c)`` cone multipliers, or ``None`` (gated relaxation, no cones).
+        iterations: iterations done.
+        status: how the method stopped.
+        penalty: the augmented-Lagrangian penalty reached, in the problem's units (first-order method only).
+    """
+
+    W: Tensor
+    mu: Tensor | None
+    iterations: int
+    status: Status
+    penalty: float | None = None
+
+
+class Operator:
+    """The problem in the solver's layout and normalised units (``s = 1``, ``max|Y| = 1``).
+
+    With ``a = max|Y|`` the objective ``s‖MW − Y‖² + 2λΣ‖W_g‖`` equals ``s a² (‖MW' − Y'‖² + 2λ'Σ‖W'_g‖)``
+    for ``W = a W'``, ``Y = a Y'`` and ``λ' = λ / (s a)``; ``M`` maps ``W`` to the prediction
+    ``Σ_i D_i X (U_i − V_i)`` and ``A`` to the cone constraints ``(2D_i − I) X W``.
+
+    Args:
+        problem: the convex problem.
+        gated: the gated relaxation (free ``z_i = U_i``, ``V = 0``, no cone constraints).
+        dtype: the working precision.
+    """
+
+    def __init__(self, problem: ConvexProblem, *, gated: bool, dtype: torch.dtype) -> None:
+        self.problem = problem
+        self.gated = gated
+        self.dtype = dtype
+        self.device = problem.X.device
+        self.X = problem.X.to(dtype)
+        Y = problem.Y.to(dtype)
+        self.n, self.d = self.X.shape
+        self.P, self.c = problem.num_patterns, problem.c
+        self.bias = problem.output_bias
+        self.y_scale = float(Y.abs().max()) if Y.numel() else 0.0
+        self.Y = Y / self.y_unit
+        self.lam = problem.weight_decay / (problem.scale * self.y_unit)
+        self.Dm = problem.patterns.to(dtype)  # (n, P)
+        # [D, −D] as (n, 1, 2P): the prediction Σ_i D_i (X U_i − X V_i) as one batched product with the block outputs
+        self.signed_patterns = torch.cat([self.Dm, -self.Dm], dim=1)[:, None, :]
+        self.S = (2.0 * self.Dm - 1.0)[:, None, :, None]  # (n, 1, P, 1)
+        if gated:
+            allowed = torch.zeros(2, self.P, dtype=torch.bool, device=self.device)
+            allowed[0] = True
+        else:
+            allowed = torch.stack([problem.allows_u(), problem.allows_v()])
+        self.allowed = allowed.to(self.device)
+        self.restricted = not bool(self.allowed.all())  # some blocks are fixed at zero
+        self.wmask = self.allowed[None, :, :, None].to(dtype)  # (1, 2, P, 1) on W
+        self.cmask = self.wmask if not gated else torch.zeros_like(self.wmask)  # constrained blocks
+        self.signed_cmask = self.S * self.cmask  # (n, 2, P, 1): the cones' signs on the constrained blocks
+        # groups: one per (side, pattern, output) column, or one per pattern (shared-layer bound)
+        self.per_column = self.c == 1 or problem.one_vs_all
+        self.num_constraints = int(self.cmask.sum()) * self.n * self.c
+        self.num_groups = int(self.allowed.sum()) * (self.c if self.per_column else 1)
+        # a tiny multiple of the data term's curvature scale (2‖X‖_F², normalised units)
+        self.regularization = 2e-12 * float(self.X.square().sum())
+
+    @property
+    def y_unit(self) -> float:
+        """The unit of the normalised variables: ``max |Y|``, or 1 when ``Y = 0``."""
+        return self.y_scale if self.y_scale > 0 else 1.0
+
+    @property
+    def constrained(self) -> bool:
+        """Whether any cone constraint is left (not in the gated relaxation, nor with every block removed)."""
+        return self.num_constraints > 0
+
+    # ---- layout and units
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.d, 2, self.P, self.c, dtype=self.dtype, device=self.device)
+
+    def pack(self, U: Tensor, V: Tensor) -> Tensor:
+        """``(P, d, c)`` pair → ``(d, 2, P, c)`` in normalised units."""
+        W = torch.stack([U, V]).to(device=self.device, dtype=self.dtype).permute(2, 0, 1, 3) / self.y_unit
+        if self.gated:
+            W = torch.stack([W[:, 0] - W[:, 1], torch.zeros_like(W[:, 1])], dim=1)
+        return W * self.wmask
+
+    def unpack(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        """``(d, 2, P, c)`` in normalised units → ``(U, V)`` of shape ``(P, d, c)`` in the problem's units and dtype."""
+        W = (W * self.wmask * self.y_unit).to(self.problem.X.dtype)
+        return W[:, 0].permute(1, 0, 2).contiguous(), W[:, 1].permute(1, 0, 2).contiguous()
+
+    def normalise_multipliers(self, cone: Tensor) -> Tensor:
+        """Dense cone multipliers in the problem's units → normalised units (``μ`` is in units of ``ν = 2 s r``),
+        clamped at 0 and zero off the constrained blocks."""
+        mu = cone.to(device=self.device, dtype=self.dtype).clamp(min=0) * self.cmask
+        return mu / (self.problem.scale * self.y_unit)
+
+    def multipliers_in_data_units(self, mu: Tensor) -> Tensor:
+        """The inverse of :meth:`normalise_multipliers`, in the problem's dtype."""
+        return (mu * self.cmask * self.problem.scale * self.y_unit).to(self.problem.X.dtype)
+
+    # ---- products
+    def forward(self, W: Tensor) -> Tensor:
+        """``Z = X W`` block outputs, shape ``(n, 2, P, c)``."""
+        return (self.X @ W.reshape(self.d, -1)).reshape(self.n, 2, self.P, self.c)
+
+    def predict(self, Z: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``Σ_i D_i X (U_i − V_i)``, shape ``(n, c)`` (or the rows ``rows`` of it, given their ``Z``)."""
+        k = Z.shape[0]
+        return torch.bmm(self.signed_patterns[rows], Z.reshape(k, 2 * self.P, self.c)).reshape(k, self.c)
+
+    def predict_difference(self, W_diff: Tensor) -> Tensor:
+        """``Σ_i D_i X (U_i − V_i)`` from ``U − V`` of shape ``(d, P, c)``: one product half the width of
+        :meth:`forward`'s."""
+        Z = (self.X @ W_diff.reshape(self.d, -1)).reshape(self.n, self.P, self.c)
+        return (Z.mul_(self.Dm[:, :, None])).sum(1)
+
+    def residual(self, Z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``r = prediction + b₀ − Y`` with the optimal output bias (``r`` centred) when there is one."""
+        r = self.predict(Z) - self.Y
+        if not self.bias:
+            return r, None
+        mean = r.mean(0)
+        return r - mean, -mean
+
+    def center(self, r: Tensor) -> Tensor:
+        """``Π r``: ``r`` centred per output when there is an output bias, else ``r``."""
+        return r - r.mean(0) if self.bias else r
+
+    def adjoint_data(self, r: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``Mᵀ r``: block ``(side, i, o)`` gets ``± Xᵀ D_i r_o``; shape ``(d, 2, P, c)`` (``r`` on ``rows``)."""
+        X, Dm = self.X[rows], self.Dm[rows]
+        G = (X.T @ (Dm[:, :, None] * r[:, None, :]).reshape(X.shape[0], -1)).reshape(self.d, self.P, self.c)
+        return torch.stack([G, -G], dim=1) * self.wmask
+
+    def adjoint(self, r: Tensor, cone: Tensor, rows: slice = slice(None), overwrite: bool = False) -> Tensor:
+        """``Mᵀ r − Aᵀ cone`` (:meth:`adjoint_data` minus :meth:`adjoint_constraint`) in one product with ``Xᵀ``;
+        ``overwrite``: ``cone`` may serve as the workspace."""
+        X, Dm = self.X[rows], self.Dm[rows]
+        weighted = cone.mul_(self.signed_cmask[rows]) if overwrite else self.signed_cmask[rows] * cone
+        spread = Dm[:, :, None] * r[:, None, :]  # (rows, P, c)
+        weighted[:, 0] -= spread
+        weighted[:, 1] += spread
+        out = (X.T @ weighted.reshape(X.shape[0], -1)).reshape(self.d, 2, self.P, self.c)
+        return out.neg_() * self.wmask
+
+    def constraint(self, Z: Tensor) -> Tensor:
+        """``A W = (2D_i − I) X W`` on the constrained blocks, zero on the others."""
+        return self.signed_cmask * Z
+
+    def adjoint_constraint(self, Y: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``Aᵀ Y``, shape ``(d, 2, P, c)`` (``Y`` on ``rows``)."""
+        X = self.X[rows]
+        return (X.T @ (self.signed_cmask[rows] * Y).reshape(X.shape[0], -1)).reshape(self.d, 2, self.P, self.c)
+
+    def violation(self, Z: Tensor) -> float:
+        """The largest cone violation at block outputs ``Z`` (normalised units; 0 in the gated relaxation)."""
+        return 0.0 if self.gated else float(torch.relu(-self.constraint(Z)).amax())
+
+    # ---- groups
+    def group_norms(self, W: Tensor) -> Tensor:
+        """Per-group norms: ``(2, P, c)`` column groups or ``(P,)`` pattern groups."""
+        if self.per_column:
+            return W.square().sum(0).sqrt()
+        return W.square().sum((0, 1, 3)).sqrt()
+
+    def expand(self, g: Tensor) -> Tensor:
+        """A per-group quantity broadcast to ``W``'s shape."""
+        return g[None] if self.per_column else g[None, None, :, None]
+
+    def penalty_value(self, W: Tensor) -> Tensor:
+        """``2λ Σ_g ‖W_g‖`` over the groups of the blocks that exist."""
+        norms = self.group_norms(W)
+        if self.per_column:
+            norms = norms * self.allowed[:, :, None]
+        return 2.0 * self.lam * norms.sum()
+
+    def group_soft_threshold(self, W: Tensor, threshold: float) -> Tensor:
+        """The proximal map of ``threshold · Σ_g ‖W_g‖``."""
+        norms = self.expand(self.group_norms(W))
+        return W * torch.clamp(1.0 - threshold / norms.clamp(min=1e-300), min=0.0)

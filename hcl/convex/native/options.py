@@ -1,0 +1,118 @@
+"""The native solver's options (one frozen dataclass, validated in one place) and its tuned constants.
+
+The constants' reasons and measurements are in ``docs/solvers.md#tuned-constants``. The modules that use a constant
+import it by name: a test that changes one patches it there (e.g. ``hcl.convex.native.newton.FLOAT32_CG_ITERS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hcl.convex.problem import ConvexProblem
+
+METHODS = ("auto", "newton", "fista")
+
+# Iteration caps when ``max_iters`` is not given: the interior point took 12–68 iterations on the benchmark's
+# instances, the first-order method takes thousands; see docs/solvers.md#tuned-constants
+DEFAULT_MAX_ITERS = {"newton": 100, "fista": 20000}
+
+# "auto" takes the interior point while its n × n matrices stay small; see docs/solvers.md#tuned-constants
+NEWTON_MAX_SAMPLES = 6000
+# n² P d c from which the Schur matrices are built in float32 (cheaper than the CG steps it costs only from there on);
+# see docs/solvers.md#tuned-constants
+FLOAT32_SCHUR_ABOVE = 1_000_000_000
+# CG iterations a float32-built preconditioner gets before it is rebuilt in float64; see docs/solvers.md#tuned-constants
+FLOAT32_CG_ITERS = 20
+# d/n from which the (d, d) blocks follow the Schur matrices into float32 (building them then dominates);
+# see docs/solvers.md#tuned-constants
+FLOAT32_BLOCKS_FROM_D_OVER_N = 0.5
+# Largest size of the rows x_j x_jᵀ kept between Newton systems (beyond: products block by block);
+# see docs/solvers.md#tuned-constants
+OUTER_PRODUCTS_MAX_BYTES = 1 << 28
+# CG stopping residual: with column groups the preconditioner is the matrix up to rounding, with pattern groups it
+# lacks the norms' rank-one terms and the interior point stalls at the looser one; see docs/solvers.md#tuned-constants
+CG_RTOL = 1e-6
+CG_RTOL_PATTERN_GROUPS = 1e-10
+# Rows per panel of the Schur matrices' lower triangle (n/4 within these bounds): finer panels skip more of the upper
+# triangle but make smaller products; see docs/solvers.md#tuned-constants
+SCHUR_PANEL_ROWS_MIN = 96
+SCHUR_PANEL_ROWS_MAX = 256
+# Warm starts with multipliers: slacks floored at WARM_SLACK_FLOOR and no slack-multiplier product below
+# WARM_CENTRALITY (normalised units), so that the first steps are not stopped by tiny multipliers;
+# see docs/solvers.md#tuned-constants
+WARM_SLACK_FLOOR = 1e-3
+WARM_CENTRALITY = 1e-5
+
+
+@dataclass(frozen=True)
+class NativeOptions:
+    """The options of :func:`~hcl.convex.native.solve_native`, checked on construction.
+
+    Args:
+        method: ``"auto"``, ``"newton"`` or ``"fista"``; ``"auto"`` takes ``"newton"`` when
+            ``n ≤ NEWTON_MAX_SAMPLES``.
+        tol: target relative duality gap ``(value − dual_value) / max(|value|, 1e-6 s‖Y − Ȳ‖²)``.
+        constraint_tol: target constraint violation, relative to ``max |Y|``.
+        max_iters: iteration cap (default ``DEFAULT_MAX_ITERS``: 100 for ``"newton"``, 20000 for ``"fista"``).
+        time_limit: wall-clock limit in seconds.
+        penalty: the augmented-Lagrangian penalty ``δ`` of ``"fista"`` (default: chosen from the data's curvature;
+            it still doubles when the violation stalls).
+        dtype: working precision; default float64 for ``"newton"`` (the barrier's systems need it) and the
+            problem's dtype (float32 when it is float32) for ``"fista"``.
+        chunk_size: samples per chunk in the first-order products / patterns (or blocks) per chunk when building
+            the interior-point matrices (default: all at once up to ~2²⁴ elements per temporary).
+        verbose: print one line per iteration (newton) or per multiplier update (fista).
+
+    Raises:
+        ValueError: a value out of its range (the message names the option).
+    """
+
+    method: str = "auto"
+    tol: float = 1e-6
+    constraint_tol: float = 1e-6
+    max_iters: int | None = None
+    time_limit: float | None = None
+    penalty: float | None = None
+    dtype: torch.dtype | None = None
+    chunk_size: int | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("tol", "constraint_tol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.max_iters is not None and (not isinstance(self.max_iters, int) or self.max_iters < 1):
+            raise ValueError(f"max_iters must be a positive integer, got {self.max_iters!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit!r}")
+        if self.penalty is not None and not (self.penalty > 0 and math.isfinite(self.penalty)):
+            raise ValueError(f"penalty must be a finite number > 0, got {self.penalty!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in declaration order."""
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    def resolved(self, problem: ConvexProblem) -> NativeOptions:
+        """These options with ``method`` and ``max_iters`` chosen for ``problem`` where left open."""
+        method = self.method
+        if method == "auto":
+            method = "newton" if problem.n <= NEWTON_MAX_SAMPLES else "fista"
+        return dataclasses.replace(self, method=method, max_iters=self.max_iters or DEFAULT_MAX_ITERS[method])
+
+    def working_dtype(self, problem: ConvexProblem) -> torch.dtype:
+        """``dtype``, or the method's default for ``problem`` (float64 for ``"newton"``, the data's for ``"fista"``)."""
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float64 if self.resolved(problem).method == "newton" else problem.X.dtype

@@ -1,0 +1,101 @@
+"""The native solver's entry point: :func:`solve_native`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hcl.convex.native.certificate import certificate
+from hcl.convex.native.first_order import first_order
+from hcl.convex.native.interior_point import interior_point
+from hcl.convex.native.operator import Operator, Result
+from hcl.convex.native.options import NativeOptions
+from hcl.convex.native.warm_start import Multipliers, warm_point
+from hcl.convex.problem import ConvexProblem, ConvexSolution
+from hcl.convex.status import Status
+
+_METHODS = {"newton": interior_point, "fista": first_order}
+
+
+def solve_native(
+    problem: ConvexProblem,
+    *,
+    gated: bool = False,
+    warm_start: ConvexSolution | tuple | None = None,
+    **options,
+) -> ConvexSolution:
+    """Solve ``problem`` (or its gated relaxation) with hcl's native solver.
+
+    Args:
+        problem: the convex problem; the solve runs on its tensors' device.
+        gated: solve the gated relaxation (free ``z_i = U_i``, ``V = 0``, no cone constraints).
+        warm_start: a :class:`ConvexSolution` or a ``(U, V, b0[, multipliers])`` tuple with this problem's
+            number of patterns (see :func:`~hcl.convex.native.remap_warm_start` when the patterns changed).
+        **options: the fields of :class:`~hcl.convex.native.NativeOptions` — ``method="auto"``, ``tol=1e-6``,
+            ``constraint_tol=1e-6``, ``max_iters=None``, ``time_limit=None``, ``penalty=None``, ``dtype=None``,
+            ``chunk_size=None``, ``verbose=False``.
+
+    Returns:
+        A :class:`ConvexSolution`: ``U, V, b0`` in the problem's dtype, ``value`` recomputed by
+        ``problem.objective``, ``dual_value`` the certified lower bound, ``violation`` the largest cone
+        violation (absolute, data units), ``iterations``, ``multipliers`` (a :class:`Multipliers`, for warm
+        starts) and ``status`` ``OPTIMAL`` when the certificate is met, ``OPTIMAL_INACCURATE`` when the
+        method converged but the certificate could not be closed (e.g. ``λ = 0``, where the only
+        certifiable bound is 0), ``MAX_ITERATIONS`` or ``TIME_LIMIT`` otherwise.
+
+    Raises:
+        TypeError: ``problem`` is not a :class:`ConvexProblem`, or an unknown option.
+        ValueError: bad options or a warm start of the wrong shape.
+    """
+    unknown = [name for name in options if name not in NativeOptions.names()]
+    if unknown:
+        raise TypeError(f"solve_native() got an unexpected keyword argument {unknown[0]!r}")
+    if not isinstance(problem, ConvexProblem):
+        raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
+    chosen = NativeOptions(**options)
+    dtype = chosen.working_dtype(problem)
+    chosen = chosen.resolved(problem)
+    start = time.perf_counter()
+    deadline = None if chosen.time_limit is None else start + float(chosen.time_limit)
+
+    op = Operator(problem, gated=gated, dtype=dtype)
+    warm = None if warm_start is None else warm_point(op, warm_start)
+    if op.y_scale == 0.0:  # Y = 0: the zero point is optimal, with a zero certificate
+        result = Result(op.zeros(), None, 0, Status.OPTIMAL)
+    else:
+        result = _METHODS[chosen.method](op, chosen, warm, deadline)
+    return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method)
+
+
+def _solution(op: Operator, result: Result, seconds: float, name: str) -> ConvexSolution:
+    """The method's result in the problem's units, with its value recomputed and its certificate."""
+    problem = op.problem
+    U, V = op.unpack(result.W)
+    Z = op.forward(result.W)
+    _, b0 = op.residual(Z)
+    b0 = (
+        torch.zeros(op.c, dtype=problem.X.dtype, device=op.device)
+        if b0 is None
+        else (b0 * op.y_unit).to(problem.X.dtype)
+    )
+    value = float(problem.objective(U, V, b0))
+    dual = certificate(op, Z, result.mu, b0=b0)[0]
+    violation = 0.0 if op.gated else float(problem.violation(U, V))
+    multipliers = None
+    if result.mu is not None:
+        multipliers = Multipliers(op.multipliers_in_data_units(result.mu).to_sparse(), result.penalty)
+    return ConvexSolution(
+        value=value,
+        U=U,
+        V=V,
+        b0=b0,
+        status=result.status,
+        solver=name,
+        solve_seconds=seconds,
+        iterations=result.iterations,
+        dual_value=dual,
+        violation=violation,
+        gated=op.gated,
+        multipliers=multipliers,
+    )

@@ -1,0 +1,244 @@
+"""The solvers of the convex problem, registered by name, and the one entry point :func:`solve`.
+
+Each solver is a small object with a ``name``, the keyword ``options`` it accepts and a ``solve`` method, modelled
+on cvxpy's solver interfaces. Registered here:
+
+* ``"native"``: hcl's own torch solver (:func:`hcl.convex.native.solve_native`), on the data's device;
+* ``"cvxpylayers"``: the problem as a differentiable ``CvxpyLayer`` (:func:`hcl.convex.layers.solve_layer`);
+* each installed cvxpy conic solver — ``"clarabel"``, ``"ecos"``, ``"scs"``, ``"mosek"`` —
+  (:func:`hcl.convex.cvxpy_solver.solve_cvxpy`);
+* ``"auto"``: :func:`choose_solver`, i.e. Clarabel where it is faster (small problems) and the native solver
+  otherwise (``docs/solvers.md`` has the measurements).
+
+Every solver accepts ``gated``, ``warm_start``, ``time_limit`` and ``verbose``; a solver that cannot use a warm
+start or a time limit ignores it, as cvxpy's solvers ignore ``warm_start``. An option a named solver does not
+accept is a ``TypeError``; ``"auto"`` passes on only the options of the solver it chose.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy, solver_settings
+from hcl.convex.native import NativeOptions, solve_native
+from hcl.convex.problem import ConvexProblem, ConvexSolution
+
+# "auto" with λ > 0: Clarabel up to this n·d·P·c, where the two solvers' times cross, the native solver above;
+# see docs/solvers.md#auto-the-switch-points-measured
+AUTO_NATIVE_ABOVE = 5_000
+# "auto" with λ = 0, where the native solver certifies no bound above 0: Clarabel keeps the small experiments;
+# see docs/solvers.md#auto-the-switch-points-measured
+AUTO_NATIVE_ABOVE_UNREGULARIZED = 25_000
+# Native CPU solves below this n·d·P·c run on one torch thread: per-operation overhead dominates, threads add to it;
+# see docs/solvers.md#auto-the-switch-points-measured
+SINGLE_THREAD_BELOW = 1_000_000
+
+#: The options every solver accepts (a solver that cannot use a warm start or a time limit ignores it).
+COMMON_OPTIONS = frozenset({"gated", "warm_start", "time_limit", "verbose"})
+
+
+class Solver(abc.ABC):
+    """A solver of :class:`ConvexProblem`, registered under :attr:`name`.
+
+    Subclasses set :attr:`name` and :attr:`options` (the keyword options :meth:`solve` accepts) and implement
+    :meth:`solve`.
+    """
+
+    name: str = ""
+    options: frozenset[str] = COMMON_OPTIONS
+
+    @abc.abstractmethod
+    def solve(self, problem: ConvexProblem, **options: Any) -> ConvexSolution:
+        """Solve ``problem``; ``options`` are among :attr:`options` (:func:`solve` checks them first)."""
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise ``TypeError`` naming the first option this solver does not accept."""
+        unknown = sorted(set(options) - self.options)
+        if unknown:
+            listed = sorted(self.options) if len(self.options) <= 20 else f"get_solver({self.name!r}).options"
+            raise TypeError(f"solver {self.name!r} takes no option {unknown[0]!r}; its options: {listed}")
+
+    def accepted(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The subset of ``options`` this solver accepts."""
+        return {key: value for key, value in options.items() if key in self.options}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class NativeSolver(Solver):
+    """hcl's own solver (:func:`~hcl.convex.native.solve_native`): the fields of its ``NativeOptions``."""
+
+    name = "native"
+    options = COMMON_OPTIONS | set(NativeOptions.names())
+
+    def solve(self, problem: ConvexProblem, **options: Any) -> ConvexSolution:
+        with self.cpu_threads(problem):
+            return solve_native(problem, **options)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def cpu_threads(problem: ConvexProblem) -> Iterator[None]:
+        """One torch thread for CPU problems below ``SINGLE_THREAD_BELOW``, restored afterwards."""
+        if problem.X.device.type != "cpu" or problem_size(problem) >= SINGLE_THREAD_BELOW:
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+
+class LayerSolver(Solver):
+    """The differentiable layer (:func:`~hcl.convex.layers.solve_layer`); it starts cold and has no time limit."""
+
+    name = "cvxpylayers"
+    options = COMMON_OPTIONS | {"solver_args"}
+
+    def solve(self, problem: ConvexProblem, *, warm_start: Any = None, time_limit: float | None = None,
+              **options: Any) -> ConvexSolution:
+        from hcl.convex.layers import solve_layer  # cvxpylayers is imported only when asked for
+
+        return solve_layer(problem, **options)
+
+
+class ConicSolver(Solver):
+    """An installed cvxpy conic solver (:func:`~hcl.convex.cvxpy_solver.solve_cvxpy`), which starts cold.
+
+    Its options are the common ones and the solver's own settings (:func:`~hcl.convex.cvxpy_solver.solver_settings`,
+    e.g. ``tol_gap_rel`` for Clarabel), which go to cvxpy.
+    """
+
+    def __init__(self, cvxpy_name: str) -> None:
+        self.cvxpy_name = cvxpy_name.upper()
+        self.name = cvxpy_name.lower()
+        self.options = COMMON_OPTIONS | solver_settings(self.cvxpy_name)
+
+    def solve(self, problem: ConvexProblem, *, warm_start: Any = None, **options: Any) -> ConvexSolution:
+        return solve_cvxpy(problem, self.cvxpy_name, **options)
+
+
+class AutoSolver(Solver):
+    """``"auto"``: the solver :func:`choose_solver` picks, given only the options that solver accepts.
+
+    So one set of options can carry a warm start and native tolerances whatever the choice: Clarabel ignores what it
+    does not take. An option that neither candidate accepts is still a ``TypeError``. When the chosen conic solver
+    fails (:class:`ConvexSolveError`), the native solver solves instead, with a warning.
+    """
+
+    name = "auto"
+
+    @property
+    def options(self) -> frozenset[str]:  # type: ignore[override]
+        candidates = [get_solver("native")]
+        if "CLARABEL" in installed_solvers():
+            candidates.append(get_solver("clarabel"))
+        return frozenset().union(*(solver.options for solver in candidates))
+
+    def solve(self, problem: ConvexProblem, **options: Any) -> ConvexSolution:
+        chosen = get_solver(choose_solver(problem))
+        if chosen.name == "native":
+            return chosen.solve(problem, **chosen.accepted(options))
+        try:
+            return chosen.solve(problem, **chosen.accepted(options))
+        except ConvexSolveError as error:
+            warnings.warn(f"{chosen.name} failed ({error}); solving with the native solver", stacklevel=3)
+            native = get_solver("native")
+            return native.solve(problem, **native.accepted(options))
+
+
+_REGISTRY: dict[str, Solver] = {}
+_REGISTRY_LOCK = threading.Lock()  # a worker thread may make the first solve while training validates a name
+
+
+def register_solver(solver: Solver) -> None:
+    """Make ``solver`` available to :func:`solve` under ``solver.name`` (case-insensitive)."""
+    if not isinstance(solver, Solver) or not solver.name:
+        raise TypeError(f"solver must be a named Solver, got {solver!r}")
+    registry = _registry()
+    with _REGISTRY_LOCK:
+        registry[solver.name.lower()] = solver
+
+
+def _registry() -> dict[str, Solver]:
+    # Filled on first use: finding the installed conic solvers solves a tiny problem with each.
+    with _REGISTRY_LOCK:
+        if not _REGISTRY:
+            solvers: dict[str, Solver] = {"auto": AutoSolver(), "native": NativeSolver(), "cvxpylayers": LayerSolver()}
+            for name in installed_solvers():
+                solvers.setdefault(name.lower(), ConicSolver(name))
+            _REGISTRY.update(solvers)
+    return _REGISTRY
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered as ``name`` (case-insensitive).
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: no solver has that name (the message lists :func:`available_solvers`).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"solver must be a string, got {type(name).__name__}")
+    solver = _registry().get(name.lower())
+    if solver is None:
+        raise ValueError(f"unknown solver {name!r}; available: {available_solvers()}")
+    return solver
+
+
+def available_solvers() -> list[str]:
+    """Solver names :func:`solve` accepts here: ``auto``, ``native``, ``cvxpylayers`` and the installed cvxpy ones."""
+    return list(_registry())
+
+
+def problem_size(problem: ConvexProblem) -> int:
+    """``n · d · P · c``, the size :func:`choose_solver` compares with its switch points."""
+    return problem.n * problem.d * problem.num_patterns * problem.c
+
+
+def choose_solver(problem: ConvexProblem) -> str:
+    """The solver ``"auto"`` uses for ``problem``: ``"clarabel"`` for small problems on the CPU, else ``"native"``.
+
+    Small means ``n·d·P·c`` up to ``AUTO_NATIVE_ABOVE`` (``AUTO_NATIVE_ABOVE_UNREGULARIZED`` when ``λ = 0``). Data on
+    an accelerator always goes to the native solver (no copy to the CPU and back).
+    """
+    if not isinstance(problem, ConvexProblem):
+        raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
+    switch = AUTO_NATIVE_ABOVE if problem.weight_decay > 0 else AUTO_NATIVE_ABOVE_UNREGULARIZED
+    small = problem_size(problem) <= switch
+    if small and problem.X.device.type == "cpu" and "CLARABEL" in installed_solvers():
+        return "clarabel"
+    return "native"
+
+
+def solve(problem: ConvexProblem, solver: str = "auto", **options: Any) -> ConvexSolution:
+    """Solve ``problem`` with the solver registered as ``solver``; ``options`` go to that solver.
+
+    Args:
+        problem: the convex problem.
+        solver: ``"auto"``, ``"native"``, ``"cvxpylayers"`` or an installed cvxpy solver name
+            (case-insensitive; see :func:`available_solvers`).
+        **options: the solver's options: ``gated``, ``warm_start``, ``time_limit`` and ``verbose`` for every
+            solver; ``tol``, ``method``, … for ``"native"``; ``solver_args`` for ``"cvxpylayers"``; a conic
+            solver's own settings. ``"auto"`` passes on only those of the solver it chose.
+
+    Raises:
+        TypeError: ``problem`` is not a :class:`ConvexProblem`, ``solver`` is not a string, or an option the solver
+            does not accept (the message names both).
+        ValueError: an unknown solver name (the message lists the available ones).
+        ConvexSolveError: a cvxpy solver failed (``"auto"`` then falls back to the native solver).
+    """
+    if not isinstance(problem, ConvexProblem):
+        raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
+    entry = get_solver(solver)
+    entry.check_options(options)
+    return entry.solve(problem, **options)

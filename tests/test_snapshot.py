@@ -1,0 +1,268 @@
+"""The solve of one snapshot (statuses, failures, the warm-start chain) and the solver registry."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hcl.convex import (
+    ConvexProblem,
+    ConvexSolution,
+    ConvexSolveError,
+    Status,
+    available_solvers,
+    choose_solver,
+    solve,
+)
+from hcl.convex.native import remap_warm_start
+from hcl.convex.snapshot import (
+    STATUS_CODES,
+    Snapshot,
+    SolveSpec,
+    WarmStartChain,
+    evaluate_snapshot,
+    solve_snapshot_job,
+    store_worker_data,
+)
+from hcl.convex.solvers import AUTO_NATIVE_ABOVE, SINGLE_THREAD_BELOW, NativeSolver, get_solver, problem_size
+
+
+def snapshot(step: int = 0, n: int = 30, d: int = 3, m: int = 6, seed: int = 0, scale: float = 1.0) -> Snapshot:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.sin(X.sum(dim=1, keepdim=True))
+    return Snapshot(
+        step=step, X=X, Y=Y,
+        hidden_weight=scale * torch.randn(m, d, generator=g, dtype=torch.float64),
+        hidden_bias=scale * torch.randn(m, generator=g, dtype=torch.float64),
+        output_weight=scale * torch.randn(1, m, generator=g, dtype=torch.float64),
+        output_bias=None, extra_patterns=None,
+    )
+
+
+def spec(solver: str = "native", time_limit: float | None = None, **options) -> SolveSpec:
+    return SolveSpec(owner="Probe", prefix="convex", value_tag="convex/optimum", formulation="patterns",
+                     solver=solver, gated=False, weight_decay=0.01, reduction="mean", solver_options=options,
+                     time_limit=time_limit)
+
+
+class Recorder:
+    """``solve`` that records the warm start it was given and the solution it returned."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[ConvexProblem, tuple, ConvexSolution]] = []
+
+    def __call__(self, problem, solver, **options):
+        solution = solve(problem, solver, **options)
+        self.calls.append((problem, options["warm_start"], solution))
+        return solution
+
+
+# ------------------------------------------------------------------------------------------------ statuses
+def test_status_codes_are_the_logged_numbers():
+    assert STATUS_CODES == {"optimal": 0, "optimal_inaccurate": 1, "max_iterations": 2, "time_limit": 2,
+                            "failed": 3, "nonfinite": 4}
+    assert Status.of("solver_error") is Status.FAILED and Status.OPTIMAL == "optimal"
+
+
+def test_non_finite_weights_are_reported_with_code_4_and_not_solved():
+    snap = snapshot()
+    snap.output_weight[0, 1] = float("nan")
+    recorder = Recorder()
+    outcome = evaluate_snapshot(spec(), snap, recorder, quiet=True, keep_solution=True)
+    assert outcome.metrics == {"convex/status": 4}
+    assert "non-finite network weights at step 0" in outcome.messages[0]
+    assert recorder.calls == [] and outcome.solved is None
+
+
+def test_a_solver_that_raises_gives_status_3_and_a_message():
+    def explode(problem, solver, **options):
+        raise RuntimeError("solver exploded")
+
+    outcome = evaluate_snapshot(spec(), snapshot(step=7), explode, quiet=True, keep_solution=True)
+    assert outcome.metrics["convex/status"] == Status.FAILED.code == 3
+    assert outcome.metrics["convex/nonconvex_objective"] > 0 and outcome.metrics["convex/solve_seconds"] >= 0
+    assert outcome.error == "RuntimeError: solver exploded"
+    assert outcome.messages == ["Probe: convex solve failed at step 7: RuntimeError: solver exploded"]
+    assert outcome.solved is None
+
+
+def test_a_solver_that_raises_after_the_time_limit_is_a_time_limit():
+    def slow_then_explode(problem, solver, **options):
+        assert options["time_limit"] == 0.01  # the spec's limit reaches the solver
+        time.sleep(0.03)
+        raise RuntimeError("gave up")
+
+    outcome = evaluate_snapshot(spec(time_limit=0.01), snapshot(), slow_then_explode, quiet=True, keep_solution=False)
+    assert outcome.metrics["convex/status"] == Status.TIME_LIMIT.code == 2
+    assert "time limit 0.01 s" in outcome.messages[0]
+
+
+def test_a_solved_snapshot_logs_the_gap_and_keeps_the_solution_when_asked():
+    outcome = evaluate_snapshot(spec(), snapshot(), solve, quiet=True, keep_solution=True)
+    m = outcome.metrics
+    assert m["convex/status"] == 0 and outcome.messages == []
+    assert m["convex/gap"] == pytest.approx(m["convex/nonconvex_objective"] - m["convex/optimum"])
+    assert m["convex/gap"] >= -1e-9  # p* ≤ L (docs/convex.md, invariant 1)
+    problem, solution = outcome.solved
+    assert m["convex/active_neurons"] == solution.active_blocks() > 0
+    assert evaluate_snapshot(spec(), snapshot(), solve, quiet=True, keep_solution=False).solved is None
+
+
+# ------------------------------------------------------------------------------------------ warm-start chain
+def test_the_chain_carries_each_solution_to_the_next_snapshot():
+    chain = WarmStartChain()
+    recorder = Recorder()
+    for step in range(3):  # the weights move a little: the patterns change between snapshots
+        snap = snapshot(step=step, seed=0)
+        snap.hidden_weight += 0.05 * step
+        outcome = evaluate_snapshot(spec(), snap, recorder, quiet=True, keep_solution=False, chain=chain)
+        assert outcome.metrics["convex/status"] == 0
+    first, second, third = recorder.calls
+    assert len(first[1]) == 3  # the network's own point: the chain was empty
+    for (old, _, old_solution), (new, warm, _) in ((first, second), (second, third)):
+        expected = remap_warm_start(old.patterns, old_solution, new.patterns)
+        assert len(warm) == 4 and warm[3] is not None  # the multipliers come along
+        assert torch.equal(warm[0], expected[0]) and torch.equal(warm[1], expected[1])
+
+
+def test_without_a_chain_every_solve_starts_from_the_network():
+    recorder = Recorder()
+    for step in range(2):
+        evaluate_snapshot(spec(), snapshot(step=step), recorder, quiet=True, keep_solution=False)
+    assert [len(warm) for _, warm, _ in recorder.calls] == [3, 3]
+
+
+def test_the_chain_starts_again_for_another_shape_or_kind():
+    chain = WarmStartChain()
+    recorder = Recorder()
+    evaluate_snapshot(spec(), snapshot(n=30), recorder, quiet=True, keep_solution=False, chain=chain)
+    evaluate_snapshot(spec(), snapshot(n=20), recorder, quiet=True, keep_solution=False, chain=chain)
+    assert len(recorder.calls[1][1]) == 3  # another number of samples: the network's point
+    problem, _, solution = recorder.calls[1]
+    assert chain.start_for(problem, gated=False) is not None  # the new shape's solution was kept
+    assert chain.start_for(problem, gated=True) is None  # but it is no start for the gated relaxation
+
+
+def test_the_chain_keeps_only_usable_solutions():
+    chain = WarmStartChain()
+    outcome = evaluate_snapshot(spec(), snapshot(), solve, quiet=True, keep_solution=True)
+    problem, solution = outcome.solved
+    failed = ConvexSolution(value=float("nan"), U=solution.U, V=solution.V, b0=solution.b0, status=Status.FAILED,
+                            solver="probe", solve_seconds=0.0)
+    chain.keep(problem, failed)
+    assert chain.start_for(problem, gated=False) is None
+    chain.keep(problem, solution)
+    U, V, _, _ = chain.start_for(problem, gated=False)
+    assert torch.equal(U, solution.U) and torch.equal(V, solution.V)
+
+
+def test_the_worker_store_holds_the_data_and_the_chain_of_its_run():
+    snap = snapshot()
+    recorder = Recorder()
+    store_worker_data("run", snap.X, snap.Y, chained=True)
+    bare = Snapshot(**{**snap.__dict__, "X": None, "Y": None})
+    for _ in range(2):
+        outcome = solve_snapshot_job(spec(), bare, "run", recorder)
+        assert outcome.metrics["convex/status"] == 0 and outcome.solved is None
+    assert [len(warm) for _, warm, _ in recorder.calls] == [3, 4]  # the second solve started from the first
+    with pytest.raises(ValueError, match="stored chain"):
+        solve_snapshot_job(spec(), bare, "run", recorder, chain=WarmStartChain())
+    store_worker_data("next", snap.X, snap.Y)  # a new run replaces the old one, without a chain
+    with pytest.raises(KeyError):
+        solve_snapshot_job(spec(), bare, "run", recorder)
+    solve_snapshot_job(spec(), bare, "next", recorder)
+    assert len(recorder.calls[-1][1]) == 3
+
+
+def test_a_thread_job_uses_the_chain_it_is_given():
+    chain = WarmStartChain()
+    recorder = Recorder()
+    for _ in range(2):
+        solve_snapshot_job(spec(), snapshot(), None, recorder, chain=chain)
+    assert [len(warm) for _, warm, _ in recorder.calls] == [3, 4]
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+def small_problem(n: int = 20, d: int = 3, P: int = 4, weight_decay: float = 0.1) -> ConvexProblem:
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    patterns = X @ torch.randn(d, P, generator=g, dtype=torch.float64) >= 0
+    return ConvexProblem(X, torch.randn(n, generator=g, dtype=torch.float64), patterns, weight_decay)
+
+
+def test_an_option_the_named_solver_does_not_take_is_a_type_error():
+    problem = small_problem()
+    with pytest.raises(TypeError, match="solver 'clarabel' takes no option 'tol'"):
+        solve(problem, "clarabel", tol=1e-8)
+    with pytest.raises(TypeError, match="solver 'native' takes no option 'tol_gap_rel'"):
+        solve(problem, "native", tol_gap_rel=1e-8)
+    with pytest.raises(TypeError, match="solver 'cvxpylayers' takes no option 'bogus'"):
+        solve(problem, "cvxpylayers", bogus=1)
+    with pytest.raises(TypeError, match="solver 'auto' takes no option 'bogus'"):
+        solve(problem, "auto", bogus=1)
+
+
+def test_every_solver_takes_the_common_options():
+    problem = small_problem()
+    reference = solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+    point = problem.zeros()
+    for name in ("native", "CLARABEL", "cvxpylayers"):
+        solution = solve(problem, name, gated=False, warm_start=point, time_limit=60.0, verbose=False)
+        assert solution.ok and solution.value == pytest.approx(reference, rel=1e-5)
+    with pytest.warns(UserWarning, match="ECOS has no time limit"):
+        solution = solve(problem, "ecos", gated=False, warm_start=point, time_limit=60.0, verbose=False)
+    assert solution.ok and solution.value == pytest.approx(reference, rel=1e-5)
+
+
+def test_an_unknown_solver_is_a_value_error_listing_the_available_ones():
+    with pytest.raises(ValueError, match="unknown solver 'gurobi-9'") as error:
+        solve(small_problem(), "gurobi-9")
+    names = available_solvers()
+    assert names[:3] == ["auto", "native", "cvxpylayers"] and "clarabel" in names
+    assert all(repr(name) in str(error.value) for name in names)
+    with pytest.raises(TypeError, match="solver must be a string"):
+        get_solver(None)
+
+
+def test_auto_passes_on_only_the_options_of_the_solver_it_chose():
+    small = small_problem()
+    assert choose_solver(small) == "clarabel"
+    native_only = {"tol": 1e-9, "method": "newton", "max_iters": 50, "warm_start": small.zeros()}
+    assert solve(small, "auto", **native_only).solver == "CLARABEL"
+
+    large = small_problem(n=100, d=10, P=10)
+    assert problem_size(large) > AUTO_NATIVE_ABOVE and choose_solver(large) == "native"
+    solution = solve(large, "auto", tol_gap_rel=1e-9, max_iter=5, tol=1e-7)  # Clarabel's settings are dropped
+    assert solution.solver.startswith("native") and solution.status == Status.OPTIMAL
+    assert solution.relative_gap <= 1e-7
+
+
+def test_auto_falls_back_to_the_native_solver_when_clarabel_fails(monkeypatch):
+    received = []
+
+    def fail(problem, **options):
+        received.append(options)
+        raise ConvexSolveError("CLARABEL returned no solution: status 'user_limit'")
+
+    monkeypatch.setattr(get_solver("clarabel"), "solve", fail)
+    problem = small_problem()
+    with pytest.warns(UserWarning, match="clarabel failed .*user_limit.*solving with the native solver"):
+        solution = solve(problem, "auto", tol=1e-9, tol_gap_rel=1e-9)
+    assert received == [{"tol_gap_rel": 1e-9}]  # Clarabel had only its own setting
+    assert solution.solver.startswith("native") and solution.relative_gap <= 1e-9  # the native solver its own
+
+
+def test_the_native_entry_runs_small_cpu_problems_on_one_thread():
+    problem = small_problem()
+    assert problem_size(problem) < SINGLE_THREAD_BELOW
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with NativeSolver.cpu_threads(problem):
+            inside = torch.get_num_threads()
+        assert inside == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
