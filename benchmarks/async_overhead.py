@@ -29,7 +29,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
-import hcl.monitoring
+import hcl.worker
 from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor
 from hcl.datamodules import SyntheticRegression
@@ -91,11 +91,11 @@ def main() -> None:
     parser.add_argument("--worker", choices=["process", "thread"], default="process")
     parser.add_argument("--max-pending", type=int, default=2)
     parser.add_argument("--niceness", type=int, default=None,
-                        help="nice increment of the worker process (default: hcl.monitoring.WORKER_NICENESS)")
+                        help="nice increment of the worker process (default: hcl.worker.WORKER_NICENESS)")
     parser.add_argument("--sync", action="store_true", help="also time the synchronous monitor (slow)")
     args = parser.parse_args()
     if args.niceness is not None:
-        hcl.monitoring.WORKER_NICENESS = args.niceness
+        hcl.worker.WORKER_NICENESS = args.niceness
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
@@ -115,7 +115,7 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores (load average {load}), 1 torch thread; {args.steps} "
           f"full-batch steps, {args.repeats} repetitions; worker={args.worker}, max_pending={args.max_pending}, "
-          f"niceness={hcl.monitoring.WORKER_NICENESS}")
+          f"niceness={hcl.worker.WORKER_NICENESS}")
     base = results["baseline"]
     medians = {key: statistics.median(r[key] for r in base) for key in KEYS}
     print(f"baseline: cpu {medians['cpu']:.2f} s, steps {medians['steps']:.2f} s, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 
@@ -9,32 +10,31 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from _events import read_scalars
-from lightning.pytorch.loggers import TensorBoardLogger
 
-import hcl.callbacks.convex_gap as convex_gap_module
-import hcl.monitoring
+import hcl.callbacks.solve_queue as solve_queue_module
+import hcl.worker
 from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor
 from hcl.convex.problem import ConvexSolution
 from hcl.datamodules import SyntheticRegression
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 TAGS = ("convex/optimum", "convex/nonconvex_objective", "convex/gap", "convex/status")
 
 
-def _run(tmp_path, callbacks, max_steps=10, checkpoint=False, **trainer_kwargs):
-    torch.manual_seed(0)
-    data = SyntheticRegression(kind="gaussian_linear", n=40, d=5, seed=0, dtype="float64")
-    model = TwoLayerReLU(in_features=5, hidden=8, init="normal", init_scale=0.5, lr=0.05)
-    trainer = pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="run"), enable_checkpointing=checkpoint,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, datamodule=data)
-    return read_scalars(tmp_path)
+@pytest.fixture
+def run(make_trainer):
+    """``run(root, callbacks, max_steps=10, checkpoint=False)``: train a small network, return the logged scalars."""
+
+    def run(root, callbacks, max_steps=10, checkpoint=False):
+        torch.manual_seed(0)
+        data = SyntheticRegression(kind="gaussian_linear", n=40, d=5, seed=0, dtype="float64")
+        model = TwoLayerReLU(in_features=5, hidden=8, init="normal", init_scale=0.5, lr=0.05)
+        make_trainer(callbacks, max_steps, root=root, enable_checkpointing=checkpoint).fit(model, datamodule=data)
+        return read_scalars(root)
+
+    return run
 
 
 def _steps(series, tag):
@@ -62,15 +62,15 @@ def exploding_solve(problem, solver, **options):
 @pytest.fixture
 def full_priority(monkeypatch):
     # The test machine is shared: a worker process at a lower priority could take long to start.
-    monkeypatch.setattr(hcl.monitoring, "WORKER_NICENESS", 0)
+    monkeypatch.setattr(hcl.worker, "WORKER_NICENESS", 0)
 
 
 @pytest.mark.parametrize("worker", ["thread", "process"])
-def test_with_room_in_the_queue_the_async_series_is_the_sync_series(tmp_path, worker, full_priority):
+def test_with_room_in_the_queue_the_async_series_is_the_sync_series(tmp_path, worker, full_priority, run):
     """Every due step is solved once, at the weights of its own step, whatever the order results arrive in."""
-    sync = _run(tmp_path / "sync", [ConvexGapMonitor(every_n_steps=2, solver="clarabel")])
+    sync = run(tmp_path / "sync", [ConvexGapMonitor(every_n_steps=2, solver="clarabel")])
     monitor = ConvexGapMonitor(every_n_steps=2, solver="clarabel", asynchronous=True, max_pending=100, worker=worker)
-    background = _run(tmp_path / "async", [monitor])
+    background = run(tmp_path / "async", [monitor])
     for tag in TAGS:
         assert _steps(background, tag) == list(range(0, 10, 2)), tag
         for (step, value), (sync_step, sync_value) in zip(background[tag], sync[tag]):
@@ -79,10 +79,10 @@ def test_with_room_in_the_queue_the_async_series_is_the_sync_series(tmp_path, wo
     assert len(background["train/objective"]) == 10
 
 
-def test_a_full_queue_skips_and_counts_but_loses_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(convex_gap_module, "solve", slow_solve)
+def test_a_full_queue_skips_and_counts_but_loses_nothing(tmp_path, monkeypatch, run):
+    monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
     monitor = ConvexGapMonitor(solver="clarabel", asynchronous=True, max_pending=1, worker="thread")
-    s = _run(tmp_path, [monitor], max_steps=30)
+    s = run(tmp_path, [monitor], max_steps=30)
     solved, skipped = _steps(s, "convex/status"), _steps(s, "convex/skipped")
     assert skipped, "a 50 ms solver at every step of a fast run must fall behind"
     assert len(solved) == len(set(solved))  # each solved step exactly once
@@ -93,16 +93,16 @@ def test_a_full_queue_skips_and_counts_but_loses_nothing(tmp_path, monkeypatch):
     assert len(s["train/objective"]) == 30
 
 
-def test_solver_errors_become_warnings_and_training_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(convex_gap_module, "solve", exploding_solve)
+def test_solver_errors_become_warnings_and_training_goes_on(tmp_path, monkeypatch, run):
+    monkeypatch.setattr(solve_queue_module, "solve", exploding_solve)
     monitor = ConvexGapMonitor(every_n_steps=2, asynchronous=True, max_pending=100, worker="thread")
     with pytest.warns(UserWarning, match="solver exploded"):
-        s = _run(tmp_path, [monitor], max_steps=6)
+        s = run(tmp_path, [monitor], max_steps=6)
     assert s["convex/status"] == [(0, 3.0), (2, 3.0), (4, 3.0)]
     assert len(s["train/objective"]) == 6
 
 
-def test_raise_worker_errors_stops_training_and_keeps_what_was_logged(tmp_path, monkeypatch):
+def test_raise_worker_errors_stops_training_and_keeps_what_was_logged(tmp_path, monkeypatch, run):
     calls = []
 
     def third_call_explodes(problem, solver, **options):
@@ -111,41 +111,41 @@ def test_raise_worker_errors_stops_training_and_keeps_what_was_logged(tmp_path, 
             raise RuntimeError("solver exploded")
         return slow_solve(problem, solver, **options)
 
-    monkeypatch.setattr(convex_gap_module, "solve", third_call_explodes)
+    monkeypatch.setattr(solve_queue_module, "solve", third_call_explodes)
     monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread", raise_worker_errors=True)
     with pytest.raises(RuntimeError, match="background solve of step 2 failed.*solver exploded"):
-        _run(tmp_path, [monitor], max_steps=50)
+        run(tmp_path, [monitor], max_steps=50)
     s = read_scalars(tmp_path)  # flushed on the exception
     assert s["convex/status"][:3] == [(0, 0.0), (1, 0.0), (2, 3.0)]
     assert 2 <= len(s["train/objective"]) < 50
-    assert monitor._worker is None  # closed, not left running
+    assert monitor._queue is None  # closed, not left running
 
 
-def test_a_late_result_is_logged_with_the_time_limit_status(tmp_path, monkeypatch):
-    monkeypatch.setattr(convex_gap_module, "solve", slow_solve)
+def test_a_late_result_is_logged_with_the_time_limit_status(tmp_path, monkeypatch, run):
+    monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
     monitor = ConvexGapMonitor(every_n_steps=3, asynchronous=True, max_pending=100, worker="thread",
                                solve_time_limit=0.01)
     with pytest.warns(UserWarning, match="over the time limit"):
-        s = _run(tmp_path, [monitor], max_steps=6)
+        s = run(tmp_path, [monitor], max_steps=6)
     assert s["convex/status"] == [(0, 2.0), (3, 2.0)]
     assert all(seconds > 0.01 for _, seconds in s["convex/solve_seconds"])
     assert _steps(s, "convex/optimum") == [0, 3]  # the late value is still a valid upper bound: kept
 
 
-def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch):
+def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch, run):
     release = threading.Event()
 
     def hung_solve(problem, solver, **options):
         release.wait(60)
         raise RuntimeError("released")
 
-    monkeypatch.setattr(convex_gap_module, "solve", hung_solve)
+    monkeypatch.setattr(solve_queue_module, "solve", hung_solve)
     monitor = ConvexGapMonitor(every_n_steps=2, asynchronous=True, max_pending=2, worker="thread",
                                solve_time_limit=0.1)
     start = time.monotonic()
     try:
         with pytest.warns(UserWarning, match="abandoned"):
-            s = _run(tmp_path, [monitor], max_steps=6)
+            s = run(tmp_path, [monitor], max_steps=6)
     finally:
         release.set()
     assert time.monotonic() - start < 30
@@ -155,36 +155,37 @@ def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch):
     assert len(s["train/objective"]) == 6
 
 
-def test_the_worker_process_is_killed_when_a_solve_overruns(tmp_path, monkeypatch, full_priority):
-    monkeypatch.setattr(convex_gap_module, "solve", sleepy_solve)
+def test_the_worker_process_is_killed_when_a_solve_overruns(tmp_path, monkeypatch, full_priority, run):
+    monkeypatch.setattr(solve_queue_module, "solve", sleepy_solve)
     monitor = ConvexGapMonitor(every_n_steps=100, asynchronous=True, worker="process", solve_time_limit=0.2)
     with pytest.warns(UserWarning, match="abandoned"):
-        s = _run(tmp_path, [monitor], max_steps=2)
+        s = run(tmp_path, [monitor], max_steps=2)
     assert s["convex/status"] == [(0, 2.0)]
-    assert monitor._worker is None
+    assert monitor._queue is None
+    assert not [p for p in multiprocessing.active_children() if p.name == "hcl-convex-solver"]  # killed, not left
 
 
-def test_an_exception_cancels_the_queue_and_flushes(tmp_path, monkeypatch):
+def test_an_exception_cancels_the_queue_and_flushes(tmp_path, monkeypatch, run):
     class Crash(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 8:
                 raise KeyError("crash at step 8")
 
-    monkeypatch.setattr(convex_gap_module, "solve", slow_solve)
+    monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
     monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
     start = time.monotonic()
     with pytest.raises(KeyError, match="crash at step 8"):
-        _run(tmp_path, [monitor, Crash()], max_steps=50)
+        run(tmp_path, [monitor, Crash()], max_steps=50)
     s = read_scalars(tmp_path)
     assert _steps(s, "train/objective") == list(range(8))
     solved = _steps(s, "convex/status")
     assert solved == list(range(len(solved)))  # what finished is on disk, in order; the rest was dropped
     assert len(solved) <= 9
-    assert monitor._worker is None and not monitor._jobs
+    assert monitor._queue is None  # cancelled and closed
     assert time.monotonic() - start < 30
 
 
-def test_a_checkpoint_waits_for_the_solves_in_flight(tmp_path, monkeypatch):
+def test_a_checkpoint_waits_for_the_solves_in_flight(tmp_path, monkeypatch, run):
     """Whatever a checkpoint records as done has been logged: a resumed run neither repeats nor misses a step."""
 
     class Inspect(pl.Callback):
@@ -192,20 +193,20 @@ def test_a_checkpoint_waits_for_the_solves_in_flight(tmp_path, monkeypatch):
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             state = checkpoint["callbacks"][monitor.state_key]
-            self.seen.append((state["last_step"], len(monitor._jobs)))
+            self.seen.append((state["last_step"], len(monitor._queue)))
 
-    monkeypatch.setattr(convex_gap_module, "solve", slow_solve)
+    monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
     monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
-    s = _run(tmp_path, [monitor, Inspect()], max_steps=5, checkpoint=True)
+    s = run(tmp_path, [monitor, Inspect()], max_steps=5, checkpoint=True)
     # One checkpoint per full-batch epoch; each was written with an empty queue, after its steps were logged.
     assert Inspect.seen == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)]
     assert _steps(s, "convex/status") == list(range(5))
 
 
-def test_the_async_monitor_is_picklable_before_and_after_training(tmp_path):
+def test_the_async_monitor_is_picklable_before_and_after_training(tmp_path, run):
     import pickle
 
     monitor = ConvexGapMonitor(asynchronous=True, worker="thread")
     pickle.dumps(monitor)  # ddp_spawn pickles the callbacks before training
-    _run(tmp_path, [monitor], max_steps=2)
+    run(tmp_path, [monitor], max_steps=2)
     pickle.dumps(monitor)

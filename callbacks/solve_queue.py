@@ -1,0 +1,188 @@
+"""The asynchronous side of :class:`~hcl.callbacks.ConvexGapMonitor`: snapshots solved in a background worker.
+
+Free of Lightning: the queue hands results back, the callback logs them and raises the warnings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import warnings
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+
+from torch import Tensor
+
+from hcl.convex import solve
+from hcl.convex.snapshot import (
+    Snapshot,
+    SolveOutcome,
+    SolveSpec,
+    WarmStartChain,
+    solve_snapshot_job,
+    store_worker_data,
+)
+from hcl.convex.status import Status
+from hcl.worker import WORKER_KINDS, BackgroundWorker
+
+__all__ = ["SolveQueue"]
+
+
+@dataclass
+class _Job:
+    spec: SolveSpec
+    snapshot: Snapshot
+    future: Future
+
+    @property
+    def step(self) -> int:
+        return self.snapshot.step
+
+
+class SolveQueue:
+    """Snapshots solved one at a time in a background worker; results come back in snapshot order.
+
+    The training thread :meth:`submit`\\ s CPU snapshots of the weights and :meth:`collect`\\ s the finished
+    :class:`~hcl.convex.snapshot.SolveOutcome`\\ s, each with its snapshot's step. A process worker receives the data
+    once (snapshots then carry only the weights) and keeps a warm-start chain of its own; a thread worker uses the
+    data and the ``chain`` given here.
+
+    A job still running well past ``time_limit`` is abandoned: its worker is killed (a thread is left to finish alone),
+    the queued snapshots go to a fresh worker, and the job comes back as a ``TIME_LIMIT`` outcome.
+
+    Args:
+        owner: name that starts every message (the callback's class name).
+        worker: ``"process"`` or ``"thread"`` (see :class:`hcl.worker.BackgroundWorker`).
+        max_pending: most snapshots queued or being solved at once; :meth:`submit` refuses more.
+        time_limit: seconds a solve may take (the solver is told it too), or ``None``.
+        X: the inputs, a CPU copy.
+        Y: the targets, a CPU copy.
+        name: name of the worker thread or process.
+        chain: start each solve from the previous one's solution: a thread worker uses this chain, a process worker
+            (which cannot share an object with this process) starts a chain of its own. ``None``: from the network.
+    """
+
+    def __init__(
+        self, *, owner: str, worker: str, max_pending: int, time_limit: float | None, X: Tensor, Y: Tensor,
+        name: str = "hcl-solver", chain: WarmStartChain | None = None,
+    ) -> None:
+        if worker not in WORKER_KINDS:
+            raise ValueError(f"worker must be one of {WORKER_KINDS}, got {worker!r}")
+        if worker == "process" and os.name != "posix":
+            # Elsewhere os.nice is missing and a worker process would compete with training on equal terms.
+            warnings.warn(f"{owner}: worker='process' needs a POSIX system; solving in a thread", stacklevel=2)
+            worker = "thread"
+        self.owner = owner
+        self.max_pending = max_pending
+        self.time_limit = time_limit
+        self.name = name
+        self._kind = worker
+        self._X, self._Y = X, Y
+        self._chain = chain
+        self._jobs: deque[_Job] = deque()
+        self._worker: BackgroundWorker | None = None
+        self._data_key: str | None = None
+        self._start_worker()  # now: a process worker imports its solvers while training starts
+
+    @property
+    def worker_kind(self) -> str:
+        """``"process"`` or ``"thread"``: the kind actually used."""
+        return self._kind
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, spec: SolveSpec, snapshot: Snapshot) -> bool:
+        """Queue ``snapshot``; ``False`` (nothing queued) when ``max_pending`` snapshots are already waiting."""
+        if len(self._jobs) >= self.max_pending:
+            return False
+        self._jobs.append(_Job(spec, snapshot, self._send(spec, snapshot)))
+        return True
+
+    def collect(self, wait: bool = False) -> list[tuple[int, SolveOutcome]]:
+        """``(step, outcome)`` of the finished solves in snapshot order; with ``wait``, until none is left."""
+        results = []
+        while self._jobs:
+            job = self._jobs[0]
+            if not job.future.done():
+                elapsed = self._overrun(job)
+                if elapsed is not None:
+                    results.append((job.step, self._abandon(elapsed)))
+                    continue
+                if not wait:
+                    break
+                try:
+                    job.future.result(timeout=0.2)
+                except FutureTimeout:
+                    continue
+                except Exception:  # noqa: BLE001 - read again below
+                    pass
+            self._jobs.popleft()
+            results.append((job.step, self._outcome(job)))
+        return results
+
+    def cancel(self) -> None:
+        """Drop the queued snapshots (their solves, if they run, are never collected)."""
+        for job in self._jobs:
+            job.future.cancel()
+        self._jobs.clear()
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker: ``kill`` ends a running solve too (process worker). A later :meth:`submit` starts one."""
+        if self._worker is not None:
+            self._worker.close(kill=kill)
+            self._worker = None
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _start_worker(self) -> None:
+        self._worker = BackgroundWorker(self._kind, name=self.name)
+        self._data_key = None
+        if self._kind == "process":
+            # The data goes to the worker process once (with a chain of its own); snapshots carry only the weights.
+            self._data_key = uuid.uuid4().hex
+            self._worker.submit(store_worker_data, self._data_key, self._X, self._Y, self._chain is not None)
+
+    def _send(self, spec: SolveSpec, snapshot: Snapshot) -> Future:
+        if self._worker is None or not self._worker.alive:
+            self.close(kill=True)  # a worker process that died (killed for memory, say) is replaced
+            self._start_worker()
+        if self._data_key is not None:
+            return self._worker.submit(solve_snapshot_job, spec, replace(snapshot, X=None, Y=None), self._data_key,
+                                       solve)
+        return self._worker.submit(solve_snapshot_job, spec, replace(snapshot, X=self._X, Y=self._Y), None, solve,
+                                   self._chain)
+
+    def _outcome(self, job: _Job) -> SolveOutcome:
+        try:
+            return job.future.result()
+        except Exception as err:  # noqa: BLE001 - the worker itself failed (died, could not run the job)
+            reason = str(err) or type(err).__name__
+            return SolveOutcome({f"{job.spec.prefix}/status": Status.FAILED.code},
+                                [f"{self.owner}: the background solve of step {job.step} failed: {reason}"],
+                                error=reason)
+
+    def _overrun(self, job: _Job) -> float | None:
+        """Seconds the job has been running when that is well past the time limit, else ``None``."""
+        if self.time_limit is None or self._worker is None:
+            return None
+        started = self._worker.started_at(job.future)
+        if started is None:
+            return None
+        elapsed = time.monotonic() - started
+        # The solver is told the limit; only one that ignores it reaches this margin.
+        return elapsed if elapsed > self.time_limit + max(1.0, 0.5 * self.time_limit) else None
+
+    def _abandon(self, elapsed: float) -> SolveOutcome:
+        job = self._jobs.popleft()
+        p = job.spec.prefix
+        # A fresh worker (started on demand) takes the queue over; the stuck one is killed (process) or left to
+        # finish alone (thread).
+        self.close(kill=True)
+        for queued in self._jobs:
+            queued.future = self._send(queued.spec, queued.snapshot)
+        return SolveOutcome({f"{p}/status": Status.TIME_LIMIT.code, f"{p}/solve_seconds": elapsed},
+                            [f"{self.owner}: the solve of step {job.step} was still running after {elapsed:.1f} s "
+                             f"(time limit {self.time_limit} s): abandoned"])

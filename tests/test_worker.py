@@ -1,0 +1,383 @@
+"""The background worker and the asynchronous solve queue, without a trainer.
+
+The job functions are module-level, so that a worker process imports them from this module by name. At the top it
+imports only the standard library and the worker, so that such a process starts in a fraction of a second: torch, the
+convex engine and the solve queue (whose package, ``hcl.callbacks``, loads Lightning) are imported where needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+import hcl.worker
+from hcl.worker import WORKER_KINDS, BackgroundWorker, WorkerError
+
+pytestmark = pytest.mark.timeout(120)
+
+_SEEN: list[int] = []
+
+
+def record(i: int) -> list[int]:
+    """Append ``i`` to the worker's list of jobs seen; return the list."""
+    _SEEN.append(i)
+    return list(_SEEN)
+
+
+def span(seconds: float) -> tuple[float, float]:
+    """``(start, end)`` on the machine's monotonic clock (shared by the worker process) around a short sleep."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    return start, time.monotonic()
+
+
+def fail(text: str) -> None:
+    raise ValueError(text)
+
+
+def scripted_solve(problem, solver, *, gated=False, warm_start=None, **options):
+    """The point it starts from, or what the solver name says: ``"hang"`` for a minute, ``"die"``, ``"halve"``."""
+    from hcl.convex.problem import ConvexSolution
+
+    if solver == "hang":
+        time.sleep(60)
+    if solver == "die":
+        os._exit(7)
+    U, V, b0 = warm_start[:3]  # a chain's warm start carries the multipliers fourth
+    if solver == "halve":  # half the point it starts from: a chain of solves goes on halving
+        U, V = U / 2, V / 2
+    return ConvexSolution(value=float(problem.objective(U, V, b0)), U=U, V=V, b0=b0, status="optimal",
+                          solver=solver, solve_seconds=0.0, gated=gated)
+
+
+@pytest.fixture(autouse=True)
+def full_priority(monkeypatch):
+    # The test machine is shared: a worker process at a lower priority could take long to start.
+    monkeypatch.setattr(hcl.worker, "WORKER_NICENESS", 0)
+
+
+@pytest.fixture
+def worker():
+    workers = []
+
+    def make(kind, **kwargs):
+        workers.append(BackgroundWorker(kind, **kwargs))
+        return workers[-1]
+
+    yield make
+    for w in workers:
+        w.close(kill=True)
+
+
+def _wait_until_started(w: BackgroundWorker, future, timeout: float = 60.0) -> float:
+    deadline = time.monotonic() + timeout
+    while w.started_at(future) is None:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.01)
+    return w.started_at(future)
+
+
+# ------------------------------------------------------------------------------------------------ BackgroundWorker
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="worker must be one of"):
+        BackgroundWorker("gpu")
+    assert WORKER_KINDS == ("process", "thread")
+
+
+@pytest.mark.parametrize("kind", WORKER_KINDS)
+def test_jobs_run_one_at_a_time_in_submission_order(worker, kind):
+    w = worker(kind)
+    _SEEN.clear()
+    spans = [w.submit(span, 0.02) for _ in range(3)]
+    records = [w.submit(record, i) for i in range(5)]
+    assert records[-1].result(timeout=60) == [0, 1, 2, 3, 4]
+    assert [f.result() for f in records] == [list(range(i + 1)) for i in range(5)]
+    intervals = [f.result() for f in spans]
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(intervals, intervals[1:]))
+
+
+@pytest.mark.parametrize("kind", WORKER_KINDS)
+def test_an_exception_becomes_a_worker_error_with_the_original_type_and_traceback(worker, kind):
+    w = worker(kind)
+    failed = w.submit(fail, "bad input")
+    after = w.submit(record, 1)
+    error = failed.exception(timeout=60)
+    assert isinstance(error, WorkerError)
+    assert str(error) == "ValueError: bad input"
+    assert "in fail" in error.worker_traceback and "ValueError: bad input" in error.worker_traceback
+    assert after.result(timeout=60)[-1] == 1  # the worker goes on
+
+
+@pytest.mark.parametrize("kind", WORKER_KINDS)
+def test_started_at_is_none_while_queued_and_the_start_time_once_running(worker, kind):
+    w = worker(kind)
+    first = w.submit(span, 0.3)
+    second = w.submit(record, 2)
+    started = _wait_until_started(w, first)
+    assert started <= time.monotonic()
+    assert w.started_at(second) is None
+    second.result(timeout=60)
+    assert w.started_at(second) >= first.result()[1] > started  # after the first job ended
+
+
+def test_an_unpicklable_job_fails_alone(worker):
+    w = worker("process")
+    bad = w.submit(record, lambda: 0)
+    good = w.submit(record, 3)
+    with pytest.raises(WorkerError, match="cannot be sent to the worker process"):
+        bad.result(timeout=60)
+    assert good.result(timeout=60)[-1] == 3
+
+
+def test_the_thread_worker_takes_any_callable(worker):
+    w = worker("thread", name="hcl-test-thread")
+    box = []
+    assert w.submit(lambda x: box.append(x) or len(box), 5).result(timeout=10) == 1
+    assert box == [5]
+    thread = next(t for t in threading.enumerate() if t.name == "hcl-test-thread")
+    assert thread.daemon and w.alive
+    w.close()
+    thread.join(5)
+    assert not thread.is_alive() and not w.alive
+
+
+def test_close_with_kill_ends_a_running_job(worker):
+    w = worker("process")
+    running = w.submit(time.sleep, 60)
+    queued = w.submit(record, 1)
+    _wait_until_started(w, running)
+    start = time.monotonic()
+    w.close(kill=True)
+    assert isinstance(running.exception(timeout=10), WorkerError)
+    assert queued.cancelled()
+    assert time.monotonic() - start < 5
+    assert not w.alive
+    with pytest.raises(WorkerError, match="closed"):
+        w.submit(record, 2).result(timeout=1)
+
+
+def test_a_dead_worker_process_fails_its_outstanding_and_later_jobs(worker):
+    w = worker("process")
+    dying = w.submit(os._exit, 3)
+    queued = w.submit(record, 1)
+    for future in (dying, queued):
+        with pytest.raises(WorkerError, match=r"exited unexpectedly \(exit code 3\)"):
+            future.result(timeout=60)
+    assert not w.alive
+    with pytest.raises(WorkerError, match="exited unexpectedly"):
+        w.submit(record, 2).result(timeout=5)  # fails at once, never waits for a worker that is gone
+
+
+@pytest.mark.slow  # the worker process imports torch (and the solvers)
+def test_the_worker_process_is_light_low_priority_and_single_threaded(worker):
+    w = worker("process", niceness=3)
+    probe = ("(__import__('os').nice(0), sorted(m for m in __import__('sys').modules if m.startswith('lightning')),"
+             " __import__('torch').get_num_threads())")
+    niceness, lightning, threads = w.submit(eval, probe).result(timeout=60)
+    assert niceness == min(os.nice(0) + 3, 19)
+    assert lightning == []
+    assert threads == 1
+
+
+_UNGUARDED_SCRIPT = """
+import json, os, sys
+with open(os.environ["HCL_TEST_MARKER"], "a") as f:
+    f.write("ran\\n")
+from hcl.worker import BackgroundWorker
+w = BackgroundWorker("process", niceness=0)
+child = w.submit(os.getpid).result(timeout=60)
+w.close()
+print(json.dumps({"child": child, "parent": os.getpid(),
+                  "heavy": sorted(m for m in sys.modules if m.startswith(("lightning", "torch")))}))
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_a_script_without_a_main_guard_is_not_rerun_in_the_worker_process(tmp_path, how):
+    """spawn would re-run the parent's ``__main__`` in the child: a script body runs once, ``python -m`` too."""
+    (tmp_path / "unguarded_job.py").write_text(_UNGUARDED_SCRIPT)
+    marker = tmp_path / "marker.txt"
+    command = [sys.executable, "unguarded_job.py"] if how == "script" else [sys.executable, "-m", "unguarded_job"]
+    env = dict(os.environ, HCL_TEST_MARKER=str(marker))
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert marker.read_text() == "ran\n"  # the body ran once, in the parent only
+    assert result["child"] != result["parent"]
+    assert result["heavy"] == []  # neither hcl.worker nor the worker's start imports Lightning or torch
+
+
+# ------------------------------------------------------------------------------------------------------ SolveQueue
+@pytest.fixture
+def solve_queue():
+    return importlib.import_module("hcl.callbacks.solve_queue")
+
+
+@pytest.fixture
+def queues():
+    made = []
+    yield made
+    for q in made:
+        q.cancel()
+        q.close(kill=True)
+
+
+def _data(seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(12, 1, generator=g, dtype=torch.float64)
+
+
+def _snapshot(step: int, X=None, Y=None):
+    import torch
+
+    from hcl.convex.snapshot import Snapshot
+
+    g = torch.Generator().manual_seed(100 + step)
+    hidden = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    output = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    return Snapshot(step, X, Y, hidden, None, output, None, None)
+
+
+def _spec(solver: str, time_limit: float | None = None, gated: bool = False):
+    from hcl.convex.snapshot import SolveSpec
+
+    return SolveSpec(owner="Probe", prefix="convex", value_tag="convex/optimum", formulation="patterns",
+                     solver=solver, gated=gated, weight_decay=0.01, reduction="mean", solver_options={},
+                     time_limit=time_limit)
+
+
+def _collect_all(q, count: int, timeout: float = 60.0) -> list:
+    results, deadline = [], time.monotonic() + timeout
+    while len(results) < count:
+        assert time.monotonic() < deadline, f"only {len(results)} of {count} results"
+        results += q.collect()
+        time.sleep(0.02)
+    return results
+
+
+@pytest.mark.slow  # the worker process imports torch (and the solvers)
+def test_the_queue_solves_in_a_process_and_returns_results_in_snapshot_order(solve_queue, queues):
+    from hcl.convex.snapshot import evaluate_snapshot
+    from hcl.convex.status import Status
+
+    X, Y = _data()
+    q = solve_queue.SolveQueue(owner="Probe", worker="process", max_pending=5, time_limit=None, X=X, Y=Y)
+    queues.append(q)
+    assert q.worker_kind == "process"
+    for step in (0, 3, 6):
+        assert q.submit(_spec("clarabel"), _snapshot(step))
+    assert len(q) == 3
+    results = _collect_all(q, 3)
+    assert [step for step, _ in results] == [0, 3, 6] and len(q) == 0
+    for step, outcome in results:
+        # The worker had the data sent once: the same numbers as a solve here, on the full snapshot.
+        expected = evaluate_snapshot(_spec("clarabel"), _snapshot(step, X, Y), solve_queue.solve, quiet=True,
+                                     keep_solution=False).metrics
+        assert outcome.metrics["convex/status"] == Status.OPTIMAL.code, outcome.messages
+        for tag in ("convex/optimum", "convex/nonconvex_objective", "convex/gap"):
+            assert outcome.metrics[tag] == pytest.approx(expected[tag], rel=1e-6, abs=1e-9), tag
+
+
+def test_a_full_queue_refuses_a_snapshot_and_wait_drains_it(solve_queue, queues, monkeypatch):
+    from hcl.convex.snapshot import evaluate_snapshot
+    from hcl.convex.status import Status
+
+    release = threading.Event()
+
+    def gated_solve(problem, solver, **options):
+        release.wait(10)
+        return scripted_solve(problem, solver, **options)
+
+    monkeypatch.setattr(solve_queue, "solve", gated_solve)
+    X, Y = _data()
+    q = solve_queue.SolveQueue(owner="Probe", worker="thread", max_pending=2, time_limit=None, X=X, Y=Y)
+    queues.append(q)
+    assert q.submit(_spec("fake"), _snapshot(0)) and q.submit(_spec("fake"), _snapshot(1))
+    assert not q.submit(_spec("fake"), _snapshot(2))  # nothing queued: the caller counts a skip
+    assert len(q) == 2 and q.collect() == []
+    threading.Timer(0.2, release.set).start()
+    results = q.collect(wait=True)
+    assert [step for step, _ in results] == [0, 1] and len(q) == 0
+    for step, outcome in results:
+        # The thread worker solved with the queue's data: the numbers of a solve here, on the full snapshot.
+        expected = evaluate_snapshot(_spec("fake"), _snapshot(step, X, Y), scripted_solve, quiet=True,
+                                     keep_solution=False).metrics
+        assert outcome.metrics["convex/status"] == Status.OPTIMAL.code
+        assert outcome.metrics["convex/optimum"] == expected["convex/optimum"]
+    assert q.submit(_spec("fake"), _snapshot(2))
+
+
+@pytest.mark.slow  # the worker process imports torch (and the solvers)
+def test_an_overrunning_solve_is_abandoned_and_the_next_one_still_solved(solve_queue, queues, monkeypatch):
+    from hcl.convex.status import Status
+
+    monkeypatch.setattr(solve_queue, "solve", scripted_solve)
+    X, Y = _data()
+    q = solve_queue.SolveQueue(owner="Probe", worker="process", max_pending=5, time_limit=0.2, X=X, Y=Y)
+    queues.append(q)
+    assert q.submit(_spec("hang", 0.2), _snapshot(0)) and q.submit(_spec("fake", 0.2), _snapshot(1))
+    (step, late), (next_step, solved) = _collect_all(q, 2)
+    assert (step, next_step) == (0, 1)
+    assert late.metrics["convex/status"] == Status.TIME_LIMIT.code and late.error is None
+    assert late.metrics["convex/solve_seconds"] > 1.2  # the limit and its margin of max(1 s, half the limit)
+    assert "abandoned" in late.messages[0] and "step 0" in late.messages[0]
+    assert solved.metrics["convex/status"] == Status.OPTIMAL.code  # by a fresh worker, with the data sent again
+
+
+@pytest.mark.slow  # the worker process imports torch (and the solvers)
+def test_a_failed_worker_comes_back_as_a_failed_outcome_and_is_replaced(solve_queue, queues, monkeypatch):
+    from hcl.convex.status import Status
+
+    monkeypatch.setattr(solve_queue, "solve", scripted_solve)
+    X, Y = _data()
+    q = solve_queue.SolveQueue(owner="Probe", worker="process", max_pending=5, time_limit=None, X=X, Y=Y)
+    queues.append(q)
+    assert q.submit(_spec("die"), _snapshot(0))
+    [(step, failed)] = q.collect(wait=True)
+    assert step == 0 and failed.metrics == {"convex/status": Status.FAILED.code}
+    assert "exit code 7" in failed.error and failed.messages[0].startswith("Probe: the background solve of step 0")
+    assert q.submit(_spec("fake"), _snapshot(1))
+    [(step, solved)] = q.collect(wait=True)
+    assert step == 1 and solved.metrics["convex/status"] == Status.OPTIMAL.code
+
+
+def test_cancel_drops_the_queued_snapshots(solve_queue, queues, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(solve_queue, "solve", lambda problem, solver, **options: release.wait(10))
+    X, Y = _data()
+    q = solve_queue.SolveQueue(owner="Probe", worker="thread", max_pending=3, time_limit=None, X=X, Y=Y)
+    queues.append(q)
+    for step in range(3):
+        q.submit(_spec("fake"), _snapshot(step))
+    q.cancel()
+    release.set()
+    assert len(q) == 0 and q.collect(wait=True) == []
+
+
+@pytest.mark.parametrize("kind", [pytest.param("process", marks=pytest.mark.slow), "thread"])
+def test_a_chain_starts_each_solve_from_the_last_solution(solve_queue, queues, monkeypatch, kind):
+    """Where the solves run: the thread worker uses the chain given, the process worker a chain of its own."""
+    from hcl.convex.snapshot import WarmStartChain
+
+    monkeypatch.setattr(solve_queue, "solve", scripted_solve)
+    X, Y = _data()
+    for chain in (None, WarmStartChain()):  # both queues at once: their workers start side by side
+        queues.append(solve_queue.SolveQueue(owner="Probe", worker=kind, max_pending=3, time_limit=None, X=X, Y=Y,
+                                             chain=chain))
+        for step in range(3):  # one snapshot, solved three times (the gated value is the solver's own)
+            queues[-1].submit(_spec("halve", gated=True), replace(_snapshot(0), step=step))
+    values = {chained: [outcome.metrics["convex/optimum"] for _, outcome in q.collect(wait=True)]
+              for chained, q in zip((False, True), queues)}
+    assert values[False][0] == values[False][1] == values[False][2]  # each from the network's point
+    assert values[True][0] == values[False][0]  # the first of a chain too
+    assert values[True][0] > values[True][1] > values[True][2]  # then from a point halved once more each time
