@@ -1,8 +1,12 @@
-"""Lightning callbacks that watch a two-layer ReLU network's activation patterns and convex reformulation."""
+"""Lightning callbacks that watch a two-layer ReLU network's activation patterns and convex reformulation.
+
+:class:`StackCallback` is their common base: subclass it for a callback of your own that watches the stack.
+"""
 
 from hcl.callbacks.activation_points import ActivationPointPlot
+from hcl.callbacks.base import StackCallback
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.global_optimum import GlobalOptimumMonitor
 from hcl.callbacks.pattern_monitor import PatternMonitor
 
-__all__ = ["ActivationPointPlot", "ConvexGapMonitor", "GlobalOptimumMonitor", "PatternMonitor"]
+__all__ = ["ActivationPointPlot", "ConvexGapMonitor", "GlobalOptimumMonitor", "PatternMonitor", "StackCallback"]

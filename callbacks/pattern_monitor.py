@@ -20,27 +20,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from hcl import dashboard
-from hcl.monitoring import (
-    check_every_n_steps,
-    check_probe,
-    flush_loggers,
-    is_due,
-    log_scalars,
-    mark_resumed_run,
-    training_data,
-    warn_if_no_logger,
-)
-from hcl.network import ReLUStack, find_relu_stack
+from hcl.callbacks.base import StackCallback
+from hcl.callbacks.logs import log_scalars
 from hcl.patterns import PatternTracker, pack_signs, pre_activations
 
 
-class PatternMonitor(Callback):
+class PatternMonitor(StackCallback):
     r"""Log the hidden layer's activation-pattern counts at the trainer's global step.
 
     Logged keys (at steps ``0, k, 2k, …`` with ``k = every_n_steps``, using the weights the training step at that
@@ -77,6 +67,10 @@ class PatternMonitor(Callback):
         trainer = Trainer(callbacks=[PatternMonitor(every_n_steps=1)])
     """
 
+    needs_target = False
+    resolves_objective = False
+    state_key_fields = ("every_n_steps", "layer")
+
     def __init__(
         self,
         every_n_steps: int = 1,
@@ -85,17 +79,8 @@ class PatternMonitor(Callback):
         output_layer: str | None = None,
         max_samples: int | None = None,
     ) -> None:
-        self.every_n_steps = check_every_n_steps(every_n_steps)
-        self.probe = check_probe(probe)
-        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                        or max_samples < 1):
-            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-        self.layer = layer
-        self.output_layer = output_layer
-        self.max_samples = max_samples
+        super().__init__(every_n_steps, probe=probe, layer=layer, output_layer=output_layer, max_samples=max_samples)
         self._tracker = PatternTracker()
-        self._last_step = -1
-        self._stack: ReLUStack | None = None
         self._data: Tensor | None = None
         self._hook = None
         self._pending: int | None = None  # the due step whose patterns the next training forward pass records
@@ -103,28 +88,15 @@ class PatternMonitor(Callback):
         self._trainer: pl.Trainer | None = None
         self._warned_nonfinite = False
 
-    @property
-    def state_key(self) -> str:
-        # Lightning reads it at every hook call (profiler names): built once.
-        if getattr(self, "_state_key", None) is None:
-            self._state_key = self._generate_state_key(every_n_steps=self.every_n_steps, layer=self.layer)
-        return self._state_key
-
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._stack = find_relu_stack(pl_module, self.layer, self.output_layer)
-        if self.probe is not None:
-            self._stack.inputs(self.probe)  # shape check before training
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         dashboard.register_charts(trainer, "hcl", {"unique activation patterns": ["patterns/unique"],
                                                    "pattern changes": ["patterns/changed", "patterns/new"]})
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        warn_if_no_logger(trainer, type(self).__name__)
-        dashboard.write_layout(trainer)
-        mark_resumed_run(trainer)
-        X, _ = training_data(trainer, self.probe, None, self.max_samples)
-        self._data = self._stack.inputs(X)
+        super().on_train_start(trainer, pl_module)
+        self._data, _ = self.training_data(trainer)
         self._trainer = trainer
         self._pending = None
         # Patterns are taken in the training step's own forward pass: of exactly the weights its loss uses, even when
@@ -135,10 +107,9 @@ class PatternMonitor(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if not is_due(step, self.every_n_steps, self._last_step):
+        step = self.due_step(trainer)
+        if step is None:
             return
-        self._last_step = step
         self._pending = step
         # The batch is the monitored data itself (full-batch training on the data module's tensors): the patterns
         # are the sign of the hidden layer's output, at no extra matrix product.
@@ -158,15 +129,15 @@ class PatternMonitor(Callback):
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._remove_hook()
-        flush_loggers(trainer)  # what was logged before the failure stays on disk
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step, "tracker": self._tracker.state_dict()}
+        return {**super().state_dict(), "tracker": self._tracker.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict["last_step"]
+        super().load_state_dict(state_dict)
         self._tracker.load_state_dict(state_dict["tracker"])
 
     # ------------------------------------------------------------------ helpers

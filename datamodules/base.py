@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from hcl.checks import is_int
+
 _SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -170,13 +172,13 @@ class TensorDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be None (full batch) or a positive integer, got {batch_size!r}")
-        if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+        if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
             raise ValueError(f"num_classes must be None (regression) or a positive integer, got {num_classes!r}")
         if not isinstance(shard, bool):
             raise TypeError(f"shard must be a bool, got {type(shard).__name__}")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         given = {"train": train, "val": val, "test": test}
         for split, pair in given.items():
@@ -326,15 +328,15 @@ class _TorchvisionClassification(TensorDataModule):
         shard: bool = True,
         seed: int = 0,
     ) -> None:
-        if subset is not None and (not _is_int(subset) or subset < 1):
+        if subset is not None and (not is_int(subset) or subset < 1):
             raise ValueError(f"subset must be None (whole training set) or a positive integer, got {subset!r}")
-        if not _is_int(val_size) or val_size < 0:
+        if not is_int(val_size) or val_size < 0:
             raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
         if classes is not None:
             classes = list(classes)
             if len(classes) < 2:
                 raise ValueError(f"classes must list at least two classes, got {classes}")
-            if any(not _is_int(c) or not 0 <= c < self._total_classes for c in classes):
+            if any(not is_int(c) or not 0 <= c < self._total_classes for c in classes):
                 raise ValueError(f"classes must be integers in [0, {self._total_classes}), got {classes}")
             if len(set(classes)) != len(classes):
                 raise ValueError(f"classes must not repeat a class, got {classes}")
@@ -428,7 +430,3 @@ class _TorchvisionClassification(TensorDataModule):
 
 def _labels(dataset: Any) -> Tensor:
     return torch.as_tensor(dataset.targets, dtype=torch.int64)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

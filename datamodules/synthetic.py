@@ -2,8 +2,9 @@ r"""
 Synthetic regression
 ====================
 
-The seed's small data sets, generated deterministically from a seed: Gaussian inputs with linear labels,
-a few explicit (or uniform) points on a line, and orthonormal inputs with Gaussian labels.
+The small data sets of the experiments in ``docs/experiments.md``, generated deterministically from a seed:
+Gaussian inputs with linear labels, a few explicit (or uniform) points on a line, and orthonormal inputs with
+Gaussian labels.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-from hcl.datamodules.base import TensorDataModule, _is_int, resolve_dtype
+from hcl.checks import is_int
+from hcl.datamodules.base import TensorDataModule, resolve_dtype
 
 KINDS = ("gaussian_linear", "points", "orthogonal")
 
@@ -31,8 +33,8 @@ class SyntheticRegression(TensorDataModule):
     * ``"orthogonal"``: ``n ≤ d`` orthonormal rows (``d`` defaults to 10, ``n`` to ``d``) and
       ``y ~ N(0, I)``, a set every network with enough neurons can interpolate.
 
-    ``append_ones`` adds a last column of ones to the inputs (the seed's bias column), so ``in_features``
-    is then ``d + 1``. The seed's single-neuron example ``x1 = (−0.2, 1), x2 = (1, 1)`` is
+    ``append_ones`` adds a last column of ones to the inputs (a bias column), so ``in_features``
+    is then ``d + 1``. The single-neuron example (b) of ``docs/experiments.md``, ``x1 = (−0.2, 1), x2 = (1, 1)``, is
     ``SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True)``.
 
     ``val_n`` / ``test_n`` extra points come from the same law as the training points (same ``β``, same
@@ -62,7 +64,7 @@ class SyntheticRegression(TensorDataModule):
 
     Example::
 
-        dm = SyntheticRegression(n=100, d=10, seed=0)      # the seed's experiment (c)
+        dm = SyntheticRegression(n=100, d=10, seed=0)      # experiment (c)
         dm = SyntheticRegression(kind="points", n=4, append_ones=True, seed=1)   # experiment (d)
     """
 
@@ -88,7 +90,7 @@ class SyntheticRegression(TensorDataModule):
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         for name, value, smallest in (("n", n, 1), ("d", d, 1), ("val_n", val_n, 0), ("test_n", test_n, 0)):
-            if value is not None and (not _is_int(value) or value < smallest):
+            if value is not None and (not is_int(value) or value < smallest):
                 raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")
         if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
             raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")

@@ -1,6 +1,22 @@
-"""hcl: train two-layer ReLU networks while watching their hidden convex reformulation."""
+"""hcl: train two-layer ReLU networks while watching their hidden convex reformulation.
 
-from hcl.model import TwoLayerReLU
+The convex engine (``hcl.convex``, ``hcl.patterns``) imports without Lightning; ``TwoLayerReLU`` loads it on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hcl.model import TwoLayerReLU
 
 __version__ = "0.1.0"
 __all__ = ["TwoLayerReLU"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TwoLayerReLU":
+        from hcl.model import TwoLayerReLU
+
+        return TwoLayerReLU
+    raise AttributeError(f"module 'hcl' has no attribute {name!r}")

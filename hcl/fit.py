@@ -1,8 +1,8 @@
 """``python -m hcl.fit``: train a two-layer ReLU network from a YAML config (LightningCLI).
 
-With no arguments it runs the embedded default (``hcl/default.yaml``): the seed's 100 × 10 synthetic
-experiment, with the pattern and convex-gap monitors, in well under a minute on a CPU. Everything else is
-LightningCLI: ``--config configs/<experiment>.yaml``, ``--print_config``, ``--model.hidden=50``,
+With no arguments it runs the embedded default (``hcl/default.yaml``): the 100 × 10 synthetic experiment (c)
+of ``docs/experiments.md``, with the pattern and convex-gap monitors, in well under a minute on a CPU. Everything
+else is LightningCLI: ``--config configs/<experiment>.yaml``, ``--print_config``, ``--model.hidden=50``,
 ``--trainer.max_steps=...``, ``--trainer.callbacks+=...``, ``--seed_everything``, plus ``--ckpt_path`` to
 resume. Logs go under ``--trainer.default_root_dir``.
 
@@ -28,7 +28,7 @@ from hcl.model import TwoLayerReLU
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    # The seed logs every gradient step; Lightning's default (50) would drop most of them.
+    # The experiments plot every gradient step; Lightning's default (50) would drop most of them.
     "log_every_n_steps": 1,
     "enable_progress_bar": True,
 }

@@ -1,6 +1,6 @@
 """The two-layer ReLU network whose training hcl watches.
 
-``f(x) = Σ_i relu(w_i·x + b_i) α_i (+ b₀)``, trained on the objective of the project's convex note::
+``f(x) = Σ_i relu(w_i·x + b_i) α_i (+ b₀)``, trained on the objective of ``docs/convex.md``::
 
     L(W, α) = s · Σ_j ‖f(x_j) − y_j‖² + λ Σ_i (‖w̃_i‖² + ‖α_i‖²)
 
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from hcl.convex.problem import REDUCTIONS, data_scale
+from hcl.checks import check_reduction, check_weight_decay
+from hcl.convex.problem import data_scale
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
 INITS = ("uniform", "normal", "kaiming")
@@ -28,7 +29,7 @@ LOSSES = ("squared", "cross_entropy")
 
 
 class TwoLayerReLU(pl.LightningModule):
-    """A two-layer ReLU network ``Linear → ReLU → Linear`` trained on the note's objective ``L``.
+    """A two-layer ReLU network ``Linear → ReLU → Linear`` trained on the objective ``L`` of ``docs/convex.md``.
 
     Logged keys (every training step): ``train/data_loss`` (``s Σ‖f(x) − y‖²``, or ``s Σ`` cross-entropy),
     ``train/penalty`` (``λ Σ (‖w̃‖² + ‖α‖²)``), ``train/objective`` (their sum), and ``train/acc`` for
@@ -45,7 +46,7 @@ class TwoLayerReLU(pl.LightningModule):
         in_features: input dimension ``d`` (inputs are flattened).
         hidden: number of hidden neurons ``m``.
         out_features: ``1`` for regression, ``c`` for ``c``-class classification.
-        bias: first-layer bias (the seed's column of ones), part of the penalty.
+        bias: first-layer bias (a column of ones in the folded data), part of the penalty.
         output_bias: unpenalised output bias.
         reduction: ``"sum"`` (``s = 1``) or ``"mean"`` (``s = 1/n``).
         weight_decay: ``λ ≥ 0``.
@@ -89,12 +90,11 @@ class TwoLayerReLU(pl.LightningModule):
         for name, value in (("in_features", in_features), ("hidden", hidden), ("out_features", out_features)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        _check_choice("reduction", reduction, REDUCTIONS)
+        check_reduction(reduction)
         _check_choice("loss", loss, LOSSES)
         _check_choice("optimizer", optimizer, OPTIMIZERS)
         _check_choice("init", init, INITS)
-        if not math.isfinite(weight_decay) or weight_decay < 0:
-            raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {weight_decay}")
+        check_weight_decay(weight_decay)
         if not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a positive number, got {lr}")
         if not math.isfinite(init_scale) or init_scale <= 0:

@@ -8,14 +8,22 @@ The callbacks work with :class:`hcl.TwoLayerReLU` and with any module that holds
 - otherwise the stack named by ``layer``: the qualified name of its hidden ``nn.Linear`` (e.g. ``"net.0"``),
   the output layer being the next ``nn.Linear`` after a ``ReLU`` in the same ``Sequential``, or named by
   ``output_layer`` for modules that are not a ``Sequential``.
+
+:class:`ReLUStack` also checks that a module computes what its stack does, and writes a convex solution's weights
+into the stack.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from hcl.convex.problem import ConvexProblem, ConvexSolution
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,99 @@ class ReLUStack:
     def finite(self) -> bool:
         """Whether every weight of the stack is finite."""
         return all(bool(torch.isfinite(t).all()) for t in self.weights() if t is not None)
+
+    def check_forward(self, module: nn.Module, X: Tensor, rows: int = 8) -> None:
+        """Refuse a ``module`` whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of this stack.
+
+        The convex problem describes the stack only; a module that computes something else (a deeper network, extra
+        layers, a scaled output) would get meaningless numbers. The first ``rows`` samples of ``X`` (inputs as the
+        hidden layer takes them) are run through ``module`` in eval mode; its modes are restored afterwards. A module
+        whose forward does not take a plain input tensor cannot be checked and is let through, and so are non-finite
+        weights (reported elsewhere).
+
+        Raises:
+            ValueError: the module's output has another size, or other values, than the stack's.
+        """
+        sample = X[:rows]
+        weight, bias, output_weight, output_bias = self.weights()
+        modes = {sub: sub.training for sub in module.modules()}
+        module.eval()
+        try:
+            with torch.no_grad():
+                expected = F.linear(torch.relu(F.linear(sample, weight, bias)), output_weight, output_bias)
+                try:
+                    actual = module(sample)
+                except Exception:  # noqa: BLE001 - e.g. a forward that expects a dict batch: nothing to compare
+                    return
+        finally:
+            for sub, mode in modes.items():
+                sub.training = mode
+        if not isinstance(actual, Tensor) or actual.numel() != expected.numel():
+            shape = tuple(actual.shape) if isinstance(actual, Tensor) else type(actual).__name__
+            raise ValueError(
+                f"the model's output ({shape}) is not that of its two-layer ReLU stack {self.name!r} "
+                f"({tuple(expected.shape)}): the convex problem describes a network Linear → ReLU → Linear only"
+            )
+        actual = actual.reshape(expected.shape).to(expected)
+        if not (torch.isfinite(expected).all() and torch.isfinite(actual).all()):
+            return
+        scale = expected.abs().max().clamp_min(1e-12)
+        # float32 forwards round at ~1e-7 relative per operation; a different network differs by far more.
+        tolerance = 1e-4 if expected.dtype == torch.float64 else 1e-3
+        if float((actual - expected).abs().max() / scale) > tolerance:
+            raise ValueError(
+                f"the model's output differs from that of its two-layer ReLU stack {self.name!r} (hidden layer → "
+                "ReLU → output layer): a deeper network, extra layers or a scaled output? The convex problem "
+                "describes a network Linear → ReLU → Linear only; name another stack with layer=/output_layer=, or "
+                "use a two-layer model"
+            )
+
+    def mapped_weights(
+        self, problem: ConvexProblem, solution: ConvexSolution
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The network weights ``(W̃, A, b₀)`` of a convex solution, on the CPU, ready for :meth:`load_weights`.
+
+        ``W̃`` holds the hidden bias as its last column when the stack has one (``problem`` was built so).
+
+        Raises:
+            ValueError: the solution cannot be mapped to network weights, or needs more neurons than the stack has.
+        """
+        try:
+            W, A, b0 = problem.to_network(solution.U, solution.V, solution.b0)
+        except Exception as err:  # noqa: BLE001 - one error type for the caller, whatever the mapping raised
+            raise ValueError(f"the convex solution could not be mapped to network weights ({type(err).__name__}: "
+                             f"{err})") from err
+        width = self.hidden.out_features
+        if W.shape[0] > width:
+            raise ValueError(f"the convex solution needs {W.shape[0]} neurons but the network has {width}")
+        return W.detach().cpu(), A.detach().cpu(), None if b0 is None else b0.detach().cpu()
+
+    @torch.no_grad()
+    def load_weights(self, W: Tensor, A: Tensor, b0: Tensor | None = None) -> None:
+        """Replace the stack's weights by ``(W̃, A, b₀)``, zero-padded to the stack's width.
+
+        Args:
+            W: ``(k, in_features)``, or ``(k, in_features + 1)`` with the hidden bias as last column; ``k`` at most
+                the width. Neurons ``k`` and beyond get zero weights (they then add nothing to the output).
+            A: ``(out_features, k)`` output weight.
+            b0: ``(out_features,)`` output bias, loaded when the stack has one.
+
+        Raises:
+            ValueError: ``W`` has more rows than the stack has neurons.
+        """
+        hidden, output = self.hidden, self.output
+        k = W.shape[0]
+        if k > hidden.out_features:
+            raise ValueError(f"{k} neurons do not fit in the hidden layer {self.name!r} of {hidden.out_features}")
+        hidden.weight.zero_()
+        output.weight.zero_()
+        hidden.weight[:k] = W[:, : hidden.in_features].to(hidden.weight)
+        if hidden.bias is not None:
+            hidden.bias.zero_()
+            hidden.bias[:k] = W[:, -1].to(hidden.bias)
+        output.weight[:, :k] = A.to(output.weight)
+        if output.bias is not None and b0 is not None:
+            output.bias.copy_(b0.to(output.bias))
 
 
 def find_relu_stack(module: nn.Module, layer: str | None = None, output_layer: str | None = None) -> ReLUStack:

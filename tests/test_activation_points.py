@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import io
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
 
 from hcl import TwoLayerReLU
-from hcl.callbacks.activation_points import (
+from hcl.activation_geometry import (
     ActivationPointFigure,
-    ActivationPointPlot,
+    Frame,
     InputLayout,
     input_layout,
+    network_curve,
     neuron_markers,
 )
+from hcl.callbacks import ActivationPointPlot
 from hcl.datamodules import SyntheticRegression
-
-
-def _trainer(tmp_path, callbacks, max_steps):
-    return pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="run"), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
-    )
 
 
 def _images(log_dir, tag):
@@ -87,6 +79,28 @@ def test_markers_sit_where_each_neuron_switches_on_and_measure_its_slope(with_bi
     assert torch.equal(markers.positive, alpha.reshape(-1) >= 0)
 
 
+def test_curve_and_frame_are_the_networks_output_and_markers():
+    generator = torch.Generator().manual_seed(1)
+    model = TwoLayerReLU(in_features=2, hidden=5, output_bias=True).double()
+    layout = InputLayout(0, 1, 2)  # x first, then the ones column
+    grid = torch.linspace(-1.5, 1.5, 31, dtype=torch.float64)
+    weight, output_weight = model.hidden_layer.weight.detach(), model.output_layer.weight.detach()
+    output_bias = model.output_layer.bias.detach() + torch.randn(1, generator=generator, dtype=torch.float64)
+    curve = network_curve(grid, weight, None, output_weight, output_bias, layout)
+    with torch.no_grad():
+        model.output_layer.bias.copy_(output_bias)
+        expected = model(torch.stack([grid, torch.ones_like(grid)], 1)).reshape(-1)
+    assert torch.allclose(curve, expected, atol=1e-12)
+
+    markers = neuron_markers(weight, None, output_weight, layout)
+    frame = Frame.of(3, 0.25, markers, curve)
+    assert frame.step == 3 and frame.objective == 0.25
+    assert frame.right.dtype == np.bool_ and np.array_equal(frame.right, markers.right.numpy())
+    assert np.array_equal(frame.positive, markers.positive.numpy())
+    assert np.allclose(frame.position, markers.position.numpy(), equal_nan=True)
+    assert np.allclose(frame.curve, expected.numpy(), atol=1e-12)
+
+
 def _colour_pixels(image):
     r, g, b = (image[..., k].astype(int) for k in range(3))
     green = (g > r + 60) & (g > b + 60)
@@ -95,17 +109,15 @@ def _colour_pixels(image):
 
 
 def test_picture_colours_neurons_by_the_sign_of_their_output_weight():
-    from hcl.callbacks.activation_points import _Frame
-
     grid = np.linspace(-2, 2, 400)
     x, y = np.array([-0.5, 0.5]), np.array([0.2, 0.8])
     figure = ActivationPointFigure(grid, x, y, (-2.0, 2.0), figsize=(4, 3), dpi=60)
     # The legend shows one marker of each colour: draw without neurons first to measure it.
-    empty = _Frame(0, 0.1, np.array([np.nan]), np.array([0.0]), np.array([True]), np.array([True]), 0 * grid)
+    empty = Frame(0, 0.1, np.array([np.nan]), np.array([0.0]), np.array([True]), np.array([True]), 0 * grid)
     legend_green, legend_red = _colour_pixels(figure.render(empty))
     positions = np.array([-1.0, 0.0, 1.0])
     for positive in (True, False):
-        frame = _Frame(1, 0.1, positions, np.array([0.5, 1.0, 0.7]), np.array([True, False, True]),
+        frame = Frame(1, 0.1, positions, np.array([0.5, 1.0, 0.7]), np.array([True, False, True]),
                        np.full(3, positive), 0.3 * grid)
         image = figure.render(frame)
         assert image.shape == (180, 240, 3)
@@ -117,13 +129,13 @@ def test_picture_colours_neurons_by_the_sign_of_their_output_weight():
             assert red > legend_red + 20 and green <= legend_green + 3
 
 
-def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(tmp_path):
+def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(tmp_path, make_trainer):
     torch.manual_seed(0)
     data = SyntheticRegression(kind="points", x=[-0.7, -0.3, 0.7, 0.8], y=[0.28, 0.52, 1.12, 1.18],
                                append_ones=True, dtype="float64")
     model = TwoLayerReLU(in_features=2, hidden=6, lr=0.2, init="normal")
     plot = ActivationPointPlot(every_n_steps=3, gif=True, x_range=(-2.0, 2.0), figsize=(4, 3), dpi=50)
-    _trainer(tmp_path, [plot], max_steps=7).fit(model, datamodule=data)
+    make_trainer([plot], max_steps=7).fit(model, datamodule=data)
 
     events = _images(tmp_path, "activation_points")
     assert [e.step for e in events] == [0, 3, 6, 7]  # every 3 steps, plus the final weights
@@ -144,14 +156,14 @@ def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(
     assert plot.frames[0].objective > plot.frames[-1].objective
 
 
-def test_unsupported_models_and_data_are_refused(tmp_path):
+def test_unsupported_models_and_data_are_refused(make_trainer):
     data = SyntheticRegression(kind="points", x=[[0.1, 0.2], [0.3, -0.1], [0.5, 0.9]], y=[0.0, 1.0, 0.5],
                                dtype="float64")
     with pytest.raises(ValueError, match="1-D data"):
-        _trainer(tmp_path, [ActivationPointPlot()], 1).fit(TwoLayerReLU(in_features=2, hidden=3, bias=True),
+        make_trainer([ActivationPointPlot()], 1).fit(TwoLayerReLU(in_features=2, hidden=3, bias=True),
                                                            datamodule=data)
     with pytest.raises(ValueError, match="scalar output"):
-        _trainer(tmp_path, [ActivationPointPlot()], 1).fit(
+        make_trainer([ActivationPointPlot()], 1).fit(
             TwoLayerReLU(in_features=2, hidden=3, out_features=2), datamodule=data)
 
 

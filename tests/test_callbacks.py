@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from _events import read_scalars, tensor_tags
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,14 +19,6 @@ from hcl.datamodules import SyntheticRegression
 from hcl.patterns import activation_patterns, unique_patterns
 
 
-def _trainer(tmp_path, callbacks, max_steps=12, logger=True):
-    return pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="run") if logger else False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
-    )
-
-
 def _seed_c(n=60, d=6, hidden=10, bias=False, init_scale=1e-2, weight_decay=0.0, lr=0.05):
     torch.manual_seed(0)
     data = SyntheticRegression(kind="gaussian_linear", n=n, d=d, seed=0, dtype="float64")
@@ -36,12 +27,12 @@ def _seed_c(n=60, d=6, hidden=10, bias=False, init_scale=1e-2, weight_decay=0.0,
     return model, data
 
 
-def test_pattern_monitor_logs_counts_that_match_the_weights(tmp_path):
+def test_pattern_monitor_logs_counts_that_match_the_weights(tmp_path, make_trainer):
     model, data = _seed_c(init_scale=1.0, lr=0.2)
     data.setup("fit")
     X, _ = data.train_tensors()
     initial = activation_patterns(X.double(), model.hidden_layer.weight.detach().double())
-    trainer = _trainer(tmp_path, [PatternMonitor(every_n_steps=1)], max_steps=10)
+    trainer = make_trainer([PatternMonitor(every_n_steps=1)], max_steps=10)
     trainer.fit(model, datamodule=data)
     s = read_scalars(tmp_path)
     for tag in ("patterns/unique", "patterns/dead", "patterns/changed", "patterns/new"):
@@ -54,7 +45,7 @@ def test_pattern_monitor_logs_counts_that_match_the_weights(tmp_path):
     assert all(0 <= v <= 10 for _, v in s["patterns/unique"])
 
 
-def test_forward_hook_and_recomputation_give_the_same_series(tmp_path):
+def test_forward_hook_and_recomputation_give_the_same_series(tmp_path, make_trainer):
     """Full-batch runs read patterns from the forward pass; a probe recomputes them: both must agree."""
     runs = {}
     for name, probe in (("hook", None), ("probe", True)):
@@ -62,7 +53,7 @@ def test_forward_hook_and_recomputation_give_the_same_series(tmp_path):
         data.setup("fit")
         X, _ = data.train_tensors()
         monitor = PatternMonitor(every_n_steps=2, probe=X if probe else None)
-        _trainer(tmp_path / name, [monitor], max_steps=15).fit(model, datamodule=data)
+        make_trainer([monitor], max_steps=15, root=tmp_path / name).fit(model, datamodule=data)
         runs[name] = read_scalars(tmp_path / name)
     for tag in ("patterns/unique", "patterns/dead", "patterns/changed", "patterns/new"):
         assert runs["hook"][tag] == runs["probe"][tag]
@@ -72,10 +63,10 @@ def test_forward_hook_and_recomputation_give_the_same_series(tmp_path):
 
 @pytest.mark.parametrize("formulation", ["neurons", "patterns"])
 @pytest.mark.parametrize("bias,weight_decay", [(False, 0.0), (True, 1e-2)])
-def test_convex_optimum_never_exceeds_the_objective(tmp_path, formulation, bias, weight_decay):
+def test_convex_optimum_never_exceeds_the_objective(tmp_path, make_trainer, formulation, bias, weight_decay):
     model, data = _seed_c(bias=bias, weight_decay=weight_decay, init_scale=0.5)
     monitor = ConvexGapMonitor(every_n_steps=1, formulation=formulation, solver="clarabel")
-    _trainer(tmp_path, [monitor], max_steps=8).fit(model, datamodule=data)
+    make_trainer([monitor], max_steps=8).fit(model, datamodule=data)
     s = read_scalars(tmp_path)
     steps = [step for step, _ in s["convex/optimum"]]
     assert steps == list(range(8))
@@ -91,14 +82,14 @@ def test_convex_optimum_never_exceeds_the_objective(tmp_path, formulation, bias,
     assert "custom_scalars__config__" in tensor_tags(tmp_path)
 
 
-def test_both_formulations_reproduce_the_seed_step_zero_picture(tmp_path):
+def test_both_formulations_reproduce_the_seed_step_zero_picture(tmp_path, make_trainer):
     """Seed (c) at step 0: the per-neuron problem is far above 0, the pattern problem fits the linear labels."""
     torch.manual_seed(0)
     data = SyntheticRegression(kind="gaussian_linear", n=100, d=10, seed=0, dtype="float64")
     model = TwoLayerReLU(in_features=10, hidden=20, init="normal", init_scale=1e-3, lr=0.05)
     monitors = [ConvexGapMonitor(formulation="neurons", solver="clarabel", prefix="convex"),
                 ConvexGapMonitor(formulation="patterns", solver="clarabel", prefix="convex_patterns")]
-    _trainer(tmp_path, monitors, max_steps=1).fit(model, datamodule=data)
+    make_trainer(monitors, max_steps=1).fit(model, datamodule=data)
     s = read_scalars(tmp_path)
     neurons, patterns = s["convex/optimum"][0][1], s["convex_patterns/optimum"][0][1]
     loss = s["convex/nonconvex_objective"][0][1]
@@ -126,7 +117,7 @@ class _UserModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_user_style_module_works_unchanged(tmp_path):
+def test_user_style_module_works_unchanged(tmp_path, make_trainer):
     torch.manual_seed(1)
     X = torch.randn(40, 3, dtype=torch.float64)
     y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3
@@ -135,7 +126,7 @@ def test_user_style_module_works_unchanged(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callbacks = [PatternMonitor(), ConvexGapMonitor(formulation="patterns", solver="clarabel")]
-        _trainer(tmp_path, callbacks, max_steps=5).fit(model, loader)
+        make_trainer(callbacks, max_steps=5).fit(model, loader)
     assert any("weight_decay" in str(w.message) for w in caught)  # λ = 0, mean: said, not silently assumed
     s = read_scalars(tmp_path)
     losses = dict(s["train_loss"])
@@ -146,7 +137,7 @@ def test_user_style_module_works_unchanged(tmp_path):
     assert len(s["patterns/unique"]) == 5
 
 
-def test_model_without_a_stack_is_refused_at_setup(tmp_path):
+def test_model_without_a_stack_is_refused_at_setup(make_trainer):
     class ThreeLayers(_UserModule):
         def __init__(self):
             super().__init__()
@@ -154,17 +145,17 @@ def test_model_without_a_stack_is_refused_at_setup(tmp_path):
 
     loader = DataLoader(TensorDataset(torch.randn(10, 3), torch.randn(10)), batch_size=10)
     with pytest.raises(ValueError, match="no two-layer ReLU stack.*net.0"):
-        _trainer(tmp_path, [ConvexGapMonitor()], max_steps=1, logger=False).fit(ThreeLayers(), loader)
+        make_trainer([ConvexGapMonitor()], max_steps=1, logger=False).fit(ThreeLayers(), loader)
 
 
-def test_a_failing_solver_warns_and_training_goes_on(tmp_path, monkeypatch):
+def test_a_failing_solver_warns_and_training_goes_on(tmp_path, make_trainer, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("solver exploded")
 
     monkeypatch.setattr(convex_gap_module, "solve", broken)
     model, data = _seed_c()
     with pytest.warns(UserWarning, match="solver exploded"):
-        _trainer(tmp_path, [ConvexGapMonitor()], max_steps=4).fit(model, datamodule=data)
+        make_trainer([ConvexGapMonitor()], max_steps=4).fit(model, datamodule=data)
     s = read_scalars(tmp_path)
     assert [v for _, v in s["convex/status"]] == [3.0] * 4
     assert len(s["train/objective"]) == 4  # training was not interrupted
@@ -172,11 +163,11 @@ def test_a_failing_solver_warns_and_training_goes_on(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("formulation", ["neurons", "patterns"])
-def test_previous_solution_warm_start_carries_each_solve_to_the_next(tmp_path, monkeypatch, formulation):
+def test_previous_solution_warm_start_carries_each_solve_to_the_next(tmp_path, make_trainer, monkeypatch, formulation):
     """warm_start="previous": every solve after the first starts from the last solution, remapped to the new
     patterns; the optima are those of the default start (both are certified to the solver's tolerance)."""
+    from hcl.convex import solve as real_solve
     from hcl.convex.native import remap_warm_start
-    from hcl.convex.solve import solve as real_solve
 
     calls = []
 
@@ -192,7 +183,7 @@ def test_previous_solution_warm_start_carries_each_solve_to_the_next(tmp_path, m
         model, data = _seed_c(init_scale=1.0, lr=0.2, weight_decay=1e-2)
         monitor = ConvexGapMonitor(every_n_steps=1, formulation=formulation, solver="native",
                                    warm_start=warm_start)
-        _trainer(tmp_path / warm_start, [monitor], max_steps=6).fit(model, datamodule=data)
+        make_trainer([monitor], max_steps=6, root=tmp_path / warm_start).fit(model, datamodule=data)
         optima[warm_start] = [v for _, v in read_scalars(tmp_path / warm_start)["convex/optimum"]]
         assert len(calls) == 6 and all(solution.ok for _, _, solution in calls)
         assert len(calls[0][1]) == 3  # the network's own point first
@@ -206,33 +197,34 @@ def test_previous_solution_warm_start_carries_each_solve_to_the_next(tmp_path, m
     assert optima["previous"] == pytest.approx(optima["network"], rel=1e-5, abs=1e-9)
 
 
-def test_previous_solution_warm_start_in_the_worker_process(tmp_path):
+@pytest.mark.slow  # starts a worker process
+def test_previous_solution_warm_start_in_the_worker_process(tmp_path, make_trainer):
     """The chain of solutions lives where the solves run: here the worker process."""
     optima = {}
     for name, options in (("sync", {}), ("worker", {"asynchronous": True, "max_pending": 100})):
         model, data = _seed_c(init_scale=1.0, lr=0.2, weight_decay=1e-2)
         monitor = ConvexGapMonitor(every_n_steps=1, solver="native", warm_start="previous", **options)
-        _trainer(tmp_path / name, [monitor], max_steps=5).fit(model, datamodule=data)
+        make_trainer([monitor], max_steps=5, root=tmp_path / name).fit(model, datamodule=data)
         s = read_scalars(tmp_path / name)
         assert [code for _, code in s["convex/status"]] == [0.0] * 5
         optima[name] = [v for _, v in s["convex/optimum"]]
     assert optima["worker"] == pytest.approx(optima["sync"], rel=1e-6, abs=1e-9)
 
 
-def test_non_finite_weights_are_reported_not_solved(tmp_path):
+def test_non_finite_weights_are_reported_not_solved(tmp_path, make_trainer):
     model, data = _seed_c()
     with torch.no_grad():
         model.output_layer.weight[0, 0] = float("nan")
     with pytest.warns(UserWarning, match="non-finite"):
-        _trainer(tmp_path, [ConvexGapMonitor()], max_steps=2).fit(model, datamodule=data)
+        make_trainer([ConvexGapMonitor()], max_steps=2).fit(model, datamodule=data)
     s = read_scalars(tmp_path)
     assert [v for _, v in s["convex/status"]] == [4.0, 4.0]
 
 
-def test_load_solution_moves_the_network_to_the_convex_optimum(tmp_path):
+def test_load_solution_moves_the_network_to_the_convex_optimum(tmp_path, make_trainer):
     model, data = _seed_c(weight_decay=1e-3, init_scale=0.5)
     monitor = ConvexGapMonitor(every_n_steps=2, formulation="neurons", solver="clarabel", load_solution=True)
-    _trainer(tmp_path, [monitor], max_steps=4).fit(model, datamodule=data)
+    make_trainer([monitor], max_steps=4).fit(model, datamodule=data)
     s = read_scalars(tmp_path)
     optimum, before = dict(s["convex/optimum"]), dict(s["convex/nonconvex_objective"])
     after = dict(s["train/objective"])
@@ -269,3 +261,67 @@ def test_folded_bias_patterns_match_the_hidden_layer(tmp_path):
     folded = activation_patterns(fold_bias(X, True), fold_weights(layer.weight.detach(), layer.bias.detach()))
     assert torch.equal(direct, folded)
     assert torch.equal(direct, layer(X).detach() >= 0)
+
+
+# ------------------------------------------------------------------------------ what the callbacks share (base)
+def test_validate_and_test_leave_the_callbacks_alone(make_trainer):
+    """Only fitting searches the stack, resolves λ (with its warning) and registers charts."""
+    from hcl import dashboard
+
+    class ThreeLayers(_UserModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.mse_loss(self(batch[0]).squeeze(-1), batch[1]))
+
+        def test_step(self, batch, batch_idx):
+            self.log("test_loss", nn.functional.mse_loss(self(batch[0]).squeeze(-1), batch[1]))
+
+    loader = DataLoader(TensorDataset(torch.randn(10, 3), torch.randn(10)), batch_size=10)
+    callbacks = [PatternMonitor(), ConvexGapMonitor(solver="clarabel")]
+    trainer = make_trainer(callbacks, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(ThreeLayers(), loader, verbose=False)
+        trainer.test(ThreeLayers(), loader, verbose=False)
+    assert not any("weight_decay" in str(w.message) for w in caught)
+    assert dashboard.layout_of(trainer) == {}
+    with pytest.raises(ValueError, match="no two-layer ReLU stack"):  # fitting the same model is refused
+        trainer.fit(ThreeLayers(), loader)
+
+
+class _OddSteps(PatternMonitor):
+    """A schedule of its own: the odd steps."""
+
+    def should_run(self, step: int) -> bool:
+        return step % 2 == 1
+
+
+def test_should_run_chooses_the_steps(tmp_path, make_trainer):
+    model, data = _seed_c(init_scale=1.0, lr=0.2)
+    make_trainer([_OddSteps()], max_steps=7).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    assert [step for step, _ in s["patterns/unique"]] == [1, 3, 5]
+
+
+def test_a_step_is_acted_at_once_and_that_is_saved(make_trainer):
+    """A repeated global step (gradient accumulation, a resume) is not acted at twice; last_step survives a
+    checkpoint; two instances with different arguments have different checkpoint keys."""
+    from types import SimpleNamespace
+
+    monitor = ConvexGapMonitor(every_n_steps=3)
+    due = [monitor.due_step(SimpleNamespace(global_step=step)) for step in (0, 0, 1, 2, 3, 3, 5, 6)]
+    assert due == [0, None, None, None, 3, None, None, 6]
+    assert monitor.last_step == 6
+
+    restored = ConvexGapMonitor(every_n_steps=3)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.due_step(SimpleNamespace(global_step=6)) is None
+    assert restored.due_step(SimpleNamespace(global_step=9)) == 9
+
+    instances = [ConvexGapMonitor(), ConvexGapMonitor(prefix="other"), ConvexGapMonitor(every_n_steps=2),
+                 PatternMonitor(), PatternMonitor(layer="net.0")]
+    assert len({cb.state_key for cb in instances}) == len(instances)
+    assert ConvexGapMonitor().state_key == "ConvexGapMonitor{'prefix': 'convex', 'every_n_steps': 1}"

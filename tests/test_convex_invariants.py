@@ -19,15 +19,6 @@ from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights, network_o
 from hcl.patterns import activation_patterns, enumerate_patterns, sample_patterns
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_optimum(problem: ConvexProblem) -> float:
     """``p*`` of the scalar-output problem of docs/convex.md (signs, output bias), by a loop over patterns."""
     assert problem.c == 1

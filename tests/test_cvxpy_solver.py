@@ -11,15 +11,6 @@ from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_c
 from hcl.convex.problem import ConvexProblem
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_value(problem: ConvexProblem, gated: bool = False) -> float:
     """The optimum, from a loop over patterns with one cvxpy variable per block and sign."""
     X = problem.X.double().numpy()

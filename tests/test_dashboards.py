@@ -34,6 +34,8 @@ from hcl.callbacks.global_optimum import GlobalOptimumMonitor
 from hcl.callbacks.pattern_monitor import PatternMonitor
 from hcl.datamodules import SyntheticRegression
 
+pytestmark = pytest.mark.slow  # a training run, a TensorBoard server and a browser
+
 RUN = "seed_b/version_0"
 HEADER_ORANGE = (245, 124, 0)  # TensorBoard's header bar
 RUN_COLOUR = (255, 112, 67)  # TensorBoard's colour for the first run

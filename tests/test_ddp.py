@@ -20,7 +20,8 @@ from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor, PatternMonitor
 from hcl.fit import main
 
-pytestmark = pytest.mark.timeout(300)  # a collective called on one rank only would hang: fail instead
+# A collective called on one rank only would hang: the timeout fails the test instead.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 CONFIG = """
 seed_everything: 0

@@ -13,6 +13,8 @@ from _events import read_scalars
 
 from hcl.fit import DEFAULT_CONFIG, main
 
+pytestmark = pytest.mark.slow  # every test builds the LightningCLI parser, and one trains in a new process
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

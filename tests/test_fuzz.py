@@ -20,9 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hcl.callbacks.convex_gap as convex_gap_module
+import hcl.callbacks.solve_queue as solve_queue_module
 from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor, PatternMonitor
-from hcl.convex.problem import ConvexSolution
+from hcl.convex import ConvexSolution, Status
 from hcl.datamodules import TensorDataModule
 
 pytestmark = pytest.mark.timeout(60)
@@ -270,13 +271,13 @@ def solve_returns_garbage(problem, solver, **options):
 
 def solve_returns_nan(problem, solver, *, gated=False, warm_start=None, **options):
     U, V, b0 = warm_start
-    return ConvexSolution(value=NAN, U=U * NAN, V=V, b0=b0, status="optimal", solver="nan", solve_seconds=0.0)
+    return ConvexSolution(value=NAN, U=U * NAN, V=V, b0=b0, status=Status.OPTIMAL, solver="nan", solve_seconds=0.0)
 
 
 def solve_slowly(problem, solver, *, gated=False, warm_start=None, **options):
     time.sleep(0.3)
     U, V, b0 = warm_start
-    return ConvexSolution(value=float(problem.objective(U, V, b0)), U=U, V=V, b0=b0, status="optimal",
+    return ConvexSolution(value=float(problem.objective(U, V, b0)), U=U, V=V, b0=b0, status=Status.OPTIMAL,
                           solver="slow", solve_seconds=0.3)
 
 
@@ -359,6 +360,7 @@ def test_problems_during_training_warn_and_training_goes_on(tmp_path, monkeypatc
     _, make_model, make_callbacks, logger, patch, warning, expected = case
     if patch is not None:
         monkeypatch.setattr(convex_gap_module, "solve", patch)
+        monkeypatch.setattr(solve_queue_module, "solve", patch)
     _RELEASE.clear()
     model = make_model()
     callbacks = make_callbacks()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 
 import cvxpy as cp
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from _events import read_scalars
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from hcl import TwoLayerReLU, dashboard
 from hcl.callbacks.convex_gap import ConvexGapMonitor
@@ -19,14 +17,6 @@ from hcl.convex import solve
 from hcl.convex.build import all_patterns_problem
 from hcl.convex.problem import fold_bias, network_objective
 from hcl.datamodules import SyntheticRegression
-
-
-def _trainer(tmp_path, callbacks, max_steps):
-    return pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="run"), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
-    )
 
 
 def _sampled_patterns(Xf: np.ndarray, rng: np.random.Generator, draws: int = 200_000) -> np.ndarray:
@@ -135,14 +125,14 @@ def _points_data(n=6, seed=0, append_ones=True):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path, bias):
+def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path, make_trainer, bias):
     """Invariant 4 in a real run, read back from the event file; λ > 0 so that p*_all > 0."""
     torch.manual_seed(0)
     data = _points_data(append_ones=not bias)
     model = TwoLayerReLU(in_features=1 if bias else 2, hidden=20, bias=bias, weight_decay=1e-3, lr=0.3,
                          init="normal", init_scale=0.5)
     monitor = GlobalOptimumMonitor(every_n_steps=2)
-    _trainer(tmp_path, [monitor], max_steps=40).fit(model, datamodule=data)
+    make_trainer([monitor], max_steps=40).fit(model, datamodule=data)
     s = read_scalars(tmp_path)
     p_star = monitor.optimum
     assert p_star > 1e-4
@@ -158,13 +148,13 @@ def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path,
     assert train[39] < train[0]  # training made progress, so the check covered a range of L
 
 
-def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(tmp_path):
+def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(tmp_path, make_trainer):
     """Experiment (b) of docs/experiments.md: one neuron, two points, λ = 0: p*_all = 0 and the gap closes."""
     data = SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True, dtype="float64")
     model = TwoLayerReLU(in_features=2, hidden=1, bias=False, lr=0.2, hidden_weight=[[0.3, -0.15]],
                          output_weight=[[1.0]])
     monitor = GlobalOptimumMonitor(every_n_steps=5)
-    _trainer(tmp_path, [monitor], max_steps=80).fit(model, datamodule=data)
+    make_trainer([monitor], max_steps=80).fit(model, datamodule=data)
     assert monitor.num_patterns == 3  # {x1}, {x2}, {x1, x2}
     assert abs(monitor.optimum) < 1e-8
     gaps = read_scalars(tmp_path)["convex/global_gap"]
@@ -175,15 +165,16 @@ def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(t
     assert described["convex/global_neurons"] == [(0, float(monitor.num_neurons))]
 
 
-def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path):
+def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path, make_trainer):
     data = _points_data()
-    alone = _trainer(tmp_path / "alone", [GlobalOptimumMonitor()], max_steps=1)
+    alone = make_trainer([GlobalOptimumMonitor()], max_steps=1, root=tmp_path / "alone")
     alone.fit(TwoLayerReLU(in_features=2, hidden=4, lr=0.1), datamodule=data)
     charts = dashboard.layout_of(alone)["hcl"]
     assert charts == {"objective vs global optimum": ["Multiline", ["train/objective", "convex/global_optimum"]],
                       "global gap": ["Multiline", ["convex/global_gap"]]}
 
-    both = _trainer(tmp_path / "both", [GlobalOptimumMonitor(), ConvexGapMonitor(solver="clarabel")], max_steps=1)
+    both = make_trainer([GlobalOptimumMonitor(), ConvexGapMonitor(solver="clarabel")], max_steps=1,
+                        root=tmp_path / "both")
     both.fit(TwoLayerReLU(in_features=2, hidden=4, lr=0.1), datamodule=data)
     charts = dashboard.layout_of(both)["hcl"]
     assert "objective vs global optimum" not in charts  # one chart with all three lines
@@ -191,15 +182,15 @@ def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path):
         "train/objective", "convex/nonconvex_objective", "convex/optimum", "convex/global_optimum"}
 
 
-def test_training_on_unsupported_data_fails_before_the_first_step(tmp_path):
+def test_training_on_unsupported_data_fails_before_the_first_step(tmp_path, make_trainer):
     data = SyntheticRegression(kind="gaussian_linear", n=10, d=3, dtype="float64")
     model = TwoLayerReLU(in_features=3, hidden=4, bias=True)
     with pytest.raises(ValueError, match="1-D or 2-D data"):
-        _trainer(tmp_path, [GlobalOptimumMonitor()], max_steps=2).fit(model, datamodule=data)
+        make_trainer([GlobalOptimumMonitor()], max_steps=2).fit(model, datamodule=data)
     assert model.trainer.global_step == 0
     data = _points_data(append_ones=False)
     with pytest.raises(ValueError, match="needs a bias"):
-        _trainer(tmp_path, [GlobalOptimumMonitor()], max_steps=2).fit(TwoLayerReLU(in_features=1, hidden=2),
+        make_trainer([GlobalOptimumMonitor()], max_steps=2).fit(TwoLayerReLU(in_features=1, hidden=2),
                                                                       datamodule=data)
 
 

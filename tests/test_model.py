@@ -1,4 +1,4 @@
-"""TwoLayerReLU: its objective is the note's L, its options and its errors."""
+"""TwoLayerReLU: its objective is the L of docs/convex.md, its options and its errors."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ class _Recorder(pl.Callback):
         self.objectives.append(float(trainer.callback_metrics["train/objective"]))
 
 
+@pytest.mark.slow  # 1500 steps
 def test_seed_single_neuron_reaches_zero_with_gradient_descent(tmp_path):
     model, X, y = _single_neuron()
     loader = DataLoader(TensorDataset(X, y), batch_size=2)

@@ -23,15 +23,6 @@ from hcl.patterns import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def column_set(D: torch.Tensor) -> set[tuple[bool, ...]]:
     return {tuple(col) for col in D.T.tolist()}
 

@@ -12,11 +12,11 @@ import torch
 from _events import read_scalars
 from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
 
-import hcl.callbacks.convex_gap as convex_gap_module
+import hcl.callbacks.solve_queue as solve_queue_module
 from hcl.convex.problem import ConvexSolution
 from hcl.fit import main
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 STEPS = 10
 KILL_AT = 6
@@ -91,7 +91,7 @@ def slow_point_solve(problem, solver, *, gated=False, warm_start=None, **options
 
 def test_continuing_after_max_steps_keeps_counting(tmp_path, monkeypatch):
     """The pattern history and the skipped-snapshot count carry over; the checkpointed state is plain and small."""
-    monkeypatch.setattr(convex_gap_module, "solve", slow_point_solve)
+    monkeypatch.setattr(solve_queue_module, "solve", slow_point_solve)  # the background solves
     # A checkpoint waits for the solves in flight: checkpoint every 5 steps so that the queue can fill up.
     common = ["--trainer.callbacks=[]", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
               "--trainer.callbacks.every_n_epochs=5", "--trainer.callbacks+=hcl.callbacks.PatternMonitor",

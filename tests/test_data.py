@@ -1,0 +1,154 @@
+"""Where the callbacks' data comes from (hcl.callbacks.data.training_data): probe, data module, dataloader."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from hcl import TwoLayerReLU
+from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+from hcl.callbacks.data import training_data
+from hcl.datamodules import SyntheticRegression
+
+
+def _fake_trainer(loader=None, datamodule=None, world_size=1, pending=None):
+    """The parts of a trainer that training_data reads (a fitted trainer has them all).
+
+    ``pending``: the loader the fit loop sets up on demand, when ``loader`` is not set up yet.
+    """
+    trainer = SimpleNamespace(datamodule=datamodule, train_dataloader=loader, world_size=world_size)
+
+    def setup_data():
+        trainer.train_dataloader = pending
+
+    trainer.fit_loop = SimpleNamespace(setup_data=setup_data)
+    return trainer
+
+
+def _data(n=10, d=3):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=generator), torch.randn(n, generator=generator)
+
+
+def test_the_probe_comes_first_and_max_samples_keeps_the_first_rows():
+    X, y = _data()
+    loader = DataLoader(TensorDataset(torch.zeros(4, 3), torch.zeros(4)), batch_size=4)
+    got_X, got_y = training_data(_fake_trainer(loader), X, y)
+    assert got_X is X and got_y is y  # the loader is not read
+    got_X, got_y = training_data(_fake_trainer(loader), X, y, max_samples=4)
+    assert torch.equal(got_X, X[:4]) and torch.equal(got_y, y[:4])
+    got_X, got_y = training_data(_fake_trainer(loader), X, None)
+    assert got_X is X and got_y is None
+
+
+def test_a_data_module_gives_its_whole_training_set():
+    dm = SyntheticRegression(kind="gaussian_linear", n=12, d=4, seed=3, batch_size=5)
+    dm.setup("fit")
+    X, y = training_data(_fake_trainer(datamodule=dm))
+    expected_X, expected_y = dm.train_tensors()
+    assert X is expected_X and y is expected_y  # not the first mini-batch: every point
+    X, y = training_data(_fake_trainer(datamodule=dm), max_samples=7)
+    assert torch.equal(X, expected_X[:7]) and torch.equal(y, expected_y[:7])
+
+
+def test_a_dataloader_of_several_batches_is_read_once_and_stacked_in_order():
+    X, y = _data(n=10)
+    X_read, y_read = training_data(_fake_trainer(DataLoader(TensorDataset(X, y), batch_size=4)))
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+
+
+def test_a_dataloader_not_set_up_yet_is_set_up_first():
+    X, y = _data(n=10)
+    trainer = _fake_trainer(pending=DataLoader(TensorDataset(X, y), batch_size=3))
+    X_read, y_read = training_data(trainer)
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+
+
+def test_a_single_full_batch_is_kept_as_it_is():
+    X, y = _data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=None, sampler=[slice(None)])  # one batch: (X, y) itself
+    X_read, y_read = training_data(_fake_trainer(loader))
+    assert X_read.data_ptr() == X.data_ptr() and y_read.data_ptr() == y.data_ptr()
+
+
+@pytest.mark.parametrize("batch_size", [3, 10])
+def test_a_tensor_dataset_of_inputs_only_has_no_targets(batch_size):
+    X, _ = _data()
+    X_read, y_read = training_data(_fake_trainer(DataLoader(TensorDataset(X), batch_size=batch_size)))
+    assert torch.equal(X_read, X) and y_read is None
+
+
+def test_plain_tensor_batches_are_inputs():
+    X, _ = _data(n=6)
+    X_read, y_read = training_data(_fake_trainer([X[:2], X[2:]]))
+    assert torch.equal(X_read, X) and y_read is None
+
+
+def _loader(X, y, batch_size=4):
+    return DataLoader(TensorDataset(X, y), batch_size=batch_size)
+
+
+# Each case: (X, y) -> (trainer, probe, target).
+UNUSABLE = {
+    "empty-loader": (lambda X, y: (_fake_trainer(_loader(X[:0], y[:0])), None, None),
+                     "the training dataloader is empty"),
+    "no-loader": (lambda X, y: (_fake_trainer(), None, None), "no training data found: pass probe="),
+    "dict-batch": (lambda X, y: (_fake_trainer([{"x": X}]), None, None),
+                   "cannot read inputs from a training batch of type dict"),
+    "ragged": (lambda X, y: (_fake_trainer([X[:, :2], X]), None, None), "cannot be stacked into one data set"),
+    "nan-inputs": (lambda X, y: (_fake_trainer(_loader(X.index_fill(0, torch.tensor([3]), float("nan")), y)),
+                                 None, None),
+                   "contains NaN or inf"),
+    "inf-targets": (lambda X, y: (_fake_trainer(_loader(X, y.index_fill(0, torch.tensor([8]), float("inf")))),
+                                  None, None),
+                    "targets to evaluate the network on contain NaN or inf"),
+    "short-target": (lambda X, y: (_fake_trainer(), X, y[:4]),
+                     r"targets have shape \(4,\) but the inputs have 10 rows"),
+    "empty-probe": (lambda X, y: (_fake_trainer(), X[:0], None), "the data to evaluate the network on is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_unusable_data_is_refused_with_a_message(case):
+    make, message = UNUSABLE[case]
+    trainer, probe, target = make(*_data())
+    with pytest.raises(ValueError, match=message):
+        training_data(trainer, probe, target)
+
+
+def test_a_data_module_without_train_tensors_is_read_through_its_dataloader():
+    X, y = _data(n=9)
+
+    class LoaderOnly:
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(X, y), batch_size=4)
+
+    X_read, y_read = training_data(_fake_trainer(LoaderOnly().train_dataloader(), datamodule=LoaderOnly()))
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+
+
+# ----------------------------------------------------------------- through the callbacks, in a real training run
+def test_the_callbacks_read_the_training_dataloader_when_training_starts(make_trainer):
+    X, y = _data(n=12)
+    model = TwoLayerReLU(in_features=3, hidden=4).double()
+    loader = DataLoader(TensorDataset(X.double(), y.double()), batch_size=5)
+    seen = {}
+
+    class Recording(PatternMonitor):
+        def on_train_start(self, trainer, pl_module):
+            super().on_train_start(trainer, pl_module)
+            seen["X"], seen["y"] = self.training_data(trainer)
+
+    make_trainer([Recording()], max_steps=1, logger=False).fit(model, loader)
+    assert torch.equal(seen["X"], X.double()) and torch.equal(seen["y"], y.double())
+
+
+def test_a_monitor_that_needs_targets_refuses_inputs_only(make_trainer):
+    X, _ = _data(n=8)
+    model = TwoLayerReLU(in_features=3, hidden=4).double()
+    loader = DataLoader(TensorDataset(X.double()), batch_size=8)
+    with pytest.raises(ValueError, match="ConvexGapMonitor needs targets: the training data has none"):
+        make_trainer([ConvexGapMonitor(solver="clarabel")], max_steps=1, logger=False).fit(model, loader)
