@@ -8,5 +8,7 @@ from hcl.callbacks.base import StackCallback
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.global_optimum import GlobalOptimumMonitor
 from hcl.callbacks.pattern_monitor import PatternMonitor
+from hcl.callbacks.progress import StepProgressBar
 
-__all__ = ["ActivationPointPlot", "ConvexGapMonitor", "GlobalOptimumMonitor", "PatternMonitor", "StackCallback"]
+__all__ = ["ActivationPointPlot", "ConvexGapMonitor", "GlobalOptimumMonitor", "PatternMonitor", "StackCallback",
+           "StepProgressBar"]

@@ -5,9 +5,9 @@ Activation-point plot
 Draws what a two-layer ReLU network does on 1-D data: the data as crosses, the network's output as a line, and
 each neuron as a triangle at its *activation point* ``a_i = −c_i / w_i``, its height the neuron's slope
 ``|w_i α_i|``, pointing to the side it activates and coloured by the sign of ``α_i`` (the geometry and the figure are
-in :mod:`hcl.activation_geometry`). Every ``every_n_steps`` steps the picture is logged as a TensorBoard image; with
-``gif=True`` the whole run is also written as an animated GIF in the log folder at the end of training, with the
-output axis fixed over the run.
+in :mod:`hcl.activation_geometry`). Every ``every_n_steps`` steps the picture is logged as a TensorBoard image; the
+final picture is also written as a PNG in the log folder, and with ``gif=True`` the whole run as an animated GIF beside
+it, with the output axis fixed over the run.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ class ActivationPointPlot(StackCallback):
 
     The picture (see :mod:`hcl.activation_geometry`) is logged as the TensorBoard image ``tag`` at steps ``0, k, 2k, …``
     (``k = every_n_steps``) with the weights the training step at that global step uses, and once more at the
-    end of training with the final weights. Its title gives the step and the network's objective ``L`` (``λ``
-    and the reduction read from the model, as :class:`hcl.callbacks.ConvexGapMonitor` does).
+    end of training with the final weights; that final picture is also written as a PNG in the logger's folder,
+    named after the GIF (``activation_points.png`` by default; :attr:`png_path`). Its title gives the step and the
+    network's objective ``L`` (``λ`` and the reduction read from the model, as :class:`hcl.callbacks.ConvexGapMonitor`
+    does).
 
     The 1-D input is found in the data: the hidden layer takes either ``x`` alone with its own bias, or ``x``
     and a column of ones, in any order.
@@ -55,7 +57,7 @@ class ActivationPointPlot(StackCallback):
         gif: also write the run as an animated GIF (``gif_name`` in the logger's folder) at the end of training.
             Frames are kept as numbers, not images, until then (a few kB per frame for a thousand neurons). A
             resumed run animates the steps after the resume only.
-        gif_name: file name of the GIF.
+        gif_name: file name of the GIF; the final PNG takes its name with the suffix ``.png``.
         gif_fps: frames per second of the GIF.
         x_range: ``(low, high)`` of the horizontal axis; default: the data's range widened by its length on
             each side. Neurons whose activation point falls outside are counted in the title.
@@ -117,6 +119,8 @@ class ActivationPointPlot(StackCallback):
         self.dpi = dpi
         self.frames: list[Frame] = []
         self.gif_path: Path | None = None
+        self.png_path: Path | None = None
+        self._last_frame: Frame | None = None
         self._layout: InputLayout | None = None
         self._X: Tensor | None = None
         self._Y: Tensor | None = None
@@ -154,6 +158,7 @@ class ActivationPointPlot(StackCallback):
             self.x_range = (low - span, high + span)
         self._grid = torch.linspace(*self.x_range, 400, dtype=X.dtype, device=X.device)
         self._figure = None
+        self._last_frame = None
         self.frames = []
 
     @override
@@ -172,6 +177,8 @@ class ActivationPointPlot(StackCallback):
         if step > self.last_step:
             self.last_step = step
             self._draw(trainer, step)
+        if self._last_frame is not None:
+            self.png_path = self._write_png(trainer, self._last_frame)
         if self.gif and self.frames:
             self.gif_path = self._write_gif(trainer)
         self._figure = None  # free the figure
@@ -202,6 +209,7 @@ class ActivationPointPlot(StackCallback):
             rank_zero_warn(f"{type(self).__name__}: non-finite weights at step {step}; no picture")
             return
         frame = self.snapshot(step)
+        self._last_frame = frame
         if self.gif:
             self.frames.append(frame)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
@@ -210,6 +218,13 @@ class ActivationPointPlot(StackCallback):
         image = self.render(frame)
         for logger in loggers:
             logger.experiment.add_image(self.tag, image, step, dataformats="HWC")
+
+    def _write_png(self, trainer: "pl.Trainer", frame: Frame) -> Path:
+        from PIL import Image
+
+        path = _output_path(trainer, Path(self.gif_name).with_suffix(".png").name)
+        Image.fromarray(self.render(frame)).save(path)
+        return path
 
     def _write_gif(self, trainer: "pl.Trainer") -> Path:
         from PIL import Image
@@ -229,15 +244,14 @@ class ActivationPointPlot(StackCallback):
             Image.fromarray(self.render(frame, limits)).quantize(colors=255, method=Image.Quantize.FASTOCTREE)
             for frame in self.frames
         ]
-        folder = Path(_log_folder(trainer))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.gif_name
+        path = _output_path(trainer, self.gif_name)
         images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / self.gif_fps), loop=0)
         return path
 
 
-def _log_folder(trainer: "pl.Trainer") -> str:
-    for logger in trainer.loggers:
-        if getattr(logger, "log_dir", None):
-            return logger.log_dir
-    return trainer.default_root_dir
+def _output_path(trainer: "pl.Trainer", name: str) -> Path:
+    """``name`` in the first logger's folder (the trainer's root folder without a logger), the folder created."""
+    folder = next((Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)),
+                  Path(trainer.default_root_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name

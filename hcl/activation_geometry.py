@@ -9,7 +9,8 @@ it is zero on one side of its *activation point* ``a_i = −c_i / w_i`` and a li
 other. :func:`neuron_markers` computes those points and slopes, :class:`Frame` holds one picture's numbers and
 :class:`ActivationPointFigure` draws them: the data as crosses, the network's output as a line, and each neuron as a
 triangle at ``a_i`` whose height is ``|w_i α_i|`` (on its own axis, on the right), pointing to the side it activates
-(``>`` when ``w_i > 0``) and coloured by the sign of ``α_i`` (green ``+``, red ``−``).
+(``>`` when ``w_i > 0``) and coloured by the sign of ``α_i`` (green ``α_i ≥ 0``, red ``α_i < 0``; the legend lists
+only the colours the picture shows).
 :class:`hcl.callbacks.ActivationPointPlot` logs them during training.
 """
 
@@ -185,6 +186,7 @@ class ActivationPointFigure:
     ) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
 
         self.grid = np.asarray(grid, dtype=float)
         self.x_range = x_range
@@ -203,10 +205,15 @@ class ActivationPointFigure:
         # The data and the output above the triangles: the data axes in front, with a transparent background.
         ax.set_zorder(heights.get_zorder() + 1)
         ax.patch.set_visible(False)
-        for colour, label in ((POSITIVE_COLOUR, "neuron, α > 0"), (NEGATIVE_COLOUR, "neuron, α < 0")):
-            ax.scatter([], [], marker=">", color=colour, s=36, linewidths=0, label=label)
-        ax.legend(loc="lower right", fontsize=8)
         self.data_axes, self.height_axes = ax, heights
+        # The legend lists the neurons' kinds a frame draws (see _update_legend); the data and the output always.
+        self._fixed_handles = ax.get_legend_handles_labels()[0]
+        self._kind_handles = {
+            positive: Line2D([], [], marker=">", linestyle="none", color=colour, markersize=6, label=label)
+            for positive, colour, label in ((True, POSITIVE_COLOUR, "neuron, α ≥ 0"),
+                                            (False, NEGATIVE_COLOUR, "neuron, α < 0"))
+        }
+        self.legend_kinds: tuple[bool, ...] | None = None
         self.y = np.asarray(y, dtype=float)
         self.markers = {}
         for right, marker in ((True, ">"), (False, "<")):
@@ -239,6 +246,7 @@ class ActivationPointFigure:
             chosen = visible & (frame.right == right) & (frame.positive == positive)
             artist.set_offsets(np.column_stack([frame.position[chosen], frame.height[chosen]]))
             artist.set_sizes([size])
+        self._update_legend(tuple(kind for kind in (True, False) if (visible & (frame.positive == kind)).any()))
         if height_limit is None:
             top = float(frame.height[visible].max()) if visible.any() else 0.0
             height_limit = top * 1.1 if top > 0 else 1.0
@@ -251,6 +259,13 @@ class ActivationPointFigure:
         self.title.set_text(title)
         self.canvas.draw()
         return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
+
+    def _update_legend(self, kinds: tuple[bool, ...]) -> None:
+        """List the data, the output and the kinds of neurons drawn (``True``: ``α ≥ 0``), and no other kind."""
+        if kinds != self.legend_kinds:
+            handles = self._fixed_handles + [self._kind_handles[kind] for kind in kinds]
+            self.data_axes.legend(handles=handles, loc="lower right", fontsize=8)
+            self.legend_kinds = kinds
 
 
 def to_numpy(t: Tensor) -> np.ndarray:

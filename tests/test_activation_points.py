@@ -129,6 +129,36 @@ def test_picture_colours_neurons_by_the_sign_of_their_output_weight():
             assert red > legend_red + 20 and green <= legend_green + 3
 
 
+def _legend_labels(figure):
+    return [text.get_text() for text in figure.data_axes.get_legend().get_texts()]
+
+
+def test_the_legend_lists_only_the_kinds_of_neurons_drawn():
+    grid = np.linspace(-2, 2, 400)
+    figure = ActivationPointFigure(grid, np.array([-0.5, 0.5]), np.array([0.2, 0.8]), (-2.0, 2.0), figsize=(4, 3),
+                                   dpi=60)
+    positions = np.array([-1.0, 0.0, 1.0])
+
+    def frame(positive, position=positions):
+        return Frame(1, 0.1, position, np.array([0.5, 1.0, 0.7]), np.array([True, False, True]),
+                     np.asarray(positive), 0.3 * grid)
+
+    base = ["network output", "data"]
+    image = figure.render(frame([True, True, True]))
+    assert _legend_labels(figure) == base + ["neuron, α ≥ 0"]
+    assert _colour_pixels(image)[1] <= 3  # no red anywhere: no α < 0 marker in the legend either
+    image = figure.render(frame([False, False, False]))
+    assert _legend_labels(figure) == base + ["neuron, α < 0"]
+    assert _colour_pixels(image)[0] <= 3
+    figure.render(frame([True, False, True]))
+    assert _legend_labels(figure) == base + ["neuron, α ≥ 0", "neuron, α < 0"]
+    # A negative neuron off the axis is not drawn, so not listed.
+    figure.render(frame([True, False, True], np.array([-1.0, 5.0, 1.0])))
+    assert _legend_labels(figure) == base + ["neuron, α ≥ 0"]
+    figure.render(frame([True, False, True], np.full(3, np.nan)))
+    assert _legend_labels(figure) == base
+
+
 def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(tmp_path, make_trainer):
     torch.manual_seed(0)
     data = SyntheticRegression(kind="points", x=[-0.7, -0.3, 0.7, 0.8], y=[0.28, 0.52, 1.12, 1.18],
@@ -144,6 +174,13 @@ def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(
     assert len(np.unique(np.asarray(first.convert("RGB")).reshape(-1, 3), axis=0)) > 10
 
     assert plot.gif_path == tmp_path / "run" / "version_0" / "activation_points.gif"
+    # The final picture, as logged at the last step, also lies beside the GIF as a PNG.
+    assert plot.png_path == tmp_path / "run" / "version_0" / "activation_points.png"
+    final = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("RGB"))
+    png = Image.open(plot.png_path)
+    assert png.format == "PNG" and png.size == (200, 150)
+    assert np.array_equal(np.asarray(png.convert("RGB")), final)
+    assert not np.array_equal(np.asarray(first.convert("RGB")), final)
     gif = Image.open(plot.gif_path)
     assert gif.n_frames == 4
     # The last frame is the trained network: its curve is the model's output on the grid.
@@ -154,6 +191,16 @@ def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(
     assert np.allclose(plot.frames[-1].curve, expected, atol=1e-12)
     assert plot.frames[-1].step == 7
     assert plot.frames[0].objective > plot.frames[-1].objective
+
+
+def test_the_final_png_is_written_without_a_gif_and_named_after_it(tmp_path, make_trainer):
+    data = SyntheticRegression(kind="points", x=[-0.7, 0.7, 0.8], y=[0.3, 1.1, 1.2], append_ones=True,
+                               dtype="float64")
+    plot = ActivationPointPlot(every_n_steps=5, gif_name="fit.gif", figsize=(3, 2), dpi=40)
+    make_trainer([plot], max_steps=2, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=data)
+    assert plot.png_path == tmp_path / "fit.png"  # no logger: the trainer's root folder
+    assert Image.open(plot.png_path).size == (120, 80)
+    assert plot.gif_path is None and not (tmp_path / "fit.gif").exists()
 
 
 def test_unsupported_models_and_data_are_refused(make_trainer):
