@@ -8,11 +8,13 @@ What every hcl callback shares: it watches the ``Linear → ReLU → Linear`` st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -28,15 +30,17 @@ from hcl.checks import (
     check_weight_decay,
     is_int,
 )
-from hcl.network import ReLUStack, find_relu_stack
+from hcl.network import ReLUStack, find_relu_stack, non_squared_loss
 
 
 class StackCallback(Callback):
     r"""Base class of the callbacks that watch a model's two-layer ReLU stack.
 
     It validates the common arguments, finds the stack when fitting starts (:func:`hcl.network.find_relu_stack`;
-    validation, test and prediction runs are left alone), resolves ``λ`` and the reduction
-    (:func:`resolve_objective`), loads the data to evaluate the stack on (:meth:`training_data`), decides when to act
+    validation, test and prediction runs are left alone), refuses a model trained with another loss than the squared
+    loss (:func:`refuse_non_squared_loss`), resolves ``λ`` and the reduction when training starts
+    (:func:`resolve_objective`), loads the data to evaluate the stack on and says which (:meth:`training_data`),
+    decides when to act
     (:meth:`should_run`, each global step at most once, also across a resume) and keeps that in checkpoints. At the
     start of training it warns when there is no logger, writes the merged TensorBoard layout
     (:mod:`hcl.dashboard`) and marks a resumed run's restart; on an exception it flushes the loggers.
@@ -51,7 +55,8 @@ class StackCallback(Callback):
     Class attributes:
         needs_target: the callback evaluates an objective: ``probe`` comes with ``target``, and data without
             targets is refused.
-        resolves_objective: ``setup`` resolves ``λ`` and the reduction (``_lambda``, ``_reduction``).
+        resolves_objective: the callback evaluates the squared-loss objective: ``setup`` refuses another loss and
+            ``on_train_start`` resolves ``λ`` and the reduction (``_lambda``, ``_reduction``).
         state_key_fields: the constructor arguments that tell two instances apart in a checkpoint.
 
     Args:
@@ -62,12 +67,13 @@ class StackCallback(Callback):
         output_layer: qualified name of the output ``nn.Linear`` for models that are not a ``Sequential``.
         max_samples: use only the first ``max_samples`` samples of the data.
         prefix: tag prefix, or ``None`` for a callback with fixed tags.
-        weight_decay: ``λ``; ``None`` reads the model's.
+        weight_decay: ``λ``; ``None`` reads the model's, else the optimizer's weight decay (``docs/convex.md``).
         reduction: ``"sum"`` or ``"mean"``; ``None`` reads the model's.
 
     Raises:
-        ValueError: on bad arguments; at setup, on a model without a two-layer ReLU stack or a probe of the wrong
-            width.
+        ValueError: on bad arguments; at setup, on a model without a two-layer ReLU stack, a probe of the wrong
+            width, or (``resolves_objective``) a model trained with a cross-entropy, logistic or other non-squared
+            loss.
         TypeError: on arguments of the wrong type.
     """
 
@@ -142,7 +148,7 @@ class StackCallback(Callback):
         Raises:
             ValueError: no data, data of the wrong width, or no targets for a callback that needs them.
         """
-        X, Y = data.training_data(trainer, self.probe, self.target, self.max_samples)
+        X, Y = data.training_data(trainer, self.probe, self.target, self.max_samples, type(self).__name__)
         if self.needs_target and Y is None:
             raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass target=)")
         return self._stack.inputs(X).detach(), Y
@@ -156,11 +162,14 @@ class StackCallback(Callback):
         if self.probe is not None:
             self._stack.inputs(self.probe)  # width check before training
         if self.resolves_objective:
-            self._lambda, self._reduction = resolve_objective(pl_module, self.weight_decay, self.reduction,
-                                                              type(self).__name__)
+            refuse_non_squared_loss(pl_module, type(self).__name__)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.resolves_objective:
+            # Here, not in setup: the optimizers (whose weight decay may be λ) exist only once the strategy set up.
+            self._lambda, self._reduction = resolve_objective(pl_module, self.weight_decay, self.reduction,
+                                                              type(self).__name__, trainer.optimizers, self._stack)
         warn_if_no_logger(trainer, type(self).__name__)
         dashboard.write_layout(trainer)
         mark_resumed_run(trainer)
@@ -178,22 +187,120 @@ class StackCallback(Callback):
         self.last_step = state_dict["last_step"]
 
 
+def refuse_non_squared_loss(pl_module: "pl.LightningModule", owner: str) -> None:
+    """Refuse a model that trains with another loss than the squared loss (:func:`hcl.network.non_squared_loss`).
+
+    The convex problem is that of the squared loss ``s Σ‖f(x) − y‖²``: for a model trained with cross-entropy or
+    the logistic loss its values would describe another training than the one running.
+
+    Raises:
+        ValueError: naming the loss found.
+    """
+    loss = non_squared_loss(pl_module)
+    if loss is not None:
+        raise ValueError(
+            f"{owner}: the model trains with {loss}, but the convex problem is that of the squared loss "
+            "s·Σ‖f(x) − y‖² (docs/convex.md): its values would not describe this training. Train with the squared "
+            "loss (TwoLayerReLU(loss='squared'), nn.MSELoss) to use the convex monitors; PatternMonitor and "
+            "ActivationPointPlot work with any loss"
+        )
+
+
+# torch optimizers whose `weight_decay` adds `weight_decay · θ` to the gradient (coupled L2), unless the group says
+# `decoupled_weight_decay` (Adam, NAdam, RAdam) or the optimizer is AdamW.
+_COUPLED_DECAY = frozenset({"SGD", "Adam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "ASGD"})
+
+
+def optimizer_lambda(optimizers: Sequence[torch.optim.Optimizer], stack: ReLUStack) -> tuple[float | None, str]:
+    """The ``λ`` equivalent to the optimizers' weight decay on the stack's penalised parameters, and what it comes from.
+
+    Coupled L2 decay ``weight_decay = wd`` (SGD, Adam, …) adds ``wd · θ`` to the gradient of a loss of scale ``s``:
+    the training minimises ``s · data + (wd / 2)‖θ‖²``, the objective with ``λ = wd / 2``. Decoupled decay (AdamW,
+    ``decoupled_weight_decay=True``) shrinks the weights outside the gradient and no ``λ`` is equivalent; nor is one
+    when the hidden and output weights decay differently. See ``docs/convex.md#weight-decay-in-the-optimizer``.
+
+    Returns:
+        ``(0.0, "")`` without decay; ``(wd / 2, description)``; ``(None, why no λ is equivalent)``.
+    """
+    penalised = {"hidden weight": stack.hidden.weight, "output weight": stack.output.weight}
+    if stack.hidden.bias is not None:
+        penalised["hidden bias"] = stack.hidden.bias
+    decays: dict[str, tuple[str, float, bool]] = {}
+    for name, param in penalised.items():
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                if any(p is param for p in group["params"]):
+                    decoupled = bool(group.get("decoupled_weight_decay")) or isinstance(optimizer, torch.optim.AdamW)
+                    decays[name] = (type(optimizer).__name__, float(group.get("weight_decay") or 0.0), decoupled)
+    if all(wd == 0.0 for _, wd, _ in decays.values()):
+        return 0.0, ""
+    if len(set(decays.values())) > 1:
+        parts = ", ".join(f"{name} {cls}(weight_decay={wd})" for name, (cls, wd, _) in decays.items())
+        return None, f"the optimizer decays the stack's parameters differently ({parts}), which no single λ matches"
+    cls, wd, decoupled = next(iter(decays.values()))
+    if decoupled:
+        return None, (f"{cls}'s decoupled weight_decay={wd:g} shrinks the weights outside the gradient, which no λ "
+                      "of the objective matches")
+    if cls not in _COUPLED_DECAY:
+        return None, f"{cls}'s weight_decay={wd:g} is not a decay hcl can translate into λ"
+    return wd / 2, f"{cls}'s weight_decay={wd:g} (coupled L2: λ = weight_decay / 2)"
+
+
 def resolve_objective(
-    pl_module: "pl.LightningModule", weight_decay: float | None, reduction: str | None, owner: str
+    pl_module: "pl.LightningModule",
+    weight_decay: float | None,
+    reduction: str | None,
+    owner: str,
+    optimizers: Sequence[torch.optim.Optimizer] | None = None,
+    stack: ReLUStack | None = None,
 ) -> tuple[float, str]:
-    """``(λ, reduction)``: the callback's own values when given, else the model's ``weight_decay`` / ``reduction``
-    attributes, else ``λ = 0`` and ``"mean"`` with a warning.
+    """``(λ, reduction)`` of the objective the callbacks evaluate (``docs/convex.md``).
+
+    ``λ``: the callback's ``weight_decay``; else the model's ``weight_decay`` attribute (the ``λ`` its loss adds,
+    plus for :class:`hcl.TwoLayerReLU` the ``λ`` of a weight decay given to its optimizer); else the ``λ``
+    equivalent to the weight decay of ``optimizers`` on the ``stack`` (:func:`optimizer_lambda`); else ``0``. The
+    reduction: the callback's, else the model's ``reduction`` attribute, else ``"mean"``. Whatever is assumed, or a
+    decay no ``λ`` matches, is said in one warning; a ``λ`` read from the optimizer in one info line.
 
     Raises:
         ValueError: the model's values are not a valid ``λ`` or reduction.
     """
-    lam = weight_decay if weight_decay is not None else getattr(pl_module, "weight_decay", None)
-    red = reduction if reduction is not None else getattr(pl_module, "reduction", None)
-    if lam is None or red is None:
-        rank_zero_warn(
-            f"{owner}: the model has no `weight_decay`/`reduction` attributes and the callback was given none: "
-            "using λ = 0 and reduction 'mean'"
-        )
-    lam = check_weight_decay(lam or 0.0, "the model's weight_decay (λ)")
+    from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
+
+    model_lam = getattr(pl_module, "weight_decay", None)
+    model_red = getattr(pl_module, "reduction", None)
+    opt_lam, opt_text = (0.0, "") if optimizers is None or stack is None else optimizer_lambda(optimizers, stack)
+    said: list[str] = []  # what the warning says
+    if weight_decay is not None:
+        lam = weight_decay
+    elif model_lam is not None:
+        lam = check_weight_decay(model_lam, "the model's weight_decay (λ)")
+        if opt_text and opt_lam is not None and isinstance(pl_module, TwoLayerReLU):
+            lam += opt_lam
+            rank_zero_info(f"{owner}: λ = {lam:g}: the model's weight_decay {model_lam:g} plus {opt_text}")
+        elif opt_lam is None and opt_text:
+            said.append(f"{opt_text}: the convex values use the model's λ = {lam:g} and leave that decay out")
+        elif opt_text:
+            said.append(f"the model's `weight_decay` = {lam:g} is used as λ, and {opt_text}: pass weight_decay= to "
+                        f"the callback, {opt_lam:g} if the model's `weight_decay` is the optimizer's, "
+                        f"{lam + opt_lam:g} if its loss also adds λ = {lam:g}")
+    elif opt_lam is not None and opt_text:
+        lam = opt_lam
+        rank_zero_info(f"{owner}: λ = {lam:g}, from {opt_text}")
+    else:
+        lam = 0.0
+        why = (f"{opt_text}: the convex values leave it out" if opt_text
+               else "its optimizer applies no weight decay" if optimizers is not None else "no λ given")
+        said.append(f"using λ = 0 ({why})")
+    red = reduction if reduction is not None else model_red
+    if red is None:
+        said.append("using reduction 'mean' (s = 1/n)")
+    missing = [name for name, mine, model in (("weight_decay", weight_decay, model_lam), ("reduction", reduction,
+               model_red)) if mine is None and model is None and not (name == "weight_decay" and lam > 0)]
+    if said:
+        head = (f"the model has no `{'`/`'.join(missing)}` attribute{'s' if len(missing) > 1 else ''} and the "
+                "callback was given none: " if missing else "")
+        rank_zero_warn(f"{owner}: {head}{' and '.join(said)} (see docs/convex.md)")
+    lam = check_weight_decay(lam, "the model's weight_decay (λ)")
     red = check_reduction(red or "mean", "the model's reduction")
     return lam, red

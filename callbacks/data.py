@@ -2,39 +2,59 @@
 
 Distributed training: :func:`training_data` gathers the ranks' shards of a plain dataloader with a collective, so
 every rank must call it (as the callbacks do, in ``on_train_start``).
+
+When training starts, one info line per trainer says which data the callbacks use (``n`` and the source); a pass
+over the loader that misses samples (``drop_last=True``, a sampler covering part of the dataset) or repeats some
+warns.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+
+# The data descriptions already said, per trainer: several callbacks on the same data say it once.
+_SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def training_data(
-    trainer: pl.Trainer, probe: Tensor | None = None, target: Tensor | None = None, max_samples: int | None = None
+    trainer: pl.Trainer,
+    probe: Tensor | None = None,
+    target: Tensor | None = None,
+    max_samples: int | None = None,
+    owner: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The inputs (and targets) a callback evaluates the network on.
 
     The ``probe``/``target`` the user gave, else the data module's full training set (``train_tensors()``, as in
     :mod:`hcl.datamodules`), else one pass over the training dataloader. Under DDP a dataloader only yields this
     rank's shard, so the shards are gathered from all ranks (a collective: call this on every rank). ``max_samples``
-    keeps the first ones.
+    keeps the first ones. Says which (once per trainer and source, naming ``owner`` for a probe).
 
     Raises:
         ValueError: when no data can be found or it is empty / not finite, or targets do not match the inputs.
     """
     if probe is not None:
         X, Y = probe, target
+        source = f"{owner or 'the callback'}'s probe"
     else:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "train_tensors"):
             X, Y = datamodule.train_tensors()
+            source = f"the full training set of the data module {type(datamodule).__name__}"
         else:
-            X, Y = _collect_dataloader(trainer)
+            X, Y, loader = _collect_dataloader(trainer)
+            source = "one pass over the training dataloader"
             if trainer.world_size > 1:
                 X = gather_rows(trainer, X)
                 Y = None if Y is None else gather_rows(trainer, Y)
+                source += f", gathered from {trainer.world_size} ranks"
+            _warn_if_partial(loader, X.shape[0], trainer.world_size)
+    total = X.shape[0]
     if max_samples is not None:
         X = X[:max_samples]
         Y = None if Y is None else Y[:max_samples]
@@ -47,7 +67,41 @@ def training_data(
             raise ValueError(f"the targets have shape {tuple(Y.shape)} but the inputs have {X.shape[0]} rows")
         if Y.is_floating_point() and not torch.isfinite(Y).all():
             raise ValueError("the targets to evaluate the network on contain NaN or inf")
+    first = f" (the first max_samples={max_samples} of {total})" if X.shape[0] < total else ""
+    _say_once(trainer, f"hcl: the callbacks evaluate the network on n = {X.shape[0]} samples{first}: {source}")
     return X, Y
+
+
+def _say_once(trainer: pl.Trainer, message: str) -> None:
+    try:
+        said = _SAID.setdefault(trainer, set())
+    except TypeError:  # an object without weak references (a test's stand-in): say it every time
+        said = set()
+    if message not in said:
+        said.add(message)
+        rank_zero_info(message)
+
+
+def _warn_if_partial(loader: object, rows: int, world_size: int) -> None:
+    """Warn when one pass over ``loader`` (all ranks together) yields another number of samples than its dataset."""
+    try:
+        total = len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return  # no dataset of known length (an iterable dataset, a list of batches)
+    if rows == total:
+        return
+    if rows < total:
+        batch_size = getattr(loader, "batch_size", None)
+        reason = ("drop_last=True drops the last incomplete batch" if getattr(loader, "drop_last", False)
+                  and batch_size and (total // world_size) % batch_size else
+                  "its sampler covers fewer samples than the dataset")
+        rank_zero_warn(f"one pass over the training dataloader yields {rows} of its dataset's {total} samples "
+                       f"({reason}): the callbacks evaluate the network on those {rows} only; pass probe=/target= "
+                       "to the callbacks to use every sample")
+    else:
+        rank_zero_warn(f"one pass over the training dataloader yields {rows} rows for a dataset of {total} samples "
+                       "(its sampler repeats samples, e.g. a distributed sampler's padding): the repeated samples "
+                       "count more than once in the callbacks' values")
 
 
 def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
@@ -67,7 +121,7 @@ def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
-def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
+def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, object]:
     loader = trainer.train_dataloader
     if loader is None:
         trainer.fit_loop.setup_data()
@@ -91,9 +145,9 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None]:
         raise ValueError("the training dataloader is empty")
     if len(xs) == 1:
         # One batch (full-batch training): keep its tensors, so that a callback can recognise them in a training step.
-        return xs[0], (ys[0] if ys else None)
+        return xs[0], (ys[0] if ys else None), loader
     try:
-        return torch.cat(xs), (torch.cat(ys) if ys else None)
+        return torch.cat(xs), (torch.cat(ys) if ys else None), loader
     except RuntimeError as err:
         raise ValueError(f"the training batches cannot be stacked into one data set ({err}): pass probe=") from err
 

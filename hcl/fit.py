@@ -1,10 +1,14 @@
 """``python -m hcl.fit``: train a two-layer ReLU network from a YAML config (LightningCLI).
 
-With no arguments it runs the embedded default (``hcl/default.yaml``): the 100 × 10 synthetic experiment (c)
-of ``docs/experiments.md``, with the pattern and convex-gap monitors, in well under a minute on a CPU. Everything
-else is LightningCLI: ``--config configs/<experiment>.yaml``, ``--print_config``, ``--model.hidden=50``,
-``--trainer.max_steps=...``, ``--trainer.callbacks+=...``, ``--seed_everything``, plus ``--ckpt_path`` to
-resume. Logs go under ``--trainer.default_root_dir``.
+Unless a config (``--config``) or a data module (``--data=<class>``) is given, it runs the embedded default
+(``hcl/default.yaml``): the 100 × 10 synthetic experiment (c) of ``docs/experiments.md``, with the pattern and
+convex-gap monitors, in well under a minute on a CPU; options override it (``--trainer.max_steps=20``), and
+``--print_config`` prints the config that would run. Everything else is LightningCLI: ``--config
+configs/<experiment>.yaml``, ``--model.hidden=50``, ``--trainer.callbacks+=...``, ``--seed_everything``, plus
+``--ckpt_path`` to resume. Logs go under ``--trainer.default_root_dir``.
+
+A wrong option or value ends the run with one line on stderr (``python -m hcl.fit: error: ...``) and exit code 2;
+``HCL_TRACEBACK=1`` shows the full traceback instead.
 
 Resuming: a checkpoint that lies in a TensorBoard run's ``checkpoints/`` folder (where Lightning puts them) continues
 that run's version directory, unless the logger's ``version`` is set explicitly; hcl's callbacks then mark the
@@ -13,33 +17,54 @@ restart, so TensorBoard shows every step once (see ``docs/reliability.md``).
 
 from __future__ import annotations
 
-import functools
+import difflib
+import importlib
+import inspect
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+import hcl.datamodules  # noqa: F401 - imported so that `--data` lists hcl's data modules
+from hcl.callbacks import StepProgressBar
 from hcl.model import TwoLayerReLU
 
+PROG = "python -m hcl.fit"
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # The experiments plot every gradient step; Lightning's default (50) would drop most of them.
     "log_every_n_steps": 1,
     "enable_progress_bar": True,
+    # A two-layer network's summary table says nothing the config does not; it made the start banner long.
+    "enable_model_summary": False,
 }
 
-
-def _data_size(attribute: str):
-    # A partial of a module-level function, not a closure: ddp_spawn pickles the CLI's parser with the trainer.
-    return functools.partial(_read_data_size, attribute)
+# Errors of a run's set-up that a user's options cause: reported in one line, without a traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, MisconfigurationException)
 
 
-def _read_data_size(attribute: str, data: pl.LightningDataModule) -> int:
+def data_in_features(data: pl.LightningDataModule) -> int:
+    """The model's ``in_features``: the data module's."""
+    return _read_data_size(data, "in_features")
+
+
+def data_out_features(data: pl.LightningDataModule) -> int:
+    """The model's ``out_features``: the data module's."""
+    return _read_data_size(data, "out_features")
+
+
+def _read_data_size(data: pl.LightningDataModule, attribute: str) -> int:
     value = getattr(data, attribute, None)
     if value is None:
         raise ValueError(
@@ -54,32 +79,166 @@ class HCLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
-        parser.link_arguments("data", "model.in_features", compute_fn=_data_size("in_features"),
-                              apply_on="instantiate")
-        parser.link_arguments("data", "model.out_features", compute_fn=_data_size("out_features"),
-                              apply_on="instantiate")
+        # Module-level functions (ddp_spawn pickles the parser with the trainer), named as the help prints them.
+        parser.link_arguments("data", "model.in_features", compute_fn=data_in_features, apply_on="instantiate")
+        parser.link_arguments("data", "model.out_features", compute_fn=data_out_features, apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        # One bar over the steps (a full-batch step is an epoch), unless the config gives its own or disables it.
+        config = self.config_init.get("trainer") or {}
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: ArgsType = None) -> HCLCLI:
-    """Parse ``args`` (``sys.argv[1:]`` when ``None``), train, and say where the logs are."""
-    if args is None:
-        args = sys.argv[1:]
-    if not args:
-        print(f"hcl: no arguments, running the embedded default experiment ({DEFAULT_CONFIG})")
-        args = ["--config", str(DEFAULT_CONFIG)]
-    cli = HCLCLI(
-        TwoLayerReLU,
-        pl.LightningDataModule,
-        subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        run=False,
-        args=args,
-    )
+    """Parse ``args`` (the command line when ``None``), train, and say where the logs are.
+
+    Raises:
+        SystemExit: code 2 after one line on stderr when an option, a value or the data is wrong (the traceback
+            with ``HCL_TRACEBACK=1``); code 0 after ``--help`` or ``--print_config``.
+    """
+    given = sys.argv[1:] if args is None else args
+    parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False}
+    if isinstance(given, (list, tuple)) and not _names_config_or_data(given):
+        if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in given):
+            print(f"hcl: no --config or --data given: running the embedded default experiment ({DEFAULT_CONFIG})",
+                  file=sys.stderr)
+        parser_kwargs["default_config_files"] = [str(DEFAULT_CONFIG)]
+    try:
+        cli = HCLCLI(
+            TwoLayerReLU,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+            run=False,
+            args=args,  # None reads the command line, as LightningCLI intends
+        )
+    except Exception as error:  # noqa: BLE001 - parsing, or instantiating the model, data or callbacks
+        _fail(error, constructing=True)
+    if cli.config.get("optimizer") is not None and cli.trainer.is_global_zero:
+        print(f"hcl: --optimizer replaces the model's own: model.optimizer={cli.model.hparams.optimizer!r} and "
+              "model.lr are not used", file=sys.stderr)
     _continue_logged_run(cli.trainer, cli.config.ckpt_path)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    new_dirs = _new_log_dirs(cli.trainer)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    except USER_ERRORS as error:
+        if cli.trainer.global_step == 0:
+            _remove_log_dirs(new_dirs)  # nothing was trained: no empty run in TensorBoard
+        _fail(error)
     _print_log_location(cli.trainer)
     return cli
+
+
+def _names_config_or_data(args: list[str] | tuple[str, ...]) -> bool:
+    """Whether the arguments name a config file or a data module (then the embedded default does not apply)."""
+    for arg in args:
+        name = str(arg).split("=", 1)[0]
+        if name in ("-c", "--config", "--data", "--data.class_path") or (name.startswith("-c") and len(name) > 2):
+            return True
+    return False
+
+
+def _fail(error: BaseException, constructing: bool = False) -> None:
+    if os.environ.get("HCL_TRACEBACK"):
+        raise error
+    print(f"{PROG}: error: {one_line_error(error, constructing)} (HCL_TRACEBACK=1 shows the traceback)",
+          file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def one_line_error(error: BaseException, constructing: bool = False) -> str:
+    """The cause of a failed start in one line: the user's mistake, without the parser's or the call stack's noise.
+
+    ``constructing``: the error was raised while the parsed classes were instantiated; the message then names the
+    class whose constructor refused its arguments.
+    """
+    if isinstance(error, ArgumentError):
+        return _argument_error(str(error))
+    while _from_parser(error) and (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    message = _squeeze(str(error)) or type(error).__name__
+    owner = _raising_class(error.__traceback__) if constructing else None
+    return f"{owner}: {message}" if owner else message
+
+
+def _from_parser(error: BaseException) -> bool:
+    """Whether ``error`` was raised by jsonargparse (which wraps the real error of an instantiation)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def _raising_class(tb: TracebackType | None) -> str | None:
+    """The class whose constructor raised (the innermost ``__init__`` frame), e.g. ``TwoLayerReLU``."""
+    owner = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            owner = type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return owner
+
+
+def _argument_error(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    # A class_path that failed: the first one named is the user's; later ones are the base classes tried.
+    for i, line in enumerate(lines):
+        problem = re.match(r"- Problem with given class_path '([^']+)':", line)
+        if problem and i + 1 < len(lines):
+            class_path, reason = problem.group(1), lines[i + 1]
+            option = re.match(r"Option '([^']+)' is not accepted", reason)
+            if option:
+                reason += _suggestion(class_path, option.group(1))
+            return f"{key.group(1) + ': ' if key else ''}{class_path}: {reason}"
+    if key and len(lines) > 1:
+        return f"{key.group(1)}: {_squeeze(' '.join(lines[1:3]))}"
+    return _squeeze(message)
+
+
+def _suggestion(class_path: str, option: str) -> str:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module_name), name)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return ""
+    accepted = [p for p in parameters if p not in ("self", "args", "kwargs")]
+    close = difflib.get_close_matches(option, accepted, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (accepted: {', '.join(accepted)})"
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _new_log_dirs(trainer: pl.Trainer) -> list[Path]:
+    """The loggers' run folders (and their parents) that do not exist yet: this run creates them."""
+    if not trainer.is_global_zero:
+        return []
+    new = []
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir:
+            for folder in (Path(log_dir), Path(log_dir).parent):
+                if not folder.exists():
+                    new.append(folder)
+    return new
+
+
+def _remove_log_dirs(folders: list[Path]) -> None:
+    """Remove the log folders of a run that failed before its first step (its config and an empty event file)."""
+    for folder in folders:  # the run folder before its parent
+        if folder.is_dir() and (folder.name.startswith("version_") or not any(folder.iterdir())):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:

@@ -236,3 +236,55 @@ def _named_stack(named: dict[str, nn.Module], layer: str, output_layer: str | No
             f"{hidden.out_features} neurons"
         )
     return ReLUStack(hidden, output, layer)
+
+
+# Losses the squared-loss convex problem describes; every other torch loss is refused by the convex monitors.
+_SQUARED_NAMES = frozenset({"squared", "square", "mse", "l2", "squarederror", "meansquarederror", "sumofsquares"})
+_LOSS_NAMES = {
+    "crossentropy": "cross-entropy", "ce": "cross-entropy", "softmax": "cross-entropy", "nll": "cross-entropy (NLL)",
+    "negativeloglikelihood": "cross-entropy (NLL)", "logistic": "logistic", "bce": "logistic (binary cross-entropy)",
+    "binarycrossentropy": "logistic (binary cross-entropy)", "bcewithlogits": "logistic (binary cross-entropy)",
+    "binarycrossentropywithlogits": "logistic (binary cross-entropy)", "hinge": "hinge", "l1": "absolute (L1)",
+    "mae": "absolute (L1)", "huber": "Huber", "smoothl1": "smooth L1", "kldiv": "KL divergence",
+}
+_LOSS_ATTRIBUTES = ("loss", "criterion", "loss_fn", "loss_func", "loss_function")
+
+
+def non_squared_loss(module: nn.Module) -> str | None:
+    """What tells that ``module`` trains with a loss other than the squared loss, or ``None`` when nothing does.
+
+    Looked for: a torch loss module among its submodules other than ``nn.MSELoss`` (``nn.CrossEntropyLoss``,
+    ``nn.BCEWithLogitsLoss``, ``nn.NLLLoss``, …), and a ``loss``/``criterion``/``loss_fn`` attribute or
+    hyperparameter that names a loss (``"cross_entropy"``, as :class:`hcl.TwoLayerReLU` holds it) or is a
+    ``torch.nn.functional`` loss other than ``mse_loss``. A loss computed inline in ``training_step`` cannot be seen.
+
+    Returns:
+        e.g. ``"a cross-entropy loss (its `criterion` is nn.CrossEntropyLoss)"``.
+    """
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.loss._Loss) and not isinstance(sub, nn.MSELoss):
+            kind = _loss_kind(type(sub).__name__) or "non-squared"
+            return f"a {kind} loss (its `{name}` is nn.{type(sub).__name__})"
+    hparams = getattr(module, "hparams", None)
+    for attribute in _LOSS_ATTRIBUTES:
+        for where, value in (("", getattr(module, attribute, None)),
+                             ("hyperparameter ", hparams.get(attribute) if isinstance(hparams, dict) else None)):
+            if isinstance(value, str):
+                label = repr(value)
+            elif callable(value) and getattr(value, "__module__", "") == "torch.nn.functional":
+                label, value = f"F.{value.__name__}", value.__name__
+            else:
+                continue
+            kind = _loss_kind(value)
+            if kind is not None:
+                return f"a {kind} loss (its {where}`{attribute}` is {label})"
+    return None
+
+
+def _loss_kind(name: str) -> str | None:
+    """The kind of loss a name says, ``None`` for the squared loss or a name that says nothing known."""
+    key = name.lower().replace("nn.", "").replace("_", "").replace("-", "").replace(" ", "")
+    key = key.removesuffix("loss").removeprefix("loss") or key
+    if key in _SQUARED_NAMES:
+        return None
+    return _LOSS_NAMES.get(key)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +70,97 @@ def test_unknown_option_is_refused(capsys):
         main(["--config", str(DEFAULT_CONFIG), "--model.hiden=3"])
     assert exit_info.value.code != 0
     assert "hiden" in capsys.readouterr().err
+
+
+def test_options_without_a_config_override_the_embedded_default(tmp_path, capsys):
+    """`python -m hcl.fit --trainer.max_steps=3`: the default experiment with three steps, not 'data is required'."""
+    cli = main(["--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false"])
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert cli.trainer.global_step == 3
+    assert type(cli.datamodule).__name__ == "SyntheticRegression"
+    assert cli.model.hidden_layer.out_features == default["model"]["hidden"]
+    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__module__.startswith("hcl")] == [
+        "PatternMonitor", "ConvexGapMonitor"]
+    assert "embedded default" in capsys.readouterr().err
+
+
+def test_print_config_alone_prints_the_config_that_runs_without_lightnings_args_warning(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="default")
+    result = subprocess.run([sys.executable, "-m", "hcl.fit", "--print_config", "--model.hidden=9"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = yaml.safe_load(result.stdout)
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert printed["data"]["class_path"] == default["data"]["class_path"]
+    assert [c["class_path"] for c in printed["trainer"]["callbacks"]] == [
+        c["class_path"] for c in default["trainer"]["callbacks"]]
+    assert printed["model"]["hidden"] == 9 and printed["trainer"]["max_steps"] == default["trainer"]["max_steps"]
+    assert "args parameter" not in result.stderr
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m hcl.fit ")
+    for name in ("hcl.datamodules.SyntheticRegression", "hcl.datamodules.MNIST", "hcl.datamodules.CIFAR10"):
+        assert name in text
+    assert "functools.partial" not in text
+    assert "data_in_features(data) --> model.in_features" in text
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--model.hidden=-3"], "TwoLayerReLU: hidden must be a positive integer, got -3"),
+    (["--data.kind=gausian_linear"], "SyntheticRegression: unknown kind 'gausian_linear'"),
+    (["--trainer.callbacks+=hcl.callbacks.PatternMonitor", "--trainer.callbacks.every_n_step=3"],
+     "hcl.callbacks.PatternMonitor: Option 'every_n_step' is not accepted; did you mean 'every_n_steps'?"),
+    (["--data=hcl.datamodules.MNIST", "--data.root=missing_root"], "MNIST not found under root"),
+], ids=["hidden", "data-kind", "callback-option", "mnist-root"])
+def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("python -m hcl.fit: error: "), errors
+    assert expected in errors[0]
+    assert not (tmp_path / "lightning_logs").exists()  # no empty version_0
+
+
+def test_hcl_traceback_shows_the_original_error(monkeypatch):
+    monkeypatch.setenv("HCL_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="hidden must be a positive integer"):
+        main(["--model.hidden=-3", "--trainer.max_steps=2"])
+
+
+def _readme_commands() -> list[list[str]]:
+    """The arguments of every `python -m hcl.fit` command in README.md, in code blocks and inline."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    lines = re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"`(python -m hcl\.fit(?: [^`]*)?)`", text)
+    commands = []
+    for line in "\n".join(lines).splitlines():
+        if "python -m hcl.fit" in line:
+            commands.append(shlex.split(line.split("python -m hcl.fit", 1)[1]))
+    return commands
+
+
+def test_every_cli_example_of_the_readme_runs_as_written(tmp_path, monkeypatch):
+    commands = _readme_commands()
+    assert len(commands) >= 4 and [] in commands and ["--trainer.max_steps=20"] in commands
+    monkeypatch.chdir(REPO)  # the MNIST example reads ../shared/data beside the checkout
+    for args in commands:
+        if any("../shared/data" in a for a in args) and not (REPO.parent / "shared" / "data" / "MNIST").is_dir():
+            continue
+        extra = ["--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.enable_progress_bar=false"]
+        if any("MNIST" in a for a in args):
+            extra.append("--data.subset=200")
+        try:
+            cli = main([*args, *extra])
+        except SystemExit as stop:
+            assert stop.code in (0, None) and "--print_config" in args, args
+        else:
+            assert cli.trainer.global_step == 2, args

@@ -1,0 +1,245 @@
+"""The callbacks on a user's own Lightning module: which loss, which λ, which data, said or refused, never silent."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _events import read_scalars
+from torch import nn
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+import hcl.callbacks.base as base_module
+import hcl.callbacks.data as data_module
+from hcl import TwoLayerReLU
+from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor
+from hcl.callbacks.base import optimizer_lambda
+from hcl.network import find_relu_stack, non_squared_loss
+
+
+class UserNet(pl.LightningModule):
+    """A user's module: ``nn.Sequential(Linear, ReLU, Linear)``, an optimizer of the user's choice, mean MSE."""
+
+    def __init__(self, d=3, m=6, c=1, optimizer=torch.optim.SGD, criterion=None, **optimizer_args):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, m), nn.ReLU(), nn.Linear(m, c)).double()
+        self.optimizer, self.optimizer_args = optimizer, {"lr": 0.05, **optimizer_args}
+        if criterion is not None:
+            self.criterion = criterion
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x).reshape(y.shape), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters(), **self.optimizer_args)
+
+
+def _data(n=40, d=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return X, X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3
+
+
+def _fit(make_trainer, model, loader, callbacks, steps=2):
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks, max_steps=steps).fit(model, loader)
+    return [str(w.message) for w in caught]
+
+
+# --------------------------------------------------------------------------------------------------- which loss
+@pytest.mark.parametrize(("make_model", "said"), [
+    (lambda: UserNet(c=3, criterion=nn.CrossEntropyLoss()), "cross-entropy loss (its `criterion` is nn."),
+    (lambda: UserNet(criterion=nn.BCEWithLogitsLoss()), "logistic (binary cross-entropy) loss"),
+    (lambda: UserNet(c=3, criterion=nn.NLLLoss()), "cross-entropy (NLL) loss"),
+    (lambda: UserNet(c=3, criterion=nn.functional.cross_entropy), "(its `criterion` is F.cross_entropy)"),
+    (lambda: TwoLayerReLU(in_features=3, hidden=6, out_features=3, loss="cross_entropy").double(),
+     "(its hyperparameter `loss` is 'cross_entropy')"),
+], ids=["CrossEntropyLoss", "BCEWithLogitsLoss", "NLLLoss", "F.cross_entropy", "TwoLayerReLU-cross-entropy"])
+@pytest.mark.parametrize("monitor", [lambda: ConvexGapMonitor(solver="clarabel"), lambda: GlobalOptimumMonitor()],
+                         ids=["ConvexGapMonitor", "GlobalOptimumMonitor"])
+def test_a_model_trained_with_another_loss_is_refused_at_setup(make_model, said, monitor, make_trainer):
+    X, _ = _data(n=12)
+    labels = torch.arange(12) % 3
+    loader = DataLoader(TensorDataset(X, labels), batch_size=12)
+    with pytest.raises(ValueError, match="the convex problem is that of the squared loss") as refused:
+        make_trainer([monitor()], max_steps=1, logger=False).fit(make_model(), loader)
+    assert said in str(refused.value)
+
+
+def test_the_squared_loss_is_accepted_and_the_pattern_monitor_takes_any_loss(make_trainer):
+    assert non_squared_loss(UserNet(criterion=nn.MSELoss())) is None
+    assert non_squared_loss(TwoLayerReLU(in_features=3, out_features=3, loss="squared")) is None
+    assert non_squared_loss(UserNet(criterion="mse")) is None
+    X, _ = _data(n=12)
+    loader = DataLoader(TensorDataset(X, torch.arange(12) % 3), batch_size=12)
+    model = TwoLayerReLU(in_features=3, hidden=6, out_features=3, loss="cross_entropy").double()
+    make_trainer([PatternMonitor()], max_steps=2, logger=False).fit(model, loader)
+
+
+# ------------------------------------------------------------------------------------------------------ which λ
+def _stack_squares(model):
+    net = model.net
+    return float(net[0].weight.square().sum() + net[0].bias.square().sum() + net[2].weight.square().sum())
+
+
+def test_lambda_is_read_from_coupled_weight_decay_in_the_optimizer(make_trainer, tmp_path, monkeypatch):
+    """SGD with weight_decay = wd on a mean MSE minimises mean MSE + (wd/2)‖θ‖²: the monitor uses λ = wd/2."""
+    said = []
+    monkeypatch.setattr(base_module, "rank_zero_info", said.append)
+    X, y = _data()
+    model = UserNet(weight_decay=0.2)
+    initial = UserNet(weight_decay=0.2)
+    initial.load_state_dict(model.state_dict())
+    monitor = ConvexGapMonitor(solver="clarabel", reduction="mean")
+    messages = _fit(make_trainer, model, DataLoader(TensorDataset(X, y), batch_size=40), [monitor], steps=1)
+    assert monitor._lambda == pytest.approx(0.1)
+    assert any("λ = 0.1, from SGD's weight_decay=0.2 (coupled L2" in m for m in said), said
+    assert not any("λ = 0" in m for m in messages), messages
+    with torch.no_grad():
+        expected = float(nn.functional.mse_loss(initial(X).reshape(y.shape), y)) + 0.1 * _stack_squares(initial)
+    logged = read_scalars(tmp_path)["convex/nonconvex_objective"][0][1]
+    assert logged == pytest.approx(expected, rel=1e-6)  # TensorBoard stores float32
+
+
+@pytest.mark.parametrize(("optimizer", "args"), [(torch.optim.AdamW, {"weight_decay": 1e-3}),
+                                                 (torch.optim.Adam, {"weight_decay": 1e-3,
+                                                                     "decoupled_weight_decay": True})],
+                         ids=["AdamW", "Adam-decoupled"])
+def test_decoupled_weight_decay_is_said_precisely(optimizer, args, make_trainer):
+    X, y = _data()
+    monitor = ConvexGapMonitor(solver="clarabel", reduction="mean")
+    messages = _fit(make_trainer, UserNet(optimizer=optimizer, **args), DataLoader(TensorDataset(X, y), batch_size=8),
+                    [monitor], steps=1)
+    assert monitor._lambda == 0.0
+    decoupled = [m for m in messages if "decoupled weight_decay=0.001" in m]
+    assert decoupled and "using λ = 0" in decoupled[0] and "no λ of the objective matches" in decoupled[0], messages
+
+
+def test_a_lambda_given_to_the_callback_is_never_reported_as_zero(make_trainer):
+    X, y = _data()
+    monitor = ConvexGapMonitor(solver="clarabel", weight_decay=1e-3)
+    messages = _fit(make_trainer, UserNet(), DataLoader(TensorDataset(X, y), batch_size=40), [monitor], steps=1)
+    assert monitor._lambda == 1e-3 and monitor._reduction == "mean"
+    objective = [m for m in messages if "reduction 'mean'" in m]
+    assert objective and "the model has no `reduction` attribute" in objective[0], messages
+    assert not any("λ = 0" in m for m in messages), messages
+
+
+def test_two_layer_relu_adds_its_optimizers_weight_decay_to_its_own(make_trainer):
+    class Decayed(TwoLayerReLU):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, weight_decay=0.02)
+
+    X, y = _data()
+    model = Decayed(in_features=3, hidden=6, weight_decay=0.01).double()
+    monitor = ConvexGapMonitor(solver="clarabel")
+    _fit(make_trainer, model, DataLoader(TensorDataset(X, y), batch_size=40), [monitor], steps=1)
+    assert monitor._lambda == pytest.approx(0.02)
+
+
+def test_two_layer_relu_under_adamw_keeps_its_own_lambda_and_says_the_decay_is_left_out(make_trainer):
+    class Decoupled(TwoLayerReLU):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=1e-3)
+
+    X, y = _data()
+    monitor = ConvexGapMonitor(solver="clarabel")
+    messages = _fit(make_trainer, Decoupled(in_features=3, hidden=6, weight_decay=0.01).double(),
+                    DataLoader(TensorDataset(X, y), batch_size=40), [monitor], steps=1)
+    assert monitor._lambda == pytest.approx(0.01)
+    assert any("AdamW's decoupled weight_decay=0.001" in m and "use the model's λ = 0.01 and leave that decay out"
+               in m for m in messages), messages
+
+
+def test_a_user_models_weight_decay_beside_the_optimizers_is_said_with_both_choices(make_trainer):
+    X, y = _data()
+    model = UserNet(weight_decay=0.2)
+    model.weight_decay = 0.2  # e.g. the hyperparameter the user also gave the optimizer
+    monitor = ConvexGapMonitor(solver="clarabel", reduction="mean")
+    messages = _fit(make_trainer, model, DataLoader(TensorDataset(X, y), batch_size=40), [monitor], steps=1)
+    assert monitor._lambda == pytest.approx(0.2)
+    assert any("pass weight_decay= to the callback, 0.1 if the model's `weight_decay` is the optimizer's, 0.3 if"
+               in m for m in messages), messages
+
+
+def test_optimizer_lambda_for_each_kind_of_decay():
+    model = UserNet()
+    stack = find_relu_stack(model)
+    params = list(model.parameters())
+    assert optimizer_lambda([torch.optim.SGD(params, lr=0.1)], stack) == (0.0, "")
+    for optimizer in (torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.NAdam):
+        lam, text = optimizer_lambda([optimizer(params, lr=0.1, weight_decay=0.3)], stack)
+        assert lam == pytest.approx(0.15) and f"{optimizer.__name__}'s weight_decay=0.3" in text
+    lam, text = optimizer_lambda([torch.optim.AdamW(params, lr=0.1, weight_decay=0.3)], stack)
+    assert lam is None and "decoupled" in text
+    hidden, output = list(model.net[0].parameters()), list(model.net[2].parameters())
+    groups = [{"params": hidden, "weight_decay": 0.1}, {"params": output, "weight_decay": 0.0}]
+    lam, text = optimizer_lambda([torch.optim.SGD(groups, lr=0.1)], stack)
+    assert lam is None and "differently" in text
+    # The output bias is not penalised in the objective: its decay does not count.
+    groups = [{"params": [*hidden, model.net[2].weight], "weight_decay": 0.1}, {"params": [model.net[2].bias]}]
+    assert optimizer_lambda([torch.optim.SGD(groups, lr=0.1)], stack)[0] == pytest.approx(0.05)
+
+    class Lion(torch.optim.SGD):
+        pass
+
+    lam, text = optimizer_lambda([Lion(params, lr=0.1, weight_decay=0.3)], stack)
+    assert lam is None and "Lion" in text
+
+
+@pytest.mark.slow
+def test_the_cli_optimizer_weight_decay_reaches_lambda(tmp_path, monkeypatch):
+    from hcl.fit import main
+
+    said = []
+    monkeypatch.setattr(base_module, "rank_zero_info", said.append)
+    cli = main(["--optimizer=SGD", "--optimizer.lr=0.05", "--optimizer.weight_decay=0.004", "--trainer.max_steps=1",
+                f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, ConvexGapMonitor))
+    assert monitor._lambda == pytest.approx(0.002)  # the model's λ = 0 plus the optimizer's 0.004 / 2
+    assert any("plus SGD's weight_decay=0.004" in m for m in said), said
+
+
+# --------------------------------------------------------------------------------------------------- which data
+def test_the_data_is_said_once_and_a_loader_that_drops_samples_warns(make_trainer, monkeypatch):
+    said = []
+    monkeypatch.setattr(data_module, "rank_zero_info", said.append)
+    X, y = _data(n=40)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True, drop_last=True)
+    callbacks = [PatternMonitor(), ConvexGapMonitor(solver="clarabel", reduction="mean")]
+    messages = _fit(make_trainer, UserNet(), loader, callbacks, steps=1)
+    assert said == ["hcl: the callbacks evaluate the network on n = 32 samples: one pass over the training "
+                    "dataloader"]
+    assert any("yields 32 of its dataset's 40 samples (drop_last=True" in m for m in messages), messages
+
+
+def test_a_sampler_covering_part_of_the_dataset_warns(make_trainer):
+    X, y = _data(n=40)
+    loader = DataLoader(TensorDataset(X, y), batch_size=10, sampler=SubsetRandomSampler(range(30)))
+    messages = _fit(make_trainer, UserNet(), loader, [ConvexGapMonitor(solver="clarabel", reduction="mean")], steps=1)
+    assert any("yields 30 of its dataset's 40 samples (its sampler covers fewer" in m for m in messages), messages
+
+
+def test_a_full_pass_and_a_probe_are_said_without_a_warning(make_trainer, monkeypatch):
+    said = []
+    monkeypatch.setattr(data_module, "rank_zero_info", said.append)
+    X, y = _data(n=40)
+    probe = ConvexGapMonitor(solver="clarabel", reduction="mean", probe=X[:10], target=y[:10], prefix="probe",
+                             max_samples=8)
+    callbacks = [ConvexGapMonitor(solver="clarabel", reduction="mean"), probe]
+    messages = _fit(make_trainer, UserNet(), DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True),
+                    callbacks, steps=1)
+    assert said == ["hcl: the callbacks evaluate the network on n = 40 samples: one pass over the training dataloader",
+                    "hcl: the callbacks evaluate the network on n = 8 samples (the first max_samples=8 of 10): "
+                    "ConvexGapMonitor's probe"]
+    assert not any("dataloader yields" in m for m in messages), messages
