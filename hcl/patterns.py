@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _BITS_PER_WORD = 64
@@ -336,16 +337,19 @@ def enumerate_patterns(X: Tensor) -> Tensor:
     """All nonzero patterns ``{1[X u ≥ 0] : u ∈ R^d}`` of 1-D or 2-D data with a bias column.
 
     ``X`` must be ``(n, 2)`` or ``(n, 3)`` with an all-ones last column. The all-zero pattern is left out:
-    it contributes nothing to the convex problem.
+    it contributes nothing to the convex problem. Every returned pattern is *realised*: it is computed as
+    ``X u ≥ 0`` at an explicit witness ``u``.
 
     * ``d = 2`` (1-D data): the patterns are thresholds ``{x ≥ t}`` and ``{x ≤ t}``, at most ``2n − 1``.
     * ``d = 3`` (2-D data): at most ``n² − n + 1``. Every pattern is that of a cell of the arrangement of
       the planes ``x̃_jᵀu = 0`` (a point on a face can be pushed into a cell by adding ``ε e_last``, which
       makes every tied point strictly active), and every cell touches a vertex ``u ⟂ x̃_i, x̃_j`` for two
       distinct points. Around that vertex the points off the line through ``x_i, x_j`` keep their side, and
-      the points on it (collinear ones included) split by a threshold along the line. All these are
-      generated for every pair, so the enumeration is complete, degenerate data included. The output has
-      ``O(n²)`` columns of ``n`` rows: meant for ``n`` up to a few hundred.
+      the points on it split by a threshold along the line; the witness is the line's affine function plus a
+      small multiple of a threshold function along it. Points within rounding of the line (``COLLINEAR_RTOL`` of
+      the data's scale, or 64 units of its own precision) count as on it, so that collinear data, collinear in
+      floating point only up to rounding, has the 1-D data's ``2n − 1`` patterns and none of the spurious ones a
+      rounding error makes (``docs/solvers.md#collinear-data``). ``O(n²)`` columns: for ``n`` up to a few hundred.
 
     Raises:
         ValueError: for any other shape, or a last column that is not all ones.
@@ -359,10 +363,16 @@ def enumerate_patterns(X: Tensor) -> Tensor:
         raise ValueError("X is empty (n = 0)")
     if not bool((X[:, -1] == 1).all()):
         raise ValueError("the last column of X must be all ones (the folded first-layer bias)")
+    precision = torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0
     X = X.to(torch.float64) if X.is_floating_point() else X.double()
     if X.shape[1] == 2:
         return _enumerate_1d(X[:, 0])
-    return _enumerate_2d(X[:, :2])
+    return _enumerate_2d(X[:, :2], max(COLLINEAR_RTOL, 64.0 * precision))
+
+
+# Points within this fraction of the data's scale from a line count as on it: a few hundred float64 rounding
+# errors of the side computation, far below any real offset; see docs/solvers.md#collinear-data
+COLLINEAR_RTOL = 1e-13
 
 
 def _threshold_sets(t: Tensor, values: Tensor) -> Tensor:
@@ -375,48 +385,64 @@ def _enumerate_1d(x: Tensor) -> Tensor:
     return unique_patterns(D, drop_dead=True).patterns
 
 
-def _enumerate_2d(points: Tensor, chunk: int = 4096) -> Tensor:
+def _enumerate_2d(points: Tensor, rtol: float, chunk: int = 2048) -> Tensor:
     n = points.shape[0]
     distinct = torch.unique(points, dim=0)
+    ones = torch.ones(n, 1, dtype=torch.bool, device=points.device)  # u = e_last
     if distinct.shape[0] == 1:
-        return torch.ones(n, 1, dtype=torch.bool, device=points.device)
+        return ones
     i, j = torch.triu_indices(distinct.shape[0], distinct.shape[0], offset=1, device=points.device)
-    p, q = distinct[i], distinct[j]
-    scale = points.abs().max().clamp(min=1.0)
-    keys: list[Tensor] = []
+    scale = float(points.abs().max()) or 1.0
+    found = [ones]
     for start in range(0, i.numel(), chunk):
-        a, b = p[start : start + chunk], q[start : start + chunk]
-        direction = b - a  # (B, 2)
-        normal = torch.stack([-direction[:, 1], direction[:, 0]], dim=1)
-        # signed offset of each point from the line through a and b, and its position along the line
-        side = (points[None, :, :] - a[:, None, :]) @ normal[:, :, None]  # (B, n, 1)
-        side = side.squeeze(-1)
-        along = ((points[None, :, :] - a[:, None, :]) @ direction[:, :, None]).squeeze(-1)
-        length2 = direction.square().sum(1, keepdim=True)
-        offset_scale = scale * normal.norm(dim=1, keepdim=True)
-        sets = []
-        # Points on the line split by thresholds; the rest keep their side. Both readings of points within
-        # rounding of the line (exactly on it, or on the side the arithmetic says) are generated: an extra
-        # pattern is harmless for the convex problem, a missed one is not.
-        for tolerance in (0.0, 1e-13):
-            on_line = side.abs() <= tolerance * offset_scale
-            positive, negative = (side > 0) & ~on_line, (side < 0) & ~on_line
-            splits = torch.stack(
-                [
-                    torch.zeros_like(on_line),
-                    on_line,
-                    on_line & (along >= 0),
-                    on_line & (along <= 0),
-                    on_line & (along >= length2),
-                    on_line & (along <= length2),
-                ],
-                dim=1,
-            )  # (B, 6, n): thresholds at a and at b, in both directions, plus none and all
-            sets += [positive[:, None, :] | splits, negative[:, None, :] | splits]
-        candidates = torch.cat(sets, dim=1)
-        block = candidates.reshape(-1, n).T
-        keys.append(unique_patterns(block, drop_dead=True).patterns)
-    return unique_patterns(torch.cat(keys, dim=1), drop_dead=True).patterns
+        a, b = distinct[i[start : start + chunk]], distinct[j[start : start + chunk]]
+        found.append(unique_patterns(_vertex_patterns(points, a, b, rtol * scale), drop_dead=True).patterns)
+    return unique_patterns(torch.cat(found, dim=1), drop_dead=True).patterns
+
+
+def _vertex_patterns(points: Tensor, a: Tensor, b: Tensor, tol: float) -> Tensor:
+    """``(n, 12 B)`` the patterns of the cells around the vertices ``u ⟂ x̃_a, x̃_b`` of ``B`` pairs of points.
+
+    With ``ℓ(x) = νᵀ(x − a)`` the side of the line through ``a`` and ``b`` (``ν ⟂ b − a``) and ``g`` a threshold
+    function along it (or a constant), each witness is ``±ℓ + δ g``: ``δ`` small enough that the points off the
+    line (``|ℓ| > tol |ν|``) keep their side, large enough that ``g`` decides the points on it.
+    """
+    direction = b - a  # (B, 2)
+    normal = torch.stack([-direction[:, 1], direction[:, 0]], dim=1)
+    # affine functions as (B, 3) coefficients (w, c): f(x) = wᵀx + c
+    line = torch.cat([normal, -(normal * a).sum(1, keepdim=True)], dim=1)
+
+    def at(f: Tensor) -> Tensor:  # (B, 3) affine functions at every point: (B, n)
+        return f[:, None, :2].mul(points[None]).sum(-1) + f[:, 2:]
+
+    side = at(line)
+    band = tol * normal.norm(dim=1, keepdim=True)  # the tolerance band around the line, in units of ℓ
+    on_line = side.abs() <= band
+    thresholds = []
+    # thresholds at a and at b, both ways, each tie active, half way to the next point on the line beyond them; the
+    # position along the line is measured from the anchor itself, so that the anchor's is exactly 0
+    for anchor in (a, b):
+        along_fn = torch.cat([direction, -(direction * anchor).sum(1, keepdim=True)], dim=1)
+        along = at(along_fn)
+        below = torch.where(on_line & (along < 0), along, -torch.inf).amax(1, keepdim=True)
+        above = torch.where(on_line & (along > 0), along, torch.inf).amin(1, keepdim=True)
+        reach = direction.square().sum(1, keepdim=True)  # any positive shift where no point lies beyond
+        thresholds.append(along_fn + F.pad(torch.where(torch.isfinite(below), -0.5 * below, reach), (2, 0)))  # ≥ 0
+        thresholds.append(-along_fn + F.pad(torch.where(torch.isfinite(above), 0.5 * above, reach), (2, 0)))  # ≤ 0
+    constant = F.pad(torch.ones_like(band), (2, 0))  # f(x) = 1
+    witnesses = []
+    for g in (-constant, constant, *thresholds):
+        g_at = at(g).abs()
+        # δ below every off-line point's |ℓ|/|g|, and above the band's width over every on-line point's |g| (its
+        # measured ℓ is rounding, as large as the band; a is on the line, so the lower limit is positive)
+        upper = torch.where(on_line, torch.inf, side.abs() / g_at).amin(1, keepdim=True)
+        lower = torch.where(on_line, band / g_at, 0.0).amax(1, keepdim=True)
+        delta = torch.where(torch.isfinite(upper), torch.sqrt(lower * upper), 2.0 * lower)
+        for sign in (1.0, -1.0):
+            witnesses.append(sign * line + delta * g)
+    u = torch.stack(witnesses, dim=1)  # (B, 12, 3)
+    values = points @ u[..., :2].transpose(1, 2) + u[..., 2][:, None, :]  # (B, n, 12): x̃ᵀu
+    return (values >= 0).permute(1, 0, 2).reshape(points.shape[0], -1)
 
 
 def _check_patterns(D: Tensor) -> None:

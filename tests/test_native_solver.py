@@ -3,13 +3,11 @@
 import dataclasses
 import itertools
 import math
-import warnings
 import zlib
 
-import cvxpy as cp
-import numpy as np
 import pytest
 import torch
+from _reference import reference_value
 
 from hcl.convex.native import Multipliers, NativeOptions, dual_certificate, remap_warm_start, solve_native
 from hcl.convex.native.options import NEWTON_MAX_SAMPLES
@@ -22,49 +20,6 @@ from hcl.convex.solvers import (
     problem_size,
     solve,
 )
-
-
-# ----------------------------------------------------------------------------- an independent reference
-def reference_value(problem: ConvexProblem, gated: bool = False) -> float:
-    """The optimum by cvxpy/Clarabel, written block by block from docs/convex.md (no shared code)."""
-    X = problem.X.double().numpy()
-    Y = problem.Y.double().numpy()
-    D = problem.patterns.numpy().astype(float)
-    n, d = X.shape
-    P, c = D.shape[1], Y.shape[1]
-    signs = np.zeros(P) if problem.signs is None else problem.signs.numpy()
-    prediction, constraints, penalty = 0, [], 0
-    for i in range(P):
-        Di = D[:, i : i + 1]
-        if gated:
-            Z = cp.Variable((d, c))
-            prediction = prediction + cp.multiply(Di, X @ Z)
-            if c == 1 or problem.one_vs_all:
-                penalty = penalty + sum(cp.norm(Z[:, k]) for k in range(c))
-            else:
-                penalty = penalty + cp.norm(Z, "fro")
-            continue
-        U, V = cp.Variable((d, c)), cp.Variable((d, c))
-        prediction = prediction + cp.multiply(Di, X @ (U - V))
-        constraints += [cp.multiply(2 * Di - 1, X @ U) >= 0, cp.multiply(2 * Di - 1, X @ V) >= 0]
-        if signs[i] > 0:
-            constraints.append(V == 0)
-        if signs[i] < 0:
-            constraints.append(U == 0)
-        if c == 1 or problem.one_vs_all:
-            penalty = penalty + sum(cp.norm(U[:, k]) + cp.norm(V[:, k]) for k in range(c))
-        else:
-            penalty = penalty + cp.norm(cp.hstack([U, V]), "fro")
-    residual = prediction - Y
-    if problem.output_bias:
-        b = cp.Variable((1, c))
-        residual = residual + np.ones((n, 1)) @ b
-    objective = problem.scale * cp.sum_squares(residual) + 2 * problem.weight_decay * penalty
-    cvx = cp.Problem(cp.Minimize(objective), constraints)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "may be inaccurate" at these very tight tolerances
-        cvx.solve(solver="CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
-    return float(cvx.value)
 
 
 def random_problem(seed, n=24, d=4, P=5, c=1, lam=0.05, reduction="mean", bias=False, one_vs_all=False,

@@ -19,7 +19,9 @@ below ``g*``); its value is a lower bound on the exact problem with or without t
 
 Interior-point solutions satisfy the cone constraints only to the solver's tolerance: the returned
 ``violation`` reports the largest violation as is (nothing is projected away), and ``value`` is the
-objective recomputed in the problem's dtype at the returned point.
+objective recomputed in float64 at the returned point. ``dual_value`` is hcl's own certified lower bound
+(:func:`hcl.convex.native.dual_certificate`) at the solver's point and cone multipliers: it does not rest on the
+solver's tolerances, and is as tight as its point is accurate (``docs/solvers.md#honest-statuses``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from hcl.convex.native.certificate import dual_certificate
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 from hcl.convex.status import Status
 
@@ -144,9 +147,9 @@ def solve_cvxpy(
 
     Returns:
         A :class:`ConvexSolution` with ``U, V`` of shape ``(P, d, c)`` and ``b0`` ``(c,)`` in the
-        problem's dtype and device, ``value`` recomputed by ``problem.objective``, ``violation`` of the
-        cone and sign constraints (0 for the gated relaxation), and ``solve_seconds`` covering the
-        build and the solve.
+        problem's dtype and device, ``value`` recomputed by ``problem.objective`` in float64, ``dual_value`` hcl's
+        certified lower bound, ``violation`` of the cone and sign constraints (0 for the gated relaxation), and
+        ``solve_seconds`` covering the build, the solve and the certificate.
 
     Raises:
         ValueError: for an unknown or uninstalled solver, or a bad ``time_limit``.
@@ -183,13 +186,18 @@ def solve_cvxpy(
     if status not in STATUS_MAP:
         raise ConvexSolveError(f"{name} returned no solution: status {status!r}")
     try:
-        U, V, b0 = read_solution()
+        U, V, b0, cone = read_solution()
     except _NoValue as error:
         raise ConvexSolveError(f"{name} returned status {status!r} without a solution") from error
     seconds = time.perf_counter() - start
 
-    value = float(problem.objective(U, V, b0))
-    violation = 0.0 if gated else float(problem.violation(U, V))
+    exact = problem.in_float64()
+    point = (U.to(torch.float64), V.to(torch.float64), b0.to(torch.float64))
+    value = float(exact.objective(*point))
+    violation = 0.0 if gated else float(exact.violation(point[0], point[1]))
+    # hcl's own certificate at the solver's point and multipliers: a lower bound that does not rest on the solver's
+    # tolerances (one product with X and one with Xᵀ)
+    dual_value = dual_certificate(problem, U, V, b0, cone, gated=gated)
     return ConvexSolution(
         value=value,
         U=U,
@@ -199,7 +207,7 @@ def solve_cvxpy(
         solver=name,
         solve_seconds=seconds,
         iterations=cvx_problem.solver_stats.num_iters if cvx_problem.solver_stats else None,
-        dual_value=None,
+        dual_value=dual_value,
         violation=violation,
         gated=gated,
     )
@@ -207,6 +215,24 @@ def solve_cvxpy(
 
 class _NoValue(Exception):
     pass
+
+
+def _cone_multipliers(form: Formulation, n: int, P: int, c: int) -> torch.Tensor | None:
+    """The solver's cone multipliers as hcl's dense ``(n, 2, P, c)`` float64 tensor (``μ ≥ 0`` of
+    ``(2D_i − I) X W ≥ 0``, in the objective's units), or ``None`` without cones or without duals."""
+    if not form.constraints:
+        return None
+    cone = torch.zeros(n, 2, P, c, dtype=torch.float64)
+    constraints = iter(form.constraints)
+    for _, blocks, sign in form.parts:  # formulate appends one constraint per output, part by part
+        side = 0 if sign > 0 else 1
+        for k in range(c):
+            dual = next(constraints).dual_value
+            if dual is None:
+                return None
+            values = torch.as_tensor(np.asarray(dual, dtype=np.float64).reshape(n, blocks.size)).clamp(min=0)
+            cone[:, side, torch.as_tensor(blocks), k] = values
+    return cone
 
 
 @dataclass
@@ -317,6 +343,6 @@ def _build(problem: ConvexProblem, gated: bool):
             if b0.value is None:
                 raise _NoValue
             b = torch.as_tensor(np.asarray(b0.value).reshape(c), dtype=U.dtype, device=U.device)
-        return U, V, b
+        return U, V, b, _cone_multipliers(form, problem.n, P, c)
 
     return cvx_problem, read_solution

@@ -19,6 +19,7 @@ Variables are stored as tensors ``U, V`` of shape ``(P, d, c)`` and ``b0`` of sh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -71,6 +72,9 @@ class ConvexProblem:
         one_vs_all: for ``c > 1``, one group per (block, output column) — scnn's choice, exact for a network
             whose second layer is block-diagonal; its value is *not* a bound for a shared hidden layer.
 
+    Any memory layout is accepted (column-major, transposed views, strided slices, expanded tensors): ``X``, ``Y``
+    and ``patterns`` are stored contiguous.
+
     Raises:
         ValueError: on mismatched shapes, non-finite data, ``λ < 0``, an unknown reduction or an empty
             pattern set.
@@ -96,7 +100,10 @@ class ConvexProblem:
             raise ValueError(
                 f"Y must have shape (n,) or (n, c) with n = {self.X.shape[0]} rows of X, got {tuple(self.Y.shape)}"
             )
-        self.Y = self.Y.to(dtype=self.X.dtype, device=self.X.device)
+        # one memory layout whatever the caller's (column-major, transposed, strided, expanded): nothing downstream
+        # depends on strides
+        self.X = self.X.contiguous()
+        self.Y = self.Y.to(dtype=self.X.dtype, device=self.X.device).contiguous()
         if self.X.shape[0] == 0:
             raise ValueError("the data is empty (n = 0)")
         if not torch.isfinite(self.X).all():
@@ -109,13 +116,13 @@ class ConvexProblem:
             )
         if self.patterns.shape[1] == 0:
             raise ValueError("the pattern set is empty (P = 0): nothing to solve")
-        self.patterns = self.patterns.to(device=self.X.device, dtype=torch.bool)
+        self.patterns = self.patterns.to(device=self.X.device, dtype=torch.bool).contiguous()
         if not math.isfinite(float(self.weight_decay)) or self.weight_decay < 0:
             raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {self.weight_decay}")
         self.weight_decay = float(self.weight_decay)
         data_scale(self.reduction, 1)  # validates the name
         if self.signs is not None:
-            self.signs = torch.as_tensor(self.signs, device=self.X.device).to(torch.int8).reshape(-1)
+            self.signs = torch.as_tensor(self.signs, device=self.X.device).to(torch.int8).reshape(-1).contiguous()
             if self.signs.numel() != self.patterns.shape[1]:
                 raise ValueError(
                     f"signs must have one entry per pattern ({self.patterns.shape[1]}), got {self.signs.numel()}"
@@ -167,6 +174,12 @@ class ConvexProblem:
         shape = (self.num_patterns, self.d, self.c)
         z = torch.zeros(shape, dtype=self.X.dtype, device=self.X.device)
         return z, z.clone(), torch.zeros(self.c, dtype=self.X.dtype, device=self.X.device)
+
+    def in_float64(self) -> ConvexProblem:
+        """This problem with its data in float64 (itself when it already is): for evaluating a point exactly."""
+        if self.X.dtype == torch.float64:
+            return self
+        return dataclasses.replace(self, X=self.X.to(torch.float64), Y=self.Y.to(torch.float64))
 
     # ------------------------------------------------------------ evaluation
     def predict(self, U: Tensor, V: Tensor, b0: Tensor | None = None) -> Tensor:
@@ -315,15 +328,16 @@ class ConvexSolution:
     """What a solver returns.
 
     Attributes:
-        value: the convex objective at ``(U, V, b0)`` (the optimum when ``status`` is ``"optimal"``; for
-            ``c > 1`` a lower bound on every network with these patterns).
+        value: the convex objective at ``(U, V, b0)``, evaluated in float64 (the optimum, to the solver's tolerance,
+            when ``status`` is ``"optimal"``; for ``c > 1`` a lower bound on every network with these patterns).
         U, V, b0: the solution, shapes ``(P, d, c)``, ``(P, d, c)``, ``(c,)``.
         status: a :class:`~hcl.convex.status.Status` (a ``str``): ``"optimal"``, ``"optimal_inaccurate"``,
             ``"max_iterations"``, ``"time_limit"`` or ``"failed"``.
         solver: the solver's name.
         solve_seconds: wall time of the solve.
         iterations: iterations used, where the solver counts them.
-        dual_value: a certified lower bound on the problem's optimum, where the solver gives one.
+        dual_value: a certified lower bound on the problem's optimum (hcl's certificate, also for the conic
+            solvers' solutions), where one can be had.
         violation: largest constraint violation of ``(U, V)``.
         gated: True when this solves the gated relaxation (no cone constraints).
         multipliers: solver-specific state for warm starts (``None`` when there is none).

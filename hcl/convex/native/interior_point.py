@@ -1,7 +1,8 @@
 """``"newton"``: a primal-dual interior-point method (Mehrotra predictor-corrector) for the fixed-pattern problem.
 
 The cone constraints ``(2D_i − I) X W ≥ 0`` get slacks and multipliers; the group norms are smoothed to
-``√(‖W_g‖² + ε²)`` with ``ε`` driven to zero along with the barrier parameter. Each Newton system is solved by
+``√(‖W_g‖² + ε²)`` with ``ε`` driven to zero along with the barrier parameter, and their gradient is carried as a dual
+variable of its own (:func:`dual_step`). Each Newton system is solved by
 :class:`~hcl.convex.native.newton.NewtonSystem`. The method needs 25–50 iterations whatever the conditioning, which
 is what first-order methods lack here; building the ``n × n`` matrices costs ``O(n² P d)`` and ``O(n²)`` memory, so
 it is for ``n`` up to a few thousand. See ``docs/solvers.md#the-native-solver-hclconvexnativesolve_native``.
@@ -18,7 +19,7 @@ from torch import Tensor
 from hcl.convex.native.certificate import GAP_FLOOR, converged
 from hcl.convex.native.newton import NewtonSystem, SchurPrecision
 from hcl.convex.native.operator import Operator, Result
-from hcl.convex.native.options import WARM_CENTRALITY, WARM_SLACK_FLOOR, NativeOptions
+from hcl.convex.native.options import STALL_ITERATIONS, WARM_CENTRALITY, WARM_SLACK_FLOOR, NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
 from hcl.convex.native.workspace import Workspace
 from hcl.convex.status import Status
@@ -28,7 +29,6 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
     """Run the interior-point method on ``op`` from ``warm`` (or from zero) until the stopping rule, the iteration
     cap or ``deadline`` (a ``time.perf_counter()`` value)."""
     n, P, c = op.n, op.P, op.c
-    lam = op.lam
     cm = op.cmask
     m = max(op.num_constraints, 1)
     constrained = op.constrained
@@ -51,19 +51,22 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
     else:
         Sl = Zd = None
     # smoothing of the group norms: starts at the scale of the normalised data, shrinks with μ
-    eps = 1e-3 if (warm is not None and (warm.mu is not None or not constrained)) else 1.0
+    eps = eps_start = 1e-3 if (warm is not None and (warm.mu is not None or not constrained)) else 1.0
     eps_min = 1e-13
+    # λ = 0: a stand-in weight decay that vanishes with the barrier parameter (or the smoothing); see zero_decay_scale
+    stand_in = zero_decay_scale(op, tol) if op.lam == 0 else 0.0
+    lam = stand_in if stand_in else op.lam
+    mu_start = 0.0
+    zeta = None  # the penalty's dual variable (see dual_step)
     status = Status.MAX_ITERATIONS
     it = 0
     mu = None
+    best_gap, best_at = math.inf, 0
     for it in range(1, options.max_iters + 1):
         Z = op.forward(W)
         r, _ = op.residual(Z)
         # Mᵀν − Aᵀμ (ν = 2r): the data term's gradient less the cones' force, in one product with Xᵀ
         forces = op.adjoint(2.0 * r, Zd) if constrained else 2.0 * op.adjoint_data(r)
-        norms = op.group_norms(W)
-        smooth = torch.sqrt(norms.square() + eps * eps)
-        rd = (forces + 2.0 * lam * W / op.expand(smooth)) * op.wmask  # the dual residual
         if constrained:
             rp = op.constraint(Z).sub_(Sl)
             if op.restricted:  # the slacks of blocks without cones are 1, their constraints 0
@@ -73,6 +76,19 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
             theta = Zd / Sl  # zero on blocks without cones, whose multipliers are 0
         else:
             theta = None
+        if stand_in:
+            if constrained:
+                mu_start = mu_start or max(mu, 1e-300)
+                shrunk = stand_in * mu / mu_start
+            else:
+                shrunk = stand_in * eps / eps_start
+            zeta = None if zeta is None else zeta * (shrunk / lam)
+            lam = shrunk
+        norms = op.group_norms(W)
+        smooth = torch.sqrt(norms.square() + eps * eps)
+        if zeta is None:  # starts on the smoothed path
+            zeta = 2.0 * lam * W / op.expand(smooth) * op.wmask
+        rd = (forces + 2.0 * lam * W / op.expand(smooth)) * op.wmask  # the dual residual
         # the certificate needs the same products: handed over where they already are in float64
         known = (r, forces) if op.dtype == torch.float64 else None
         check = converged(op, W, Z, Zd if constrained else None, options, known)
@@ -88,13 +104,25 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
         if deadline is not None and time.perf_counter() > deadline:
             status = Status.TIME_LIMIT
             break
-        if lam == 0 and _kkt_met(op, r, rd, mu, m, check.violation, options):
+        if op.lam == 0 and _kkt_met(op, r, rd, mu, m, check.violation, options):
             # λ = 0: the dual constraint is an equality no floating-point ν meets, so the only certified
             # bound is 0; stop on the Karush-Kuhn-Tucker residuals instead
             status = Status.OPTIMAL_INACCURATE
             break
+        if check.gap < 0.5 * best_gap:
+            best_gap, best_at = check.gap, it
+        elif (
+            it - best_at >= STALL_ITERATIONS and check.gap <= math.sqrt(tol)
+            and check.violation <= options.constraint_tol
+        ):
+            # the certificate has stopped closing, within √tol: a usable point, not certified (a tiny λ in the data's
+            # units needs the dual residual to a precision float64 does not give; see STALL_ITERATIONS)
+            status = Status.OPTIMAL_INACCURATE
+            break
 
-        system = NewtonSystem(op, W, theta, smooth, workspace=workspace, precision=precision, budget=budget)
+        system = NewtonSystem(
+            op, W, theta, smooth, workspace=workspace, precision=precision, budget=budget, lam=lam, dual=zeta
+        )
         if constrained:
             # fused element-wise operations: the (n, 2, P, c) temporaries are the iteration's largest after the
             # Newton system's
@@ -110,7 +138,7 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
 
             dWa, dSa, dZa = direction(products)
             alpha_p, alpha_d = max_step(Sl, dSa), max_step(Zd, dZa)
-            stepped = torch.add(Sl, dSa, alpha=alpha_p).view(-1), torch.add(Zd, dZa, alpha=alpha_d).view(-1)
+            stepped = torch.add(Sl, dSa, alpha=alpha_p).reshape(-1), torch.add(Zd, dZa, alpha=alpha_d).reshape(-1)
             mu_aff = float(torch.dot(*stepped)) / m
             sigma = min(1.0, max(mu_aff / mu, 0.0)) ** 3
             # the barrier and the smoothing need only reach a tenth of the tolerance: going further
@@ -121,6 +149,7 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
             alpha = 0.99 * min(max_step(Sl, dS), max_step(Zd, dZ))
             if options.verbose:
                 print(f"           step {alpha:.3f}  sigma {sigma:.2e}  |rd| {float(rd.abs().amax()):.2e}")
+            zeta = dual_step(op, W, dW, zeta, smooth, lam, alpha)
             W = W + alpha * dW
             Sl = Sl.add_(dS, alpha=alpha)  # no other reference to them remains
             Zd = Zd.add_(dZ, alpha=alpha)
@@ -130,13 +159,46 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
         else:
             dW = system.solve(-rd)
             value = float(r.square().sum() + op.penalty_value(W))
-            eps_floor = 0.05 * tol * value / (lam * op.num_groups) if lam > 0 else eps_min
-            W, eps = _smoothed_newton_step(op, W, dW, rd, eps, max(eps_floor, eps_min))
+            eps_floor = 0.05 * tol * value / (op.lam * op.num_groups) if op.lam > 0 else eps_min
+            step = _line_search(op, W, dW, rd, eps, lam)
+            zeta = dual_step(op, W, dW, zeta, smooth, lam, step)
+            W = W + step * dW
+            eps = max(eps * (0.2 if step == 1.0 else 0.7), eps_floor, eps_min)
     else:
         # the last step's point has not been tested yet
         if status == Status.MAX_ITERATIONS and converged(op, W, op.forward(W), Zd, options).met:
             status = Status.OPTIMAL
     return Result(W * op.wmask, Zd if constrained else None, it, status)
+
+
+def zero_decay_scale(op: Operator, tol: float) -> float:
+    """The stand-in weight decay's starting value for ``λ = 0`` (normalised units).
+
+    With ``λ = 0`` the optimal set is unbounded (``U_i`` and ``V_i`` can grow together; with an output bias or
+    rank-deficient data whole directions are invisible to the data term) and the Newton matrix is singular along it:
+    the barrier pushes the iterates out along these directions until rounding swamps the residual. The method
+    solves instead with ``λ' = tol · ‖ΠY‖ ‖X‖_F / G`` (``G`` groups) scaled by ``μ/μ₀`` (``μ₀`` the first barrier
+    parameter; in the gated relaxation by ``ε/ε₀``), which bounds them and vanishes along with the barrier. The value
+    and the stopping rule are the ``λ = 0`` problem's. See ``docs/solvers.md#honest-statuses``.
+    """
+    return tol * float(op.center(op.Y).norm()) * float(op.X.norm()) / max(op.num_groups, 1)
+
+
+def dual_step(op: Operator, W: Tensor, dW: Tensor, zeta: Tensor, smooth: Tensor, lam: float, alpha: float) -> Tensor:
+    """The penalty's dual variable ``ζ`` after the step ``α dW``.
+
+    On the smoothed path ``ζ_g = 2λ W_g / N_g``; carried as a variable of its own, with the Newton step of
+    ``ζ_g N_g = 2λ W_g`` linearised at ``W`` and kept in the ball ``‖ζ_g‖ ≤ 2λ``, it enters the Newton matrix in place
+    of the norm's Hessian (:class:`~hcl.convex.native.newton.NewtonSystem`). That is the primal-dual treatment of a
+    smoothed norm (Chan, Golub and Mulet's for total variation): ``W_g / N_g`` swings when a group nears zero or
+    ``ε`` shrinks, and Newton steps on it alone overshoot and stall (``docs/solvers.md#honest-statuses``).
+    """
+    N = op.expand(smooth)
+    along = op.expand(op.group_sum(W * dW)) / N
+    d_zeta = (2.0 * lam * (W + dW) - zeta * (N + along)) / N  # dζ = (2λ (w + dw) − ζ (N + wᵀdw / N)) / N
+    zeta = (zeta + alpha * d_zeta) * op.wmask
+    norms = op.group_norms(zeta)
+    return zeta * op.expand(torch.clamp(2.0 * lam / norms.clamp(min=1e-300), max=1.0))
 
 
 def max_step(x: Tensor, dx: Tensor) -> float:
@@ -162,15 +224,15 @@ def _kkt_met(
     return worst <= tol or worst <= tol * float(2.0 * op.adjoint_data(r).abs().amax())
 
 
-def _smoothed_newton_step(op: Operator, W: Tensor, dW: Tensor, grad: Tensor, eps: float, eps_min: float):
-    """Gated relaxation: a damped Newton step on the smoothed objective, then a smaller ``ε``."""
+def _line_search(op: Operator, W: Tensor, dW: Tensor, grad: Tensor, eps: float, lam: float) -> float:
+    """Gated relaxation: the step along ``dW`` with sufficient decrease of the smoothed objective (Armijo)."""
 
     def smoothed(V: Tensor) -> float:
         r, _ = op.residual(op.forward(V))
         norms = op.group_norms(V)
         if op.per_column:
             norms = norms * op.allowed[:, :, None]
-        return float(r.square().sum() + 2.0 * op.lam * torch.sqrt(norms.square() + eps * eps).sum())
+        return float(r.square().sum() + 2.0 * lam * torch.sqrt(norms.square() + eps * eps).sum())
 
     f0 = smoothed(W)
     slope = float((grad * dW).sum())
@@ -179,6 +241,4 @@ def _smoothed_newton_step(op: Operator, W: Tensor, dW: Tensor, grad: Tensor, eps
         if smoothed(W + step * dW) <= f0 + 1e-4 * step * slope:
             break
         step *= 0.5
-    W = W + step * dW
-    eps = max(eps * (0.2 if step == 1.0 else 0.7), eps_min)
-    return W, eps
+    return step

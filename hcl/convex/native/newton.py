@@ -63,8 +63,9 @@ class NewtonSystem:
     """``(2 MᵀΠM + H̄) ΔW = R`` solved by the Woodbury identity.
 
     ``H̄`` holds, per block ``(side, i, o)``, ``Xᵀ diag(θ) X`` from the barrier and the smoothed norm's
-    Hessian ``ρ (I − W_g W_gᵀ / N²)`` (``ρ = 2λ/N``, ``N = √(‖W_g‖² + ε²)``). With column groups the
-    norm Hessian lives inside the block; with pattern groups its rank-one part spans the pattern's blocks
+    primal-dual Hessian ``ρ I − (ζ_g W_gᵀ + W_g ζ_gᵀ) / (2N²)`` (``ρ = 2λ/N``, ``N = √(‖W_g‖² + ε²)``, ``ζ`` the
+    penalty's dual variable: with ``ζ = ρ W`` the primal Hessian ``ρ (I − W_g W_gᵀ / N²)``). With column groups the
+    norm Hessian lives inside the block; with pattern groups its low-rank part spans the pattern's blocks
     and only the exact (matrix-free) product carries it, the conjugate gradients making up for it.
 
     Args:
@@ -72,6 +73,8 @@ class NewtonSystem:
         W: ``(d, 2, P, c)`` the current point (the direction of the norms' rank-one terms).
         theta: ``(n, 2, P, c)`` the barrier weights ``μ/s`` (``None`` without cones).
         smooth: per-group smoothed norms ``N``.
+        lam: the weight decay (normalised units) the system is built with (default the problem's).
+        dual: ``(d, 2, P, c)`` the penalty's dual variable ``ζ`` (default ``ρ W``, the primal Hessian).
         workspace: the solve's buffers.
         precision: the solve's :class:`SchurPrecision`, which this system may lower to the working precision.
         budget: patterns (or blocks) per chunk when building the preconditioner.
@@ -87,16 +90,20 @@ class NewtonSystem:
         workspace: Workspace,
         precision: SchurPrecision,
         budget: int,
+        lam: float | None = None,
+        dual: Tensor | None = None,
     ) -> None:
         self.op = op
         self.workspace = workspace
         self.precision = precision
         # what the exact (matrix-free) product needs: the barrier weights and the norm Hessian's pieces
         self.theta = theta
-        self.rho = 2.0 * op.lam / smooth  # per group
+        self.rho = 2.0 * (op.lam if lam is None else lam) / smooth  # per group
         self.norm_direction = W
+        # the penalty's dual variable ζ (the norms' gradient 2λ W / N on the smoothed path)
+        self.norm_dual = op.expand(self.rho) * W if dual is None else dual
         self.smooth = smooth
-        self.norm_rank_one = self.rho / smooth.square()
+        self.half_inverse_square = 0.5 / smooth.square()
         self.budget = budget
         # the precision this system's preconditioner is built in (the solve's may fall to float64 meanwhile)
         self.schur_dtype = precision.dtype
@@ -138,9 +145,12 @@ class NewtonSystem:
         # the smoothed norm's Hessian, added in place (these (K, d, d) tensors are the largest of an iteration)
         if op.per_column:
             Wf = self.norm_direction.reshape(d, K).T.to(blocks)  # (K, d)
+            Zf = self.norm_dual.reshape(d, K).T.to(blocks)
             rho_k = rho.reshape(K)
             B.diagonal(dim1=1, dim2=2).add_(rho_k[:, None])
-            B.baddbmm_((-rho_k / smooth.reshape(K) ** 2)[:, None, None] * Wf[:, :, None], Wf[:, None, :])
+            coef = (-0.5 / smooth.reshape(K) ** 2)[:, None, None]
+            B.baddbmm_(coef * Zf[:, :, None], Wf[:, None, :])
+            B.baddbmm_(coef * Wf[:, :, None], Zf[:, None, :])
         else:
             # with pattern groups the rank-one part −(ρ/N²) w wᵀ of a group spans its pattern's 2·c blocks; it is
             # left out of the preconditioner (which then dominates the matrix) and kept in the exact product
@@ -254,13 +264,10 @@ class NewtonSystem:
         weighted[:, 0] += spread
         weighted[:, 1] -= spread
         out = (op.X.T @ weighted.reshape(op.n, -1)).reshape(V.shape)
-        norms = self.norm_direction
-        if op.per_column:
-            coef = (norms * V).sum(0, keepdim=True) * self.norm_rank_one[None]
-            out += self.rho[None] * V - norms * coef
-        else:
-            coef = (norms * V).sum((0, 1, 3)) * self.norm_rank_one
-            out += self.rho[None, None, :, None] * V - norms * coef[None, None, :, None]
+        # ρ V − ½ (ζ wᵀ + w ζᵀ) V / N² per group
+        along_w = op.expand(op.group_sum(self.norm_direction * V) * self.half_inverse_square)
+        along_dual = op.expand(op.group_sum(self.norm_dual * V) * self.half_inverse_square)
+        out += op.expand(self.rho) * V - self.norm_dual * along_w - self.norm_direction * along_dual
         return out * op.wmask
 
     def solve(self, R: Tensor, rtol: float | None = None, max_iters: int = 50) -> Tensor:

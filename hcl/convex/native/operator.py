@@ -36,6 +36,21 @@ class Result:
     penalty: float | None = None
 
 
+def row_space_basis(X: Tensor) -> Tensor | None:
+    """``(d, r)`` orthonormal basis (float64) of the row space of a rank-deficient ``X`` (numerical rank ``r < d``,
+    as ``numpy.linalg.matrix_rank`` counts it), or ``None`` when ``X`` has full column rank."""
+    n, d = X.shape
+    if n >= d and d > 64:  # a tall matrix with many columns: look at its Gram matrix's rank first, it costs O(n d²)
+        diagonal = torch.linalg.cholesky_ex(X.to(torch.float64).T @ X.to(torch.float64))[1]
+        if int(diagonal) == 0:
+            return None
+    _, sigma, Vh = torch.linalg.svd(X.to(torch.float64), full_matrices=False)
+    rank = max(1, int((sigma > sigma[0] * max(n, d) * torch.finfo(torch.float64).eps).sum()))
+    if rank == d:
+        return None
+    return Vh[:rank].T.contiguous()
+
+
 class Operator:
     """The problem in the solver's layout and normalised units (``s = 1``, ``max|Y| = 1``).
 
@@ -43,18 +58,29 @@ class Operator:
     for ``W = a W'``, ``Y = a Y'`` and ``λ' = λ / (s a)``; ``M`` maps ``W`` to the prediction
     ``Σ_i D_i X (U_i − V_i)`` and ``A`` to the cone constraints ``(2D_i − I) X W``.
 
+    With ``row_space``, rank-deficient data (``n < d``, identical rows) is replaced by its coordinates ``X Q`` in an
+    orthonormal basis ``Q`` of its row space, and ``W`` by ``Qᵀ W``: the directions ``X`` does not see change neither
+    the data term nor the cones, only the penalty, so every optimum has no component along them, and they are
+    dropped (``pack`` and ``unpack`` map between the two).
+
     Args:
         problem: the convex problem.
         gated: the gated relaxation (free ``z_i = U_i``, ``V = 0``, no cone constraints).
         dtype: the working precision.
+        row_space: work in ``X``'s row space when ``X`` is rank-deficient.
     """
 
-    def __init__(self, problem: ConvexProblem, *, gated: bool, dtype: torch.dtype) -> None:
+    def __init__(self, problem: ConvexProblem, *, gated: bool, dtype: torch.dtype, row_space: bool = False) -> None:
         self.problem = problem
         self.gated = gated
         self.dtype = dtype
         self.device = problem.X.device
         self.X = problem.X.to(dtype)
+        #: ``(d, r)`` orthonormal basis of the row space the variables live in, or ``None`` (all of ``R^d``)
+        self.basis = row_space_basis(problem.X) if row_space else None
+        if self.basis is not None:
+            self.basis = self.basis.to(dtype)
+            self.X = self.X @ self.basis
         Y = problem.Y.to(dtype)
         self.n, self.d = self.X.shape
         self.P, self.c = problem.num_patterns, problem.c
@@ -98,15 +124,20 @@ class Operator:
         return torch.zeros(self.d, 2, self.P, self.c, dtype=self.dtype, device=self.device)
 
     def pack(self, U: Tensor, V: Tensor) -> Tensor:
-        """``(P, d, c)`` pair → ``(d, 2, P, c)`` in normalised units."""
+        """``(P, d, c)`` pair → ``(d, 2, P, c)`` in normalised units (``(r, 2, P, c)`` in the row space's basis)."""
         W = torch.stack([U, V]).to(device=self.device, dtype=self.dtype).permute(2, 0, 1, 3) / self.y_unit
+        if self.basis is not None:
+            W = (self.basis.T @ W.reshape(W.shape[0], -1)).reshape(self.d, *W.shape[1:])
         if self.gated:
             W = torch.stack([W[:, 0] - W[:, 1], torch.zeros_like(W[:, 1])], dim=1)
         return W * self.wmask
 
     def unpack(self, W: Tensor) -> tuple[Tensor, Tensor]:
         """``(d, 2, P, c)`` in normalised units → ``(U, V)`` of shape ``(P, d, c)`` in the problem's units and dtype."""
-        W = (W * self.wmask * self.y_unit).to(self.problem.X.dtype)
+        W = W * self.wmask * self.y_unit
+        if self.basis is not None:
+            W = (self.basis @ W.reshape(self.d, -1)).reshape(self.basis.shape[0], *W.shape[1:])
+        W = W.to(self.problem.X.dtype)
         return W[:, 0].permute(1, 0, 2).contiguous(), W[:, 1].permute(1, 0, 2).contiguous()
 
     def normalise_multipliers(self, cone: Tensor) -> Tensor:
@@ -183,6 +214,10 @@ class Operator:
         if self.per_column:
             return W.square().sum(0).sqrt()
         return W.square().sum((0, 1, 3)).sqrt()
+
+    def group_sum(self, T: Tensor) -> Tensor:
+        """Per-group sums of a tensor of ``W``'s shape: ``(2, P, c)`` or ``(P,)``."""
+        return T.sum(0) if self.per_column else T.sum((0, 1, 3))
 
     def expand(self, g: Tensor) -> Tensor:
         """A per-group quantity broadcast to ``W``'s shape."""

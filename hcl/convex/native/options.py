@@ -46,6 +46,9 @@ SCHUR_PANEL_ROWS_MAX = 256
 # see docs/solvers.md#tuned-constants
 WARM_SLACK_FLOOR = 1e-3
 WARM_CENTRALITY = 1e-5
+# Interior-point iterations without halving the best certified gap after which a point within √tol is returned as
+# optimal_inaccurate (the certificate has stopped closing); see docs/solvers.md#tuned-constants
+STALL_ITERATIONS = 10
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
-from hcl.convex.native.certificate import certificate
+from hcl.convex.native.certificate import GAP_FLOOR, certificate
 from hcl.convex.native.first_order import first_order
 from hcl.convex.native.interior_point import interior_point
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.warm_start import Multipliers, warm_point
 from hcl.convex.problem import ConvexProblem, ConvexSolution
-from hcl.convex.status import Status
+from hcl.convex.status import Status, relative_gap
 
 _METHODS = {"newton": interior_point, "fista": first_order}
 
@@ -37,12 +38,14 @@ def solve_native(
             ``chunk_size=None``, ``verbose=False``.
 
     Returns:
-        A :class:`ConvexSolution`: ``U, V, b0`` in the problem's dtype, ``value`` recomputed by
-        ``problem.objective``, ``dual_value`` the certified lower bound, ``violation`` the largest cone
-        violation (absolute, data units), ``iterations``, ``multipliers`` (a :class:`Multipliers`, for warm
-        starts) and ``status`` ``OPTIMAL`` when the certificate is met, ``OPTIMAL_INACCURATE`` when the
-        method converged but the certificate could not be closed (e.g. ``λ = 0``, where the only
-        certifiable bound is 0), ``MAX_ITERATIONS`` or ``TIME_LIMIT`` otherwise.
+        A :class:`ConvexSolution`: ``U, V, b0`` in the problem's dtype, ``value`` the objective of exactly that point
+        (recomputed in float64), ``dual_value`` the certified lower bound, ``violation`` the largest cone violation
+        (absolute, data units), ``iterations``, ``multipliers`` (a :class:`Multipliers`, for warm starts) and
+        ``status``: ``OPTIMAL`` only when the returned point's relative gap to ``dual_value`` is within ``tol`` and its
+        violation within ``constraint_tol`` (checked again here, see :func:`final_status`); ``OPTIMAL_INACCURATE``
+        for a usable point whose gap could not be closed (``λ = 0``, where the only certifiable bound is 0, or a
+        certificate that stopped closing within ``√tol``); ``MAX_ITERATIONS`` or ``TIME_LIMIT`` when stopped early
+        (``value`` and ``dual_value`` still bracket the optimum); ``FAILED`` for a non-finite value.
 
     Raises:
         TypeError: ``problem`` is not a :class:`ConvexProblem`, or an unknown option.
@@ -59,17 +62,17 @@ def solve_native(
     start = time.perf_counter()
     deadline = None if chosen.time_limit is None else start + float(chosen.time_limit)
 
-    op = Operator(problem, gated=gated, dtype=dtype)
+    op = Operator(problem, gated=gated, dtype=dtype, row_space=True)
     warm = None if warm_start is None else warm_point(op, warm_start)
     if op.y_scale == 0.0:  # Y = 0: the zero point is optimal, with a zero certificate
         result = Result(op.zeros(), None, 0, Status.OPTIMAL)
     else:
         result = _METHODS[chosen.method](op, chosen, warm, deadline)
-    return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method)
+    return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
 
 
-def _solution(op: Operator, result: Result, seconds: float, name: str) -> ConvexSolution:
-    """The method's result in the problem's units, with its value recomputed and its certificate."""
+def _solution(op: Operator, result: Result, seconds: float, name: str, options: NativeOptions) -> ConvexSolution:
+    """The method's result in the problem's units, with its value recomputed, its certificate and its final status."""
     problem = op.problem
     U, V = op.unpack(result.W)
     Z = op.forward(result.W)
@@ -79,9 +82,18 @@ def _solution(op: Operator, result: Result, seconds: float, name: str) -> Convex
         if b0 is None
         else (b0 * op.y_unit).to(problem.X.dtype)
     )
-    value = float(problem.objective(U, V, b0))
-    dual = certificate(op, Z, result.mu, b0=b0)[0]
-    violation = 0.0 if op.gated else float(problem.violation(U, V))
+    exact = problem.in_float64()
+    point = (U.to(torch.float64), V.to(torch.float64), b0.to(torch.float64))
+    value = float(exact.objective(*point))
+    if op.basis is None:
+        dual = certificate(op, Z, result.mu, b0=b0)[0]
+    else:  # certified with the data itself, not its row-space coordinates (whose rank was decided with a tolerance)
+        full = Operator(problem, gated=op.gated, dtype=torch.float64)
+        dual = certificate(full, full.forward(full.pack(U, V)), result.mu, b0=b0)[0]
+    if not math.isfinite(dual):
+        dual = 0.0  # the objective is never negative: 0 is always a certified bound
+    violation = 0.0 if op.gated else float(exact.violation(point[0], point[1]))
+    status = final_status(exact, result.status, value, dual, violation, options)
     multipliers = None
     if result.mu is not None:
         multipliers = Multipliers(op.multipliers_in_data_units(result.mu).to_sparse(), result.penalty)
@@ -90,7 +102,7 @@ def _solution(op: Operator, result: Result, seconds: float, name: str) -> Convex
         U=U,
         V=V,
         b0=b0,
-        status=result.status,
+        status=status,
         solver=name,
         solve_seconds=seconds,
         iterations=result.iterations,
@@ -99,3 +111,25 @@ def _solution(op: Operator, result: Result, seconds: float, name: str) -> Convex
         gated=op.gated,
         multipliers=multipliers,
     )
+
+
+def final_status(
+    problem: ConvexProblem, status: Status, value: float, dual: float, violation: float, options: NativeOptions
+) -> Status:
+    """The method's ``status``, kept only where the returned point earns it.
+
+    ``OPTIMAL`` stays only when the relative gap between the returned point's objective ``value`` (recomputed in
+    float64) and the certified ``dual`` is within ``tol`` (with the stopping rule's floor) and the ``violation``
+    within ``constraint_tol · max|Y|``; otherwise the point is ``OPTIMAL_INACCURATE`` (usable, not certified). A
+    non-finite value is ``FAILED``, whatever the method said.
+    """
+    if not math.isfinite(value):
+        return Status.FAILED
+    if status != Status.OPTIMAL:
+        return status
+    centred = problem.Y - problem.Y.mean(0) if problem.output_bias else problem.Y
+    floor = GAP_FLOOR * problem.scale * float(centred.square().sum())
+    y_unit = float(problem.Y.abs().max()) or 1.0
+    if relative_gap(value, dual, floor) <= options.tol and violation <= options.constraint_tol * y_unit:
+        return Status.OPTIMAL
+    return Status.OPTIMAL_INACCURATE

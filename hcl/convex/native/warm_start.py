@@ -68,7 +68,7 @@ def warm_point(op: Operator, warm_start: ConvexSolution | tuple | list) -> WarmP
         ValueError: ``U``/``V`` or the multipliers have the wrong shape, or ``U``/``V`` are not finite.
     """
     U, V, _, mult = unpack_warm_start(warm_start)
-    shape = (op.P, op.d, op.c)
+    shape = (op.P, op.problem.d, op.c)
     if tuple(U.shape) != shape or tuple(V.shape) != shape:
         raise ValueError(
             f"warm start U, V must have shape {shape} (P, d, c), got {tuple(U.shape)} and {tuple(V.shape)}"

@@ -1,0 +1,254 @@
+"""Statuses that mean what they say, values that belong to the returned point, and any memory layout of the data.
+
+``"optimal"`` must mean a certified relative gap within ``tol``; the native solver checks its own result in float64
+before returning it, conic solvers' solutions carry hcl's certificate, and ``ConvexProblem`` takes column-major,
+transposed, strided and expanded tensors alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _reference import reference_value
+
+import hcl.convex.native.solver as native_solver
+from hcl.convex import ConvexProblem, Status, solve, solve_native
+from hcl.convex.native import NativeOptions
+from hcl.convex.native.certificate import GAP_FLOOR
+from hcl.convex.native.operator import Operator, Result, row_space_basis
+from hcl.convex.native.solver import final_status
+from hcl.convex.status import relative_gap
+
+F64 = dict(dtype=torch.float64)
+
+
+def identical_rows_problem(y, lam=0.0, c_shape=None, bias=True, reduction="sum") -> ConvexProblem:
+    n = y.shape[0]
+    X = torch.tensor([[0.7, 1.0]] * n, **F64)
+    return ConvexProblem(X=X, Y=y, patterns=torch.ones(n, 1, dtype=torch.bool), weight_decay=lam,
+                         reduction=reduction, output_bias=bias)
+
+
+def floor_of(problem: ConvexProblem) -> float:
+    Y = problem.Y.double()
+    centred = Y - Y.mean(0) if problem.output_bias else Y
+    return GAP_FLOOR * problem.scale * float(centred.square().sum())
+
+
+def assert_honest(solution, problem, tol=1e-6):
+    """The value is the returned point's objective, the dual value a bound below it, and "optimal" certified."""
+    exact = problem.in_float64()
+    point = solution.U.double(), solution.V.double(), solution.b0.double()
+    assert math.isclose(float(exact.objective(*point)), solution.value, rel_tol=1e-12, abs_tol=1e-300)
+    assert solution.dual_value is not None and solution.dual_value <= solution.value * (1 + 1e-12) + 1e-300
+    if solution.status == Status.OPTIMAL:
+        assert relative_gap(solution.value, solution.dual_value, floor_of(problem)) <= tol
+        assert solution.violation <= tol * float(problem.Y.abs().max())
+
+
+# ------------------------------------------------------------------------- the issue's example and its kin
+def test_zero_decay_identical_rows_with_an_output_bias_returns_the_optimum_not_a_drifted_point():
+    y = torch.tensor([0.3, -1.2, 0.5, 2.0, -0.4], **F64)
+    problem = identical_rows_problem(y)
+    solution = solve_native(problem)
+    optimum = float((y - y.mean()).square().sum())  # 5.652: the output bias fits the mean, nothing else can help
+    assert_honest(solution, problem)
+    assert solution.status == Status.OPTIMAL_INACCURATE  # λ = 0: the only certified bound is 0
+    assert solution.dual_value == 0.0
+    assert abs(solution.value - optimum) <= 1e-9 * optimum
+    assert float(torch.maximum(solution.U.abs().max(), solution.V.abs().max())) < 1e3
+    assert abs(float(solution.b0) - float(y.mean())) < 1e-6
+    assert abs(reference_value(problem) - optimum) <= 1e-8 * optimum
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.1])
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_random_targets_on_identical_rows(lam, c, bias):
+    g = torch.Generator().manual_seed(int(lam * 1000) + 10 * c + bias)
+    for scale in (1e-2, 1.0, 30.0):
+        y = torch.randn(9, c, generator=g, **F64) * scale
+        problem = identical_rows_problem(y.squeeze(1) if c == 1 else y, lam=lam, bias=bias)
+        ref = reference_value(problem)
+        solution = solve_native(problem)
+        assert_honest(solution, problem)
+        assert solution.status in (Status.OPTIMAL, Status.OPTIMAL_INACCURATE)
+        assert abs(solution.value - ref) <= 1e-6 * max(ref, floor_of(problem))
+        assert solution.dual_value <= ref + 1e-8 * max(ref, floor_of(problem))
+        if lam > 0:
+            assert solution.status == Status.OPTIMAL
+
+
+def test_zero_decay_rank_deficient_data_without_bias_no_longer_stalls():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(60, **F64) * 10
+    problem = identical_rows_problem(y, bias=False)
+    solution = solve_native(problem)
+    assert solution.status == Status.OPTIMAL_INACCURATE and solution.iterations < 30
+    assert_honest(solution, problem)
+    assert abs(solution.value - reference_value(problem)) <= 1e-9 * solution.value
+    del g
+
+
+# ------------------------------------------------------------------------- the final check of the native solver
+def test_final_status_keeps_optimal_only_with_a_certified_gap():
+    y = torch.tensor([1.0, -1.0, 2.0], **F64)
+    problem = identical_rows_problem(y, lam=0.1)
+    options = NativeOptions()
+    floor = floor_of(problem)
+    assert final_status(problem, Status.OPTIMAL, 2.0, 2.0 * (1 - 1e-7), 0.0, options) == Status.OPTIMAL
+    assert final_status(problem, Status.OPTIMAL, 2.0, 1.9, 0.0, options) == Status.OPTIMAL_INACCURATE
+    assert final_status(problem, Status.OPTIMAL, 2.0, 2.0, 1e-3, options) == Status.OPTIMAL_INACCURATE
+    # the gap's floor: a near-zero value with a zero bound is certified
+    assert final_status(problem, Status.OPTIMAL, 1e-7 * floor, 0.0, 0.0, options) == Status.OPTIMAL
+    assert final_status(problem, Status.OPTIMAL, 1e-5 * floor, 0.0, 0.0, options) == Status.OPTIMAL_INACCURATE
+    assert final_status(problem, Status.OPTIMAL, math.nan, 0.0, 0.0, options) == Status.FAILED
+    assert final_status(problem, Status.MAX_ITERATIONS, math.inf, 0.0, 0.0, options) == Status.FAILED
+    assert final_status(problem, Status.MAX_ITERATIONS, 2.0, 0.0, 0.0, options) == Status.MAX_ITERATIONS
+
+
+def test_a_method_claiming_optimal_at_a_poor_point_is_downgraded(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 4, generator=g, **F64)
+    X[:, -1] = 1.0
+    problem = ConvexProblem(X, torch.randn(30, generator=g, **F64), X @ torch.randn(4, 6, generator=g, **F64) >= 0,
+                            weight_decay=0.05, reduction="mean", output_bias=True)
+
+    def claims_optimal(point):
+        def method(op: Operator, options, warm, deadline):
+            return Result(point(op), None, 1, Status.OPTIMAL)
+        return method
+
+    monkeypatch.setitem(native_solver._METHODS, "newton", claims_optimal(lambda op: op.zeros()))
+    zero = solve_native(problem)
+    assert zero.status == Status.OPTIMAL_INACCURATE  # the zero point is feasible but far from optimal
+    assert_honest(zero, problem)
+    monkeypatch.setitem(native_solver._METHODS, "newton", claims_optimal(lambda op: op.zeros() + math.nan))
+    assert solve_native(problem).status == Status.FAILED
+    monkeypatch.setitem(native_solver._METHODS, "newton", claims_optimal(lambda op: op.zeros() + 1e150))
+    assert solve_native(problem).status in (Status.FAILED, Status.OPTIMAL_INACCURATE)
+
+
+# ------------------------------------------------------------------------- conic solvers carry hcl's certificate
+@pytest.mark.parametrize("kind", ["scalar", "bias", "vector", "one_vs_all", "signs", "gated"])
+def test_conic_solutions_carry_a_certified_lower_bound(kind):
+    g = torch.Generator().manual_seed(len(kind))
+    n, d, P = 25, 4, 5
+    X = torch.randn(n, d, generator=g, **F64)
+    X[:, -1] = 1.0
+    c = 3 if kind in ("vector", "one_vs_all") else 1
+    problem = ConvexProblem(X, torch.randn(n, c, generator=g, **F64), X @ torch.randn(d, P, generator=g, **F64) >= 0,
+                            weight_decay=0.05, reduction="mean", output_bias=kind == "bias",
+                            one_vs_all=kind == "one_vs_all",
+                            signs=torch.tensor([1, -1, 0, 1, -1]) if kind == "signs" else None)
+    gated = kind == "gated"
+    ref = reference_value(problem, gated)
+    # as tight as the solver's point is accurate (ECOS's default tolerances leave up to ~3e-5 on these)
+    for name, tight in (("clarabel", 1e-6), ("ecos", 1e-4)):
+        solution = solve(problem, name, gated=gated)
+        assert solution.dual_value is not None
+        assert solution.dual_value <= ref + 1e-9 * ref
+        assert solution.relative_gap <= tight
+        assert math.isclose(float(problem.objective(solution.U, solution.V, solution.b0)), solution.value,
+                            rel_tol=1e-12)
+
+
+# ------------------------------------------------------------------------- memory layouts
+def layouts(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``t``'s values in every layout a caller may hand over."""
+    out = {}
+    if t.ndim == 2:
+        out["column-major"] = torch.tensor(np.asfortranarray(t.numpy()))
+        out["transposed view"] = t.T.contiguous().T
+        wide = torch.zeros(2 * t.shape[0], 3 * t.shape[1], dtype=t.dtype)
+        wide[::2, ::3] = t
+        out["strided slice"] = wide[::2, ::3]
+    else:
+        wide = torch.zeros(3 * t.shape[0], dtype=t.dtype)
+        wide[::3] = t
+        out["strided slice"] = wide[::3]
+    out["interleaved"] = torch.stack([t, t], dim=-1)[..., 0]
+    return out
+
+
+@pytest.mark.parametrize("method", ["newton", "fista"])
+@pytest.mark.parametrize("c", [1, 2])
+def test_every_memory_layout_gives_the_contiguous_result(method, c):
+    g = torch.Generator().manual_seed(c)
+    n, d, P = 28, 4, 6
+    X = torch.randn(n, d, generator=g, **F64)
+    X[:, -1] = 1.0
+    Y = torch.randn(n, c, generator=g, **F64).squeeze(1)
+    D = X @ torch.randn(d, P, generator=g, **F64) >= 0
+    options = dict(method=method, dtype=torch.float64)
+    # a λ at which the first-order method needs a few hundred iterations, not thousands
+    kwargs = dict(weight_decay=0.05 if method == "newton" else 0.2, reduction="mean", output_bias=True,
+                  signs=torch.tensor([1, -1, 0, 0, 1, -1]))
+    base = solve_native(ConvexProblem(X, Y, D, **kwargs), **options)
+    assert base.status == Status.OPTIMAL
+    for (nx, Xl), (ny, Yl), (nd, Dl) in zip(layouts(X).items(), layouts(Y).items(), layouts(D).items()):
+        assert not (Xl.is_contiguous() and Dl.is_contiguous()), (nx, nd)
+        problem = ConvexProblem(Xl, Yl, Dl, **kwargs)
+        solution = solve_native(problem, **options)
+        assert solution.value == base.value, (nx, ny, nd)
+        assert torch.equal(solution.U, base.U) and torch.equal(solution.b0, base.b0)
+        # nothing downstream depends on strides: the problem's tensors replaced by strided ones after construction
+        problem.X, problem.patterns = Xl, Dl
+        again = solve_native(problem, **options)
+        assert again.status == Status.OPTIMAL
+        assert abs(again.value - base.value) <= 1e-9 * base.value, (nx, nd)
+
+
+def test_expanded_tensors_are_accepted():
+    g = torch.Generator().manual_seed(3)
+    n, d, P = 12, 3, 4
+    row = torch.randn(1, d, generator=g, **F64)
+    row[0, -1] = 1.0
+    X = row.expand(n, d)  # stride 0: identical rows
+    Y = torch.randn(n, 1, generator=g, **F64)
+    D = torch.ones(n, 1, dtype=torch.bool).expand(n, P)  # duplicated patterns
+    Y2 = Y.expand(n, 2)
+    for targets in (Y, Y2):
+        problem = ConvexProblem(X, targets, D, weight_decay=0.01, reduction="sum", output_bias=True)
+        contiguous = ConvexProblem(X.contiguous(), targets.contiguous(), D.contiguous(), weight_decay=0.01,
+                                   reduction="sum", output_bias=True)
+        for method in ("newton", "fista"):
+            a = solve_native(problem, method=method, dtype=torch.float64)
+            b = solve_native(contiguous, method=method, dtype=torch.float64)
+            assert a.value == b.value and a.status == b.status == Status.OPTIMAL
+        assert abs(a.value - reference_value(contiguous)) <= 1e-6 * a.value
+
+
+# ------------------------------------------------------------------------- rank-deficient data
+def test_row_space_basis_spans_the_rows_of_rank_deficient_data_only():
+    g = torch.Generator().manual_seed(4)
+    assert row_space_basis(torch.randn(20, 5, generator=g, **F64)) is None
+    wide = torch.randn(4, 9, generator=g, **F64)
+    basis = row_space_basis(wide)
+    assert basis.shape == (9, 4)
+    assert torch.allclose(basis.T @ basis, torch.eye(4, **F64), atol=1e-12)
+    assert torch.allclose(wide @ basis @ basis.T, wide, atol=1e-12)
+    repeated = torch.randn(1, 3, generator=g, **F64).expand(10, 3)
+    assert row_space_basis(repeated).shape == (3, 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fewer_samples_than_dimensions(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, d, P = 5, 12, 8
+    X = torch.randn(n, d, generator=g, **F64)
+    X[:, -1] = 1.0
+    problem = ConvexProblem(X, torch.randn(n, generator=g, **F64) * 10.0 ** (seed - 1),
+                            X @ torch.randn(d, P, generator=g, **F64) >= 0, weight_decay=1e-3, reduction="sum")
+    solution = solve_native(problem)
+    assert solution.status == Status.OPTIMAL
+    assert_honest(solution, problem)
+    ref = reference_value(problem)
+    assert solution.dual_value <= ref + 1e-8 * ref
+    assert abs(solution.value - ref) <= 2e-6 * ref
+    # a warm start in the full space is carried into the row space
+    warm = solve_native(problem, warm_start=solution)
+    assert warm.status == Status.OPTIMAL and warm.iterations < solution.iterations
