@@ -7,8 +7,9 @@ and log how far the network's own objective is from the convex optimum.
 
 For a scalar output the convex problem is exact: its optimum ``p*`` is the best objective any network with
 these patterns reaches, and since the network itself is one of them, ``p* ≤ L`` (invariant 1 of
-``docs/convex.md#invariants``). The monitor guarantees this for every logged value: the network's own mapped point
-is feasible, so the logged optimum is never above its value even when a solver stops early.
+``docs/convex.md#invariants``). The monitor logs what the solve proves and nothing more: the optimum only when the
+solver certified it, otherwise the bracket ``lower_bound ≤ p* ≤ upper_bound`` and the status. No value is capped
+(``docs/dashboards.md`` says what each tag means and when it is certified).
 
 Solves can run in the background (``asynchronous=True``): the training thread only copies the weights; a worker
 solves (:class:`hcl.callbacks.solve_queue.SolveQueue`); the results are logged at the step of their snapshot. Under
@@ -51,16 +52,26 @@ class ConvexGapMonitor(StackCallback):
     Logged keys (``<prefix>`` is ``"convex"`` by default), at steps ``0, k, 2k, …`` (``k = every_n_steps``) with
     the weights the training step at that global step computes its loss with:
 
-    - ``<prefix>/optimum`` (scalar output) or ``<prefix>/lower_bound`` (``c > 1``: the group-Frobenius problem of
-      ``docs/convex.md`` bounds every network with these patterns from below but is not attained in general);
-      ``<prefix>/gated_lower_bound`` instead when ``gated=True`` (the gated relaxation, a cheaper lower bound);
     - ``<prefix>/nonconvex_objective``: the network's ``L`` on the same data at the same scale;
-    - ``<prefix>/gap``: ``L − p*`` (never negative up to solver tolerance);
+    - ``<prefix>/optimum`` (scalar output, not gated): the solver's value, only when the status is optimal (a
+      certified gap) and no known value contradicts it; ``<prefix>/gap``: ``L − optimum``, logged with it;
+    - ``<prefix>/upper_bound`` (scalar output, not gated): the best feasible value known — the solver's value when its
+      point is feasible, or the convex objective at the network's own mapped point — so ``p* ≤ upper_bound ≤ L``;
+    - ``<prefix>/lower_bound`` (not gated): the solver's certified dual value, when it gives one (never its primal
+      value): below every network with these patterns (for ``c > 1`` through the group-Frobenius problem of
+      ``docs/convex.md``, which bounds them but is not attained in general);
+    - ``<prefix>/gated_optimum`` and ``<prefix>/gated_network_bound`` when ``gated=True``: the gated relaxation's
+      certified optimum and its certified dual value. Both are lower bounds on every ReLU network with these
+      patterns (such a network is a gated network with its patterns as gates); for ``c > 1`` they are **not** lower
+      bounds on the exact convex problem's optimum;
+    - ``<prefix>/max_gap``: ``L − lower_bound`` (or ``L − gated_network_bound``): the network is at most that far
+      above the best network with its patterns;
     - ``<prefix>/solve_seconds``: wall time of the solve;
     - ``<prefix>/active_neurons``: neurons of the mapped convex solution (nonzero blocks);
-    - ``<prefix>/duality_gap``: the solver's certified relative gap, where it gives one;
-    - ``<prefix>/status``: ``0`` optimal, ``1`` inaccurate, ``2`` iteration/time limit, ``3`` failed, ``4``
-      non-finite weights (no solve). A failure also raises a warning; training goes on.
+    - ``<prefix>/duality_gap``: the certified relative gap ``(value − dual value) / max(1, |value|)``, with the dual;
+    - ``<prefix>/status``: ``0`` optimal, ``1`` inaccurate (or an optimal claim that a known value refutes, with a
+      warning), ``2`` iteration/time limit, ``3`` failed, ``4`` non-finite weights (no solve). A failure also raises
+      a warning; training goes on.
     - ``<prefix>/skipped`` (asynchronous mode): how many snapshots were skipped so far because the solver fell
       behind, logged at each skipped step.
 
@@ -97,7 +108,8 @@ class ConvexGapMonitor(StackCallback):
             ...).
         sampled_patterns: ``K`` Gaussian-gate patterns added to the network's own at each solve (drawn from ``seed``
             and the step, so a resumed or distributed run samples the same ones).
-        gated: solve the gated relaxation instead (a lower bound, no cone constraints).
+        gated: solve the gated relaxation instead (no cone constraints; a lower bound on the networks with these
+            patterns, not on the exact problem for ``c > 1``).
         weight_decay: ``λ``; ``None`` reads the model's.
         reduction: ``"sum"`` or ``"mean"``; ``None`` reads the model's.
         probe: inputs to build the problem on (default: the training set); ``target`` must come with it.
@@ -218,8 +230,8 @@ class ConvexGapMonitor(StackCallback):
         p = self.prefix
         dashboard.register_charts(
             trainer, "hcl",
-            {"objective vs convex optimum": ["train/objective", f"{p}/nonconvex_objective", self._value_tag()],
-             "convex gap": [f"{p}/gap"]},
+            {"objective vs convex optimum": ["train/objective", f"{p}/nonconvex_objective", *self._value_tags()],
+             "convex gap": [f"{p}/gap", f"{p}/max_gap"]},
         )
 
     @override
@@ -324,7 +336,7 @@ class ConvexGapMonitor(StackCallback):
 
     def _spec(self) -> SolveSpec:
         return SolveSpec(
-            owner=type(self).__name__, prefix=self.prefix, value_tag=self._value_tag(), formulation=self.formulation,
+            owner=type(self).__name__, prefix=self.prefix, formulation=self.formulation,
             solver=self.solver, gated=self.gated, weight_decay=self._lambda, reduction=self._reduction,
             solver_options=dict(self.solver_options), time_limit=self.solve_time_limit,
         )
@@ -370,10 +382,14 @@ class ConvexGapMonitor(StackCallback):
         return Snapshot(step, X, Y, copy(hidden_weight), copy(hidden_bias), copy(output_weight), copy(output_bias),
                         extra)
 
-    def _value_tag(self) -> str:
+    def _value_tags(self) -> list[str]:
+        """The values drawn beside ``L``: the optimum and its bracket (those of the gated relaxation when gated)."""
+        p = self.prefix
         if self.gated:
-            return f"{self.prefix}/gated_lower_bound"
-        return f"{self.prefix}/optimum" if self._stack.output.out_features == 1 else f"{self.prefix}/lower_bound"
+            return [f"{p}/gated_optimum", f"{p}/gated_network_bound"]
+        if self._stack.output.out_features == 1:
+            return [f"{p}/optimum", f"{p}/upper_bound", f"{p}/lower_bound"]
+        return [f"{p}/lower_bound"]
 
     def _check_target_width(self, Y: Tensor) -> None:
         c = self._stack.output.out_features

@@ -10,6 +10,10 @@ non-convex objective ``L`` over networks of any width as its optimum (invariant 
 attained by every network with at least as many neurons as the solution has nonzero blocks. It depends only on the
 data, ``λ`` and the reduction, so it is solved once, at the start of training; then ``L(network) ≥ p*_all`` at every
 step and the gap ``L − p*_all`` says whether gradient descent found the global minimum.
+
+A solver's value is within its tolerance of ``p*_all``, on either side, so the monitor logs the certified bracket
+``global_lower_bound ≤ p*_all ≤ global_upper_bound`` and the optimum only when it is certified
+(``docs/dashboards.md``).
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from hcl import dashboard
 from hcl.callbacks.base import StackCallback
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.logs import log_scalars
-from hcl.convex import solve
+from hcl.convex import global_lower_bound, solve
 from hcl.convex.build import all_patterns_problem
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias, fold_weights, network_objective
+from hcl.convex.snapshot import bracket
+from hcl.convex.status import Status
 
 
 class GlobalOptimumMonitor(StackCallback):
@@ -41,18 +47,27 @@ class GlobalOptimumMonitor(StackCallback):
     convex problem over all of them once (with the model's ``λ`` and reduction) and then logs, at steps
     ``0, k, 2k, …`` (``k = every_n_steps``), with the weights the training step at that global step uses:
 
-    - ``<prefix>/global_optimum``: ``p*_all``, the same value at every step so that it draws as a line beside
-      ``train/objective`` (for ``c > 1`` outputs ``<prefix>/global_lower_bound`` instead: the group-Frobenius
-      problem bounds every network from below but is not attained in general);
-    - ``<prefix>/global_gap``: ``L(network) − p*_all``, never negative beyond the solver's tolerance; near 0 when
-      gradient descent has found a global minimum.
+    - ``<prefix>/global_lower_bound``: a certified lower bound on ``p*_all`` — the larger of the solver's certified
+      dual value and, for a scalar output, :func:`hcl.convex.global_lower_bound` at the solution's fit. For ``c > 1``
+      the group-Frobenius problem bounds every network from below but is not attained in general;
+    - ``<prefix>/global_upper_bound`` (scalar output): the solver's value when its point is feasible, so
+      ``p*_all ≤ global_upper_bound``;
+    - ``<prefix>/global_optimum`` (scalar output): the solver's value, only when its status is optimal (a certified
+      gap); each of these three is the same value at every step, so that it draws as a line beside
+      ``train/objective``;
+    - ``<prefix>/global_gap``: ``L(network) − global_optimum``, logged with it: near 0 when gradient descent has
+      found a global minimum, and possibly negative by as much as the optimum's certified gap;
+    - ``<prefix>/global_max_gap``: ``L(network) − global_lower_bound``, never negative: the network is at most that
+      far above the global minimum.
 
-    The number of enumerated patterns, the number of neurons the optimum needs (its nonzero blocks) and the
-    solve time are logged once, at the first logged step (``<prefix>/global_patterns``, ``<prefix>/global_neurons``,
-    ``<prefix>/global_solve_seconds``), and stay readable as attributes (:attr:`optimum`, :attr:`num_patterns`,
-    :attr:`num_neurons`, :attr:`problem`, :attr:`solution`). A network narrower than ``num_neurons`` cannot
-    reach ``p*_all`` (a warning says so when ``λ > 0``); it remains a lower bound. With ``λ = 0`` the optimum is
-    usually not unique and ``num_neurons`` counts the blocks of the solver's solution, not the fewest needed.
+    The number of enumerated patterns, the number of neurons the solution needs (its nonzero blocks), the solve time
+    and the solver's status are logged once, at the first logged step (``<prefix>/global_patterns``,
+    ``<prefix>/global_neurons``, ``<prefix>/global_solve_seconds``, ``<prefix>/global_status``), and stay readable as
+    attributes (:attr:`optimum` — ``None`` when not certified —, :attr:`lower_bound`, :attr:`upper_bound`,
+    :attr:`num_patterns`, :attr:`num_neurons`, :attr:`problem`, :attr:`solution`). A network narrower than
+    ``num_neurons`` may not reach ``p*_all`` (a warning says so when ``λ > 0``); it remains a lower bound. With
+    ``λ = 0`` the optimum is usually not unique and ``num_neurons`` counts the blocks of the solver's solution, not
+    the fewest needed.
 
     The bias is detected in both forms: the hidden layer's own bias, or a column of ones in the data. ``λ`` and
     the reduction: the callback's arguments when given, else the model's ``weight_decay`` / ``reduction`` attributes
@@ -99,6 +114,8 @@ class GlobalOptimumMonitor(StackCallback):
         self.solver = solver.lower()
         self.solver_options = dict(solver_options or {})
         self.optimum: float | None = None
+        self.lower_bound: float | None = None
+        self.upper_bound: float | None = None
         self.problem: ConvexProblem | None = None
         self.solution: ConvexSolution | None = None
         self.num_patterns: int | None = None
@@ -108,11 +125,12 @@ class GlobalOptimumMonitor(StackCallback):
         self._Y: Tensor | None = None
 
     @property
-    def value_tag(self) -> str:
-        """``<prefix>/global_optimum``, or ``<prefix>/global_lower_bound`` for several outputs."""
+    def value_tags(self) -> list[str]:
+        """The values drawn beside the objective: the optimum and its bracket (the lower bound alone for ``c > 1``)."""
+        p = self.prefix
         if self._stack is not None and self._stack.output.out_features > 1:
-            return f"{self.prefix}/global_lower_bound"
-        return f"{self.prefix}/global_optimum"
+            return [f"{p}/global_lower_bound"]
+        return [f"{p}/global_optimum", f"{p}/global_upper_bound", f"{p}/global_lower_bound"]
 
     # ------------------------------------------------------------------- hooks
     @override
@@ -122,8 +140,8 @@ class GlobalOptimumMonitor(StackCallback):
         # share its chart; alone, the monitor draws the objective and the global optimum on a chart of its own.
         beside_convex_gap = any(isinstance(cb, ConvexGapMonitor) and cb.prefix == p for cb in trainer.callbacks)
         title = "objective vs convex optimum" if beside_convex_gap else "objective vs global optimum"
-        dashboard.register_charts(trainer, "hcl", {title: ["train/objective", self.value_tag],
-                                                   "global gap": [f"{p}/global_gap"]})
+        dashboard.register_charts(trainer, "hcl", {title: ["train/objective", *self.value_tags],
+                                                   "global gap": [f"{p}/global_gap", f"{p}/global_max_gap"]})
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -131,14 +149,14 @@ class GlobalOptimumMonitor(StackCallback):
         X, Y = self.training_data(trainer)
         self._X = X
         self._Y = as_targets(Y, self._stack.output.out_features, X)
-        if not trainer.is_global_zero or self.optimum is not None:
+        if not trainer.is_global_zero or self.solution is not None:
             return
         self._solve_once()
         width = self._stack.hidden.out_features
         if self._lambda > 0 and width < self.num_neurons:
             rank_zero_warn(
                 f"{type(self).__name__}: the global optimum needs {self.num_neurons} neurons but the network has "
-                f"{width}; p*_all = {self.optimum:.6g} is then a lower bound that it may not reach"
+                f"{width}; p*_all ≈ {self.solution.value:.6g} is then a lower bound that it may not reach"
             )
 
     @override
@@ -146,19 +164,30 @@ class GlobalOptimumMonitor(StackCallback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         step = self.due_step(trainer)
-        if step is None or not trainer.is_global_zero or self.optimum is None:
+        if step is None or not trainer.is_global_zero or self.solution is None:
             return
         L = self.network_objective()
-        metrics = {self.value_tag: self.optimum}
+        p = self.prefix
+        metrics: dict[str, float] = {}
+        if self.optimum is not None:
+            metrics[f"{p}/global_optimum"] = self.optimum
+        if self.upper_bound is not None:
+            metrics[f"{p}/global_upper_bound"] = self.upper_bound
+        if self.lower_bound is not None:
+            metrics[f"{p}/global_lower_bound"] = self.lower_bound
         if not self._described:
             # Constants of the run, logged once (TensorBoard shows only the first hyper-parameter record of a run,
             # which Lightning writes before any callback runs).
             self._described = True
-            metrics.update({f"{self.prefix}/global_patterns": self.num_patterns,
-                            f"{self.prefix}/global_neurons": self.num_neurons,
-                            f"{self.prefix}/global_solve_seconds": self.solution.solve_seconds})
+            metrics.update({f"{p}/global_patterns": self.num_patterns,
+                            f"{p}/global_neurons": self.num_neurons,
+                            f"{p}/global_solve_seconds": self.solution.solve_seconds,
+                            f"{p}/global_status": Status.of(self.solution.status).code})
         if math.isfinite(L):
-            metrics[f"{self.prefix}/global_gap"] = L - self.optimum
+            if self.optimum is not None:
+                metrics[f"{p}/global_gap"] = L - self.optimum
+            if self.lower_bound is not None:
+                metrics[f"{p}/global_max_gap"] = L - self.lower_bound
         log_scalars(trainer, metrics, step)
 
     # ---------------------------------------------------------------- helpers
@@ -188,7 +217,23 @@ class GlobalOptimumMonitor(StackCallback):
                 f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} patterns) was not "
                 f"solved: status {solution.status!r}"
             )
+        # the zero network is feasible: an "optimal" value above its objective is refuted
+        known = bracket(self.problem, solution, float(self.problem.objective(*self.problem.zeros())))
+        scalar = not self.problem.is_bound
+        lower = known.lower_bound
+        if scalar:
+            # Lagrange duality from the solution's own fit: certified whatever the solver's dual (docs/convex.md)
+            fit = self.problem.predict(solution.U, solution.V, solution.b0)
+            certificate = global_lower_bound(
+                self.problem.X, self.problem.Y, fit, weight_decay=self._lambda, reduction=self._reduction,
+                bias=False, output_bias=self._stack.output_bias,
+            ).lower_bound
+            lower = certificate if lower is None else max(lower, certificate)
+        if known.refuted is not None:
+            rank_zero_warn(f"{type(self).__name__}: the all-patterns solve is not certified: {known.refuted}")
         self.solution = solution
-        self.optimum = float(solution.value)
+        self.optimum = known.optimum if scalar and Status.of(solution.status) == Status.OPTIMAL else None
+        self.upper_bound = known.upper_bound if scalar else None
+        self.lower_bound = lower
         self.num_patterns = self.problem.num_patterns
         self.num_neurons = solution.active_blocks()

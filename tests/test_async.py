@@ -20,7 +20,8 @@ from hcl.datamodules import SyntheticRegression
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-TAGS = ("convex/optimum", "convex/nonconvex_objective", "convex/gap", "convex/status")
+TAGS = ("convex/optimum", "convex/upper_bound", "convex/lower_bound", "convex/nonconvex_objective", "convex/gap",
+        "convex/status")
 
 
 @pytest.fixture
@@ -129,7 +130,8 @@ def test_a_late_result_is_logged_with_the_time_limit_status(tmp_path, monkeypatc
         s = run(tmp_path, [monitor], max_steps=6)
     assert s["convex/status"] == [(0, 2.0), (3, 2.0)]
     assert all(seconds > 0.01 for _, seconds in s["convex/solve_seconds"])
-    assert _steps(s, "convex/optimum") == [0, 3]  # the late value is still a valid upper bound: kept
+    assert _steps(s, "convex/upper_bound") == [0, 3]  # the late point is still feasible: its value is kept
+    assert "convex/optimum" not in s  # but the optimum is logged only with status 0
 
 
 def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch, run):

@@ -73,12 +73,16 @@ def test_convex_optimum_never_exceeds_the_objective(tmp_path, make_trainer, form
     optimum = dict(s["convex/optimum"])
     objective = dict(s["convex/nonconvex_objective"])
     train = dict(s["train/objective"])
+    upper, lower, max_gap = (dict(s[f"convex/{tag}"]) for tag in ("upper_bound", "lower_bound", "max_gap"))
     for step in steps:
-        assert optimum[step] <= objective[step] * (1 + 1e-6) + 1e-9
+        # Not capped: the certified optimum is below L because the network is one with these patterns.
+        assert lower[step] <= optimum[step] * (1 + 1e-6) + 1e-9
+        assert optimum[step] <= upper[step] * (1 + 1e-6) + 1e-9 and upper[step] <= objective[step] * (1 + 1e-7)
         # The monitor evaluates the weights the training step uses: the same L as the model logs.
         assert objective[step] == pytest.approx(train[step], rel=1e-6)
         assert dict(s["convex/gap"])[step] == pytest.approx(objective[step] - optimum[step], rel=1e-5, abs=1e-7)
-    assert all(code <= 1 for _, code in s["convex/status"])
+        assert max_gap[step] == pytest.approx(objective[step] - lower[step], rel=1e-5, abs=1e-7)
+    assert all(code == 0 for _, code in s["convex/status"])
     assert "custom_scalars__config__" in tensor_tags(tmp_path)
 
 
@@ -95,6 +99,40 @@ def test_both_formulations_reproduce_the_seed_step_zero_picture(tmp_path, make_t
     loss = s["convex/nonconvex_objective"][0][1]
     assert 0.02 < neurons < 0.5 * loss
     assert patterns < 1e-4
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_each_kind_of_solve_logs_its_own_tags_and_charts(tmp_path, make_trainer, outputs):
+    """Scalar output: optimum and its bracket; c > 1: the lower bound alone (the Frobenius problem is not attained);
+    gated: the gated relaxation's values under names of their own, never lower_bound or optimum."""
+    from hcl import dashboard
+
+    torch.manual_seed(0)
+    X = torch.randn(30, 3, dtype=torch.float64)
+    Y = torch.stack([X.sum(1).abs(), X[:, 0] - X[:, 1]], 1)[:, :outputs]
+    model = TwoLayerReLU(in_features=3, hidden=6, out_features=outputs, weight_decay=1e-2, lr=0.05,
+                         init="normal", init_scale=0.5)
+    loader = DataLoader(TensorDataset(X, Y.squeeze(-1) if outputs == 1 else Y), batch_size=30)
+    monitors = [ConvexGapMonitor(solver="native", prefix="exact"),
+                ConvexGapMonitor(solver="native", gated=True, prefix="gated")]
+    trainer = make_trainer(monitors, max_steps=3)
+    trainer.fit(model, loader)
+    s = read_scalars(tmp_path)
+    exact = {tag.split("/")[1] for tag in s if tag.startswith("exact/")}
+    gated = {tag.split("/")[1] for tag in s if tag.startswith("gated/")}
+    common = {"nonconvex_objective", "max_gap", "solve_seconds", "active_neurons", "duality_gap", "status"}
+    if outputs == 1:
+        assert exact == common | {"optimum", "gap", "upper_bound", "lower_bound"}
+    else:
+        assert exact == common | {"lower_bound"}
+    assert gated == common | {"gated_optimum", "gated_network_bound"}
+    for step, bound in s["gated/gated_network_bound"]:
+        assert bound <= dict(s["gated/nonconvex_objective"])[step] and bound <= dict(s["gated/gated_optimum"])[step]
+    charts = dashboard.layout_of(trainer)["hcl"]
+    drawn = set(charts["objective vs convex optimum"][1])
+    assert {"gated/gated_optimum", "gated/gated_network_bound", "exact/lower_bound"} <= drawn
+    assert ("exact/upper_bound" in drawn) == ("exact/optimum" in drawn) == (outputs == 1)
+    assert set(charts["convex gap"][1]) == {"exact/gap", "exact/max_gap", "gated/gap", "gated/max_gap"}
 
 
 class _UserModule(pl.LightningModule):

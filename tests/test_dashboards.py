@@ -42,9 +42,10 @@ RUN_COLOUR = (255, 112, 67)  # TensorBoard's colour for the first run
 STEPS = 30
 CHARTS = {
     "objective vs convex optimum": {"train/objective", "convex/nonconvex_objective", "convex/optimum",
-                                    "convex/global_optimum"},
-    "global gap": {"convex/global_gap"},
-    "convex gap": {"convex/gap"},
+                                    "convex/upper_bound", "convex/lower_bound", "convex/global_optimum",
+                                    "convex/global_upper_bound", "convex/global_lower_bound"},
+    "global gap": {"convex/global_gap", "convex/global_max_gap"},
+    "convex gap": {"convex/gap", "convex/max_gap"},
     "unique activation patterns": {"patterns/unique"},
     "pattern changes": {"patterns/changed", "patterns/new"},
 }
@@ -147,6 +148,8 @@ def test_tensorboard_serves_the_logged_scalars(tensorboard, logdir):
     optimum = _get_json(f"{tensorboard}/data/plugin/scalars/scalars?run={RUN}&tag=convex/global_optimum")
     assert len(objective) == len(optimum) == STEPS
     assert all(objective[step] >= value - 1e-7 for _, step, value in optimum)  # L ≥ p*_all as served
+    lower = _get_json(f"{tensorboard}/data/plugin/scalars/scalars?run={RUN}&tag=convex/global_lower_bound")
+    assert all(objective[step] >= value for _, step, value in lower)  # certified: no tolerance
 
 
 def test_tensorboard_serves_one_merged_custom_scalars_layout(tensorboard):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cvxpy as cp
@@ -13,7 +14,7 @@ from _events import read_scalars
 from hcl import TwoLayerReLU, dashboard
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.global_optimum import GlobalOptimumMonitor
-from hcl.convex import solve
+from hcl.convex import Status, solve
 from hcl.convex.build import all_patterns_problem
 from hcl.convex.problem import fold_bias, network_objective
 from hcl.datamodules import SyntheticRegression
@@ -137,14 +138,18 @@ def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path,
     p_star = monitor.optimum
     assert p_star > 1e-4
     assert monitor.num_patterns == 11
-    assert [step for step, _ in s["convex/global_optimum"]] == list(range(0, 40, 2))
+    for tag in ("global_optimum", "global_lower_bound", "global_upper_bound", "global_gap", "global_max_gap"):
+        assert [step for step, _ in s[f"convex/{tag}"]] == list(range(0, 40, 2)), tag
     assert all(v == pytest.approx(p_star, rel=1e-6) for _, v in s["convex/global_optimum"])
-    train, gap = dict(s["train/objective"]), dict(s["convex/global_gap"])
+    lower, upper = s["convex/global_lower_bound"][0][1], s["convex/global_upper_bound"][0][1]
+    assert lower <= p_star <= upper and upper - lower <= 1e-6 * p_star  # a certified, tight bracket
+    train, gap, max_gap = dict(s["train/objective"]), dict(s["convex/global_gap"]), dict(s["convex/global_max_gap"])
     assert len(train) == 40
-    assert all(L >= p_star * (1 - 1e-6) for L in train.values())
+    assert all(L >= lower for L in train.values())
     for step, g in gap.items():
         # The monitor measures the weights the training step uses: its gap is the model's own L − p*.
         assert g == pytest.approx(train[step] - p_star, rel=1e-5, abs=1e-9)
+        assert max_gap[step] == pytest.approx(train[step] - lower, rel=1e-5, abs=1e-9) and max_gap[step] >= 0
     assert train[39] < train[0]  # training made progress, so the check covered a range of L
 
 
@@ -170,8 +175,10 @@ def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path, make_trainer):
     alone = make_trainer([GlobalOptimumMonitor()], max_steps=1, root=tmp_path / "alone")
     alone.fit(TwoLayerReLU(in_features=2, hidden=4, lr=0.1), datamodule=data)
     charts = dashboard.layout_of(alone)["hcl"]
-    assert charts == {"objective vs global optimum": ["Multiline", ["train/objective", "convex/global_optimum"]],
-                      "global gap": ["Multiline", ["convex/global_gap"]]}
+    assert charts == {"objective vs global optimum": ["Multiline", ["train/objective", "convex/global_optimum",
+                                                                   "convex/global_upper_bound",
+                                                                   "convex/global_lower_bound"]],
+                      "global gap": ["Multiline", ["convex/global_gap", "convex/global_max_gap"]]}
 
     both = make_trainer([GlobalOptimumMonitor(), ConvexGapMonitor(solver="clarabel")], max_steps=1,
                         root=tmp_path / "both")
@@ -179,7 +186,62 @@ def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path, make_trainer):
     charts = dashboard.layout_of(both)["hcl"]
     assert "objective vs global optimum" not in charts  # one chart with all three lines
     assert set(charts["objective vs convex optimum"][1]) == {
-        "train/objective", "convex/nonconvex_objective", "convex/optimum", "convex/global_optimum"}
+        "train/objective", "convex/nonconvex_objective", "convex/optimum", "convex/upper_bound", "convex/lower_bound",
+        "convex/global_optimum", "convex/global_upper_bound", "convex/global_lower_bound"}
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3])
+def test_the_global_bracket_holds_the_true_optimum_and_the_optimum_needs_a_certificate(
+    tmp_path, make_trainer, monkeypatch, lam
+):
+    """The solver's value may sit above p*_all (so L − value can be negative at a global minimum): the lower bound is
+    certified, the upper bound feasible; a solve without a certified gap logs its bracket and no optimum."""
+    import hcl.callbacks.global_optimum as module
+
+    data = _points_data(n=7, seed=2)
+    data.setup("fit")
+    X, y = data.train_tensors()
+    problem = all_patterns_problem(X, y, bias=False, weight_decay=lam, reduction="mean")
+    p_star = solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+
+    def uncertified(problem, solver, **options):  # the same point, without the certificate's promise
+        return dataclasses.replace(solve(problem, solver, **options), status=Status.OPTIMAL_INACCURATE)
+
+    for solver, certified in (("clarabel", True), ("native", True), ("uncertified", False)):
+        if not certified:
+            monkeypatch.setattr(module, "solve", uncertified)
+        monitor = GlobalOptimumMonitor(solver="native" if solver == "uncertified" else solver)
+        model = TwoLayerReLU(in_features=2, hidden=6, bias=False, weight_decay=lam, lr=0.1)
+        make_trainer([monitor], max_steps=2, root=tmp_path / solver).fit(model, datamodule=data)
+        s = read_scalars(tmp_path / solver)
+        assert 0 <= monitor.lower_bound <= p_star * (1 + 1e-9) + 1e-12
+        assert monitor.upper_bound >= p_star * (1 - 1e-9) - 1e-12
+        # (event files store float32)
+        assert s["convex/global_lower_bound"][0][1] == pytest.approx(monitor.lower_bound, rel=1e-6, abs=1e-30)
+        assert s["convex/global_upper_bound"][0][1] == pytest.approx(monitor.upper_bound, rel=1e-6, abs=1e-30)
+        assert all(v >= 0 for _, v in s["convex/global_max_gap"])
+        assert ("convex/global_optimum" in s) == ("convex/global_gap" in s) == certified, solver
+        assert s["convex/global_status"] == [(0, 0.0 if certified else 1.0)]
+        assert (monitor.optimum is None) == (not certified)
+
+
+def test_an_optimal_claim_above_the_zero_network_is_refused(tmp_path, make_trainer, monkeypatch):
+    import hcl.callbacks.global_optimum as module
+
+    def too_high(problem, solver, **options):
+        U, V, b0 = problem.zeros()
+        U[0] += 100.0  # far from the optimum, above the zero network's value
+        value = float(problem.objective(U, V, b0))
+        return type(solve(problem, "clarabel"))(value=value, U=U, V=V, b0=b0, status="optimal", solver="stub",
+                                                solve_seconds=0.0, violation=float(problem.violation(U, V)))
+
+    monkeypatch.setattr(module, "solve", too_high)
+    monitor = GlobalOptimumMonitor()
+    with pytest.warns(UserWarning, match="not certified"):
+        make_trainer([monitor], max_steps=1).fit(TwoLayerReLU(in_features=2, hidden=4, lr=0.1),
+                                                 datamodule=_points_data())
+    s = read_scalars(tmp_path)
+    assert monitor.optimum is None and "convex/global_optimum" not in s and "convex/global_gap" not in s
 
 
 def test_training_on_unsupported_data_fails_before_the_first_step(tmp_path, make_trainer):

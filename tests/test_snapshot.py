@@ -16,7 +16,9 @@ from hcl.convex import (
     choose_solver,
     solve,
 )
+from hcl.convex.build import problem_from_network
 from hcl.convex.native import remap_warm_start
+from hcl.convex.problem import fold_bias, fold_weights, network_objective
 from hcl.convex.snapshot import (
     STATUS_CODES,
     Snapshot,
@@ -29,23 +31,24 @@ from hcl.convex.snapshot import (
 from hcl.convex.solvers import AUTO_NATIVE_ABOVE, SINGLE_THREAD_BELOW, NativeSolver, get_solver, problem_size
 
 
-def snapshot(step: int = 0, n: int = 30, d: int = 3, m: int = 6, seed: int = 0, scale: float = 1.0) -> Snapshot:
+def snapshot(step: int = 0, n: int = 30, d: int = 3, m: int = 6, seed: int = 0, scale: float = 1.0,
+             c: int = 1) -> Snapshot:
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    Y = torch.sin(X.sum(dim=1, keepdim=True))
+    Y = torch.cat([torch.sin(X.sum(dim=1, keepdim=True) + k) for k in range(c)], dim=1)
     return Snapshot(
         step=step, X=X, Y=Y,
         hidden_weight=scale * torch.randn(m, d, generator=g, dtype=torch.float64),
         hidden_bias=scale * torch.randn(m, generator=g, dtype=torch.float64),
-        output_weight=scale * torch.randn(1, m, generator=g, dtype=torch.float64),
+        output_weight=scale * torch.randn(c, m, generator=g, dtype=torch.float64),
         output_bias=None, extra_patterns=None,
     )
 
 
-def spec(solver: str = "native", time_limit: float | None = None, **options) -> SolveSpec:
-    return SolveSpec(owner="Probe", prefix="convex", value_tag="convex/optimum", formulation="patterns",
-                     solver=solver, gated=False, weight_decay=0.01, reduction="mean", solver_options=options,
-                     time_limit=time_limit)
+def spec(solver: str = "native", time_limit: float | None = None, gated: bool = False, weight_decay: float = 0.01,
+         reduction: str = "mean", **options) -> SolveSpec:
+    return SolveSpec(owner="Probe", prefix="convex", formulation="patterns", solver=solver, gated=gated,
+                     weight_decay=weight_decay, reduction=reduction, solver_options=options, time_limit=time_limit)
 
 
 class Recorder:
@@ -84,6 +87,8 @@ def test_a_solver_that_raises_gives_status_3_and_a_message():
     outcome = evaluate_snapshot(spec(), snapshot(step=7), explode, quiet=True, keep_solution=True)
     assert outcome.metrics["convex/status"] == Status.FAILED.code == 3
     assert outcome.metrics["convex/nonconvex_objective"] > 0 and outcome.metrics["convex/solve_seconds"] >= 0
+    assert outcome.metrics["convex/upper_bound"] <= outcome.metrics["convex/nonconvex_objective"]  # the network's
+    assert "convex/optimum" not in outcome.metrics and "convex/lower_bound" not in outcome.metrics
     assert outcome.error == "RuntimeError: solver exploded"
     assert outcome.messages == ["Probe: convex solve failed at step 7: RuntimeError: solver exploded"]
     assert outcome.solved is None
@@ -109,6 +114,142 @@ def test_a_solved_snapshot_logs_the_gap_and_keeps_the_solution_when_asked():
     problem, solution = outcome.solved
     assert m["convex/active_neurons"] == solution.active_blocks() > 0
     assert evaluate_snapshot(spec(), snapshot(), solve, quiet=True, keep_solution=False).solved is None
+
+
+# ------------------------------------------------------------------------- every tag is what its name says
+def problem_of(snap: Snapshot, weight_decay: float = 0.01, reduction: str = "mean"):
+    """The snapshot's convex problem and the network's own point in it, as the monitor builds them."""
+    return problem_from_network(snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight,
+                                snap.output_bias, weight_decay=weight_decay, reduction=reduction,
+                                formulation="patterns")
+
+
+def true_optimum(problem: ConvexProblem, gated: bool = False) -> float:
+    return solve(problem, "clarabel", gated=gated, tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+
+
+def same_pattern_objectives(snap: Snapshot, weight_decay: float = 0.01, count: int = 20) -> list[float]:
+    """``L`` of networks with the snapshot's patterns: its hidden layer, other output weights."""
+    g = torch.Generator().manual_seed(7)
+    Xf = fold_bias(snap.X, True)
+    Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
+    outputs = [snap.output_weight] + [torch.randn(snap.output_weight.shape, generator=g, dtype=torch.float64)
+                                      * 10 ** float(torch.empty(()).uniform_(-2, 0, generator=g))
+                                      for _ in range(count)]
+    return [float(network_objective(Xf, snap.Y, Wf, A, None, weight_decay, "mean")) for A in outputs]
+
+
+def test_an_optimal_claim_above_a_known_feasible_value_logs_no_optimum():
+    """A solver that says "optimal" with a wrong, too high value and a dual value far below: the network's own
+    point refutes it. (Capped at the network's value, it used to be logged as the optimum with status 0.)"""
+    snap = snapshot()
+    problem, point = problem_of(snap)
+    feasible = float(problem.objective(*point))
+
+    def wrong(problem, solver, *, warm_start, **options):
+        U, V, b0 = warm_start[:3]
+        return ConvexSolution(value=float(problem.objective(3 * U, 3 * V, b0)), U=3 * U, V=3 * V, b0=b0,
+                              status=Status.OPTIMAL, solver="wrong", solve_seconds=0.0, dual_value=0.01 * feasible)
+
+    outcome = evaluate_snapshot(spec(), snap, wrong, quiet=True, keep_solution=False)
+    m = outcome.metrics
+    assert "convex/optimum" not in m and "convex/gap" not in m
+    assert m["convex/status"] == Status.OPTIMAL_INACCURATE.code
+    assert "not certified" in outcome.messages[0] and "above the feasible value" in outcome.messages[0]
+    assert m["convex/upper_bound"] == pytest.approx(feasible, rel=1e-12)  # the network's point, not the claim
+    assert m["convex/lower_bound"] == 0.01 * feasible
+    assert m["convex/max_gap"] == pytest.approx(m["convex/nonconvex_objective"] - 0.01 * feasible)
+
+
+def test_a_dual_value_above_a_feasible_value_is_not_logged_as_a_lower_bound():
+    snap = snapshot()
+
+    def bad_dual(problem, solver, *, warm_start, **options):
+        U, V, b0 = warm_start[:3]
+        value = float(problem.objective(U, V, b0))
+        return ConvexSolution(value=value, U=U, V=V, b0=b0, status=Status.OPTIMAL, solver="bad", solve_seconds=0.0,
+                              dual_value=2 * value)
+
+    outcome = evaluate_snapshot(spec(), snap, bad_dual, quiet=True, keep_solution=False)
+    assert "convex/lower_bound" not in outcome.metrics and "convex/optimum" not in outcome.metrics
+    assert "lower bound" in outcome.messages[0]
+
+
+@pytest.mark.parametrize("options", [{"method": "newton", "max_iters": 2}, {"method": "fista", "max_iters": 3}])
+def test_a_solve_stopped_early_logs_its_bracket_and_no_optimum(options):
+    snap = snapshot()
+    recorder = Recorder()
+    m = evaluate_snapshot(spec(**options), snap, recorder, quiet=True, keep_solution=False).metrics
+    (problem, _, solution), = recorder.calls
+    p_star = true_optimum(problem)
+    assert m["convex/status"] == Status.MAX_ITERATIONS.code
+    assert "convex/optimum" not in m and "convex/gap" not in m
+    assert p_star <= m["convex/upper_bound"] <= m["convex/nonconvex_objective"]
+    assert m["convex/lower_bound"] == solution.dual_value <= p_star * (1 + 1e-9) + 1e-12
+
+
+def test_a_vector_solve_stopped_early_logs_its_dual_value_as_the_lower_bound():
+    """c > 1, the first-order method stopped after 3 iterations: the lower bound is the certified dual value, below
+    every network with these patterns, never the primal value (which need not bound anything)."""
+    snap = snapshot(c=2, scale=2.0)
+    recorder = Recorder()
+    m = evaluate_snapshot(spec(method="fista", max_iters=3), snap, recorder, quiet=True, keep_solution=False).metrics
+    (problem, _, solution), = recorder.calls
+    assert solution.status == Status.MAX_ITERATIONS and solution.dual_value != solution.value
+    assert m["convex/lower_bound"] == solution.dual_value
+    assert all(m["convex/lower_bound"] <= L for L in same_pattern_objectives(snap))
+    assert m["convex/lower_bound"] <= true_optimum(problem) * (1 + 1e-9) + 1e-12
+    for tag in ("convex/optimum", "convex/upper_bound", "convex/gap"):  # the Frobenius problem is not attained
+        assert tag not in m
+
+
+@pytest.mark.parametrize("solver,options", [("native", {}), ("clarabel", {}), ("native", {"tol": 1e-3})])
+def test_the_bracket_holds_the_true_optimum(solver, options):
+    for seed in range(4):
+        snap = snapshot(seed=seed)
+        recorder = Recorder()
+        m = evaluate_snapshot(spec(solver, **options), snap, recorder, quiet=True, keep_solution=False).metrics
+        p_star = true_optimum(recorder.calls[0][0])
+        assert m["convex/upper_bound"] >= p_star * (1 - 1e-9) - 1e-12
+        assert m["convex/lower_bound"] <= p_star * (1 + 1e-9) + 1e-12
+        if m["convex/status"] == Status.OPTIMAL.code:
+            tol = options.get("tol", 1e-6)
+            assert abs(m["convex/optimum"] - p_star) <= 10 * tol * max(1.0, p_star)
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_the_gated_bound_is_below_every_network_with_the_patterns(c):
+    for seed in range(5):
+        snap = snapshot(seed=seed, c=c, scale=1.5)
+        m = evaluate_snapshot(spec(gated=True), snap, solve, quiet=True, keep_solution=False).metrics
+        assert "convex/lower_bound" not in m and "convex/optimum" not in m and "convex/upper_bound" not in m
+        bound = m["convex/gated_network_bound"]
+        assert all(bound <= L for L in same_pattern_objectives(snap))
+        assert m["convex/max_gap"] == pytest.approx(m["convex/nonconvex_objective"] - bound)
+        if m["convex/status"] == Status.OPTIMAL.code:
+            assert bound <= m["convex/gated_optimum"] <= m["convex/nonconvex_objective"]
+
+
+def test_the_gated_bound_is_not_a_bound_on_the_exact_vector_problem():
+    """x = linspace(1, 2, 8) with a bias, Y = [x − 1.5, −(x − 1.5)], one all-ones pattern, λ = 0.1, sum: the exact
+    problem's p* = 0.347170 lies below the gated value 0.471121 — which still bounds every network with the
+    pattern (every neuron active on every point)."""
+    x = torch.linspace(1, 2, 8, dtype=torch.float64)
+    Y = torch.stack([x - 1.5, -(x - 1.5)], dim=1)
+    problem = ConvexProblem(torch.stack([x, torch.ones_like(x)], dim=1), Y, torch.ones(8, 1, dtype=torch.bool),
+                            weight_decay=0.1, reduction="sum")
+    assert true_optimum(problem) == pytest.approx(0.347170, abs=1e-6)
+    assert true_optimum(problem, gated=True) == pytest.approx(0.471121, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # networks whose neurons are active on all of [1, 2]
+        m = 3
+        hidden = torch.rand(m, 1, generator=g, dtype=torch.float64) + 0.1
+        snap = Snapshot(0, x.reshape(-1, 1), Y, hidden, torch.rand(m, generator=g, dtype=torch.float64),
+                        torch.randn(2, m, generator=g, dtype=torch.float64), None, None)
+        m_ = evaluate_snapshot(spec(gated=True, weight_decay=0.1, reduction="sum"), snap, solve, quiet=True,
+                               keep_solution=False).metrics
+        assert m_["convex/gated_network_bound"] == pytest.approx(0.471121, abs=1e-5)
+        assert m_["convex/gated_network_bound"] <= m_["convex/nonconvex_objective"]
 
 
 # ------------------------------------------------------------------------------------------ warm-start chain

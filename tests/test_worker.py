@@ -251,7 +251,7 @@ def _snapshot(step: int, X=None, Y=None):
 def _spec(solver: str, time_limit: float | None = None, gated: bool = False):
     from hcl.convex.snapshot import SolveSpec
 
-    return SolveSpec(owner="Probe", prefix="convex", value_tag="convex/optimum", formulation="patterns",
+    return SolveSpec(owner="Probe", prefix="convex", formulation="patterns",
                      solver=solver, gated=gated, weight_decay=0.01, reduction="mean", solver_options={},
                      time_limit=time_limit)
 
@@ -376,7 +376,7 @@ def test_a_chain_starts_each_solve_from_the_last_solution(solve_queue, queues, m
                                              chain=chain))
         for step in range(3):  # one snapshot, solved three times (the gated value is the solver's own)
             queues[-1].submit(_spec("halve", gated=True), replace(_snapshot(0), step=step))
-    values = {chained: [outcome.metrics["convex/optimum"] for _, outcome in q.collect(wait=True)]
+    values = {chained: [outcome.metrics["convex/gated_optimum"] for _, outcome in q.collect(wait=True)]
               for chained, q in zip((False, True), queues)}
     assert values[False][0] == values[False][1] == values[False][2]  # each from the network's point
     assert values[True][0] == values[False][0]  # the first of a chain too

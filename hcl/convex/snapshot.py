@@ -3,6 +3,10 @@
 Importable without Lightning, so that a worker process starts quickly. A chain of solves (one training run) carries
 each solution to the next snapshot through a :class:`WarmStartChain`; in a worker process the chain lives in the
 process's store beside the run's data (:func:`store_worker_data`).
+
+What a solve proves is a :class:`Bracket` (:func:`bracket`): the optimum only when the solver certified it and nothing
+known contradicts it, a feasible value above ``p*`` and a certified dual value below it. No value is ever capped: the
+tags, and when each is certified, are in ``docs/dashboards.md``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,21 @@ from hcl.convex.native import remap_warm_start
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
 from hcl.convex.status import STATUS_CODES, Status
 
+# An "optimal" value further than this (relative, floor 1) above a known feasible value, or a point violating the
+# constraints by more than this times max |Y|, is not believed: the native solver's default tolerances;
+# see docs/dashboards.md#when-a-value-is-certified
+CHECK_TOL = 1e-6
+
 __all__ = [
+    "CHECK_TOL",
     "STATUS_CODES",
+    "Bracket",
     "Snapshot",
     "SolveOutcome",
     "SolveSpec",
     "WarmStartChain",
     "active_neurons",
+    "bracket",
     "evaluate_snapshot",
     "solve_snapshot_job",
     "store_worker_data",
@@ -55,7 +67,6 @@ class SolveSpec:
 
     owner: str
     prefix: str
-    value_tag: str
     formulation: str
     solver: str
     gated: bool
@@ -123,8 +134,9 @@ def evaluate_snapshot(
             when it has one that fits, and keep this solve's solution in it. ``None``: always the network's point.
 
     Returns:
-        The metrics to log (``<prefix>/status`` always, a :class:`~hcl.convex.status.Status` code), the messages to
-        warn with, and the solution if asked for.
+        The metrics to log (``<prefix>/status`` always, a :class:`~hcl.convex.status.Status` code; the other tags and
+        when each is certified in ``docs/dashboards.md``), the messages to warn with, and the solution if asked for.
+        An optimal status that the :func:`bracket` refutes is logged as ``OPTIMAL_INACCURATE`` with a message.
     """
     p = spec.prefix
     owner = spec.owner
@@ -149,6 +161,8 @@ def evaluate_snapshot(
             weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
             extra_patterns=snap.extra_patterns,
         )
+        if not spec.gated and not problem.is_bound:  # the network's own point: an upper bound even if the solve fails
+            metrics[f"{p}/upper_bound"] = float(problem.objective(*point))
         warm = (chain.start_for(problem, spec.gated) if chain is not None else None) or point
         if quiet:
             with warnings.catch_warnings():
@@ -173,35 +187,117 @@ def evaluate_snapshot(
                             error=description)
 
 
+@dataclass(frozen=True)
+class Bracket:
+    """What one solve proves about the optimum ``p*`` of the problem it solved (the gated one when gated).
+
+    Attributes:
+        optimum: the solver's value, only when its status is optimal (a certified gap) and no known value
+            contradicts it; ``None`` otherwise.
+        upper_bound: the smallest feasible value known: the solver's value when its point is feasible (violation
+            within the tolerance) and the given feasible value; ``p* ≤ upper_bound``. ``None`` when neither is known.
+        lower_bound: the solver's certified dual value, ``≤ p*``; ``None`` when it gives none. Never the primal value.
+        refuted: why the solver's claim (an optimal status, or its dual value) was not believed; ``None`` when
+            nothing contradicted it.
+    """
+
+    optimum: float | None
+    upper_bound: float | None
+    lower_bound: float | None
+    refuted: str | None = None
+
+
+def bracket(
+    problem: ConvexProblem,
+    solution: ConvexSolution,
+    feasible_value: float | None = None,
+    tol: float = CHECK_TOL,
+    constraint_tol: float = CHECK_TOL,
+) -> Bracket:
+    """The certified bracket ``lower_bound ≤ p* ≤ upper_bound`` of one solve, and its optimum when certified.
+
+    Args:
+        problem: the problem solved.
+        solution: the solver's solution (of the gated relaxation when ``solution.gated``).
+        feasible_value: the objective at a point known to be feasible (e.g. the network's own mapped point), so
+            ``≥ p*``; ``None`` when there is none.
+        tol: relative slack (floor 1) in the consistency checks: an optimal value above ``feasible_value`` or below
+            the dual value by more is refuted, as is a dual value above a feasible value.
+        constraint_tol: the solver's point counts as feasible when its violation is at most this times ``max |Y|``.
+    """
+    value = float(solution.value)
+    y_unit = float(problem.Y.abs().max()) or 1.0
+    feasible = math.isfinite(value) and solution.violation <= constraint_tol * y_unit
+
+    def slack(v: float) -> float:
+        return tol * max(1.0, abs(v))
+
+    known = [v for v in (value if feasible else None, feasible_value) if v is not None and math.isfinite(v)]
+    upper = min(known) if known else None
+    dual = solution.dual_value
+    lower = float(dual) if dual is not None and math.isfinite(dual) else None
+    refuted = None
+    if lower is not None and upper is not None and lower > upper + slack(upper):
+        refuted = f"its certified lower bound {lower:.9g} is above the feasible value {upper:.9g}"
+        lower = None
+    optimum = None
+    if Status.of(solution.status) == Status.OPTIMAL and refuted is None and math.isfinite(value):
+        if not feasible:
+            refuted = f"its point violates the constraints by {solution.violation:.3g}"
+        elif feasible_value is not None and value > feasible_value + slack(feasible_value):
+            refuted = f"its value {value:.9g} is above the feasible value {feasible_value:.9g}"
+        elif lower is not None and value < lower - slack(lower):
+            refuted = f"its value {value:.9g} is below its certified lower bound {lower:.9g}"
+        else:
+            optimum = value
+    return Bracket(optimum, upper, lower, refuted)
+
+
 def _measure(
     spec: SolveSpec, snap: Snapshot, problem: ConvexProblem, point: tuple, solution: ConvexSolution, L: float,
     seconds: float, metrics: dict[str, float], keep_solution: bool,
 ) -> SolveOutcome:
     p, owner = spec.prefix, spec.owner
-    value = solution.value
-    if not spec.gated:
-        # The network's own point is feasible: p* is never above its value, whatever the solver reached.
-        value = min(value, float(problem.objective(*point)))
+    tol = max(CHECK_TOL, float(spec.solver_options.get("tol", 0.0)))
+    constraint_tol = max(CHECK_TOL, float(spec.solver_options.get("constraint_tol", 0.0)))
+    # The network's own mapped point is feasible (for the gated relaxation too): its value is ≥ p*.
+    known = bracket(problem, solution, float(problem.objective(*point)), tol, constraint_tol)
     status = Status.of(solution.status)
-    if not math.isfinite(value):
+    if not math.isfinite(solution.value):
         status = Status.FAILED
     messages = []
+    if known.refuted is not None:
+        status = Status.OPTIMAL_INACCURATE if status == Status.OPTIMAL else status
+        messages.append(f"{owner}: the {solution.solver} result at step {snap.step} is not certified: {known.refuted}")
     if spec.time_limit is not None and seconds > spec.time_limit and status != Status.FAILED:
         status = Status.TIME_LIMIT
         messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.2f} s, over the time limit of "
                         f"{spec.time_limit} s")
-    elif status != Status.OPTIMAL:
+    elif status != Status.OPTIMAL and known.refuted is None:
         messages.append(f"{owner}: solver status {solution.status!r} at step {snap.step}")
+    exact = not spec.gated and not problem.is_bound  # the problem's optimum is the best network's objective
     metrics.update({
-        spec.value_tag: value,
-        f"{p}/gap": L - value,
         f"{p}/solve_seconds": seconds,
         f"{p}/active_neurons": active_neurons(problem, solution),
         f"{p}/status": status.code,
     })
-    if solution.relative_gap is not None:
+    if status == Status.OPTIMAL and known.optimum is not None:
+        if spec.gated:
+            metrics[f"{p}/gated_optimum"] = known.optimum
+        elif exact:
+            metrics[f"{p}/optimum"] = known.optimum
+            metrics[f"{p}/gap"] = L - known.optimum
+    if exact and known.upper_bound is not None:
+        metrics[f"{p}/upper_bound"] = known.upper_bound
+    if known.lower_bound is not None:
+        # Below every network with these patterns: the exact problem's dual for c = 1, the Frobenius problem's for
+        # c > 1, the gated relaxation's (a gated network with the network's patterns as gates) when gated.
+        metrics[f"{p}/gated_network_bound" if spec.gated else f"{p}/lower_bound"] = known.lower_bound
+        metrics[f"{p}/max_gap"] = L - known.lower_bound
+    if known.lower_bound is not None and solution.relative_gap is not None:
         metrics[f"{p}/duality_gap"] = solution.relative_gap
-    solved = (problem, solution) if keep_solution and solution.ok else None
+    # a refuted solution is not handed on (load_solution would move the network to it)
+    solved = (problem, solution) if keep_solution and solution.ok and known.refuted is None else None
     return SolveOutcome(metrics, messages, solved)
 
 
