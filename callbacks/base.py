@@ -146,12 +146,16 @@ class StackCallback(Callback):
         :func:`hcl.callbacks.data.training_data`). Under DDP this is a collective: every rank must call it.
 
         Raises:
-            ValueError: no data, data of the wrong width, or no targets for a callback that needs them.
+            ValueError: no data, data of the wrong width, no targets for a callback that needs them, or a model that
+                does not compute its stack's function (:meth:`hcl.network.ReLUStack.check_forward`).
         """
         X, Y = data.training_data(trainer, self.probe, self.target, self.max_samples, type(self).__name__)
         if self.needs_target and Y is None:
             raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass target=)")
-        return self._stack.inputs(X).detach(), Y
+        X = self._stack.inputs(X).detach()
+        # Every callback checks the model itself, whichever others run and whatever the loader's order.
+        self._stack.check_forward(trainer.lightning_module, X)
+        return X, Y
 
     # ------------------------------------------------------------------- hooks
     @override
@@ -185,6 +189,15 @@ class StackCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
+
+
+def objective_tags(pl_module: "pl.LightningModule") -> list[str]:
+    """The model's own objective tag for the charts (``objective_tag``, as hcl's models declare), else none.
+
+    A user's model that never logs ``train/objective`` would otherwise get a chart series with no data.
+    """
+    tag = getattr(pl_module, "objective_tag", None)
+    return [tag] if isinstance(tag, str) and tag else []
 
 
 def refuse_non_squared_loss(pl_module: "pl.LightningModule", owner: str) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from hcl import dashboard
-from hcl.callbacks.base import StackCallback
+from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
 from hcl.callbacks.solve_queue import SolveQueue
 from hcl.checks import is_int
@@ -67,7 +67,8 @@ class ConvexGapMonitor(StackCallback):
     - ``<prefix>/max_gap``: ``L − lower_bound`` (or ``L − gated_network_bound``): the network is at most that far
       above the best network with its patterns;
     - ``<prefix>/solve_seconds``: wall time of the solve;
-    - ``<prefix>/active_neurons``: neurons of the mapped convex solution (nonzero blocks);
+    - ``<prefix>/active_neurons``: neurons of the network the convex solution maps to — one per nonzero ``u`` or ``v``
+      block, up to ``2P``, so it can exceed the trained network's width;
     - ``<prefix>/duality_gap``: the certified relative gap ``(value − dual value) / max(1, |value|)``, with the dual;
     - ``<prefix>/status``: ``0`` optimal, ``1`` inaccurate (or an optimal claim that a known value refutes, with a
       warning), ``2`` iteration/time limit, ``3`` failed, ``4`` non-finite weights (no solve). A failure also raises
@@ -230,7 +231,8 @@ class ConvexGapMonitor(StackCallback):
         p = self.prefix
         dashboard.register_charts(
             trainer, "hcl",
-            {"objective vs convex optimum": ["train/objective", f"{p}/nonconvex_objective", *self._value_tags()],
+            {"objective vs convex optimum": [*objective_tags(pl_module), f"{p}/nonconvex_objective",
+                                             *self._value_tags()],
              "convex gap": [f"{p}/gap", f"{p}/max_gap"]},
         )
 
@@ -242,7 +244,6 @@ class ConvexGapMonitor(StackCallback):
                 logger.log_hyperparams({f"{self.prefix}/formulation": self.formulation,
                                         f"{self.prefix}/solver": self.solver})
         X, Y = self.training_data(trainer)
-        self._stack.check_forward(pl_module, X)
         self._check_target_width(Y)
         self._X, self._Y = X, as_targets(Y, self._stack.output.out_features, X)
         self._trainer = trainer

@@ -30,7 +30,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from hcl import dashboard
-from hcl.callbacks.base import StackCallback
+from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.logs import log_scalars
 from hcl.convex import global_lower_bound, solve
@@ -140,7 +140,7 @@ class GlobalOptimumMonitor(StackCallback):
         # share its chart; alone, the monitor draws the objective and the global optimum on a chart of its own.
         beside_convex_gap = any(isinstance(cb, ConvexGapMonitor) and cb.prefix == p for cb in trainer.callbacks)
         title = "objective vs convex optimum" if beside_convex_gap else "objective vs global optimum"
-        dashboard.register_charts(trainer, "hcl", {title: ["train/objective", *self.value_tags],
+        dashboard.register_charts(trainer, "hcl", {title: [*objective_tags(pl_module), *self.value_tags],
                                                    "global gap": [f"{p}/global_gap", f"{p}/global_max_gap"]})
 
     @override

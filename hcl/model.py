@@ -67,6 +67,9 @@ class TwoLayerReLU(pl.LightningModule):
             init scale, or explicit weights of the wrong shape.
     """
 
+    #: the tag of the objective it logs, which the callbacks' charts draw beside the convex values
+    objective_tag = "train/objective"
+
     def __init__(
         self,
         in_features: int = 10,

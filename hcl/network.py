@@ -15,6 +15,7 @@ into the stack.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,9 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from hcl.convex.problem import ConvexProblem, ConvexSolution
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,21 @@ class ReLUStack:
         whose forward does not take a plain input tensor cannot be checked and is let through, and so are non-finite
         weights (reported elsewhere).
 
+        The layers the forward runs between the hidden and the output layer are also checked by name, whatever their
+        current effect: a normalisation there (``BatchNorm1d`` is close to the identity at initialisation, and not
+        later) is refused; ``Dropout`` is accepted, and the callbacks then compute the network without dropout (its
+        eval-mode function), which they say once.
+
         Raises:
-            ValueError: the module's output has another size, or other values, than the stack's.
+            ValueError: the module's output has another size, or other values, than the stack's, or a layer runs
+                between the stack's layers.
         """
         sample = X[:rows]
         weight, bias, output_weight, output_bias = self.weights()
         modes = {sub: sub.training for sub in module.modules()}
+        called: list[nn.Module] = []
+        hooks = [sub.register_forward_hook(lambda m, args, out: called.append(m))
+                 for sub in module.modules() if not any(True for _ in sub.children())]
         module.eval()
         try:
             with torch.no_grad():
@@ -93,8 +106,11 @@ class ReLUStack:
                 except Exception:  # noqa: BLE001 - e.g. a forward that expects a dict batch: nothing to compare
                     return
         finally:
+            for hook in hooks:
+                hook.remove()
             for sub, mode in modes.items():
                 sub.training = mode
+        self._check_between(module, called)
         if not isinstance(actual, Tensor) or actual.numel() != expected.numel():
             shape = tuple(actual.shape) if isinstance(actual, Tensor) else type(actual).__name__
             raise ValueError(
@@ -113,6 +129,31 @@ class ReLUStack:
                 "ReLU → output layer): a deeper network, extra layers or a scaled output? The convex problem "
                 "describes a network Linear → ReLU → Linear only; name another stack with layer=/output_layer=, or "
                 "use a two-layer model"
+            )
+
+    def _check_between(self, module: nn.Module, called: list[nn.Module]) -> None:
+        """Refuse the layers a forward ran between the hidden and the output layer, except ReLU, Dropout, Identity."""
+        if self.hidden not in called or self.output not in called:
+            return  # the forward bypassed the stack's modules: the value comparison decides
+        start = called.index(self.hidden)
+        end = start + called[start:].index(self.output) if self.output in called[start:] else start
+        names = {sub: name for name, sub in module.named_modules()}
+        dropouts = []
+        for layer in called[start + 1 : end]:
+            if isinstance(layer, (nn.ReLU, nn.Identity)):
+                continue
+            if isinstance(layer, _DROPOUTS):
+                dropouts.append(names.get(layer, type(layer).__name__))
+                continue
+            raise ValueError(
+                f"the layer {names.get(layer, '?')!r} ({type(layer).__name__}) runs between the hidden layer "
+                f"{self.name!r} and the output layer: it changes the network's function, so the convex problem "
+                "(Linear → ReLU → Linear) would describe another network; remove it or use a two-layer model"
+            )
+        if dropouts:
+            warnings.warn(
+                f"Dropout {', '.join(map(repr, dropouts))} between the layers of {self.name!r}: the callbacks compute "
+                "the network without dropout (its eval-mode function)", stacklevel=3,
             )
 
     def mapped_weights(

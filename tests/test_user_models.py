@@ -243,3 +243,70 @@ def test_a_full_pass_and_a_probe_are_said_without_a_warning(make_trainer, monkey
                     "hcl: the callbacks evaluate the network on n = 8 samples (the first max_samples=8 of 10): "
                     "ConvexGapMonitor's probe"]
     assert not any("dataloader yields" in m for m in messages), messages
+
+
+class Between(pl.LightningModule):
+    """``Linear → <middle> → ReLU → Linear`` trained with Adam on shuffled mini-batches."""
+
+    def __init__(self, middle: nn.Module):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), middle, nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return (self(x).squeeze(-1) - y).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _between_callbacks(kind):
+    stack = {"layer": "net.0", "output_layer": "net.3"}
+    if kind == "patterns":
+        return [PatternMonitor(**stack)]
+    if kind == "gap":
+        return [ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel", **stack)]
+    return [PatternMonitor(**stack), ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel", **stack)]
+
+
+@pytest.mark.parametrize("kind", ["patterns", "gap", "both"])
+def test_batch_norm_between_the_layers_is_refused_by_every_callback_on_a_shuffled_loader(kind, make_trainer):
+    # At initialisation BatchNorm1d in eval mode is nearly the identity: only the layer itself can give it away.
+    X, y = _data(n=64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
+    with pytest.raises(ValueError, match=r"'net.1' \(BatchNorm1d\) runs between"):
+        _fit(make_trainer, Between(nn.BatchNorm1d(8)), loader, _between_callbacks(kind))
+
+
+def test_dropout_between_the_layers_is_accepted_and_said(make_trainer):
+    X, y = _data(n=64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
+    said = _fit(make_trainer, Between(nn.Dropout(0.2)), loader, _between_callbacks("both"))
+    assert any("'net.1' between the layers" in message and "without dropout" in message for message in said)
+
+
+def test_the_stack_check_names_the_layer_and_lets_an_identity_through():
+    model = Between(nn.LayerNorm(8))
+    stack = find_relu_stack(model, "net.0", "net.3")
+    with pytest.raises(ValueError, match=r"'net.1' \(LayerNorm\)"):
+        stack.check_forward(model, torch.randn(8, 3))
+    plain = Between(nn.Identity())
+    find_relu_stack(plain, "net.0", "net.3").check_forward(plain, torch.randn(8, 3))
+
+
+def test_the_chart_lists_the_objective_only_for_a_model_that_logs_it(make_trainer):
+    from hcl import dashboard
+
+    X, y = _data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=40)
+    user = make_trainer([ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel")], max_steps=1)
+    user.fit(UserNet(), loader)
+    series = dashboard.layout_of(user)["hcl"]["objective vs convex optimum"][1]
+    assert "train/objective" not in series and "convex/nonconvex_objective" in series
+
+    ours = make_trainer([ConvexGapMonitor(solver="clarabel")], max_steps=1)
+    ours.fit(TwoLayerReLU(in_features=3, hidden=4).double(), loader)
+    assert "train/objective" in dashboard.layout_of(ours)["hcl"]["objective vs convex optimum"][1]
