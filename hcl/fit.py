@@ -35,9 +35,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+import hcl.convex_model  # noqa: F401 - imported so that `--model` lists hcl's models
 import hcl.datamodules  # noqa: F401 - imported so that `--data` lists hcl's data modules
+import hcl.model  # noqa: F401
 from hcl.callbacks import StepProgressBar
-from hcl.model import TwoLayerReLU
 
 PROG = "python -m hcl.fit"
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -80,8 +81,12 @@ class HCLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
         # Module-level functions (ddp_spawn pickles the parser with the trainer), named as the help prints them.
-        parser.link_arguments("data", "model.in_features", compute_fn=data_in_features, apply_on="instantiate")
-        parser.link_arguments("data", "model.out_features", compute_fn=data_out_features, apply_on="instantiate")
+        # The model is any LightningModule (hcl.TwoLayerReLU by default, hcl.ConvexReLU for convex training).
+        parser.set_defaults({"model": {"class_path": "hcl.TwoLayerReLU"}})
+        parser.link_arguments("data", "model.init_args.in_features", compute_fn=data_in_features,
+                              apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.out_features", compute_fn=data_out_features,
+                              apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         # One bar over the steps (a full-batch step is an epoch), unless the config gives its own or disables it.
@@ -110,8 +115,9 @@ def main(args: ArgsType = None) -> HCLCLI:
         parser_kwargs["default_config_files"] = [str(DEFAULT_CONFIG)]
     try:
         cli = HCLCLI(
-            TwoLayerReLU,
+            pl.LightningModule,
             pl.LightningDataModule,
+            subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},

@@ -51,7 +51,8 @@ def test_print_config_prints_the_resolved_yaml(capsys):
         main(["--config", str(DEFAULT_CONFIG), "--model.hidden=13", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["hidden"] == 13
+    assert printed["model"]["class_path"] == "hcl.TwoLayerReLU"
+    assert printed["model"]["init_args"]["hidden"] == 13
     assert printed["data"]["class_path"] == "hcl.datamodules.SyntheticRegression"
 
 
@@ -95,7 +96,7 @@ def test_print_config_alone_prints_the_config_that_runs_without_lightnings_args_
     assert printed["data"]["class_path"] == default["data"]["class_path"]
     assert [c["class_path"] for c in printed["trainer"]["callbacks"]] == [
         c["class_path"] for c in default["trainer"]["callbacks"]]
-    assert printed["model"]["hidden"] == 9 and printed["trainer"]["max_steps"] == default["trainer"]["max_steps"]
+    assert printed["model"]["init_args"]["hidden"] == 9 and printed["trainer"]["max_steps"] == default["trainer"]["max_steps"]
     assert "args parameter" not in result.stderr
     assert not (tmp_path / "lightning_logs").exists()
 
@@ -109,7 +110,7 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
     for name in ("hcl.datamodules.SyntheticRegression", "hcl.datamodules.MNIST", "hcl.datamodules.CIFAR10"):
         assert name in text
     assert "functools.partial" not in text
-    assert "data_in_features(data) --> model.in_features" in text
+    assert "data_in_features(data) --> model.init_args.in_features" in text
 
 
 @pytest.mark.parametrize(("args", "expected"), [

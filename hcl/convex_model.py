@@ -1,0 +1,358 @@
+"""``ConvexReLU``: a LightningModule that trains the convex reformulation of a two-layer network itself.
+
+The math (patterns of fixed gates, predictions, the group prox, the certificate) lives in :mod:`hcl.convex.gated`;
+this module holds the parameters, the training step, the metrics and the logging. See ``docs/convex_training.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from hcl.callbacks.data import training_data
+from hcl.callbacks.logs import log_scalars
+from hcl.checks import check_reduction, check_weight_decay, is_int
+from hcl.convex.gated import (
+    VARIANTS,
+    block_outputs,
+    certify,
+    gate_mask,
+    gates_from_weights,
+    group_norms,
+    group_soft_threshold_,
+    sample_gates,
+)
+from hcl.convex.problem import data_scale, fold_bias
+
+OPTIMIZERS = ("sgd", "adam")
+# The certificate's accumulators (a few float64 copies of d̃ × P × c) above this are not built; see
+# docs/convex_training.md#the-certificate
+MAX_CERTIFICATE_BYTES = 8 * 2**30
+
+
+class ConvexReLU(pl.LightningModule):
+    """The convex program of a two-layer (gated) ReLU network on ``P`` fixed gates, trained by proximal steps.
+
+    Gates ``g_i`` (columns of a ``(d̃, P)`` buffer, ``d̃ = d + 1`` with ``bias``) are sampled ``N(0, I)`` from
+    ``gate_seed`` or taken from a network (``gates``); a sample's patterns are ``D_i(x) = 1[x̃·g_i ≥ 0]``, computed
+    on each batch, so mini-batches and DDP sharding need nothing precomputed. The objective (``docs/convex.md``)::
+
+        "gated":  s Σ_j ‖Σ_i D_i(x_j) x̃_j·Z_i + b₀ − y_j‖² + 2λ Σ_i ‖Z_i‖_F
+        "relu":   s Σ_j ‖Σ_i D_i(x_j) x̃_j·(U_i − V_i) + b₀ − y_j‖² + 2λ Σ_i (‖U_i‖_F + ‖V_i‖_F)
+                  s.t. (2D_i − I) X̃ U_i ≥ 0, (2D_i − I) X̃ V_i ≥ 0
+
+    with ``s = 1/n`` (``"mean"``) or ``1`` (``"sum"``) and one-hot targets for classification (the squared loss of
+    ``TwoLayerReLU``). The ReLU variant's cones are enforced by the penalty ``ρ s Σ ‖relu(−(2D_i − I) X̃ U_i)‖²``
+    (and the same for ``V``) added to the smooth part; the penalty's gradient gives the certificate's multipliers.
+
+    **The step** (one solver iteration per training step, manual optimisation): the gradient of the smooth part on
+    the batch by autograd, a step of the torch optimizer (``"sgd"``: proximal gradient, with optional momentum;
+    ``"adam"``: Adam's step), then the group soft-threshold prox with threshold ``lr · 2λ`` on every ``Z_i``
+    (``U_i``, ``V_i``). With ``"sgd"``, no momentum, the full batch and ``lr ≤ 1/L`` this is the proximal gradient
+    method and converges to the optimum; with Adam the prox is applied in the plain metric, a heuristic that works
+    well on mini-batches. The output bias is not penalised. Under DDP each rank differentiates
+    ``world · s · (its data sum)`` so that DDP's averaged gradient is the gradient of the global objective (``n`` is
+    summed over ranks), and every rank applies the same prox: two processes follow the one-process path.
+
+    **What predicts** is the mapped network of ``docs/convex.md#maps``: the gated network itself for ``"gated"``,
+    the ReLU network ``Σ_i relu(x̃·U_i) − relu(x̃·V_i)`` for ``"relu"`` (equal to the convex prediction where the
+    cones hold).
+
+    **Logged keys**: every training step ``train/data_loss`` (``s Σ‖f(x) − y‖²`` of the mapped network on the
+    batch), ``train/penalty`` (``2λ Σ`` group norms), ``train/objective`` (their sum), ``train/acc`` for
+    classification, and ``train/cone_violation`` (``"relu"``: the largest violation on the batch); validation and
+    test log the same under ``val/`` and ``test/`` (global values under DDP, as ``TwoLayerReLU``). Every
+    ``certify_every_n_steps`` steps (before the step's update) and at the end of training, on the full training set:
+    ``convex_train/objective`` (the convex objective), ``convex_train/lower_bound`` (a certified lower bound on the
+    problem's optimum), ``convex_train/duality_gap`` (``hcl.convex.status.relative_gap`` of the two, floor 1) and
+    ``convex_train/violation`` (``"relu"``; the gap certifies the point only when it is 0).
+
+    Args:
+        in_features: input dimension ``d`` (inputs are flattened).
+        out_features: ``1`` for regression, ``c`` for ``c``-class classification (one-hot squared loss).
+        num_gates: ``P``, the number of sampled gates (ignored when ``gates`` is given).
+        variant: ``"gated"`` or ``"relu"``.
+        bias: fold a first-layer bias (a column of ones) into the data and the gates.
+        output_bias: an unpenalised output bias ``b₀``.
+        reduction: ``"sum"`` (``s = 1``) or ``"mean"`` (``s = 1/n``).
+        weight_decay: ``λ ≥ 0`` of the network's objective (the group penalty is ``2λ``).
+        optimizer: ``"sgd"`` or ``"adam"`` for the smooth part.
+        lr: learning rate (the prox's step).
+        momentum: heavy-ball momentum of ``"sgd"``.
+        cone_penalty: ``ρ > 0`` of the ReLU variant's cone penalty.
+        gates: ``None`` (sample), a ``(P, d)`` or ``(P, d̃)`` tensor or nested list of gates in ``nn.Linear`` layout
+            (a hidden layer's weights, with its bias as a last column), or the path of a ``TwoLayerReLU`` checkpoint
+            whose hidden layer gives the gates.
+        gate_seed: seed of the sampled gates.
+        certify_every_n_steps: certify every this many steps (and at the end of training); ``None`` or ``0`` never.
+
+    Raises:
+        ValueError: on a non-positive size, an unknown option, ``λ < 0``, a non-positive ``lr`` or ``cone_penalty``,
+            a momentum outside ``[0, 1)``, or gates of the wrong width.
+        FileNotFoundError: when ``gates`` names a missing checkpoint.
+    """
+
+    #: the tag of the objective it logs, which the callbacks' charts draw beside the convex values
+    objective_tag = "train/objective"
+
+    def __init__(
+        self,
+        in_features: int = 10,
+        out_features: int = 1,
+        num_gates: int = 100,
+        variant: Literal["gated", "relu"] = "gated",
+        bias: bool = True,
+        output_bias: bool = False,
+        reduction: Literal["sum", "mean"] = "mean",
+        weight_decay: float = 1e-3,
+        optimizer: Literal["sgd", "adam"] = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        cone_penalty: float = 10.0,
+        gates: str | list[list[float]] | None = None,
+        gate_seed: int = 0,
+        certify_every_n_steps: int | None = 100,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("num_gates", num_gates)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, choices in (("variant", variant, VARIANTS), ("optimizer", optimizer, OPTIMIZERS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        check_reduction(reduction)
+        check_weight_decay(weight_decay)
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        if not isinstance(cone_penalty, (int, float)) or not math.isfinite(cone_penalty) or cone_penalty <= 0:
+            raise ValueError(f"cone_penalty must be a positive number, got {cone_penalty!r}")
+        if certify_every_n_steps is not None and (not is_int(certify_every_n_steps) or certify_every_n_steps < 0):
+            raise ValueError(f"certify_every_n_steps must be None or an integer ≥ 0, got {certify_every_n_steps!r}")
+        folded = in_features + int(bias)
+        if gates is None:
+            gate_matrix = sample_gates(folded, num_gates, gate_seed)
+        else:
+            gate_matrix = gates_from_weights(*_gate_weights(gates), folded).to(torch.float32)
+        # The gates are the model's state, not its hyperparameters: a checkpoint restores them as a buffer.
+        self.save_hyperparameters(ignore=["gates"])
+        self.hparams["num_gates"] = gate_matrix.shape[1]
+        self.automatic_optimization = False
+        self.register_buffer("gates", gate_matrix)
+        shape = (folded, gate_matrix.shape[1], out_features)
+        self.U = nn.Parameter(torch.zeros(shape))
+        self.V = nn.Parameter(torch.zeros(shape)) if variant == "relu" else None
+        self.b0 = nn.Parameter(torch.zeros(out_features)) if output_bias else None
+        self.weight_decay = float(weight_decay)
+        self.reduction = reduction
+        self._train_data: tuple[Tensor, Tensor] | None = None
+        self._certified_step: int | None = None
+        if out_features > 1:
+            self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
+            self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
+            self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
+
+    # ----------------------------------------------------------------- model
+    def fold(self, x: Tensor) -> Tensor:
+        """``X̃``: flattened inputs with the bias column when ``bias``, in the parameters' dtype."""
+        return fold_bias(x.reshape(x.shape[0], -1).to(self.U.dtype), self.hparams.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The mapped network's output ``(n, c)`` (the gated network, or the ReLU network of ``U``, ``V``)."""
+        return self._outputs(self.fold(x))[1]
+
+    def penalty(self) -> Tensor:
+        """``2λ Σ_i ‖Z_i‖_F`` (``2λ Σ_i (‖U_i‖_F + ‖V_i‖_F)``); the output bias is not penalised."""
+        norms = group_norms(self.U).sum()
+        if self.V is not None:
+            norms = norms + group_norms(self.V).sum()
+        return 2.0 * self.weight_decay * norms
+
+    def _outputs(self, Xf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(convex prediction, mapped network's prediction, cone violations (n, P, c) or an empty tensor)``."""
+        D = gate_mask(Xf, self.gates)
+        mask = D.to(Xf.dtype).unsqueeze(-1)
+        blocks_u = block_outputs(Xf, self.U)
+        if self.V is None:
+            convex = mapped = (blocks_u * mask).sum(1)
+            violation = Xf.new_zeros(0)
+        else:
+            blocks_v = block_outputs(Xf, self.V)
+            convex = ((blocks_u - blocks_v) * mask).sum(1)
+            mapped = torch.relu(blocks_u).sum(1) - torch.relu(blocks_v).sum(1)
+            sign = 2.0 * mask - 1.0
+            violation = torch.cat([torch.relu(-sign * blocks_u), torch.relu(-sign * blocks_v)], dim=1)
+        if self.b0 is not None:
+            convex, mapped = convex + self.b0, mapped + self.b0
+        return convex, mapped, violation
+
+    # -------------------------------------------------------------- training
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # λ lives in the prox; the optimizers never get a weight_decay of their own.
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        step = self.global_step
+        Xf = self.fold(x)
+        Y = self._as_output(y, Xf)
+        convex, mapped, violation = self._outputs(Xf)
+        local_sum = (convex - Y).square().sum()
+        if self.V is not None:
+            local_sum = local_sum + self.hparams.cone_penalty * violation.square().sum()
+        world = self.trainer.world_size
+        local_n = torch.tensor(float(x.shape[0]), device=Xf.device)
+        n_total = self.all_gather(local_n).sum() if world > 1 else local_n
+        scale = 1.0 if self.reduction == "sum" else 1.0 / n_total
+        penalty = self.penalty().detach()
+        mapped_sum = (mapped.detach() - Y).square().sum()
+        correct = None
+        if self.hparams.out_features > 1:
+            correct = (mapped.detach().argmax(dim=1) == self._class_index(y)).sum().to(Xf.dtype)
+        if world > 1:
+            # DDP averages the ranks' gradients: each differentiates world · s · (its sum), whose average is the
+            # global objective's gradient (docs/convex_training.md#the-step); the logged values are the global ones.
+            mapped_sum = self.all_gather(mapped_sum).sum()
+            correct = None if correct is None else self.all_gather(correct).sum()
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(world * scale * local_sum)
+        optimizer.step()
+        threshold = self.hparams.lr * 2.0 * self.weight_decay
+        group_soft_threshold_(self.U.data, threshold)
+        if self.V is not None:
+            group_soft_threshold_(self.V.data, threshold)
+
+        data_loss = scale * mapped_sum
+        self.log("step", float(step), on_step=True, on_epoch=False)
+        self.log("train/data_loss", data_loss, on_step=True, on_epoch=False)
+        self.log("train/penalty", penalty, on_step=True, on_epoch=False)
+        self.log("train/objective", data_loss + penalty, on_step=True, on_epoch=False, prog_bar=True)
+        if self.V is not None:
+            worst = violation.detach().amax() if violation.numel() else Xf.new_zeros(())
+            if world > 1:
+                worst = self.all_gather(worst).amax()
+            self.log("train/cone_violation", worst, on_step=True, on_epoch=False)
+        if correct is not None:
+            self.log("train/acc", correct / n_total, on_step=True, on_epoch=False)
+        return (data_loss + penalty).detach()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        Xf = self.fold(x)
+        out = self._outputs(Xf)[1]
+        data_loss = data_scale(self.reduction, x.shape[0]) * (out - self._as_output(y, Xf)).square().sum()
+        penalty = self.penalty()
+        sync = self.trainer.world_size > 1
+        self.log(f"{stage}/data_loss", data_loss, on_step=False, on_epoch=True, sync_dist=sync)
+        self.log(f"{stage}/penalty", penalty, on_step=False, on_epoch=True, sync_dist=sync)
+        self.log(f"{stage}/objective", data_loss + penalty, on_step=False, on_epoch=True, sync_dist=sync)
+        if self.hparams.out_features > 1:
+            metric = getattr(self, f"{stage}_acc")
+            metric(out, self._class_index(y))
+            self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+
+    # ----------------------------------------------------------- certificate
+    def on_train_start(self) -> None:
+        self._train_data = None
+        self._certified_step = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        every = self.hparams.certify_every_n_steps
+        if every and self.global_step % every == 0:
+            self.certify_and_log()
+
+    def on_train_end(self) -> None:
+        # the final point, unless this step was just certified (training stopped before updating it)
+        if self.hparams.certify_every_n_steps and self._certified_step != self.global_step:
+            self.certify_and_log()
+
+    def certify_and_log(self) -> dict[str, float] | None:
+        """Certify the current point on the full training set and log it at the current step (every rank calls it).
+
+        Returns the logged values, or ``None`` when the certificate was skipped (with a warning) for its size.
+        """
+        if self._train_data is None:
+            X, Y = training_data(self.trainer, owner=type(self).__name__)
+            if Y is None:
+                raise ValueError("the certificate needs the training targets; the training data has none")
+            self._train_data = (X, Y)
+        X, Y = self._train_data
+        d, P, c = self.U.shape
+        needed = 8 * d * P * c * (4 if self.V is not None else 2)
+        if needed > MAX_CERTIFICATE_BYTES:
+            warnings.warn(
+                f"ConvexReLU: the certificate of d̃ = {d}, P = {P}, c = {c} needs {needed / 2**30:.1f} GiB of "
+                f"accumulators (limit {MAX_CERTIFICATE_BYTES / 2**30:.0f} GiB): skipped", stacklevel=2,
+            )
+            return None
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        reduce = _all_reduce if world > 1 and dist.is_available() and dist.is_initialized() else None
+        with torch.no_grad():
+            result = certify(
+                X[rank::world].to(self.device), Y[rank::world].to(self.device), self.gates, self.U, self.V, self.b0,
+                weight_decay=self.weight_decay, reduction=self.reduction, bias=self.hparams.bias,
+                cone_penalty=self.hparams.cone_penalty, all_reduce=reduce,
+            )
+        values = {
+            "convex_train/objective": result.objective,
+            "convex_train/lower_bound": result.lower_bound,
+            "convex_train/duality_gap": result.gap,
+        }
+        if self.V is not None:
+            values["convex_train/violation"] = result.violation
+        if self.trainer.is_global_zero:
+            log_scalars(self.trainer, values, step=self.global_step)
+        self._certified_step = self.global_step
+        return values
+
+    # --------------------------------------------------------------- helpers
+    def _as_output(self, target: Tensor, like: Tensor) -> Tensor:
+        c = self.hparams.out_features
+        if c > 1 and not target.is_floating_point():
+            return F.one_hot(target.long().reshape(-1), c).to(like.dtype)
+        return target.reshape(target.shape[0], c).to(like.dtype)
+
+    def _class_index(self, target: Tensor) -> Tensor:
+        if target.is_floating_point() and target.ndim == 2:
+            return target.argmax(dim=1)
+        return target.long().reshape(-1)
+
+
+def _all_reduce(tensor: Tensor, op: str) -> Tensor:
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def _gate_weights(gates: str | Path | Tensor | list) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` of the gates: a tensor or nested list as given, or a ``TwoLayerReLU`` checkpoint's hidden
+    layer."""
+    if isinstance(gates, (str, Path)):
+        path = Path(gates)
+        if not path.is_file():
+            raise FileNotFoundError(f"gates: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        if "hidden_layer.weight" not in state:
+            raise ValueError(f"gates: {path} holds no hidden_layer.weight (not a TwoLayerReLU checkpoint)")
+        return state["hidden_layer.weight"], state.get("hidden_layer.bias")
+    return torch.as_tensor(gates), None
