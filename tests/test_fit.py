@@ -96,7 +96,8 @@ def test_print_config_alone_prints_the_config_that_runs_without_lightnings_args_
     assert printed["data"]["class_path"] == default["data"]["class_path"]
     assert [c["class_path"] for c in printed["trainer"]["callbacks"]] == [
         c["class_path"] for c in default["trainer"]["callbacks"]]
-    assert printed["model"]["init_args"]["hidden"] == 9 and printed["trainer"]["max_steps"] == default["trainer"]["max_steps"]
+    assert printed["model"]["init_args"]["hidden"] == 9
+    assert printed["trainer"]["max_steps"] == default["trainer"]["max_steps"]
     assert "args parameter" not in result.stderr
     assert not (tmp_path / "lightning_logs").exists()
 
