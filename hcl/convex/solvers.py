@@ -24,10 +24,9 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
-
 from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy, solver_settings
 from hcl.convex.native import NativeOptions, solve_native
+from hcl.convex.native.threads import SINGLE_THREAD_BELOW, solve_threads  # noqa: F401 (the switch, re-exported)
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 
 # "auto" with λ > 0: Clarabel up to this n·d·P·c, where the two solvers' times cross, the native solver above;
@@ -36,9 +35,6 @@ AUTO_NATIVE_ABOVE = 5_000
 # "auto" with λ = 0, where the native solver certifies no bound above 0: Clarabel keeps the small experiments;
 # see docs/solvers.md#auto-the-switch-points-measured
 AUTO_NATIVE_ABOVE_UNREGULARIZED = 25_000
-# Native CPU solves below this n·d·P·c run on one torch thread: per-operation overhead dominates, threads add to it;
-# see docs/solvers.md#auto-the-switch-points-measured
-SINGLE_THREAD_BELOW = 1_000_000
 
 #: The options every solver accepts (a solver that cannot use a warm start or a time limit ignores it).
 COMMON_OPTIONS = frozenset({"gated", "warm_start", "time_limit", "verbose"})
@@ -80,22 +76,16 @@ class NativeSolver(Solver):
     options = COMMON_OPTIONS | set(NativeOptions.names())
 
     def solve(self, problem: ConvexProblem, **options: Any) -> ConvexSolution:
-        with self.cpu_threads(problem):
-            return solve_native(problem, **options)
+        return solve_native(problem, **options)  # it chooses its threads (option num_threads)
 
     @staticmethod
     @contextlib.contextmanager
-    def cpu_threads(problem: ConvexProblem) -> Iterator[None]:
-        """One torch thread for CPU problems below ``SINGLE_THREAD_BELOW``, restored afterwards."""
-        if problem.X.device.type != "cpu" or problem_size(problem) >= SINGLE_THREAD_BELOW:
+    def cpu_threads(problem: ConvexProblem, num_threads: int | None = None) -> Iterator[None]:
+        """The torch threads a native solve of ``problem`` runs on (:func:`~hcl.convex.native.threads.solve_threads`):
+        ``num_threads``, or one below ``SINGLE_THREAD_BELOW`` and else the usable idle cores; set and restored on
+        the main thread only."""
+        with solve_threads(problem.X.device, problem_size(problem), num_threads):
             yield
-            return
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
 
 
 class LayerSolver(Solver):

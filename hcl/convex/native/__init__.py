@@ -11,7 +11,8 @@ violation — never on an iteration count alone.
 
 The problem's layout and products are in :mod:`~hcl.convex.native.operator`, the certificate and the stopping rule
 in :mod:`~hcl.convex.native.certificate`, warm starts in :mod:`~hcl.convex.native.warm_start`, the options and the
-tuned constants in :mod:`~hcl.convex.native.options`. The methods, their measurements and the certificate's
+tuned constants in :mod:`~hcl.convex.native.options`, the memory plan in :mod:`~hcl.convex.native.memory`, the
+threads in :mod:`~hcl.convex.native.threads`. The methods, their measurements and the certificate's
 derivation are described in ``docs/solvers.md``.
 
 Example::
@@ -23,8 +24,18 @@ Example::
 """
 
 from hcl.convex.native.certificate import dual_certificate
+from hcl.convex.native.memory import SolverMemoryError, footprint
 from hcl.convex.native.options import METHODS, NativeOptions
 from hcl.convex.native.solver import solve_native
 from hcl.convex.native.warm_start import Multipliers, remap_warm_start
 
-__all__ = ["METHODS", "Multipliers", "NativeOptions", "dual_certificate", "remap_warm_start", "solve_native"]
+__all__ = [
+    "METHODS",
+    "Multipliers",
+    "NativeOptions",
+    "SolverMemoryError",
+    "dual_certificate",
+    "footprint",
+    "remap_warm_start",
+    "solve_native",
+]

@@ -68,6 +68,13 @@ class NativeOptions:
             problem's dtype (float32 when it is float32) for ``"fista"``.
         chunk_size: samples per chunk in the first-order products / patterns (or blocks) per chunk when building
             the interior-point matrices (default: all at once up to ~2²⁴ elements per temporary).
+        memory_limit: bytes the solve may take (default: ``DEFAULT_MEMORY_FRACTION`` of the device's free memory);
+            ``"auto"`` picks the method and chunk size that fit, an explicit method that does not fit raises
+            :class:`~hcl.convex.native.memory.SolverMemoryError` before allocating (``docs/solvers.md#memory``).
+        num_threads: torch threads of a CPU solve (default: one for small problems, else the cores this process may
+            use that are not busy). Torch's thread count is global to the process: it is set for the solve and
+            restored only on the main thread; from another thread the process's setting is left as it is
+            (``docs/solvers.md#threads``).
         verbose: print one line per iteration (newton) or per multiplier update (fista).
 
     Raises:
@@ -82,6 +89,8 @@ class NativeOptions:
     penalty: float | None = None
     dtype: torch.dtype | None = None
     chunk_size: int | None = None
+    memory_limit: int | None = None
+    num_threads: int | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -99,6 +108,10 @@ class NativeOptions:
             raise ValueError(f"penalty must be a finite number > 0, got {self.penalty!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        for name in ("memory_limit", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
 

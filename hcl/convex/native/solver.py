@@ -10,8 +10,10 @@ import torch
 from hcl.convex.native.certificate import GAP_FLOOR, certificate
 from hcl.convex.native.first_order import first_order
 from hcl.convex.native.interior_point import interior_point
+from hcl.convex.native.memory import plan
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import NativeOptions
+from hcl.convex.native.threads import solve_threads
 from hcl.convex.native.warm_start import Multipliers, warm_point
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 from hcl.convex.status import Status, relative_gap
@@ -35,7 +37,7 @@ def solve_native(
             number of patterns (see :func:`~hcl.convex.native.remap_warm_start` when the patterns changed).
         **options: the fields of :class:`~hcl.convex.native.NativeOptions` — ``method="auto"``, ``tol=1e-6``,
             ``constraint_tol=1e-6``, ``max_iters=None``, ``time_limit=None``, ``penalty=None``, ``dtype=None``,
-            ``chunk_size=None``, ``verbose=False``.
+            ``chunk_size=None``, ``memory_limit=None``, ``num_threads=None``, ``verbose=False``.
 
     Returns:
         A :class:`ConvexSolution`: ``U, V, b0`` in the problem's dtype, ``value`` the objective of exactly that point
@@ -50,15 +52,23 @@ def solve_native(
     Raises:
         TypeError: ``problem`` is not a :class:`ConvexProblem`, or an unknown option.
         ValueError: bad options or a warm start of the wrong shape.
+        SolverMemoryError: (a ``MemoryError``) the method asked for does not fit the memory budget, or with
+            ``method="auto"`` not even the first-order method chunked does; raised before anything is allocated.
     """
     unknown = [name for name in options if name not in NativeOptions.names()]
     if unknown:
         raise TypeError(f"solve_native() got an unexpected keyword argument {unknown[0]!r}")
     if not isinstance(problem, ConvexProblem):
         raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
-    chosen = NativeOptions(**options)
+    chosen = plan(problem, NativeOptions(**options))  # the method that fits the memory, before allocating
     dtype = chosen.working_dtype(problem)
     chosen = chosen.resolved(problem)
+    size = problem.n * problem.d * problem.num_patterns * problem.c
+    with solve_threads(problem.X.device, size, chosen.num_threads):
+        return _run(problem, chosen, dtype, gated, warm_start)
+
+
+def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gated: bool, warm_start) -> ConvexSolution:
     start = time.perf_counter()
     deadline = None if chosen.time_limit is None else start + float(chosen.time_limit)
 

@@ -1,0 +1,220 @@
+"""The native solver's memory plan (estimates, free memory, budget, refusal before allocating) and its threads."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import hcl.convex.native.solver as native_solver
+from hcl.convex.native import NativeOptions, solve_native
+from hcl.convex.native import threads as native_threads
+from hcl.convex.native.memory import (
+    BASE_BYTES,
+    DEFAULT_MEMORY_FRACTION,
+    SolverMemoryError,
+    _cgroup_room,
+    footprint,
+    free_memory,
+    memory_budget,
+    plan,
+)
+from hcl.convex.problem import ConvexProblem
+from hcl.convex.solvers import solve
+
+GIB = 1 << 30
+
+
+def problem_of(n, d, P, c, dtype=torch.float32, seed=0, lam=1e-3, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    X[:, -1] = 1.0
+    patterns = (X @ torch.randn(d, P, generator=g, dtype=dtype)) >= 0
+    Y = torch.randn(n, c, generator=g, dtype=dtype)
+    return ConvexProblem(X, Y, patterns, weight_decay=lam, reduction="mean", output_bias=bias)
+
+
+@pytest.fixture(scope="module")
+def mnist_shaped():
+    return problem_of(2000, 785, 100, 10)  # the README's MNIST monitor: 6 MB of data, tens of GB for the interior point
+
+
+def test_the_interior_point_at_mnist_size_is_far_beyond_any_budget_here(mnist_shaped):
+    estimate = footprint("newton", 2000, 785, 100, 10).total
+    assert estimate > 40 * GIB  # its (d, d) blocks: 6 · 2000 · 785² float64
+    assert footprint("fista", 2000, 785, 100, 10, torch.float32).total < GIB
+
+
+@pytest.mark.parametrize("limit", [None, 8 * GIB, 1 * GIB, "chunked"])
+def test_auto_never_picks_the_interior_point_when_it_does_not_fit(mnist_shaped, limit):
+    if limit == "chunked":  # room for the first-order method with 500 samples per chunk, not with all 2000
+        limit = footprint("fista", 2000, 785, 100, 10, torch.float32, 500).total
+    chosen = plan(mnist_shaped, NativeOptions(memory_limit=limit))
+    assert chosen.method == "fista"
+    budget = memory_budget("cpu", limit)[0]
+    estimate = footprint("fista", 2000, 785, 100, 10, torch.float32, chosen.chunk_size).total
+    assert estimate <= budget
+    if limit is not None and limit < GIB:  # the whole does not fit: chunked, in the largest chunk that does
+        assert chosen.chunk_size == 500
+        larger = footprint("fista", 2000, 785, 100, 10, torch.float32, chosen.chunk_size + 1).total
+        assert larger > budget
+
+
+def test_auto_keeps_the_interior_point_where_it_fits():
+    problem = problem_of(200, 10, 20, 1, torch.float64)
+    assert plan(problem, NativeOptions()).method == "newton"
+    needed = footprint("newton", 200, 10, 20, 1, output_bias=False).total
+    assert plan(problem, NativeOptions(memory_limit=needed)).method == "newton"
+    assert plan(problem, NativeOptions(memory_limit=needed - 1)).method == "fista"
+
+
+def test_an_explicit_method_that_does_not_fit_raises_before_allocating(mnist_shaped, monkeypatch):
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the solve started allocating")
+
+    monkeypatch.setattr(native_solver, "Operator", no_allocation)
+    start = time.perf_counter()
+    with pytest.raises(SolverMemoryError, match=r"'newton'.*n=2000, d=785, P=100, c=10.*budget of 4\.00 GiB") as info:
+        solve(mnist_shaped, "native", method="newton", memory_limit=4 * GIB)
+    assert isinstance(info.value, MemoryError)
+    assert info.value.sizes == (2000, 785, 100, 10) and info.value.budget == 4 * GIB
+    assert info.value.estimate == footprint("newton", 2000, 785, 100, 10, output_bias=False).total
+    with pytest.raises(SolverMemoryError, match="'fista'.*chunk_size"):
+        solve_native(mnist_shaped, method="fista", chunk_size=2000, memory_limit=100 << 20)
+    with pytest.raises(SolverMemoryError, match="'fista'"):  # auto: not even the first-order method, chunked
+        solve_native(mnist_shaped, memory_limit=BASE_BYTES)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_a_chunk_chosen_from_the_budget_solves_the_same_problem():
+    problem = problem_of(120, 5, 8, 2, torch.float64, lam=0.1)
+    limit = footprint("fista", 120, 5, 8, 2, torch.float64, 30).total
+    chosen = plan(problem, NativeOptions(method="fista", memory_limit=limit))
+    assert chosen.chunk_size == 30
+    whole = solve_native(problem, method="fista", max_iters=3000)
+    chunked = solve_native(problem, method="fista", max_iters=3000, memory_limit=limit)
+    assert chunked.status == whole.status
+    assert abs(chunked.value - whole.value) <= 1e-6 * abs(whole.value)
+
+
+def test_free_memory_and_the_default_budget():
+    free = free_memory("cpu")
+    assert free is not None and 0 < free
+    with open("/proc/meminfo") as handle:
+        total = int(next(line for line in handle if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert free <= total
+    budget, why = memory_budget("cpu")
+    assert abs(budget - DEFAULT_MEMORY_FRACTION * free) <= 0.05 * free and "free on cpu" in why
+    assert memory_budget("cpu", 123456) == (123456, "memory_limit")
+
+
+def test_a_cgroup_limit_bounds_the_free_memory(tmp_path):
+    limit, usage = tmp_path / "max", tmp_path / "current"
+    limit.write_text("1000000\n")
+    usage.write_text("250000\n")
+    assert _cgroup_room(((str(limit), str(usage)),)) == 750000
+    limit.write_text("max\n")
+    assert _cgroup_room(((str(limit), str(usage)),)) is None
+    assert _cgroup_room(((str(tmp_path / "absent"), str(usage)),)) is None
+
+
+def test_memory_options_are_checked():
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="memory_limit"):
+            NativeOptions(memory_limit=bad)
+        with pytest.raises(ValueError, match="num_threads"):
+            NativeOptions(num_threads=bad)
+
+
+# the child measures its resident memory's peak over one solve, after a small solve loaded the libraries' code
+PROBE = r"""
+import gc, json, resource, sys, torch
+torch.set_num_threads(1)
+from hcl.convex.native import solve_native
+from hcl.convex.problem import ConvexProblem
+method, n, d, P, c, bias = sys.argv[1], *map(int, sys.argv[2:6]), bool(int(sys.argv[6]))
+def problem(n, P):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, -1] = 1.0
+    D = (X @ torch.randn(d, P, generator=g, dtype=torch.float64)) >= 0
+    Y = torch.randn(n, c, generator=g, dtype=torch.float64)
+    return ConvexProblem(X, Y, D, weight_decay=0.01, output_bias=bias)
+iters = 2 if method == "newton" else 30
+solve_native(problem(40, 3), method=method, max_iters=iters)
+p = problem(n, P)
+gc.collect()
+with open("/proc/self/statm") as f:
+    base = int(f.read().split()[1]) * resource.getpagesize()
+solve_native(p, method=method, max_iters=iters)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base))
+"""
+
+
+@pytest.mark.parametrize(
+    "method,n,d,P,c,bias",
+    [
+        ("newton", 400, 100, 30, 3, 1),  # the (d, d) blocks dominate
+        ("newton", 600, 40, 60, 2, 0),  # the n × n matrices and the block outputs
+        ("newton", 300, 200, 20, 1, 1),  # the rows x_j x_jᵀ
+        ("fista", 3000, 50, 100, 3, 1),  # the block outputs
+    ],
+)
+def test_the_estimate_bounds_the_measured_peak(method, n, d, P, c, bias):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [sys.executable, "-c", PROBE, method, *map(str, (n, d, P, c, bias))]
+    measured = json.loads(subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout)
+    estimate = footprint(method, n, d, P, c, torch.float64, None, bool(bias)).total
+    assert measured > 50 << 20  # large enough to mean something beside the interpreter's noise
+    # an upper bound, and not a loose one: within the factor docs/solvers.md#memory states
+    assert measured <= estimate <= 3 * measured
+
+
+# ---- threads
+
+
+def test_default_threads_follow_the_usable_idle_cores(monkeypatch):
+    monkeypatch.setattr(native_threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(native_threads.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert native_threads.default_threads(10**7) == 3
+    monkeypatch.setattr(native_threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert native_threads.default_threads(10**7) == 1
+    assert native_threads.default_threads(native_threads.SINGLE_THREAD_BELOW - 1) == 1
+
+
+def test_num_threads_applies_on_the_main_thread_and_is_restored(monkeypatch):
+    problem = problem_of(60, 5, 6, 1, torch.float64, lam=0.1)
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(native_solver, "_run", lambda *args: seen.append(torch.get_num_threads()) or "done")
+    previous = torch.get_num_threads()
+    real(2)
+    try:
+        assert solve_native(problem, num_threads=1) == "done" and seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        real(previous)
+
+
+def test_a_solve_off_the_main_thread_leaves_the_global_thread_count(monkeypatch):
+    problem = problem_of(400, 50, 50, 1, torch.float64, lam=0.1)  # n·d·P·c = 10⁶: would get the idle cores
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: calls.append(k) or real(k))
+    before = torch.get_num_threads()
+    seen, results = [], []
+
+    def work():
+        for threads in (None, 2):
+            results.append(solve(problem, "native", max_iters=2, num_threads=threads))
+            seen.append(torch.get_num_threads())
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert len(results) == 2 and calls == [] and seen == [before, before]
+    assert torch.get_num_threads() == before
