@@ -261,6 +261,18 @@ class TensorDataModule(pl.LightningDataModule):
         """
         return self._split("train")
 
+    def split_tensors(self, split: str) -> tuple[Tensor, Tensor]:
+        """The whole inputs and targets of ``"train"``, ``"val"`` or ``"test"`` (set up lazily if needed).
+
+        Raises:
+            KeyError: when the module has no such split (e.g. no validation set).
+        """
+        self._split("train")  # sets up lazily
+        if split not in self._splits:
+            raise KeyError(f"{type(self).__name__} has no {_SPLIT_NAMES.get(split, split)} set; it has "
+                           f"{sorted(self._splits)}")
+        return self._splits[split]
+
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
         """One full batch per epoch, or shuffled mini-batches; sharded by rank under DDP when ``shard``."""

@@ -138,8 +138,22 @@ def main(args: ArgsType = None) -> HCLCLI:
         if cli.trainer.global_step == 0:
             _remove_log_dirs(new_dirs)  # nothing was trained: no empty run in TensorBoard
         _fail(error)
+    if _has_test_set(cli.datamodule) and not cli.trainer.interrupted:
+        # The test accuracy the configs promise, on the weights training ended with.
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=cli.trainer.is_global_zero)
     _print_log_location(cli.trainer)
     return cli
+
+
+def _has_test_set(datamodule: pl.LightningDataModule | None) -> bool:
+    """Whether an hcl data module holds test data (others are left to the user's own ``trainer.test``)."""
+    if not hasattr(datamodule, "split_tensors"):
+        return False
+    try:
+        datamodule.split_tensors("test")
+    except KeyError:
+        return False
+    return True
 
 
 def _names_config_or_data(args: list[str] | tuple[str, ...]) -> bool:

@@ -296,6 +296,16 @@ def test_minibatch_loader_covers_every_point_once_per_epoch_in_a_seeded_order():
     assert [len(b[0]) for b in val] == [4, 4, 2]
 
 
+def test_split_tensors_gives_every_split_whole_and_names_a_missing_one():
+    test = _pair(n=3)
+    dm = TensorDataModule(train=_pair(n=5), test=test, batch_size=2)
+    X, y = dm.split_tensors("test")
+    assert torch.equal(X, test[0]) and torch.equal(y, test[1])
+    assert dm.split_tensors("train")[0].shape == (5, 3)
+    with pytest.raises(KeyError, match="no validation set"):
+        dm.split_tensors("val")
+
+
 def test_missing_val_and_test_give_no_loader():
     dm = SyntheticRegression(n=5, d=2)
     assert dm.val_dataloader() == [] and dm.test_dataloader() == []
@@ -635,3 +645,38 @@ def test_tensor_module_rejects_non_tensor_pairs_early():
         TensorDataModule(train=([[1.0]], [[1.0]]))
     with pytest.raises(TypeError, match="val must be an"):
         TensorDataModule(train=_pair(), val=_pair()[0])
+
+
+# --------------------------------------------------------------------------- the full-size configs on tiny files
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _run_config(config: str, root: Path, logs: Path, *extra: str) -> dict[str, list[tuple[int, float]]]:
+    from _events import read_scalars
+
+    from hcl.fit import main
+
+    main(["--config", str(CONFIGS / config), f"--data.root={root}", f"--trainer.default_root_dir={logs}",
+          "--trainer.accelerator=cpu", "--model.hidden=6", "--trainer.enable_progress_bar=false",
+          # the last callback of the list is the convex monitor: a short limit keeps the test's end-of-training drain
+          "--trainer.callbacks.solve_time_limit=5", *extra])
+    return read_scalars(logs)
+
+
+@pytest.mark.slow
+def test_mnist_config_trains_on_mini_batches_and_logs_patterns_validation_and_the_convex_gap(tiny_mnist, tmp_path):
+    root, _, _ = tiny_mnist
+    scalars = _run_config("mnist.yaml", root, tmp_path / "logs", "--data.val_size=10", "--data.batch_size=10",
+                          "--trainer.max_epochs=2")
+    assert [step for step, _ in scalars["patterns/unique"]] == [0, 1, 2, 3, 4, 5]  # 30 images, batches of 10
+    assert len(scalars["val/acc"]) == 2 and scalars["convex/status"][0][0] == 0
+    assert all(value > 0 for _, value in scalars["train/penalty"])  # weight decay > 0
+
+
+@pytest.mark.slow
+def test_cifar10_config_runs_on_tiny_batches(tmp_path, no_md5_check):
+    _write_cifar(tmp_path / "cifar-10-batches-py", per_batch=6)
+    scalars = _run_config("cifar10.yaml", tmp_path, tmp_path / "logs", "--data.val_size=10", "--data.batch_size=10",
+                          "--trainer.max_epochs=1")
+    assert [step for step, _ in scalars["patterns/unique"]] == [0, 1] and "val/acc" in scalars
+    assert scalars["convex/status"][0][0] == 0 and "convex/solve_seconds" in scalars

@@ -1,0 +1,98 @@
+"""benchmarks/accuracy_table.py on tiny separable MNIST-format files: every method runs and is measured."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hcl.convex.problem import fold_bias
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_table.py"
+
+
+@pytest.fixture(scope="module")
+def at():
+    # registered under its name (dataclasses and the spawned children look the module up); the benchmarks folder on
+    # the path while these tests run, so that a child process imports it too
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("accuracy_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_table"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("accuracy_table", None)
+    sys.path.remove(str(SCRIPT.parent))
+
+
+def _write_separable_mnist(root: Path, n_train: int = 200, n_test: int = 50) -> None:
+    """Class k lights a 4 × 4 block of its own, on noise: separable by a linear model."""
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 4 * (k // 5) + 8: 4 * (k // 5) + 12, 4 * (k % 5) + 4: 4 * (k % 5) + 8] = 255
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+@pytest.fixture
+def tiny_settings(at, tmp_path):
+    _write_separable_mnist(tmp_path)
+    return at.Settings(root=str(tmp_path), subset=120, val_size=40, width=8, epochs=2, batch_size=40,
+                       convex_iters=60, grids={"convex gated ReLU": (1e-2,), "convex ReLU": (1e-2,), "Adam": (1e-2,),
+                                               "SGD": (1e-1,), "Adagrad": (1e-1,)})
+
+
+def test_gated_scores_are_the_sum_over_gates(at):
+    torch.manual_seed(0)
+    X, gates, U = fold_bias(torch.randn(7, 3), True), torch.randn(4, 5), torch.randn(5, 4, 2)
+    expected = sum(((X @ gates[:, i]) >= 0).unsqueeze(1) * (X @ U[i]) for i in range(5))
+    torch.testing.assert_close(at.gated_scores(X, gates, U, chunk=3), expected)
+
+
+@pytest.mark.slow
+def test_every_method_runs_is_measured_and_the_solver_separates_the_classes(at, tiny_settings):
+    rows = at.table(tiny_settings, isolate=False, log=lambda line: None)
+    results = {row["result"].method: row["result"] for row in rows}
+    assert list(results) == ["data only", *at.METHODS]
+    assert math.isnan(results["data only"].test_acc)
+    for method in at.METHODS:
+        r = results[method]
+        assert 0.0 <= r.test_acc <= 1.0 and 0.0 <= r.val_acc <= 1.0, (method, r)
+        assert (r.lr is None) == (method in at.SOLVER_METHODS)
+        assert r.seconds > 0 and r.peak_rss_mb >= results["data only"].peak_rss_mb > 0
+    for method in at.SOLVER_METHODS:  # a full-batch solve of a linearly separable problem
+        assert results[method].test_acc >= 0.9 and "60 it" in results[method].note, results[method]
+    text = at.markdown(tiny_settings, rows)
+    assert "| convex gated ReLU (solver) | — |" in text and "| 97.6 |" in text and "| 0.01 (0.01) |" in text
+    assert len(text.splitlines()) == 2 + len(rows)
+
+
+@pytest.mark.slow
+def test_a_run_in_a_child_process_reports_its_own_memory(at, tiny_settings):
+    result = at.run_isolated(tiny_settings, "data only", None)
+    assert result.method == "data only" and result.peak_rss_mb > 50 and result.peak_gpu_mb is None
+
+
+def test_settings_cpu_gpu_quick_and_overrides(at):
+    args = argparse.Namespace(root="r", seed=0, quick=False, subset=None, width=None, epochs=None, batch_size=None,
+                              weight_decay=None, convex_iters=None)
+    cpu = at.settings_for("mnist", args, "cpu")
+    assert (cpu.subset, cpu.width) == (10_000, 100)
+    gpu = at.settings_for("cifar10", args, "cuda")
+    assert gpu.subset is None and gpu.width == 4000
+    quick = at.settings_for("mnist", argparse.Namespace(**{**vars(args), "quick": True, "width": 7}), "cpu")
+    assert (quick.subset, quick.width) == (2000, 7) and all(len(grid) == 2 for grid in quick.grids.values())
+    full = at.settings_for("mnist", argparse.Namespace(**{**vars(args), "subset": 0}), "cpu")
+    assert full.subset is None
