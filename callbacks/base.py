@@ -43,7 +43,9 @@ class StackCallback(Callback):
     decides when to act
     (:meth:`should_run`, each global step at most once, also across a resume) and keeps that in checkpoints. At the
     start of training it warns when there is no logger, writes the merged TensorBoard layout
-    (:mod:`hcl.dashboard`) and marks a resumed run's restart; on an exception it flushes the loggers.
+    (:mod:`hcl.dashboard`) and marks a resumed run's restart; at each optimizer step it mirrors the model's objective
+    into its chart's series run; on an exception it flushes the loggers, at the end of fitting it closes the series
+    runs.
 
     Subclasses register their charts and check the model in ``on_fit_start``, load their data in
     ``on_train_start`` (after calling this class's), and act in a batch hook::
@@ -177,6 +179,23 @@ class StackCallback(Callback):
         warn_if_no_logger(trainer, type(self).__name__)
         dashboard.write_layout(trainer)
         mark_resumed_run(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Here, not in on_train_batch_end (which subclasses override): the step's values are logged, not yet written.
+        if trainer.is_global_zero and trainer._logger_connector.should_update_logs:
+            logged = trainer.callback_metrics
+            mirrored = {tag: logged[tag] for tag in objective_tags(pl_module) if tag in logged}
+            # the model's own `step` value is the step its values are written at, else Lightning's log step
+            step = int(logged["step"]) if "step" in logged else trainer.fit_loop.epoch_loop._batches_that_stepped
+            dashboard.mirror_series(trainer, mirrored, step)
+            dashboard.flush_series(trainer)  # as Lightning saves its loggers at each logged step
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        dashboard.close_series(trainer)  # after on_train_end, where the last asynchronous values are logged
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

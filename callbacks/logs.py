@@ -10,20 +10,28 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from hcl import dashboard
+
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
-    """Write ``metrics`` at ``step`` to every logger (rank zero), and expose them in ``callback_metrics``."""
+    """Write ``metrics`` at ``step`` to every logger (rank zero), and expose them in ``callback_metrics``.
+
+    The values charted with others are also written to their series runs (:func:`hcl.dashboard.mirror_series`).
+    """
     clean = {k: float(v) for k, v in metrics.items()}
     for logger in trainer.loggers:
         logger.log_metrics(clean, step=step)
+    if trainer.is_global_zero:
+        dashboard.mirror_series(trainer, clean, step)
     for k, v in clean.items():
         trainer.callback_metrics[k] = torch.tensor(v)
 
 
 def flush_loggers(trainer: pl.Trainer) -> None:
-    """Write what the loggers hold to disk (rank zero); a logger that fails to save only warns."""
+    """Write what the loggers and the series runs hold to disk (rank zero); a logger that fails to save only warns."""
     if not trainer.is_global_zero:
         return
+    dashboard.flush_series(trainer)
     for logger in trainer.loggers:
         try:
             logger.save()
@@ -40,13 +48,14 @@ def mark_resumed_run(trainer: pl.Trainer) -> bool:
     A run that continues in the same TensorBoard directory after a crash re-runs the steps between its checkpoint and
     the crash. The restart marker (TensorBoard's ``SessionLog.START``, what ``SummaryWriter(purge_step=...)`` writes)
     makes TensorBoard drop the points the interrupted run logged at or after that step, so every series has each
-    step exactly once. Written once per trainer, on rank zero, only when training starts past step 0. Returns True
-    when written.
+    step exactly once. Written once per trainer, on rank zero, only when training starts past step 0, to the
+    TensorBoard loggers and to the series runs (:mod:`hcl.dashboard`). Returns True when written.
     """
     step = trainer.global_step
     if step <= 0 or not trainer.is_global_zero or _RESTART_MARKED.get(trainer) == step:
         return False
     _RESTART_MARKED[trainer] = step
+    dashboard.mark_series_restart(trainer, step)
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 

@@ -2,43 +2,147 @@
 
 TensorBoard reads a single layout per run, so callbacks register their charts in ``setup`` and the first of
 them to reach ``on_train_start`` writes the merged layout once.
+
+TensorBoard colours lines by run, not by tag: the lines of a chart that selects several tags of one run share the
+run's colour. So each series of a chart with several series is also written to a run of its own,
+``<log_dir>/series/<tag>``, under the chart's tag ``chart/<title>``, and the layout's chart selects that tag: one line
+per series, each in its own colour and named by its tag. The run's own tags stay as they are.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import weakref
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-# trainer → {"charts": {category: {title: ["Multiline", [tag regexes]]}}, "written": bool}
+# trainer → {"charts": {category: {title: ["Multiline", [tag regexes]]}}, "written": bool,
+#            "writers": {tag: SummaryWriter}, "routes": {tag: [chart tag]}, "restart": int | None, "last": {tag: step}}
 _REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+SERIES_DIR = "series"
 
 
 def register_charts(trainer: pl.Trainer, category: str, charts: dict[str, list[str]]) -> None:
     """Add multiline charts ``{title: [tag regex, ...]}`` under ``category`` for this trainer's run."""
-    entry = _REGISTRY.setdefault(trainer, {"charts": {}, "written": False})
+    entry = _entry(trainer)
     section = entry["charts"].setdefault(category, {})
     for title, tags in charts.items():
         existing = section.get(title, ["Multiline", []])[1]
         section[title] = ["Multiline", existing + [t for t in tags if t not in existing]]
 
 
+def chart_tag(title: str) -> str:
+    """The tag under which the series runs write the chart ``title`` (``chart/<title>``, spaces as ``_``)."""
+    return "chart/" + re.sub(r"[^A-Za-z0-9_.\-/]", "_", title)
+
+
+def written_layout(charts: Mapping[str, Mapping[str, list]]) -> dict:
+    """The layout as written: a chart of several series selects its chart tag, a chart of one series its tag."""
+    return {category: {title: ["Multiline", [f"^{chart_tag(title)}$"]] if len(tags) > 1 else ["Multiline", tags]
+                       for title, (_, tags) in section.items()}
+            for category, section in charts.items()}
+
+
 def write_layout(trainer: pl.Trainer) -> bool:
-    """Write the merged layout to every TensorBoard logger once (rank zero only); True when written now."""
+    """Write the merged layout to every TensorBoard logger once (rank zero only); True when written now.
+
+    It also opens the series runs of the charts with several series, under the first TensorBoard logger's
+    directory.
+    """
     entry = _REGISTRY.get(trainer)
     if entry is None or entry["written"] or not entry["charts"]:
         return False
     entry["written"] = True
     if not trainer.is_global_zero:
         return False
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_custom_scalars(entry["charts"])
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    for logger in loggers:
+        logger.experiment.add_custom_scalars(written_layout(entry["charts"]))
+    if loggers:
+        _open_series(entry, loggers[0].log_dir)
     return True
+
+
+def _open_series(entry: dict, log_dir: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter  # here: only a run with a TensorBoard logger needs it
+
+    for section in entry["charts"].values():
+        for title, (_, tags) in section.items():
+            if len(tags) < 2:
+                continue
+            for tag in tags:
+                entry["routes"].setdefault(tag, []).append(chart_tag(title))
+                if tag not in entry["writers"]:
+                    entry["writers"][tag] = SummaryWriter(os.path.join(log_dir, SERIES_DIR, *tag.split("/")))
+    if entry["restart"] is not None:
+        _mark_restart(entry, entry["restart"])
+
+
+def mirror_series(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Write the charted values of ``metrics`` at ``step`` to their series runs (no-op where none are open).
+
+    A value is written at most once per tag and step, whichever callbacks pass it on.
+    """
+    entry = _REGISTRY.get(trainer)
+    if entry is None or not entry["writers"]:
+        return
+    for tag, value in metrics.items():
+        if tag not in entry["writers"] or entry["last"].get(tag) == step:
+            continue
+        entry["last"][tag] = step
+        for chart in entry["routes"][tag]:
+            entry["writers"][tag].add_scalar(chart, float(value), global_step=step)
+
+
+def mark_series_restart(trainer: pl.Trainer, step: int) -> None:
+    """Give every series run the restart marker at ``step`` (also those opened later for this trainer)."""
+    entry = _entry(trainer)
+    entry["restart"] = step
+    _mark_restart(entry, step)
+
+
+def _mark_restart(entry: dict, step: int) -> None:
+    # TensorBoard's restart marker, as callbacks/logs.py `mark_resumed_run` writes to the run itself
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    for writer in entry["writers"].values():
+        file_writer = writer._get_file_writer()
+        file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+        file_writer.flush()
+
+
+def flush_series(trainer: pl.Trainer) -> None:
+    """Write what the series runs hold to disk."""
+    entry = _REGISTRY.get(trainer)
+    for writer in [] if entry is None else entry["writers"].values():
+        writer.flush()
+
+
+def close_series(trainer: pl.Trainer) -> None:
+    """Flush and close the series runs; later values are no longer mirrored."""
+    entry = _REGISTRY.get(trainer)
+    if entry is None:
+        return
+    writers, entry["writers"] = entry["writers"], {}
+    for writer in writers.values():
+        writer.close()
+
+
+def series_dirs(trainer: pl.Trainer) -> dict[str, str]:
+    """``{tag: directory}`` of the open series runs (for inspection and tests)."""
+    entry = _REGISTRY.get(trainer)
+    return {} if entry is None else {tag: w.log_dir for tag, w in entry["writers"].items()}
 
 
 def layout_of(trainer: pl.Trainer) -> dict:
     """The charts registered so far for ``trainer`` (for inspection and tests)."""
     entry = _REGISTRY.get(trainer)
     return {} if entry is None else entry["charts"]
+
+
+def _entry(trainer: pl.Trainer) -> dict:
+    return _REGISTRY.setdefault(trainer, {"charts": {}, "written": False, "writers": {}, "routes": {},
+                                          "restart": None, "last": {}})

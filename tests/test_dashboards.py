@@ -27,7 +27,7 @@ from _events import read_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
-from hcl import TwoLayerReLU
+from hcl import TwoLayerReLU, dashboard
 from hcl.callbacks.activation_points import ActivationPointPlot
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.global_optimum import GlobalOptimumMonitor
@@ -39,6 +39,8 @@ pytestmark = pytest.mark.slow  # a training run, a TensorBoard server and a brow
 RUN = "seed_b/version_0"
 HEADER_ORANGE = (245, 124, 0)  # TensorBoard's header bar
 RUN_COLOUR = (255, 112, 67)  # TensorBoard's colour for the first run
+# TensorBoard's run colours after the first (its grey left out: the axes are grey too)
+RUN_PALETTE = [(0, 119, 187), (204, 51, 17), (51, 187, 238), (238, 51, 119), (0, 153, 136)]
 STEPS = 30
 CHARTS = {
     "objective vs convex optimum": {"train/objective", "convex/nonconvex_objective", "convex/optimum",
@@ -49,6 +51,8 @@ CHARTS = {
     "unique activation patterns": {"patterns/unique"},
     "pattern changes": {"patterns/changed", "patterns/new"},
 }
+# A chart of several series draws one run per series, under its chart tag (hcl.dashboard): one colour each.
+SERIES_RUNS = {f"{RUN}/series/{tag}": (title, tag) for title, tags in CHARTS.items() if len(tags) > 1 for tag in tags}
 
 
 def _tensorboard_binary() -> str | None:
@@ -114,7 +118,7 @@ def tensorboard(logdir):
                             f"{(logdir / 'tensorboard.log').read_text(errors='replace')[-2000:]}")
             try:
                 points = _get_json(f"{base}/data/plugin/scalars/scalars?run={RUN}&tag=convex/global_gap")
-                if len(points) == STEPS:
+                if len(points) == STEPS and set(_get_json(f"{base}/data/runs")) == {RUN, *SERIES_RUNS}:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -134,7 +138,7 @@ def tensorboard(logdir):
 
 def test_tensorboard_serves_the_logged_scalars(tensorboard, logdir):
     runs = _get_json(f"{tensorboard}/data/runs")
-    assert runs == [RUN]
+    assert sorted(runs) == sorted([RUN, *SERIES_RUNS])
     tags = _get_json(f"{tensorboard}/data/plugin/scalars/tags")[RUN]
     expected = set().union(*CHARTS.values())
     assert expected <= set(tags)
@@ -156,14 +160,33 @@ def test_tensorboard_serves_one_merged_custom_scalars_layout(tensorboard):
     layout = _get_json(f"{tensorboard}/data/plugin/custom_scalars/layout")
     categories = {category["title"]: category for category in layout["category"]}
     assert set(categories) == {"hcl"}
-    charts = {chart["title"]: set(chart["multiline"]["tag"]) for chart in categories["hcl"]["chart"]}
-    assert charts == CHARTS
-    # The custom-scalars plugin resolves each chart's tags against the run.
-    for tags in CHARTS.values():
-        regex = urllib.parse.quote("|".join(f"^{tag}$" for tag in sorted(tags)))
-        served = _get_json(f"{tensorboard}/data/plugin/custom_scalars/scalars?run={RUN}&tag={regex}")
-        assert served["regex_valid"] and set(served["tag_to_events"]) == tags
-        assert all(len(events) == STEPS for events in served["tag_to_events"].values())
+    charts = {chart["title"]: chart["multiline"]["tag"] for chart in categories["hcl"]["chart"]}
+    assert set(charts) == set(CHARTS)
+    for title, tags in CHARTS.items():
+        # A chart of one series selects its tag in the run; a chart of several its chart tag in the series runs.
+        expected = sorted(tags) if len(tags) == 1 else [f"^{dashboard.chart_tag(title)}$"]
+        assert charts[title] == expected, title
+    for title, tags in CHARTS.items():
+        regex = urllib.parse.quote("|".join(charts[title]))
+        # The custom-scalars plugin resolves each chart's regex against every run: one line per run.
+        drawn = {}
+        for run in [RUN, *SERIES_RUNS]:
+            served = _get_json(f"{tensorboard}/data/plugin/custom_scalars/scalars?run={run}&tag={regex}")
+            assert served["regex_valid"]
+            drawn.update({(run, tag): events for tag, events in served["tag_to_events"].items()})
+        if len(tags) == 1:
+            assert set(drawn) == {(RUN, tag) for tag in tags}
+        else:
+            assert set(drawn) == {(run, dashboard.chart_tag(title)) for run, (chart, _) in SERIES_RUNS.items()
+                                  if chart == title}
+            assert len(drawn) == len(tags)
+        for (run, _), events in drawn.items():
+            assert len(events) == STEPS
+            tag = SERIES_RUNS[run][1] if run in SERIES_RUNS else next(iter(tags))
+            # each series run draws the values of the run's own tag, step for step
+            own = _get_json(f"{tensorboard}/data/plugin/scalars/scalars?run={RUN}&tag={tag}")
+            assert [(e[1], e[2]) for e in events] == [(step, pytest.approx(v, rel=1e-6, abs=1e-30))
+                                                      for _, step, v in own], (run, tag)
 
 
 def test_tensorboard_serves_the_hyperparameters_and_the_pictures(tensorboard):
@@ -185,14 +208,15 @@ def test_headless_chromium_draws_the_custom_scalars_page(tensorboard, tmp_path):
     colours = np.unique(image.reshape(-1, 3), axis=0)
     assert len(colours) > 50  # a drawn page: text, charts and their lines, not a blank or error screen
     # TensorBoard's orange header bar is there (the app loaded), and the charts right of the sidebar hold lines
-    # in the run's colour (the data was plotted, not just empty axes).
+    # in the run's colour (the data was plotted, not just empty axes) and in the colours of the series runs.
     pixels = image.astype(int)
 
     def near(colour, tolerance=40):
         return np.abs(pixels - np.array(colour)).sum(axis=-1) < tolerance
 
     assert near(HEADER_ORANGE)[:60].mean() > 0.5
-    assert near(RUN_COLOUR)[120:, 380:].sum() > 1000
+    assert near(RUN_COLOUR)[120:, 380:].sum() > 300
+    assert sum(near(colour)[120:, 380:].sum() > 300 for colour in RUN_PALETTE) >= 4
 
 
 def screenshot(chromium: str, url: str, png: Path, profile: Path, budget_ms: int = 20000) -> None:
