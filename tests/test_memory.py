@@ -90,6 +90,7 @@ def test_an_explicit_method_that_does_not_fit_raises_before_allocating(mnist_sha
     assert time.perf_counter() - start < 5.0
 
 
+@pytest.mark.slow
 def test_a_chunk_chosen_from_the_budget_solves_the_same_problem():
     problem = problem_of(120, 5, 8, 2, torch.float64, lam=0.1)
     limit = footprint("fista", 120, 5, 8, 2, torch.float64, 30).total
@@ -160,6 +161,7 @@ print(json.dumps(peak - base))
 """
 
 
+@pytest.mark.slow  # a subprocess per shape
 @pytest.mark.parametrize(
     "method,n,d,P,c,bias",
     [
