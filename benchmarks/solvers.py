@@ -8,7 +8,9 @@ Prints markdown tables (this is a measurement, not a test):
 * **warm** — the callback's real use: a network of ``P`` neurons trained by full-batch gradient descent on
   ``n`` points in ``d`` dimensions (a planted teacher plus noise, reduction ``"mean"``); the problem of its
   patterns at one step is solved, then the next step's problem, warm-started from the previous solution
-  (patterns matched by :func:`hcl.convex.native.remap_warm_start`) and from the network's own point;
+  (patterns matched by :func:`hcl.convex.native.remap_warm_start`) and from the network's own point. The
+  instances of ``hcl.TwoLayerReLU`` itself, over seeds, sizes, ``λ`` and both formulations, one and ten steps
+  apart, are ``benchmarks/trajectories.py``'s;
 * **per iteration** — the native solver's time per iteration (best of two solves) against the time of the dense
   products one iteration needs, measured with ``torch.matmul`` in the same run (best of three), up to
   (2000, 100, 400);

@@ -1,0 +1,84 @@
+"""benchmarks/trajectories.py's instance builder on a tiny network (no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hcl.convex import solve
+from hcl.convex.native import remap_warm_start
+from hcl.convex.problem import fold_bias, fold_weights, network_objective
+from hcl.convex.snapshot import WarmStartChain
+from hcl.patterns import activation_patterns
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trajectories.py"
+N, D, M, LAM, SEED = 40, 4, 8, 1e-2, 3
+
+
+@pytest.fixture(scope="module")
+def tr():
+    spec = importlib.util.spec_from_file_location("trajectories", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trajectories"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("trajectories", None)
+
+
+def test_trajectory_is_full_batch_gradient_descent(tr):
+    X, y = tr.trajectory_data(N, D, SEED)
+    assert X.shape == (N, D - 1) and y.shape == (N,) and X.dtype == torch.float64
+    kept = tr.train_trajectory(X, y, M, LAM, SEED, [0, 1, 5])
+    assert [w.step for w in kept] == [0, 1, 5]
+    again = tr.train_trajectory(X, y, M, LAM, SEED, [5])
+    assert torch.equal(again[0].hidden_weight, kept[2].hidden_weight)  # deterministic for a seed
+
+    def objective(w):
+        Xf, Wf = fold_bias(X, True), fold_weights(w.hidden_weight, w.hidden_bias)
+        return network_objective(Xf, y, Wf, w.output_weight, None, LAM, "mean")
+
+    # step 0 → 1 is one plain gradient step of the mean objective with the penalty, lr 0.05
+    params = [kept[0].hidden_weight.clone().requires_grad_(True), kept[0].hidden_bias.clone().requires_grad_(True),
+              kept[0].output_weight.clone().requires_grad_(True)]
+    loss = (torch.relu(X @ params[0].T + params[1]) @ params[2].T - y[:, None]).square().mean()
+    loss = loss + LAM * sum(p.square().sum() for p in params)
+    grads = torch.autograd.grad(loss, params)
+    expected = [p.detach() - 0.05 * g for p, g in zip(params, grads)]
+    for got, want in zip((kept[1].hidden_weight, kept[1].hidden_bias, kept[1].output_weight), expected):
+        torch.testing.assert_close(got, want)
+    assert objective(kept[2]) < objective(kept[1]) < objective(kept[0])
+
+
+@pytest.mark.parametrize("formulation", ["patterns", "neurons"])
+def test_trajectory_problems_are_the_networks_patterns(tr, formulation):
+    problems = tr.trajectory_problems(N, D, M, LAM, SEED, formulation, step=4, gaps=(1, 3))
+    assert len(problems) == 3
+    X, y = tr.trajectory_data(N, D, SEED)
+    kept = tr.train_trajectory(X, y, M, LAM, SEED, [4, 5, 7])
+    for problem, weights in zip(problems, kept):
+        assert (problem.n, problem.d, problem.c) == (N, D, 1)  # the bias column folded in
+        assert problem.reduction == "mean" and problem.weight_decay == LAM
+        D_net = activation_patterns(fold_bias(X, True), fold_weights(weights.hidden_weight, weights.hidden_bias))
+        live = D_net[:, D_net.any(dim=0)]
+        if formulation == "neurons":
+            assert torch.equal(problem.patterns, live)
+            assert problem.signs is not None
+        else:
+            assert problem.num_patterns == len({tuple(col.tolist()) for col in live.T})
+    assert tr.new_patterns(problems[0].patterns, problems[0].patterns) == 0
+
+
+def test_warm_start_is_the_monitors_chain(tr):
+    before, after = tr.trajectory_problems(N, D, M, LAM, SEED, "patterns", step=4, gaps=(10,))
+    previous = solve(before, "native")
+    chain = WarmStartChain()
+    chain.keep(before, previous)
+    from_chain = chain.start_for(after, gated=False)
+    ours = remap_warm_start(before.patterns, previous, after.patterns)
+    for a, b in zip(from_chain[:3], ours[:3]):
+        assert torch.equal(a, b)
+    assert ours[0].shape[0] == after.num_patterns
