@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+import hcl.convex.snapshot as snapshot_module
 from hcl.convex import (
     ConvexProblem,
     ConvexSolution,
@@ -25,6 +26,7 @@ from hcl.convex.snapshot import (
     SolveSpec,
     WarmStartChain,
     evaluate_snapshot,
+    kept_pattern_share,
     solve_snapshot_job,
     store_worker_data,
 )
@@ -253,7 +255,8 @@ def test_the_gated_bound_is_not_a_bound_on_the_exact_vector_problem():
 
 
 # ------------------------------------------------------------------------------------------ warm-start chain
-def test_the_chain_carries_each_solution_to_the_next_snapshot():
+def test_the_chain_carries_each_solution_to_the_next_snapshot(monkeypatch):
+    monkeypatch.setattr(snapshot_module, "WARM_MIN_KEPT_PATTERNS", 0.0)  # carry whatever share of patterns is kept
     chain = WarmStartChain()
     recorder = Recorder()
     for step in range(3):  # the weights move a little: the patterns change between snapshots
@@ -407,3 +410,16 @@ def test_the_native_entry_runs_small_cpu_problems_on_one_thread():
         assert inside == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_chain_starts_cold_when_most_patterns_are_new():
+    chain = WarmStartChain()
+    recorder = Recorder()
+    first = snapshot(step=0, seed=0)
+    evaluate_snapshot(spec(), first, recorder, quiet=True, keep_solution=False, chain=chain)
+    problem = recorder.calls[-1][0]
+    assert chain.start_for(problem, gated=False) is not None  # the same patterns: warm
+    flipped = ConvexProblem(X=problem.X, Y=problem.Y, patterns=~problem.patterns, weight_decay=problem.weight_decay,
+                            reduction=problem.reduction)
+    assert kept_pattern_share(problem.patterns, flipped.patterns) == 0.0
+    assert chain.start_for(flipped, gated=False) is None  # every pattern new: cold

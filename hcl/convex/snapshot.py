@@ -25,6 +25,7 @@ from hcl.convex.build import problem_from_network
 from hcl.convex.native import remap_warm_start
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
 from hcl.convex.status import STATUS_CODES, Status
+from hcl.patterns import pattern_keys
 
 # An "optimal" value further than this (relative, floor 1) above a known feasible value, or a point violating the
 # constraints by more than this times max |Y|, is not believed: the native solver's default tolerances;
@@ -86,13 +87,27 @@ class SolveOutcome:
     error: str | None = None  # the solver's exception, when it raised
 
 
+# Share of the new patterns that must be among the old ones for a warm start: below it the remapped start took more
+# interior-point iterations than a cold one. See docs/solvers.md#warm-against-cold-native-only
+WARM_MIN_KEPT_PATTERNS = 0.35
+
+
+def kept_pattern_share(old: Tensor, new: Tensor) -> float:
+    """The share of ``new``'s pattern columns that are also columns of ``old`` (both ``(n, ·)`` boolean)."""
+    if new.shape[1] == 0:
+        return 1.0
+    old_keys = {tuple(key) for key in pattern_keys(old.to(torch.bool)).tolist()}
+    return sum(tuple(key) in old_keys for key in pattern_keys(new.to(torch.bool)).tolist()) / new.shape[1]
+
+
 class WarmStartChain:
     """The last solution of one chain of solves, to start the next solve from.
 
     :meth:`start_for` carries it over to a new problem's patterns with
     :func:`~hcl.convex.native.remap_warm_start` (each new pattern takes its nearest old pattern's block, with its
-    multipliers); a problem of another shape (samples, features, outputs) or of the other kind (gated or not) gets
-    ``None``. Not thread-safe: one chain belongs to one sequence of solves.
+    multipliers); a problem of another shape (samples, features, outputs) or of the other kind (gated or not), or one
+    whose patterns are mostly new (fewer than ``WARM_MIN_KEPT_PATTERNS`` of them kept), gets ``None``: a cold start.
+    Not thread-safe: one chain belongs to one sequence of solves.
     """
 
     def __init__(self) -> None:
@@ -105,6 +120,8 @@ class WarmStartChain:
         old_problem, old_solution = self._last
         if old_problem.X.shape != problem.X.shape or old_problem.c != problem.c or old_solution.gated != gated:
             return None
+        if kept_pattern_share(old_problem.patterns, problem.patterns) < WARM_MIN_KEPT_PATTERNS:
+            return None  # most blocks would start from another pattern's: a cold start is faster there
         return remap_warm_start(old_problem.patterns, old_solution, problem.patterns)
 
     def keep(self, problem: ConvexProblem, solution: ConvexSolution) -> None:
