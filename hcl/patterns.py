@@ -1,8 +1,8 @@
 """Activation patterns of a two-layer ReLU network's hidden neurons.
 
 The pattern of neuron ``i`` on data ``X`` is the boolean column ``1[X w_i (+ b_i) ≥ 0]``. **Ties count as
-active** (``≥``, the convention of the project's convex note and of the seed post's pattern counter);
-scnn uses a strict ``> 0``. The two differ only for points exactly on a neuron's hyperplane.
+active** (``≥``, the convention of ``docs/convex.md`` and of the blog post's pattern counter, see
+``docs/experiments.md``); scnn uses a strict ``> 0``. The two differ only for points exactly on a neuron's hyperplane.
 
 Everything here runs on the data's device without a Python loop over neurons: columns are packed into
 64-bit words, hashed to 128-bit keys with wrapping ``int64`` arithmetic and deduplicated with ``torch.unique``
