@@ -190,8 +190,8 @@ class StackCallback(Callback):
             mirrored = {tag: logged[tag] for tag in objective_tags(pl_module) if tag in logged}
             # the model's own `step` value is the step its values are written at, else Lightning's log step
             step = int(logged["step"]) if "step" in logged else trainer.fit_loop.epoch_loop._batches_that_stepped
-            dashboard.mirror_series(trainer, mirrored, step)
-            dashboard.flush_series(trainer)  # as Lightning saves its loggers at each logged step
+            # flushed as Lightning saves its loggers at each logged step; once, by the callback that wrote
+            dashboard.flush_series(trainer, dashboard.mirror_series(trainer, mirrored, step))
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

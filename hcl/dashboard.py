@@ -81,20 +81,23 @@ def _open_series(entry: dict, log_dir: str) -> None:
         _mark_restart(entry, entry["restart"])
 
 
-def mirror_series(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+def mirror_series(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> list[str]:
     """Write the charted values of ``metrics`` at ``step`` to their series runs (no-op where none are open).
 
-    A value is written at most once per tag and step, whichever callbacks pass it on.
+    A value is written at most once per tag and step, whichever callbacks pass it on. Returns the tags written.
     """
     entry = _REGISTRY.get(trainer)
     if entry is None or not entry["writers"]:
-        return
+        return []
+    written = []
     for tag, value in metrics.items():
         if tag not in entry["writers"] or entry["last"].get(tag) == step:
             continue
         entry["last"][tag] = step
+        written.append(tag)
         for chart in entry["routes"][tag]:
             entry["writers"][tag].add_scalar(chart, float(value), global_step=step)
+    return written
 
 
 def mark_series_restart(trainer: pl.Trainer, step: int) -> None:
@@ -114,11 +117,13 @@ def _mark_restart(entry: dict, step: int) -> None:
         file_writer.flush()
 
 
-def flush_series(trainer: pl.Trainer) -> None:
-    """Write what the series runs hold to disk."""
+def flush_series(trainer: pl.Trainer, tags: list[str] | None = None) -> None:
+    """Write what the series runs hold to disk (only those of ``tags`` when given)."""
     entry = _REGISTRY.get(trainer)
-    for writer in [] if entry is None else entry["writers"].values():
-        writer.flush()
+    writers = {} if entry is None else entry["writers"]
+    for tag in writers if tags is None else tags:
+        if tag in writers:
+            writers[tag].flush()
 
 
 def close_series(trainer: pl.Trainer) -> None:
