@@ -49,16 +49,23 @@ def test_the_interior_point_at_mnist_size_is_far_beyond_any_budget_here(mnist_sh
     assert footprint("fista", 2000, 785, 100, 10, torch.float32).total < GIB
 
 
-@pytest.mark.parametrize("limit", [None, 8 * GIB, 1 * GIB, "chunked"])
+@pytest.mark.parametrize("limit", [None, 8 * GIB, "admm", "fista", "chunked"])
 def test_auto_never_picks_the_interior_point_when_it_does_not_fit(mnist_shaped, limit):
-    if limit == "chunked":  # room for the first-order method with 500 samples per chunk, not with all 2000
-        limit = footprint("fista", 2000, 785, 100, 10, torch.float32, 500).total
+    admm = footprint("admm", 2000, 785, 100, 10, torch.float64).total
+    expected = "admm"
+    if limit == "admm":  # exactly the ADMM's estimate
+        limit = admm
+    elif limit == "fista":  # just short of it: the first-order method, whole
+        limit, expected = admm - 1, "fista"
+    elif limit == "chunked":  # room for the first-order method with 500 samples per chunk, not with all 2000
+        limit, expected = footprint("fista", 2000, 785, 100, 10, torch.float32, 500).total, "fista"
     chosen = plan(mnist_shaped, NativeOptions(memory_limit=limit))
-    assert chosen.method == "fista"
+    assert chosen.method == expected
     budget = memory_budget("cpu", limit)[0]
-    estimate = footprint("fista", 2000, 785, 100, 10, torch.float32, chosen.chunk_size).total
+    dtype = torch.float64 if expected == "admm" else torch.float32
+    estimate = footprint(expected, 2000, 785, 100, 10, dtype, chosen.chunk_size).total
     assert estimate <= budget
-    if limit is not None and limit < GIB:  # the whole does not fit: chunked, in the largest chunk that does
+    if expected == "fista" and chosen.chunk_size is not None:  # in the largest chunk that fits
         assert chosen.chunk_size == 500
         larger = footprint("fista", 2000, 785, 100, 10, torch.float32, chosen.chunk_size + 1).total
         assert larger > budget
@@ -69,7 +76,7 @@ def test_auto_keeps_the_interior_point_where_it_fits():
     assert plan(problem, NativeOptions()).method == "newton"
     needed = footprint("newton", 200, 10, 20, 1, output_bias=False).total
     assert plan(problem, NativeOptions(memory_limit=needed)).method == "newton"
-    assert plan(problem, NativeOptions(memory_limit=needed - 1)).method == "fista"
+    assert plan(problem, NativeOptions(memory_limit=needed - 1)).method == "admm"
 
 
 def test_an_explicit_method_that_does_not_fit_raises_before_allocating(mnist_shaped, monkeypatch):
@@ -145,7 +152,7 @@ def problem(n, P):
     D = (X @ torch.randn(d, P, generator=g, dtype=torch.float64)) >= 0
     Y = torch.randn(n, c, generator=g, dtype=torch.float64)
     return ConvexProblem(X, Y, D, weight_decay=0.01, output_bias=bias)
-iters = 2 if method == "newton" else 30
+iters = {"newton": 2, "admm": 12}.get(method, 30)
 solve_native(problem(40, 3), method=method, max_iters=iters)
 p = problem(n, P)
 gc.collect()
@@ -169,6 +176,7 @@ print(json.dumps(peak - base))
         ("newton", 600, 40, 60, 2, 0),  # the n × n matrices and the block outputs
         ("newton", 300, 200, 20, 1, 1),  # the rows x_j x_jᵀ
         ("fista", 3000, 50, 100, 3, 1),  # the block outputs
+        ("admm", 3000, 50, 100, 3, 1),  # the block outputs and the n × n matrices
     ],
 )
 def test_the_estimate_bounds_the_measured_peak(method, n, d, P, c, bias):

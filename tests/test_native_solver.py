@@ -294,7 +294,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="ConvexProblem"):
         solve_native((X, Y, D))
     with pytest.raises(ValueError, match="method"):
-        solve_native(problem, method="admm")
+        solve_native(problem, method="sgd")
     with pytest.raises(ValueError, match="tol"):
         solve_native(problem, tol=0.0)
     with pytest.raises(ValueError, match="penalty"):
@@ -319,7 +319,7 @@ def test_native_options_are_checked_once_and_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.tol = 1.0
     with pytest.raises(ValueError, match="method"):
-        NativeOptions(method="admm")
+        NativeOptions(method="sgd")
     small, large = random_problem(0), random_problem(0, n=NEWTON_MAX_SAMPLES + 1, d=2, P=1)
     assert NativeOptions().resolved(small).method == "newton" and NativeOptions().resolved(large).method == "fista"
     assert NativeOptions(method="fista").resolved(small).max_iters == 20000

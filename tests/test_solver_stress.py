@@ -34,7 +34,7 @@ FIRST = int(os.environ.get("HCL_STRESS_SEED", "0"))
 TOL = 1e-6
 # Clarabel's own accuracy at its 1e-10 tolerances, relative to the same scale (its point may be infeasible by 1e-10)
 REFERENCE_SLACK = 1e-8
-# the first-order method's cap here: it may end there (see check), and the cap keeps the run short
+# the first-order method's and the ADMM's cap here: they may end there (see check), and the cap keeps the run short
 FISTA_ITERATIONS = 3000
 
 KINDS = (
@@ -121,7 +121,7 @@ def make_instance(seed: int) -> Instance:
         X, Y, patterns = _layout(X, g), _layout(Y.squeeze(1) if c == 1 else Y, g), _layout(patterns, g)
     problem = ConvexProblem(X, Y, patterns, weight_decay=lam, reduction=reduction, output_bias=bias, signs=signs,
                             one_vs_all=c > 1 and draw(False, True))
-    method = draw("newton", "newton", "newton", "fista") if n <= 60 and lam >= 1e-2 else "newton"
+    method = draw("newton", "newton", "admm", "fista") if n <= 60 and lam >= 1e-2 else draw(*["newton"] * 5, "admm")
     return Instance(kind, problem, kind == "gated", method)
 
 
@@ -129,12 +129,13 @@ def check(instance: Instance) -> tuple[str, str | None]:
     """Solve ``instance``: ``(status, None)`` when everything holds, else ``(status, what failed)``.
 
     A stall of the interior point (``"newton"``, what ``method="auto"`` runs at these sizes) is a failure; the
-    first-order method (``"fista"``, for problems too large for the interior point) may end at its iteration cap on
-    these ill-conditioned instances (``docs/solvers.md#stress-test``), and is then held to an honest bracket.
+    first-order method and the ADMM (``"fista"``, ``"admm"``, for problems too large for the interior point) may end
+    at their iteration cap on these ill-conditioned instances (``docs/solvers.md#stress-test``), and are then held to
+    an honest bracket.
     """
     problem, gated = instance.problem, instance.gated
     options = dict(method=instance.method)
-    if instance.method == "fista":
+    if instance.method in ("fista", "admm"):
         options.update(dtype=torch.float64, max_iters=FISTA_ITERATIONS)
     solution = solve_native(problem, gated=gated, **options)
     status = str(solution.status)

@@ -28,6 +28,7 @@ DEFAULT_MEMORY_FRACTION = 0.5
 # first_order.py and certificate.py; see docs/solvers.md#memory
 NEWTON_OUTPUT_COPIES = 20
 FISTA_OUTPUT_COPIES = 10
+ADMM_OUTPUT_COPIES = 12
 # Tensors of the variables' size (d, 2, P, c) alive at once, and the (K, d, d) blocks (two Newton systems overlap
 # while the next one is built: its B, L, B⁻¹, G, G + ridge, L_G and the previous B⁻¹, L_G)
 VARIABLE_COPIES = 24
@@ -90,10 +91,10 @@ def footprint(
     chunk_size: int | None = None,
     output_bias: bool = True,
 ) -> Footprint:
-    """The peak memory of the native ``method`` (``"newton"`` or ``"fista"``) on a problem of these sizes.
+    """The peak memory of the native ``method`` (``"newton"``, ``"fista"`` or ``"admm"``) on a problem of these sizes.
 
     Args:
-        method: ``"newton"`` or ``"fista"``.
+        method: ``"newton"``, ``"fista"`` or ``"admm"``.
         n, d, P, c: samples, features, patterns, outputs.
         dtype: the working precision (the interior point's blocks and Schur matrices may be float32 within it).
         chunk_size: as in :class:`~hcl.convex.native.NativeOptions` (``None``: the method's default).
@@ -132,7 +133,13 @@ def footprint(
         # per chunk: the hinge, the extrapolated outputs, the adjoint's weighted copy and the residual spread
         chunks = 4 * rows * K * w
         return Footprint(fixed, FISTA_OUTPUT_COPIES * outputs_elems * w + certificate, 0, 0, chunks)
-    raise ValueError(f"method must be 'newton' or 'fista', got {method!r}")
+    if method == "admm":
+        # the float64 twin of X and the patterns for the checks, and the check's float64 block outputs, multipliers
+        # and the certificate's products (four of the outputs' size)
+        checks = n * d * 8 + 3 * n * P * 8 + 4 * outputs_elems * 8
+        # the n × n matrix and its Cholesky factor (float64) while a factorisation is built
+        return Footprint(fixed + checks, ADMM_OUTPUT_COPIES * outputs_elems * w, 0, 2 * n * n * 8, 0)
+    raise ValueError(f"method must be 'newton', 'fista' or 'admm', got {method!r}")
 
 
 def free_memory(device: torch.device | str) -> int | None:
@@ -203,9 +210,9 @@ def memory_budget(device: torch.device | str, memory_limit: int | None = None) -
 def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     """``options`` with ``method`` (and, for the first-order method, ``chunk_size``) chosen to fit the budget.
 
-    ``"auto"`` takes the interior point when ``n ≤ NEWTON_MAX_SAMPLES`` and it fits, else the first-order method with
-    the largest chunk of samples that fits. An explicit method keeps its ``chunk_size`` (``"fista"`` gets one chosen
-    from the budget when it has none and the whole does not fit).
+    ``"auto"`` takes the interior point when ``n ≤ NEWTON_MAX_SAMPLES`` and it fits, else the ADMM when its ``n × n``
+    matrices fit, else the first-order method with the largest chunk of samples that fits. An explicit method keeps
+    its ``chunk_size`` (``"fista"`` gets one chosen from the budget when it has none and the whole does not fit).
 
     Raises:
         SolverMemoryError: the method asked for (or, for ``"auto"``, the first-order method even chunked) does not fit.
@@ -215,7 +222,7 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     budget, why = memory_budget(problem.X.device, options.memory_limit)
 
     def estimate(method: str, chunk_size: int | None) -> int:
-        dtype = options.dtype or (torch.float64 if method == "newton" else problem.X.dtype)
+        dtype = options.dtype or (torch.float64 if method in ("newton", "admm") else problem.X.dtype)
         return footprint(method, n, d, P, c, dtype, chunk_size, problem.output_bias).total
 
     method = options.method
@@ -227,6 +234,12 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
             return dataclasses.replace(options, method="newton") if method == "auto" else options
         if method == "newton":
             raise SolverMemoryError("newton", sizes, needed, budget, why)
+    if method in ("admm", "auto"):
+        needed = estimate("admm", None)
+        if needed <= budget:
+            return dataclasses.replace(options, method="admm")
+        if method == "admm":
+            raise SolverMemoryError("admm", sizes, needed, budget, why)
     # the first-order method: whole if it fits, else the largest chunk of samples that does
     if options.chunk_size is not None:
         needed = estimate("fista", options.chunk_size)

@@ -14,11 +14,11 @@ import torch
 
 from hcl.convex.problem import ConvexProblem
 
-METHODS = ("auto", "newton", "fista")
+METHODS = ("auto", "newton", "fista", "admm")
 
 # Iteration caps when ``max_iters`` is not given: the interior point took 12–68 iterations on the benchmark's
 # instances, the first-order method takes thousands; see docs/solvers.md#tuned-constants
-DEFAULT_MAX_ITERS = {"newton": 100, "fista": 20000}
+DEFAULT_MAX_ITERS = {"newton": 100, "fista": 20000, "admm": 5000}
 
 # "auto" takes the interior point while its n × n matrices stay small; see docs/solvers.md#tuned-constants
 NEWTON_MAX_SAMPLES = 6000
@@ -56,16 +56,19 @@ class NativeOptions:
     """The options of :func:`~hcl.convex.native.solve_native`, checked on construction.
 
     Args:
-        method: ``"auto"``, ``"newton"`` or ``"fista"``; ``"auto"`` takes ``"newton"`` when
-            ``n ≤ NEWTON_MAX_SAMPLES``.
+        method: ``"auto"``, ``"newton"``, ``"admm"`` or ``"fista"``; ``"auto"`` takes ``"newton"`` when
+            ``n ≤ NEWTON_MAX_SAMPLES`` and it fits the memory, else ``"admm"`` (exact linear steps through one ``n × n``
+            matrix: large ``d``) when it fits, else ``"fista"`` (``docs/solvers.md#memory``).
         tol: target relative duality gap ``(value − dual_value) / max(|value|, 1e-6 s‖Y − Ȳ‖²)``.
         constraint_tol: target constraint violation, relative to ``max |Y|``.
-        max_iters: iteration cap (default ``DEFAULT_MAX_ITERS``: 100 for ``"newton"``, 20000 for ``"fista"``).
+        max_iters: iteration cap (default ``DEFAULT_MAX_ITERS``: 100 for ``"newton"``, 5000 for ``"admm"``, 20000
+            for ``"fista"``).
         time_limit: wall-clock limit in seconds.
         penalty: the augmented-Lagrangian penalty ``δ`` of ``"fista"`` (default: chosen from the data's curvature;
             it still doubles when the violation stalls).
         dtype: working precision; default float64 for ``"newton"`` (the barrier's systems need it) and the
-            problem's dtype (float32 when it is float32) for ``"fista"``.
+            float64 for ``"admm"`` (its exact linear step cancels large terms: in float32 its gap stalled near 5e-2 on
+            MNIST), the problem's dtype (float32 when it is float32) for ``"fista"``.
         chunk_size: samples per chunk in the first-order products / patterns (or blocks) per chunk when building
             the interior-point matrices (default: all at once up to ~2²⁴ elements per temporary).
         memory_limit: bytes the solve may take (default: ``DEFAULT_MEMORY_FRACTION`` of the device's free memory);
@@ -75,7 +78,7 @@ class NativeOptions:
             use that are not busy). Torch's thread count is global to the process: it is set for the solve and
             restored only on the main thread; from another thread the process's setting is left as it is
             (``docs/solvers.md#threads``).
-        verbose: print one line per iteration (newton) or per multiplier update (fista).
+        verbose: print one line per iteration (newton), per stopping test (admm) or per multiplier update (fista).
 
     Raises:
         ValueError: a value out of its range (the message names the option).
@@ -128,7 +131,8 @@ class NativeOptions:
         return dataclasses.replace(self, method=method, max_iters=self.max_iters or DEFAULT_MAX_ITERS[method])
 
     def working_dtype(self, problem: ConvexProblem) -> torch.dtype:
-        """``dtype``, or the method's default for ``problem`` (float64 for ``"newton"``, the data's for ``"fista"``)."""
+        """``dtype``, or the method's default for ``problem`` (float64 for ``"newton"`` and ``"admm"``, the data's for
+        ``"fista"``)."""
         if self.dtype is not None:
             return self.dtype
-        return torch.float64 if self.resolved(problem).method == "newton" else problem.X.dtype
+        return torch.float64 if self.resolved(problem).method in ("newton", "admm") else problem.X.dtype

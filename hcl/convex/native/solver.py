@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from hcl.convex.native.admm import admm
 from hcl.convex.native.certificate import GAP_FLOOR, certificate
 from hcl.convex.native.first_order import first_order
 from hcl.convex.native.interior_point import interior_point
@@ -18,7 +19,7 @@ from hcl.convex.native.warm_start import Multipliers, warm_point
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 from hcl.convex.status import Status, relative_gap
 
-_METHODS = {"newton": interior_point, "fista": first_order}
+_METHODS = {"newton": interior_point, "fista": first_order, "admm": admm}
 
 
 def solve_native(

@@ -1,0 +1,194 @@
+"""``"admm"``: the alternating direction method for large ``d`` (MNIST, CIFAR-10), whose linear step is exact.
+
+The splitting is ``W = Z`` (the group norms) and ``A W = T ≥ 0`` (the cones). Because ``(2D_i − I)² = I``, the cones'
+normal matrix ``AᵀA`` is ``XᵀX`` on every block, so the ``W``-step matrix ``2MᵀΠM + ρ₁I + ρ₂XᵀX`` is a diagonal (in
+``X``'s right singular vectors, which leave every group norm unchanged) plus a coupling of rank ``n``, inverted by the
+Woodbury identity through one ``n × n`` matrix ``I/2 + Π (H₀ ⊙ D N Dᵀ) Π`` shared by every output, with
+``H₀ = X (ρ₁I + ρ₂XᵀX)⁻¹ Xᵀ`` and ``N`` the number of blocks per pattern: no ``d × d`` block per pattern. An iteration
+costs six products with ``X`` of width ``P c``; memory is ``O(n² + n P c + d P c)``. The iteration is kept in its
+Douglas–Rachford form (one state ``ζ``, the proximal steps' input), over-relaxed, with ``ρ`` balanced on the
+relative residuals. See ``docs/solvers.md#admm``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from hcl.convex.native.certificate import converged
+from hcl.convex.native.operator import Operator, Result
+from hcl.convex.native.options import NativeOptions
+from hcl.convex.native.warm_start import WarmPoint
+from hcl.convex.status import Status
+
+# Over-relaxation (Eckstein–Bertsekas) and the starting penalties, relative to the mean curvature ‖X‖²_F / d for ρ₁
+# and to XᵀX for ρ₂ (dimensionless); measured on MNIST in docs/solvers.md#admm
+RELAXATION = 1.6
+RHO_GROUPS = 0.01
+RHO_CONES = 0.1
+# Residual balancing: ρ changes by RHO_FACTOR when one relative residual exceeds the other RHO_BALANCE times, at most
+# every RHO_EVERY iterations (a change refactors the n × n matrix)
+RHO_FACTOR = 2.0
+RHO_BALANCE = 10.0
+RHO_EVERY = 25
+# Iterations between two tests of the stopping rule (each costs three float64 products with X)
+CHECK_EVERY = 10
+
+
+class _LinearStep:
+    """``(2MᵀΠM + ρ₁I + ρ₂XᵀX)⁻¹`` on ``W``'s space, ``X`` in its right singular basis (``XᵀX = diag σ²``)."""
+
+    def __init__(self, op: Operator, sigma2: Tensor, rho1: float, rho2: float, chunk: int = 1024) -> None:
+        self.op = op
+        self.inv_diag = (1.0 / (rho1 + rho2 * sigma2.to(torch.float64))).to(op.dtype)
+        X = op.X.to(torch.float64)
+        Xs = X * (1.0 / (rho1 + rho2 * sigma2.to(torch.float64)))
+        weighted = op.Dm.to(torch.float64) * op.wmask[0, :, :, 0].sum(0).to(torch.float64)  # D N
+        Dm = op.Dm.to(torch.float64)
+        K = torch.empty(op.n, op.n, dtype=torch.float64, device=op.device)
+        for lo in range(0, op.n, chunk):  # H₀ ⊙ (D N Dᵀ) a block of rows at a time: one n × n buffer
+            rows = slice(lo, min(op.n, lo + chunk))
+            K[rows] = (Xs[rows] @ X.T).mul_(weighted[rows] @ Dm.T)
+        if op.bias:  # Π K Π
+            K -= K.mean(0, keepdim=True)
+            K -= K.mean(1, keepdim=True)
+        K.diagonal().add_(0.5)
+        self.chol = torch.linalg.cholesky(K)
+        del K
+
+    def solve(self, B: Tensor) -> tuple[Tensor, Tensor]:
+        """``W = (2MᵀΠM + A)⁻¹ B`` and its block outputs ``X W``."""
+        op = self.op
+        W0 = B * self.inv_diag[:, None, None, None]
+        Z0 = op.forward(W0)
+        q = op.center(op.predict(Z0)).to(torch.float64)  # Π M A⁻¹ B, (n, c)
+        y = op.center(torch.cholesky_solve(q, self.chol)).to(op.dtype)
+        # A⁻¹ Mᵀ Π y: ± the same block on both sides, so X of it is one product of half the width
+        G = (op.X.T @ (op.Dm[:, :, None] * y[:, None, :]).reshape(op.n, -1)).reshape(op.d, op.P, op.c)
+        G *= self.inv_diag[:, None, None]
+        XG = (op.X @ G.reshape(op.d, -1)).reshape(op.n, op.P, op.c)
+        W = W0.sub_(torch.stack([G, -G], dim=1).mul_(op.wmask))
+        Z = Z0.sub_(torch.stack([XG, -XG], dim=1).mul_(op.wmask))
+        return W, Z
+
+
+def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None) -> Result:
+    """Run the ADMM on ``op`` from ``warm`` (or from zero) until the stopping rule, the cap or ``deadline``."""
+    check_op, rotation, sigma2 = _rotated(op)
+    lam, constrained = op.lam, op.constrained
+    rho1 = RHO_GROUPS * float(sigma2.sum()) / op.d
+    rho2 = RHO_CONES if constrained else 0.0
+    step = _LinearStep(op, sigma2, rho1, rho2)
+    MtY = 2.0 * op.adjoint_data(op.center(op.Y))
+    W = op.zeros() if warm is None else _rotate(warm.W.to(op.dtype), rotation)
+    XW = op.forward(W)
+    # ζ = (ζ_W, ζ_T): Z = prox(ζ), scaled multipliers ζ − Z. From a warm start (W, μ): ζ_T − T = −μ/ρ₂, and
+    # ζ_W − W = −g/ρ₁ with g = Mᵀν − Aᵀμ the certificate's, which stationarity puts in −2λ ∂‖W‖
+    zeta_W = W.clone()
+    zeta_T = op.signed_cmask * XW if constrained else None
+    if warm is not None:
+        mu = warm.mu.to(op.dtype) * op.cmask if constrained and warm.mu is not None else torch.zeros_like(XW)
+        zeta_W -= op.adjoint(2.0 * op.residual(XW)[0], mu.clone()) / rho1
+        if constrained:
+            zeta_T -= mu / rho2
+    status = Status.MAX_ITERATIONS
+    last_change, it = 0, 0
+    prev_Z = prev_T = None
+    for it in range(1, options.max_iters + 1):
+        Z = op.group_soft_threshold(zeta_W, 2.0 * lam / rho1) * op.wmask
+        A1 = zeta_W - Z
+        B = MtY + rho1 * (Z - A1)
+        if constrained:
+            T = zeta_T.relu()
+            A2 = zeta_T - T
+            B += rho2 * op.adjoint_constraint(T - A2)
+        W, XW = step.solve(B)
+        zeta_W += RELAXATION * (W - Z)
+        if constrained:
+            AW = op.signed_cmask * XW
+            zeta_T += RELAXATION * (AW - T)
+        stop = None
+        if it % CHECK_EVERY == 0 or it == options.max_iters:
+            mu = (-rho2 * A2).clamp_(min=0) * op.cmask if constrained else None
+            stop = _check(op, check_op, W, mu, options, it, (rho1, rho2))
+            if stop is None and lam == 0 and prev_Z is not None:
+                # λ = 0: no certificate beyond 0 (see interior_point); stop on feasibility and a settled splitting
+                settled = max(_relative(W - Z, W, Z), _relative(Z - prev_Z, Z)) <= options.tol
+                if settled and check_op.violation(XW.to(torch.float64)) <= options.constraint_tol:
+                    stop = Status.OPTIMAL_INACCURATE
+        elif deadline is not None and time.perf_counter() > deadline:
+            stop = Status.TIME_LIMIT
+        if stop is not None:
+            status = stop
+            break
+        if it - last_change >= RHO_EVERY and prev_Z is not None:
+            f1 = _balance(_relative(W - Z, W, Z), _relative(Z - prev_Z, A1))
+            f2 = _balance(_relative(AW - T, AW, T), _relative(T - prev_T, A2)) if constrained else 1.0
+            if f1 != 1.0 or f2 != 1.0:  # same point and multipliers, scaled multipliers divided by f
+                zeta_W = Z + A1 / f1
+                if constrained:
+                    zeta_T = T + A2 / f2
+                rho1, rho2 = rho1 * f1, rho2 * f2
+                del step
+                step = _LinearStep(op, sigma2, rho1, rho2)
+                last_change = it
+        prev_Z, prev_T = Z, (T if constrained else None)
+    mu = None
+    if constrained:
+        mu = (-rho2 * (zeta_T - zeta_T.relu())).clamp_(min=0) * op.cmask
+    _restore(op, check_op, rotation)
+    return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status)
+
+
+def _check(op: Operator, check_op: Operator, W: Tensor, mu: Tensor | None, options: NativeOptions, it: int, rho):
+    """The stopping rule in float64 at ``W`` (the working precision's block outputs are not accurate enough for a
+    certificate in float32); the status to stop with, or ``None``."""
+    W64 = W.to(torch.float64)
+    check = converged(check_op, W64, check_op.forward(W64), None if mu is None else mu.to(torch.float64), options)
+    if options.verbose:
+        print(f"admm {it:6d}  rel.gap {check.gap:.2e}  violation {check.violation:.2e}  ρ {rho[0]:.2e} {rho[1]:.2e}")
+    return Status.OPTIMAL if check.met else None
+
+
+def _relative(diff: Tensor, *scales: Tensor) -> float:
+    return float(diff.norm()) / max(max(float(s.norm()) for s in scales), 1e-300)
+
+
+def _balance(primal: float, dual: float) -> float:
+    """The factor on ρ that brings the relative primal and dual residuals together (1 while within RHO_BALANCE)."""
+    if primal > RHO_BALANCE * dual:
+        return RHO_FACTOR
+    if dual > RHO_BALANCE * primal:
+        return 1.0 / RHO_FACTOR
+    return 1.0
+
+
+def _rotated(op: Operator) -> tuple[Operator, Tensor, Tensor]:
+    """Rotate ``op.X`` to ``X V`` (``X = U Σ Vᵀ``, so ``XᵀX = Σ²``) in place, and a float64 twin for the checks.
+
+    Returns the twin, ``V`` in the working precision and ``σ²``.
+    """
+    _, sigma, Vh = torch.linalg.svd(op.X.to(torch.float64), full_matrices=False)
+    twin = Operator.__new__(Operator)
+    twin.__dict__.update(op.__dict__)
+    for name in ("X", "Y", "Dm", "signed_patterns", "S", "wmask", "cmask", "signed_cmask"):
+        setattr(twin, name, getattr(op, name).to(torch.float64))
+    twin.dtype = torch.float64
+    twin.X = twin.X @ Vh.T
+    twin.d = twin.X.shape[1]
+    op.original_X = op.X
+    op.X = twin.X.to(op.dtype)
+    op.d = twin.d
+    return twin, Vh.T.to(op.dtype), sigma.square()
+
+
+def _restore(op: Operator, twin: Operator, rotation: Tensor) -> None:
+    op.X = op.__dict__.pop("original_X")
+    op.d = op.X.shape[1]
+
+
+def _rotate(W: Tensor, V: Tensor) -> Tensor:
+    """``Vᵀ W`` over the feature axis (``V`` square orthogonal, or its transpose to undo)."""
+    return (V.T @ W.reshape(W.shape[0], -1)).reshape(V.shape[1], *W.shape[1:])

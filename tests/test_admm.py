@@ -1,0 +1,104 @@
+"""The ADMM (``method="admm"``): its exact linear step, its certified optimum against Clarabel, warm starts, and its
+place in the memory plan."""
+
+import pytest
+import torch
+from _reference import reference_solve
+
+from hcl.convex.native import NativeOptions, solve_native
+from hcl.convex.native.admm import _LinearStep, _rotated
+from hcl.convex.native.certificate import GAP_FLOOR
+from hcl.convex.native.memory import SolverMemoryError, footprint, plan
+from hcl.convex.native.operator import Operator
+from hcl.convex.problem import ConvexProblem
+
+
+def instance(n=40, d=6, P=8, c=1, lam=0.05, bias=True, seed=0, signs=False, one_vs_all=False, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, -1] = 1.0
+    patterns = X @ torch.randn(d, P, generator=g, dtype=torch.float64) >= 0
+    Y = torch.randn(n, c, generator=g, dtype=torch.float64)
+    sign = torch.randint(-1, 2, (P,), generator=g) if signs else None
+    return ConvexProblem(X.to(dtype), Y.to(dtype), patterns, weight_decay=lam, reduction="mean", output_bias=bias,
+                         signs=sign, one_vs_all=one_vs_all)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("rows", [40, 4])  # n < d: the row space's basis
+def test_the_linear_step_solves_its_system(bias, gated, rows):
+    problem = instance(n=rows, d=6, P=5, c=2, bias=bias, seed=rows)
+    op = Operator(problem, gated=gated, dtype=torch.float64, row_space=True)
+    twin, _, sigma2 = _rotated(op)
+    rho1, rho2 = 0.7, (0.0 if gated else 1.3)
+    step = _LinearStep(op, sigma2, rho1, rho2)
+    B = torch.randn(op.d, 2, op.P, op.c, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * op.wmask
+    W, XW = step.solve(B)
+    # the system applied with the operator's own products: 2 MᵀΠM W + ρ₁ W + ρ₂ XᵀX W
+    applied = 2.0 * op.adjoint_data(op.center(op.predict(op.forward(W)))) + rho1 * W
+    applied += rho2 * (op.X.T @ op.forward(W).reshape(op.n, -1)).reshape(W.shape) * op.wmask
+    assert torch.allclose(applied * op.wmask, B, atol=1e-9 * float(B.abs().max()))
+    assert torch.allclose(XW, op.forward(W), atol=1e-10)
+    assert torch.allclose(sigma2, torch.linalg.svdvals(op.X).square(), rtol=1e-10)
+
+
+CASES = {
+    "scalar": dict(),
+    "no bias, sum-like λ": dict(bias=False, lam=0.2),
+    "vector, shared layer": dict(c=3, seed=1),
+    "vector, one-vs-all": dict(c=2, one_vs_all=True),
+    "signs": dict(signs=True, seed=3),
+    "n < d": dict(n=5, d=9, seed=2),
+    "one pattern": dict(P=1, seed=4),
+    "float32 data": dict(dtype=torch.float32, seed=5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("gated", [False, True])
+def test_admm_certifies_the_optimum_clarabel_finds(case, gated):
+    problem = instance(**CASES[case])
+    solution = solve_native(problem, gated=gated, method="admm", tol=1e-5, constraint_tol=1e-6, max_iters=20000)
+    reference = reference_solve(problem, gated)
+    exact = problem.in_float64()
+    centred = exact.Y - exact.Y.mean(0) if exact.output_bias else exact.Y
+    scale = max(reference.value, GAP_FLOOR * exact.scale * float(centred.square().sum()))
+    uncertainty = reference.value - reference.lower_bound  # Clarabel's own certified gap at its point
+    assert uncertainty <= 1e-6 * scale
+    assert solution.status == "optimal", (solution.status, solution.iterations)
+    assert solution.dual_value <= reference.value + 1e-8 * scale
+    assert abs(solution.value - reference.value) <= 1.2e-5 * scale + uncertainty
+    assert solution.violation <= 1e-6 * float(problem.Y.abs().max())
+
+
+def test_an_early_stop_still_brackets_the_optimum():
+    problem = instance(n=60, d=8, P=12, c=2, seed=7)
+    solution = solve_native(problem, method="admm", max_iters=15)
+    reference = reference_solve(problem)
+    assert solution.status == "max_iterations"
+    assert solution.dual_value <= reference.value
+    # the point is not yet feasible: its value is no upper bound, and the bracket's upper end is left out for it
+    assert solution.violation > 1e-6 * float(problem.Y.abs().max())
+
+
+def test_a_warm_start_from_the_optimum_takes_a_fraction_of_the_iterations():
+    problem = instance(n=60, d=8, P=12, c=1, seed=8)
+    cold = solve_native(problem, method="admm", tol=1e-6)
+    warm = solve_native(problem, method="admm", tol=1e-6, warm_start=cold)
+    assert cold.status == warm.status == "optimal"
+    assert warm.iterations <= cold.iterations / 10  # the point and both multipliers are restored
+
+
+def test_auto_takes_admm_where_the_interior_point_does_not_fit():
+    problem = instance(n=300, d=40, P=20, c=3, dtype=torch.float32)
+    newton = footprint("newton", 300, 40, 20, 3, output_bias=True).total
+    admm = footprint("admm", 300, 40, 20, 3, output_bias=True).total
+    assert admm < newton
+    assert plan(problem, NativeOptions(memory_limit=newton)).method == "newton"
+    assert plan(problem, NativeOptions(memory_limit=newton - 1)).method == "admm"
+    assert plan(problem, NativeOptions(memory_limit=admm - 1)).method == "fista"
+    with pytest.raises(SolverMemoryError, match="'admm'.*n=300, d=40, P=20, c=3"):
+        plan(problem, NativeOptions(method="admm", memory_limit=admm - 1))
+    # MNIST's monitor: the n × n matrices, not the (d, d) blocks
+    assert footprint("admm", 2000, 785, 100, 10).total < 2 << 30 < footprint("newton", 2000, 785, 100, 10).total
