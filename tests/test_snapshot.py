@@ -177,7 +177,8 @@ def test_a_dual_value_above_a_feasible_value_is_not_logged_as_a_lower_bound():
     assert "lower bound" in outcome.messages[0]
 
 
-@pytest.mark.parametrize("options", [{"method": "newton", "max_iters": 2}, {"method": "fista", "max_iters": 3}])
+@pytest.mark.parametrize("options", [{"method": "newton", "max_iters": 2}, {"method": "fista", "max_iters": 3},
+                                     {"method": "admm", "max_iters": 3}])
 def test_a_solve_stopped_early_logs_its_bracket_and_no_optimum(options):
     snap = snapshot()
     recorder = Recorder()
@@ -205,7 +206,10 @@ def test_a_vector_solve_stopped_early_logs_its_dual_value_as_the_lower_bound():
         assert tag not in m
 
 
-@pytest.mark.parametrize("solver,options", [("native", {}), ("clarabel", {}), ("native", {"tol": 1e-3})])
+@pytest.mark.parametrize("solver,options", [
+    ("native", {}), ("clarabel", {}), ("native", {"tol": 1e-3}),
+    ("native", {"method": "admm", "tol": 1e-3, "constraint_tol": 1e-3}),
+])
 def test_the_bracket_holds_the_true_optimum(solver, options):
     for seed in range(4):
         snap = snapshot(seed=seed)

@@ -276,9 +276,10 @@ def _measure(
 ) -> SolveOutcome:
     p, owner = spec.prefix, spec.owner
     tol = max(CHECK_TOL, float(spec.solver_options.get("tol", 0.0)))
-    constraint_tol = max(CHECK_TOL, float(spec.solver_options.get("constraint_tol", 0.0)))
-    # The network's own mapped point is feasible (for the gated relaxation too): its value is ≥ p*.
-    known = bracket(problem, solution, float(problem.objective(*point)), tol, constraint_tol)
+    # The network's own mapped point is feasible (for the gated relaxation too): its value is ≥ p*. The solver's point
+    # counts as feasible only at the strict tolerance, whatever it was allowed: a looser one lets its value dip below
+    # p*, so that it neither bounds p* from above nor is certified as the optimum
+    known = bracket(problem, solution, float(problem.objective(*point)), tol, CHECK_TOL)
     status = Status.of(solution.status)
     if not math.isfinite(solution.value):
         status = Status.FAILED

@@ -85,12 +85,15 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     W = op.zeros() if warm is None else _rotate(warm.W.to(op.dtype), rotation)
     XW = op.forward(W)
     # ζ = (ζ_W, ζ_T): Z = prox(ζ), scaled multipliers ζ − Z. From a warm start (W, μ): ζ_T − T = −μ/ρ₂, and
-    # ζ_W − W = −g/ρ₁ with g = Mᵀν − Aᵀμ the certificate's, which stationarity puts in −2λ ∂‖W‖
+    # ζ_W − W = −g/ρ₁ with g = Mᵀν − Aᵀμ the certificate's, which stationarity puts in −2λ ∂‖W‖ (projected on its
+    # groups' 2λ-balls, where that subdifferential lies, for a start that is not an optimum)
     zeta_W = W.clone()
     zeta_T = op.signed_cmask * XW if constrained else None
     if warm is not None:
         mu = warm.mu.to(op.dtype) * op.cmask if constrained and warm.mu is not None else torch.zeros_like(XW)
-        zeta_W -= op.adjoint(2.0 * op.residual(XW)[0], mu.clone()) / rho1
+        g = op.adjoint(2.0 * op.residual(XW)[0], mu.clone())
+        g *= op.expand((2.0 * lam / op.group_norms(g).clamp(min=1e-300)).clamp(max=1.0))
+        zeta_W -= g / rho1
         if constrained:
             zeta_T -= mu / rho2
     status = Status.MAX_ITERATIONS

@@ -1,0 +1,112 @@
+"""The convex monitor's solve at MNIST size: the native methods on the patterns of a trained network.
+
+The instances are what the README's MNIST run hands the monitor: real MNIST (``n`` training images, the folded bias
+column, ``d = 785``), one-hot targets (``c = 10``), λ = 1e-3 with the mean reduction, and the patterns of
+``hcl.TwoLayerReLU`` (100 hidden neurons) trained by full-batch Adam, snapshotted at ``--steps``, several seeds.
+Each solve runs in a fresh process (its peak resident memory is its own) with the same time limit and tolerances,
+and the table gives its bracket: the certified lower bound, the value, and their relative gap (``(value − bound) /
+value``, the native stopping rule's). Measured figures: ``docs/solvers.md#admm``.
+
+    python benchmarks/mnist_monitor.py --root ../shared/data                    # n = 2000, seeds 0 1, steps 0 100
+    python benchmarks/mnist_monitor.py --root ../shared/data --sizes 10000 --seeds 0 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+
+from hcl.convex import problem_from_network, solve
+from hcl.convex.problem import ConvexProblem
+from hcl.datamodules import MNIST
+from hcl.model import TwoLayerReLU
+
+
+def snapshots(root: str, n: int, seed: int, steps: list[int], hidden: int, lam: float) -> list[ConvexProblem]:
+    """The monitor's problems at ``steps`` of a ``TwoLayerReLU`` trained by full-batch Adam on ``n`` MNIST images."""
+    data = MNIST(root=root, subset=n, seed=seed)
+    data.setup("fit")
+    X, Y = data.train_tensors()
+    X = X.reshape(len(X), -1).to(torch.float64)
+    Y = Y.to(torch.float64)
+    torch.manual_seed(seed)
+    model = TwoLayerReLU(in_features=X.shape[1], hidden=hidden, out_features=Y.shape[1], bias=True,
+                         output_bias=False, reduction="mean", weight_decay=lam, optimizer="adam", lr=1e-3).double()
+    optimizer = model.configure_optimizers()
+    problems = []
+    for step in range(max(steps) + 1):
+        if step in steps:
+            problem, _ = problem_from_network(
+                X, Y, model.hidden_layer.weight.detach(), model.hidden_layer.bias.detach(),
+                model.output_layer.weight.detach(), None, weight_decay=lam, reduction="mean", formulation="patterns")
+            problems.append(problem)
+        if step == max(steps):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        model.objective(X, Y).backward()
+        optimizer.step()
+    return problems
+
+
+def measure(problem: ConvexProblem, method: str, options: dict) -> dict:
+    """One solve in this (fresh) process: its bracket, iterations, time and peak resident memory over the start."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    solution = solve(problem, "native", method=method, **options)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(status=str(solution.status), value=solution.value, bound=solution.dual_value,
+                violation=solution.violation / float(problem.Y.abs().max()), iterations=solution.iterations,
+                seconds=seconds, peak_gib=peak / 2**20, start_gib=before / 2**20)
+
+
+def machine() -> str:
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "unknown CPU")
+    return f"{model}; torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default="data", help="folder holding MNIST/raw/")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000], help="training images n")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, nargs="+", default=[0, 100], help="snapshot steps of the training")
+    parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--weight-decay", type=float, default=1e-3)
+    parser.add_argument("--methods", nargs="+", default=["admm", "fista"], choices=["admm", "fista", "newton"])
+    parser.add_argument("--time-limit", type=float, default=120.0)
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--constraint-tol", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per solve (default: the solver's)")
+    args = parser.parse_args()
+    options = dict(tol=args.tol, constraint_tol=args.constraint_tol, time_limit=args.time_limit)
+    if args.threads is not None:
+        options["num_threads"] = args.threads
+    print(f"machine: {machine()}; time limit {args.time_limit:g} s, tol {args.tol:g}, "
+          f"constraint_tol {args.constraint_tol:g}, λ {args.weight_decay:g}, mean, {args.hidden} hidden neurons\n")
+    print("| n | seed | step | P | method | status | lower bound | value | rel. gap | violation | iterations | "
+          "time s | peak RSS GiB (start) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for seed in args.seeds:
+            problems = snapshots(args.root, n, seed, sorted(args.steps), args.hidden, args.weight_decay)
+            for step, problem in zip(sorted(args.steps), problems, strict=True):
+                for method in args.methods:
+                    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                        r = pool.submit(measure, problem, method, options).result()
+                    gap = (r["value"] - r["bound"]) / abs(r["value"]) if r["value"] else float("nan")
+                    print(f"| {n} | {seed} | {step} | {problem.num_patterns} | {method} | {r['status']} | "
+                          f"{r['bound']:.6g} | {r['value']:.6g} | {gap:.2e} | {r['violation']:.1e} | "
+                          f"{r['iterations']} | {r['seconds']:.1f} | {r['peak_gib']:.2f} ({r['start_gib']:.2f}) |",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
