@@ -21,6 +21,7 @@ from hcl.convex.build import problem_from_network
 from hcl.convex.native import remap_warm_start
 from hcl.convex.problem import fold_bias, fold_weights, network_objective
 from hcl.convex.snapshot import (
+    CHECK_TOL,
     STATUS_CODES,
     Snapshot,
     SolveSpec,
@@ -221,6 +222,26 @@ def test_the_bracket_holds_the_true_optimum(solver, options):
         if m["convex/status"] == Status.OPTIMAL.code:
             tol = options.get("tol", 1e-6)
             assert abs(m["convex/optimum"] - p_star) <= 10 * tol * max(1.0, p_star)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_loose_solution_is_moved_into_its_cones_before_it_is_measured(seed):
+    """A solver allowed violations of 1e-3: its raw value may lie below p*; the logged upper bound and optimum are the
+    values of its point moved into the cones, so above p*, and the optimum is within the solver's tol of it."""
+    snap = snapshot(seed=seed, n=60)
+    recorder = Recorder()
+    options = dict(method="admm", tol=1e-3, constraint_tol=1e-3)
+    m = evaluate_snapshot(spec(**options), snap, recorder, quiet=True, keep_solution=False).metrics
+    (problem, point, raw), = recorder.calls
+    y_unit = float(problem.Y.abs().max())
+    assert raw.violation > CHECK_TOL * y_unit  # the solver's own point is outside its cones
+    p_star = true_optimum(problem)
+    assert p_star * (1 - 1e-9) <= m["convex/upper_bound"] < float(problem.objective(*point))
+    if m["convex/status"] == Status.OPTIMAL.code:
+        assert m["convex/optimum"] == m["convex/upper_bound"]
+        assert m["convex/optimum"] - p_star <= 1e-3 * p_star
+    else:
+        assert "convex/optimum" not in m
 
 
 @pytest.mark.parametrize("c", [1, 2])

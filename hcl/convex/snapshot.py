@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hcl.convex.build import problem_from_network
+from hcl.convex.feasibility import feasible_solution
 from hcl.convex.native import remap_warm_start
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
 from hcl.convex.status import STATUS_CODES, Status
@@ -189,6 +190,9 @@ def evaluate_snapshot(
             solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
         if not isinstance(solution, ConvexSolution):
             raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
+        # a point outside its cones (a solver allowed a loose constraint_tol) is moved into them: its value then
+        # bounds p* from above, and "optimal" stays only if the gap at that value is within the solver's tol
+        solution = feasible_solution(problem, solution, _tol(spec), CHECK_TOL)
         if chain is not None:
             chain.keep(problem, solution)
         seconds = time.perf_counter() - start
@@ -275,7 +279,7 @@ def _measure(
     seconds: float, metrics: dict[str, float], keep_solution: bool,
 ) -> SolveOutcome:
     p, owner = spec.prefix, spec.owner
-    tol = max(CHECK_TOL, float(spec.solver_options.get("tol", 0.0)))
+    tol = _tol(spec)
     # The network's own mapped point is feasible (for the gated relaxation too): its value is ≥ p*. The solver's point
     # counts as feasible only at the strict tolerance, whatever it was allowed: a looser one lets its value dip below
     # p*, so that it neither bounds p* from above nor is certified as the optimum
@@ -317,6 +321,11 @@ def _measure(
     # a refuted solution is not handed on (load_solution would move the network to it)
     solved = (problem, solution) if keep_solution and solution.ok and known.refuted is None else None
     return SolveOutcome(metrics, messages, solved)
+
+
+def _tol(spec: SolveSpec) -> float:
+    """The relative slack of the consistency checks: ``CHECK_TOL``, or the solver's ``tol`` when it is looser."""
+    return max(CHECK_TOL, float(spec.solver_options.get("tol", 0.0)))
 
 
 def active_neurons(problem: ConvexProblem, solution: ConvexSolution) -> int:

@@ -1,0 +1,102 @@
+"""An exactly feasible point near a nearly feasible one, so that its objective bounds ``p*`` from above.
+
+A solver stopped at a loose ``constraint_tol`` returns block columns ``u`` slightly outside their cones
+``(2D_i − I) X u ≥ 0``; their objective may then lie below ``p*``. Each violated column is moved by the least-norm
+step that puts its outputs a hair inside the cone on the violated samples ``A``, ``δ = X_Aᵀ (X_A X_Aᵀ)⁻¹ (ε − X_A u)``,
+``A`` growing with any sample a step pushes out, for a few rounds; a column that does not settle becomes zero (inside
+every cone). See ``docs/convex.md#feasibility``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from hcl.convex.native.options import NativeOptions
+from hcl.convex.native.solver import final_status
+from hcl.convex.problem import ConvexProblem, ConvexSolution
+from hcl.convex.status import Status
+
+# Rounds of growing the active set before a column is given up (and set to zero)
+ROUNDS = 8
+# Relative ridge on the active rows' Gram matrix (rows that are nearly dependent)
+RIDGE = 1e-12
+# Up to this n the n × n Gram matrix X Xᵀ (128 MiB) is formed once; beyond, each step forms its active rows' own
+GRAM_MAX_SAMPLES = 4096
+# How far inside the cone the active samples' outputs are put, relative to the column's largest output
+INSIDE = 1e-9
+
+
+def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U', V', b0')`` in float64: ``(U, V)`` with every column moved into its cone (columns already inside are left
+    as they are; a column the steps do not bring inside within ``ROUNDS`` becomes zero, which every cone holds) and the
+    optimal output bias. Its objective is an upper bound on ``p*``.
+    """
+    exact = problem.in_float64()
+    X = exact.X
+    P, d, c = U.shape
+    S = exact.patterns.to(torch.float64) * 2.0 - 1.0  # (n, P)
+    # every column of both sides as one (d, 2Pc) matrix, with its pattern's signs
+    W = torch.stack([U.to(torch.float64), V.to(torch.float64)]).permute(2, 0, 1, 3).reshape(d, -1).clone()
+    signs = S[:, None, :, None].expand(-1, 2, -1, c).reshape(X.shape[0], -1)
+    inside = INSIDE * (X @ W).abs().amax(0)  # how far inside the active samples are put, per column
+    gram = X @ X.T if X.shape[0] <= GRAM_MAX_SAMPLES else None  # the active rows' Gram matrices are its blocks
+    active = torch.zeros_like(signs, dtype=torch.bool)
+    for _ in range(ROUNDS):
+        violated = signs * (X @ W) < 0  # one product for every column
+        todo = violated.any(0).nonzero().flatten().tolist()
+        if not todo:
+            break
+        active |= violated
+        for j in todo:
+            W[:, j] = _step(X, gram, signs[:, j], active[:, j], W[:, j], float(inside[j]))
+    W[:, (signs * (X @ W) < 0).any(0)] = 0.0  # the columns that did not settle
+    W = W.reshape(d, 2, P, c).permute(1, 2, 0, 3)
+    U2, V2 = W[0].contiguous(), W[1].contiguous()
+    b0 = torch.zeros(exact.c, dtype=torch.float64)
+    if exact.output_bias:
+        b0 = (exact.Y - exact.predict(U2, V2)).mean(0)
+    return U2, V2, b0
+
+
+def _step(X: Tensor, gram: Tensor | None, signs: Tensor, active: Tensor, u: Tensor, inside: float) -> Tensor:
+    """``u`` moved by the least-norm step that puts its outputs on the ``active`` samples a hair inside the cone; zero
+    when that cannot be done (as many active samples as unknowns, or dependent rows)."""
+    if int(active.sum()) >= X.shape[1]:  # as many equations as unknowns: only about zero satisfies them
+        return torch.zeros_like(u)
+    XA = X[active]
+    target = inside * signs[active] - XA @ u
+    index = active.nonzero().flatten()
+    G = gram[index][:, index] if gram is not None else XA @ XA.T
+    G.diagonal().add_(RIDGE * float(G.diagonal().max()))
+    factor, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:
+        return torch.zeros_like(u)
+    return u + XA.T @ torch.cholesky_solve(target.unsqueeze(1), factor).squeeze(1)
+
+
+def feasible_solution(
+    problem: ConvexProblem, solution: ConvexSolution, tol: float, constraint_tol: float
+) -> ConvexSolution:
+    """``solution`` when its point is feasible (violation ``≤ constraint_tol · max|Y|``); otherwise the solution at its
+    restored point (:func:`restore_feasibility`): that point's value and violation, and ``"optimal"`` kept only when the
+    relative gap from the restored value to the certified dual value is within ``tol`` (with the native stopping
+    rule's floor)."""
+    y_unit = float(problem.Y.abs().max()) or 1.0
+    if solution.gated or not math.isfinite(solution.value) or solution.violation <= constraint_tol * y_unit:
+        return solution
+    U, V, b0 = restore_feasibility(problem, solution.U, solution.V)
+    exact = problem.in_float64()
+    value, violation = float(exact.objective(U, V, b0)), float(exact.violation(U, V))
+    status = Status.of(solution.status)
+    if status == Status.OPTIMAL:
+        if solution.dual_value is None:
+            status = Status.OPTIMAL_INACCURATE
+        else:
+            status = final_status(exact, status, value, float(solution.dual_value), violation, NativeOptions(tol=tol))
+    dtype = solution.U.dtype
+    return replace(solution, U=U.to(dtype), V=V.to(dtype), b0=b0.to(dtype), value=value, violation=violation,
+                   status=status)
