@@ -21,11 +21,11 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
+from trajectories import snapshot_problem, train_trajectory  # this folder is on sys.path when run as a script
 
-from hcl.convex import problem_from_network, solve
+from hcl.convex import solve
 from hcl.convex.problem import ConvexProblem
 from hcl.datamodules import MNIST
-from hcl.model import TwoLayerReLU
 
 
 def snapshots(root: str, n: int, seed: int, steps: list[int], hidden: int, lam: float) -> list[ConvexProblem]:
@@ -33,25 +33,9 @@ def snapshots(root: str, n: int, seed: int, steps: list[int], hidden: int, lam: 
     data = MNIST(root=root, subset=n, seed=seed)
     data.setup("fit")
     X, Y = data.train_tensors()
-    X = X.reshape(len(X), -1).to(torch.float64)
-    Y = Y.to(torch.float64)
-    torch.manual_seed(seed)
-    model = TwoLayerReLU(in_features=X.shape[1], hidden=hidden, out_features=Y.shape[1], bias=True,
-                         output_bias=False, reduction="mean", weight_decay=lam, optimizer="adam", lr=1e-3).double()
-    optimizer = model.configure_optimizers()
-    problems = []
-    for step in range(max(steps) + 1):
-        if step in steps:
-            problem, _ = problem_from_network(
-                X, Y, model.hidden_layer.weight.detach(), model.hidden_layer.bias.detach(),
-                model.output_layer.weight.detach(), None, weight_decay=lam, reduction="mean", formulation="patterns")
-            problems.append(problem)
-        if step == max(steps):
-            break
-        optimizer.zero_grad(set_to_none=True)
-        model.objective(X, Y).backward()
-        optimizer.step()
-    return problems
+    X, Y = X.reshape(len(X), -1).to(torch.float64), Y.to(torch.float64)
+    kept = train_trajectory(X, Y, hidden, lam, seed, steps, lr=1e-3, optimizer="adam")
+    return [snapshot_problem(X, Y, weights, lam, "patterns") for weights in kept]
 
 
 def measure(problem: ConvexProblem, method: str, options: dict) -> dict:
