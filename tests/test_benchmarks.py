@@ -82,3 +82,32 @@ def test_warm_start_is_the_monitors_chain(tr):
     for a, b in zip(from_chain[:3], ours[:3]):
         assert torch.equal(a, b)
     assert ours[0].shape[0] == after.num_patterns
+
+
+@pytest.mark.slow  # four solves, each in a fresh process
+def test_the_mnist_monitor_benchmark_runs_end_to_end(tmp_path):
+    """On tiny files in MNIST's format: every row a certified bracket from its own fresh process."""
+    import math
+    import struct
+    import subprocess
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 200), ("t10k", 10)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8).numpy().tobytes()
+        labels = (torch.arange(n) % 10).to(torch.uint8).numpy().tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_monitor.py"
+    args = [sys.executable, str(script), "--root", str(tmp_path), "--sizes", "150", "--seeds", "0", "--steps", "0",
+            "2", "--time-limit", "2", "--threads", "1"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 150 ")]
+    assert [(r[2].strip(), r[4].strip()) for r in rows] == [("0", "admm"), ("0", "fista"), ("2", "admm"),
+                                                              ("2", "fista")]
+    for r in rows:
+        lower, value, violation = float(r[6]), float(r[7]), float(r[9])
+        assert lower >= 0.0 and math.isfinite(value)
+        if violation <= 1e-6:  # a feasible point: its value bounds the optimum from above
+            assert lower <= value
