@@ -141,7 +141,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     mu = None
     if constrained:
         mu = (-rho2 * (zeta_T - zeta_T.relu())).clamp_(min=0) * op.cmask
-    _restore(op, check_op, rotation)
+    _unrotate(op)
     return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status)
 
 
@@ -187,7 +187,8 @@ def _rotated(op: Operator) -> tuple[Operator, Tensor, Tensor]:
     return twin, Vh.T.to(op.dtype), sigma.square()
 
 
-def _restore(op: Operator, twin: Operator, rotation: Tensor) -> None:
+def _unrotate(op: Operator) -> None:
+    """Undo :func:`_rotated` on ``op``."""
     op.X = op.__dict__.pop("original_X")
     op.d = op.X.shape[1]
 
