@@ -1,4 +1,4 @@
-"""``"fista"``: a matrix-free method, for problems where an ``n × n`` matrix does not fit (MNIST size).
+"""``"fista"``: a matrix-free method, for problems where an ``n × n`` matrix does not fit (full MNIST).
 
 An augmented Lagrangian on the cone constraints (squared-hinge penalty ``δ/2 ‖(γ/δ − S⊙XW)₊‖²``, the user may set
 ``δ``) whose subproblems are solved by FISTA with the group soft-threshold, textbook momentum
