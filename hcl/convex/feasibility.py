@@ -56,7 +56,7 @@ def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[T
     W[:, (signs * (X @ W) < 0).any(0)] = 0.0  # the columns that did not settle
     W = W.reshape(d, 2, P, c).permute(1, 2, 0, 3)
     U2, V2 = W[0].contiguous(), W[1].contiguous()
-    b0 = torch.zeros(exact.c, dtype=torch.float64)
+    b0 = torch.zeros(exact.c, dtype=torch.float64, device=X.device)
     if exact.output_bias:
         b0 = (exact.Y - exact.predict(U2, V2)).mean(0)
     return U2, V2, b0
