@@ -102,3 +102,16 @@ def test_auto_takes_admm_where_the_interior_point_does_not_fit():
         plan(problem, NativeOptions(method="admm", memory_limit=admm - 1))
     # MNIST's monitor: the n × n matrices, not the (d, d) blocks
     assert footprint("admm", 2000, 785, 100, 10).total < 2 << 30 < footprint("newton", 2000, 785, 100, 10).total
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("c", [1, 3])
+def test_at_a_loose_constraint_tol_optimal_is_claimed_only_at_a_feasible_point(seed, c):
+    problem = instance(n=80, d=6, P=10, c=c, seed=seed)
+    solution = solve_native(problem, method="admm", tol=1e-3, constraint_tol=1e-2, max_iters=3000)
+    reference = reference_solve(problem)
+    assert solution.status == "optimal"
+    assert solution.violation <= 1e-6 * float(problem.Y.abs().max())
+    assert solution.value >= reference.value * (1 - 1e-9)  # a feasible value: above the optimum
+    assert solution.dual_value <= reference.value + 1e-9
+    assert solution.value - solution.dual_value <= 1e-3 * solution.value
