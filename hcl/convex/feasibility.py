@@ -15,8 +15,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from hcl.convex.native.certificate import final_status
 from hcl.convex.native.options import NativeOptions
-from hcl.convex.native.solver import final_status
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 from hcl.convex.status import Status
 
@@ -42,18 +42,20 @@ def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[T
     # every column of both sides as one (d, 2Pc) matrix, with its pattern's signs
     W = torch.stack([U.to(torch.float64), V.to(torch.float64)]).permute(2, 0, 1, 3).reshape(d, -1).clone()
     signs = S[:, None, :, None].expand(-1, 2, -1, c).reshape(X.shape[0], -1)
-    inside = INSIDE * (X @ W).abs().amax(0)  # how far inside the active samples are put, per column
+    XW = X @ W  # one product for every column, once per round
+    inside = INSIDE * XW.abs().amax(0)  # how far inside the active samples are put, per column
     gram = X @ X.T if X.shape[0] <= GRAM_MAX_SAMPLES else None  # the active rows' Gram matrices are its blocks
     active = torch.zeros_like(signs, dtype=torch.bool)
     for _ in range(ROUNDS):
-        violated = signs * (X @ W) < 0  # one product for every column
+        violated = signs * XW < 0
         todo = violated.any(0).nonzero().flatten().tolist()
         if not todo:
             break
         active |= violated
         for j in todo:
             W[:, j] = _step(X, gram, signs[:, j], active[:, j], W[:, j], float(inside[j]))
-    W[:, (signs * (X @ W) < 0).any(0)] = 0.0  # the columns that did not settle
+        XW = X @ W
+    W[:, (signs * XW < 0).any(0)] = 0.0  # the columns that did not settle
     W = W.reshape(d, 2, P, c).permute(1, 2, 0, 3)
     U2, V2 = W[0].contiguous(), W[1].contiguous()
     b0 = torch.zeros(exact.c, dtype=torch.float64, device=X.device)

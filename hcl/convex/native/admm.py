@@ -17,11 +17,12 @@ import time
 import torch
 from torch import Tensor
 
-from hcl.convex.native.certificate import GAP_FLOOR, Convergence, certificate, converged
+from hcl.convex.feasibility import restore_feasibility
+from hcl.convex.native.certificate import Convergence, certificate, converged, final_status
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
-from hcl.convex.status import Status, relative_gap
+from hcl.convex.status import Status
 
 # Over-relaxation (Eckstein–Bertsekas) and the starting penalties, relative to the mean curvature ‖X‖²_F / d for ρ₁
 # and to XᵀX for ρ₂ (dimensionless); measured on MNIST in docs/solvers.md#admm
@@ -79,6 +80,7 @@ class _LinearStep:
 
 def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None) -> Result:
     """Run the ADMM on ``op`` from ``warm`` (or from zero) until the stopping rule, the cap or ``deadline``."""
+    original = op.X
     check_op, rotation, sigma2 = _rotated(op)
     lam, constrained = op.lam, op.constrained
     rho1 = RHO_GROUPS * float(sigma2.sum()) / op.d
@@ -125,7 +127,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
             elif check.met and check.violation <= 0.5 * tried:
                 # met at a loose constraint_tol: "optimal" only at the point moved exactly into its cones, tried again
                 # each time the violation has halved (the move costs about what the violation does)
-                feasible = _feasible(op, check_op, W, mu, rotation, options.tol)
+                feasible = _feasible(op, check_op, W, mu, rotation, options)
                 if feasible is not None:
                     W, stop = feasible, Status.OPTIMAL
                 tried = check.violation
@@ -154,7 +156,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     mu = None
     if constrained:
         mu = (-rho2 * (zeta_T - zeta_T.relu())).clamp_(min=0) * op.cmask
-    _unrotate(op)
+    op.X, op.d = original, original.shape[1]
     return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status)
 
 
@@ -168,20 +170,17 @@ def _check(check_op: Operator, W: Tensor, mu: Tensor | None, options: NativeOpti
     return check
 
 
-def _feasible(op: Operator, check_op: Operator, W: Tensor, mu: Tensor | None, rotation: Tensor, tol: float):
+def _feasible(op: Operator, check_op: Operator, W: Tensor, mu: Tensor | None, rotation: Tensor, options: NativeOptions):
     """``W`` moved exactly into its cones (:func:`hcl.convex.feasibility.restore_feasibility`), in the solve's basis,
-    when the relative gap from its value to the certificate there is within ``tol``; else ``None``."""
-    from hcl.convex.feasibility import restore_feasibility  # a cycle at import: it checks with the solver's rule
-
+    when the final check (:func:`final_status`) certifies it with the certificate there; else ``None``."""
     problem = op.problem
     U, V, b0 = restore_feasibility(problem, *op.unpack(_rotate(W, rotation.T)))
     exact = problem.in_float64()
-    value = float(exact.objective(U, V, b0))
     moved = _rotate(op.pack(U, V), rotation).to(torch.float64)
     dual = certificate(check_op, check_op.forward(moved), None if mu is None else mu.to(torch.float64))[0]
-    centred = check_op.center(check_op.Y)
-    floor = GAP_FLOOR * problem.scale * check_op.y_unit**2 * float(centred.square().sum())
-    return moved.to(op.dtype) if relative_gap(value, dual, floor) <= tol else None
+    value, violation = float(exact.objective(U, V, b0)), float(exact.violation(U, V))
+    certified = final_status(exact, Status.OPTIMAL, value, dual, violation, options) == Status.OPTIMAL
+    return moved.to(op.dtype) if certified else None
 
 
 def _relative(diff: Tensor, *scales: Tensor) -> float:
@@ -210,16 +209,9 @@ def _rotated(op: Operator) -> tuple[Operator, Tensor, Tensor]:
     twin.dtype = torch.float64
     twin.X = twin.X @ Vh.T
     twin.d = twin.X.shape[1]
-    op.original_X = op.X
     op.X = twin.X.to(op.dtype)
     op.d = twin.d
     return twin, Vh.T.to(op.dtype), sigma.square()
-
-
-def _unrotate(op: Operator) -> None:
-    """Undo :func:`_rotated` on ``op``."""
-    op.X = op.__dict__.pop("original_X")
-    op.d = op.X.shape[1]
 
 
 def _rotate(W: Tensor, V: Tensor) -> Tensor:

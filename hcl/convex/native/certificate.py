@@ -24,7 +24,7 @@ from hcl.convex.native.operator import Operator
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.warm_start import Multipliers
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.status import relative_gap
+from hcl.convex.status import Status, relative_gap
 
 # The gap's denominator is at least this fraction of the data's own scale s‖Y − Ȳ‖², so that a zero optimum (the
 # data interpolated) can be certified; see docs/solvers.md#tuned-constants
@@ -141,3 +141,25 @@ def converged(
     gap = relative_gap(value, dual, floor)
     violation = op.violation(Z)
     return Convergence(gap <= options.tol and violation <= options.constraint_tol, gap, violation)
+
+
+def final_status(
+    problem: ConvexProblem, status: Status, value: float, dual: float, violation: float, options: NativeOptions
+) -> Status:
+    """The method's ``status``, kept only where the returned point earns it.
+
+    ``OPTIMAL`` stays only when the relative gap between the returned point's objective ``value`` (recomputed in
+    float64) and the certified ``dual`` is within ``tol`` (with the stopping rule's floor) and the ``violation``
+    within ``constraint_tol · max|Y|``; otherwise the point is ``OPTIMAL_INACCURATE`` (usable, not certified). A
+    non-finite value is ``FAILED``, whatever the method said.
+    """
+    if not math.isfinite(value):
+        return Status.FAILED
+    if status != Status.OPTIMAL:
+        return status
+    centred = problem.Y - problem.Y.mean(0) if problem.output_bias else problem.Y
+    floor = GAP_FLOOR * problem.scale * float(centred.square().sum())
+    y_unit = float(problem.Y.abs().max()) or 1.0
+    if relative_gap(value, dual, floor) <= options.tol and violation <= options.constraint_tol * y_unit:
+        return Status.OPTIMAL
+    return Status.OPTIMAL_INACCURATE

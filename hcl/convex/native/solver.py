@@ -8,7 +8,7 @@ import time
 import torch
 
 from hcl.convex.native.admm import admm
-from hcl.convex.native.certificate import GAP_FLOOR, certificate
+from hcl.convex.native.certificate import certificate, final_status
 from hcl.convex.native.first_order import first_order
 from hcl.convex.native.interior_point import interior_point
 from hcl.convex.native.memory import plan
@@ -17,7 +17,7 @@ from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.threads import solve_threads
 from hcl.convex.native.warm_start import Multipliers, warm_point
 from hcl.convex.problem import ConvexProblem, ConvexSolution
-from hcl.convex.status import Status, relative_gap
+from hcl.convex.status import Status
 
 _METHODS = {"newton": interior_point, "fista": first_order, "admm": admm}
 
@@ -122,25 +122,3 @@ def _solution(op: Operator, result: Result, seconds: float, name: str, options: 
         gated=op.gated,
         multipliers=multipliers,
     )
-
-
-def final_status(
-    problem: ConvexProblem, status: Status, value: float, dual: float, violation: float, options: NativeOptions
-) -> Status:
-    """The method's ``status``, kept only where the returned point earns it.
-
-    ``OPTIMAL`` stays only when the relative gap between the returned point's objective ``value`` (recomputed in
-    float64) and the certified ``dual`` is within ``tol`` (with the stopping rule's floor) and the ``violation``
-    within ``constraint_tol · max|Y|``; otherwise the point is ``OPTIMAL_INACCURATE`` (usable, not certified). A
-    non-finite value is ``FAILED``, whatever the method said.
-    """
-    if not math.isfinite(value):
-        return Status.FAILED
-    if status != Status.OPTIMAL:
-        return status
-    centred = problem.Y - problem.Y.mean(0) if problem.output_bias else problem.Y
-    floor = GAP_FLOOR * problem.scale * float(centred.square().sum())
-    y_unit = float(problem.Y.abs().max()) or 1.0
-    if relative_gap(value, dual, floor) <= options.tol and violation <= options.constraint_tol * y_unit:
-        return Status.OPTIMAL
-    return Status.OPTIMAL_INACCURATE
