@@ -117,3 +117,24 @@ def test_at_a_loose_constraint_tol_optimal_is_claimed_only_at_a_feasible_point(s
     assert solution.value >= reference.value * (1 - 1e-9)  # a feasible value: above the optimum
     assert solution.dual_value <= reference.value + 1e-9
     assert solution.value - solution.dual_value <= 1e-3 * solution.value
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_reported_bound_is_the_best_one_certified_along_the_way(seed, monkeypatch):
+    import hcl.convex.native.admm as admm_module
+
+    seen = []
+    check = admm_module._check
+
+    def recording(*args):
+        result = check(*args)
+        seen.append(result.dual)
+        return result
+
+    monkeypatch.setattr(admm_module, "_check", recording)
+    problem = instance(n=60, d=8, P=12, c=2, seed=10 + seed)
+    solution = solve_native(problem, method="admm", max_iters=200, tol=1e-9, constraint_tol=1e-9)
+    reference = reference_solve(problem)
+    assert len(seen) == 20
+    assert solution.dual_value >= max(seen) - 1e-9 * reference.value  # not just the last point's
+    assert solution.dual_value <= reference.value + 1e-9

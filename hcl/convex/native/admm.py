@@ -12,6 +12,7 @@ relative residuals. See ``docs/solvers.md#admm``.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -28,12 +29,16 @@ from hcl.convex.status import Status
 # and to XᵀX for ρ₂ (dimensionless); measured on MNIST in docs/solvers.md#admm
 RELAXATION = 1.6
 RHO_GROUPS = 0.01
-RHO_CONES = 0.1
+RHO_CONES = 0.03
 # Residual balancing: ρ changes by RHO_FACTOR when one relative residual exceeds the other RHO_BALANCE times, at most
 # every RHO_EVERY iterations (a change refactors the n × n matrix)
 RHO_FACTOR = 2.0
 RHO_BALANCE = 10.0
 RHO_EVERY = 25
+# ρ₂ grows (by RHO_FACTOR) instead of balancing once the gap is within tol, the violation within this many
+# constraint_tol but above STRICT_VIOLATION: the bound has caught up and only feasibility is left (further out, an
+# infeasible point's value says little); docs/solvers.md#admm
+PUSH_WITHIN = 10.0
 # Iterations between two tests of the stopping rule (each costs three float64 products with X)
 CHECK_EVERY = 10
 # A point within this violation (relative to max|Y|) counts as feasible; beyond it, a test met at a looser
@@ -105,6 +110,9 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     last_change, it = 0, 0
     prev_Z = prev_T = None
     tried = 2.0 * options.constraint_tol  # the violation at the last move into the cones
+    best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
+    pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
+    push_above = PUSH_WITHIN * options.constraint_tol
     for it in range(1, options.max_iters + 1):
         Z = op.group_soft_threshold(zeta_W, 2.0 * lam / rho1) * op.wmask
         A1 = zeta_W - Z
@@ -121,13 +129,16 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         stop = None
         if it % CHECK_EVERY == 0 or it == options.max_iters:
             mu = (-rho2 * A2).clamp_(min=0) * op.cmask if constrained else None
-            check = _check(check_op, W, mu, options, it, (rho1, rho2))
+            check = _check(check_op, W, mu, options, it, (rho1, rho2), best)
+            if check.dual > best:
+                best, best_point = check.dual, (W.clone(), None if mu is None else mu.clone())
+            pushing = constrained and check.gap <= options.tol and STRICT_VIOLATION < check.violation <= push_above
             if check.met and check.violation <= STRICT_VIOLATION:
                 stop = Status.OPTIMAL
             elif check.met and check.violation <= 0.5 * tried:
                 # met at a loose constraint_tol: "optimal" only at the point moved exactly into its cones, tried again
                 # each time the violation has halved (the move costs about what the violation does)
-                feasible = _feasible(op, check_op, W, mu, rotation, options)
+                feasible = _feasible(op, check_op, W, mu, rotation, options, best)
                 if feasible is not None:
                     W, stop = feasible, Status.OPTIMAL
                 tried = check.violation
@@ -144,6 +155,8 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         if it - last_change >= RHO_EVERY and prev_Z is not None:
             f1 = _balance(_relative(W - Z, W, Z), _relative(Z - prev_Z, A1))
             f2 = _balance(_relative(AW - T, AW, T), _relative(T - prev_T, A2)) if constrained else 1.0
+            if pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
+                f2 = RHO_FACTOR
             if f1 != 1.0 or f2 != 1.0:  # same point and multipliers, scaled multipliers divided by f
                 zeta_W = Z + A1 / f1
                 if constrained:
@@ -157,27 +170,41 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     if constrained:
         mu = (-rho2 * (zeta_T - zeta_T.relu())).clamp_(min=0) * op.cmask
     op.X, op.d = original, original.shape[1]
-    return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status)
+    if best_point is not None:
+        best_point = (_rotate(best_point[0], rotation.T) * op.wmask, best_point[1])
+    return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status, bound_point=best_point)
 
 
-def _check(check_op: Operator, W: Tensor, mu: Tensor | None, options: NativeOptions, it: int, rho) -> Convergence:
-    """The stopping rule in float64 at ``W`` (the working precision's block outputs are not accurate enough for a
-    certificate in float32)."""
+def _check(
+    check_op: Operator, W: Tensor, mu: Tensor | None, options: NativeOptions, it: int, rho, best: float
+) -> Convergence:
+    """The stopping rule in float64 at ``W`` against the larger of its certificate and ``best`` (the working
+    precision's block outputs are not accurate enough for a certificate in float32)."""
     W64 = W.to(torch.float64)
-    check = converged(check_op, W64, check_op.forward(W64), None if mu is None else mu.to(torch.float64), options)
+    mu64 = None if mu is None else mu.to(torch.float64)
+    check = converged(check_op, W64, check_op.forward(W64), mu64, options, best=best)
     if options.verbose:
         print(f"admm {it:6d}  rel.gap {check.gap:.2e}  violation {check.violation:.2e}  ρ {rho[0]:.2e} {rho[1]:.2e}")
     return check
 
 
-def _feasible(op: Operator, check_op: Operator, W: Tensor, mu: Tensor | None, rotation: Tensor, options: NativeOptions):
+def _feasible(
+    op: Operator,
+    check_op: Operator,
+    W: Tensor,
+    mu: Tensor | None,
+    rotation: Tensor,
+    options: NativeOptions,
+    best: float,
+) -> Tensor | None:
     """``W`` moved exactly into its cones (:func:`hcl.convex.feasibility.restore_feasibility`), in the solve's basis,
-    when the final check (:func:`final_status`) certifies it with the certificate there; else ``None``."""
+    when the final check (:func:`final_status`) certifies it against the larger of the certificate there and
+    ``best``; else ``None``."""
     problem = op.problem
     U, V, b0 = restore_feasibility(problem, *op.unpack(_rotate(W, rotation.T)))
     exact = problem.in_float64()
     moved = _rotate(op.pack(U, V), rotation).to(torch.float64)
-    dual = certificate(check_op, check_op.forward(moved), None if mu is None else mu.to(torch.float64))[0]
+    dual = max(best, certificate(check_op, check_op.forward(moved), None if mu is None else mu.to(torch.float64))[0])
     value, violation = float(exact.objective(U, V, b0)), float(exact.violation(U, V))
     certified = final_status(exact, Status.OPTIMAL, value, dual, violation, options) == Status.OPTIMAL
     return moved.to(op.dtype) if certified else None

@@ -38,11 +38,13 @@ class Convergence(NamedTuple):
         met: the relative gap is within ``tol`` and the violation within ``constraint_tol``.
         gap: the relative duality gap, with the data-scale floor.
         violation: the largest cone violation, relative to ``max |Y|``.
+        dual: the certified bound from this point (the problem's units).
     """
 
     met: bool
     gap: float
     violation: float
+    dual: float = -math.inf
 
 
 def dual_certificate(
@@ -127,20 +129,22 @@ def converged(
     mu: Tensor | None,
     options: NativeOptions,
     known: tuple[Tensor, Tensor] | None = None,
+    best: float = -math.inf,
 ) -> Convergence:
-    """The stopping rule at the point ``W`` (``Z = X W``, normalised units), shared by both methods.
+    """The stopping rule at the point ``W`` (``Z = X W``, normalised units), shared by the methods.
 
-    The relative gap is :func:`hcl.convex.status.relative_gap` between the objective and :func:`certificate`'s bound,
-    with the floor ``GAP_FLOOR · s‖Y − Ȳ‖²``; ``known`` as in :func:`certificate`.
+    The relative gap is :func:`hcl.convex.status.relative_gap` between the objective and the larger of
+    :func:`certificate`'s bound and ``best`` (a bound certified earlier: every certified bound holds), with the floor
+    ``GAP_FLOOR · s‖Y − Ȳ‖²``; ``known`` as in :func:`certificate`.
     """
     scale = op.problem.scale * op.y_unit * op.y_unit
     r = op.residual(Z)[0] if known is None else known[0]
     value = float(r.to(torch.float64).square().sum() + op.penalty_value(W.to(torch.float64))) * scale
     dual = certificate(op, Z, mu, known=known)[0]
     floor = GAP_FLOOR * scale * float(op.center(op.Y).to(torch.float64).square().sum())
-    gap = relative_gap(value, dual, floor)
+    gap = relative_gap(value, max(dual, best), floor)
     violation = op.violation(Z)
-    return Convergence(gap <= options.tol and violation <= options.constraint_tol, gap, violation)
+    return Convergence(gap <= options.tol and violation <= options.constraint_tol, gap, violation, dual)
 
 
 def final_status(

@@ -27,6 +27,8 @@ class Result:
         iterations: iterations done.
         status: how the method stopped.
         penalty: the augmented-Lagrangian penalty reached, in the problem's units (first-order method only).
+        bound_point: ``(W, mu)`` of an earlier iterate whose certificate was the best seen, or ``None`` (ADMM only;
+            its bound holds as well as the returned point's, and the larger one is reported).
     """
 
     W: Tensor
@@ -34,6 +36,7 @@ class Result:
     iterations: int
     status: Status
     penalty: float | None = None
+    bound_point: tuple[Tensor, Tensor | None] | None = None
 
 
 def row_space_basis(X: Tensor) -> Tensor | None:

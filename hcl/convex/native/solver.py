@@ -6,6 +6,7 @@ import math
 import time
 
 import torch
+from torch import Tensor
 
 from hcl.convex.native.admm import admm
 from hcl.convex.native.certificate import certificate, final_status
@@ -82,6 +83,15 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
     return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
 
 
+def _certified(op: Operator, U: Tensor, V: Tensor, Z: Tensor, mu: Tensor | None, b0: Tensor | None) -> float:
+    """The certificate of the point ``(U, V)`` (``Z`` its block outputs in ``op``) with multipliers ``mu``."""
+    if op.basis is None:
+        return certificate(op, Z, mu, b0=b0)[0]
+    # certified with the data itself, not its row-space coordinates (whose rank was decided with a tolerance)
+    full = Operator(op.problem, gated=op.gated, dtype=torch.float64)
+    return certificate(full, full.forward(full.pack(U, V)), mu, b0=b0)[0]
+
+
 def _solution(op: Operator, result: Result, seconds: float, name: str, options: NativeOptions) -> ConvexSolution:
     """The method's result in the problem's units, with its value recomputed, its certificate and its final status."""
     problem = op.problem
@@ -96,11 +106,10 @@ def _solution(op: Operator, result: Result, seconds: float, name: str, options: 
     exact = problem.in_float64()
     point = (U.to(torch.float64), V.to(torch.float64), b0.to(torch.float64))
     value = float(exact.objective(*point))
-    if op.basis is None:
-        dual = certificate(op, Z, result.mu, b0=b0)[0]
-    else:  # certified with the data itself, not its row-space coordinates (whose rank was decided with a tolerance)
-        full = Operator(problem, gated=op.gated, dtype=torch.float64)
-        dual = certificate(full, full.forward(full.pack(U, V)), result.mu, b0=b0)[0]
+    dual = _certified(op, U, V, Z, result.mu, b0)
+    if result.bound_point is not None:  # an earlier iterate's certificate, if it is better
+        W_best, mu_best = result.bound_point
+        dual = max(dual, _certified(op, *op.unpack(W_best), op.forward(W_best), mu_best, None))
     if not math.isfinite(dual):
         dual = 0.0  # the objective is never negative: 0 is always a certified bound
     violation = 0.0 if op.gated else float(exact.violation(point[0], point[1]))
