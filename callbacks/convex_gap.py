@@ -69,7 +69,8 @@ class ConvexGapMonitor(StackCallback):
     - ``<prefix>/solve_seconds``: wall time of the solve;
     - ``<prefix>/active_neurons``: neurons of the network the convex solution maps to — one per nonzero ``u`` or ``v``
       block, up to ``2P``, so it can exceed the trained network's width;
-    - ``<prefix>/duality_gap``: the certified relative gap ``(value − dual value) / max(1, |value|)``, with the dual;
+    - ``<prefix>/duality_gap``: the bracket's certified relative width ``(upper − lower) / max(|upper|, floor)``
+      (floor ``ConvexProblem.gap_floor``, in the data's units), with both ends;
     - ``<prefix>/status``: ``0`` optimal, ``1`` inaccurate (or an optimal claim that a known value refutes, with a
       warning), ``2`` iteration/time limit, ``3`` failed, ``4`` non-finite weights (no solve). A failure also raises
       a warning; training goes on.

@@ -73,7 +73,8 @@ class ConvexReLU(pl.LightningModule):
     test log the same under ``val/`` and ``test/`` (global values under DDP, as ``TwoLayerReLU``). Every
     ``certify_every_n_steps`` steps (before the step's update) and at the end of training, on the full training set:
     ``convex_train/objective`` (the convex objective), ``convex_train/lower_bound`` (a certified lower bound on the
-    problem's optimum), ``convex_train/duality_gap`` (``hcl.convex.status.relative_gap`` of the two, floor 1) and
+    problem's optimum), ``convex_train/duality_gap`` (``hcl.convex.status.relative_gap`` of the two, relative to the
+    objective) and
     ``convex_train/violation`` (``"relu"``; the gap certifies the point only when it is 0).
 
     Args:

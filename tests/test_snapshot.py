@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -450,3 +451,16 @@ def test_the_chain_starts_cold_when_most_patterns_are_new():
                             reduction=problem.reduction)
     assert kept_pattern_share(problem.patterns, flipped.patterns) == 0.0
     assert chain.start_for(flipped, gated=False) is None  # every pattern new: cold
+
+
+def test_the_duality_gap_is_the_brackets_relative_width_at_any_scale():
+    # objectives near 1e-4: a floor of 1 would log the bracket's absolute width under a relative gap's name
+    small = dataclasses.replace(snapshot(seed=3), Y=1e-2 * snapshot(seed=3).Y)
+    outcome = evaluate_snapshot(spec(max_iters=3, weight_decay=1e-4), small, solve, quiet=True, keep_solution=False)
+    m = outcome.metrics
+    upper, lower = m["convex/upper_bound"], m["convex/lower_bound"]
+    assert 0 < lower < upper < 1  # where a floor of 1 would count
+    assert m["convex/duality_gap"] == pytest.approx((upper - lower) / upper, rel=1e-12)
+    problem = ConvexProblem(small.X, small.Y, small.X @ small.hidden_weight.T >= 0, weight_decay=1e-4)
+    solution = solve(problem, "native", max_iters=3)
+    assert solution.relative_gap == pytest.approx((solution.value - solution.dual_value) / solution.value)

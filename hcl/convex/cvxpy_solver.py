@@ -210,6 +210,7 @@ def solve_cvxpy(
         dual_value=dual_value,
         violation=violation,
         gated=gated,
+        gap_floor=problem.gap_floor,
     )
 
 

@@ -114,7 +114,8 @@ class Certificate:
     Attributes:
         objective: the convex objective at the point (``s‖prediction − Y‖² + 2λ Σ group norms``).
         lower_bound: a certified lower bound on the problem's optimum (valid for any point).
-        gap: ``relative_gap(objective, lower_bound)`` (``hcl.convex.status``, floor 1). It certifies the point when
+        gap: ``(objective − lower_bound) / |objective|`` (:func:`hcl.convex.status.relative_gap`, no floor: the
+            objective of a regularised problem is never 0 but at the zero network). It certifies the point when
             ``violation`` is 0 (always for ``"gated"``).
         violation: the largest cone violation ``max relu(−(2D_i − I) X̃ W_i)`` (0 for ``"gated"``).
         n: the number of samples.
@@ -230,5 +231,5 @@ def certify(
     quadratic = (2.0 * s) ** 2 * centred_sq / (4.0 * s)
     lower, _ = best_scaled_bound(nu_y, quadratic, limit)
     objective = s * data_sum + 2.0 * lam * float(penalty)
-    return Certificate(objective, lower, relative_gap(objective, lower), float(scalars[3]), int(n))
+    return Certificate(objective, lower, relative_gap(objective, lower, 0.0), float(scalars[3]), int(n))
 

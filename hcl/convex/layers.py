@@ -228,4 +228,5 @@ def solve_layer(
         solve_seconds=time.perf_counter() - start,
         violation=0.0 if gated else float(problem.violation(U, V)),
         gated=gated,
+        gap_floor=problem.gap_floor,
     )

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hcl.checks import REDUCTIONS
-from hcl.convex.status import Status, relative_gap
+from hcl.convex.status import GAP_FLOOR, Status, relative_gap
 
 Reduction = Literal["sum", "mean"]
 
@@ -151,6 +151,14 @@ class ConvexProblem:
     def scale(self) -> float:
         """The data-term factor ``s``."""
         return data_scale(self.reduction, self.n)
+
+    @property
+    def gap_floor(self) -> float:
+        """The least denominator of this problem's relative gaps: ``GAP_FLOOR · s‖Y − Ȳ‖²`` (``Y`` centred per output
+        with an output bias), in the objective's units (:func:`hcl.convex.status.relative_gap`)."""
+        Y = self.Y.to(torch.float64)
+        centred = Y - Y.mean(0) if self.output_bias else Y
+        return GAP_FLOOR * self.scale * float(centred.square().sum())
 
     @property
     def is_bound(self) -> bool:
@@ -341,6 +349,7 @@ class ConvexSolution:
         violation: largest constraint violation of ``(U, V)``.
         gated: True when this solves the gated relaxation (no cone constraints).
         multipliers: solver-specific state for warm starts (``None`` when there is none).
+        gap_floor: the problem's :attr:`ConvexProblem.gap_floor`, the least denominator of :attr:`relative_gap`.
     """
 
     value: float
@@ -355,6 +364,7 @@ class ConvexSolution:
     violation: float = 0.0
     gated: bool = False
     multipliers: object | None = None
+    gap_floor: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -372,7 +382,7 @@ class ConvexSolution:
 
     @property
     def relative_gap(self) -> float | None:
-        """``(value − dual_value) / max(1, |value|)`` when a dual value is known."""
+        """``(value − dual_value) / max(|value|, gap_floor)`` when a dual value is known."""
         if self.dual_value is None:
             return None
-        return relative_gap(self.value, self.dual_value)
+        return relative_gap(self.value, self.dual_value, self.gap_floor)

@@ -25,11 +25,11 @@ from hcl.convex.build import problem_from_network
 from hcl.convex.feasibility import feasible_solution
 from hcl.convex.native import remap_warm_start
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
-from hcl.convex.status import STATUS_CODES, Status
+from hcl.convex.status import STATUS_CODES, Status, relative_gap
 from hcl.patterns import pattern_keys
 
-# An "optimal" value further than this (relative, floor 1) above a known feasible value, or a point violating the
-# constraints by more than this times max |Y|, is not believed: the native solver's default tolerances;
+# An "optimal" value further than this (relative, floor ConvexProblem.gap_floor) above a known feasible value, or a
+# point violating the constraints by more than this times max |Y|, is not believed: the native solver's defaults;
 # see docs/dashboards.md#when-a-value-is-certified
 CHECK_TOL = 1e-6
 
@@ -242,8 +242,8 @@ def bracket(
         solution: the solver's solution (of the gated relaxation when ``solution.gated``).
         feasible_value: the objective at a point known to be feasible (e.g. the network's own mapped point), so
             ``≥ p*``; ``None`` when there is none.
-        tol: relative slack (floor 1) in the consistency checks: an optimal value above ``feasible_value`` or below
-            the dual value by more is refuted, as is a dual value above a feasible value.
+        tol: relative slack (floor ``problem.gap_floor``) in the consistency checks: an optimal value above
+            ``feasible_value`` or below the dual value by more is refuted, as is a dual value above a feasible value.
         constraint_tol: the solver's point counts as feasible when its violation is at most this times ``max |Y|``.
     """
     value = float(solution.value)
@@ -251,7 +251,7 @@ def bracket(
     feasible = math.isfinite(value) and solution.violation <= constraint_tol * y_unit
 
     def slack(v: float) -> float:
-        return tol * max(1.0, abs(v))
+        return tol * max(problem.gap_floor, abs(v))
 
     known = [v for v in (value if feasible else None, feasible_value) if v is not None and math.isfinite(v)]
     upper = min(known) if known else None
@@ -316,8 +316,8 @@ def _measure(
         # c > 1, the gated relaxation's (a gated network with the network's patterns as gates) when gated.
         metrics[f"{p}/gated_network_bound" if spec.gated else f"{p}/lower_bound"] = known.lower_bound
         metrics[f"{p}/max_gap"] = L - known.lower_bound
-    if known.lower_bound is not None and solution.relative_gap is not None:
-        metrics[f"{p}/duality_gap"] = solution.relative_gap
+    if known.lower_bound is not None and known.upper_bound is not None:  # the bracket's width, both ends certified
+        metrics[f"{p}/duality_gap"] = relative_gap(known.upper_bound, known.lower_bound, problem.gap_floor)
     # a refuted solution is not handed on (load_solution would move the network to it)
     solved = (problem, solution) if keep_solution and solution.ok and known.refuted is None else None
     return SolveOutcome(metrics, messages, solved)

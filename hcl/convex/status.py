@@ -54,10 +54,15 @@ _CODES = {
 STATUS_CODES = {status.value: status.code for status in Status}
 
 
-def relative_gap(value: float, lower_bound: float, floor: float = 1.0) -> float:
+# A relative gap's denominator is at least this fraction of the data's own scale s‖Y − Ȳ‖² (ConvexProblem.gap_floor),
+# so that a zero optimum (the data interpolated) can be certified; see docs/solvers.md#tuned-constants
+GAP_FLOOR = 1e-6
+
+
+def relative_gap(value: float, lower_bound: float, floor: float) -> float:
     """``(value − lower_bound) / max(|value|, floor)``: the one definition of a relative duality gap in hcl.
 
-    ``floor`` keeps the ratio meaningful near a zero optimum (1 for the dashboards; the native solver's stopping rule
-    passes a floor in the data's own units).
+    ``floor`` keeps the ratio meaningful near a zero optimum: :attr:`hcl.convex.ConvexProblem.gap_floor`, in the
+    data's own units (a floor of 1 would turn the gap of a problem whose optimum is 0.01 into an absolute one).
     """
     return (value - lower_bound) / max(abs(value), floor, 1e-300)

@@ -24,11 +24,7 @@ from hcl.convex.native.operator import Operator
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.warm_start import Multipliers
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.status import Status, relative_gap
-
-# The gap's denominator is at least this fraction of the data's own scale s‖Y − Ȳ‖², so that a zero optimum (the
-# data interpolated) can be certified; see docs/solvers.md#tuned-constants
-GAP_FLOOR = 1e-6
+from hcl.convex.status import GAP_FLOOR, Status, relative_gap
 
 
 class Convergence(NamedTuple):
@@ -161,8 +157,7 @@ def final_status(
         return Status.FAILED
     if status != Status.OPTIMAL:
         return status
-    centred = problem.Y - problem.Y.mean(0) if problem.output_bias else problem.Y
-    floor = GAP_FLOOR * problem.scale * float(centred.square().sum())
+    floor = problem.gap_floor
     y_unit = float(problem.Y.abs().max()) or 1.0
     if relative_gap(value, dual, floor) <= options.tol and violation <= options.constraint_tol * y_unit:
         return Status.OPTIMAL

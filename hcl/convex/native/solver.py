@@ -130,4 +130,5 @@ def _solution(op: Operator, result: Result, seconds: float, name: str, options: 
         violation=violation,
         gated=op.gated,
         multipliers=multipliers,
+        gap_floor=problem.gap_floor,
     )
