@@ -138,3 +138,27 @@ def test_the_reported_bound_is_the_best_one_certified_along_the_way(seed, monkey
     assert len(seen) == 20
     assert solution.dual_value >= max(seen) - 1e-9 * reference.value  # not just the last point's
     assert solution.dual_value <= reference.value + 1e-9
+
+
+def test_once_only_feasibility_is_left_the_cone_penalty_grows(monkeypatch):
+    import hcl.convex.native.admm as admm_module
+
+    checks = []
+    check = admm_module._check
+
+    def recording(check_op, W, mu, options, it, rho, best):
+        result = check(check_op, W, mu, options, it, rho, best)
+        checks.append((it, result.gap, result.violation, rho[1]))
+        return result
+
+    monkeypatch.setattr(admm_module, "_check", recording)
+    tol, constraint_tol = 1e-2, 1e-3
+    solve_native(instance(n=80, d=6, P=10, c=1, seed=1), method="admm", tol=tol, constraint_tol=constraint_tol,
+                 max_iters=3000)
+    window = admm_module.PUSH_WITHIN * constraint_tol
+    pushed = [k for k, (_, gap, violation, _) in enumerate(checks)
+              if gap <= tol and admm_module.STRICT_VIOLATION < violation <= window]
+    assert pushed, "the gap never closed ahead of the violation on this instance"
+    first = pushed[0]
+    later = [rho2 for it, *_, rho2 in checks[first + 1:] if it <= checks[first][0] + admm_module.RHO_EVERY + 10]
+    assert later and max(later) >= admm_module.RHO_FACTOR * checks[first][3]
