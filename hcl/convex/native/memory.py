@@ -25,10 +25,10 @@ from hcl.convex.problem import ConvexProblem
 # monitors share the rest; see docs/solvers.md#memory
 DEFAULT_MEMORY_FRACTION = 0.5
 # Tensors of the block outputs' size (n, 2, P, c) alive at once at a method's peak, counted in interior_point.py /
-# first_order.py and certificate.py; see docs/solvers.md#memory
+# first_order.py / admm.py (with the multipliers of its best certificate) and certificate.py; see docs/solvers.md#memory
 NEWTON_OUTPUT_COPIES = 20
 FISTA_OUTPUT_COPIES = 10
-ADMM_OUTPUT_COPIES = 12
+ADMM_OUTPUT_COPIES = 13
 # Tensors of the variables' size (d, 2, P, c) alive at once, and the (K, d, d) blocks (two Newton systems overlap
 # while the next one is built: its B, L, B⁻¹, G, G + ridge, L_G and the previous B⁻¹, L_G)
 VARIABLE_COPIES = 24
