@@ -1,11 +1,13 @@
 """The native solver's memory plan (estimates, free memory, budget, refusal before allocating) and its threads."""
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,11 +196,45 @@ def test_the_estimate_bounds_the_measured_peak(method, n, d, P, c, bias):
 
 def test_default_threads_follow_the_usable_idle_cores(monkeypatch):
     monkeypatch.setattr(native_threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(native_threads.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    monkeypatch.setattr(native_threads, "busy_cores", lambda: 1.2)
     assert native_threads.default_threads(10**7) == 3
-    monkeypatch.setattr(native_threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(native_threads, "busy_cores", lambda: 9.0)
     assert native_threads.default_threads(10**7) == 1
     assert native_threads.default_threads(native_threads.SINGLE_THREAD_BELOW - 1) == 1
+
+
+def test_busy_cores_are_sampled_now_on_the_usable_cores(monkeypatch):
+    # cpu1 busy all the time, cpu0 idle, cpu2 busy but not ours; a one-minute load average of 2 is not consulted
+    samples = itertools.cycle([
+        "cpu  1 0 0 1 0 0 0 0\ncpu0 100 0 0 900 0 0 0 0\ncpu1 900 0 0 100 0 0 0 0\ncpu2 5 0 0 5 0 0 0 0",
+        "cpu  1 0 0 1 0 0 0 0\ncpu0 100 0 0 910 0 0 0 0\ncpu1 905 0 5 100 0 0 0 0\ncpu2 15 0 0 5 0 0 0 0",
+    ])
+
+    class Stat:
+        def __init__(self, *args):
+            self.text = next(samples)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return self.text
+
+    monkeypatch.setattr(native_threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(native_threads.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    monkeypatch.setattr(native_threads, "open", Stat, raising=False)
+    monkeypatch.setattr(native_threads.time, "sleep", lambda seconds: None)
+    assert native_threads.busy_cores() == pytest.approx(1.0)
+    assert native_threads.default_threads(10**7) == 1
+
+
+def test_busy_cores_reads_this_machine():
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= native_threads.busy_cores() <= native_threads.usable_cores() + 0.5
 
 
 def test_num_threads_applies_on_the_main_thread_and_is_restored(monkeypatch):
