@@ -39,8 +39,8 @@ def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]] | None:
         return None
     times = {}
     for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+        name, *fields = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus and len(fields) >= 5:
             ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
             times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
     return times or None
