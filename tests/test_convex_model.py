@@ -255,6 +255,17 @@ def test_sampled_gates_depend_on_the_seed_only():
     assert not torch.equal(a.gates, ConvexReLU(in_features=4, num_gates=9, gate_seed=6).gates)
 
 
+class _ShutDownTheGroup(pl.Callback):
+    """Each spawned worker leaves together and closes its process group at the end of fit: a gloo group left to the
+    interpreter's exit, while the other rank is still busy, can abort the worker (``std::terminate`` in a thread's
+    destructor)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ddp_two_processes_match_one(tmp_path):
@@ -263,7 +274,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     def run(devices: int) -> tuple[float, ConvexReLU]:
         model = ConvexReLU(in_features=3, out_features=2, num_gates=6, weight_decay=LAM, optimizer="sgd", lr=0.2,
                            momentum=0.5, output_bias=True, certify_every_n_steps=2).double()
-        trainer = _trainer(tmp_path / str(devices), 5, devices=devices,
+        trainer = _trainer(tmp_path / str(devices), 5, devices=devices, callbacks=[_ShutDownTheGroup()],
                            strategy="ddp_spawn" if devices > 1 else "auto")
         trainer.fit(model, datamodule=TensorDataModule(train=(X, Y)))
         return float(trainer.callback_metrics["convex_train/objective"]), model
