@@ -7,10 +7,10 @@ from _reference import reference_solve
 
 from hcl.convex.native import NativeOptions, solve_native
 from hcl.convex.native.admm import _LinearStep, _rotated
-from hcl.convex.native.certificate import GAP_FLOOR
 from hcl.convex.native.memory import SolverMemoryError, footprint, plan
 from hcl.convex.native.operator import Operator
 from hcl.convex.problem import ConvexProblem
+from hcl.convex.status import GAP_FLOOR
 
 
 def instance(n=40, d=6, P=8, c=1, lam=0.05, bias=True, seed=0, signs=False, one_vs_all=False, dtype=torch.float64):

@@ -17,10 +17,9 @@ from _reference import reference_value
 import hcl.convex.native.solver as native_solver
 from hcl.convex import ConvexProblem, Status, solve, solve_native
 from hcl.convex.native import NativeOptions
-from hcl.convex.native.certificate import GAP_FLOOR
 from hcl.convex.native.operator import Operator, Result, row_space_basis
 from hcl.convex.native.solver import final_status
-from hcl.convex.status import relative_gap
+from hcl.convex.status import GAP_FLOOR, relative_gap
 
 F64 = dict(dtype=torch.float64)
 

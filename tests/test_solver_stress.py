@@ -25,8 +25,8 @@ import torch
 from _reference import reference_solve
 
 from hcl.convex.native import solve_native
-from hcl.convex.native.certificate import GAP_FLOOR
 from hcl.convex.problem import ConvexProblem
+from hcl.convex.status import GAP_FLOOR
 from hcl.patterns import enumerate_patterns
 
 COUNT = int(os.environ.get("HCL_STRESS_COUNT", "60"))

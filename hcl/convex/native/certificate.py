@@ -24,7 +24,7 @@ from hcl.convex.native.operator import Operator
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.warm_start import Multipliers
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.status import GAP_FLOOR, Status, relative_gap
+from hcl.convex.status import Status, relative_gap
 
 
 class Convergence(NamedTuple):
@@ -131,13 +131,13 @@ def converged(
 
     The relative gap is :func:`hcl.convex.status.relative_gap` between the objective and the larger of
     :func:`certificate`'s bound and ``best`` (a bound certified earlier: every certified bound holds), with the floor
-    ``GAP_FLOOR · s‖Y − Ȳ‖²``; ``known`` as in :func:`certificate`.
+    ``ConvexProblem.gap_floor``; ``known`` as in :func:`certificate`.
     """
     scale = op.problem.scale * op.y_unit * op.y_unit
     r = op.residual(Z)[0] if known is None else known[0]
     value = float(r.to(torch.float64).square().sum() + op.penalty_value(W.to(torch.float64))) * scale
     dual = certificate(op, Z, mu, known=known)[0]
-    floor = GAP_FLOOR * scale * float(op.center(op.Y).to(torch.float64).square().sum())
+    floor = op.problem.gap_floor
     gap = relative_gap(value, max(dual, best), floor)
     violation = op.violation(Z)
     return Convergence(gap <= options.tol and violation <= options.constraint_tol, gap, violation, dual)

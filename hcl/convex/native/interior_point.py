@@ -16,13 +16,13 @@ import time
 import torch
 from torch import Tensor
 
-from hcl.convex.native.certificate import GAP_FLOOR, converged
+from hcl.convex.native.certificate import converged
 from hcl.convex.native.newton import NewtonSystem, SchurPrecision
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import STALL_ITERATIONS, WARM_CENTRALITY, WARM_SLACK_FLOOR, NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
 from hcl.convex.native.workspace import Workspace
-from hcl.convex.status import Status
+from hcl.convex.status import GAP_FLOOR, Status
 
 
 def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None) -> Result:
