@@ -11,7 +11,8 @@ from hcl.convex.build import problem_from_network
 from hcl.convex.certificate import best_scaled_bound, global_lower_bound, max_abs_relu_correlation
 from hcl.convex.cvxpy_solver import solve_cvxpy
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights, network_objective
-from hcl.patterns import enumerate_patterns, sample_patterns
+from hcl.enumeration import enumerate_patterns
+from hcl.patterns import sample_patterns
 
 
 def instance(seed: int, n: int = 12, d: int = 1):

@@ -16,7 +16,8 @@ import torch
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import solve_cvxpy
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights, network_objective
-from hcl.patterns import activation_patterns, enumerate_patterns, sample_patterns
+from hcl.enumeration import enumerate_patterns
+from hcl.patterns import activation_patterns, sample_patterns
 
 
 def reference_optimum(problem: ConvexProblem) -> float:

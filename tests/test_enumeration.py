@@ -10,7 +10,8 @@ from scipy.optimize import linprog
 
 from hcl.convex import ConvexProblem, solve_native
 from hcl.convex.build import all_patterns_problem
-from hcl.patterns import enumerate_patterns, unique_patterns
+from hcl.enumeration import enumerate_patterns
+from hcl.patterns import unique_patterns
 
 F64 = dict(dtype=torch.float64)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
+from hcl.enumeration import enumerate_patterns
 from hcl.patterns import (
     PatternTracker,
     activation_patterns,
     dead_neurons,
-    enumerate_patterns,
     pack_patterns,
     pack_signs,
     pattern_keys,
@@ -219,6 +219,16 @@ def test_enumerate_2d_degenerate_data_is_complete(kind):
     assert unique_patterns(E).patterns.shape[1] == E.shape[1]
     for column in E.T:
         assert realisable(X, column), column.int().tolist()
+
+
+def test_enumeration_keeps_its_old_import_path():
+    import hcl.enumeration
+    import hcl.patterns
+
+    assert hcl.patterns.enumerate_patterns is hcl.enumeration.enumerate_patterns
+    assert hcl.patterns.COLLINEAR_RTOL == hcl.enumeration.COLLINEAR_RTOL
+    with pytest.raises(AttributeError, match="no_such_name"):
+        hcl.patterns.no_such_name  # noqa: B018
 
 
 def test_enumerate_rejects_other_dimensions():

@@ -27,7 +27,7 @@ from _reference import reference_solve
 from hcl.convex.native import solve_native
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.status import GAP_FLOOR
-from hcl.patterns import enumerate_patterns
+from hcl.enumeration import enumerate_patterns
 
 COUNT = int(os.environ.get("HCL_STRESS_COUNT", "60"))
 FIRST = int(os.environ.get("HCL_STRESS_SEED", "0"))

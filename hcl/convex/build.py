@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights
-from hcl.patterns import activation_patterns, enumerate_patterns, unique_patterns
+from hcl.enumeration import enumerate_patterns
+from hcl.patterns import activation_patterns, unique_patterns
 
 FORMULATIONS = ("patterns", "neurons")
 
