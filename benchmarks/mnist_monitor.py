@@ -14,6 +14,7 @@ value``, the native stopping rule's). Measured figures: ``docs/solvers.md#admm``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import subprocess
 import time
@@ -24,36 +25,55 @@ import torch
 from trajectories import snapshot_problem, train_trajectory  # this folder is on sys.path when run as a script
 
 from hcl.convex import solve
+from hcl.convex.native.memory import SolverMemoryError
 from hcl.convex.problem import ConvexProblem
 from hcl.datamodules import MNIST
 
 
-def snapshots(root: str, n: int, seed: int, steps: list[int], hidden: int, lam: float) -> list[ConvexProblem]:
-    """The monitor's problems at ``steps`` of a ``TwoLayerReLU`` trained by full-batch Adam on ``n`` MNIST images."""
+def snapshots(root: str, n: int, seed: int, steps: list[int], hidden: int, lam: float,
+              device: str = "cpu") -> list[ConvexProblem]:
+    """The monitor's problems at ``steps`` of a ``TwoLayerReLU`` trained by full-batch Adam on ``n`` MNIST images
+    (on ``device``; the problems are handed back on the CPU, each solve moves its own to the device)."""
     data = MNIST(root=root, subset=n, seed=seed)
     data.setup("fit")
     X, Y = data.train_tensors()
-    X, Y = X.reshape(len(X), -1).to(torch.float64), Y.to(torch.float64)
+    X = X.reshape(len(X), -1).to(device=device, dtype=torch.float64)
+    Y = Y.to(device=device, dtype=torch.float64)
     kept = train_trajectory(X, Y, hidden, lam, seed, steps, lr=1e-3, optimizer="adam")
-    return [snapshot_problem(X, Y, weights, lam, "patterns") for weights in kept]
+    problems = [snapshot_problem(X, Y, weights, lam, "patterns") for weights in kept]
+    return [dataclasses.replace(p, X=p.X.cpu()) for p in problems]  # the rest follows X's device
 
 
-def measure(problem: ConvexProblem, method: str, options: dict) -> dict:
-    """One solve in this (fresh) process: its bracket, iterations, time and peak resident memory over the start."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def measure(problem: ConvexProblem, method: str, options: dict, device: str = "cpu") -> dict:
+    """One solve on ``device`` in this (fresh) process: its bracket, iterations, time and peak memory (resident over
+    the process's start on the CPU; the GPU's peak allocation, from zero, on CUDA)."""
+    problem = dataclasses.replace(problem, X=problem.X.to(device))  # the rest follows X's device
+    gpu = problem.X.is_cuda
+    before = 0 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    solution = solve(problem, "native", method=method, **options)
+    try:
+        solution = solve(problem, "native", method=method, **options)
+    except SolverMemoryError as error:  # the plan's refusal, before anything is allocated: a row of its own
+        nan = float("nan")
+        return dict(status=f"refused: {error}", value=nan, bound=nan, violation=nan, iterations=0,
+                    seconds=time.perf_counter() - start, peak_gib=nan, start_gib=nan)
+    if gpu:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = torch.cuda.max_memory_allocated() / 2**10 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return dict(status=str(solution.status), value=solution.value, bound=solution.dual_value,
                 violation=solution.violation / float(problem.Y.abs().max()), iterations=solution.iterations,
                 seconds=seconds, peak_gib=peak / 2**20, start_gib=before / 2**20)
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "unknown CPU")
-    return f"{model}; torch {torch.__version__}"
+    gpu = f"; {torch.cuda.get_device_name(device)}" if torch.device(device).type == "cuda" else ""
+    return f"{model}{gpu}; torch {torch.__version__}"
 
 
 def main() -> None:
@@ -69,22 +89,29 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--constraint-tol", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per solve (default: the solver's)")
+    parser.add_argument("--memory-limit", type=float, default=None,
+                        help="GiB a solve may take (default: the solver's share of the free memory)")
+    parser.add_argument("--device", default="cpu", help="where the network trains and the solves run (cpu, cuda)")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     options = dict(tol=args.tol, constraint_tol=args.constraint_tol, time_limit=args.time_limit)
     if args.threads is not None:
         options["num_threads"] = args.threads
-    print(f"machine: {machine()}; time limit {args.time_limit:g} s, tol {args.tol:g}, "
+    if args.memory_limit is not None:
+        options["memory_limit"] = int(args.memory_limit * 2**30)
+    print(f"machine: {machine(args.device)}; device {args.device}; time limit {args.time_limit:g} s, tol {args.tol:g}, "
           f"constraint_tol {args.constraint_tol:g}, λ {args.weight_decay:g}, mean, {args.hidden} hidden neurons\n")
     print("| n | seed | step | P | method | status | lower bound | value | rel. gap | violation | iterations | "
-          "time s | peak RSS GiB (start) |")
+          "time s | peak GiB (start) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         for seed in args.seeds:
-            problems = snapshots(args.root, n, seed, sorted(args.steps), args.hidden, args.weight_decay)
+            problems = snapshots(args.root, n, seed, sorted(args.steps), args.hidden, args.weight_decay, args.device)
             for step, problem in zip(sorted(args.steps), problems, strict=True):
                 for method in args.methods:
                     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                        r = pool.submit(measure, problem, method, options).result()
+                        r = pool.submit(measure, problem, method, options, args.device).result()
                     gap = (r["value"] - r["bound"]) / abs(r["value"]) if r["value"] else float("nan")
                     print(f"| {n} | {seed} | {step} | {problem.num_patterns} | {method} | {r['status']} | "
                           f"{r['bound']:.6g} | {r['value']:.6g} | {gap:.2e} | {r['violation']:.1e} | "

@@ -76,12 +76,13 @@ def trajectory_data(n: int, d: int, seed: int, target: str = "teacher") -> tuple
 
 def train_trajectory(X: Tensor, y: Tensor, m: int, lam: float, seed: int, steps: list[int],
                      lr: float = 0.05, optimizer: str = "sgd") -> list[Weights]:
-    """Train ``TwoLayerReLU`` by full-batch gradient descent (``optimizer``); its weights at each of ``steps`` (before
-    that step's update, as a monitor's ``on_train_batch_start`` sees them). ``y`` is ``(n,)`` or ``(n, c)``."""
+    """Train ``TwoLayerReLU`` by full-batch gradient descent (``optimizer``) on ``X``'s device; its weights at each of
+    ``steps`` (before that step's update, as a monitor's ``on_train_batch_start`` sees them). ``y`` is ``(n,)`` or
+    ``(n, c)``."""
     torch.manual_seed(seed)
     outputs = 1 if y.ndim == 1 else y.shape[1]
     model = TwoLayerReLU(in_features=X.shape[1], hidden=m, out_features=outputs, bias=True, output_bias=False,
-                         reduction="mean", weight_decay=lam, optimizer=optimizer, lr=lr).double()
+                         reduction="mean", weight_decay=lam, optimizer=optimizer, lr=lr).double().to(X.device)
     optimizer = model.configure_optimizers()
     kept, wanted = [], set(steps)
     for step in range(max(steps) + 1):

@@ -162,3 +162,17 @@ def test_once_only_feasibility_is_left_the_cone_penalty_grows(monkeypatch):
     first = pushed[0]
     later = [rho2 for it, *_, rho2 in checks[first + 1:] if it <= checks[first][0] + admm_module.RHO_EVERY + 10]
     assert later and max(later) >= admm_module.RHO_FACTOR * checks[first][3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["admm", "newton"])
+def test_each_method_on_the_gpu_certifies_what_it_certifies_on_the_cpu(method):
+    problem = instance(n=80, d=7, P=10, c=3, seed=9)
+    on_gpu = ConvexProblem(problem.X.cuda(), problem.Y.cuda(), problem.patterns.cuda(), weight_decay=0.05,
+                           reduction="mean", output_bias=True)
+    options = dict(method=method, tol=1e-5, constraint_tol=1e-6, max_iters=20000)
+    cpu, gpu = solve_native(problem, **options), solve_native(on_gpu, **options)
+    assert gpu.U.is_cuda and gpu.status == cpu.status == "optimal", (gpu.status, cpu.status)
+    reference = reference_solve(problem)
+    assert gpu.dual_value <= reference.value + 1e-8 * reference.value
+    assert gpu.value == pytest.approx(cpu.value, rel=2e-5)
