@@ -21,6 +21,7 @@ from hcl.convex.snapshot import (
     WarmStartChain,
     evaluate_snapshot,
     kept_pattern_share,
+    runs_first_order,
     solve_snapshot_job,
     store_worker_data,
 )
@@ -359,6 +360,35 @@ def test_the_chain_starts_cold_when_most_patterns_are_new():
                             reduction=problem.reduction)
     assert kept_pattern_share(problem.patterns, flipped.patterns) == 0.0
     assert chain.start_for(flipped, gated=False) is None  # every pattern new: cold
+
+
+def test_a_first_order_method_keeps_its_warm_start_when_every_pattern_moved_a_little():
+    chain = WarmStartChain()
+    recorder = Recorder()
+    evaluate_snapshot(spec(method="admm", tol=1e-4, constraint_tol=1e-4), snapshot(step=0, seed=0), recorder,
+                      quiet=True, keep_solution=False, chain=chain)
+    problem, _, solution = recorder.calls[-1]
+    assert solution.ok
+    moved = problem.patterns.clone()
+    moved[torch.arange(problem.num_patterns) % problem.n, torch.arange(problem.num_patterns)] ^= True  # one sample each
+    nearby = ConvexProblem(X=problem.X, Y=problem.Y, patterns=moved, weight_decay=problem.weight_decay,
+                           reduction=problem.reduction)
+    assert kept_pattern_share(problem.patterns, moved) == 0.0
+    assert chain.start_for(nearby, gated=False) is None  # the interior point starts cold
+    U, V, _, _ = chain.start_for(nearby, gated=False, first_order=True)
+    torch.testing.assert_close(U, solution.U)  # each pattern's block is its old neighbour's
+    torch.testing.assert_close(V, solution.V)
+
+
+def test_the_snapshot_asks_the_plan_which_method_runs():
+    problem, _ = problem_of(snapshot())
+    assert runs_first_order(problem, "native", {"method": "admm", "tol": 1e-3})
+    assert runs_first_order(problem, "NATIVE", {"method": "fista", "time_limit": 5.0})
+    assert not runs_first_order(problem, "native", {"method": "newton"})
+    assert not runs_first_order(problem, "native", {})  # "auto" takes the interior point at this size
+    assert not runs_first_order(problem, "clarabel", {"method": "admm"})
+    assert not runs_first_order(problem, "auto", {})  # Clarabel at this size
+    assert not runs_first_order(problem, "native", {"method": "simplex"})  # refused by the solve itself
 
 
 def test_the_duality_gap_is_the_brackets_relative_width_at_any_scale():

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from hcl.convex.build import problem_from_network
 from hcl.convex.feasibility import feasible_solution
-from hcl.convex.native import remap_warm_start
+from hcl.convex.native import NativeOptions, planned_method, remap_warm_start
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
+from hcl.convex.solvers import choose_solver
 from hcl.convex.status import STATUS_CODES, Status, relative_gap
 from hcl.patterns import pattern_keys
 
@@ -88,9 +89,11 @@ class SolveOutcome:
     error: str | None = None  # the solver's exception, when it raised
 
 
-# Share of the new patterns that must be among the old ones for a warm start: below it the remapped start took more
-# interior-point iterations than a cold one. See docs/solvers.md#warm-against-cold-native-only
+# Share of the new patterns that must be among the old ones for the interior point's warm start: below it the remapped
+# start took more iterations than a cold one (docs/solvers.md#warm-against-cold-native-only). The first-order methods
+# take it whatever the share (docs/solvers.md#warm-starts-of-the-admm)
 WARM_MIN_KEPT_PATTERNS = 0.35
+FIRST_ORDER_METHODS = ("admm", "fista")
 
 
 def kept_pattern_share(old: Tensor, new: Tensor) -> float:
@@ -101,27 +104,44 @@ def kept_pattern_share(old: Tensor, new: Tensor) -> float:
     return sum(tuple(key) in old_keys for key in pattern_keys(new.to(torch.bool)).tolist()) / new.shape[1]
 
 
+def runs_first_order(problem: ConvexProblem, solver: str, options: dict[str, Any]) -> bool:
+    """Whether ``solve(problem, solver, **options)`` runs one of the native first-order methods (the memory plan's
+    choice for ``method="auto"``); ``False`` for options the native solver would refuse (the solve reports them)."""
+    name = choose_solver(problem) if solver.lower() == "auto" else solver.lower()
+    if name != "native":
+        return False
+    native = {key: value for key, value in options.items() if key in NativeOptions.names()}
+    try:
+        return planned_method(problem, **native) in FIRST_ORDER_METHODS
+    except (TypeError, ValueError):
+        return False
+
+
 class WarmStartChain:
     """The last solution of one chain of solves, to start the next solve from.
 
     :meth:`start_for` carries it over to a new problem's patterns with
     :func:`~hcl.convex.native.remap_warm_start` (each new pattern takes its nearest old pattern's block, with its
-    multipliers); a problem of another shape (samples, features, outputs) or of the other kind (gated or not), or one
-    whose patterns are mostly new (fewer than ``WARM_MIN_KEPT_PATTERNS`` of them kept), gets ``None``: a cold start.
-    Not thread-safe: one chain belongs to one sequence of solves.
+    multipliers); a problem of another shape (samples, features, outputs) or of the other kind (gated or not) gets
+    ``None``: a cold start. So does, for the interior point, one whose patterns are mostly new (fewer than
+    ``WARM_MIN_KEPT_PATTERNS`` of them kept): it re-centres for about 20 iterations even from the optimum, and a start
+    far from it costs more. A first-order method (``first_order``) gains from any nearby start, and between two
+    training steps nearly every new pattern differs from an old one in a few samples. Not thread-safe: one chain
+    belongs to one sequence of solves.
     """
 
     def __init__(self) -> None:
         self._last: tuple[ConvexProblem, ConvexSolution] | None = None
 
-    def start_for(self, problem: ConvexProblem, gated: bool) -> tuple | None:
-        """The last kept solution remapped to ``problem``'s patterns, or ``None`` when there is none that fits."""
+    def start_for(self, problem: ConvexProblem, gated: bool, first_order: bool = False) -> tuple | None:
+        """The last kept solution remapped to ``problem``'s patterns, or ``None`` when there is none that fits
+        (``first_order``: the solve runs the ADMM or FISTA, which take it however many patterns are new)."""
         if self._last is None:
             return None
         old_problem, old_solution = self._last
         if old_problem.X.shape != problem.X.shape or old_problem.c != problem.c or old_solution.gated != gated:
             return None
-        if kept_pattern_share(old_problem.patterns, problem.patterns) < WARM_MIN_KEPT_PATTERNS:
+        if not first_order and kept_pattern_share(old_problem.patterns, problem.patterns) < WARM_MIN_KEPT_PATTERNS:
             return None  # most blocks would start from another pattern's: a cold start is faster there
         return remap_warm_start(old_problem.patterns, old_solution, problem.patterns)
 
@@ -181,7 +201,11 @@ def evaluate_snapshot(
         )
         if not spec.gated and not problem.is_bound:  # the network's own point: an upper bound even if the solve fails
             metrics[f"{p}/upper_bound"] = float(problem.objective(*point))
-        warm = (chain.start_for(problem, spec.gated) if chain is not None else None) or point
+        if chain is not None:
+            first_order = runs_first_order(problem, spec.solver, options)
+            warm = chain.start_for(problem, spec.gated, first_order=first_order) or point
+        else:
+            warm = point
         if quiet:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # solver chatter; the status is logged instead

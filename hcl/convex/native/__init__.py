@@ -1,11 +1,13 @@
 """hcl's own solver for the convex problem, in torch, on the data's device.
 
-Two methods solve the fixed-pattern problem of :mod:`hcl.convex.problem` (and its gated relaxation); both stop on a
+Three methods solve the fixed-pattern problem of :mod:`hcl.convex.problem` (and its gated relaxation); each stops on a
 **certificate** — a relative duality gap from the problem's dual restricted to its patterns, and the constraint
 violation — never on an iteration count alone.
 
 * ``"newton"`` (:mod:`~hcl.convex.native.interior_point`, Newton systems in :mod:`~hcl.convex.native.newton`): a
   primal-dual interior-point method, for ``n`` up to a few thousand.
+* ``"admm"`` (:mod:`~hcl.convex.native.admm`): the alternating direction method with an exact linear step, for large
+  ``d`` (MNIST, CIFAR-10) where its ``n × n`` matrices fit.
 * ``"fista"`` (:mod:`~hcl.convex.native.first_order`): an augmented Lagrangian solved by FISTA, matrix-free, for
   problems whose ``n × n`` matrices do not fit.
 
@@ -26,7 +28,7 @@ Example::
 from hcl.convex.native.certificate import dual_certificate
 from hcl.convex.native.memory import SolverMemoryError, footprint
 from hcl.convex.native.options import METHODS, NativeOptions
-from hcl.convex.native.solver import solve_native
+from hcl.convex.native.solver import planned_method, solve_native
 from hcl.convex.native.warm_start import Multipliers, remap_warm_start
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "SolverMemoryError",
     "dual_certificate",
     "footprint",
+    "planned_method",
     "remap_warm_start",
     "solve_native",
 ]

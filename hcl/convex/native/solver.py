@@ -70,6 +70,15 @@ def solve_native(
         return _run(problem, chosen, dtype, gated, warm_start)
 
 
+def planned_method(problem: ConvexProblem, **options) -> str | None:
+    """The method :func:`solve_native` would run on ``problem`` with ``options`` (the memory plan's choice for
+    ``method="auto"``), or ``None`` when none fits; nothing is allocated."""
+    try:
+        return plan(problem, NativeOptions(**options)).resolved(problem).method
+    except MemoryError:
+        return None
+
+
 def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gated: bool, warm_start) -> ConvexSolution:
     start = time.perf_counter()
     deadline = None if chosen.time_limit is None else start + float(chosen.time_limit)
