@@ -15,6 +15,11 @@ from hcl.patterns import unique_patterns
 
 __all__ = ["COLLINEAR_RTOL", "enumerate_patterns"]
 
+# Points within this fraction of the data's scale from a line count as on it: a few hundred float64 rounding
+# errors of the side computation, far below any real offset; see docs/solvers.md#collinear-data
+COLLINEAR_RTOL = 1e-13
+
+
 def enumerate_patterns(X: Tensor) -> Tensor:
     """All nonzero patterns ``{1[X u ≥ 0] : u ∈ R^d}`` of 1-D or 2-D data with a bias column.
 
@@ -50,11 +55,6 @@ def enumerate_patterns(X: Tensor) -> Tensor:
     if X.shape[1] == 2:
         return _enumerate_1d(X[:, 0])
     return _enumerate_2d(X[:, :2], max(COLLINEAR_RTOL, 64.0 * precision))
-
-
-# Points within this fraction of the data's scale from a line count as on it: a few hundred float64 rounding
-# errors of the side computation, far below any real offset; see docs/solvers.md#collinear-data
-COLLINEAR_RTOL = 1e-13
 
 
 def _threshold_sets(t: Tensor, values: Tensor) -> Tensor:
