@@ -25,7 +25,7 @@ from hcl.convex.build import problem_from_network
 from hcl.convex.feasibility import feasible_solution
 from hcl.convex.native import NativeOptions, planned_method, remap_warm_start
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
-from hcl.convex.solvers import choose_solver
+from hcl.convex.solvers import choose_solver, get_solver
 from hcl.convex.status import STATUS_CODES, Status, relative_gap
 from hcl.patterns import pattern_keys
 
@@ -106,12 +106,15 @@ def kept_pattern_share(old: Tensor, new: Tensor) -> float:
 
 def runs_first_order(problem: ConvexProblem, solver: str, options: dict[str, Any]) -> bool:
     """Whether ``solve(problem, solver, **options)`` runs one of the native first-order methods (the memory plan's
-    choice for ``method="auto"``); ``False`` for options the native solver would refuse (the solve reports them)."""
-    name = choose_solver(problem) if solver.lower() == "auto" else solver.lower()
-    if name != "native":
-        return False
-    native = {key: value for key, value in options.items() if key in NativeOptions.names()}
+    choice for ``method="auto"``); ``False`` for an unknown solver or options the native solver would refuse (the
+    solve reports them)."""
     try:
+        chosen = get_solver(solver)
+        if chosen.name == "auto":
+            chosen = get_solver(choose_solver(problem))
+        if chosen.name != "native":
+            return False
+        native = {key: value for key, value in options.items() if key in NativeOptions.names()}
         return planned_method(problem, **native) in FIRST_ORDER_METHODS
     except (TypeError, ValueError):
         return False
