@@ -34,7 +34,7 @@ def test_the_linear_step_solves_its_system(bias, gated, rows):
     rho1, rho2 = 0.7, (0.0 if gated else 1.3)
     step = _LinearStep(op, sigma2, rho1, rho2)
     B = torch.randn(op.d, 2, op.P, op.c, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * op.wmask
-    W, XW = step.solve(B)
+    W, XW = step.solve(B.clone())
     # the system applied with the operator's own products: 2 MᵀΠM W + ρ₁ W + ρ₂ XᵀX W
     applied = 2.0 * op.adjoint_data(op.center(op.predict(op.forward(W)))) + rho1 * W
     applied += rho2 * (op.X.T @ op.forward(W).reshape(op.n, -1)).reshape(W.shape) * op.wmask
@@ -146,8 +146,8 @@ def test_once_only_feasibility_is_left_the_cone_penalty_grows(monkeypatch):
     checks = []
     check = admm_module._check
 
-    def recording(check_op, W, mu, options, it, rho, best):
-        result = check(check_op, W, mu, options, it, rho, best)
+    def recording(check_op, W, mu, options, it, rho, *args):
+        result = check(check_op, W, mu, options, it, rho, *args)
         checks.append((it, result.gap, result.violation, rho[1]))
         return result
 

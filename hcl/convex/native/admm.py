@@ -67,20 +67,25 @@ class _LinearStep:
         self.chol = torch.linalg.cholesky(K)
         del K
 
-    def solve(self, B: Tensor) -> tuple[Tensor, Tensor]:
-        """``W = (2MᵀΠM + A)⁻¹ B`` and its block outputs ``X W``."""
+    def solve(self, B: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``W = (2MᵀΠM + A)⁻¹ B`` and its block outputs ``X W`` (written in ``out`` when given); ``B`` is
+        overwritten (it becomes ``W``)."""
         op = self.op
-        W0 = B * self.inv_diag[:, None, None, None]
-        Z0 = op.forward(W0)
+        W0 = B.mul_(self.inv_diag[:, None, None, None])
+        Z0 = op.forward(W0, out=out)
         q = op.center(op.predict(Z0)).to(torch.float64)  # Π M A⁻¹ B, (n, c)
-        y = op.center(torch.cholesky_solve(q, self.chol)).to(op.dtype)
+        # two triangular solves: cholesky_solve copies the n × n factor on every call
+        half = torch.linalg.solve_triangular(self.chol, q, upper=False)
+        y = op.center(torch.linalg.solve_triangular(self.chol.mT, half, upper=True)).to(op.dtype)
         # A⁻¹ Mᵀ Π y: ± the same block on both sides, so X of it is one product of half the width
         G = (op.X.T @ (op.Dm[:, :, None] * y[:, None, :]).reshape(op.n, -1)).reshape(op.d, op.P, op.c)
         G *= self.inv_diag[:, None, None]
         XG = (op.X @ G.reshape(op.d, -1)).reshape(op.n, op.P, op.c)
-        W = W0.sub_(torch.stack([G, -G], dim=1).mul_(op.wmask))
-        Z = Z0.sub_(torch.stack([XG, -XG], dim=1).mul_(op.wmask))
-        return W, Z
+        for side, sign in ((0, -1.0), (1, 1.0)):  # in place: the block outputs are the largest tensors
+            mask = None if not op.restricted else op.wmask[0, side]  # (P, 1)
+            W0[:, side].add_(G if mask is None else G * mask, alpha=sign)
+            Z0[:, side].add_(XG if mask is None else XG * mask, alpha=sign)
+        return W0, Z0
 
 
 def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None) -> Result:
@@ -108,28 +113,36 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
             zeta_T -= mu / rho2
     status = Status.MAX_ITERATIONS
     last_change, it = 0, 0
-    prev_Z = prev_T = None
+    prev_Z = None
     tried = 2.0 * options.constraint_tol  # the violation at the last move into the cones
     best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
     pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
     push_above = PUSH_WITHIN * options.constraint_tol
+    # the block outputs' size tensors, allocated once (a fresh one each time costs as much as the operation on it)
+    outputs = [XW, torch.empty_like(XW)]  # the step writes into the one the last iteration did not use
+    if constrained:
+        T, prev_T, work = torch.empty_like(XW), torch.empty_like(XW), torch.empty_like(XW)
     for it in range(1, options.max_iters + 1):
         Z = op.group_soft_threshold(zeta_W, 2.0 * lam / rho1) * op.wmask
         A1 = zeta_W - Z
         B = MtY + rho1 * (Z - A1)
         if constrained:
-            T = zeta_T.relu()
-            A2 = zeta_T - T
-            B += rho2 * op.adjoint_constraint(T - A2)
-        W, XW = step.solve(B)
-        zeta_W += RELAXATION * (W - Z)
-        if constrained:
-            AW = op.signed_cmask * XW
-            zeta_T += RELAXATION * (AW - T)
+            T, prev_T = prev_T, T
+            torch.clamp(zeta_T, min=0.0, out=T)  # the cones' projection; A2 = ζ_T − T
+            torch.abs(zeta_T, out=work)  # T − A2
+            B += rho2 * op.adjoint_constraint(work, overwrite=True)
+        W, XW = step.solve(B, out=outputs[it % 2])
+        checking = it % CHECK_EVERY == 0 or it == options.max_iters
+        balancing = it - last_change >= RHO_EVERY and prev_Z is not None
+        mu = None
+        if constrained and checking:
+            mu = torch.sub(T, zeta_T).mul_(rho2) * op.cmask  # −ρ₂ A2 ≥ 0
+        if balancing:  # ρ's factors, from this iteration's residuals (before ζ moves)
+            f1 = _balance(_relative(W - Z, W, Z), _relative(Z - prev_Z, A1))
+            f2 = _balance(*_cone_residuals(op, XW, T, prev_T, zeta_T, work)) if constrained else 1.0
         stop = None
-        if it % CHECK_EVERY == 0 or it == options.max_iters:
-            mu = (-rho2 * A2).clamp_(min=0) * op.cmask if constrained else None
-            check = _check(check_op, W, mu, options, it, (rho1, rho2), best)
+        if checking:
+            check = _check(check_op, W, mu, options, it, (rho1, rho2), best, XW if op.dtype == torch.float64 else None)
             if check.dual > best:
                 best, best_point = check.dual, (W.clone(), None if mu is None else mu.clone())
             pushing = constrained and check.gap <= options.tol and STRICT_VIOLATION < check.violation <= push_above
@@ -149,26 +162,27 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                     stop = Status.OPTIMAL_INACCURATE
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
+        if balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
+            f2 = RHO_FACTOR
+        if stop is None and balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
+            zeta_W = Z + A1 / f1
+            if constrained:  # T + A2 / f2
+                zeta_T.sub_(T).div_(f2).add_(T)
+            rho1, rho2 = rho1 * f1, rho2 * f2
+            del step
+            step = _LinearStep(op, sigma2, rho1, rho2)
+            last_change = it
+        else:  # the relaxed update of ζ: ζ += RELAXATION (block value − prox)
+            zeta_W += RELAXATION * (W - Z)
+            if constrained:
+                zeta_T.sub_(T, alpha=RELAXATION).addcmul_(op.signed_cmask, XW, value=RELAXATION)
         if stop is not None:
             status = stop
             break
-        if it - last_change >= RHO_EVERY and prev_Z is not None:
-            f1 = _balance(_relative(W - Z, W, Z), _relative(Z - prev_Z, A1))
-            f2 = _balance(_relative(AW - T, AW, T), _relative(T - prev_T, A2)) if constrained else 1.0
-            if pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
-                f2 = RHO_FACTOR
-            if f1 != 1.0 or f2 != 1.0:  # same point and multipliers, scaled multipliers divided by f
-                zeta_W = Z + A1 / f1
-                if constrained:
-                    zeta_T = T + A2 / f2
-                rho1, rho2 = rho1 * f1, rho2 * f2
-                del step
-                step = _LinearStep(op, sigma2, rho1, rho2)
-                last_change = it
-        prev_Z, prev_T = Z, (T if constrained else None)
+        prev_Z = Z
     mu = None
     if constrained:
-        mu = (-rho2 * (zeta_T - zeta_T.relu())).clamp_(min=0) * op.cmask
+        mu = torch.clamp(zeta_T.neg_(), min=0.0).mul_(rho2) * op.cmask
     op.X, op.d = original, original.shape[1]
     if best_point is not None:
         best_point = (_rotate(best_point[0], rotation.T) * op.wmask, best_point[1])
@@ -176,13 +190,20 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
 
 
 def _check(
-    check_op: Operator, W: Tensor, mu: Tensor | None, options: NativeOptions, it: int, rho, best: float
+    check_op: Operator,
+    W: Tensor,
+    mu: Tensor | None,
+    options: NativeOptions,
+    it: int,
+    rho,
+    best: float,
+    XW: Tensor | None = None,
 ) -> Convergence:
     """The stopping rule in float64 at ``W`` against the larger of its certificate and ``best`` (the working
-    precision's block outputs are not accurate enough for a certificate in float32)."""
+    precision's block outputs are not accurate enough for a certificate in float32; ``XW``: the float64 ones)."""
     W64 = W.to(torch.float64)
     mu64 = None if mu is None else mu.to(torch.float64)
-    check = converged(check_op, W64, check_op.forward(W64), mu64, options, best=best)
+    check = converged(check_op, W64, check_op.forward(W64) if XW is None else XW, mu64, options, best=best)
     if options.verbose:
         print(f"admm {it:6d}  rel.gap {check.gap:.2e}  violation {check.violation:.2e}  ρ {rho[0]:.2e} {rho[1]:.2e}")
     return check
@@ -212,6 +233,19 @@ def _feasible(
 
 def _relative(diff: Tensor, *scales: Tensor) -> float:
     return float(diff.norm()) / max(max(float(s.norm()) for s in scales), 1e-300)
+
+
+def _cone_residuals(
+    op: Operator, XW: Tensor, T: Tensor, prev_T: Tensor, zeta_T: Tensor, work: Tensor
+) -> tuple[float, float]:
+    """The cones' relative primal and dual residuals, ``‖AW − T‖ / max(‖AW‖, ‖T‖)`` and ``‖T − T_prev‖ / ‖A2‖``
+    (``A2 = ζ_T − T``), computed in ``work``."""
+    AW = torch.mul(XW, op.signed_cmask, out=work)
+    aw = float(AW.norm())
+    primal = float(AW.sub_(T).norm()) / max(aw, float(T.norm()), 1e-300)
+    a2 = float(torch.sub(zeta_T, T, out=work).norm())
+    dual = float(torch.sub(T, prev_T, out=work).norm()) / max(a2, 1e-300)
+    return primal, dual
 
 
 def _balance(primal: float, dual: float) -> float:

@@ -97,6 +97,8 @@ def certificate(
             # ν must sum to zero per output: centre (a valid choice for any b₀)
             r = r - r.mean(0)
     nu = 2.0 * r
+    if mu is not None and op.dtype == torch.float64:  # Mᵀν − Aᵀμ in one product
+        return dual_value(op, nu, Y, op.adjoint(nu, mu.to(torch.float64)))
     Dm = op.Dm.to(torch.float64)
     G = (X64.T @ (Dm[:, :, None] * nu[:, None, :]).reshape(op.n, -1)).reshape(op.d, op.P, op.c)
     g = torch.stack([G, -G], dim=1)

@@ -28,7 +28,7 @@ DEFAULT_MEMORY_FRACTION = 0.5
 # first_order.py / admm.py (with the multipliers of its best certificate) and certificate.py; see docs/solvers.md#memory
 NEWTON_OUTPUT_COPIES = 20
 FISTA_OUTPUT_COPIES = 10
-ADMM_OUTPUT_COPIES = 13
+ADMM_OUTPUT_COPIES = 10
 # Tensors of the variables' size (d, 2, P, c) alive at once, and the (K, d, d) blocks (two Newton systems overlap
 # while the next one is built: its B, L, B⁻¹, G, G + ridge, L_G and the previous B⁻¹, L_G)
 VARIABLE_COPIES = 24

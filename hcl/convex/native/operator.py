@@ -154,9 +154,12 @@ class Operator:
         return (mu * self.cmask * self.problem.scale * self.y_unit).to(self.problem.X.dtype)
 
     # ---- products
-    def forward(self, W: Tensor) -> Tensor:
-        """``Z = X W`` block outputs, shape ``(n, 2, P, c)``."""
-        return (self.X @ W.reshape(self.d, -1)).reshape(self.n, 2, self.P, self.c)
+    def forward(self, W: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Z = X W`` block outputs, shape ``(n, 2, P, c)`` (written in ``out`` when given)."""
+        if out is None:
+            return (self.X @ W.reshape(self.d, -1)).reshape(self.n, 2, self.P, self.c)
+        torch.matmul(self.X, W.reshape(self.d, -1), out=out.view(self.n, -1))
+        return out
 
     def predict(self, Z: Tensor, rows: slice = slice(None)) -> Tensor:
         """``Σ_i D_i X (U_i − V_i)``, shape ``(n, c)`` (or the rows ``rows`` of it, given their ``Z``)."""
@@ -202,10 +205,11 @@ class Operator:
         """``A W = (2D_i − I) X W`` on the constrained blocks, zero on the others."""
         return self.signed_cmask * Z
 
-    def adjoint_constraint(self, Y: Tensor, rows: slice = slice(None)) -> Tensor:
-        """``Aᵀ Y``, shape ``(d, 2, P, c)`` (``Y`` on ``rows``)."""
+    def adjoint_constraint(self, Y: Tensor, rows: slice = slice(None), overwrite: bool = False) -> Tensor:
+        """``Aᵀ Y``, shape ``(d, 2, P, c)`` (``Y`` on ``rows``); ``overwrite``: ``Y`` may serve as the workspace."""
         X = self.X[rows]
-        return (X.T @ (self.signed_cmask[rows] * Y).reshape(X.shape[0], -1)).reshape(self.d, 2, self.P, self.c)
+        weighted = Y.mul_(self.signed_cmask[rows]) if overwrite else self.signed_cmask[rows] * Y
+        return (X.T @ weighted.reshape(X.shape[0], -1)).reshape(self.d, 2, self.P, self.c)
 
     def violation(self, Z: Tensor) -> float:
         """The largest cone violation at block outputs ``Z`` (normalised units; 0 in the gated relaxation)."""
