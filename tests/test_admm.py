@@ -176,3 +176,60 @@ def test_each_method_on_the_gpu_certifies_what_it_certifies_on_the_cpu(method):
     reference = reference_solve(problem)
     assert gpu.dual_value <= reference.value + 1e-8 * reference.value
     assert gpu.value == pytest.approx(cpu.value, rel=2e-5)
+
+
+def _recorded(monkeypatch, problem, tol, constraint_tol):
+    """Solve with the ADMM, recording each stopping test's ``(iteration, gap, violation, ρ₂)`` and each move into the
+    cones' ``(iteration, moved point's gap)``."""
+    import hcl.convex.native.admm as admm_module
+
+    checks, moves = [], []
+    check, feasible = admm_module._check, admm_module._feasible
+
+    def recording_check(check_op, W, mu, options, it, rho, *args):
+        result = check(check_op, W, mu, options, it, rho, *args)
+        checks.append((it, result.gap, result.violation, rho[1]))
+        return result
+
+    def recording_move(*args):
+        point, gap = feasible(*args)
+        moves.append((checks[-1][0], gap))
+        return point, gap
+
+    monkeypatch.setattr(admm_module, "_check", recording_check)
+    monkeypatch.setattr(admm_module, "_feasible", recording_move)
+    solution = solve_native(problem, method="admm", tol=tol, constraint_tol=constraint_tol, max_iters=3000)
+    return solution, checks, moves
+
+
+@pytest.mark.parametrize("seed", [5, 10])  # instances where the gap opens again once the push made the point feasible
+def test_when_the_gap_opens_again_the_cone_penalty_returns_to_where_the_push_began(seed, monkeypatch):
+    import hcl.convex.native.admm as admm_module
+
+    tol = constraint_tol = 1e-3
+    solution, checks, _ = _recorded(monkeypatch, instance(n=80, d=6, P=10, c=1, seed=seed), tol, constraint_tol)
+    window = admm_module.PUSH_WITHIN * constraint_tol
+    pushing = [gap <= tol and admm_module.STRICT_VIOLATION < violation <= window for _, gap, violation, _ in checks]
+    ended = [k for k in range(1, len(checks) - 1) if pushing[k - 1] and not pushing[k] and checks[k][1] > tol]
+    assert ended, "no push ended with the gap open on this instance"
+    for k in ended:
+        start = max(j for j in range(k) if pushing[j] and (j == 0 or not pushing[j - 1]))
+        base, pushed = checks[start][3], checks[k][3]
+        assert pushed > base  # the push raised ρ₂ ...
+        assert checks[k + 1][3] == pytest.approx(base)  # ... and it is back where the push began
+    assert solution.status == "optimal"
+    assert solution.dual_value <= reference_solve(instance(n=80, d=6, P=10, c=1, seed=seed)).value + 1e-9
+
+
+@pytest.mark.parametrize("seed", [3, 5, 6, 9, 10])
+def test_a_failed_move_into_the_cones_is_retried_only_where_its_cost_leaves_the_gap_within_tol(seed, monkeypatch):
+    tol = constraint_tol = 1e-3
+    solution, checks, moves = _recorded(monkeypatch, instance(n=80, d=6, P=10, c=1, seed=seed), tol, constraint_tol)
+    at = {it: (gap, violation) for it, gap, violation, _ in checks}
+    assert moves and solution.status == "optimal" and moves[-1][1] <= tol  # the last move is the certified point
+    for (it_before, moved_gap), (it, _) in zip(moves, moves[1:]):
+        gap_before, violation_before = at[it_before]
+        cost = max(moved_gap - gap_before, 0.0) / violation_before
+        gap, violation = at[it]
+        assert moved_gap > tol and violation <= 0.5 * violation_before
+        assert gap + cost * violation <= tol

@@ -23,7 +23,7 @@ from hcl.convex.native.certificate import Convergence, certificate, converged, f
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
-from hcl.convex.status import Status
+from hcl.convex.status import Status, relative_gap
 
 # Over-relaxation (Eckstein–Bertsekas) and the starting penalties, relative to the mean curvature ‖X‖²_F / d for ρ₁
 # and to XᵀX for ρ₂ (dimensionless); measured on MNIST in docs/solvers.md#admm
@@ -37,7 +37,8 @@ RHO_BALANCE = 10.0
 RHO_EVERY = 25
 # ρ₂ grows (by RHO_FACTOR) instead of balancing once the gap is within tol, the violation within this many
 # constraint_tol but above STRICT_VIOLATION: the bound has caught up and only feasibility is left (further out, an
-# infeasible point's value says little); docs/solvers.md#admm
+# infeasible point's value says little). When the gap opens again (the value rose with feasibility, the bound lags),
+# ρ₂ returns to where the push began: a large ρ₂ stalls the bound; docs/solvers.md#admm
 PUSH_WITHIN = 10.0
 # Iterations between two tests of the stopping rule (each costs three float64 products with X)
 CHECK_EVERY = 10
@@ -115,8 +116,10 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     last_change, it = 0, 0
     prev_Z = None
     tried = 2.0 * options.constraint_tol  # the violation at the last move into the cones
+    cost = 0.0  # what the last move added to the relative gap, per unit of violation (a move costs seconds)
     best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
     pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
+    push_base = None  # ρ₂ when the push began, restored when it ends
     push_above = PUSH_WITHIN * options.constraint_tol
     # the block outputs' size tensors, allocated once (a fresh one each time costs as much as the operation on it)
     outputs = [XW, torch.empty_like(XW)]  # the step writes into the one the last iteration did not use
@@ -145,16 +148,23 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
             check = _check(check_op, W, mu, options, it, (rho1, rho2), best, XW if op.dtype == torch.float64 else None)
             if check.dual > best:
                 best, best_point = check.dual, (W.clone(), None if mu is None else mu.clone())
+            was_pushing = pushing
             pushing = constrained and check.gap <= options.tol and STRICT_VIOLATION < check.violation <= push_above
+            unpush = was_pushing and not pushing and rho2 > push_base
+            if pushing and push_base is None:
+                push_base = rho2
+            elif not pushing and not unpush:
+                push_base = None
             if check.met and check.violation <= STRICT_VIOLATION:
                 stop = Status.OPTIMAL
-            elif check.met and check.violation <= 0.5 * tried:
+            elif check.met and check.violation <= 0.5 * tried and check.gap + cost * check.violation <= options.tol:
                 # met at a loose constraint_tol: "optimal" only at the point moved exactly into its cones, tried again
-                # each time the violation has halved (the move costs about what the violation does)
-                feasible = _feasible(op, check_op, W, mu, rotation, options, best)
+                # once the violation has halved and the last move's cost, scaled to it, leaves the gap within tol
+                feasible, moved_gap = _feasible(op, check_op, W, mu, rotation, options, best)
                 if feasible is not None:
                     W, stop = feasible, Status.OPTIMAL
                 tried = check.violation
+                cost = max(moved_gap - check.gap, 0.0) / max(check.violation, 1e-300)
             if stop is None and lam == 0 and prev_Z is not None:
                 # λ = 0: no certificate beyond 0 (see interior_point); stop on feasibility and a settled splitting
                 settled = max(_relative(W - Z, W, Z), _relative(Z - prev_Z, Z)) <= options.tol
@@ -162,7 +172,9 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                     stop = Status.OPTIMAL_INACCURATE
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
-        if balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
+        if checking and unpush:  # the push is over (the gap opened again): ρ₂ returns to where it began
+            balancing, f1, f2, push_base = True, 1.0, push_base / rho2, None
+        elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
             f2 = RHO_FACTOR
         if stop is None and balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
             zeta_W = Z + A1 / f1
@@ -217,10 +229,10 @@ def _feasible(
     rotation: Tensor,
     options: NativeOptions,
     best: float,
-) -> Tensor | None:
+) -> tuple[Tensor | None, float]:
     """``W`` moved exactly into its cones (:func:`hcl.convex.feasibility.restore_feasibility`), in the solve's basis,
     when the final check (:func:`final_status`) certifies it against the larger of the certificate there and
-    ``best``; else ``None``."""
+    ``best`` (else ``None``), and the moved point's relative gap."""
     problem = op.problem
     U, V, b0 = restore_feasibility(problem, *op.unpack(_rotate(W, rotation.T)))
     exact = problem.in_float64()
@@ -228,7 +240,8 @@ def _feasible(
     dual = max(best, certificate(check_op, check_op.forward(moved), None if mu is None else mu.to(torch.float64))[0])
     value, violation = float(exact.objective(U, V, b0)), float(exact.violation(U, V))
     certified = final_status(exact, Status.OPTIMAL, value, dual, violation, options) == Status.OPTIMAL
-    return moved.to(op.dtype) if certified else None
+    gap = relative_gap(value, dual, problem.gap_floor) if math.isfinite(value) else math.inf
+    return (moved.to(op.dtype) if certified else None), gap
 
 
 def _relative(diff: Tensor, *scales: Tensor) -> float:
