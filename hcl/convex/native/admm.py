@@ -40,7 +40,7 @@ RHO_EVERY = 25
 # infeasible point's value says little). When the gap opens again (the value rose with feasibility, the bound lags),
 # ρ₂ returns to where the push began: a large ρ₂ stalls the bound; docs/solvers.md#admm
 PUSH_WITHIN = 10.0
-# Iterations between two tests of the stopping rule (each costs three float64 products with X)
+# Iterations between two tests of the stopping rule (each costs a float64 product with X; three in float32)
 CHECK_EVERY = 10
 # A point within this violation (relative to max|Y|) counts as feasible; beyond it, a test met at a looser
 # constraint_tol is confirmed at the point moved exactly into its cones (the monitors' strict tolerance)
@@ -137,7 +137,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         W, XW = step.solve(B, out=outputs[it % 2])
         checking = it % CHECK_EVERY == 0 or it == options.max_iters
         balancing = it - last_change >= RHO_EVERY and prev_Z is not None
-        mu = None
+        mu, unpush = None, False
         if constrained and checking:
             mu = torch.sub(T, zeta_T).mul_(rho2) * op.cmask  # −ρ₂ A2 ≥ 0
         if balancing:  # ρ's factors, from this iteration's residuals (before ζ moves)
@@ -172,7 +172,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                     stop = Status.OPTIMAL_INACCURATE
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
-        if checking and unpush:  # the push is over (the gap opened again): ρ₂ returns to where it began
+        if unpush:  # the push is over (the gap opened again): ρ₂ returns to where it began
             balancing, f1, f2, push_base = True, 1.0, push_base / rho2, None
         elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
             f2 = RHO_FACTOR
