@@ -16,6 +16,8 @@ Prints markdown tables (this is a measurement, not a test):
   (2000, 100, 400);
 * **first order** — what the matrix-free method reaches at (500, 20, 100) in a fixed time;
 * ``counts`` (not in the default ``--only``) — iterations of the interior point against Clarabel's and ECOS's;
+* ``schur`` (not in the default ``--only``) — the interior point with its Schur matrices built in float64 against
+  float32 (``FLOAT32_SCHUR_ABOVE``'s switch point), on trajectory instances and random ones, best of ``max(2, R)``;
 * ``mnist`` (not in the default ``--only``) — large ``d``: both native methods on 1000 real MNIST images
   (``d = 785``, 20 Gaussian gates, digit parity as the target), read from ``--mnist-root``;
 * ``--crossover`` — native against Clarabel on small sizes (the ``"auto"`` switch point).
@@ -44,7 +46,7 @@ import torch
 from hcl.convex import choose_solver, solve
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import solve_cvxpy
-from hcl.convex.native import remap_warm_start, solve_native
+from hcl.convex.native import newton, remap_warm_start, solve_native
 from hcl.convex.native.newton import FLOAT32_SCHUR_ABOVE, schur_panels
 from hcl.convex.problem import ConvexProblem, fold_bias
 from hcl.convex.solvers import NativeSolver
@@ -54,6 +56,7 @@ COLD_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
 WARM_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100)]
 COUNT_SIZES = [(200, 10, 40), (300, 20, 50), (500, 20, 100)]
 ITER_SIZES = [(100, 10, 20), (500, 20, 100), (1000, 50, 100), (2000, 100, 400)]
+SCHUR_SIZES = [(200, 10, 40), (300, 15, 60), (400, 20, 80), (500, 20, 100)]
 CROSSOVER_SIZES = [(30, 3, 6), (50, 5, 10), (60, 6, 12), (70, 7, 14), (80, 8, 16), (100, 10, 10), (100, 10, 20),
                    (200, 10, 40)]
 
@@ -335,6 +338,35 @@ def iteration_counts(args) -> None:
         print(row([f"{n}, {d}, {P}", *counts]), flush=True)
 
 
+def schur_precision(args) -> None:
+    """Float64 against float32 Schur matrices, on ``benchmarks/trajectories.py``'s instances (t + 1, λ = 1e-3) and
+    random cold ones (``c`` = 1 and 3), at sizes around the switch point."""
+    from trajectories import trajectory_problems  # the sibling script: the monitor's instances
+
+    print("\n### Schur matrices in float32 against float64 (best of max(2, R))\n")
+    print(row(["instance", "n, d, P, c", "n² P d c", "float64 s (it)", "float32 s (it)", "float32 / float64"]))
+    print(row(["---"] * 6))
+    cases = []
+    for n, d, P in SCHUR_SIZES:
+        for form in ("patterns", "neurons"):
+            cases.append((f"trajectory, {form}", trajectory_problems(n, d, P, 1e-3, 0, form, gaps=(1,))[1]))
+        for c in (1, 3):
+            base = cold_instance(n, d, P, seed=1)
+            Y = base.Y if c == 1 else torch.randn(n, c, generator=torch.Generator().manual_seed(2), dtype=base.X.dtype)
+            cases.append(("random", ConvexProblem(base.X, Y, base.patterns, weight_decay=0.1, reduction="sum")))
+    for label, problem in cases:
+        n, d, P, c = problem.n, problem.d, problem.num_patterns, problem.c
+        timings = []
+        for threshold in (float("inf"), 0):  # float64 always, float32 always
+            newton.FLOAT32_SCHUR_ABOVE = threshold
+            timings.append(fastest(max(2, args.repeats), problem, method="newton", num_threads=args.threads))
+        newton.FLOAT32_SCHUR_ABOVE = FLOAT32_SCHUR_ABOVE
+        f64, f32 = timings
+        print(row([label, f"{n}, {d}, {P}, {c}", f"{n * n * P * d * c:.1e}",
+                   f"{f64.solve_seconds:.3f} ({f64.iterations})", f"{f32.solve_seconds:.3f} ({f32.iterations})",
+                   f"{f32.solve_seconds / f64.solve_seconds:.2f}"]), flush=True)
+
+
 def crossover(args) -> None:
     print("\n### Crossover: native against Clarabel on small sizes (best of 3)\n")
     print(row(["λ", "n, d, P", "n·d·P", "native s (status)", "Clarabel s", "Clarabel / native", "auto picks"]))
@@ -382,7 +414,8 @@ def main() -> None:
     print(f"Machine: {machine()}")
     solve_native(cold_instance(40, 4, 8))  # first-call overheads (lazy initialisation) out of the timings
     sections = {"crossover": crossover, "cold": cold, "warm": warm, "iter": per_iteration, "first": first_order,
-                "mnist": mnist_subsample, "counts": iteration_counts}
+                "mnist": mnist_subsample, "counts": iteration_counts,
+                "schur": schur_precision}
     for name in args.only.split(","):
         sections[name](args)
 

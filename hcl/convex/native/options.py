@@ -24,7 +24,7 @@ DEFAULT_MAX_ITERS = {"newton": 100, "fista": 20000, "admm": 5000}
 NEWTON_MAX_SAMPLES = 6000
 # n² P d c from which the Schur matrices are built in float32 (cheaper than the CG steps it costs only from there on);
 # see docs/solvers.md#tuned-constants
-FLOAT32_SCHUR_ABOVE = 1_000_000_000
+FLOAT32_SCHUR_ABOVE = 200_000_000
 # CG iterations a float32-built preconditioner gets before it is rebuilt in float64; see docs/solvers.md#tuned-constants
 FLOAT32_CG_ITERS = 20
 # d/n from which the (d, d) blocks follow the Schur matrices into float32 (building them then dominates);
