@@ -90,9 +90,9 @@ class SolveOutcome:
 
 
 # Share of the new patterns that must be among the old ones for the interior point's warm start: below it the remapped
-# start took more iterations than a cold one (docs/solvers.md#warm-against-cold-native-only). The first-order methods
-# take it whatever the share (docs/solvers.md#warm-starts-of-the-admm)
-WARM_MIN_KEPT_PATTERNS = 0.35
+# start was sometimes slower than a cold one (docs/solvers.md#tuned-constants). The first-order methods take it
+# whatever the share (docs/solvers.md#warm-starts-of-the-admm)
+WARM_MIN_KEPT_PATTERNS = 0.2
 FIRST_ORDER_METHODS = ("admm", "fista")
 
 

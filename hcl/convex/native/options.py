@@ -44,8 +44,8 @@ SCHUR_PANEL_ROWS_MAX = 256
 # Warm starts with multipliers: slacks floored at WARM_SLACK_FLOOR and no slack-multiplier product below
 # WARM_CENTRALITY (normalised units), so that the first steps are not stopped by tiny multipliers;
 # see docs/solvers.md#tuned-constants
-WARM_SLACK_FLOOR = 1e-3
-WARM_CENTRALITY = 1e-5
+WARM_SLACK_FLOOR = 5e-3
+WARM_CENTRALITY = 1e-4
 # Interior-point iterations without halving the best certified gap after which a point within √tol is returned as
 # optimal_inaccurate (the certificate has stopped closing); see docs/solvers.md#tuned-constants
 STALL_ITERATIONS = 10
