@@ -264,16 +264,23 @@ def test_remap_warm_start_gives_changed_patterns_the_nearest_block():
     problem = random_problem(9, n=40, P=4)
     solution = solve_native(problem)
     old = problem.patterns
+    dense_old = solution.multipliers.cone.to_dense()
+    flip = int(dense_old[:, :, 1].abs().flatten(1).sum(1).argmax())  # a sample with an active constraint
+    assert torch.count_nonzero(dense_old[flip, :, 1]) > 0
     near = old[:, 1].clone()
-    near[0] = ~near[0]  # one sample changed side
+    near[flip] = ~near[flip]  # one sample changed side
     new = torch.stack([old[:, 0], near, old[:, 1], old[:, 3]], dim=1)
     U, V, _, mult = remap_warm_start(old, solution, new)
     assert torch.equal(U[0], solution.U[0]) and torch.equal(U[3], solution.U[3])
     # old block 1 is taken by two new patterns: shared, so that their predictions add up to the old block's
     assert torch.allclose(U[1], solution.U[1] / 2) and torch.allclose(U[2], solution.U[1] / 2)
     assert torch.allclose(V[1] + V[2], solution.V[1])
-    dense_old, dense_new = solution.multipliers.cone.to_dense(), mult.cone.to_dense()
-    assert torch.equal(dense_new[:, :, 1], dense_old[:, :, 1])
+    dense_new = mult.cone.to_dense()
+    assert torch.equal(dense_new[:, :, 2], dense_old[:, :, 1])
+    # the sample that changed side has another constraint: its old multipliers are not carried to it
+    others = torch.arange(problem.n) != flip
+    assert torch.equal(dense_new[others, :, 1], dense_old[others, :, 1])
+    assert torch.count_nonzero(dense_new[flip, :, 1]) == 0
     next_problem = ConvexProblem(problem.X, problem.Y, new, problem.weight_decay, problem.reduction)
     warm = solve_native(next_problem, warm_start=(U, V, solution.b0, mult))
     assert warm.status == "optimal"

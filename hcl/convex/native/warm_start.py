@@ -96,7 +96,8 @@ def remap_warm_start(
     new optimum's, where a zero block is not. An old block taken by several new patterns is shared equally among
     them (their predictions then add up to the old block's). A new pattern farther than ``n / 10`` samples from
     every old one starts at zero. The result may violate a few of the new cone constraints; the solvers start
-    from infeasible points.
+    from infeasible points. Multipliers follow their blocks but for the samples that changed side, whose
+    constraint has changed sign: those start at zero.
 
     Args:
         old_patterns: ``(n, P_old)`` boolean patterns of the solved problem.
@@ -126,10 +127,13 @@ def remap_warm_start(
     V_new[keep] = V[old_index[keep]] * share[keep, None, None]
     new_mult = None
     if mult is not None:
-        # a block's multipliers do not scale with it (stationarity involves w / ‖w‖): copied as they are
+        # a block's multipliers do not scale with it (stationarity involves w / ‖w‖): copied as they are, except
+        # where a sample changed side, whose constraint changed sign (docs/solvers.md, "Warm starts")
         cone = mult.cone.to_dense() if mult.cone.is_sparse else mult.cone
         dense = cone.new_zeros(cone.shape[:2] + (P_new,) + cone.shape[3:])
-        dense[:, :, keep] = cone[:, :, old_index[keep].to(cone.device)]
+        taken = old_index[keep].to(cone.device)
+        same_side = old_patterns.bool().to(cone.device)[:, taken] == new_patterns.bool().to(cone.device)[:, keep]
+        dense[:, :, keep] = cone[:, :, taken] * same_side[:, None, :, None]
         new_mult = Multipliers(dense.to_sparse(), mult.penalty)
     return U_new, V_new, b0.clone(), new_mult
 
