@@ -173,8 +173,8 @@ def layouts(t: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method", ["newton", "fista"])
-@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("method, c", [("newton", 1), ("newton", 2), ("fista", 1),
+                                       pytest.param("fista", 2, marks=pytest.mark.slow)])
 def test_every_memory_layout_gives_the_contiguous_result(method, c):
     g = torch.Generator().manual_seed(c)
     n, d, P = 28, 4, 6

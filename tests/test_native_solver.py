@@ -90,7 +90,7 @@ def test_newton_with_sign_restricted_blocks(outputs, signs):
 
 
 @pytest.mark.parametrize("float32_blocks", [False, True])
-@pytest.mark.parametrize("float32_cg_iters", [0, 20])
+@pytest.mark.parametrize("float32_cg_iters", [0, pytest.param(20, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("outputs,bias", [((1, False), True), ((3, False), False)])
 def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(
     outputs, bias, float32_cg_iters, float32_blocks, monkeypatch
