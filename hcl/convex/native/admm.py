@@ -119,7 +119,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     cost = 0.0  # what the last move added to the relative gap, per unit of violation (a move costs seconds)
     best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
     pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
-    push_base = None  # ρ₂ when the push began, restored when it ends
+    push_base = None  # ρ₂ when the push under way began (None: no push), restored when it ends
     push_above = PUSH_WITHIN * options.constraint_tol
     # the block outputs' size tensors, allocated once (a fresh one each time costs as much as the operation on it)
     outputs = [XW, torch.empty_like(XW)]  # the step writes into the one the last iteration did not use
@@ -137,7 +137,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         W, XW = step.solve(B, out=outputs[it % 2])
         checking = it % CHECK_EVERY == 0 or it == options.max_iters
         balancing = it - last_change >= RHO_EVERY and prev_Z is not None
-        mu, unpush = None, False
+        mu, unpush_to = None, None
         if constrained and checking:
             mu = torch.sub(T, zeta_T).mul_(rho2) * op.cmask  # −ρ₂ A2 ≥ 0
         if balancing:  # ρ's factors, from this iteration's residuals (before ζ moves)
@@ -148,13 +148,10 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
             check = _check(check_op, W, mu, options, it, (rho1, rho2), best, XW if op.dtype == torch.float64 else None)
             if check.dual > best:
                 best, best_point = check.dual, (W.clone(), None if mu is None else mu.clone())
-            was_pushing = pushing
             pushing = constrained and check.gap <= options.tol and STRICT_VIOLATION < check.violation <= push_above
-            unpush = was_pushing and not pushing and rho2 > push_base
-            if pushing and push_base is None:
-                push_base = rho2
-            elif not pushing and not unpush:
-                push_base = None
+            if not pushing and push_base is not None and rho2 > push_base:
+                unpush_to = push_base
+            push_base = (push_base or rho2) if pushing else None
             if check.met and check.violation <= STRICT_VIOLATION:
                 stop = Status.OPTIMAL
             elif check.met and check.violation <= 0.5 * tried and check.gap + cost * check.violation <= options.tol:
@@ -172,8 +169,8 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                     stop = Status.OPTIMAL_INACCURATE
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
-        if unpush:  # the push is over (the gap opened again): ρ₂ returns to where it began
-            balancing, f1, f2, push_base = True, 1.0, push_base / rho2, None
+        if unpush_to is not None:  # the push is over (the gap opened again): ρ₂ returns to where it began
+            balancing, f1, f2 = True, 1.0, unpush_to / rho2
         elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
             f2 = RHO_FACTOR
         if stop is None and balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
