@@ -41,6 +41,10 @@ CG_RTOL_PATTERN_GROUPS = 1e-10
 # triangle but make smaller products; see docs/solvers.md#tuned-constants
 SCHUR_PANEL_ROWS_MIN = 96
 SCHUR_PANEL_ROWS_MAX = 256
+# A cold start's slacks and cone multipliers (normalised units): below 1, nearer the optimum's scale on training
+# trajectories; see docs/solvers.md#tuned-constants
+START_SLACK = 0.3
+START_MULTIPLIER = 0.1
 # Warm starts with multipliers: slacks floored at WARM_SLACK_FLOOR and no slack-multiplier product below
 # WARM_CENTRALITY (normalised units), so that the first steps are not stopped by tiny multipliers;
 # see docs/solvers.md#tuned-constants
