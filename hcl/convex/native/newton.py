@@ -123,54 +123,59 @@ class NewtonSystem:
         # relative regularisation: negligible in float64, and below float32's rounding in float32 (1e-6 made the
         # conjugate gradients slower)
         relative = 1e-14 if blocks == torch.float64 else 1e-8
-        # ----- block-diagonal part, one (d, d) block per (side, i, o), ordered like W.reshape(d, K)
+        # ----- block-diagonal part, one (d, d) block per (side, i, o), ordered like W.reshape(d, K); only the blocks
+        # that exist are formed (a sign restriction removes half of them), the others' inverses are 0
+        kept = op.wmask.expand(1, 2, P, c).reshape(K).bool() if op.restricted else None
+        Kk = K if kept is None else int(kept.sum())
+
+        def existing(T: Tensor) -> Tensor:  # the rows of a (K, …) tensor that belong to existing blocks
+            return T if kept is None else T[kept]
+
         if self.theta is not None:
-            theta_k = self.theta.reshape(n, K).to(blocks)
-            B = torch.zeros(K, d * d, dtype=blocks, device=op.device)
+            theta_k = existing(self.theta.reshape(n, K).T).to(blocks)  # (Kk, n)
+            B = torch.zeros(Kk, d * d, dtype=blocks, device=op.device)
             outer = self.workspace.sample_outer_products(blocks)
             if outer is not None:  # Xᵀ diag(θ_k) X for every block k as one product: θᵀ (x_j x_jᵀ)_j
-                B.addmm_(theta_k.T, outer)
+                B.addmm_(theta_k, outer)
             else:
                 # too many rows x_j x_jᵀ to keep (large d): (θ_k ⊙ X)ᵀ X block by block, a few blocks at a time, as
                 # deep products (a chunk of the rows x_j x_jᵀ would give products only a few samples deep)
-                B3 = B.view(K, d, d)
-                for lo in range(0, K, self.budget):
-                    hi = min(K, lo + self.budget)
-                    weighted = theta_k[:, lo:hi].T[:, :, None] * X  # (blocks, n, d)
+                B3 = B.view(Kk, d, d)
+                for lo in range(0, Kk, self.budget):
+                    hi = min(Kk, lo + self.budget)
+                    weighted = theta_k[lo:hi, :, None] * X  # (blocks, n, d)
                     torch.matmul(weighted.transpose(1, 2), X, out=B3[lo:hi])
-            B = B.reshape(K, d, d)
+            B = B.reshape(Kk, d, d)
         else:
-            B = torch.zeros(K, d, d, dtype=blocks, device=op.device)
+            B = torch.zeros(Kk, d, d, dtype=blocks, device=op.device)
         rho, smooth = self.rho.to(blocks), self.smooth.to(blocks)
         # the smoothed norm's Hessian, added in place (these (K, d, d) tensors are the largest of an iteration)
         if op.per_column:
-            Wf = self.norm_direction.reshape(d, K).T.to(blocks)  # (K, d)
-            Zf = self.norm_dual.reshape(d, K).T.to(blocks)
-            rho_k = rho.reshape(K)
-            B.diagonal(dim1=1, dim2=2).add_(rho_k[:, None])
-            coef = (-0.5 / smooth.reshape(K) ** 2)[:, None, None]
+            Wf = existing(self.norm_direction.reshape(d, K).T).to(blocks)  # (Kk, d)
+            Zf = existing(self.norm_dual.reshape(d, K).T).to(blocks)
+            B.diagonal(dim1=1, dim2=2).add_(existing(rho.reshape(K))[:, None])
+            coef = existing(-0.5 / smooth.reshape(K) ** 2)[:, None, None]
             B.baddbmm_(coef * Zf[:, :, None], Wf[:, None, :])
             B.baddbmm_(coef * Wf[:, :, None], Zf[:, None, :])
         else:
             # with pattern groups the rank-one part −(ρ/N²) w wᵀ of a group spans its pattern's 2·c blocks; it is
             # left out of the preconditioner (which then dominates the matrix) and kept in the exact product
             rho_k = rho[None, :, None].expand(2, P, c).reshape(K)
-            B.diagonal(dim1=1, dim2=2).add_(rho_k[:, None])
+            B.diagonal(dim1=1, dim2=2).add_(existing(rho_k)[:, None])
         # static regularisation (relative) keeps every block positive definite; the conjugate gradients on the
         # unregularised system remove its effect on the direction (an absolute floor relative to the data term's
         # curvature keeps λ = 0 and the smoothed norms' flat radial directions solvable)
         diag = B.diagonal(dim1=1, dim2=2)
         reg = torch.clamp(relative * diag.amax(1), min=op.regularization)
         diag.add_(reg[:, None])
-        if op.restricted:
-            excluded = ~op.wmask.expand(1, 2, P, c).reshape(K).bool()  # blocks a sign restriction removes
-            B[excluded] = eye
         L = self._cholesky(B, blocks)
         if L is None:
             return False
-        Binv = torch.cholesky_inverse(L)
-        if op.restricted:
-            Binv[excluded] = 0.0
+        if kept is None:
+            Binv = torch.cholesky_inverse(L)
+        else:
+            Binv = torch.zeros(K, d, d, dtype=blocks, device=op.device)
+            Binv[kept] = torch.cholesky_inverse(L)
         # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
         ridge = relative * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-30)
