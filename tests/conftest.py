@@ -1,7 +1,9 @@
 """Suite-wide settings and the trainer every callback test runs.
 
 Tiny tensors run fastest on one thread (two cores are shared by the whole suite). Tests that take more than about a
-second carry the ``slow`` marker: ``python -m pytest -m "not slow"`` runs the rest in under a minute.
+second carry the ``slow`` marker, and so do the parameters of a grid beyond a part that covers it (every case once,
+or every pair of settings: ``tests/_params.py``): ``python -m pytest -m "not slow"`` runs the rest in under a
+minute.
 """
 
 from __future__ import annotations

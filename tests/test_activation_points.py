@@ -159,6 +159,7 @@ def test_the_legend_lists_only_the_kinds_of_neurons_drawn():
     assert _legend_labels(figure) == base
 
 
+@pytest.mark.slow
 def test_a_run_logs_one_picture_per_period_and_the_final_one_and_writes_the_gif(tmp_path, make_trainer):
     torch.manual_seed(0)
     data = SyntheticRegression(kind="points", x=[-0.7, -0.3, 0.7, 0.8], y=[0.28, 0.52, 1.12, 1.18],

@@ -62,8 +62,11 @@ def test_forward_hook_and_recomputation_give_the_same_series(tmp_path, make_trai
     assert any(v > 0 for _, v in runs["hook"]["patterns/changed"])  # something moved, so the test means something
 
 
-@pytest.mark.parametrize("formulation", ["neurons", "patterns"])
-@pytest.mark.parametrize("bias,weight_decay", [(False, 0.0), (True, 1e-2)])
+@pytest.mark.parametrize("formulation,bias,weight_decay", [
+    ("neurons", False, 0.0), ("patterns", True, 1e-2),
+    pytest.param("neurons", True, 1e-2, marks=pytest.mark.slow),
+    pytest.param("patterns", False, 0.0, marks=pytest.mark.slow),
+])
 def test_convex_optimum_never_exceeds_the_objective(tmp_path, make_trainer, formulation, bias, weight_decay):
     model, data = _seed_c(bias=bias, weight_decay=weight_decay, init_scale=0.5)
     monitor = ConvexGapMonitor(every_n_steps=1, formulation=formulation, solver="clarabel")
@@ -201,7 +204,7 @@ def test_a_failing_solver_warns_and_training_goes_on(tmp_path, make_trainer, mon
     assert "convex/optimum" not in s
 
 
-@pytest.mark.parametrize("formulation", ["neurons", "patterns"])
+@pytest.mark.parametrize("formulation", [pytest.param("neurons", marks=pytest.mark.slow), "patterns"])
 def test_previous_solution_warm_start_carries_each_solve_to_the_next(tmp_path, make_trainer, monkeypatch, formulation):
     """warm_start="previous": every solve after the first starts from the last solution, remapped to the new
     patterns; the optima are those of the default start (both are certified to the solver's tolerance)."""

@@ -72,7 +72,8 @@ def test_exact_m_matches_a_dense_sweep_of_the_circle():
 
 
 @pytest.mark.parametrize(
-    "lam, reduction, output_bias", [(1e-3, "mean", False), (1e-1, "mean", True), (3e-2, "sum", False)]
+    "lam, reduction, output_bias",
+    [(1e-3, "mean", False), (1e-1, "mean", True), pytest.param(3e-2, "sum", False, marks=pytest.mark.slow)],
 )
 def test_bound_below_all_patterns_optimum_below_trained_networks(lam, reduction, output_bias):
     X, y = instance(int(lam * 1000))

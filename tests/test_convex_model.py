@@ -75,7 +75,7 @@ def _cvxpy_optimum(X, Y, gates, lam, relu: bool) -> float:
     return float(problem.value)
 
 
-@pytest.mark.parametrize("c", [1, 2])
+@pytest.mark.parametrize("c", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_gated_training_decreases_and_certifies_below_the_optimum(tmp_path, c):
     X, Y = _data(c=c)
     lam = 0.1  # a sparse optimum: proximal gradient reaches a small gap in a few hundred steps

@@ -59,7 +59,7 @@ def line(n: int, kind: str, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["dyadic", "rounded", "steep", "random"])
-@pytest.mark.parametrize("n", [6, 12, 25])
+@pytest.mark.parametrize("n", [6, 12, pytest.param(25, marks=pytest.mark.slow)])
 def test_collinear_points_have_the_one_dimensional_threshold_patterns(kind, n):
     points = line(n, kind, seed=n)
     X = with_bias(points)

@@ -355,7 +355,10 @@ CONTINUES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONTINUES, ids=[c[0] for c in CONTINUES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c[0] == "solver_hangs_async" else c for c in CONTINUES],
+    ids=[c[0] for c in CONTINUES],
+)
 def test_problems_during_training_warn_and_training_goes_on(tmp_path, monkeypatch, case):
     _, make_model, make_callbacks, logger, patch, warning, expected = case
     if patch is not None:

@@ -46,8 +46,11 @@ def _independent_optimum(Xf: np.ndarray, y: np.ndarray, D: np.ndarray, lam: floa
     return float(problem.value)
 
 
-@pytest.mark.parametrize("dim,n", [(1, 7), (2, 6)])
-@pytest.mark.parametrize("lam,reduction", [(0.05, "mean"), (0.01, "sum"), (0.0, "mean")])
+@pytest.mark.parametrize("lam,reduction,dim,n", [
+    (0.05, "mean", 1, 7), (0.01, "sum", 2, 6),
+    pytest.param(0.0, "mean", 1, 7, marks=pytest.mark.slow), pytest.param(0.05, "mean", 2, 6, marks=pytest.mark.slow),
+    pytest.param(0.01, "sum", 1, 7, marks=pytest.mark.slow), pytest.param(0.0, "mean", 2, 6, marks=pytest.mark.slow),
+])
 def test_all_patterns_optimum_matches_an_independent_formulation(dim, n, lam, reduction):
     rng = np.random.default_rng(10 * dim + n)
     X = rng.uniform(-1, 1, size=(n, dim))

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _params import pairwise
 from _reference import reference_value
 
 import hcl.convex.native.solver as native_solver
@@ -63,9 +64,7 @@ def test_zero_decay_identical_rows_with_an_output_bias_returns_the_optimum_not_a
     assert abs(reference_value(problem) - optimum) <= 1e-8 * optimum
 
 
-@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.1])
-@pytest.mark.parametrize("c", [1, 3])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lam,c,bias", pairwise([0.0, 1e-3, 0.1], [1, 3], [True, False]))
 def test_random_targets_on_identical_rows(lam, c, bias):
     g = torch.Generator().manual_seed(int(lam * 1000) + 10 * c + bias)
     for scale in (1e-2, 1.0, 30.0):
@@ -173,7 +172,7 @@ def layouts(t: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method, c", [("newton", 1), ("newton", 2), ("fista", 1),
+@pytest.mark.parametrize("method, c", [("newton", 1), pytest.param("newton", 2, marks=pytest.mark.slow), ("fista", 1),
                                        pytest.param("fista", 2, marks=pytest.mark.slow)])
 def test_every_memory_layout_gives_the_contiguous_result(method, c):
     g = torch.Generator().manual_seed(c)

@@ -1,12 +1,12 @@
 """hcl's native solver against an independent cvxpy formulation, its certificate, warm starts and errors."""
 
 import dataclasses
-import itertools
 import math
 import zlib
 
 import pytest
 import torch
+from _params import pairwise
 from _reference import reference_value
 
 from hcl.convex.native import Multipliers, NativeOptions, dual_certificate, remap_warm_start, solve_native
@@ -57,8 +57,7 @@ OUTPUTS = [(1, False), (3, False), (3, True)]  # scalar, shared-layer vector (Fr
 
 
 @pytest.mark.parametrize(
-    "outputs,bias,reduction,lam,gated",
-    list(itertools.product(OUTPUTS, [False, True], ["sum", "mean"], [0.0, 0.05], [False, True])),
+    "outputs,bias,reduction,lam,gated", pairwise(OUTPUTS, [False, True], ["sum", "mean"], [0.0, 0.05], [False, True])
 )
 def test_newton_agrees_with_cvxpy(outputs, bias, reduction, lam, gated):
     c, one_vs_all = outputs
@@ -89,9 +88,13 @@ def test_newton_with_sign_restricted_blocks(outputs, signs):
     assert torch.count_nonzero(solution.V[forbidden_v]) == 0
 
 
-@pytest.mark.parametrize("float32_blocks", [False, True])
 @pytest.mark.parametrize("float32_cg_iters", [0, pytest.param(20, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("outputs,bias", [((1, False), True), ((3, False), False)])
+@pytest.mark.parametrize(
+    "outputs,bias,float32_blocks",
+    [((1, False), True, False), ((1, False), True, True),
+     pytest.param((3, False), False, False, marks=pytest.mark.slow),
+     pytest.param((3, False), False, True, marks=pytest.mark.slow)],
+)
 def test_newton_float32_schur_and_its_float64_fallback_agree_with_cvxpy(
     outputs, bias, float32_cg_iters, float32_blocks, monkeypatch
 ):
@@ -137,7 +140,9 @@ def test_newton_barrier_blocks_built_block_by_block_agree_with_cvxpy(outputs, si
 
 
 @pytest.mark.parametrize(
-    "outputs,gated,bias", [((1, False), False, True), ((3, False), False, False), ((3, True), True, True)]
+    "outputs,gated,bias",
+    [pytest.param((1, False), False, True, marks=pytest.mark.slow), ((3, False), False, False),
+     ((3, True), True, True)],
 )
 def test_fista_agrees_with_cvxpy(outputs, gated, bias):
     c, one_vs_all = outputs

@@ -202,7 +202,7 @@ def test_a_vector_solve_stopped_early_logs_its_dual_value_as_the_lower_bound():
 
 @pytest.mark.parametrize("solver,options", [
     ("native", {}), ("clarabel", {}), ("native", {"tol": 1e-3}),
-    ("native", {"method": "admm", "tol": 1e-3, "constraint_tol": 1e-3}),
+    pytest.param("native", {"method": "admm", "tol": 1e-3, "constraint_tol": 1e-3}, marks=pytest.mark.slow),
 ])
 def test_the_bracket_holds_the_true_optimum(solver, options):
     for seed in range(4):
@@ -218,8 +218,10 @@ def test_the_bracket_holds_the_true_optimum(solver, options):
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("options", [dict(method="fista", tol=1e-3, constraint_tol=1e-3),
-                                     dict(method="admm", max_iters=40)])
+@pytest.mark.parametrize("options", [
+    pytest.param(dict(method="fista", tol=1e-3, constraint_tol=1e-3), marks=pytest.mark.slow),
+    dict(method="admm", max_iters=40),
+])
 def test_a_loose_solution_is_moved_into_its_cones_before_it_is_measured(seed, options):
     """A solver allowed violations of 1e-3 (or stopped early): its raw value may lie below p*; the logged upper bound
     and optimum are the values of its point moved into the cones, so above p*, and the optimum is within the solver's
