@@ -35,8 +35,9 @@ from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.logs import log_scalars
 from hcl.convex import global_lower_bound, solve
 from hcl.convex.build import all_patterns_problem
+from hcl.convex.feasibility import feasible_solution
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias, fold_weights, network_objective
-from hcl.convex.snapshot import bracket
+from hcl.convex.snapshot import CHECK_TOL, bracket
 from hcl.convex.status import Status
 
 
@@ -50,8 +51,8 @@ class GlobalOptimumMonitor(StackCallback):
     - ``<prefix>/global_lower_bound``: a certified lower bound on ``p*_all`` — the larger of the solver's certified
       dual value and, for a scalar output, :func:`hcl.convex.global_lower_bound` at the solution's fit. For ``c > 1``
       the group-Frobenius problem bounds every network from below but is not attained in general;
-    - ``<prefix>/global_upper_bound`` (scalar output): the solver's value when its point is feasible, so
-      ``p*_all ≤ global_upper_bound``;
+    - ``<prefix>/global_upper_bound`` (scalar output): the solver's value at a feasible point (a point left outside
+      its cones by a loose ``constraint_tol`` is first moved into them), so ``p*_all ≤ global_upper_bound``;
     - ``<prefix>/global_optimum`` (scalar output): the solver's value, only when its status is optimal (a certified
       gap); each of these three is the same value at every step, so that it draws as a line beside
       ``train/objective``;
@@ -217,8 +218,16 @@ class GlobalOptimumMonitor(StackCallback):
                 f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} patterns) was not "
                 f"solved: status {solution.status!r}"
             )
+        # a point outside its cones (a solver allowed a loose constraint_tol) is moved into them, as the convex gap
+        # monitor's are: its value then bounds p*_all from above, and "optimal" stays only within the solver's tol
+        tol = max(CHECK_TOL, float(self.solver_options.get("tol", 0.0)))
+        claimed, violation = Status.of(solution.status), solution.violation
+        solution = feasible_solution(self.problem, solution, tol, CHECK_TOL)
+        if claimed == Status.OPTIMAL and Status.of(solution.status) != Status.OPTIMAL:
+            rank_zero_warn(f"{type(self).__name__}: the all-patterns solve is not certified: its point violated the "
+                           f"constraints by {violation:.3g}, and moved into them it is not within tol {tol:g}")
         # the zero network is feasible: an "optimal" value above its objective is refuted
-        known = bracket(self.problem, solution, float(self.problem.objective(*self.problem.zeros())))
+        known = bracket(self.problem, solution, float(self.problem.objective(*self.problem.zeros())), tol, CHECK_TOL)
         scalar = not self.problem.is_bound
         lower = known.lower_bound
         if scalar:

@@ -228,12 +228,36 @@ def test_the_global_bracket_holds_the_true_optimum_and_the_optimum_needs_a_certi
         assert (monitor.optimum is None) == (not certified)
 
 
+def test_a_loose_solve_is_moved_into_its_cones_before_it_bounds_the_global_optimum(tmp_path, make_trainer):
+    """A solve allowed to leave its cones by 1e-2 (the first-order method at a loose tolerance): its value may lie below
+    p*_all, so its point is moved into the cones first; the upper bound is then a feasible value, near p*_all, not
+    the zero network's."""
+    lam = 1e-2
+    data = _points_data(n=7, seed=2)
+    data.setup("fit")
+    X, y = data.train_tensors()
+    problem = all_patterns_problem(X, y, bias=False, weight_decay=lam, reduction="mean")
+    p_star = solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+    options = {"method": "fista", "tol": 1e-2, "constraint_tol": 1e-2}
+    loose = solve(problem, "native", **options)
+    assert loose.violation > 1e-6 * float(y.abs().max())  # the case under test: the raw point is outside its cones
+    monitor = GlobalOptimumMonitor(solver="native", solver_options=options)
+    model = TwoLayerReLU(in_features=2, hidden=6, bias=False, weight_decay=lam, lr=0.1)
+    make_trainer([monitor], max_steps=1, root=tmp_path).fit(model, datamodule=data)
+    zero_network = float(problem.objective(*problem.zeros()))
+    assert monitor.solution.violation <= 1e-6 * float(y.abs().max())
+    assert p_star * (1 - 1e-9) <= monitor.upper_bound < zero_network
+    assert monitor.upper_bound == pytest.approx(float(problem.objective(monitor.solution.U, monitor.solution.V,
+                                                                         monitor.solution.b0)), rel=1e-12)
+    assert monitor.lower_bound <= p_star * (1 + 1e-9)
+
+
 def test_an_optimal_claim_above_the_zero_network_is_refused(tmp_path, make_trainer, monkeypatch):
     import hcl.callbacks.global_optimum as module
 
     def too_high(problem, solver, **options):
-        U, V, b0 = problem.zeros()
-        U[0] += 100.0  # far from the optimum, above the zero network's value
+        optimum = solve(problem, "clarabel")
+        U, V, b0 = 100.0 * optimum.U, 100.0 * optimum.V, optimum.b0  # in the cones, far above the zero network
         value = float(problem.objective(U, V, b0))
         return type(solve(problem, "clarabel"))(value=value, U=U, V=V, b0=b0, status="optimal", solver="stub",
                                                 solve_seconds=0.0, violation=float(problem.violation(U, V)))
