@@ -236,4 +236,4 @@ def _number(value: Any) -> float | str:
         number = _value(value)
     except (TypeError, ValueError, RuntimeError):  # a tensor of several values, or a string
         return str(value)
-    return f"{number:.4g}"
+    return f"{number + 0.0:.4g}"  # + 0.0: a bound of −0.0 (a zero certificate) reads "0", not "-0"

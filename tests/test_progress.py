@@ -111,3 +111,10 @@ def test_the_postfix_names_other_prefixes_and_the_global_optimum():
                "convex/global_gap": torch.tensor(0.02), "my/gap": torch.tensor(3.0)}
     items = bar.get_metrics(_trainer(metrics), None)
     assert items == {"exact.opt": "1.5", "g_opt": "0.1", "g_lb": "0.1", "g_gap": "0.02"}  # my/gap is no monitor's
+
+
+def test_a_zero_bound_reads_zero_whatever_its_sign():
+    from hcl.callbacks.progress import _number
+
+    assert _number(-0.0) == _number(torch.tensor(-0.0)) == "0"
+    assert _number(-1.5e-7) == "-1.5e-07"
