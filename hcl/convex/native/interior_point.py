@@ -20,6 +20,7 @@ from hcl.convex.native.certificate import converged
 from hcl.convex.native.newton import NewtonSystem, SchurPrecision
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import (
+    SMOOTHING_START,
     STALL_ITERATIONS,
     START_MULTIPLIER,
     START_SLACK,
@@ -57,8 +58,9 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
             Zd = cm.expand(n, 2, P, c) * START_MULTIPLIER
     else:
         Sl = Zd = None
-    # smoothing of the group norms: starts at the scale of the normalised data, shrinks with μ
-    eps = eps_start = 1e-3 if (warm is not None and (warm.mu is not None or not constrained)) else 1.0
+    # smoothing of the group norms, shrinking with μ: from SMOOTHING_START, but for the gated relaxation's cold start
+    # (a line search, not the barrier), which starts at the scale of the normalised data
+    eps = eps_start = SMOOTHING_START if (constrained or warm is not None) else 1.0
     eps_min = 1e-13
     # λ = 0: a stand-in weight decay that vanishes with the barrier parameter (or the smoothing); see zero_decay_scale
     stand_in = zero_decay_scale(op, tol) if op.lam == 0 else 0.0
