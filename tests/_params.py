@@ -14,6 +14,8 @@ def pairwise(*factors: Sequence) -> list:
     The unmarked combinations take every pair of values of every two factors at least once, so the fast subset
     (``-m "not slow"``) still meets each interaction of two settings, and the whole suite meets all of them.
     """
+    if len(factors) < 2:
+        raise ValueError(f"pairwise needs two factors or more, got {len(factors)}")
     combos = list(itertools.product(*factors))
 
     def pairs(combo: tuple) -> set:  # factor positions, not values, tell pairs apart (two may share a value)

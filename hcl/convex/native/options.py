@@ -45,8 +45,9 @@ SCHUR_PANEL_ROWS_MAX = 256
 # trajectories; see docs/solvers.md#tuned-constants
 START_SLACK = 0.3
 START_MULTIPLIER = 0.1
-# The interior point's smoothing ε of the group norms at its start (normalised units), cold or warm: a smaller one
-# (1 before) shortened cold solves of the neurons formulation by 10-20 %; see docs/solvers.md#tuned-constants
+# The interior point's smoothing ε of the group norms at its start (normalised units), cold or warm, but for the gated
+# relaxation's cold start (1): below 1 the neurons formulation's solves took 10-20 % fewer iterations;
+# see docs/solvers.md#tuned-constants
 SMOOTHING_START = 1e-3
 # Warm starts with multipliers: slacks floored at WARM_SLACK_FLOOR and no slack-multiplier product below
 # WARM_CENTRALITY (normalised units), so that the first steps are not stopped by tiny multipliers;
