@@ -37,7 +37,7 @@ from hcl.convex import global_lower_bound, solve
 from hcl.convex.build import all_patterns_problem
 from hcl.convex.feasibility import feasible_solution
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias, fold_weights, network_objective
-from hcl.convex.snapshot import CHECK_TOL, bracket
+from hcl.convex.snapshot import CHECK_TOL, bracket, check_tol
 from hcl.convex.status import Status
 
 
@@ -220,7 +220,7 @@ class GlobalOptimumMonitor(StackCallback):
             )
         # a point outside its cones (a solver allowed a loose constraint_tol) is moved into them, as the convex gap
         # monitor's are: its value then bounds p*_all from above, and "optimal" stays only within the solver's tol
-        tol = max(CHECK_TOL, float(self.solver_options.get("tol", 0.0)))
+        tol = check_tol(self.solver_options)
         claimed, violation = Status.of(solution.status), solution.violation
         solution = feasible_solution(self.problem, solution, tol, CHECK_TOL)
         if claimed == Status.OPTIMAL and Status.of(solution.status) != Status.OPTIMAL:

@@ -259,8 +259,8 @@ def test_an_optimal_claim_above_the_zero_network_is_refused(tmp_path, make_train
         optimum = solve(problem, "clarabel")
         U, V, b0 = 100.0 * optimum.U, 100.0 * optimum.V, optimum.b0  # in the cones, far above the zero network
         value = float(problem.objective(U, V, b0))
-        return type(solve(problem, "clarabel"))(value=value, U=U, V=V, b0=b0, status="optimal", solver="stub",
-                                                solve_seconds=0.0, violation=float(problem.violation(U, V)))
+        return type(optimum)(value=value, U=U, V=V, b0=b0, status="optimal", solver="stub", solve_seconds=0.0,
+                             violation=float(problem.violation(U, V)))
 
     monkeypatch.setattr(module, "solve", too_high)
     monitor = GlobalOptimumMonitor()

@@ -44,6 +44,7 @@ __all__ = [
     "WarmStartChain",
     "active_neurons",
     "bracket",
+    "check_tol",
     "evaluate_snapshot",
     "solve_snapshot_job",
     "store_worker_data",
@@ -220,7 +221,7 @@ def evaluate_snapshot(
         # a point outside its cones (a solver allowed a loose constraint_tol) is moved into them: its value then
         # bounds p* from above, and "optimal" stays only if the gap at that value is within the solver's tol
         seconds = time.perf_counter() - start  # the solve's own time, against its limit
-        solution = feasible_solution(problem, solution, _tol(spec), CHECK_TOL)
+        solution = feasible_solution(problem, solution, check_tol(spec.solver_options), CHECK_TOL)
         if chain is not None:
             chain.keep(problem, solution)
         return _measure(spec, snap, problem, point, solution, L, seconds, metrics, keep_solution)
@@ -306,7 +307,7 @@ def _measure(
     seconds: float, metrics: dict[str, float], keep_solution: bool,
 ) -> SolveOutcome:
     p, owner = spec.prefix, spec.owner
-    tol = _tol(spec)
+    tol = check_tol(spec.solver_options)
     # The network's own mapped point is feasible (for the gated relaxation too): its value is ≥ p*. The solver's point
     # counts as feasible only at the strict tolerance, whatever it was allowed: a looser one lets its value dip below
     # p*, so that it neither bounds p* from above nor is certified as the optimum
@@ -350,9 +351,9 @@ def _measure(
     return SolveOutcome(metrics, messages, solved)
 
 
-def _tol(spec: SolveSpec) -> float:
+def check_tol(solver_options: dict) -> float:
     """The relative slack of the consistency checks: ``CHECK_TOL``, or the solver's ``tol`` when it is looser."""
-    return max(CHECK_TOL, float(spec.solver_options.get("tol", 0.0)))
+    return max(CHECK_TOL, float(solver_options.get("tol", 0.0)))
 
 
 def active_neurons(problem: ConvexProblem, solution: ConvexSolution) -> int:
