@@ -9,6 +9,7 @@ from hcl.convex.native import NativeOptions, solve_native
 from hcl.convex.native.admm import _LinearStep, _rotated
 from hcl.convex.native.memory import SolverMemoryError, footprint, plan
 from hcl.convex.native.operator import Operator
+from hcl.convex.native.options import ANDERSON_MEMORY
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.status import GAP_FLOOR
 
@@ -88,22 +89,32 @@ def test_an_early_stop_still_brackets_the_optimum():
 
 def test_a_warm_start_from_the_optimum_takes_a_fraction_of_the_iterations():
     problem = instance(n=60, d=8, P=12, c=1, seed=8)
-    cold = solve_native(problem, method="admm", tol=1e-6)
-    warm = solve_native(problem, method="admm", tol=1e-6, warm_start=cold)
-    assert cold.status == warm.status == "optimal"
-    assert warm.iterations <= cold.iterations / 10  # the point and both multipliers are restored
+    for anderson, fraction in ((0, 10), (None, 5)):  # the acceleration shortens the cold solve more than the warm one
+        cold = solve_native(problem, method="admm", tol=1e-6, anderson=anderson)
+        warm = solve_native(problem, method="admm", tol=1e-6, warm_start=cold, anderson=anderson)
+        assert cold.status == warm.status == "optimal"
+        assert warm.iterations <= cold.iterations / fraction  # the point and both multipliers are restored
 
 
 def test_auto_takes_admm_where_the_interior_point_does_not_fit():
     problem = instance(n=300, d=40, P=20, c=3, dtype=torch.float32)
     newton = footprint("newton", 300, 40, 20, 3, output_bias=True).total
     admm = footprint("admm", 300, 40, 20, 3, output_bias=True).total
-    assert admm < newton
+    bare = footprint("admm", 300, 40, 20, 3, output_bias=True, anderson=0).total  # without the acceleration
+    assert bare < admm < newton
     assert plan(problem, NativeOptions(memory_limit=newton)).method == "newton"
-    assert plan(problem, NativeOptions(memory_limit=newton - 1)).method == "admm"
-    assert plan(problem, NativeOptions(memory_limit=admm - 1)).method == "fista"
+    chosen = plan(problem, NativeOptions(memory_limit=newton - 1))
+    assert chosen.method == "admm" and chosen.anderson == ANDERSON_MEMORY
+    # a budget short of the default history: as many differences as fit, then none, then the first-order method
+    fewer = plan(problem, NativeOptions(memory_limit=admm - 1))
+    assert fewer.method == "admm" and 0 < fewer.anderson < ANDERSON_MEMORY
+    assert footprint("admm", 300, 40, 20, 3, output_bias=True, anderson=fewer.anderson).total <= admm - 1
+    assert plan(problem, NativeOptions(memory_limit=bare)).anderson == 0
+    assert plan(problem, NativeOptions(memory_limit=bare - 1)).method == "fista"
     with pytest.raises(SolverMemoryError, match="'admm'.*n=300, d=40, P=20, c=3"):
-        plan(problem, NativeOptions(method="admm", memory_limit=admm - 1))
+        plan(problem, NativeOptions(method="admm", memory_limit=bare - 1))
+    with pytest.raises(SolverMemoryError, match="'admm'"):  # an explicit history is not shortened
+        plan(problem, NativeOptions(method="admm", anderson=ANDERSON_MEMORY, memory_limit=admm - 1))
     # MNIST's monitor: the n × n matrices, not the (d, d) blocks
     assert footprint("admm", 2000, 785, 100, 10).total < 2 << 30 < footprint("newton", 2000, 785, 100, 10).total
 
@@ -204,7 +215,7 @@ def _recorded(monkeypatch, problem, tol, constraint_tol):
     return solution, checks, moves
 
 
-@pytest.mark.parametrize("seed", [5, 10])  # instances where the gap opens again once the push made the point feasible
+@pytest.mark.parametrize("seed", [12, 25])  # instances where the gap opens again once the push made the point feasible
 def test_when_the_gap_opens_again_the_cone_penalty_returns_to_where_the_push_began(seed, monkeypatch):
     import hcl.convex.native.admm as admm_module
 
@@ -235,3 +246,19 @@ def test_a_failed_move_into_the_cones_is_retried_only_where_its_cost_leaves_the_
         gap, violation = at[it]
         assert moved_gap > tol and violation <= 0.5 * violation_before
         assert gap + cost * violation <= tol
+
+
+@pytest.mark.parametrize("case", [
+    dict(n=80, d=6, P=10, c=1, seed=1),
+    dict(n=60, d=8, P=12, c=2, seed=7),
+    pytest.param(dict(n=100, d=5, P=15, c=3, seed=3, signs=True), marks=pytest.mark.slow),
+    pytest.param(dict(n=50, d=10, P=8, c=1, seed=4, bias=False), marks=pytest.mark.slow),
+])
+def test_the_anderson_acceleration_certifies_the_same_optimum_in_fewer_iterations(case):
+    problem = instance(**case)
+    plain = solve_native(problem, method="admm", tol=1e-5, constraint_tol=1e-6, max_iters=20000, anderson=0)
+    accelerated = solve_native(problem, method="admm", tol=1e-5, constraint_tol=1e-6, max_iters=20000)
+    assert plain.status == accelerated.status == "optimal"
+    # each certified bound lies below the other's feasible value: the two brackets hold the same optimum
+    assert accelerated.dual_value <= plain.value and plain.dual_value <= accelerated.value
+    assert accelerated.iterations <= 0.95 * plain.iterations

@@ -7,7 +7,8 @@ Woodbury identity through one ``n × n`` matrix ``I/2 + Π (H₀ ⊙ D N Dᵀ) �
 ``H₀ = X (ρ₁I + ρ₂XᵀX)⁻¹ Xᵀ`` and ``N`` the number of blocks per pattern: no ``d × d`` block per pattern. An iteration
 costs six products with ``X`` of width ``P c``; memory is ``O(n² + n P c + d P c)``. The iteration is kept in its
 Douglas–Rachford form (one state ``ζ``, the proximal steps' input), over-relaxed, with ``ρ`` balanced on the
-relative residuals. See ``docs/solvers.md#admm``.
+relative residuals, and ``ζ`` extrapolated by Anderson acceleration (``options.anderson``). See
+``docs/solvers.md#admm``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from torch import Tensor
 
 from hcl.convex.feasibility import restore_feasibility
+from hcl.convex.native.anderson import Anderson
 from hcl.convex.native.certificate import Convergence, certificate, converged, final_status
 from hcl.convex.native.operator import Operator, Result
-from hcl.convex.native.options import NativeOptions
+from hcl.convex.native.options import ANDERSON_MEMORY, NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
 from hcl.convex.status import Status, relative_gap
 
@@ -45,6 +47,9 @@ CHECK_EVERY = 10
 # A point within this violation (relative to max|Y|) counts as feasible; beyond it, a test met at a looser
 # constraint_tol is confirmed at the point moved exactly into its cones (the monitors' strict tolerance)
 STRICT_VIOLATION = 1e-6
+# The Anderson acceleration extrapolates this many updates of ζ at once (its passes over the history cost that much
+# less per iteration); docs/solvers.md#anderson-acceleration-of-the-admm
+ANDERSON_EVERY = 3
 
 
 class _LinearStep:
@@ -103,8 +108,15 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     # ζ = (ζ_W, ζ_T): Z = prox(ζ), scaled multipliers ζ − Z. From a warm start (W, μ): ζ_T − T = −μ/ρ₂, and
     # ζ_W − W = −g/ρ₁ with g = Mᵀν − Aᵀμ the certificate's, which stationarity puts in −2λ ∂‖W‖ (projected on its
     # groups' 2λ-balls, where that subdifferential lies, for a start that is not an optimum)
-    zeta_W = W.clone()
-    zeta_T = op.signed_cmask * XW if constrained else None
+    # ζ in one flat buffer (the acceleration works on it whole): its W part, then its T part
+    nW, nT = W.numel(), XW.numel() if constrained else 0
+    state = torch.empty(nW + nT, dtype=op.dtype, device=op.device)
+    zeta_W = state[:nW].view_as(W).copy_(W)
+    zeta_T = torch.mul(op.signed_cmask, XW, out=state[nW:].view_as(XW)) if constrained else None
+    memory = ANDERSON_MEMORY if options.anderson is None else options.anderson
+    accelerate = Anderson(memory, nW + nT, nW, op.dtype, op.device) if memory else None
+    if accelerate is not None:
+        accelerate.reset((rho1, rho2))
     if warm is not None:
         mu = warm.mu.to(op.dtype) * op.cmask if constrained and warm.mu is not None else torch.zeros_like(XW)
         g = op.adjoint(2.0 * op.residual(XW)[0], mu.clone())
@@ -174,21 +186,31 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
             f2 = RHO_FACTOR
         if stop is None and balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
-            zeta_W = Z + A1 / f1
+            torch.add(Z, A1, alpha=1.0 / f1, out=zeta_W)
             if constrained:  # T + A2 / f2
                 zeta_T.sub_(T).div_(f2).add_(T)
             rho1, rho2 = rho1 * f1, rho2 * f2
             del step
             step = _LinearStep(op, sigma2, rho1, rho2)
             last_change = it
+            if accelerate is not None:  # a new map
+                accelerate.reset((rho1, rho2))
         else:  # the relaxed update of ζ: ζ += RELAXATION (block value − prox)
+            phase = (it - last_change) % ANDERSON_EVERY  # accelerated: the map is ANDERSON_EVERY of these updates
+            if accelerate is not None and (phase == 1 or ANDERSON_EVERY == 1):
+                accelerate.start.copy_(state)  # ζ where the span of updates begins
             zeta_W += RELAXATION * (W - Z)
             if constrained:
                 zeta_T.sub_(T, alpha=RELAXATION).addcmul_(op.signed_cmask, XW, value=RELAXATION)
+            if accelerate is not None and phase == 0:  # g = F(ζ) − ζ over the span, then the accelerated step
+                torch.sub(state, accelerate.start, out=accelerate.residual)
+                accelerate.step(state.copy_(accelerate.start))
         if stop is not None:
             status = stop
             break
         prev_Z = Z
+    if accelerate is not None and options.verbose:
+        print(f"admm: {accelerate.rejected} accelerated steps rejected")
     mu = None
     if constrained:
         mu = torch.clamp(zeta_T.neg_(), min=0.0).mul_(rho2) * op.cmask

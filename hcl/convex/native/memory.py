@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hcl.convex.native.anderson import history_bytes
 from hcl.convex.native.options import (
+    ANDERSON_MEMORY,
     FLOAT32_BLOCKS_FROM_D_OVER_N,
     FLOAT32_SCHUR_ABOVE,
     NEWTON_MAX_SAMPLES,
@@ -90,6 +92,7 @@ def footprint(
     dtype: torch.dtype = torch.float64,
     chunk_size: int | None = None,
     output_bias: bool = True,
+    anderson: int | None = None,
 ) -> Footprint:
     """The peak memory of the native ``method`` (``"newton"``, ``"fista"`` or ``"admm"``) on a problem of these sizes.
 
@@ -99,6 +102,7 @@ def footprint(
         dtype: the working precision (the interior point's blocks and Schur matrices may be float32 within it).
         chunk_size: as in :class:`~hcl.convex.native.NativeOptions` (``None``: the method's default).
         output_bias: the interior point's Schur matrices are centred with an output bias (two more ``n × n``).
+        anderson: the ADMM's Anderson memory (``None``: ``ANDERSON_MEMORY``), whose history counts with the outputs.
 
     The count is the same on every device: the tensors are the same.
     """
@@ -138,7 +142,9 @@ def footprint(
         # and the certificate's products (four of the outputs' size)
         checks = n * d * 8 + 3 * n * P * 8 + 4 * outputs_elems * 8
         # the n × n matrix and its Cholesky factor (float64) while a factorisation is built
-        return Footprint(fixed + checks, ADMM_OUTPUT_COPIES * outputs_elems * w, 0, 2 * n * n * 8, 0)
+        memory = ANDERSON_MEMORY if anderson is None else anderson
+        history = history_bytes(memory, (n + d) * K, w) if memory else 0  # ζ is (d, 2, P, c) and (n, 2, P, c)
+        return Footprint(fixed + checks, ADMM_OUTPUT_COPIES * outputs_elems * w + history, 0, 2 * n * n * 8, 0)
     raise ValueError(f"method must be 'newton', 'fista' or 'admm', got {method!r}")
 
 
@@ -212,7 +218,9 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
 
     ``"auto"`` takes the interior point when ``n ≤ NEWTON_MAX_SAMPLES`` and it fits, else the ADMM when its ``n × n``
     matrices fit, else the first-order method with the largest chunk of samples that fits. An explicit method keeps
-    its ``chunk_size`` (``"fista"`` gets one chosen from the budget when it has none and the whole does not fit).
+    its ``chunk_size`` (``"fista"`` gets one chosen from the budget when it has none and the whole does not fit). The
+    ADMM's Anderson history, unless ``anderson`` is given, is ``ANDERSON_MEMORY`` differences or as many as fit
+    (none when not one does).
 
     Raises:
         SolverMemoryError: the method asked for (or, for ``"auto"``, the first-order method even chunked) does not fit.
@@ -221,9 +229,9 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     sizes = (n, d, P, c)
     budget, why = memory_budget(problem.X.device, options.memory_limit)
 
-    def estimate(method: str, chunk_size: int | None) -> int:
+    def estimate(method: str, chunk_size: int | None, anderson: int | None = None) -> int:
         dtype = options.dtype or (torch.float64 if method in ("newton", "admm") else problem.X.dtype)
-        return footprint(method, n, d, P, c, dtype, chunk_size, problem.output_bias).total
+        return footprint(method, n, d, P, c, dtype, chunk_size, problem.output_bias, anderson).total
 
     method = options.method
     if budget is None:
@@ -235,9 +243,12 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
         if method == "newton":
             raise SolverMemoryError("newton", sizes, needed, budget, why)
     if method in ("admm", "auto"):
-        needed = estimate("admm", None)
+        anderson = options.anderson
+        if anderson is None:  # the default memory, or as much of it as fits (none at all if not one difference)
+            anderson = next((m for m in range(ANDERSON_MEMORY, 0, -1) if estimate("admm", None, m) <= budget), 0)
+        needed = estimate("admm", None, anderson)
         if needed <= budget:
-            return dataclasses.replace(options, method="admm")
+            return dataclasses.replace(options, method="admm", anderson=anderson)
         if method == "admm":
             raise SolverMemoryError("admm", sizes, needed, budget, why)
     # the first-order method: whole if it fits, else the largest chunk of samples that does

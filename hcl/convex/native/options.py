@@ -19,6 +19,9 @@ METHODS = ("auto", "newton", "fista", "admm")
 # Iteration caps when ``max_iters`` is not given: the interior point took 12–68 iterations on the benchmark's
 # instances, the first-order method takes thousands; see docs/solvers.md#tuned-constants
 DEFAULT_MAX_ITERS = {"newton": 100, "fista": 20000, "admm": 5000}
+# Residual differences the ADMM's Anderson acceleration keeps by default (fewer where the memory budget is short);
+# measured on MNIST in docs/solvers.md#anderson-acceleration-of-the-admm
+ANDERSON_MEMORY = 10
 
 # "auto" takes the interior point while its n × n matrices stay small; see docs/solvers.md#tuned-constants
 NEWTON_MAX_SAMPLES = 6000
@@ -83,6 +86,9 @@ class NativeOptions:
         memory_limit: bytes the solve may take (default: ``DEFAULT_MEMORY_FRACTION`` of the device's free memory);
             ``"auto"`` picks the method and chunk size that fit, an explicit method that does not fit raises
             :class:`~hcl.convex.native.memory.SolverMemoryError` before allocating (``docs/solvers.md#memory``).
+        anderson: residual differences the ``"admm"``'s Anderson acceleration keeps (0: none; default
+            ``ANDERSON_MEMORY``, or as many as the memory budget leaves room for; its float32 history takes about
+            ``8 · anderson`` bytes per element of the variables and block outputs, ``docs/solvers.md#memory``).
         num_threads: torch threads of a CPU solve (default: one for small problems, else the cores this process may
             use that are not busy). Torch's thread count is global to the process: it is set for the solve and
             restored only on the main thread; from another thread the process's setting is left as it is
@@ -102,6 +108,7 @@ class NativeOptions:
     dtype: torch.dtype | None = None
     chunk_size: int | None = None
     memory_limit: int | None = None
+    anderson: int | None = None
     num_threads: int | None = None
     verbose: bool = False
 
@@ -124,6 +131,9 @@ class NativeOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.anderson is not None and (isinstance(self.anderson, bool) or not isinstance(self.anderson, int)
+                                          or self.anderson < 0):
+            raise ValueError(f"anderson must be an integer ≥ 0, got {self.anderson!r}")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
 
