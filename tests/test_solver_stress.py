@@ -207,3 +207,18 @@ def test_instances_that_used_to_stall(seed):
     status, message = check(instance)
     assert message is None, message
     assert status in ("optimal", "optimal_inaccurate")
+
+
+# ADMM instances that failed once its iterations were accelerated: "optimal" at a point just inside the strict
+# violation, with a value below the optimum by more than tol (collinear), and λ = 0, where the extrapolation kept the
+# splitting from settling until the n × n factorisation failed: docs/solvers.md#anderson-acceleration-of-the-admm
+ACCELERATED_ADMM = (566, 782, 1152)
+
+
+@pytest.mark.parametrize("seed", ACCELERATED_ADMM)
+def test_admm_instances_the_acceleration_once_failed(seed):
+    instance = make_instance(seed)
+    assert instance.method == "admm"
+    status, message = check(instance)
+    assert message is None, message
+    assert status in ("optimal", "optimal_inaccurate")

@@ -44,8 +44,8 @@ RHO_EVERY = 25
 PUSH_WITHIN = 10.0
 # Iterations between two tests of the stopping rule (each costs a float64 product with X; three in float32)
 CHECK_EVERY = 10
-# A point within this violation (relative to max|Y|) counts as feasible; beyond it, a test met at a looser
-# constraint_tol is confirmed at the point moved exactly into its cones (the monitors' strict tolerance)
+# Below this violation (relative to max|Y|) a push stops growing ρ₂ (the monitors' strict tolerance); a test met at
+# any violation above 0 is confirmed at the point moved exactly into its cones
 STRICT_VIOLATION = 1e-6
 # The Anderson acceleration extrapolates this many updates of ζ at once (its passes over the history cost that much
 # less per iteration); docs/solvers.md#anderson-acceleration-of-the-admm
@@ -113,7 +113,9 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     state = torch.empty(nW + nT, dtype=op.dtype, device=op.device)
     zeta_W = state[:nW].view_as(W).copy_(W)
     zeta_T = torch.mul(op.signed_cmask, XW, out=state[nW:].view_as(XW)) if constrained else None
-    memory = ANDERSON_MEMORY if options.anderson is None else options.anderson
+    # none with λ = 0, whose stopping rule waits for the splitting to settle (there, extrapolated steps kept it moving
+    # and ρ fell without end; docs/solvers.md#anderson-acceleration-of-the-admm)
+    memory = 0 if lam == 0 else ANDERSON_MEMORY if options.anderson is None else options.anderson
     accelerate = Anderson(memory, nW + nT, nW, op.dtype, op.device) if memory else None
     if accelerate is not None:
         accelerate.reset((rho1, rho2))
@@ -164,11 +166,12 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
             if not pushing and push_base is not None and rho2 > push_base:
                 unpush_to = push_base
             push_base = (push_base or rho2) if pushing else None
-            if check.met and check.violation <= STRICT_VIOLATION:
+            if check.met and check.violation == 0:
                 stop = Status.OPTIMAL
             elif check.met and check.violation <= 0.5 * tried and check.gap + cost * check.violation <= options.tol:
-                # met at a loose constraint_tol: "optimal" only at the point moved exactly into its cones, tried again
-                # once the violation has halved and the last move's cost, scaled to it, leaves the gap within tol
+                # met at a point outside its cones: "optimal" only at the point moved exactly into them (its value may
+                # lie below the optimum), tried again once the violation has halved and the last move's cost, scaled
+                # to it, leaves the gap within tol
                 feasible, moved_gap = _feasible(op, check_op, W, mu, rotation, options, best)
                 if feasible is not None:
                     W, stop = feasible, Status.OPTIMAL

@@ -71,8 +71,8 @@ class NativeOptions:
             ``n ≤ NEWTON_MAX_SAMPLES`` and it fits the memory, else ``"admm"`` (exact linear steps through one ``n × n``
             matrix: large ``d``) when it fits, else ``"fista"`` (``docs/solvers.md#memory``).
         tol: target relative duality gap ``(value − dual_value) / max(|value|, 1e-6 s‖Y − Ȳ‖²)``.
-        constraint_tol: target constraint violation, relative to ``max |Y|``; ``"admm"`` confirms a test met at one
-            looser than 1e-6 at its point moved exactly into the cones (``docs/solvers.md#admm``).
+        constraint_tol: target constraint violation, relative to ``max |Y|``; ``"admm"`` confirms a test met at a
+            point outside its cones at that point moved exactly into them (``docs/solvers.md#admm``).
         max_iters: iteration cap (default ``DEFAULT_MAX_ITERS``: 100 for ``"newton"``, 5000 for ``"admm"``, 20000
             for ``"fista"``).
         time_limit: wall-clock limit in seconds.
