@@ -71,15 +71,19 @@ class _LinearStep:
             K -= K.mean(1, keepdim=True)
         K.diagonal().add_(0.5)
         self.chol = torch.linalg.cholesky(K)
+        self.Yc = op.center(op.Y.to(torch.float64))
         del K
 
     def solve(self, B: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``W = (2MᵀΠM + A)⁻¹ B`` and its block outputs ``X W`` (written in ``out`` when given); ``B`` is
-        overwritten (it becomes ``W``)."""
+        """``W = (2MᵀΠM + A)⁻¹ (B + 2MᵀΠY)`` and its block outputs ``X W`` (written in ``out`` when given); ``B`` is
+        overwritten (it becomes ``W``).
+
+        In the form ``W₀ + A⁻¹MᵀΠ K⁻¹ Π(Y − M W₀)``, ``W₀ = A⁻¹B``: the data enter through the residual of ``W₀``,
+        not through ``A⁻¹ 2MᵀY``, which the correction cancels to a part in ``‖K‖`` (float32 stalled on that)."""
         op = self.op
         W0 = B.mul_(self.inv_diag[:, None, None, None])
         Z0 = op.forward(W0, out=out)
-        q = op.center(op.predict(Z0)).to(torch.float64)  # Π M A⁻¹ B, (n, c)
+        q = self.Yc - op.center(op.predict(Z0)).to(torch.float64)  # Π (Y − M W₀), (n, c)
         # two triangular solves: cholesky_solve copies the n × n factor on every call
         half = torch.linalg.solve_triangular(self.chol, q, upper=False)
         y = op.center(torch.linalg.solve_triangular(self.chol.mT, half, upper=True)).to(op.dtype)
@@ -87,7 +91,7 @@ class _LinearStep:
         G = (op.X.T @ (op.Dm[:, :, None] * y[:, None, :]).reshape(op.n, -1)).reshape(op.d, op.P, op.c)
         G *= self.inv_diag[:, None, None]
         XG = (op.X @ G.reshape(op.d, -1)).reshape(op.n, op.P, op.c)
-        for side, sign in ((0, -1.0), (1, 1.0)):  # in place: the block outputs are the largest tensors
+        for side, sign in ((0, 1.0), (1, -1.0)):  # in place: the block outputs are the largest tensors
             mask = None if not op.restricted else op.wmask[0, side]  # (P, 1)
             W0[:, side].add_(G if mask is None else G * mask, alpha=sign)
             Z0[:, side].add_(XG if mask is None else XG * mask, alpha=sign)
@@ -102,7 +106,6 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     rho1 = RHO_GROUPS * float(sigma2.sum()) / op.d
     rho2 = RHO_CONES if constrained else 0.0
     step = _LinearStep(op, sigma2, rho1, rho2)
-    MtY = 2.0 * op.adjoint_data(op.center(op.Y))
     W = op.zeros() if warm is None else _rotate(warm.W.to(op.dtype), rotation)
     XW = op.forward(W)
     # ζ = (ζ_W, ζ_T): Z = prox(ζ), scaled multipliers ζ − Z. From a warm start (W, μ): ζ_T − T = −μ/ρ₂, and
@@ -142,7 +145,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     for it in range(1, options.max_iters + 1):
         Z = op.group_soft_threshold(zeta_W, 2.0 * lam / rho1) * op.wmask
         A1 = zeta_W - Z
-        B = MtY + rho1 * (Z - A1)
+        B = rho1 * (Z - A1)  # the data enter the step through its residual
         if constrained:
             T, prev_T = prev_T, T
             torch.clamp(zeta_T, min=0.0, out=T)  # the cones' projection; A2 = ζ_T − T

@@ -230,7 +230,7 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     budget, why = memory_budget(problem.X.device, options.memory_limit)
 
     def estimate(method: str, chunk_size: int | None, anderson: int | None = None) -> int:
-        dtype = options.dtype or (torch.float64 if method in ("newton", "admm") else problem.X.dtype)
+        dtype = options.working_dtype(problem, method)
         return footprint(method, n, d, P, c, dtype, chunk_size, problem.output_bias, anderson).total
 
     method = options.method

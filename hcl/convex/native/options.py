@@ -22,6 +22,9 @@ DEFAULT_MAX_ITERS = {"newton": 100, "fista": 20000, "admm": 5000}
 # Residual differences the ADMM's Anderson acceleration keeps by default (fewer where the memory budget is short);
 # measured on MNIST in docs/solvers.md#anderson-acceleration-of-the-admm
 ANDERSON_MEMORY = 10
+# The ADMM works in float32 by default from this tol on: its gap stalled near 1e-4 in float32 on MNIST (the
+# certificate is float64 whatever the working precision); docs/solvers.md#float32-iterations-of-the-admm
+ADMM_FLOAT32_TOL = 1e-3
 
 # "auto" takes the interior point while its n × n matrices stay small; see docs/solvers.md#tuned-constants
 NEWTON_MAX_SAMPLES = 6000
@@ -78,9 +81,9 @@ class NativeOptions:
         time_limit: wall-clock limit in seconds.
         penalty: the augmented-Lagrangian penalty ``δ`` of ``"fista"`` (default: chosen from the data's curvature;
             it still doubles when the violation stalls).
-        dtype: working precision; default float64 for ``"newton"`` (the barrier's systems need it) and the
-            float64 for ``"admm"`` (its exact linear step cancels large terms: in float32 its gap stalled near 5e-2 on
-            MNIST), the problem's dtype (float32 when it is float32) for ``"fista"``.
+        dtype: working precision; default float64 for ``"newton"`` (the barrier's systems need it), for ``"admm"``
+            float32 when ``tol ≥ ADMM_FLOAT32_TOL`` (1e-3; its gap stalled near 1e-4 in float32), else float64, and the
+            problem's dtype (float32 when it is float32) for ``"fista"``. Certificates are float64 in every case.
         chunk_size: samples per chunk in the first-order products / patterns (or blocks) per chunk when building
             the interior-point matrices (default: all at once up to ~2²⁴ elements per temporary).
         memory_limit: bytes the solve may take (default: ``DEFAULT_MEMORY_FRACTION`` of the device's free memory);
@@ -149,9 +152,13 @@ class NativeOptions:
             method = "newton" if problem.n <= NEWTON_MAX_SAMPLES else "fista"
         return dataclasses.replace(self, method=method, max_iters=self.max_iters or DEFAULT_MAX_ITERS[method])
 
-    def working_dtype(self, problem: ConvexProblem) -> torch.dtype:
-        """``dtype``, or the method's default for ``problem`` (float64 for ``"newton"`` and ``"admm"``, the data's for
-        ``"fista"``)."""
+    def working_dtype(self, problem: ConvexProblem, method: str | None = None) -> torch.dtype:
+        """``dtype``, or the default of ``method`` (these options' own when ``None``) for ``problem``: float64 for
+        ``"newton"``, float32 for ``"admm"`` from ``tol = ADMM_FLOAT32_TOL`` on (else float64), the data's for
+        ``"fista"``."""
         if self.dtype is not None:
             return self.dtype
-        return torch.float64 if self.resolved(problem).method in ("newton", "admm") else problem.X.dtype
+        method = method or self.resolved(problem).method
+        if method == "admm":
+            return torch.float32 if self.tol >= ADMM_FLOAT32_TOL else torch.float64
+        return torch.float64 if method == "newton" else problem.X.dtype
