@@ -93,6 +93,8 @@ def main() -> None:
                         help="GiB a solve may take (default: the solver's share of the free memory)")
     parser.add_argument("--anderson", type=int, default=None,
                         help="the ADMM's Anderson memory (0: none; default: the solver's)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="the solver's working precision (default: the solver's, float32 for the ADMM at tol ≥ 1e-3)")
     parser.add_argument("--device", default="cpu", help="where the network trains and the solves run (cpu, cuda)")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -104,9 +106,12 @@ def main() -> None:
         options["memory_limit"] = int(args.memory_limit * 2**30)
     if args.anderson is not None:
         options["anderson"] = args.anderson
+    if args.dtype is not None:
+        options["dtype"] = getattr(torch, args.dtype)
     print(f"machine: {machine(args.device)}; device {args.device}; time limit {args.time_limit:g} s, tol {args.tol:g}, "
           f"constraint_tol {args.constraint_tol:g}, λ {args.weight_decay:g}, mean, {args.hidden} hidden neurons, "
-          f"Anderson memory {'default' if args.anderson is None else args.anderson}\n")
+          f"Anderson memory {'default' if args.anderson is None else args.anderson}, "
+          f"working precision {args.dtype or 'default'}\n")
     print("| n | seed | step | P | method | status | lower bound | value | rel. gap | violation | iterations | "
           "time s | peak GiB (start) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
