@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--anderson", type=int, default=None,
                         help="the ADMM's Anderson memory (0: none; default: the solver's)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                        help="the solver's working precision (default: the solver's, float32 for the ADMM at tol ≥ 1e-3)")
+                        help="working precision (default: the solver's; float32 for the ADMM at tol ≥ 1e-3)")
     parser.add_argument("--device", default="cpu", help="where the network trains and the solves run (cpu, cuda)")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():

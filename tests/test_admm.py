@@ -315,3 +315,13 @@ def test_the_anderson_acceleration_certifies_the_same_optimum_in_fewer_iteration
     # each certified bound lies below the other's feasible value: the two brackets hold the same optimum
     assert accelerated.dual_value <= plain.value and plain.dual_value <= accelerated.value
     assert accelerated.iterations <= 0.95 * plain.iterations
+
+
+@pytest.mark.parametrize("method", ["admm", "fista"])
+def test_lambda_zero_in_float32_keeps_zero_groups_finite(method):
+    # the group prox at threshold 0 divided a zero group's norm, clamped at 1e-300 (0 in float32): NaN from the start
+    problem = instance(n=60, d=6, P=6, c=2, lam=0.0, seed=11)
+    solution = solve_native(problem, method=method, tol=1e-3, constraint_tol=1e-3, dtype=torch.float32, max_iters=300)
+    assert solution.status != "failed"
+    assert torch.isfinite(solution.U).all() and torch.isfinite(solution.V).all()
+    assert 0.0 <= solution.dual_value <= solution.value < float("inf")

@@ -25,6 +25,7 @@ import torch
 from _reference import reference_solve
 
 from hcl.convex.native import solve_native
+from hcl.convex.native.options import ADMM_FLOAT32_TOL
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.status import GAP_FLOOR
 from hcl.enumeration import enumerate_patterns
@@ -125,8 +126,10 @@ def make_instance(seed: int) -> Instance:
     return Instance(kind, problem, kind == "gated", method)
 
 
-def check(instance: Instance) -> tuple[str, str | None]:
-    """Solve ``instance``: ``(status, None)`` when everything holds, else ``(status, what failed)``.
+def check(instance: Instance, tol: float = TOL) -> tuple[str, str | None]:
+    """Solve ``instance`` to ``tol`` (and ``constraint_tol = tol``): ``(status, None)`` when everything holds, else
+    ``(status, what failed)``. The first-order method and the ADMM run in float64 below ``ADMM_FLOAT32_TOL``, in their
+    default precision from there on (the ADMM's float32, as a monitor at ``tol = 1e-3`` runs it).
 
     A stall of the interior point (``"newton"``, what ``method="auto"`` runs at these sizes) is a failure; the
     first-order method and the ADMM (``"fista"``, ``"admm"``, for problems too large for the interior point) may end
@@ -134,9 +137,11 @@ def check(instance: Instance) -> tuple[str, str | None]:
     an honest bracket.
     """
     problem, gated = instance.problem, instance.gated
-    options = dict(method=instance.method)
+    options = dict(method=instance.method, tol=tol, constraint_tol=tol)
     if instance.method in ("fista", "admm"):
-        options.update(dtype=torch.float64, max_iters=FISTA_ITERATIONS)
+        options.update(max_iters=FISTA_ITERATIONS)
+        if tol < ADMM_FLOAT32_TOL:
+            options.update(dtype=torch.float64)
     solution = solve_native(problem, gated=gated, **options)
     status = str(solution.status)
     if status == "max_iterations" and instance.method == "newton":
@@ -160,7 +165,7 @@ def check(instance: Instance) -> tuple[str, str | None]:
         # instances with a tiny λ in the targets' units, and the native value may then be the more accurate
         uncertainty = max(ref - reference.lower_bound, 0.0) if problem.weight_decay > 0 else 0.0
         error = solution.value - ref
-        allowed = (TOL + REFERENCE_SLACK) * scale
+        allowed = (tol + REFERENCE_SLACK) * scale
         # above the optimum: the native certificate bounds it; below: only a violation or the reference's error can
         if error > allowed + uncertainty or -error > allowed + uncertainty:
             return status, f"'optimal' value {solution.value!r} off the optimum {ref!r} by {error / scale:.1e}"
@@ -186,6 +191,18 @@ def outcomes():
 def test_every_instance_solves_certifies_honestly_and_never_stalls(outcomes):
     failures = [f"seed {seed} ({instance.describe()}): {message}"
                 for seed, (instance, _, message) in outcomes.items() if message is not None]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_the_admm_instances_solved_as_a_monitor_solves_them(outcomes):
+    # tol = constraint_tol = 1e-3: the ADMM's float32 iterations, held to the same checks at that tol
+    failures = []
+    for seed, (instance, _, _) in outcomes.items():
+        if instance.method == "admm":
+            status, message = check(instance, ADMM_FLOAT32_TOL)
+            if message is not None:
+                failures.append(f"seed {seed} ({instance.describe()}), tol {ADMM_FLOAT32_TOL:g}: {message}")
     assert not failures, "\n".join(failures)
 
 

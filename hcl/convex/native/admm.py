@@ -125,7 +125,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     if warm is not None:
         mu = warm.mu.to(op.dtype) * op.cmask if constrained and warm.mu is not None else torch.zeros_like(XW)
         g = op.adjoint(2.0 * op.residual(XW)[0], mu.clone())
-        g *= op.expand((2.0 * lam / op.group_norms(g).clamp(min=1e-300)).clamp(max=1.0))
+        g *= op.expand((2.0 * lam / op.group_norms(g).clamp(min=torch.finfo(g.dtype).tiny)).clamp(max=1.0))
         zeta_W -= g / rho1
         if constrained:
             zeta_T -= mu / rho2

@@ -213,7 +213,7 @@ def dual_step(op: Operator, W: Tensor, dW: Tensor, zeta: Tensor, smooth: Tensor,
     d_zeta = (2.0 * lam * (W + dW) - zeta * (N + along)) / N  # dζ = (2λ (w + dw) − ζ (N + wᵀdw / N)) / N
     zeta = (zeta + alpha * d_zeta) * op.wmask
     norms = op.group_norms(zeta)
-    return zeta * op.expand(torch.clamp(2.0 * lam / norms.clamp(min=1e-300), max=1.0))
+    return zeta * op.expand(torch.clamp(2.0 * lam / norms.clamp(min=torch.finfo(norms.dtype).tiny), max=1.0))
 
 
 def max_step(x: Tensor, dx: Tensor) -> float:

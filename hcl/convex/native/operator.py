@@ -240,4 +240,5 @@ class Operator:
     def group_soft_threshold(self, W: Tensor, threshold: float) -> Tensor:
         """The proximal map of ``threshold · Σ_g ‖W_g‖``."""
         norms = self.expand(self.group_norms(W))
-        return W * torch.clamp(1.0 - threshold / norms.clamp(min=1e-300), min=0.0)
+        # a zero group stays zero (1e-300 is 0 in float32: 0/0 at threshold 0 was NaN there)
+        return W * torch.clamp(1.0 - threshold / norms.clamp(min=torch.finfo(norms.dtype).tiny), min=0.0)
