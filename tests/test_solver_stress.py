@@ -228,8 +228,10 @@ def test_instances_that_used_to_stall(seed):
 
 # ADMM instances that failed once its iterations were accelerated: "optimal" at a point just inside the strict
 # violation, with a value below the optimum by more than tol (collinear), and λ = 0, where the extrapolation kept the
-# splitting from settling until the n × n factorisation failed: docs/solvers.md#anderson-acceleration-of-the-admm
-ACCELERATED_ADMM = (566, 782, 1152)
+# splitting from settling until the n × n factorisation failed; 757 (identical rows, λ = 1e-4), where the
+# extrapolations' jumps, counted as the splitting's change, lowered ρ without end:
+# docs/solvers.md#anderson-acceleration-of-the-admm
+ACCELERATED_ADMM = (566, 782, 1152, 757)
 
 
 @pytest.mark.parametrize("seed", ACCELERATED_ADMM)
@@ -239,3 +241,16 @@ def test_admm_instances_the_acceleration_once_failed(seed):
     status, message = check(instance)
     assert message is None, message
     assert status in ("optimal", "optimal_inaccurate")
+
+
+# Certified in float32 (tol 1e-3) with bounds above the optimum by 1e-8 of it, where the optimum is small beside the
+# data: the bound was the float32-rounded problem's; docs/solvers.md#float32-iterations-of-the-admm
+FLOAT32_ROUNDED_BOUND = (142, 195, 205, 532, 1036, 1184)
+
+
+@pytest.mark.parametrize("seed", FLOAT32_ROUNDED_BOUND)
+def test_float32_admm_instances_whose_bound_was_the_rounded_problems(seed):
+    instance = make_instance(seed)
+    assert instance.method == "admm"
+    status, message = check(instance, ADMM_FLOAT32_TOL)
+    assert message is None, message

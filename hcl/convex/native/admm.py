@@ -191,6 +191,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
             balancing, f1, f2 = True, 1.0, unpush_to / rho2
         elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
             f2 = RHO_FACTOR
+        jumped = False  # ζ extrapolated: the next iteration's change is no plain step's, and balances no ρ
         if stop is None and balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
             torch.add(Z, A1, alpha=1.0 / f1, out=zeta_W)
             if constrained:  # T + A2 / f2
@@ -210,11 +211,12 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                 zeta_T.sub_(T, alpha=RELAXATION).addcmul_(op.signed_cmask, XW, value=RELAXATION)
             if accelerate is not None and phase == 0:  # g = F(ζ) − ζ over the span, then the accelerated step
                 torch.sub(state, accelerate.start, out=accelerate.residual)
-                accelerate.step(state.copy_(accelerate.start))
+                plain = accelerate.step(state.copy_(accelerate.start))  # False: back from a rejected extrapolation
+                jumped = accelerate.corrected or not plain
         if stop is not None:
             status = stop
             break
-        prev_Z = Z
+        prev_Z = None if jumped else Z
     if accelerate is not None and options.verbose:
         print(f"admm: {accelerate.rejected} accelerated steps rejected")
     mu = None

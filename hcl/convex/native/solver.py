@@ -94,9 +94,10 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
 
 def _certified(op: Operator, U: Tensor, V: Tensor, Z: Tensor, mu: Tensor | None, b0: Tensor | None) -> float:
     """The certificate of the point ``(U, V)`` (``Z`` its block outputs in ``op``) with multipliers ``mu``."""
-    if op.basis is None:
+    if op.basis is None and op.dtype == torch.float64:
         return certificate(op, Z, mu, b0=b0)[0]
-    # certified with the data itself, not its row-space coordinates (whose rank was decided with a tolerance)
+    # certified with the data itself, not its row-space coordinates (whose rank was decided with a tolerance) nor its
+    # float32 rounding (a bound of the rounded problem exceeded the optimum by 1e-8 of it where the optimum is small)
     full = Operator(op.problem, gated=op.gated, dtype=torch.float64)
     return certificate(full, full.forward(full.pack(U, V)), mu, b0=b0)[0]
 
