@@ -14,6 +14,7 @@ import torch
 
 from hcl.convex.native.anderson import history_bytes
 from hcl.convex.native.options import (
+    ADMM_MATRIX_CHUNK,
     ANDERSON_MEMORY,
     FLOAT32_BLOCKS_FROM_D_OVER_N,
     FLOAT32_SCHUR_ABOVE,
@@ -141,10 +142,11 @@ def footprint(
         # the float64 twin of X and the patterns for the checks, and the check's float64 block outputs, multipliers
         # and the certificate's products (four of the outputs' size)
         checks = n * d * 8 + 3 * n * P * 8 + 4 * outputs_elems * 8
-        # the n × n matrix and its Cholesky factor (float64) while a factorisation is built
+        # the n × n matrix, factored in place (float64), and the row blocks it is built from
         memory = ANDERSON_MEMORY if anderson is None else anderson
         history = history_bytes(memory, (n + d) * K, w) if memory else 0  # ζ is (d, 2, P, c) and (n, 2, P, c)
-        return Footprint(fixed + checks, ADMM_OUTPUT_COPIES * outputs_elems * w + history, 0, 2 * n * n * 8, 0)
+        matrix = n * n * 8 + 2 * min(n, ADMM_MATRIX_CHUNK) * n * 8
+        return Footprint(fixed + checks, ADMM_OUTPUT_COPIES * outputs_elems * w + history, 0, matrix, 0)
     raise ValueError(f"method must be 'newton', 'fista' or 'admm', got {method!r}")
 
 

@@ -22,6 +22,8 @@ DEFAULT_MAX_ITERS = {"newton": 100, "fista": 20000, "admm": 5000}
 # Residual differences the ADMM's Anderson acceleration keeps by default (fewer where the memory budget is short);
 # measured on MNIST in docs/solvers.md#anderson-acceleration-of-the-admm
 ANDERSON_MEMORY = 10
+# Rows of the ADMM's n × n matrix built at once (two float64 blocks of this many rows beside it)
+ADMM_MATRIX_CHUNK = 1024
 # The ADMM works in float32 by default from this tol on: its gap stalled near 1e-4 in float32 on MNIST (the
 # certificate is float64 whatever the working precision); docs/solvers.md#float32-iterations-of-the-admm
 ADMM_FLOAT32_TOL = 1e-3
