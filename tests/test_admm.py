@@ -71,6 +71,7 @@ def test_the_linear_step_in_float32_is_as_accurate_as_its_precision():
     assert float((steps[torch.float32] - exact).norm() / exact.norm()) <= 3e-7
 
 
+@pytest.mark.slow  # about 3-5 s; the step's own float32 accuracy is tested in the fast subset above
 def test_float32_iterations_certify_the_optimum_in_as_many_iterations():
     problem = image_like()
     runs = {dtype: solve_native(problem, method="admm", tol=1e-3, constraint_tol=1e-3, dtype=dtype, max_iters=5000)
