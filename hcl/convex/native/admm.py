@@ -13,6 +13,7 @@ relative residuals, and ``ζ`` extrapolated by Anderson acceleration (``options.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from hcl.convex.feasibility import restore_feasibility
 from hcl.convex.native.anderson import Anderson
-from hcl.convex.native.certificate import Convergence, certificate, converged, final_status
+from hcl.convex.native.certificate import Convergence, bracket, converged, final_status
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import ADMM_MATRIX_CHUNK, ANDERSON_MEMORY, NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
@@ -176,7 +177,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                 # met at a point outside its cones: "optimal" only at the point moved exactly into them (its value may
                 # lie below the optimum), tried again once the violation has halved and the last move's cost, scaled
                 # to it, leaves the gap within tol
-                feasible, moved_gap = _feasible(op, check_op, W, mu, rotation, options, best)
+                feasible, moved_gap = _feasible(op, original, W, mu, rotation, options, best_point)
                 if feasible is not None:
                     W, stop = feasible, Status.OPTIMAL
                 tried = check.violation
@@ -188,12 +189,15 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                     stop = Status.OPTIMAL_INACCURATE
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
+        if stop is not None:  # before ζ moves: the multipliers returned are the ones the stop was decided with
+            status = stop
+            break
         if unpush_to is not None:  # the push is over (the gap opened again): ρ₂ returns to where it began
             balancing, f1, f2 = True, 1.0, unpush_to / rho2
         elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
             f2 = RHO_FACTOR
         jumped = False  # ζ extrapolated: the next iteration's change is no plain step's, and balances no ρ
-        if stop is None and balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
+        if balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
             torch.add(Z, A1, alpha=1.0 / f1, out=zeta_W)
             if constrained:  # T + A2 / f2
                 zeta_T.sub_(T).div_(f2).add_(T)
@@ -214,9 +218,6 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                 torch.sub(state, accelerate.start, out=accelerate.residual)
                 plain = accelerate.step(state.copy_(accelerate.start))  # False: back from a rejected extrapolation
                 jumped = accelerate.corrected or not plain
-        if stop is not None:
-            status = stop
-            break
         prev_Z = None if jumped else Z
     if accelerate is not None and options.verbose:
         print(f"admm: {accelerate.rejected} accelerated steps rejected")
@@ -224,9 +225,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     if constrained:
         mu = torch.clamp(zeta_T.neg_(), min=0.0).mul_(rho2) * op.cmask
     op.X, op.d = original, original.shape[1]
-    if best_point is not None:
-        best_point = (_rotate(best_point[0], rotation.T) * op.wmask, best_point[1])
-    return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status, bound_point=best_point)
+    return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status, bound_point=_unrotated(best_point, rotation, op))
 
 
 def _check(
@@ -251,25 +250,32 @@ def _check(
 
 def _feasible(
     op: Operator,
-    check_op: Operator,
+    original: Tensor,
     W: Tensor,
     mu: Tensor | None,
     rotation: Tensor,
     options: NativeOptions,
-    best: float,
+    best_point: tuple[Tensor, Tensor | None] | None,
 ) -> tuple[Tensor | None, float]:
-    """``W`` moved exactly into its cones (:func:`hcl.convex.feasibility.restore_feasibility`), in the solve's basis,
-    when the final check (:func:`final_status`) certifies it against the larger of the certificate there and
-    ``best`` (else ``None``), and the moved point's relative gap."""
+    """``W`` moved exactly into its cones (:func:`hcl.convex.feasibility.restore_feasibility`), in the solve's basis
+    and precision, when the solve's own report of it (:func:`bracket`: the point as it is returned, and the best
+    certificate, both with the problem's float64 data) earns ``"optimal"`` (else ``None``), and that relative gap."""
     problem = op.problem
-    U, V, b0 = restore_feasibility(problem, *op.unpack(_rotate(W, rotation.T)))
-    exact = problem.in_float64()
-    moved = _rotate(op.pack(U, V), rotation).to(torch.float64)
-    dual = max(best, certificate(check_op, check_op.forward(moved), None if mu is None else mu.to(torch.float64))[0])
-    value, violation = float(exact.objective(U, V, b0)), float(exact.violation(U, V))
-    certified = final_status(exact, Status.OPTIMAL, value, dual, violation, options) == Status.OPTIMAL
-    gap = relative_gap(value, dual, problem.gap_floor) if math.isfinite(value) else math.inf
-    return (moved.to(op.dtype) if certified else None), gap
+    U, V, _ = restore_feasibility(problem, *op.unpack(_rotate(W, rotation.T)))
+    moved = _rotate(op.pack(U, V), rotation)
+    plain = copy.copy(op)  # the data in their own basis, as the solve's result is read
+    plain.X, plain.d = original, original.shape[1]
+    reported = bracket(plain, _rotate(moved, rotation.T) * op.wmask, mu, _unrotated(best_point, rotation, op))
+    certified = final_status(
+        problem, Status.OPTIMAL, reported.value, reported.dual, reported.violation, options
+    ) == Status.OPTIMAL
+    gap = relative_gap(reported.value, reported.dual, problem.gap_floor) if math.isfinite(reported.value) else math.inf
+    return (moved if certified else None), gap
+
+
+def _unrotated(point: tuple[Tensor, Tensor | None] | None, rotation: Tensor, op: Operator):
+    """A ``(W, μ)`` of the solve's basis in the data's own (``None`` stays ``None``)."""
+    return None if point is None else (_rotate(point[0], rotation.T) * op.wmask, point[1])
 
 
 def _relative(diff: Tensor, *scales: Tensor) -> float:

@@ -145,6 +145,50 @@ def converged(
     return Convergence(gap <= options.tol and violation <= options.constraint_tol, gap, violation, dual)
 
 
+class Bracket(NamedTuple):
+    """A method's point in the problem's units and float64, with what it certifies (:func:`bracket`)."""
+
+    U: Tensor
+    V: Tensor
+    b0: Tensor
+    value: float
+    dual: float
+    violation: float
+
+
+def bracket(op: Operator, W: Tensor, mu: Tensor | None, bound_point: tuple[Tensor, Tensor | None] | None) -> Bracket:
+    """The point ``W`` (``op``'s layout and precision) in the problem's units, its value and violation recomputed in
+    float64 with the problem's own data, and the larger of its certificate (with ``mu``) and ``bound_point``'s: what
+    a solve reports, and what a method that stops on it must check."""
+    problem = op.problem
+    U, V = op.unpack(W)
+    Z = op.forward(W)
+    _, b0 = op.residual(Z)
+    dtype = problem.X.dtype
+    b0 = torch.zeros(op.c, dtype=dtype, device=op.device) if b0 is None else (b0 * op.y_unit).to(dtype)
+    exact = problem.in_float64()
+    point = (U.to(torch.float64), V.to(torch.float64), b0.to(torch.float64))
+    value = float(exact.objective(*point))
+    dual = exact_certificate(op, U, V, Z, mu, b0)
+    if bound_point is not None:  # an earlier iterate's certificate, if it is better
+        W_best, mu_best = bound_point
+        dual = max(dual, exact_certificate(op, *op.unpack(W_best), op.forward(W_best), mu_best, None))
+    if not math.isfinite(dual):
+        dual = 0.0  # the objective is never negative: 0 is always a certified bound
+    violation = 0.0 if op.gated else float(exact.violation(point[0], point[1]))
+    return Bracket(U, V, b0, value, dual, violation)
+
+
+def exact_certificate(op: Operator, U: Tensor, V: Tensor, Z: Tensor, mu: Tensor | None, b0: Tensor | None) -> float:
+    """The certificate of the point ``(U, V)`` (``Z`` its block outputs in ``op``) with multipliers ``mu``."""
+    if op.basis is None and op.dtype == torch.float64:
+        return certificate(op, Z, mu, b0=b0)[0]
+    # certified with the data itself, not its row-space coordinates (whose rank was decided with a tolerance) nor its
+    # float32 rounding (a bound of the rounded problem exceeded the optimum by 1e-8 of it where the optimum is small)
+    full = Operator(op.problem, gated=op.gated, dtype=torch.float64)
+    return certificate(full, full.forward(full.pack(U, V)), mu, b0=b0)[0]
+
+
 def final_status(
     problem: ConvexProblem, status: Status, value: float, dual: float, violation: float, options: NativeOptions
 ) -> Status:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
-from torch import Tensor
 
 from hcl.convex.native.admm import admm
-from hcl.convex.native.certificate import certificate, final_status
+from hcl.convex.native.certificate import bracket, final_status
 from hcl.convex.native.first_order import first_order
 from hcl.convex.native.interior_point import interior_point
 from hcl.convex.native.memory import plan
@@ -92,38 +90,10 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
     return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
 
 
-def _certified(op: Operator, U: Tensor, V: Tensor, Z: Tensor, mu: Tensor | None, b0: Tensor | None) -> float:
-    """The certificate of the point ``(U, V)`` (``Z`` its block outputs in ``op``) with multipliers ``mu``."""
-    if op.basis is None and op.dtype == torch.float64:
-        return certificate(op, Z, mu, b0=b0)[0]
-    # certified with the data itself, not its row-space coordinates (whose rank was decided with a tolerance) nor its
-    # float32 rounding (a bound of the rounded problem exceeded the optimum by 1e-8 of it where the optimum is small)
-    full = Operator(op.problem, gated=op.gated, dtype=torch.float64)
-    return certificate(full, full.forward(full.pack(U, V)), mu, b0=b0)[0]
-
-
 def _solution(op: Operator, result: Result, seconds: float, name: str, options: NativeOptions) -> ConvexSolution:
     """The method's result in the problem's units, with its value recomputed, its certificate and its final status."""
-    problem = op.problem
-    U, V = op.unpack(result.W)
-    Z = op.forward(result.W)
-    _, b0 = op.residual(Z)
-    b0 = (
-        torch.zeros(op.c, dtype=problem.X.dtype, device=op.device)
-        if b0 is None
-        else (b0 * op.y_unit).to(problem.X.dtype)
-    )
-    exact = problem.in_float64()
-    point = (U.to(torch.float64), V.to(torch.float64), b0.to(torch.float64))
-    value = float(exact.objective(*point))
-    dual = _certified(op, U, V, Z, result.mu, b0)
-    if result.bound_point is not None:  # an earlier iterate's certificate, if it is better
-        W_best, mu_best = result.bound_point
-        dual = max(dual, _certified(op, *op.unpack(W_best), op.forward(W_best), mu_best, None))
-    if not math.isfinite(dual):
-        dual = 0.0  # the objective is never negative: 0 is always a certified bound
-    violation = 0.0 if op.gated else float(exact.violation(point[0], point[1]))
-    status = final_status(exact, result.status, value, dual, violation, options)
+    U, V, b0, value, dual, violation = bracket(op, result.W, result.mu, result.bound_point)
+    status = final_status(op.problem.in_float64(), result.status, value, dual, violation, options)
     multipliers = None
     if result.mu is not None:
         multipliers = Multipliers(op.multipliers_in_data_units(result.mu).to_sparse(), result.penalty)
@@ -140,5 +110,5 @@ def _solution(op: Operator, result: Result, seconds: float, name: str, options: 
         violation=violation,
         gated=op.gated,
         multipliers=multipliers,
-        gap_floor=problem.gap_floor,
+        gap_floor=op.problem.gap_floor,
     )
