@@ -1,10 +1,11 @@
 """An exactly feasible point near a nearly feasible one, so that its objective bounds ``p*`` from above.
 
 A solver stopped at a loose ``constraint_tol`` returns block columns ``u`` slightly outside their cones
-``(2D_i − I) X u ≥ 0``; their objective may then lie below ``p*``. Each violated column is moved by the least-norm
-step that puts its outputs a hair inside the cone on the violated samples ``A``, ``δ = X_Aᵀ (X_A X_Aᵀ)⁻¹ (ε − X_A u)``,
-``A`` growing with any sample a step pushes out, for a few rounds; a column that does not settle becomes zero (inside
-every cone). See ``docs/convex.md#feasibility``.
+``(2D_i − I) X u ≥ 0``; their objective may then lie below ``p*``. Each violated column is moved by the least step
+that puts its outputs a hair inside the cone on the violated samples ``A``, least in the metric ``Q = XᵀX + r I`` (the
+data term's curvature, so that the outputs on the other samples move little): ``δ = Q⁻¹X_Aᵀ (X_A Q⁻¹X_Aᵀ)⁻¹ (ε − X_A
+u)``, ``A`` growing with any sample a step pushes out, for a few rounds; a column that does not settle becomes zero
+(inside every cone). See ``docs/convex.md#feasibility``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from hcl.convex.status import Status
 ROUNDS = 8
 # Relative ridge on the active rows' Gram matrix (rows that are nearly dependent)
 RIDGE = 1e-12
-# Up to this n the n × n Gram matrix X Xᵀ (128 MiB) is formed once; beyond, each step forms its active rows' own
+# Up to this n the n × n matrix X Q⁻¹ Xᵀ (128 MiB) is formed once; beyond, each step forms its active rows' own
 GRAM_MAX_SAMPLES = 4096
+# The ridge r of the steps' metric Q, relative to the mean curvature ‖X‖²_F / d; docs/convex.md#feasibility
+METRIC_RIDGE = 1e-2
 # How far inside the cone the active samples' outputs are put, relative to the column's largest output
 INSIDE = 1e-9
 
@@ -44,7 +47,10 @@ def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[T
     signs = S[:, None, :, None].expand(-1, 2, -1, c).reshape(X.shape[0], -1)
     XW = X @ W  # one product for every column, once per round
     inside = INSIDE * XW.abs().amax(0)  # how far inside the active samples are put, per column
-    gram = X @ X.T if X.shape[0] <= GRAM_MAX_SAMPLES else None  # the active rows' Gram matrices are its blocks
+    Q = X.T @ X
+    Q.diagonal().add_(METRIC_RIDGE * float(Q.diagonal().sum()) / X.shape[1] or 1.0)  # X = 0: the plain norm
+    XQ = torch.cholesky_solve(X.T, torch.linalg.cholesky(Q)).T  # X Q⁻¹
+    gram = XQ @ X.T if X.shape[0] <= GRAM_MAX_SAMPLES else None  # the active rows' matrices are its blocks
     active = torch.zeros_like(signs, dtype=torch.bool)
     for _ in range(ROUNDS):
         violated = signs * XW < 0
@@ -53,7 +59,7 @@ def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[T
             break
         active |= violated
         for j in todo:
-            W[:, j] = _step(X, gram, signs[:, j], active[:, j], W[:, j], float(inside[j]))
+            W[:, j] = _step(X, XQ, gram, signs[:, j], active[:, j], W[:, j], float(inside[j]))
         XW = X @ W
     W[:, (signs * XW < 0).any(0)] = 0.0  # the columns that did not settle
     W = W.reshape(d, 2, P, c).permute(1, 2, 0, 3)
@@ -64,20 +70,22 @@ def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[T
     return U2, V2, b0
 
 
-def _step(X: Tensor, gram: Tensor | None, signs: Tensor, active: Tensor, u: Tensor, inside: float) -> Tensor:
-    """``u`` moved by the least-norm step that puts its outputs on the ``active`` samples a hair inside the cone; zero
-    when that cannot be done (as many active samples as unknowns, or dependent rows)."""
+def _step(
+    X: Tensor, XQ: Tensor, gram: Tensor | None, signs: Tensor, active: Tensor, u: Tensor, inside: float
+) -> Tensor:
+    """``u`` moved by the least step in ``Q`` (``XQ = X Q⁻¹``) that puts its outputs on the ``active`` samples a hair
+    inside the cone; zero when that cannot be done (as many active samples as unknowns, or dependent rows)."""
     if int(active.sum()) >= X.shape[1]:  # as many equations as unknowns: only about zero satisfies them
         return torch.zeros_like(u)
     XA = X[active]
     target = inside * signs[active] - XA @ u
     index = active.nonzero().flatten()
-    G = gram[index][:, index] if gram is not None else XA @ XA.T
+    G = gram[index][:, index] if gram is not None else XQ[active] @ XA.T
     G.diagonal().add_(RIDGE * float(G.diagonal().max()))
     factor, info = torch.linalg.cholesky_ex(G)
     if int(info) != 0:
         return torch.zeros_like(u)
-    return u + XA.T @ torch.cholesky_solve(target.unsqueeze(1), factor).squeeze(1)
+    return u + XQ[active].T @ torch.cholesky_solve(target.unsqueeze(1), factor).squeeze(1)
 
 
 def feasible_solution(
