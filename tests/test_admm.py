@@ -269,7 +269,7 @@ def _recorded(monkeypatch, problem, tol, constraint_tol):
     return solution, checks, moves
 
 
-@pytest.mark.parametrize("seed", [11, 25])  # instances where the gap opens again once the push made the point feasible
+@pytest.mark.parametrize("seed", [12, 25])  # instances where the gap opens again once the push made the point feasible
 def test_when_the_gap_opens_again_the_cone_penalty_returns_to_where_the_push_began(seed, monkeypatch):
     import hcl.convex.native.admm as admm_module
 

@@ -43,6 +43,9 @@ RHO_EVERY = 25
 # infeasible point's value says little). When the gap opens again (the value rose with feasibility, the bound lags),
 # ρ₂ returns to where the push began: a large ρ₂ stalls the bound; docs/solvers.md#admm
 PUSH_WITHIN = 10.0
+# A push multiplies ρ₂ by this (every RHO_EVERY iterations): each change restarts the Anderson history, so fewer,
+# larger steps; docs/solvers.md#the-end-of-a-push-and-the-moves-into-the-cones
+PUSH_FACTOR = 3.0
 # Iterations between two tests of the stopping rule (each costs a float64 product with X; three in float32)
 CHECK_EVERY = 10
 # Below this violation (relative to max|Y|) a push stops growing ρ₂ (the monitors' strict tolerance); a test met at
@@ -195,7 +198,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         if unpush_to is not None:  # the push is over (the gap opened again): ρ₂ returns to where it began
             balancing, f1, f2 = True, 1.0, unpush_to / rho2
         elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
-            f2 = RHO_FACTOR
+            f2 = PUSH_FACTOR
         jumped = False  # ζ extrapolated: the next iteration's change is no plain step's, and balances no ρ
         if balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
             torch.add(Z, A1, alpha=1.0 / f1, out=zeta_W)
