@@ -38,13 +38,13 @@ RHO_CONES = 0.03
 RHO_FACTOR = 2.0
 RHO_BALANCE = 10.0
 RHO_EVERY = 25
-# ρ₂ grows (by RHO_FACTOR) instead of balancing once the gap is within tol, the violation within this many
+# ρ₂ grows (by PUSH_FACTOR) instead of balancing once the gap is within tol, the violation within this many
 # constraint_tol but above STRICT_VIOLATION: the bound has caught up and only feasibility is left (further out, an
 # infeasible point's value says little). When the gap opens again (the value rose with feasibility, the bound lags),
 # ρ₂ returns to where the push began: a large ρ₂ stalls the bound; docs/solvers.md#admm
 PUSH_WITHIN = 10.0
 # A push multiplies ρ₂ by this (every RHO_EVERY iterations): each change restarts the Anderson history, so fewer,
-# larger steps; docs/solvers.md#the-end-of-a-push-and-the-moves-into-the-cones
+# larger steps; docs/solvers.md#the-pushs-step
 PUSH_FACTOR = 3.0
 # Iterations between two tests of the stopping rule (each costs a float64 product with X; three in float32)
 CHECK_EVERY = 10
