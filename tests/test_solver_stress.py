@@ -275,8 +275,9 @@ def test_an_admm_stop_as_optimal_is_reported_optimal(seed, monkeypatch):
     final_status = native_solver.final_status
 
     def spy(problem, status, *args):
-        decided.append((str(status), str(final_status(problem, status, *args))))
-        return final_status(problem, status, *args)
+        reported = final_status(problem, status, *args)
+        decided.append((str(status), str(reported)))
+        return reported
 
     monkeypatch.setattr(native_solver, "final_status", spy)
     instance = make_instance(seed)

@@ -228,7 +228,8 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     if constrained:
         mu = torch.clamp(zeta_T.neg_(), min=0.0).mul_(rho2) * op.cmask
     op.X, op.d = original, original.shape[1]
-    return Result(_rotate(W, rotation.T) * op.wmask, mu, it, status, bound_point=_unrotated(best_point, rotation, op))
+    best_point = None if best_point is None else (_in_data_basis(best_point[0], rotation, op), best_point[1])
+    return Result(_in_data_basis(W, rotation, op), mu, it, status, bound_point=best_point)
 
 
 def _check(
@@ -266,9 +267,10 @@ def _feasible(
     problem = op.problem
     U, V, _ = restore_feasibility(problem, *op.unpack(_rotate(W, rotation.T)))
     moved = _rotate(op.pack(U, V), rotation)
-    plain = copy.copy(op)  # the data in their own basis, as the solve's result is read
+    plain = copy.copy(op)  # the data in their own basis
     plain.X, plain.d = original, original.shape[1]
-    reported = bracket(plain, _rotate(moved, rotation.T) * op.wmask, mu, _unrotated(best_point, rotation, op))
+    best = None if best_point is None else (_in_data_basis(best_point[0], rotation, op), best_point[1])
+    reported = bracket(plain, _in_data_basis(moved, rotation, op), mu, best)  # as the solve's result will read
     certified = final_status(
         problem, Status.OPTIMAL, reported.value, reported.dual, reported.violation, options
     ) == Status.OPTIMAL
@@ -276,9 +278,9 @@ def _feasible(
     return (moved if certified else None), gap
 
 
-def _unrotated(point: tuple[Tensor, Tensor | None] | None, rotation: Tensor, op: Operator):
-    """A ``(W, μ)`` of the solve's basis in the data's own (``None`` stays ``None``)."""
-    return None if point is None else (_rotate(point[0], rotation.T) * op.wmask, point[1])
+def _in_data_basis(W: Tensor, rotation: Tensor, op: Operator) -> Tensor:
+    """``W`` of the solve's basis in the data's own, as the solve returns it."""
+    return _rotate(W, rotation.T) * op.wmask
 
 
 def _relative(diff: Tensor, *scales: Tensor) -> float:

@@ -93,7 +93,7 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
 def _solution(op: Operator, result: Result, seconds: float, name: str, options: NativeOptions) -> ConvexSolution:
     """The method's result in the problem's units, with its value recomputed, its certificate and its final status."""
     U, V, b0, value, dual, violation = bracket(op, result.W, result.mu, result.bound_point)
-    status = final_status(op.problem.in_float64(), result.status, value, dual, violation, options)
+    status = final_status(op.problem, result.status, value, dual, violation, options)
     multipliers = None
     if result.mu is not None:
         multipliers = Multipliers(op.multipliers_in_data_units(result.mu).to_sparse(), result.penalty)
