@@ -2,8 +2,8 @@
 
 Tiny tensors run fastest on one thread (two cores are shared by the whole suite). Tests that take more than about a
 second carry the ``slow`` marker, and so do the parameters of a grid beyond a part that covers it (every case once,
-or every pair of settings: ``tests/_params.py``): ``python -m pytest -m "not slow"`` runs the rest in under a
-minute.
+or every pair of settings: ``tests/_params.py``): ``python -m pytest -m "not slow" -n 2`` runs the rest in under a
+minute, one test process per core (pytest-xdist; each test on one thread).
 """
 
 from __future__ import annotations
