@@ -73,11 +73,12 @@ class ConvexProblem:
             whose second layer is block-diagonal; its value is *not* a bound for a shared hidden layer.
 
     Any memory layout is accepted (column-major, transposed views, strided slices, expanded tensors): ``X``, ``Y``
-    and ``patterns`` are stored contiguous.
+    and ``patterns`` are stored contiguous. ``Y`` takes ``X``'s dtype; float16 and bfloat16 data are stored in float32,
+    which holds them exactly.
 
     Raises:
-        ValueError: on mismatched shapes, non-finite data, ``λ < 0``, an unknown reduction or an empty
-            pattern set.
+        ValueError: on mismatched shapes, non-finite data, no samples, features or outputs, patterns other than
+            boolean or 0/1, ``λ < 0``, an unknown reduction, signs other than −1, 0, +1, or an empty pattern set.
     """
 
     X: Tensor
@@ -94,6 +95,8 @@ class ConvexProblem:
             raise ValueError(f"X must be a 2-D tensor (n, d), got shape {tuple(getattr(self.X, 'shape', ()))}")
         if not self.X.is_floating_point():
             raise ValueError(f"X must be a floating-point tensor, got {self.X.dtype}")
+        if self.X.dtype in (torch.float16, torch.bfloat16):  # exact in float32, the least precision a solver works in
+            self.X = self.X.float()
         if self.Y.ndim == 1:
             self.Y = self.Y.reshape(-1, 1)
         if self.Y.ndim != 2 or self.Y.shape[0] != self.X.shape[0]:
@@ -106,6 +109,10 @@ class ConvexProblem:
         self.Y = self.Y.to(dtype=self.X.dtype, device=self.X.device).contiguous()
         if self.X.shape[0] == 0:
             raise ValueError("the data is empty (n = 0)")
+        if self.X.shape[1] == 0:
+            raise ValueError("X has no features (d = 0)")
+        if self.Y.shape[1] == 0:
+            raise ValueError("Y has no outputs (c = 0)")
         if not torch.isfinite(self.X).all():
             raise ValueError("X contains NaN or inf")
         if not torch.isfinite(self.Y).all():
@@ -116,13 +123,18 @@ class ConvexProblem:
             )
         if self.patterns.shape[1] == 0:
             raise ValueError("the pattern set is empty (P = 0): nothing to solve")
+        if self.patterns.dtype != torch.bool and not bool(((self.patterns == 0) | (self.patterns == 1)).all()):
+            raise ValueError("patterns must be boolean or 0/1: a sample is on a neuron's active side or not")
         self.patterns = self.patterns.to(device=self.X.device, dtype=torch.bool).contiguous()
         if not math.isfinite(float(self.weight_decay)) or self.weight_decay < 0:
             raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {self.weight_decay}")
         self.weight_decay = float(self.weight_decay)
         data_scale(self.reduction, 1)  # validates the name
         if self.signs is not None:
-            self.signs = torch.as_tensor(self.signs, device=self.X.device).to(torch.int8).reshape(-1).contiguous()
+            signs = torch.as_tensor(self.signs, device=self.X.device).reshape(-1)
+            if signs.is_floating_point() and not bool((signs == signs.round()).all()):  # 0.5 must not become 0
+                raise ValueError("signs must be -1, 0 or +1")
+            self.signs = signs.to(torch.int8).contiguous()
             if self.signs.numel() != self.patterns.shape[1]:
                 raise ValueError(
                     f"signs must have one entry per pattern ({self.patterns.shape[1]}), got {self.signs.numel()}"

@@ -1,0 +1,60 @@
+"""``ConvexProblem`` names bad input when it is built, and keeps the problem it was given exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hcl.convex import solve
+from hcl.convex.problem import ConvexProblem
+from hcl.convex.status import Status
+
+
+def _data(n: int = 30, d: int = 4, P: int = 5, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return dict(X=X, Y=torch.randn(n, generator=g, dtype=torch.float64),
+                patterns=X @ torch.randn(d, P, generator=g, dtype=torch.float64) > 0, weight_decay=0.01)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda k: {"X": k["X"][:, :0]}, r"no features \(d = 0\)"),
+        (lambda k: {"Y": k["Y"].reshape(-1, 1)[:, :0]}, r"no outputs \(c = 0\)"),
+        (lambda k: {"patterns": torch.full(k["patterns"].shape, 0.5)}, "boolean or 0/1"),
+        (lambda k: {"patterns": torch.full(k["patterns"].shape, float("nan"))}, "boolean or 0/1"),
+        (lambda k: {"patterns": k["patterns"].int() * 2}, "boolean or 0/1"),
+        (lambda k: {"signs": torch.tensor([0.5, 0.0, 1.0, -1.0, 0.0])}, r"-1, 0 or \+1"),
+        (lambda k: {"signs": torch.tensor([float("nan"), 0.0, 1.0, -1.0, 0.0])}, r"-1, 0 or \+1"),
+        (lambda k: {"signs": torch.tensor([2, 0, 1, -1, 0])}, r"-1, 0 or \+1"),
+    ],
+    ids=["d=0", "c=0", "pattern 0.5", "pattern nan", "pattern 2", "sign 0.5", "sign nan", "sign 2"],
+)
+def test_bad_input_is_named_when_the_problem_is_built(change, message):
+    kwargs = _data()
+    kwargs.update(change(kwargs))
+    with pytest.raises(ValueError, match=message):
+        ConvexProblem(**kwargs)
+
+
+def test_zero_one_patterns_and_integral_float_signs_are_the_boolean_and_integer_ones():
+    kwargs = _data()
+    plain = ConvexProblem(**kwargs, signs=torch.tensor([1, 0, -1, 0, 1]))
+    other = ConvexProblem(**{**kwargs, "patterns": kwargs["patterns"].double()}, signs=[1.0, 0.0, -1.0, 0.0, 1.0])
+    assert torch.equal(plain.patterns, other.patterns) and torch.equal(plain.signs, other.signs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_data_is_solved_as_the_float32_problem_it_exactly_is(dtype):
+    kwargs = _data()
+    half = {**kwargs, "X": kwargs["X"].to(dtype), "Y": kwargs["Y"].to(dtype)}
+    problem = ConvexProblem(**half)
+    assert problem.X.dtype == problem.Y.dtype == torch.float32
+    # the same numbers: half precision's values are float32's
+    assert torch.equal(problem.X, half["X"].float()) and torch.equal(problem.Y, half["Y"].float().reshape(-1, 1))
+    solution = solve(problem, "native")
+    reference = solve(ConvexProblem(**{**kwargs, "X": half["X"].double(), "Y": half["Y"].double()}), "clarabel")
+    # certified, where half-precision storage of the solution made it "optimal_inaccurate" before
+    assert Status.of(solution.status) is Status.OPTIMAL
+    assert solution.value == pytest.approx(reference.value, rel=1e-5)
