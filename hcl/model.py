@@ -118,7 +118,10 @@ class TwoLayerReLU(pl.LightningModule):
 
     # ----------------------------------------------------------------- model
     def forward(self, x: Tensor) -> Tensor:
-        return self.output_layer(torch.relu(self.hidden_layer(x.reshape(x.shape[0], -1))))
+        # inputs in the parameters' precision (as ConvexReLU): float64 data with --trainer.precision=32-true or a
+        # mixed precision would otherwise stop at a dtype mismatch inside the first layer
+        x = x.reshape(x.shape[0], -1).to(self.hidden_layer.weight.dtype)
+        return self.output_layer(torch.relu(self.hidden_layer(x)))
 
     def penalty(self) -> Tensor:
         """``λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``; the output bias is not penalised."""

@@ -84,6 +84,22 @@ def test_seed_single_neuron_reaches_zero_with_gradient_descent(tmp_path):
     assert bool((model.hidden_layer(X) >= 0).all())
 
 
+@pytest.mark.parametrize("precision,rel", [("32-true", 1e-6), ("bf16-mixed", 1e-2)])
+def test_float64_data_trains_in_the_trainers_precision(tmp_path, precision, rel):
+    # the data modules' float64 with a float32 or mixed trainer: the inputs take the parameters' precision
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(24, 3, generator=g, dtype=torch.float64), torch.randn(24, generator=g, dtype=torch.float64)
+    model = TwoLayerReLU(in_features=3, hidden=8, weight_decay=0.01, lr=0.01)
+    start = float(_hand_objective(model, X, y, model.reduction))
+    recorder = _Recorder()
+    trainer = pl.Trainer(max_steps=2, precision=precision, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+                         default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(model, DataLoader(TensorDataset(X, y), batch_size=24))
+    assert recorder.objectives[0] == pytest.approx(start, rel=rel)
+    assert model.hidden_layer.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("optimizer,cls", [("sgd", torch.optim.SGD), ("momentum", torch.optim.SGD),
                                            ("adam", torch.optim.Adam), ("adagrad", torch.optim.Adagrad)])
 def test_optimizers_never_get_a_weight_decay(optimizer, cls):
