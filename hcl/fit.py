@@ -215,6 +215,9 @@ def _argument_error(message: str) -> str:
         problem = re.match(r"- Problem with given class_path '([^']+)':", line)
         if problem and i + 1 < len(lines):
             class_path, reason = problem.group(1), lines[i + 1]
+            nested = re.fullmatch(r'Parser key "([^"]+)":', reason)
+            if nested and i + 2 < len(lines):  # a bad value of one of its options: the reason is the next line
+                reason = f"{nested.group(1)}: {lines[i + 2]}"
             option = re.match(r"Option '([^']+)' is not accepted", reason)
             if option:
                 reason += _suggestion(class_path, option.group(1))

@@ -120,7 +120,9 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
     (["--trainer.callbacks+=hcl.callbacks.PatternMonitor", "--trainer.callbacks.every_n_step=3"],
      "hcl.callbacks.PatternMonitor: Option 'every_n_step' is not accepted; did you mean 'every_n_steps'?"),
     (["--data=hcl.datamodules.MNIST", "--data.root=missing_root"], "MNIST not found under root"),
-], ids=["hidden", "data-kind", "callback-option", "mnist-root"])
+    (["--model.reduction=max"],
+     "hcl.TwoLayerReLU: reduction: Expected a typing.Literal['sum', 'mean']. Got value: max"),
+], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value"])
 def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
