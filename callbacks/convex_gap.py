@@ -34,7 +34,7 @@ from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
 from hcl.callbacks.solve_queue import SolveQueue
 from hcl.checks import is_int
-from hcl.convex import available_solvers, solve
+from hcl.convex import available_solvers, check_solver_options, solve
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias
 from hcl.convex.snapshot import Snapshot, SolveSpec, WarmStartChain, evaluate_snapshot
 from hcl.patterns import sample_patterns
@@ -121,7 +121,8 @@ class ConvexGapMonitor(StackCallback):
         load_solution: after each solve, replace the network's weights by the mapped convex solution
             (:meth:`hcl.network.ReLUStack.load_weights`). **This changes training**: the network jumps to the convex
             optimum of its patterns. Not with ``asynchronous``.
-        solver_options: extra keyword arguments for the solver.
+        solver_options: extra keyword arguments for the solver, checked here (their names, and the native
+            solver's values: :func:`hcl.convex.check_solver_options`).
         prefix: tag prefix, so that two monitors (e.g. both formulations) can log side by side.
         seed: seed of the sampled patterns.
         max_samples: use only the first ``max_samples`` samples.
@@ -183,6 +184,7 @@ class ConvexGapMonitor(StackCallback):
             raise ValueError(f"sampled_patterns must be an integer ≥ 0, got {sampled_patterns!r}")
         if solver_options is not None and not isinstance(solver_options, Mapping):
             raise TypeError(f"solver_options must be a dict of keyword arguments, got {type(solver_options).__name__}")
+        check_solver_options(self.solver, solver_options or {})  # here, not at the first solve steps later
         for name, flag in (("gated", gated), ("load_solution", load_solution), ("asynchronous", asynchronous),
                            ("raise_worker_errors", raise_worker_errors)):
             if not isinstance(flag, bool):

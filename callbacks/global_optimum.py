@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -33,7 +34,7 @@ from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.logs import log_scalars
-from hcl.convex import global_lower_bound, solve
+from hcl.convex import check_solver_options, global_lower_bound, solve
 from hcl.convex.build import all_patterns_problem
 from hcl.convex.feasibility import feasible_solution
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias, fold_weights, network_objective
@@ -83,7 +84,8 @@ class GlobalOptimumMonitor(StackCallback):
         target: targets for ``probe``.
         layer: qualified name of the hidden ``nn.Linear`` (see :func:`hcl.network.find_relu_stack`).
         output_layer: qualified name of the output ``nn.Linear`` for models that are not a ``Sequential``.
-        solver_options: extra keyword arguments for the solver.
+        solver_options: extra keyword arguments for the solver, checked here (their names, and the native
+            solver's values: :func:`hcl.convex.check_solver_options`).
         prefix: tag prefix.
 
     Raises:
@@ -112,6 +114,9 @@ class GlobalOptimumMonitor(StackCallback):
                          prefix=prefix, weight_decay=weight_decay, reduction=reduction)
         if not isinstance(solver, str) or not solver:
             raise ValueError(f"solver must be a solver name, got {solver!r}")
+        if solver_options is not None and not isinstance(solver_options, Mapping):
+            raise TypeError(f"solver_options must be a dict of keyword arguments, got {type(solver_options).__name__}")
+        check_solver_options(solver, solver_options or {})  # the name and the options, before any solve
         self.solver = solver.lower()
         self.solver_options = dict(solver_options or {})
         self.optimum: float | None = None

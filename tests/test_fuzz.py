@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import hcl.callbacks.convex_gap as convex_gap_module
 import hcl.callbacks.solve_queue as solve_queue_module
 from hcl import TwoLayerReLU
-from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor
 from hcl.convex import ConvexSolution, Status
 from hcl.datamodules import TensorDataModule
 
@@ -138,6 +138,13 @@ CONSTRUCTION = [
     (lambda: ConvexGapMonitor(prefix="a/b"), ValueError, "prefix"),
     (lambda: ConvexGapMonitor(prefix=""), ValueError, "prefix"),
     (lambda: ConvexGapMonitor(solver_options=[1]), TypeError, "solver_options"),
+    (lambda: ConvexGapMonitor(solver_options={"bogus": 1}), TypeError, "takes no option 'bogus'"),
+    (lambda: ConvexGapMonitor(solver="clarabel", solver_options={"method": "admm"}), TypeError, "no option 'method'"),
+    (lambda: ConvexGapMonitor(solver_options={"method": "bogus"}), ValueError, "method must be one of"),
+    (lambda: ConvexGapMonitor(solver="native", solver_options={"tol": -1}), ValueError, "tol must be"),
+    (lambda: GlobalOptimumMonitor(solver="nope"), ValueError, "unknown solver 'nope'"),
+    (lambda: GlobalOptimumMonitor(solver_options={"tol": 0}), ValueError, "tol must be"),
+    (lambda: GlobalOptimumMonitor(solver_options=[1]), TypeError, "solver_options"),
     (lambda: ConvexGapMonitor(max_pending=0), ValueError, "max_pending"),
     (lambda: ConvexGapMonitor(solve_time_limit=0), ValueError, "solve_time_limit"),
     (lambda: ConvexGapMonitor(solve_time_limit=-1.0), ValueError, "solve_time_limit"),
@@ -348,8 +355,9 @@ CONTINUES = [
     ("solver_hangs_async", _model,
      lambda: [ConvexGapMonitor(asynchronous=True, worker="thread", solve_time_limit=0.05, max_pending=1)], "tb",
      solve_hangs, "abandoned", ("convex/status", None)),
-    ("bad_solver_option", _model, lambda: [ConvexGapMonitor(solver="clarabel", solver_options={"bogus": 1})], "tb",
-     None, "convex solve failed", ("convex/status", [3.0, 3.0, 3.0])),
+    # a value only the solver itself refuses, at the solve (names and the native values are checked at construction)
+    ("bad_solver_option", _model, lambda: [ConvexGapMonitor(solver="clarabel", solver_options={"max_iter": "abc"})],
+     "tb", None, "convex solve failed", ("convex/status", [3.0, 3.0, 3.0])),
     ("user_module_without_lambda", lambda: Net(two_layer()), lambda: [ConvexGapMonitor(solver="clarabel")], "tb",
      None, "no `weight_decay`/`reduction` attributes", ("convex/status", [0.0, 0.0, 0.0])),
 ]

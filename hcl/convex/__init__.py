@@ -12,7 +12,7 @@ from hcl.convex.certificate import CertificateResult, global_lower_bound
 from hcl.convex.cvxpy_solver import ConvexSolveError
 from hcl.convex.native import dual_certificate, solve_native
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
-from hcl.convex.solvers import available_solvers, choose_solver, solve
+from hcl.convex.solvers import available_solvers, check_solver_options, choose_solver, solve
 from hcl.convex.status import Status
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ __all__ = [
     "FixedPatternLayer",
     "Status",
     "available_solvers",
+    "check_solver_options",
     "choose_solver",
     "dual_certificate",
     "fold_bias",

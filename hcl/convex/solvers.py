@@ -185,6 +185,21 @@ def get_solver(name: str) -> Solver:
     return solver
 
 
+def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
+    """Check ``options`` for ``solver`` before any solve: their names (as :func:`solve` does) and, for the native
+    solver's (``"auto"`` included), their values.
+
+    Raises:
+        TypeError: an option the solver does not accept.
+        ValueError: an unknown solver, or a native option's value out of its range (the message names the option).
+    """
+    entry = get_solver(solver)
+    entry.check_options(options)
+    if entry.name in ("native", "auto"):
+        native = {key: value for key, value in options.items() if key in NativeOptions.names()}
+        NativeOptions(**native)  # validates on construction
+
+
 def available_solvers() -> list[str]:
     """Solver names :func:`solve` accepts here: ``auto``, ``native``, ``cvxpylayers`` and the installed cvxpy ones."""
     return list(_registry())
