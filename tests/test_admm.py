@@ -153,8 +153,9 @@ def test_a_warm_start_from_the_optimum_takes_a_fraction_of_the_iterations():
 def test_auto_takes_admm_where_the_interior_point_does_not_fit():
     problem = instance(n=300, d=40, P=20, c=3, dtype=torch.float32)
     newton = footprint("newton", 300, 40, 20, 3, output_bias=True).total
-    admm = footprint("admm", 300, 40, 20, 3, output_bias=True).total
-    bare = footprint("admm", 300, 40, 20, 3, output_bias=True, anderson=0).total  # without the acceleration
+    # float32: the ADMM's default tol (1e-3) runs it in float32
+    admm = footprint("admm", 300, 40, 20, 3, torch.float32, output_bias=True).total
+    bare = footprint("admm", 300, 40, 20, 3, torch.float32, output_bias=True, anderson=0).total  # no acceleration
     assert bare < admm < newton
     assert plan(problem, NativeOptions(memory_limit=newton)).method == "newton"
     chosen = plan(problem, NativeOptions(memory_limit=newton - 1))
@@ -162,7 +163,7 @@ def test_auto_takes_admm_where_the_interior_point_does_not_fit():
     # a budget short of the default history: as many differences as fit, then none, then the first-order method
     fewer = plan(problem, NativeOptions(memory_limit=admm - 1))
     assert fewer.method == "admm" and 0 < fewer.anderson < ANDERSON_MEMORY
-    assert footprint("admm", 300, 40, 20, 3, output_bias=True, anderson=fewer.anderson).total <= admm - 1
+    assert footprint("admm", 300, 40, 20, 3, torch.float32, output_bias=True, anderson=fewer.anderson).total <= admm - 1
     assert plan(problem, NativeOptions(memory_limit=bare)).anderson == 0
     assert plan(problem, NativeOptions(memory_limit=bare - 1)).method == "fista"
     with pytest.raises(SolverMemoryError, match="'admm'.*n=300, d=40, P=20, c=3"):

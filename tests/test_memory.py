@@ -52,7 +52,8 @@ def test_the_interior_point_at_mnist_size_is_far_beyond_any_budget_here(mnist_sh
 
 @pytest.mark.parametrize("limit", [None, 8 * GIB, "admm", "fista", "chunked"])
 def test_auto_never_picks_the_interior_point_when_it_does_not_fit(mnist_shaped, limit):
-    admm = footprint("admm", 2000, 785, 100, 10, torch.float64, anderson=0).total  # its least: no acceleration
+    # its least: no acceleration, float32 (its default tol, 1e-3, runs it in float32)
+    admm = footprint("admm", 2000, 785, 100, 10, torch.float32, anderson=0).total
     expected = "admm"
     if limit == "admm":  # exactly the ADMM's least estimate
         limit = admm
@@ -63,8 +64,7 @@ def test_auto_never_picks_the_interior_point_when_it_does_not_fit(mnist_shaped, 
     chosen = plan(mnist_shaped, NativeOptions(memory_limit=limit))
     assert chosen.method == expected
     budget = memory_budget("cpu", limit)[0]
-    dtype = torch.float64 if expected == "admm" else torch.float32
-    estimate = footprint(expected, 2000, 785, 100, 10, dtype, chosen.chunk_size, anderson=chosen.anderson).total
+    estimate = footprint(expected, 2000, 785, 100, 10, torch.float32, chosen.chunk_size, anderson=chosen.anderson).total
     assert estimate <= budget
     if expected == "fista" and chosen.chunk_size is not None:  # in the largest chunk that fits
         assert chosen.chunk_size == 500
@@ -98,7 +98,7 @@ def test_an_explicit_method_that_does_not_fit_raises_before_allocating(mnist_sha
 
 def test_the_planned_method_is_the_plans_choice_and_nothing_runs(mnist_shaped, monkeypatch):
     monkeypatch.setattr(native_solver, "Operator", None)  # any solve would fail here
-    admm = footprint("admm", 2000, 785, 100, 10, torch.float64, anderson=0).total
+    admm = footprint("admm", 2000, 785, 100, 10, torch.float32, anderson=0).total  # float32 at its default tol
     assert planned_method(mnist_shaped, memory_limit=admm) == "admm"
     assert planned_method(mnist_shaped, memory_limit=admm - 1) == "fista"
     assert planned_method(mnist_shaped, method="admm", tol=1e-3) == "admm"

@@ -12,6 +12,7 @@ import hcl.convex.snapshot as snapshot_module
 from hcl.convex import ConvexProblem, ConvexSolution, Status, solve
 from hcl.convex.build import problem_from_network
 from hcl.convex.native import remap_warm_start
+from hcl.convex.native.options import ADMM_DEFAULT_TOL
 from hcl.convex.problem import fold_bias, fold_weights, network_objective
 from hcl.convex.snapshot import (
     CHECK_TOL,
@@ -215,6 +216,20 @@ def test_the_bracket_holds_the_true_optimum(solver, options):
         if m["convex/status"] == Status.OPTIMAL.code:
             tol = options.get("tol", 1e-6)
             assert abs(m["convex/optimum"] - p_star) <= 10 * tol * max(1.0, p_star)
+
+
+def test_the_admm_at_its_default_tol_is_logged_certified_at_that_tol():
+    """method="admm" without a tol stops at ADMM_DEFAULT_TOL (1e-3), at a point moved exactly into its cones: the
+    monitor logs it as status 0 with a gap only that tolerance certifies, and an optimum within 1e-3 of p*."""
+    snap = snapshot(seed=0, n=60)
+    recorder = Recorder()
+    m = evaluate_snapshot(spec(method="admm"), snap, recorder, quiet=True, keep_solution=False).metrics
+    (problem, _, solution), = recorder.calls
+    assert solution.solver == "native-admm" and Status.of(solution.status) is Status.OPTIMAL
+    assert m["convex/status"] == Status.OPTIMAL.code
+    assert CHECK_TOL < m["convex/duality_gap"] <= ADMM_DEFAULT_TOL  # a gap only the looser tolerance certifies
+    p_star = true_optimum(problem)
+    assert p_star * (1 - 1e-9) <= m["convex/optimum"] <= p_star * (1 + ADMM_DEFAULT_TOL)
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])

@@ -205,6 +205,7 @@ def final_status(
         return status
     floor = problem.gap_floor
     y_unit = float(problem.Y.abs().max()) or 1.0
-    if relative_gap(value, dual, floor) <= options.tol and violation <= options.constraint_tol * y_unit:
+    tol, constraint_tol = options.tolerances()
+    if relative_gap(value, dual, floor) <= tol and violation <= constraint_tol * y_unit:
         return Status.OPTIMAL
     return Status.OPTIMAL_INACCURATE

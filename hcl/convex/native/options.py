@@ -27,6 +27,11 @@ ADMM_MATRIX_CHUNK = 1024
 # The ADMM works in float32 by default from this tol on: its gap stalled near 1e-4 in float32 on MNIST (the
 # certificate is float64 whatever the working precision); docs/solvers.md#float32-iterations-of-the-admm
 ADMM_FLOAT32_TOL = 1e-3
+# tol and constraint_tol when none is given: the second-order method's, and the ADMM's (a first-order method, taken
+# where the interior point does not fit: 1e-3 in 350-500 iterations on MNIST's n = 2 000, 1e-6 not in 5 000);
+# docs/solvers.md#admm
+DEFAULT_TOL = 1e-6
+ADMM_DEFAULT_TOL = 1e-3
 
 # "auto" takes the interior point while its n × n matrices stay small; see docs/solvers.md#tuned-constants
 NEWTON_MAX_SAMPLES = 6000
@@ -75,9 +80,12 @@ class NativeOptions:
         method: ``"auto"``, ``"newton"``, ``"admm"`` or ``"fista"``; ``"auto"`` takes ``"newton"`` when
             ``n ≤ NEWTON_MAX_SAMPLES`` and it fits the memory, else ``"admm"`` (exact linear steps through one ``n × n``
             matrix: large ``d``) when it fits, else ``"fista"`` (``docs/solvers.md#memory``).
-        tol: target relative duality gap ``(value − dual_value) / max(|value|, 1e-6 s‖Y − Ȳ‖²)``.
-        constraint_tol: target constraint violation, relative to ``max |Y|``; ``"admm"`` confirms a test met at a
-            point outside its cones at that point moved exactly into them (``docs/solvers.md#admm``).
+        tol: target relative duality gap ``(value − dual_value) / max(|value|, 1e-6 s‖Y − Ȳ‖²)`` (default
+            ``DEFAULT_TOL`` = 1e-6; ``ADMM_DEFAULT_TOL`` = 1e-3 for ``"admm"``, chosen or planned, which does not reach
+            1e-6 in reasonable time at the sizes it is planned for).
+        constraint_tol: target constraint violation, relative to ``max |Y|`` (default as ``tol``); ``"admm"``
+            confirms a test met at a point outside its cones at that point moved exactly into them
+            (``docs/solvers.md#admm``).
         max_iters: iteration cap (default ``DEFAULT_MAX_ITERS``: 100 for ``"newton"``, 5000 for ``"admm"``, 20000
             for ``"fista"``).
         time_limit: wall-clock limit in seconds.
@@ -105,8 +113,8 @@ class NativeOptions:
     """
 
     method: str = "auto"
-    tol: float = 1e-6
-    constraint_tol: float = 1e-6
+    tol: float | None = None
+    constraint_tol: float | None = None
     max_iters: int | None = None
     time_limit: float | None = None
     penalty: float | None = None
@@ -122,7 +130,7 @@ class NativeOptions:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("tol", "constraint_tol"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.max_iters is not None and (not isinstance(self.max_iters, int) or self.max_iters < 1):
             raise ValueError(f"max_iters must be a positive integer, got {self.max_iters!r}")
@@ -142,17 +150,25 @@ class NativeOptions:
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
 
+    def tolerances(self) -> tuple[float, float]:
+        """``(tol, constraint_tol)``, each the one given or its method's default (:func:`default_tol`)."""
+        tol = default_tol(self.method)
+        return (tol if self.tol is None else self.tol,
+                tol if self.constraint_tol is None else self.constraint_tol)
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The option names, in declaration order."""
         return tuple(field.name for field in dataclasses.fields(cls))
 
     def resolved(self, problem: ConvexProblem) -> NativeOptions:
-        """These options with ``method`` and ``max_iters`` chosen for ``problem`` where left open."""
+        """These options with ``method``, ``max_iters`` and the tolerances chosen for ``problem`` where left open."""
         method = self.method
         if method == "auto":
             method = "newton" if problem.n <= NEWTON_MAX_SAMPLES else "fista"
-        return dataclasses.replace(self, method=method, max_iters=self.max_iters or DEFAULT_MAX_ITERS[method])
+        tol, constraint_tol = dataclasses.replace(self, method=method).tolerances()
+        return dataclasses.replace(self, method=method, max_iters=self.max_iters or DEFAULT_MAX_ITERS[method],
+                                   tol=tol, constraint_tol=constraint_tol)
 
     def working_dtype(self, problem: ConvexProblem, method: str | None = None) -> torch.dtype:
         """``dtype``, or the default of ``method`` (these options' own when ``None``) for ``problem``: float64 for
@@ -162,5 +178,12 @@ class NativeOptions:
             return self.dtype
         method = method or self.resolved(problem).method
         if method == "admm":
-            return torch.float32 if self.tol >= ADMM_FLOAT32_TOL else torch.float64
+            tol = dataclasses.replace(self, method=method).tolerances()[0]
+            return torch.float32 if tol >= ADMM_FLOAT32_TOL else torch.float64
         return torch.float64 if method == "newton" else problem.X.dtype
+
+
+def default_tol(method: str) -> float:
+    """``tol`` and ``constraint_tol`` of ``method`` when none is given (``"auto"`` is the interior point's until the
+    memory plan chooses)."""
+    return ADMM_DEFAULT_TOL if method == "admm" else DEFAULT_TOL

@@ -35,9 +35,10 @@ def solve_native(
         gated: solve the gated relaxation (free ``z_i = U_i``, ``V = 0``, no cone constraints).
         warm_start: a :class:`ConvexSolution` or a ``(U, V, b0[, multipliers])`` tuple with this problem's
             number of patterns (see :func:`~hcl.convex.native.remap_warm_start` when the patterns changed).
-        **options: the fields of :class:`~hcl.convex.native.NativeOptions` — ``method="auto"``, ``tol=1e-6``,
-            ``constraint_tol=1e-6``, ``max_iters=None``, ``time_limit=None``, ``penalty=None``, ``dtype=None``,
-            ``chunk_size=None``, ``memory_limit=None``, ``num_threads=None``, ``verbose=False``.
+        **options: the fields of :class:`~hcl.convex.native.NativeOptions` — ``method="auto"``, ``tol=None`` and
+            ``constraint_tol=None`` (1e-6, or 1e-3 for the ADMM), ``max_iters=None``, ``time_limit=None``,
+            ``penalty=None``, ``dtype=None``, ``chunk_size=None``, ``memory_limit=None``, ``num_threads=None``,
+            ``verbose=False``.
 
     Returns:
         A :class:`ConvexSolution`: ``U, V, b0`` in the problem's dtype, ``value`` the objective of exactly that point
