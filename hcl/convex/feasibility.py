@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from hcl.convex.native.certificate import final_status
-from hcl.convex.native.options import DEFAULT_TOL, NativeOptions
+from hcl.convex.native.options import NativeOptions
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 from hcl.convex.status import Status
 
@@ -106,8 +106,7 @@ def feasible_solution(
         if solution.dual_value is None:
             status = Status.OPTIMAL_INACCURATE
         else:
-            options = NativeOptions(tol=tol, constraint_tol=DEFAULT_TOL)
-            status = final_status(exact, status, value, float(solution.dual_value), violation, options)
+            status = final_status(exact, status, value, float(solution.dual_value), violation, NativeOptions(tol=tol))
     dtype = solution.U.dtype
     return replace(solution, U=U.to(dtype), V=V.to(dtype), b0=b0.to(dtype), value=value, violation=violation,
                    status=status)

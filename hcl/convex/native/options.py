@@ -150,9 +150,10 @@ class NativeOptions:
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
 
-    def tolerances(self) -> tuple[float, float]:
-        """``(tol, constraint_tol)``, each the one given or its method's default (:func:`default_tol`)."""
-        tol = default_tol(self.method)
+    def tolerances(self, method: str | None = None) -> tuple[float, float]:
+        """``(tol, constraint_tol)``, each the one given or the default (:func:`default_tol`) of ``method`` (these
+        options' own when ``None``)."""
+        tol = default_tol(method or self.method)
         return (tol if self.tol is None else self.tol,
                 tol if self.constraint_tol is None else self.constraint_tol)
 
@@ -166,7 +167,7 @@ class NativeOptions:
         method = self.method
         if method == "auto":
             method = "newton" if problem.n <= NEWTON_MAX_SAMPLES else "fista"
-        tol, constraint_tol = dataclasses.replace(self, method=method).tolerances()
+        tol, constraint_tol = self.tolerances(method)
         return dataclasses.replace(self, method=method, max_iters=self.max_iters or DEFAULT_MAX_ITERS[method],
                                    tol=tol, constraint_tol=constraint_tol)
 
@@ -178,7 +179,7 @@ class NativeOptions:
             return self.dtype
         method = method or self.resolved(problem).method
         if method == "admm":
-            tol = dataclasses.replace(self, method=method).tolerances()[0]
+            tol = self.tolerances(method)[0]
             return torch.float32 if tol >= ADMM_FLOAT32_TOL else torch.float64
         return torch.float64 if method == "newton" else problem.X.dtype
 
