@@ -230,8 +230,8 @@ class ConvexGapMonitor(StackCallback):
     # ------------------------------------------------------------------- hooks
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.target is not None:
-            self._check_target_width(self.target)
+        if self.target is not None:  # its shape and labels against the model's outputs, before training
+            as_targets(self.target, self._stack.output.out_features, torch.empty(0))
         p = self.prefix
         dashboard.register_charts(
             trainer, "hcl",
@@ -248,7 +248,6 @@ class ConvexGapMonitor(StackCallback):
                 logger.log_hyperparams({f"{self.prefix}/formulation": self.formulation,
                                         f"{self.prefix}/solver": self.solver})
         X, Y = self.training_data(trainer)
-        self._check_target_width(Y)
         self._X, self._Y = X, as_targets(Y, self._stack.output.out_features, X)
         self._trainer = trainer
         self._chain = WarmStartChain() if self.warm_start == "previous" else None
@@ -395,13 +394,6 @@ class ConvexGapMonitor(StackCallback):
         if self._stack.output.out_features == 1:
             return [f"{p}/optimum", f"{p}/upper_bound", f"{p}/lower_bound"]
         return [f"{p}/lower_bound"]
-
-    def _check_target_width(self, Y: Tensor) -> None:
-        c = self._stack.output.out_features
-        if Y.is_floating_point() and Y.ndim == 2 and Y.shape[1] != c:
-            raise ValueError(f"the targets have {Y.shape[1]} columns but the model's output layer has {c} outputs")
-        if Y.ndim > 2:
-            raise ValueError(f"the targets must be (n,) or (n, c), got shape {tuple(Y.shape)}")
 
     def _solution_weights(
         self, solved: tuple[ConvexProblem, ConvexSolution] | None

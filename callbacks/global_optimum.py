@@ -141,6 +141,8 @@ class GlobalOptimumMonitor(StackCallback):
     # ------------------------------------------------------------------- hooks
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.target is not None:  # its shape and labels against the model's outputs, before training
+            as_targets(self.target, self._stack.output.out_features, torch.empty(0))
         p = self.prefix
         # Beside a ConvexGapMonitor of the same prefix, the objective, the convex optimum and the global optimum
         # share its chart; alone, the monitor draws the objective and the global optimum on a chart of its own.

@@ -238,7 +238,7 @@ BEFORE_TRAINING = [
     (lambda: Net(two_layer()), lambda: _loader(_data()[0]), lambda: [ConvexGapMonitor()], ValueError,
      "needs targets"),
     (lambda: Net(two_layer(c=2)), lambda: _loader(*_data()), lambda: [ConvexGapMonitor()], ValueError,
-     "1 columns but the model's output layer has 2"),
+     r"one float per sample \(shape \(12, 1\)\) but the model has 2 outputs"),
     (lambda: Net(two_layer(), weight_decay=-1.0, reduction="mean"), lambda: _loader(*_data()),
      lambda: [ConvexGapMonitor()], ValueError, "the model's weight_decay"),
     (lambda: Net(two_layer(), weight_decay=0.0, reduction="median"), lambda: _loader(*_data()),

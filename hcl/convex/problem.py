@@ -310,13 +310,34 @@ class ConvexProblem:
 
 
 def as_targets(Y: Tensor, out_features: int, like: Tensor) -> Tensor:
-    """Targets as an ``(n, c)`` tensor of ``like``'s dtype and device.
+    """Targets as an ``(n, c)`` tensor of ``like``'s dtype and device, checked against the ``c = out_features`` outputs.
 
-    Integer class labels of a network with ``out_features > 1`` outputs become one-hot rows; anything else is
-    reshaped to ``(n, -1)``.
+    Integer class labels (``(n,)`` or ``(n, 1)``) of a network with ``c > 1`` outputs become one-hot rows; ``(n, c)``
+    rows (integer one-hot rows too) and, for ``c = 1``, ``(n,)`` values are taken as they are.
+
+    Raises:
+        ValueError: a shape that is neither, a class label outside ``[0, c)``, or float targets with one number per
+            sample for ``c > 1`` outputs (which would be broadcast against every output).
     """
-    if out_features > 1 and not Y.is_floating_point():
-        return F.one_hot(Y.long().reshape(-1), out_features).to(like)
+    if Y.ndim > 2 or Y.ndim == 0:
+        raise ValueError(f"the targets must be (n,) or (n, c), got shape {tuple(Y.shape)}")
+    width = 1 if Y.ndim == 1 else Y.shape[1]
+    if out_features > 1 and width == 1:
+        if Y.is_floating_point():
+            raise ValueError(
+                f"the targets are one float per sample (shape {tuple(Y.shape)}) but the model has {out_features} "
+                f"outputs: pass class labels as integers (.long()), which become one-hot rows, or (n, {out_features}) "
+                "rows"
+            )
+        labels = Y.long().reshape(-1)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= out_features):
+            raise ValueError(
+                f"the class labels must lie in [0, {out_features}) for a model with {out_features} outputs, got "
+                f"labels from {int(labels.min())} to {int(labels.max())}"
+            )
+        return F.one_hot(labels, out_features).to(like)
+    if width != out_features:
+        raise ValueError(f"the targets have {width} columns but the model's output layer has {out_features} outputs")
     Y = Y.detach().to(like)
     return Y.reshape(Y.shape[0], -1)
 
