@@ -5,17 +5,24 @@ every rank must call it (as the callbacks do, in ``on_train_start``).
 
 When training starts, one info line per trainer says which data the callbacks use (``n`` and the source); a pass
 over the loader that misses samples (``drop_last=True``, a sampler covering part of the dataset) or repeats some
-warns.
+warns. A loader that shuffles (``shuffle=True``: a ``RandomSampler``) is read in its dataset's order, every sample
+once, and no pass draws from the random generators: the rows line up from one run (or resume) to the next, and the
+training run is the one it would be without the callbacks.
 """
 
 from __future__ import annotations
 
+import random
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.utils.data import IterableDataset, RandomSampler
 
 # The data descriptions already said, per trainer: several callbacks on the same data say it once.
 _SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -129,7 +136,7 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
     if loader is None:
         raise ValueError("no training data found: pass probe= (and target=) to the callback")
     xs, ys = [], []
-    for batch in loader:
+    for batch in _batches(loader):
         if isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(b, Tensor) for b in batch[:2]):
             xs.append(batch[0])
             ys.append(batch[1])
@@ -151,3 +158,32 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
     except RuntimeError as err:
         raise ValueError(f"the training batches cannot be stacked into one data set ({err}): pass probe=") from err
 
+
+
+def _batches(loader: object) -> Iterator[object]:
+    """One pass over ``loader``'s batches, with the random generators left as they were; a shuffling loader's
+    dataset in its own order instead (its batches collated as the loader collates them)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
+    dataset = getattr(loader, "dataset", None)
+    with _generators_kept():
+        if type(sampler) is RandomSampler and not isinstance(dataset, IterableDataset):
+            size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", None) or 1
+            total = len(dataset)
+            for lo in range(0, total, size):
+                yield loader.collate_fn([dataset[i] for i in range(lo, min(lo + size, total))])
+        else:
+            yield from loader
+
+
+@contextmanager
+def _generators_kept() -> Iterator[None]:
+    """torch's (CPU), Python's and NumPy's global random states restored on exit: a sampler seeded from them, or a
+    random transform, would otherwise change the training run."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)

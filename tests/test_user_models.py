@@ -215,7 +215,7 @@ def test_the_data_is_said_once_and_a_loader_that_drops_samples_warns(make_traine
     said = []
     monkeypatch.setattr(data_module, "rank_zero_info", said.append)
     X, y = _data(n=40)
-    loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True, drop_last=True)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16, drop_last=True)
     callbacks = [PatternMonitor(), ConvexGapMonitor(solver="clarabel", reduction="mean")]
     messages = _fit(make_trainer, UserNet(), loader, callbacks, steps=1)
     assert said == ["hcl: the callbacks evaluate the network on n = 32 samples: one pass over the training "
