@@ -45,9 +45,9 @@ class PatternMonitor(StackCallback):
 
     The snapshot is taken during the training step's forward pass (a forward hook on the hidden layer), so it sees
     the weights the loss is computed with even when another callback changed them at the start of the step. When no
-    ``probe`` is given and the batch is the monitored training set itself (full-batch training on a data module's
-    tensors), the patterns are the sign of the hidden layer's output, at no extra matrix product; otherwise they are
-    recomputed on the probe (or the training set) with the current weights.
+    ``probe`` is given and the hidden layer's input is the monitored training set itself (full-batch training on a
+    data module's tensors, not augmented), the patterns are the sign of the hidden layer's output, at no extra matrix
+    product; otherwise they are recomputed on the probe (or the training set) with the current weights.
 
     Args:
         every_n_steps: snapshot period in global steps.
@@ -84,8 +84,13 @@ class PatternMonitor(StackCallback):
         self._data: Tensor | None = None
         self._hook = None
         self._pending: int | None = None  # the due step whose patterns the next training forward pass records
-        self._read_output = False
         self._trainer: pl.Trainer | None = None
+        self._warned_nonfinite = False
+
+    @override
+    def reset(self) -> None:
+        super().reset()
+        self._tracker = PatternTracker()
         self._warned_nonfinite = False
 
     @override
@@ -111,9 +116,6 @@ class PatternMonitor(StackCallback):
         if step is None:
             return
         self._pending = step
-        # The batch is the monitored data itself (full-batch training on the data module's tensors): the patterns
-        # are the sign of the hidden layer's output, at no extra matrix product.
-        self._read_output = self.probe is None and self.max_samples is None and _same_tensor(batch, self._data)
 
     @override
     def on_train_batch_end(
@@ -143,7 +145,10 @@ class PatternMonitor(StackCallback):
     # ------------------------------------------------------------------ helpers
     def _from_forward(self, module, inputs, output: Tensor) -> None:
         if self._pending is not None and module.training and self._trainer is not None:
-            self._snapshot(self._trainer, output.detach() if self._read_output else None)
+            # The layer's input is the monitored data itself (full-batch training on the data module's tensors, not
+            # augmented): the patterns are the sign of its output, at no extra matrix product.
+            whole = self.probe is None and self.max_samples is None and _same_rows(inputs[0], self._data)
+            self._snapshot(self._trainer, output.detach() if whole else None)
 
     def _snapshot(self, trainer: "pl.Trainer", output: Tensor | None) -> None:
         step, self._pending = self._pending, None
@@ -181,16 +186,14 @@ class PatternMonitor(StackCallback):
             self._hook = None
 
 
-def _same_tensor(batch: Any, data: Tensor) -> bool:
-    """Whether the batch's inputs are ``data`` itself, row for row (so that output row ``j`` is sample ``j``).
+def _same_rows(inputs: Any, data: Tensor) -> bool:
+    """Whether the hidden layer's ``inputs`` are ``data`` itself, row for row (output row ``j`` is sample ``j``).
 
     The same memory answers at once; otherwise equal values do (a collated full batch, not shuffled), checked at a
     cost of ``n · d`` against the ``n · d · m`` of recomputing the patterns.
     """
-    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-    if not isinstance(first, Tensor) or first.shape[0] != data.shape[0]:
+    if not isinstance(inputs, Tensor) or inputs.shape != data.shape:
         return False
-    first = first.reshape(first.shape[0], -1)
-    if first.shape != data.shape or first.dtype != data.dtype or first.device != data.device:
+    if inputs.dtype != data.dtype or inputs.device != data.device:
         return False
-    return first.data_ptr() == data.data_ptr() or bool(torch.equal(first, data))
+    return inputs.data_ptr() == data.data_ptr() or bool(torch.equal(inputs, data))
