@@ -8,6 +8,7 @@ What every hcl callback shares: it watches the ``Linear → ReLU → Linear`` st
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -31,6 +32,9 @@ from hcl.checks import (
     is_int,
 )
 from hcl.network import ReLUStack, find_relu_stack, non_squared_loss
+
+# The trainer each callback last fitted with, kept out of the callback (ddp_spawn pickles the callbacks).
+_FITTED_WITH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class StackCallback(Callback):
@@ -160,10 +164,19 @@ class StackCallback(Callback):
         return X, Y
 
     # ------------------------------------------------------------------- hooks
+    def reset(self) -> None:
+        """Forget an earlier run: called when the callback starts fitting with another trainer than the last one (a
+        resumed run's checkpoint restores its state afterwards). Subclasses with state of their own extend it."""
+        self.last_step = -1
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return  # the callbacks watch training only
+        last = _FITTED_WITH.get(self)
+        if last is not None and last() is not trainer:
+            self.reset()  # a new run: its steps start again, and nothing of the last one's history applies
+        _FITTED_WITH[self] = weakref.ref(trainer)
         self._stack = find_relu_stack(pl_module, self.layer, self.output_layer)
         if self.probe is not None:
             self._stack.inputs(self.probe)  # width check before training

@@ -227,6 +227,11 @@ class ConvexGapMonitor(StackCallback):
         self._Y_cpu: Tensor | None = None
         self._trainer: pl.Trainer | None = None
 
+    @override
+    def reset(self) -> None:
+        super().reset()
+        self._skipped = 0
+
     # ------------------------------------------------------------------- hooks
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -138,6 +138,14 @@ class GlobalOptimumMonitor(StackCallback):
             return [f"{p}/global_lower_bound"]
         return [f"{p}/global_optimum", f"{p}/global_upper_bound", f"{p}/global_lower_bound"]
 
+    @override
+    def reset(self) -> None:
+        super().reset()  # and the last run's problem: another trainer may train on other data
+        self.optimum = self.lower_bound = self.upper_bound = None
+        self.problem = self.solution = None
+        self.num_patterns = self.num_neurons = None
+        self._described = False
+
     # ------------------------------------------------------------------- hooks
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
