@@ -353,8 +353,12 @@ def network_objective(
 ) -> Tensor:
     """The non-convex objective ``L`` (``docs/convex.md``), with ``X`` and ``hidden_weight`` already folded.
 
-    ``L = s Σ_j ‖f(x_j) − y_j‖² + λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``; the output bias is not penalised.
+    ``L = s Σ_j ‖f(x_j) − y_j‖² + λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``; the output bias is not penalised. Computed in float32
+    at least: a half-precision network's ``L`` rounded to 8 bits would be no reference for the bounds beside it.
     """
+    dtype = torch.promote_types(torch.promote_types(X.dtype, hidden_weight.dtype), torch.float32)
+    X, Y, hidden_weight, output_weight = (t.to(dtype) for t in (X, Y, hidden_weight, output_weight))
+    output_bias = None if output_bias is None else output_bias.to(dtype)
     if Y.ndim == 1:
         Y = Y.reshape(-1, 1)
     out = torch.relu(X @ hidden_weight.T) @ output_weight.T
