@@ -1,0 +1,169 @@
+"""The callbacks in a user's own runs: targets of every shape, shuffled and augmented training, callbacks reused."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from _events import read_scalars
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor
+from hcl.callbacks.data import training_data
+from hcl.convex.problem import as_targets, fold_bias, fold_weights, network_objective
+
+
+class Net(pl.LightningModule):
+    """``nn.Sequential(Linear, ReLU, Linear)``, mean squared loss on one-hot or regression targets, plain SGD."""
+
+    def __init__(self, d=3, c=1, m=8, lr=0.05, noise=0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, m), nn.ReLU(), nn.Linear(m, c)).double()
+        self.lr, self.noise, self.reduction, self.weight_decay = lr, noise, "mean", 0.01
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.noise:  # input augmentation: the network trains on noisy copies of the data
+            x = x + self.noise * torch.randn_like(x)
+        out = self(x)
+        target = as_targets(y, out.shape[1], out)
+        return (out - target).square().sum(1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _data(n=30, d=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=generator, dtype=torch.float64), generator
+
+
+# ------------------------------------------------------------------------------------------------------ targets
+def test_targets_of_every_shape_are_taken_or_refused_by_name():
+    like = torch.empty(0, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 2])
+    one_hot = torch.nn.functional.one_hot(labels, 3)
+    assert torch.equal(as_targets(labels, 3, like), one_hot.double())
+    assert torch.equal(as_targets(labels[:, None], 3, like), one_hot.double())
+    assert torch.equal(as_targets(one_hot, 3, like), one_hot.double())  # integer one-hot rows, not labels again
+    assert as_targets(torch.ones(4), 1, like).shape == (4, 1)
+    with pytest.raises(ValueError, match=r"one float per sample \(shape \(4,\)\) but the model has 3 outputs"):
+        as_targets(labels.double(), 3, like)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*from 0 to 3"):
+        as_targets(torch.tensor([0, 3]), 3, like)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*from -1 to 1"):
+        as_targets(torch.tensor([-1, 1]), 3, like)
+    with pytest.raises(ValueError, match="the targets have 2 columns but the model's output layer has 3 outputs"):
+        as_targets(torch.ones(4, 2), 3, like)
+    with pytest.raises(ValueError, match=r"must be \(n,\) or \(n, c\)"):
+        as_targets(torch.ones(4, 3, 1), 3, like)
+
+
+@pytest.mark.parametrize("monitor", [lambda: ConvexGapMonitor(solver="clarabel"), lambda: GlobalOptimumMonitor()],
+                         ids=["ConvexGapMonitor", "GlobalOptimumMonitor"])
+def test_float_labels_for_several_outputs_stop_training_before_the_first_step(monitor, make_trainer):
+    X, generator = _data()
+    labels = torch.randint(0, 3, (30,), generator=generator).double()
+    model = Net(c=3)
+    before = model.net[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="one float per sample"):
+        make_trainer([monitor()], max_steps=2, logger=False).fit(model, DataLoader(TensorDataset(X, labels),
+                                                                                  batch_size=30))
+    assert torch.equal(model.net[0].weight, before)
+
+
+def test_integer_one_hot_targets_give_the_objective_of_float_ones(make_trainer, tmp_path):
+    X, generator = _data()
+    labels = torch.randint(0, 3, (30,), generator=generator)
+    values = []
+    for name, Y in (("int", torch.nn.functional.one_hot(labels, 3)), ("float", torch.nn.functional.one_hot(labels, 3)
+                                                                        .double())):
+        torch.manual_seed(0)
+        monitor = ConvexGapMonitor(solver="clarabel", every_n_steps=2)
+        make_trainer([monitor], max_steps=3, root=tmp_path / name).fit(Net(c=3), DataLoader(TensorDataset(X, Y),
+                                                                                           batch_size=30))
+        scalars = read_scalars(tmp_path / name)
+        assert [status for _, status in scalars["convex/status"]] == [0.0, 0.0]
+        values.append(scalars["convex/nonconvex_objective"])
+    assert values[0] == values[1]
+
+
+# --------------------------------------------------------------------------------------------- shuffled loaders
+def test_a_shuffled_loader_is_read_in_its_datasets_order_without_drawing_random_numbers():
+    X, generator = _data(n=25)
+    y = torch.randn(25, generator=generator, dtype=torch.float64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=7, shuffle=True, drop_last=True)
+    trainer = SimpleNamespace(datamodule=None, train_dataloader=loader, world_size=1)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    X_read, y_read = training_data(trainer)
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)  # every sample once, in order, none dropped
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1] and np.array_equal(np.random.get_state()[1], states[2])
+
+
+def test_the_callbacks_leave_a_shuffled_training_run_as_it_would_be_without_them(make_trainer):
+    X, generator = _data(n=40)
+    y = torch.randn(40, generator=generator, dtype=torch.float64)
+
+    def trained(callbacks):
+        pl.seed_everything(0, verbose=False)
+        model = Net()
+        loader = DataLoader(TensorDataset(X, y), batch_size=10, shuffle=True)
+        make_trainer(callbacks, max_steps=8, logger=False).fit(model, loader)
+        return model.net[0].weight.detach()
+
+    assert torch.equal(trained([]), trained([PatternMonitor(every_n_steps=1000)]))
+
+
+# --------------------------------------------------------------------------------------------- augmented inputs
+def test_patterns_are_those_of_the_data_not_of_an_augmented_batch(make_trainer, tmp_path):
+    X, generator = _data(n=40)
+    y = torch.randn(40, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = Net(m=30, lr=0.0, noise=3.0)  # the weights never move: no neuron changes pattern on the data
+    make_trainer([PatternMonitor()], max_steps=4).fit(model, DataLoader(TensorDataset(X, y), batch_size=40))
+    scalars = read_scalars(tmp_path)
+    assert [value for _, value in scalars["patterns/changed"]] == [0.0] * 4
+    signs = (X @ model.net[0].weight.detach().T + model.net[0].bias.detach()) >= 0
+    unique = len({tuple(column.tolist()) for column in signs.T})
+    assert [value for _, value in scalars["patterns/unique"]] == [float(unique)] * 4
+
+
+# ------------------------------------------------------------------------------------------------ reused callbacks
+def test_callbacks_reused_in_a_new_trainer_start_a_new_run(make_trainer, tmp_path):
+    X, generator = _data(n=30)
+    y = torch.randn(30, generator=generator, dtype=torch.float64)
+    callbacks = [PatternMonitor(), ConvexGapMonitor(solver="clarabel", every_n_steps=2)]
+    for run in ("first", "second"):
+        torch.manual_seed(0 if run == "first" else 1)
+        model = Net()
+        make_trainer(callbacks, max_steps=4, root=tmp_path / run).fit(model, DataLoader(TensorDataset(X, y),
+                                                                                        batch_size=30))
+        scalars = read_scalars(tmp_path / run)
+        assert [step for step, _ in scalars["patterns/unique"]] == [0, 1, 2, 3], run
+        assert [step for step, _ in scalars["convex/status"]] == [0, 2], run
+        # the first snapshot of each run: every pattern new, none changed (no history of the other network)
+        assert scalars["patterns/new"][0][1] == scalars["patterns/unique"][0][1]
+        assert scalars["patterns/changed"][0][1] == 0
+
+
+# ---------------------------------------------------------------------------------------------- half precision
+def test_the_objective_of_a_half_precision_network_is_not_rounded_to_its_precision():
+    X, generator = _data(n=50, d=4)
+    y = torch.randn(50, generator=generator, dtype=torch.float64).bfloat16()
+    W = torch.randn(6, 4, generator=generator, dtype=torch.float64).bfloat16()
+    b = torch.randn(6, generator=generator, dtype=torch.float64).bfloat16()
+    A = torch.randn(1, 6, generator=generator, dtype=torch.float64).bfloat16()
+    Xf, Wf = fold_bias(X.bfloat16(), True), fold_weights(W, b)
+    exact = float(network_objective(Xf.double(), y.double(), Wf.double(), A.double(), None, 0.01, "mean"))
+    got = network_objective(Xf, y, Wf, A, None, 0.01, "mean")
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(exact, rel=1e-6)
