@@ -4,10 +4,11 @@ The callbacks work with :class:`hcl.TwoLayerReLU` and with any module that holds
 
 - a module with ``hidden_layer`` and ``output_layer`` ``nn.Linear`` attributes (``TwoLayerReLU``);
 - otherwise an ``nn.Sequential`` whose children are exactly ``Linear, ReLU, Linear`` (optionally after a
-  leading ``Flatten``), found automatically when there is exactly one;
+  leading ``Flatten``, with dropout layers anywhere after the first ``Linear``), found automatically when there is
+  exactly one;
 - otherwise the stack named by ``layer``: the qualified name of its hidden ``nn.Linear`` (e.g. ``"net.0"``),
-  the output layer being the next ``nn.Linear`` after a ``ReLU`` in the same ``Sequential``, or named by
-  ``output_layer`` for modules that are not a ``Sequential``.
+  the output layer being the next ``nn.Linear`` after a ``ReLU`` in the same ``Sequential`` (dropout skipped), or
+  named by ``output_layer`` for modules that are not a ``Sequential``.
 
 :class:`ReLUStack` also checks that a module computes what its stack does, and writes a convex solution's weights
 into the stack.
@@ -218,16 +219,16 @@ def find_relu_stack(module: nn.Module, layer: str | None = None, output_layer: s
     if isinstance(hidden, nn.Linear) and isinstance(output, nn.Linear):
         return ReLUStack(hidden, output, "hidden_layer")
     stacks = [
-        ReLUStack(children[-3], children[-1], f"{name}.{len(children) - 3}" if name else str(len(children) - 3))
+        ReLUStack(children[i], children[-1], f"{name}.{i}" if name else str(i))
         for name, sub in named.items()
-        if isinstance(sub, nn.Sequential) and _is_stack(children := list(sub.children()))
+        if isinstance(sub, nn.Sequential) and (i := _stack_index(children := list(sub.children()))) is not None
     ]
     if len(stacks) == 1:
         return stacks[0]
     linears = [name for name, sub in named.items() if isinstance(sub, nn.Linear)]
     if not stacks:
         raise ValueError(
-            f"no two-layer ReLU stack (nn.Sequential of exactly Linear, ReLU, Linear) found in "
+            f"no two-layer ReLU stack (nn.Sequential of exactly Linear, ReLU, Linear, dropout allowed) found in "
             f"{type(module).__name__}; Linear layers found: {linears or 'none'}. Name the hidden layer with "
             "layer='<name>' (and output_layer='<name>' if it is not in a Sequential)."
         )
@@ -237,15 +238,15 @@ def find_relu_stack(module: nn.Module, layer: str | None = None, output_layer: s
     )
 
 
-def _is_stack(children: list[nn.Module]) -> bool:
-    if children and isinstance(children[0], nn.Flatten):
-        children = children[1:]
-    return (
-        len(children) == 3
-        and isinstance(children[0], nn.Linear)
-        and isinstance(children[1], nn.ReLU)
-        and isinstance(children[2], nn.Linear)
-    )
+def _stack_index(children: list[nn.Module]) -> int | None:
+    """The hidden layer's index when ``children`` are ``[Flatten,] Linear, ReLU, Linear`` with dropout layers between
+    them (the identity in eval mode, the function the callbacks evaluate), else ``None``."""
+    start = 1 if children and isinstance(children[0], nn.Flatten) else 0
+    kept = [child for child in children[start + 1:] if not isinstance(child, _DROPOUTS)]
+    if (len(children) > start and isinstance(children[start], nn.Linear) and len(kept) == 2
+            and isinstance(kept[0], nn.ReLU) and isinstance(kept[1], nn.Linear) and children[-1] is kept[1]):
+        return start
+    return None
 
 
 def _named_stack(named: dict[str, nn.Module], layer: str, output_layer: str | None) -> ReLUStack:
@@ -264,13 +265,15 @@ def _named_stack(named: dict[str, nn.Module], layer: str, output_layer: str | No
         parent = named.get(parent_name)
         children = list(parent.children()) if isinstance(parent, nn.Sequential) else []
         i = int(index) if index.isdigit() else -1
-        if not (0 <= i and i + 2 < len(children) and isinstance(children[i + 1], nn.ReLU)
-                and isinstance(children[i + 2], nn.Linear)):
+        # the layers after it, dropout skipped (the identity in eval mode)
+        after = [child for child in children[i + 1:] if not isinstance(child, _DROPOUTS)]
+        if not (0 <= i < len(children) and len(after) >= 2 and isinstance(after[0], nn.ReLU)
+                and isinstance(after[1], nn.Linear)):
             raise ValueError(
                 f"layer={layer!r} is not followed by ReLU and Linear in an nn.Sequential: name the output layer "
                 f"with output_layer='<name>'; Linear layers found: {linears}"
             )
-        output = children[i + 2]
+        output = after[1]
     if output.in_features != hidden.out_features:
         raise ValueError(
             f"output layer takes {output.in_features} inputs but the hidden layer {layer!r} has "

@@ -288,6 +288,16 @@ def test_dropout_between_the_layers_is_accepted_and_said(make_trainer):
     assert any("'net.1' between the layers" in message and "without dropout" in message for message in said)
 
 
+def test_dropout_between_the_layers_is_found_without_naming_the_layers(make_trainer):
+    X, y = _data(n=64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
+    said = _fit(make_trainer, Between(nn.Dropout(0.2)), loader,
+                [PatternMonitor(), ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel")])
+    assert any("'net.1' between the layers" in message and "without dropout" in message for message in said)
+    model = Between(nn.Dropout(0.2))
+    assert find_relu_stack(model, "net.0").output is model.net[3]  # the hidden layer alone names the stack
+
+
 def test_the_stack_check_names_the_layer_and_lets_an_identity_through():
     model = Between(nn.LayerNorm(8))
     stack = find_relu_stack(model, "net.0", "net.3")
