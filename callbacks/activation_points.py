@@ -183,6 +183,14 @@ class ActivationPointPlot(StackCallback):
             self.gif_path = self._write_gif(trainer)
         self._figure = None  # free the figure
 
+    @override
+    def warn_if_not_logged(self, trainer: "pl.Trainer") -> None:
+        if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
+            folder = _output_folder(trainer)
+            gif = f" and the whole run as {self.gif_name}" if self.gif else ""
+            rank_zero_warn(f"{type(self).__name__}: the trainer has no TensorBoard logger, so no picture is logged; "
+                           f"the last one is written to {folder}{gif} when training ends")
+
     # ------------------------------------------------------------- drawing
     def snapshot(self, step: int) -> Frame:
         """The numbers of one picture for the network's current weights."""
@@ -249,9 +257,14 @@ class ActivationPointPlot(StackCallback):
         return path
 
 
+def _output_folder(trainer: "pl.Trainer") -> Path:
+    """The first logger's folder (the trainer's root folder without a logger)."""
+    return next((Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)),
+                Path(trainer.default_root_dir))
+
+
 def _output_path(trainer: "pl.Trainer", name: str) -> Path:
-    """``name`` in the first logger's folder (the trainer's root folder without a logger), the folder created."""
-    folder = next((Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)),
-                  Path(trainer.default_root_dir))
+    """``name`` in :func:`_output_folder`, the folder created."""
+    folder = _output_folder(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name

@@ -189,9 +189,13 @@ class StackCallback(Callback):
             # Here, not in setup: the optimizers (whose weight decay may be λ) exist only once the strategy set up.
             self._lambda, self._reduction = resolve_objective(pl_module, self.weight_decay, self.reduction,
                                                               type(self).__name__, trainer.optimizers, self._stack)
-        warn_if_no_logger(trainer, type(self).__name__)
+        self.warn_if_not_logged(trainer)
         dashboard.write_layout(trainer)
         mark_resumed_run(trainer)
+
+    def warn_if_not_logged(self, trainer: "pl.Trainer") -> None:
+        """Warn when the trainer has no logger to record this callback's values (subclasses say what else is kept)."""
+        warn_if_no_logger(trainer, type(self).__name__)
 
     @override
     def on_before_optimizer_step(

@@ -198,7 +198,10 @@ def test_the_final_png_is_written_without_a_gif_and_named_after_it(tmp_path, mak
     data = SyntheticRegression(kind="points", x=[-0.7, 0.7, 0.8], y=[0.3, 1.1, 1.2], append_ones=True,
                                dtype="float64")
     plot = ActivationPointPlot(every_n_steps=5, gif_name="fit.gif", figsize=(3, 2), dpi=40)
-    make_trainer([plot], max_steps=2, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=data)
+    with pytest.warns(UserWarning, match=f"no TensorBoard logger, so no picture is logged; the last one is written to "
+                                         f"{tmp_path}") as said:
+        make_trainer([plot], max_steps=2, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=data)
+    assert not any("callback_metrics" in str(w.message) for w in said)  # it keeps nothing there
     assert plot.png_path == tmp_path / "fit.png"  # no logger: the trainer's root folder
     assert Image.open(plot.png_path).size == (120, 80)
     assert plot.gif_path is None and not (tmp_path / "fit.gif").exists()
