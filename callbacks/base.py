@@ -173,6 +173,7 @@ class StackCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return  # the callbacks watch training only
+        self._refuse_twins(trainer)
         last = _FITTED_WITH.get(self)
         if last is not None and last() is not trainer:
             self.reset()  # a new run: its steps start again, and nothing of the last one's history applies
@@ -192,6 +193,19 @@ class StackCallback(Callback):
         self.warn_if_not_logged(trainer)
         dashboard.write_layout(trainer)
         mark_resumed_run(trainer)
+
+    def _refuse_twins(self, trainer: "pl.Trainer") -> None:
+        """Refuse another callback of this class that would write the same tags (same prefix, same image tag)."""
+        key = (self.prefix, getattr(self, "tag", None))
+        twins = [cb for cb in trainer.callbacks
+                 if cb is not self and type(cb) is type(self) and (cb.prefix, getattr(cb, "tag", None)) == key]
+        if twins:
+            name = type(self).__name__
+            fix = "give each its own prefix=" if self.prefix is not None else (
+                "give each its own tag=" if hasattr(self, "tag") else "keep one")
+            which = "" if self.prefix is None else f" (prefix {self.prefix!r})"
+            raise ValueError(f"{len(twins) + 1} {name} callbacks would log under the same tags{which}, mixing their "
+                             f"values: {fix}")
 
     def warn_if_not_logged(self, trainer: "pl.Trainer") -> None:
         """Warn when the trainer has no logger to record this callback's values (subclasses say what else is kept)."""

@@ -167,3 +167,20 @@ def test_the_objective_of_a_half_precision_network_is_not_rounded_to_its_precisi
     got = network_objective(Xf, y, Wf, A, None, 0.01, "mean")
     assert got.dtype == torch.float32
     assert float(got) == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize(("make", "said"), [
+    (lambda: [ConvexGapMonitor(solver="clarabel", every_n_steps=1), ConvexGapMonitor(solver="clarabel",
+                                                                                    every_n_steps=3)],
+     r"2 ConvexGapMonitor callbacks would log under the same tags \(prefix 'convex'\).*own prefix="),
+    (lambda: [PatternMonitor(every_n_steps=1), PatternMonitor(every_n_steps=2)],
+     "2 PatternMonitor callbacks would log under the same tags, mixing their values: keep one"),
+], ids=["ConvexGapMonitor", "PatternMonitor"])
+def test_two_callbacks_writing_the_same_tags_are_refused_at_setup(make, said, make_trainer):
+    X, generator = _data()
+    y = torch.randn(30, generator=generator, dtype=torch.float64)
+    with pytest.raises(ValueError, match=said):
+        make_trainer(make(), max_steps=2, logger=False).fit(Net(), DataLoader(TensorDataset(X, y), batch_size=30))
+    monitors = [ConvexGapMonitor(solver="clarabel"), ConvexGapMonitor(solver="clarabel", prefix="again",
+                                                                      every_n_steps=2)]
+    make_trainer(monitors, max_steps=2, logger=False).fit(Net(), DataLoader(TensorDataset(X, y), batch_size=30))
