@@ -60,7 +60,7 @@ def training_data(
                 X = gather_rows(trainer, X)
                 Y = None if Y is None else gather_rows(trainer, Y)
                 source += f", gathered from {trainer.world_size} ranks"
-            _warn_if_partial(loader, X.shape[0], trainer.world_size)
+            _warn_if_partial(trainer, loader, X.shape[0], trainer.world_size)
     total = X.shape[0]
     if max_samples is not None:
         X = X[:max_samples]
@@ -79,18 +79,20 @@ def training_data(
     return X, Y
 
 
-def _say_once(trainer: pl.Trainer, message: str) -> None:
+def _say_once(trainer: pl.Trainer, message: str, say=None) -> None:
+    """``say(message)`` (default: an info line) the first time for this trainer: several callbacks say it once."""
     try:
         said = _SAID.setdefault(trainer, set())
     except TypeError:  # an object without weak references (a test's stand-in): say it every time
         said = set()
     if message not in said:
         said.add(message)
-        rank_zero_info(message)
+        (say or rank_zero_info)(message)
 
 
-def _warn_if_partial(loader: object, rows: int, world_size: int) -> None:
-    """Warn when one pass over ``loader`` (all ranks together) yields another number of samples than its dataset."""
+def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size: int) -> None:
+    """Warn (once per trainer) when one pass over ``loader`` (all ranks together) yields another number of samples
+    than its dataset."""
     try:
         total = len(loader.dataset)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
@@ -102,13 +104,13 @@ def _warn_if_partial(loader: object, rows: int, world_size: int) -> None:
         reason = ("drop_last=True drops the last incomplete batch" if getattr(loader, "drop_last", False)
                   and batch_size and (total // world_size) % batch_size else
                   "its sampler covers fewer samples than the dataset")
-        rank_zero_warn(f"one pass over the training dataloader yields {rows} of its dataset's {total} samples "
-                       f"({reason}): the callbacks evaluate the network on those {rows} only; pass probe=/target= "
-                       "to the callbacks to use every sample")
+        _say_once(trainer, f"one pass over the training dataloader yields {rows} of its dataset's {total} samples "
+                  f"({reason}): the callbacks evaluate the network on those {rows} only; pass probe=/target= to "
+                  "the callbacks to use every sample", rank_zero_warn)
     else:
-        rank_zero_warn(f"one pass over the training dataloader yields {rows} rows for a dataset of {total} samples "
-                       "(its sampler repeats samples, e.g. a distributed sampler's padding): the repeated samples "
-                       "count more than once in the callbacks' values")
+        _say_once(trainer, f"one pass over the training dataloader yields {rows} rows for a dataset of {total} "
+                  "samples (its sampler repeats samples, e.g. a distributed sampler's padding): the repeated samples "
+                  "count more than once in the callbacks' values", rank_zero_warn)
 
 
 def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
