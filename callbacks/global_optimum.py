@@ -258,6 +258,6 @@ class GlobalOptimumMonitor(StackCallback):
         self.solution = solution
         self.optimum = known.optimum if scalar and Status.of(solution.status) == Status.OPTIMAL else None
         self.upper_bound = known.upper_bound if scalar else None
-        self.lower_bound = lower
+        self.lower_bound = None if lower is None else lower + 0.0  # + 0.0: a bound of −0.0 reads 0
         self.num_patterns = self.problem.num_patterns
         self.num_neurons = solution.active_blocks()
