@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,6 +43,9 @@ from hcl.callbacks import StepProgressBar
 
 PROG = "python -m hcl.fit"
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+# Given as the first argument, not as a parser default: another --model class (a config's, the command line's) would
+# otherwise keep the default class's signature defaults for every argument the two share (jsonargparse issue 460).
+DEFAULT_MODEL = "hcl.TwoLayerReLU"
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     # The experiments plot every gradient step; Lightning's default (50) would drop most of them.
@@ -81,8 +85,7 @@ class HCLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
         # Module-level functions (ddp_spawn pickles the parser with the trainer), named as the help prints them.
-        # The model is any LightningModule (hcl.TwoLayerReLU by default, hcl.ConvexReLU for convex training).
-        parser.set_defaults({"model": {"class_path": "hcl.TwoLayerReLU"}})
+        # The model is any LightningModule (DEFAULT_MODEL unless named, hcl.ConvexReLU for convex training).
         parser.link_arguments("data", "model.init_args.in_features", compute_fn=data_in_features,
                               apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.out_features", compute_fn=data_out_features,
@@ -108,23 +111,21 @@ def main(args: ArgsType = None) -> HCLCLI:
     """
     given = sys.argv[1:] if args is None else args
     parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False}
-    if isinstance(given, (list, tuple)) and not _names_config_or_data(given):
-        if not any(a in ("-h", "--help") or a.startswith("--print_config") for a in given):
+    if isinstance(given, (list, tuple)):
+        # Parsed left to right: the default model first, so that a config's `model:` without a class_path sets its
+        # arguments, then the embedded default's config when no other is named, then the user's arguments.
+        embedded = not _names_config_or_data(given)
+        if embedded and not any(a in ("-h", "--help") or str(a).startswith("--print_config") for a in given):
             print(f"hcl: no --config or --data given: running the embedded default experiment ({DEFAULT_CONFIG})",
                   file=sys.stderr)
-        parser_kwargs["default_config_files"] = [str(DEFAULT_CONFIG)]
+        args = [f"--model={DEFAULT_MODEL}", *(["--config", str(DEFAULT_CONFIG)] if embedded else []), *given]
+    elif isinstance(given, dict) and "model" not in given:
+        args = {"model": {"class_path": DEFAULT_MODEL}, **given}
     try:
-        cli = HCLCLI(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=parser_kwargs,
-            run=False,
-            args=args,  # None reads the command line, as LightningCLI intends
-        )
+        with warnings.catch_warnings():
+            # the command line itself with the defaults in front (LightningCLI warns when args and sys.argv are set)
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            cli = _build_cli(args, parser_kwargs)
     except Exception as error:  # noqa: BLE001 - parsing, or instantiating the model, data or callbacks
         _fail(error, constructing=True)
     if cli.config.get("optimizer") is not None and cli.trainer.is_global_zero:
@@ -143,6 +144,20 @@ def main(args: ArgsType = None) -> HCLCLI:
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=cli.trainer.is_global_zero)
     _print_log_location(cli.trainer)
     return cli
+
+
+def _build_cli(args: ArgsType, parser_kwargs: dict[str, Any]) -> HCLCLI:
+    return HCLCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=parser_kwargs,
+        run=False,
+        args=args,
+    )
 
 
 def _has_test_set(datamodule: pl.LightningDataModule | None) -> bool:

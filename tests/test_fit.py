@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shlex
@@ -66,6 +67,26 @@ def test_every_shipped_config_parses(config, capsys):
     assert printed["trainer"].get("default_root_dir") in (None, ".")
 
 
+@pytest.mark.parametrize("source", ["command line", "config"])
+def test_another_model_class_takes_its_own_defaults_not_the_default_models(source, tmp_path, capsys):
+    from hcl import ConvexReLU
+
+    if source == "command line":
+        args = ["--data=hcl.datamodules.SyntheticRegression", "--model=hcl.ConvexReLU", "--model.num_gates=7"]
+    else:
+        config = tmp_path / "convex.yaml"
+        config.write_text("model:\n  class_path: hcl.ConvexReLU\n  init_args: {num_gates: 7}\n"
+                          "data: hcl.datamodules.SyntheticRegression\n")
+        args = ["--config", str(config)]
+    with pytest.raises(SystemExit):
+        main([*args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert printed["class_path"] == "hcl.ConvexReLU" and printed["init_args"]["num_gates"] == 7
+    own = {name: parameter.default for name, parameter in inspect.signature(ConvexReLU).parameters.items()}
+    for name in ("bias", "weight_decay", "optimizer", "lr", "momentum"):  # TwoLayerReLU's differ
+        assert printed["init_args"][name] == own[name], name
+
+
 def test_unknown_option_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(DEFAULT_CONFIG), "--model.hiden=3"])
@@ -122,7 +143,9 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
     (["--data=hcl.datamodules.MNIST", "--data.root=missing_root"], "MNIST not found under root"),
     (["--model.reduction=max"],
      "hcl.TwoLayerReLU: reduction: Expected a typing.Literal['sum', 'mean']. Got value: max"),
-], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value"])
+    (["--model=hcl.ConvexReLU"], "PatternMonitor watches a network's Linear → ReLU → Linear stack, but "
+     "hcl.ConvexReLU trains the convex program itself"),
+], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value", "convex-model-with-monitors"])
 def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
