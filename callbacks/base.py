@@ -173,6 +173,14 @@ class StackCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return  # the callbacks watch training only
+        from hcl.convex_model import ConvexReLU  # here: the model module loads torchmetrics
+
+        if isinstance(pl_module, ConvexReLU):
+            raise ValueError(
+                f"{type(self).__name__} watches a network's Linear → ReLU → Linear stack, but hcl.ConvexReLU trains "
+                "the convex program itself and logs its own certificate (convex_train/*): leave the callback out "
+                "(--trainer.callbacks=[] on the command line)"
+            )
         self._refuse_twins(trainer)
         last = _FITTED_WITH.get(self)
         if last is not None and last() is not trainer:
