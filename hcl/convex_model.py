@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from hcl.callbacks.data import training_data
@@ -74,8 +75,8 @@ class ConvexReLU(pl.LightningModule):
     ``certify_every_n_steps`` steps (before the step's update) and at the end of training, on the full training set:
     ``convex_train/objective`` (the convex objective), ``convex_train/lower_bound`` (a certified lower bound on the
     problem's optimum), ``convex_train/duality_gap`` (``hcl.convex.status.relative_gap`` of the two, relative to the
-    objective) and
-    ``convex_train/violation`` (``"relu"``; the gap certifies the point only when it is 0).
+    objective) and ``convex_train/violation`` (``"relu"``; the gap certifies the point only when it is 0). Once the
+    objective or its variables are not finite (a diverged run), a warning says so and no certificate is logged.
 
     Args:
         in_features: input dimension ``d`` (inputs are flattened).
@@ -245,7 +246,7 @@ class ConvexReLU(pl.LightningModule):
             worst = violation.detach().amax() if violation.numel() else Xf.new_zeros(())
             if world > 1:
                 worst = self.all_gather(worst).amax()
-            self.log("train/cone_violation", worst, on_step=True, on_epoch=False)
+            self.log("train/cone_violation", worst + 0.0, on_step=True, on_epoch=False)
         if correct is not None:
             self.log("train/acc", correct / n_total, on_step=True, on_epoch=False)
         return (data_loss + penalty).detach()
@@ -275,6 +276,7 @@ class ConvexReLU(pl.LightningModule):
     def on_train_start(self) -> None:
         self._train_data = None
         self._certified_step = None
+        self._warned_nonfinite = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         every = self.hparams.certify_every_n_steps
@@ -285,12 +287,32 @@ class ConvexReLU(pl.LightningModule):
         # the final point, unless this step was just certified (training stopped before updating it)
         if self.hparams.certify_every_n_steps and self._certified_step != self.global_step:
             self.certify_and_log()
+        else:
+            self._finite()  # a diverged run is said even without certificates
+
+    def _finite(self, *values: float) -> bool:
+        """Whether the program's variables (and ``values`` computed from them) are finite; the first time they are
+        not, a warning says so."""
+        variables = (t for t in (self.U, self.V, self.b0) if t is not None)
+        # a value past float32's range is logged (TensorBoard stores float32) as inf
+        largest = torch.finfo(torch.float32).max
+        if all(abs(v) <= largest for v in values) and all(bool(torch.isfinite(t).all()) for t in variables):
+            return True
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(f"ConvexReLU: the objective or its variables are not finite at step {self.global_step}: "
+                           f"training diverged (optimizer {self.hparams.optimizer!r}, lr {self.hparams.lr:g}; a "
+                           "smaller lr, or more than 16-bit precision); no certificate is logged from here on")
+        return False
 
     def certify_and_log(self) -> dict[str, float] | None:
         """Certify the current point on the full training set and log it at the current step (every rank calls it).
 
-        Returns the logged values, or ``None`` when the certificate was skipped (with a warning) for its size.
+        Returns the logged values, or ``None`` when the certificate was skipped (with a warning): for its size, or
+        because the objective or its variables are not finite.
         """
+        if not self._finite():  # the same on every rank: DDP keeps the variables equal
+            return None
         if self._train_data is None:
             X, Y = training_data(self.trainer, owner=type(self).__name__)
             if Y is None:
@@ -313,13 +335,15 @@ class ConvexReLU(pl.LightningModule):
                 weight_decay=self.weight_decay, reduction=self.reduction, bias=self.hparams.bias,
                 cone_penalty=self.hparams.cone_penalty, all_reduce=reduce,
             )
-        values = {
+        if not self._finite(result.objective, result.lower_bound, result.gap, result.violation):  # overflowed
+            return None
+        values = {  # + 0.0: a bound of −0.0 reads 0
             "convex_train/objective": result.objective,
-            "convex_train/lower_bound": result.lower_bound,
+            "convex_train/lower_bound": result.lower_bound + 0.0,
             "convex_train/duality_gap": result.gap,
         }
         if self.V is not None:
-            values["convex_train/violation"] = result.violation
+            values["convex_train/violation"] = result.violation + 0.0
         if self.trainer.is_global_zero:
             log_scalars(self.trainer, values, step=self.global_step)
         self._certified_step = self.global_step

@@ -224,6 +224,21 @@ def test_certificates_are_logged_on_schedule_and_at_the_end(tmp_path):
     assert [step for step, _ in scalars["train/objective"]] == list(range(6))
 
 
+def test_a_diverged_run_says_so_and_logs_no_certificate_of_its_nan(tmp_path):
+    X, Y = _data(n=20, c=1)
+    # a cone penalty far too large for the step: the iterates grow ~10⁹× a step, past float64 within 30 steps
+    model = ConvexReLU(in_features=3, num_gates=4, weight_decay=LAM, variant="relu", cone_penalty=1e12,
+                       optimizer="sgd", lr=0.05, certify_every_n_steps=2).double()
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    said = r"ConvexReLU: the objective or its variables are not finite at step \d+: training diverged"
+    with pytest.warns(UserWarning, match=said):
+        _trainer(tmp_path, 30, logger=logger, log_every_n_steps=1).fit(model,
+                                                                      datamodule=TensorDataModule(train=(X, Y)))
+    for tag, points in read_scalars(logger.log_dir).items():
+        if tag.startswith("convex_train/"):
+            assert all(np.isfinite(value) for _, value in points), (tag, points)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
