@@ -375,10 +375,28 @@ class _TorchvisionClassification(TensorDataModule):
 
     # ------------------------------------------------------------------ loading
     def prepare_data(self) -> None:
-        """Download the dataset with torchvision when ``download=True`` (once, on one process)."""
-        if self.download:
+        """Download the dataset with torchvision when ``download=True`` (once, on one process).
+
+        Raises:
+            ConnectionError: the download failed (no network, a refused or broken transfer); the folders it created
+                are removed again.
+        """
+        if not self.download:
+            return
+        root = os.path.abspath(self.root)
+        existed = {path for path, _, _ in os.walk(root)}
+        try:
             # torchvision's download fetches both splits; opening the small test split triggers it.
             self._dataset_class(self.root, train=False, download=True)
+        except (OSError, RuntimeError) as error:
+            for path, _, _ in sorted(os.walk(root), reverse=True):  # the empty folders it left, deepest first
+                if path not in existed and not os.listdir(path):
+                    os.rmdir(path)
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise ConnectionError(
+                f"could not download {self._name} into {root!r} ({reason}); without a network, put its files there "
+                "in torchvision's layout and leave download off"
+            ) from error
 
     def _open(self, train: bool) -> Any:
         try:
@@ -391,7 +409,8 @@ class _TorchvisionClassification(TensorDataModule):
             raise FileNotFoundError(
                 f"{self._name} {self._not_found} under root {root!r}; "
                 f"expected the files:\n  {files}\n"
-                f"Pass download=True to download it, or point root at the folder that holds them."
+                "Pass download=True (--data.download=true) to download it, or point root at the folder that holds "
+                "them."
             ) from error
 
     def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -56,7 +56,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 # Errors of a run's set-up that a user's options cause: reported in one line, without a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, MisconfigurationException)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ConnectionError,
+               MisconfigurationException)
 
 
 def data_in_features(data: pl.LightningDataModule) -> int:

@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -145,6 +146,18 @@ def test_mnist_download_goes_through_torchvision_only_in_prepare_data(tmp_path, 
     torch.testing.assert_close(X, torch.from_numpy(images["train"].reshape(6, 784)).float() / 255)
     dm.prepare_data()  # the files are there now: nothing is downloaded again
     assert len(calls) == 4
+
+
+def test_a_failed_download_is_a_connection_error_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    def offline(url, download_root, filename=None, md5=None, **kwargs):
+        os.makedirs(download_root, exist_ok=True)
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ConnectionError, match=r"could not download MNIST into .*data'.*Name or service not known"):
+        MNIST(root=tmp_path / "data", download=True).prepare_data()
+    assert list((tmp_path / "data").iterdir()) == []  # its own folder kept, the empty MNIST/raw removed
 
 
 @pytest.mark.skipif(
