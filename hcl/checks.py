@@ -75,3 +75,47 @@ def check_reduction(value: Any, name: str = "reduction") -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"{name} must be one of {REDUCTIONS}, got {value!r}")
     return value
+
+
+def read_checkpoint(path: Any, name: str) -> dict[str, Any]:
+    """The dictionary a checkpoint file holds, read on the CPU; ``name`` is the argument that named the file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a file torch cannot read as a checkpoint (another format, a truncated file).
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - unpickling garbage raises anything (KeyError, UnpicklingError, ...)
+        raise ValueError(f"{name}: {path} is not a checkpoint torch can read ({type(error).__name__}: {error})") \
+            from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{name}: {path} holds a {type(checkpoint).__name__}, not a checkpoint's dictionary")
+    return checkpoint
+
+
+def check_resumable(checkpoint: dict[str, Any], module: torch.nn.Module, name: str) -> None:
+    """Refuse a checkpoint whose weights are not ``module``'s: other names (another model class) or other shapes
+    (another size), named in one line.
+
+    Raises:
+        ValueError: naming the first differing weights.
+    """
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise ValueError(f"{name}: the file holds no state_dict (not a Lightning checkpoint)")
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    model = type(module).__name__
+    if missing or unexpected:
+        raise ValueError(f"{name}: the checkpoint is not of a {model} (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}): resume with the model class it was trained with")
+    for key, tensor in own.items():
+        if hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: {key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                             f"{tuple(tensor.shape)} in this {model}: resume with the sizes it was trained with")

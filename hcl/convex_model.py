@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from hcl.callbacks.data import training_data
 from hcl.callbacks.logs import log_scalars
-from hcl.checks import check_reduction, check_weight_decay, is_int
+from hcl.checks import check_reduction, check_weight_decay, is_int, read_checkpoint
 from hcl.convex.gated import (
     VARIANTS,
     block_outputs,
@@ -373,9 +373,7 @@ def _gate_weights(gates: str | Path | Tensor | list) -> tuple[Tensor, Tensor | N
     layer."""
     if isinstance(gates, (str, Path)):
         path = Path(gates)
-        if not path.is_file():
-            raise FileNotFoundError(f"gates: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path, "gates")
         state = state.get("state_dict", state)
         if "hidden_layer.weight" not in state:
             raise ValueError(f"gates: {path} holds no hidden_layer.weight (not a TwoLayerReLU checkpoint)")

@@ -40,6 +40,7 @@ import hcl.convex_model  # noqa: F401 - imported so that `--model` lists hcl's m
 import hcl.datamodules  # noqa: F401 - imported so that `--data` lists hcl's data modules
 import hcl.model  # noqa: F401
 from hcl.callbacks import StepProgressBar
+from hcl.checks import check_resumable, read_checkpoint
 
 PROG = "python -m hcl.fit"
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -132,6 +133,11 @@ def main(args: ArgsType = None) -> HCLCLI:
     if cli.config.get("optimizer") is not None and cli.trainer.is_global_zero:
         print(f"hcl: --optimizer replaces the model's own: model.optimizer={cli.model.hparams.optimizer!r} and "
               "model.lr are not used", file=sys.stderr)
+    if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).is_file():  # Lightning names a missing one
+        try:
+            check_resumable(read_checkpoint(cli.config.ckpt_path, "--ckpt_path"), cli.model, "--ckpt_path")
+        except ValueError as error:
+            _fail(error)
     _continue_logged_run(cli.trainer, cli.config.ckpt_path)
     new_dirs = _new_log_dirs(cli.trainer)
     try:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from _events import read_scalars
 
@@ -155,6 +156,27 @@ def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expec
     assert len(errors) == 1 and errors[0].startswith("python -m hcl.fit: error: "), errors
     assert expected in errors[0]
     assert not (tmp_path / "lightning_logs").exists()  # no empty version_0
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_before_training(tmp_path, capsys):
+    from hcl import TwoLayerReLU
+
+    garbage = tmp_path / "notes.ckpt"
+    garbage.write_text("not a checkpoint")
+    other_class = tmp_path / "convex.ckpt"
+    torch.save({"state_dict": {"U": torch.zeros(2, 3, 1), "gates": torch.zeros(3, 2)}}, other_class)
+    other_size = tmp_path / "small.ckpt"
+    torch.save({"state_dict": TwoLayerReLU(in_features=10, hidden=7).state_dict()}, other_size)
+    for path, expected in ((garbage, "is not a checkpoint torch can read"),
+                           (other_class, "the checkpoint is not of a TwoLayerReLU (missing ['hidden_layer.weight'"),
+                           (other_size, "hidden_layer.weight has shape (7, 10) in the checkpoint but (20, 10)")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--trainer.max_steps=2", f"--ckpt_path={path}", f"--trainer.default_root_dir={tmp_path}",
+                  "--trainer.enable_progress_bar=false"])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "error: --ckpt_path: " in errors[0] and expected in errors[0], errors
+    assert not (tmp_path / "lightning_logs").exists()
 
 
 def test_hcl_traceback_shows_the_original_error(monkeypatch):
