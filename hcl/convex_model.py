@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from hcl.callbacks.data import training_data
-from hcl.callbacks.logs import log_scalars
+from hcl.callbacks.logs import log_scalars, mark_resumed_run
 from hcl.checks import check_reduction, check_weight_decay, is_int, read_checkpoint
 from hcl.convex.gated import (
     VARIANTS,
@@ -274,6 +274,8 @@ class ConvexReLU(pl.LightningModule):
 
     # ----------------------------------------------------------- certificate
     def on_train_start(self) -> None:
+        # a resumed run certifies (and logs) its first step again: the restart marker keeps each step once
+        mark_resumed_run(self.trainer)
         self._train_data = None
         self._certified_step = None
         self._warned_nonfinite = False

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
+from hcl.callbacks.logs import mark_resumed_run
 from hcl.checks import check_reduction, check_weight_decay
 from hcl.convex.problem import data_scale
 
@@ -152,6 +153,10 @@ class TwoLayerReLU(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
+        mark_resumed_run(self.trainer)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # λ lives in the loss; the optimizers never get a weight_decay of their own.

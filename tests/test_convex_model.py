@@ -10,6 +10,7 @@ import torch
 from _events import read_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
 
 from hcl import ConvexReLU, TwoLayerReLU
 from hcl.convex import ConvexProblem, dual_certificate
@@ -185,6 +186,27 @@ def test_checkpoint_resume_continues_identically(tmp_path):
     loaded = ConvexReLU.load_from_checkpoint(path)
     torch.testing.assert_close(loaded.gates, straight.gates.float(), rtol=0, atol=0)
     assert loaded.hparams.num_gates == 7 and loaded.hparams.optimizer == "adam"
+
+
+def test_a_resumed_run_logs_each_certificate_step_once(tmp_path):
+    X, Y = _data(n=24, c=1)
+
+    def run(max_steps: int, ckpt_path=None) -> None:
+        model = ConvexReLU(in_features=3, num_gates=5, weight_decay=LAM, optimizer="sgd", lr=0.05,
+                           certify_every_n_steps=2).double()
+        logger = TensorBoardLogger(str(tmp_path), name="run", version=0)  # the same run, continued
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+        _trainer(tmp_path, max_steps, [saver], logger=logger, log_every_n_steps=1, enable_checkpointing=True).fit(
+            model, datamodule=TensorDataModule(train=(X, Y), batch_size=8, seed=3), ckpt_path=ckpt_path)
+
+    run(6)  # certificates at 0, 2, 4 and at the end, 6
+    (path,) = (tmp_path / "ckpt").glob("epoch=1-*.ckpt")  # after 6 steps
+    run(9, ckpt_path=path)  # at 6 again (before its update), 8 and the end, 9
+    # the run folder as TensorBoard reads it: one accumulator over its files, which the restart marker purges
+    run_dir = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    run_dir.Reload()
+    assert [event.step for event in run_dir.Scalars("convex_train/objective")] == [0, 2, 4, 6, 8, 9]
+    assert [event.step for event in run_dir.Scalars("train/objective")] == list(range(9))
 
 
 def test_gates_from_a_checkpoint_and_classification_metrics(tmp_path):
