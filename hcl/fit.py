@@ -130,6 +130,11 @@ def main(args: ArgsType = None) -> HCLCLI:
             cli = _build_cli(args, parser_kwargs)
     except Exception as error:  # noqa: BLE001 - parsing, or instantiating the model, data or callbacks
         _fail(error, constructing=True)
+    if isinstance(cli.model, hcl.convex_model.ConvexReLU) and (cli.config.get("optimizer") or
+                                                              cli.config.get("lr_scheduler")):
+        # its step is the optimizer's step then the group prox at lr·2λ, and it steps no scheduler (manual)
+        _fail(ValueError("hcl.ConvexReLU takes its step from --model.optimizer and --model.lr, which its proximal "
+                         "step shares: --optimizer and --lr_scheduler would not be the step it takes"))
     if cli.config.get("optimizer") is not None and cli.trainer.is_global_zero:
         print(f"hcl: --optimizer replaces the model's own: model.optimizer={cli.model.hparams.optimizer!r} and "
               "model.lr are not used", file=sys.stderr)

@@ -146,7 +146,10 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
      "hcl.TwoLayerReLU: reduction: Expected a typing.Literal['sum', 'mean']. Got value: max"),
     (["--model=hcl.ConvexReLU"], "PatternMonitor watches a network's Linear → ReLU → Linear stack, but "
      "hcl.ConvexReLU trains the convex program itself"),
-], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value", "convex-model-with-monitors"])
+    (["--data=hcl.datamodules.SyntheticRegression", "--model=hcl.ConvexReLU", "--lr_scheduler=torch.optim."
+      "lr_scheduler.StepLR", "--lr_scheduler.step_size=2"], "hcl.ConvexReLU takes its step from --model.optimizer"),
+], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value", "convex-model-with-monitors",
+        "convex-model-scheduler"])
 def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
