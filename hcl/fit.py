@@ -112,6 +112,9 @@ def main(args: ArgsType = None) -> HCLCLI:
             with ``HCL_TRACEBACK=1``); code 0 after ``--help`` or ``--print_config``.
     """
     given = sys.argv[1:] if args is None else args
+    if isinstance(given, (list, tuple)) and given and given[0] in ("fit", "validate", "test", "predict"):
+        _fail(ValueError(f"{PROG} has no subcommands ({given[0]!r}): it fits, then tests when the data has a test "
+                         "split; drop the word"))
     parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False}
     if isinstance(given, (list, tuple)):
         # Parsed left to right: the default model first, so that a config's `model:` without a class_path sets its
@@ -229,7 +232,8 @@ def _raising_class(tb: TracebackType | None) -> str | None:
     while tb is not None:
         frame = tb.tb_frame
         if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-            owner = type(frame.f_locals["self"]).__name__
+            name = type(frame.f_locals["self"]).__name__
+            owner = owner if name.startswith("_") else name  # a library's private helper names nothing a user set
         tb = tb.tb_next
     return owner
 

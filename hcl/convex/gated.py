@@ -64,7 +64,8 @@ def gates_from_weights(weight: Tensor, bias: Tensor | None, folded_features: int
         weight = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
     if weight.shape[1] != folded_features:
         raise ValueError(
-            f"gates have {weight.shape[1]} features but the data has {folded_features} (bias column included)"
+            f"gates have {weight.shape[1]} features but the data has {folded_features} as the model sees it (its "
+            "bias column included when it has one)"
         )
     if weight.shape[0] == 0 or not torch.isfinite(weight).all():
         raise ValueError("gates must be non-empty and finite")
