@@ -155,7 +155,8 @@ def main(args: ArgsType = None) -> HCLCLI:
             _remove_log_dirs(new_dirs)  # nothing was trained: no empty run in TensorBoard
         _fail(error)
     if _has_test_set(cli.datamodule) and not cli.trainer.interrupted:
-        # The test accuracy the configs promise, on the weights training ended with.
+        # The test accuracy the configs promise, on the weights training ended with, at the step training ended at.
+        _carry_spawned_step(cli.trainer)
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=cli.trainer.is_global_zero)
     _print_log_location(cli.trainer)
     return cli
@@ -173,6 +174,17 @@ def _build_cli(args: ArgsType, parser_kwargs: dict[str, Any]) -> HCLCLI:
         run=False,
         args=args,
     )
+
+
+def _carry_spawned_step(trainer: pl.Trainer) -> None:
+    """After training in spawned processes (``ddp_spawn``), set this process's log step to where they stopped.
+
+    Lightning brings the weights and the logged values back, not the loops' counters: the test would log at step 0.
+    The models log ``step`` (the global step) at every training step: the last one, plus one.
+    """
+    step = trainer.callback_metrics.get("step")
+    if trainer.global_step == 0 and step is not None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = int(step) + 1
 
 
 def _has_test_set(datamodule: pl.LightningDataModule | None) -> bool:

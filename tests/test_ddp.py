@@ -42,7 +42,7 @@ trainer:
 model: {hidden: 12, reduction: sum, lr: 0.002, init: normal, init_scale: 0.5, weight_decay: 0.01}
 data:
   class_path: hcl.datamodules.SyntheticRegression
-  init_args: {kind: gaussian_linear, n: 51, d: 6, seed: 0, dtype: float64}
+  init_args: {kind: gaussian_linear, n: 51, d: 6, seed: 0, dtype: float64, test_n: 9}
 """
 
 
@@ -82,6 +82,9 @@ def test_cli_ddp_spawn_matches_one_process_with_reduction_sum(tmp_path):
     _assert_same_run(one, two, ("convex/optimum", "convex_every_step/optimum", "patterns/unique"), list(range(6)),
                      "convex_every_step/optimum")
     assert [s for s, _ in two["convex/optimum"]] == [0, 2, 4]
+    # the test after training, at the step it ended at: the spawned processes' step, not the main process's 0
+    assert [s for s, _ in two["test/objective"]] == [s for s, _ in one["test/objective"]] == [6]
+    assert two["test/objective"][0][1] == pytest.approx(one["test/objective"][0][1], rel=1e-4)
     # load_solution: every rank loaded the broadcast solution, or the gathered objective would drift from one process.
     loaded_step = dict(two["train/objective"])[2]
     assert loaded_step == pytest.approx(dict(two["convex/optimum"])[2], rel=1e-5)
