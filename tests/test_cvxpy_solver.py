@@ -149,3 +149,39 @@ def test_no_solution_raises_convex_solve_error_naming_solver_and_status():
         solve_cvxpy(problem, "CLARABEL", max_iter=1)
     with pytest.raises(ValueError, match="time_limit"):
         solve_cvxpy(problem, time_limit=0.0)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
+def test_the_conic_solvers_are_as_accurate_in_any_unit_of_the_targets(scale):
+    from hcl.convex import fold_bias, solve
+    from hcl.patterns import sample_patterns
+
+    generator = torch.Generator().manual_seed(3)
+    X = fold_bias(torch.randn(30, 3, generator=generator, dtype=torch.float64), True)
+    Y = torch.randn(30, 1, generator=generator, dtype=torch.float64)
+    D = sample_patterns(X, 6, generator=generator)
+    # Y and λ scaled together: the optimum scales by scale², the solution by scale
+    problem = ConvexProblem(X, Y * scale, D, weight_decay=0.1 * scale, reduction="mean", output_bias=True)
+    reference = solve(problem, "native")
+    assert reference.status == "optimal"
+    clarabel = solve_cvxpy(problem, "CLARABEL")
+    assert clarabel.status == "optimal"  # at 1e-6 its "optimal" value was 2 % off: tolerances absolute in Y's unit
+    assert clarabel.value == pytest.approx(reference.value, rel=2e-6, abs=0)
+
+
+@pytest.mark.parametrize("solver", ["ECOS", "SCS"])
+def test_optimal_from_a_conic_solver_is_certified_by_hcls_bound(solver):
+    from hcl.convex.status import relative_gap
+
+    if solver not in installed_solvers():
+        pytest.skip(f"{solver} is not installed")
+    generator = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 5, generator=generator, dtype=torch.float64)
+    Y = torch.randn(40, 1, generator=generator, dtype=torch.float64)
+    D = (X @ torch.randn(5, 8, generator=generator, dtype=torch.float64)) >= 0
+    problem = ConvexProblem(X, Y, D, weight_decay=1e-3, reduction="sum")
+    options = {"eps": 1e-1} if solver == "SCS" else {}  # a loose SCS ends outside its cones
+    solution = solve_cvxpy(problem, solver, **options)
+    gap = relative_gap(solution.value, solution.dual_value, problem.gap_floor)
+    certified = gap <= 1e-6 and solution.violation <= 1e-6 * float(Y.abs().max())
+    assert (solution.status == "optimal") == certified, (solution.status, gap, solution.violation)

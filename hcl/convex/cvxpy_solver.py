@@ -27,6 +27,7 @@ solver's tolerances, and is as tight as its point is accurate (``docs/solvers.md
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ import scipy.sparse as sp
 import torch
 
 from hcl.convex.native.certificate import dual_certificate
+from hcl.convex.native.options import DEFAULT_TOL
 from hcl.convex.problem import ConvexProblem, ConvexSolution
-from hcl.convex.status import Status
+from hcl.convex.status import Status, relative_gap
 
 # Conic solvers that take second-order cones, in order of preference.
 _SOCP_SOLVERS = ("CLARABEL", "ECOS", "SCS", "MOSEK")
@@ -203,7 +205,7 @@ def solve_cvxpy(
         U=U,
         V=V,
         b0=b0,
-        status=STATUS_MAP[status],
+        status=_certified_status(problem, STATUS_MAP[status], value, dual_value, violation),
         solver=name,
         solve_seconds=seconds,
         iterations=cvx_problem.solver_stats.num_iters if cvx_problem.solver_stats else None,
@@ -212,6 +214,20 @@ def solve_cvxpy(
         gated=gated,
         gap_floor=problem.gap_floor,
     )
+
+
+def _certified_status(problem: ConvexProblem, status: Status, value: float, dual: float, violation: float) -> Status:
+    """The solver's status, ``OPTIMAL`` kept only where hcl's certificate confirms it: a relative gap to ``dual``
+    within ``DEFAULT_TOL`` (when ``λ > 0``: at ``λ = 0`` no certificate exists beyond 0, and the solver's own stands)
+    and a violation within ``DEFAULT_TOL · max|Y|``; otherwise ``OPTIMAL_INACCURATE`` (ECOS's multipliers certify
+    about 5e-3, and SCS called points outside their cones optimal)."""
+    if status != Status.OPTIMAL:
+        return status
+    y_unit = float(problem.Y.abs().max()) or 1.0
+    uncertified = problem.weight_decay > 0 and relative_gap(value, dual, problem.gap_floor) > DEFAULT_TOL
+    if uncertified or violation > DEFAULT_TOL * y_unit or not math.isfinite(value):
+        return Status.OPTIMAL_INACCURATE
+    return status
 
 
 class _NoValue(Exception):
@@ -306,7 +322,10 @@ def formulate(
 def _build(problem: ConvexProblem, gated: bool):
     """The cvxpy problem and a function reading its solution back as ``(U, V, b0)`` tensors."""
     X = problem.X.detach().to("cpu", torch.float64).numpy()
-    Y = problem.Y.detach().to("cpu", torch.float64).numpy()
+    # solved for Y / a and λ / a (its solution is the original's / a, its objective / a²): the conic solvers' absolute
+    # tolerances (1e-8) then mean the same in every unit; for targets of size 1e-6 Clarabel's "optimal" was 2 % off
+    unit = float(problem.Y.detach().abs().max()) or 1.0
+    Y = problem.Y.detach().to("cpu", torch.float64).numpy() / unit
     D = problem.patterns.detach().cpu().numpy()
     c, P = Y.shape[1], D.shape[1]
     if gated:
@@ -326,7 +345,7 @@ def _build(problem: ConvexProblem, gated: bool):
         residuals.append(r)
     objective = problem.scale * sum(cp.sum_squares(r) for r in residuals)
     if problem.weight_decay > 0:
-        objective = objective + 2.0 * problem.weight_decay * form.group_sum
+        objective = objective + 2.0 * (problem.weight_decay / unit) * form.group_sum
     cvx_problem = cp.Problem(cp.Minimize(objective), form.constraints)
 
     def read_solution():
@@ -336,14 +355,15 @@ def _build(problem: ConvexProblem, gated: bool):
             if W.value is None:
                 raise _NoValue
             # column i = vec(W_i) column-major → (count, d, c)
-            value = W.value.T.reshape(blocks.size, c, problem.d).transpose(0, 2, 1)
+            value = unit * W.value.T.reshape(blocks.size, c, problem.d).transpose(0, 2, 1)
             targets[sign][torch.as_tensor(blocks, device=U.device)] = torch.as_tensor(
                 value, dtype=U.dtype, device=U.device
             )
         if b0 is not None:
             if b0.value is None:
                 raise _NoValue
-            b = torch.as_tensor(np.asarray(b0.value).reshape(c), dtype=U.dtype, device=U.device)
-        return U, V, b, _cone_multipliers(form, problem.n, P, c)
+            b = torch.as_tensor(unit * np.asarray(b0.value).reshape(c), dtype=U.dtype, device=U.device)
+        cone = _cone_multipliers(form, problem.n, P, c)  # the Lagrangian scales by a², the constraints by a
+        return U, V, b, None if cone is None else unit * cone
 
     return cvx_problem, read_solution
