@@ -28,14 +28,32 @@ def _data(n: int = 30, d: int = 4, P: int = 5, seed: int = 0) -> dict:
         (lambda k: {"signs": torch.tensor([0.5, 0.0, 1.0, -1.0, 0.0])}, r"-1, 0 or \+1"),
         (lambda k: {"signs": torch.tensor([float("nan"), 0.0, 1.0, -1.0, 0.0])}, r"-1, 0 or \+1"),
         (lambda k: {"signs": torch.tensor([2, 0, 1, -1, 0])}, r"-1, 0 or \+1"),
+        (lambda k: {"signs": torch.tensor([256, 0, 1, -1, 0])}, r"-1, 0 or \+1"),  # int8 would wrap it to 0
+        (lambda k: {"Y": k["Y"].numpy()}, "Y must be a tensor, got ndarray"),
+        (lambda k: {"patterns": k["patterns"].numpy()}, "patterns must be a tensor, got ndarray"),
     ],
-    ids=["d=0", "c=0", "pattern 0.5", "pattern nan", "pattern 2", "sign 0.5", "sign nan", "sign 2"],
+    ids=["d=0", "c=0", "pattern 0.5", "pattern nan", "pattern 2", "sign 0.5", "sign nan", "sign 2", "sign 256",
+         "numpy Y", "numpy patterns"],
 )
 def test_bad_input_is_named_when_the_problem_is_built(change, message):
     kwargs = _data()
     kwargs.update(change(kwargs))
     with pytest.raises(ValueError, match=message):
         ConvexProblem(**kwargs)
+
+
+@pytest.mark.parametrize("weight_decay", ["0.1", True, None])
+def test_a_weight_decay_that_is_not_a_number_is_named(weight_decay):
+    with pytest.raises(TypeError, match=r"weight_decay \(λ\) must be a number"):
+        ConvexProblem(**{**_data(), "weight_decay": weight_decay})
+
+
+def test_data_that_requires_grad_is_solved_as_plain_data():
+    kwargs = _data()
+    plain = solve(ConvexProblem(**kwargs), "native")
+    graph = {**kwargs, "X": kwargs["X"].clone().requires_grad_(), "Y": kwargs["Y"].clone().requires_grad_()}
+    solution = solve(ConvexProblem(**graph), "native")  # the interior point writes into buffers: it raised
+    assert solution.value == pytest.approx(plain.value, rel=1e-12)
 
 
 def test_zero_one_patterns_and_integral_float_signs_are_the_boolean_and_integer_ones():
@@ -58,3 +76,13 @@ def test_half_precision_data_is_solved_as_the_float32_problem_it_exactly_is(dtyp
     # certified, where half-precision storage of the solution made it "optimal_inaccurate" before
     assert Status.of(solution.status) is Status.OPTIMAL
     assert solution.value == pytest.approx(reference.value, rel=1e-5)
+
+
+def test_float32_asked_of_the_native_solver_is_refused_for_newton_and_auto_takes_a_first_order_method():
+    problem = ConvexProblem(**_data(n=40, P=6))
+    with pytest.raises(ValueError, match="dtype float32 with method 'newton'"):
+        solve(problem, "native", method="newton", dtype=torch.float32)
+    solution = solve(problem, "native", dtype=torch.float32)  # Cholesky of float32 barrier systems failed here
+    reference = solve(problem, "clarabel")
+    assert Status.of(solution.status) is Status.OPTIMAL
+    assert solution.dual_value <= reference.value * (1 + 1e-9) and solution.value >= reference.value * (1 - 1e-9)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hcl.checks import REDUCTIONS
+from hcl.checks import REDUCTIONS, check_weight_decay
 from hcl.convex.status import GAP_FLOOR, Status, relative_gap
 
 Reduction = Literal["sum", "mean"]
@@ -97,6 +97,11 @@ class ConvexProblem:
             raise ValueError(f"X must be a floating-point tensor, got {self.X.dtype}")
         if self.X.dtype in (torch.float16, torch.bfloat16):  # exact in float32, the least precision a solver works in
             self.X = self.X.float()
+        for name in ("Y", "patterns"):
+            if not isinstance(getattr(self, name), Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(getattr(self, name)).__name__}")
+        # data, not a graph: the solvers write into buffers, which autograd refuses for tensors that require grad
+        self.X, self.Y = self.X.detach(), self.Y.detach()
         if self.Y.ndim == 1:
             self.Y = self.Y.reshape(-1, 1)
         if self.Y.ndim != 2 or self.Y.shape[0] != self.X.shape[0]:
@@ -126,13 +131,12 @@ class ConvexProblem:
         if self.patterns.dtype != torch.bool and not bool(((self.patterns == 0) | (self.patterns == 1)).all()):
             raise ValueError("patterns must be boolean or 0/1: a sample is on a neuron's active side or not")
         self.patterns = self.patterns.to(device=self.X.device, dtype=torch.bool).contiguous()
-        if not math.isfinite(float(self.weight_decay)) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay (λ) must be a finite number ≥ 0, got {self.weight_decay}")
-        self.weight_decay = float(self.weight_decay)
+        self.weight_decay = check_weight_decay(self.weight_decay)
         data_scale(self.reduction, 1)  # validates the name
         if self.signs is not None:
             signs = torch.as_tensor(self.signs, device=self.X.device).reshape(-1)
-            if signs.is_floating_point() and not bool((signs == signs.round()).all()):  # 0.5 must not become 0
+            # checked before the int8 cast: 0.5 must not become 0, nor 256 wrap around to 0
+            if not bool(((signs == -1) | (signs == 0) | (signs == 1)).all()):
                 raise ValueError("signs must be -1, 0 or +1")
             self.signs = signs.to(torch.int8).contiguous()
             if self.signs.numel() != self.patterns.shape[1]:
