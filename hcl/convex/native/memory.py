@@ -238,7 +238,8 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     method = options.method
     if budget is None:
         return options
-    if method == "newton" or (method == "auto" and n <= NEWTON_MAX_SAMPLES):
+    # "auto" with float32 asked for: a first-order method (the interior point works in float64 only)
+    if method == "newton" or (method == "auto" and n <= NEWTON_MAX_SAMPLES and options.dtype != torch.float32):
         needed = estimate("newton", options.chunk_size)
         if needed <= budget:
             return dataclasses.replace(options, method="newton") if method == "auto" else options

@@ -149,6 +149,9 @@ class NativeOptions:
             raise ValueError(f"anderson must be an integer ≥ 0, got {self.anderson!r}")
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        if self.method == "newton" and self.dtype == torch.float32:
+            raise ValueError("dtype float32 with method 'newton': the interior point's barrier systems need float64 "
+                             "(Cholesky failed on them); float32 is for 'admm' and 'fista'")
 
     def tolerances(self, method: str | None = None) -> tuple[float, float]:
         """``(tol, constraint_tol)``, each the one given or the default (:func:`default_tol`) of ``method`` (these
