@@ -86,6 +86,7 @@ class BackgroundWorker:
         if kind == "thread":
             self._thread = threading.Thread(target=self._thread_loop, name=name, daemon=True)
             self._thread.start()
+            _LIVE_THREAD_WORKERS.add(self)
         else:
             self._start_process()
 
@@ -296,6 +297,25 @@ def _main_hidden() -> Iterator[None]:
 
 
 _LIVE_PROCESSES: weakref.WeakSet = weakref.WeakSet()
+_LIVE_THREAD_WORKERS: weakref.WeakSet = weakref.WeakSet()
+# How long the interpreter's exit waits for thread workers' running jobs, in all
+THREAD_EXIT_WAIT = 60.0
+
+
+@atexit.register
+def _finish_live_threads() -> None:
+    """Let thread workers finish their running job before the interpreter exits (their queued ones are cancelled).
+
+    A daemon thread still inside torch's or a solver's native code when the interpreter finalises is stopped by a
+    forced unwind that C++ turns into ``std::terminate``: the process aborted (SIGABRT, exit code 134) after a
+    training run that raised, or that abandoned a solve. Waits at most ``THREAD_EXIT_WAIT`` seconds in all.
+    """
+    deadline = time.monotonic() + THREAD_EXIT_WAIT
+    workers = [w for w in list(_LIVE_THREAD_WORKERS) if w._thread.is_alive()]
+    for worker in workers:
+        worker.close()
+    for worker in workers:
+        worker._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _terminate(process: multiprocessing.process.BaseProcess, grace: float = 2.0) -> None:

@@ -381,3 +381,29 @@ def test_a_chain_starts_each_solve_from_the_last_solution(solve_queue, queues, m
     assert values[False][0] == values[False][1] == values[False][2]  # each from the network's point
     assert values[True][0] == values[False][0]  # the first of a chain too
     assert values[True][0] > values[True][1] > values[True][2]  # then from a point halved once more each time
+
+
+EXIT_DURING_A_THREAD_JOB = """
+import time, torch
+from hcl.convex import ConvexProblem, solve
+from hcl.worker import BackgroundWorker
+def solves():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 10, generator=g, dtype=torch.float64)
+    Y = torch.randn(400, 1, generator=g, dtype=torch.float64)
+    D = X @ torch.randn(10, 100, generator=g, dtype=torch.float64) >= 0
+    for _ in range(12):
+        solve(ConvexProblem(X, Y, D, 1e-3), "native")
+BackgroundWorker(kind="thread", name="exit-test").submit(solves)
+time.sleep(1.0)
+print("the script ends while the job runs")
+"""
+
+
+@pytest.mark.slow  # a process that imports torch and solves
+def test_the_interpreter_exits_cleanly_while_a_thread_job_runs_in_native_code():
+    # the daemon thread was stopped inside torch's code at finalisation: std::terminate, SIGABRT, exit code 134
+    done = subprocess.run([sys.executable, "-c", EXIT_DURING_A_THREAD_JOB], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the script ends while the job runs" in done.stdout
