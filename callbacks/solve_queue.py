@@ -22,6 +22,7 @@ from hcl.convex.snapshot import (
     SolveOutcome,
     SolveSpec,
     WarmStartChain,
+    network_metrics,
     solve_snapshot_job,
     store_worker_data,
 )
@@ -160,7 +161,9 @@ class SolveQueue:
             return job.future.result()
         except Exception as err:  # noqa: BLE001 - the worker itself failed (died, could not run the job)
             reason = str(err) or type(err).__name__
-            return SolveOutcome({f"{job.spec.prefix}/status": Status.FAILED.code},
+            # the network's own values, computed here: logged at every solve, also a failed one
+            metrics = {**network_metrics(job.spec, job.snapshot), f"{job.spec.prefix}/status": Status.FAILED.code}
+            return SolveOutcome(metrics,
                                 [f"{self.owner}: the background solve of step {job.step} failed: {reason}"],
                                 error=reason)
 
@@ -183,6 +186,7 @@ class SolveQueue:
         self.close(kill=True)
         for queued in self._jobs:
             queued.future = self._send(queued.spec, queued.snapshot)
-        return SolveOutcome({f"{p}/status": Status.TIME_LIMIT.code, f"{p}/solve_seconds": elapsed},
+        return SolveOutcome({**network_metrics(job.spec, job.snapshot), f"{p}/status": Status.TIME_LIMIT.code,
+                             f"{p}/solve_seconds": elapsed},
                             [f"{self.owner}: the solve of step {job.step} was still running after {elapsed:.1f} s "
                              f"(time limit {self.time_limit} s): abandoned"])

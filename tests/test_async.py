@@ -155,6 +155,10 @@ def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch, run):
     assert sorted(solved + skipped) == [0, 2, 4]
     assert all(v == 2.0 for _, v in s["convex/status"])  # abandoned solves are time-limit results
     assert len(s["train/objective"]) == 6
+    # what the network itself gives is logged all the same: L and its own point's value, p* ≤ upper_bound ≤ L
+    assert _steps(s, "convex/nonconvex_objective") == _steps(s, "convex/upper_bound") == solved
+    for (_, upper), (_, L) in zip(s["convex/upper_bound"], s["convex/nonconvex_objective"]):
+        assert upper <= L * (1 + 1e-6)
 
 
 def test_the_worker_process_is_killed_when_a_solve_overruns(tmp_path, monkeypatch, full_priority, run):

@@ -193,18 +193,7 @@ def evaluate_snapshot(
         options.setdefault("time_limit", spec.time_limit)
     start = time.perf_counter()
     try:
-        Xf = fold_bias(snap.X, snap.hidden_bias is not None)
-        Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
-        L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias, spec.weight_decay,
-                                    spec.reduction))
-        metrics[f"{p}/nonconvex_objective"] = L
-        problem, point = problem_from_network(
-            snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias,
-            weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
-            extra_patterns=snap.extra_patterns,
-        )
-        if not spec.gated and not problem.is_bound:  # the network's own point: an upper bound even if the solve fails
-            metrics[f"{p}/upper_bound"] = float(problem.objective(*point))
+        L, problem, point = _network_point(spec, snap, metrics)
         if chain is not None:
             first_order = runs_first_order(problem, spec.solver, options)
             warm = chain.start_for(problem, spec.gated, first_order=first_order) or point
@@ -234,6 +223,39 @@ def evaluate_snapshot(
         description = f"{type(err).__name__}: {err}"
         return SolveOutcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {description}"],
                             error=description)
+
+
+def _network_point(spec: SolveSpec, snap: Snapshot, metrics: dict[str, float]) -> tuple[float, ConvexProblem, tuple]:
+    """``L``, the snapshot's problem and the network's own point in it; ``metrics`` gets ``<p>/nonconvex_objective``
+    and (exact problem) ``<p>/upper_bound``, the network point's value, as each is known."""
+    p = spec.prefix
+    Xf = fold_bias(snap.X, snap.hidden_bias is not None)
+    Wf = fold_weights(snap.hidden_weight, snap.hidden_bias)
+    L = float(network_objective(Xf, snap.Y, Wf, snap.output_weight, snap.output_bias, spec.weight_decay,
+                                spec.reduction))
+    metrics[f"{p}/nonconvex_objective"] = L
+    problem, point = problem_from_network(
+        snap.X, snap.Y, snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias,
+        weight_decay=spec.weight_decay, reduction=spec.reduction, formulation=spec.formulation,
+        extra_patterns=snap.extra_patterns,
+    )
+    if not spec.gated and not problem.is_bound:  # the network's own point: an upper bound even if the solve fails
+        metrics[f"{p}/upper_bound"] = float(problem.objective(*point))
+    return L, problem, point
+
+
+def network_metrics(spec: SolveSpec, snap: Snapshot) -> dict[str, float]:
+    """What a snapshot tells without a solver, for a solve that never returned (abandoned, its worker died):
+    ``<p>/nonconvex_objective`` and, for the exact problem, ``<p>/upper_bound`` at the network's own point. Never
+    raises: as much as could be computed."""
+    metrics: dict[str, float] = {}
+    weights = [t for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias) if t is not None]
+    if all(bool(torch.isfinite(t).all()) for t in weights):
+        try:
+            _network_point(spec, snap, metrics)
+        except Exception:  # noqa: BLE001 - what the solve would have reported as its failure
+            pass
+    return metrics
 
 
 @dataclass(frozen=True)
