@@ -239,6 +239,7 @@ class StackCallback(Callback):
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         flush_loggers(trainer)  # what was logged before the failure stays on disk
+        dashboard.close_series(trainer)  # on_fit_end, which closes them otherwise, does not run after a failure
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -242,7 +242,8 @@ class ConvexGapMonitor(StackCallback):
             trainer, "hcl",
             {"objective vs convex optimum": [*objective_tags(pl_module), f"{p}/nonconvex_objective",
                                              *self._value_tags()],
-             "convex gap": [f"{p}/gap", f"{p}/max_gap"]},
+             # <p>/gap comes with <p>/optimum: of the exact problem with one output only
+             "convex gap": [*([f"{p}/gap"] if f"{p}/optimum" in self._value_tags() else []), f"{p}/max_gap"]},
         )
 
     @override

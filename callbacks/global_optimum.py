@@ -146,6 +146,15 @@ class GlobalOptimumMonitor(StackCallback):
         self.num_patterns = self.num_neurons = None
         self._described = False
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "described": self._described}  # a resumed run logs its constants once
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._described = state_dict.get("described", False)
+
     # ------------------------------------------------------------------- hooks
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

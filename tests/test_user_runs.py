@@ -184,3 +184,66 @@ def test_two_callbacks_writing_the_same_tags_are_refused_at_setup(make, said, ma
     monitors = [ConvexGapMonitor(solver="clarabel"), ConvexGapMonitor(solver="clarabel", prefix="again",
                                                                       every_n_steps=2)]
     make_trainer(monitors, max_steps=2, logger=False).fit(Net(), DataLoader(TensorDataset(X, y), batch_size=30))
+
+
+# ------------------------------------------------------------------------------------------- charts and failures
+def test_a_failed_fit_closes_its_chart_series(make_trainer):
+    from hcl import dashboard
+
+    class Failing(Net):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    X, generator = _data()
+    y = torch.randn(30, generator=generator, dtype=torch.float64)
+    trainer = make_trainer([ConvexGapMonitor(solver="clarabel")], max_steps=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Failing(), DataLoader(TensorDataset(X, y), batch_size=30))
+    assert dashboard.series_dirs(trainer) == {}  # their writer threads were left running, one set per failed fit
+
+
+@pytest.mark.parametrize(("gated", "c"), [(True, 1), (False, 3)])
+def test_the_gap_chart_lists_gap_only_where_it_is_logged(gated, c, make_trainer, tmp_path):
+    from hcl import dashboard
+
+    X, generator = _data()
+    y = torch.randint(0, c, (30,), generator=generator) if c > 1 else torch.randn(30, generator=generator,
+                                                                                  dtype=torch.float64)
+    trainer = make_trainer([ConvexGapMonitor(solver="clarabel", gated=gated)], max_steps=2)
+    trainer.fit(Net(c=c), DataLoader(TensorDataset(X, y), batch_size=30))
+    _, listed = dashboard.layout_of(trainer)["hcl"]["convex gap"]  # (kind, tags)
+    logged = set(read_scalars(tmp_path))
+    assert "convex/gap" not in listed and "convex/max_gap" in listed
+    assert all(tag in logged for tag in listed), (listed, logged)
+
+
+def test_the_global_monitors_constants_are_logged_once_across_a_resume(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import (
+        STORE_EVERYTHING_SIZE_GUIDANCE,
+        EventAccumulator,
+    )
+
+    from hcl import TwoLayerReLU
+    from hcl.datamodules import SyntheticRegression
+
+    def run(max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        data = SyntheticRegression(kind="points", x=[-0.7, -0.2, 0.4, 0.9], y=[0.6, 0.1, 0.5, 1.2], append_ones=True,
+                                   dtype="float64")
+        model = TwoLayerReLU(in_features=2, hidden=6, weight_decay=1e-3, lr=0.1, init="normal", init_scale=0.5)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+        pl.Trainer(max_steps=max_steps, accelerator="cpu", precision="64-true", log_every_n_steps=1,
+                   logger=TensorBoardLogger(str(tmp_path), name="run", version=0), callbacks=[
+                       GlobalOptimumMonitor(every_n_steps=1), saver], enable_progress_bar=False,
+                   enable_model_summary=False).fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+    run(3)
+    run(6, ckpt_path=next((tmp_path / "ckpt").glob("*.ckpt")))
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    events.Reload()
+    assert [event.step for event in events.Scalars("convex/global_patterns")] == [0]  # constants of the run
+    assert [event.step for event in events.Scalars("convex/global_gap")] == list(range(6))
