@@ -205,6 +205,16 @@ class ConvexGapMonitor(StackCallback):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         if warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
+        if solve_time_limit is not None and "time_limit" in (solver_options or {}):
+            raise ValueError("give the time limit once, as solve_time_limit (the monitor tells the solver), not also "
+                             "as solver_options['time_limit']")
+        # accepted, but they would do nothing: said now rather than found out from the dashboard
+        if raise_worker_errors and not asynchronous:
+            rank_zero_warn("ConvexGapMonitor: raise_worker_errors=True has no effect without asynchronous=True (a "
+                           "synchronous solve's failure is a warning and a status)")
+        if warm_start == "previous" and self.solver not in ("native", "auto"):
+            rank_zero_warn(f"ConvexGapMonitor: warm_start='previous' has no effect with solver={self.solver!r}: "
+                           "only the native solver takes a warm start")
         self.formulation = formulation
         self.sampled_patterns = sampled_patterns
         self.gated = gated

@@ -247,3 +247,12 @@ def test_the_global_monitors_constants_are_logged_once_across_a_resume(tmp_path)
     events.Reload()
     assert [event.step for event in events.Scalars("convex/global_patterns")] == [0]  # constants of the run
     assert [event.step for event in events.Scalars("convex/global_gap")] == list(range(6))
+
+
+def test_arguments_that_would_do_nothing_are_said_and_a_time_limit_given_twice_is_refused():
+    with pytest.warns(UserWarning, match="raise_worker_errors=True has no effect without asynchronous=True"):
+        ConvexGapMonitor(raise_worker_errors=True)
+    with pytest.warns(UserWarning, match="warm_start='previous' has no effect with solver='clarabel'"):
+        ConvexGapMonitor(solver="clarabel", warm_start="previous")
+    with pytest.raises(ValueError, match="give the time limit once"):
+        ConvexGapMonitor(solve_time_limit=1.0, solver_options={"time_limit": 3.0})
