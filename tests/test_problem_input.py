@@ -86,3 +86,32 @@ def test_float32_asked_of_the_native_solver_is_refused_for_newton_and_auto_takes
     reference = solve(problem, "clarabel")
     assert Status.of(solution.status) is Status.OPTIMAL
     assert solution.dual_value <= reference.value * (1 + 1e-9) and solution.value >= reference.value * (1 - 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_weight": lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))}, "hidden_weight contains NaN"),
+        ({"X": lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))}, "X contains NaN or inf"),
+        ({"output_weight": lambda t: t * float("inf")}, "output_weight contains NaN or inf"),
+        ({"output_bias": lambda t: torch.zeros(3, dtype=torch.float64)}, r"output_bias must have one entry per "
+                                                                          r"output \(1\)"),
+        ({"hidden_bias": lambda t: torch.zeros(5, dtype=torch.float64)}, r"one entry per neuron \(4\)"),
+        ({"X": lambda t: t.numpy()}, "X must be a tensor, got ndarray"),
+    ],
+    ids=["nan hidden weight", "nan X", "inf output weight", "output bias of 3 for c=1", "hidden bias of 5", "numpy X"],
+)
+def test_a_network_given_to_problem_from_network_is_checked_by_name(change, message):
+    from hcl.convex import problem_from_network
+
+    g = torch.Generator().manual_seed(0)
+    network = {"X": torch.randn(20, 3, generator=g, dtype=torch.float64),
+               "Y": torch.randn(20, generator=g, dtype=torch.float64),
+               "hidden_weight": torch.randn(4, 3, generator=g, dtype=torch.float64),
+               "hidden_bias": torch.randn(4, generator=g, dtype=torch.float64),
+               "output_weight": torch.randn(1, 4, generator=g, dtype=torch.float64),
+               "output_bias": torch.zeros(1, dtype=torch.float64)}
+    (name, edit), = change.items()
+    network[name] = edit(network[name])
+    with pytest.raises(ValueError, match=message):
+        problem_from_network(*network.values(), weight_decay=0.01, reduction="mean")

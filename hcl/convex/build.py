@@ -73,6 +73,16 @@ def problem_from_network(
     """
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    named = {"X": X, "Y": Y, "hidden_weight": hidden_weight, "hidden_bias": hidden_bias,
+             "output_weight": output_weight, "output_bias": output_bias}
+    for name, tensor in named.items():  # before the patterns, which NaN would turn into "every neuron is dead"
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+    X = X.detach()
     if X.ndim != 2:
         raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
     if hidden_weight.ndim != 2 or hidden_weight.shape[1] != X.shape[1]:
@@ -84,6 +94,11 @@ def problem_from_network(
         raise ValueError(f"output_weight must be (c, {m}), got {tuple(output_weight.shape)}")
     if extra_patterns is not None and formulation != "patterns":
         raise ValueError("extra_patterns is only supported with formulation='patterns'")
+    if hidden_bias is not None and hidden_bias.numel() != m:
+        raise ValueError(f"hidden_bias must have one entry per neuron ({m}), got shape {tuple(hidden_bias.shape)}")
+    if output_bias is not None and output_bias.numel() != output_weight.shape[0]:
+        raise ValueError(f"output_bias must have one entry per output ({output_weight.shape[0]}), got shape "
+                         f"{tuple(output_bias.shape)}")
 
     dtype = X.dtype
     Xf = fold_bias(X, hidden_bias is not None)
