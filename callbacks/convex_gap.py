@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -77,7 +78,8 @@ class ConvexGapMonitor(StackCallback):
     - ``<prefix>/skipped`` (asynchronous mode): how many snapshots were skipped so far because the solver fell
       behind, logged at each skipped step.
 
-    The formulation is written to the run's hyper-parameters as ``<prefix>/formulation``.
+    The formulation and the solver are written once, as TensorBoard's text ``<prefix>/setup`` (as hyper-parameters
+    ``<prefix>/formulation`` and ``<prefix>/solver`` for other loggers).
 
     Two formulations:
 
@@ -260,9 +262,15 @@ class ConvexGapMonitor(StackCallback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero:
+            setup = {f"{self.prefix}/formulation": self.formulation, f"{self.prefix}/solver": self.solver}
             for logger in trainer.loggers:
-                logger.log_hyperparams({f"{self.prefix}/formulation": self.formulation,
-                                        f"{self.prefix}/solver": self.solver})
+                if isinstance(logger, TensorBoardLogger):
+                    # a text, not hyper-parameters: TensorBoard shows only a run's first hyper-parameter record,
+                    # Lightning's own
+                    text = ", ".join(f"{key.split('/')[1]}: {value}" for key, value in setup.items())
+                    logger.experiment.add_text(f"{self.prefix}/setup", text, global_step=trainer.global_step)
+                else:
+                    logger.log_hyperparams(setup)
         X, Y = self.training_data(trainer)
         self._X, self._Y = X, as_targets(Y, self._stack.output.out_features, X)
         self._trainer = trainer

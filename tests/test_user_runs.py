@@ -256,3 +256,21 @@ def test_arguments_that_would_do_nothing_are_said_and_a_time_limit_given_twice_i
         ConvexGapMonitor(solver="clarabel", warm_start="previous")
     with pytest.raises(ValueError, match="give the time limit once"):
         ConvexGapMonitor(solve_time_limit=1.0, solver_options={"time_limit": 3.0})
+
+
+def test_the_monitors_setup_is_a_text_tensorboard_shows(make_trainer, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import (
+        STORE_EVERYTHING_SIZE_GUIDANCE,
+        EventAccumulator,
+    )
+
+    X, generator = _data()
+    y = torch.randn(30, generator=generator, dtype=torch.float64)
+    make_trainer([ConvexGapMonitor(solver="clarabel", formulation="neurons")], max_steps=1).fit(
+        Net(), DataLoader(TensorDataset(X, y), batch_size=30))
+    (events,) = [path.parent for path in tmp_path.rglob("events.out.tfevents.*") if "series" not in path.parts]
+    run = EventAccumulator(str(events), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    run.Reload()
+    # as hyper-parameters it was a second record, which TensorBoard drops: only a run's first (Lightning's) is shown
+    (text,) = run.Tensors("convex/setup/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == "formulation: neurons, solver: clarabel"
