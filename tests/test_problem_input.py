@@ -115,3 +115,18 @@ def test_a_network_given_to_problem_from_network_is_checked_by_name(change, mess
     network[name] = edit(network[name])
     with pytest.raises(ValueError, match=message):
         problem_from_network(*network.values(), weight_decay=0.01, reduction="mean")
+
+
+def test_native_options_take_numpy_numbers_and_refuse_bools_strings_and_tolerances_of_one_or_more():
+    import numpy as np
+
+    from hcl.convex.native.options import NativeOptions
+
+    options = NativeOptions(tol=np.float32(1e-4), max_iters=np.int64(3))
+    assert isinstance(options.tol, float) and options.tol == pytest.approx(1e-4) and options.max_iters == 3
+    for bad, message in (({"tol": True}, "tol must be a relative tolerance in"), ({"tol": 2}, r"in \(0, 1\)"),
+                         ({"max_iters": True}, "max_iters must be a positive integer"),
+                         ({"time_limit": "5"}, "time_limit must be a finite number > 0"),
+                         ({"penalty": "a"}, "penalty must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            NativeOptions(**bad)

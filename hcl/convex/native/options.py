@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -128,16 +129,18 @@ class NativeOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("tol", "constraint_tol"):
+        # numbers of any kind (NumPy's too) but bool, stored as Python's; a tolerance is relative, below 1
+        for name, kind, upper in (("tol", numbers.Real, 1.0), ("constraint_tol", numbers.Real, 1.0),
+                                  ("max_iters", numbers.Integral, math.inf), ("time_limit", numbers.Real, math.inf),
+                                  ("penalty", numbers.Real, math.inf)):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.max_iters is not None and (not isinstance(self.max_iters, int) or self.max_iters < 1):
-            raise ValueError(f"max_iters must be a positive integer, got {self.max_iters!r}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit!r}")
-        if self.penalty is not None and not (self.penalty > 0 and math.isfinite(self.penalty)):
-            raise ValueError(f"penalty must be a finite number > 0, got {self.penalty!r}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < upper:
+                what = ("a positive integer" if kind is numbers.Integral else
+                        "a relative tolerance in (0, 1)" if upper == 1.0 else "a finite number > 0")
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+            object.__setattr__(self, name, int(value) if kind is numbers.Integral else float(value))
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
         for name in ("memory_limit", "num_threads"):
