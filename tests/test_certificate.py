@@ -154,6 +154,13 @@ def test_bad_arguments_are_refused():
         global_lower_bound(X, torch.stack([y, y], 1), y, weight_decay=0.1, reduction="mean", bias=True)
     with pytest.raises(ValueError, match="weight_decay"):
         global_lower_bound(X, y, y, weight_decay=-1.0, reduction="mean", bias=True)
+    # a NaN row dropped out of the exact maximum: a "certified" bound of the other points
+    spoilt = X.clone()
+    spoilt[0] = float("nan")
+    for args, name in (((spoilt, y, y), "X"), ((X, y, y * float("inf")), "prediction")):
+        for method in ("exact", "spectral"):
+            with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+                global_lower_bound(*args, weight_decay=0.1, reduction="mean", bias=True, method=method)
 
 
 @pytest.mark.parametrize("signed", [False, True])

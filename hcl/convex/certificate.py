@@ -93,6 +93,10 @@ def global_lower_bound(
         )
     if not math.isfinite(float(weight_decay)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay}")
+    for name, tensor in (("X", X), ("y", y), ("prediction", prediction)):
+        # NaN would drop out of the exact maximum (a "certified" bound of the other points) or fail inside an SVD
+        if not bool(torch.isfinite(tensor.detach().to(torch.float64)).all()):
+            raise ValueError(f"{name} contains NaN or inf: no certificate")
     s = data_scale(reduction, n)
     Xf = fold_bias(X.detach().to(torch.float64), bias)  # the bound is computed in float64
     y = y.detach().to(Xf).reshape(-1)
