@@ -159,6 +159,7 @@ class ConvexReLU(pl.LightningModule):
         self.reduction = reduction
         self._train_data: tuple[Tensor, Tensor] | None = None
         self._certified_step: int | None = None
+        self._warned_nonfinite = False
         if out_features > 1:
             self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
             self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
