@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from hcl.datamodules.base import _TorchvisionClassification
+from hcl.datamodules.images import _TorchvisionClassification
 
 
 class CIFAR10(_TorchvisionClassification):

@@ -13,7 +13,7 @@ from typing import Any
 import torchvision
 from torch import Tensor
 
-from hcl.datamodules.base import _TorchvisionClassification
+from hcl.datamodules.images import _TorchvisionClassification
 
 
 class MNIST(_TorchvisionClassification):
