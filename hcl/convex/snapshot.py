@@ -182,9 +182,7 @@ def evaluate_snapshot(
     """
     p = spec.prefix
     owner = spec.owner
-    weights = [t for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias)
-               if t is not None]
-    if not all(bool(torch.isfinite(t).all()) for t in weights):
+    if not _finite_weights(snap):
         return SolveOutcome({f"{p}/status": Status.NONFINITE.code},
                             [f"{owner}: non-finite network weights at step {snap.step}; no solve"])
     metrics: dict[str, float] = {}
@@ -225,6 +223,11 @@ def evaluate_snapshot(
                             error=description)
 
 
+def _finite_weights(snap: Snapshot) -> bool:
+    weights = (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias)
+    return all(bool(torch.isfinite(t).all()) for t in weights if t is not None)
+
+
 def _network_point(spec: SolveSpec, snap: Snapshot, metrics: dict[str, float]) -> tuple[float, ConvexProblem, tuple]:
     """``L``, the snapshot's problem and the network's own point in it; ``metrics`` gets ``<p>/nonconvex_objective``
     and (exact problem) ``<p>/upper_bound``, the network point's value, as each is known."""
@@ -249,8 +252,7 @@ def network_metrics(spec: SolveSpec, snap: Snapshot) -> dict[str, float]:
     ``<p>/nonconvex_objective`` and, for the exact problem, ``<p>/upper_bound`` at the network's own point. Never
     raises: as much as could be computed."""
     metrics: dict[str, float] = {}
-    weights = [t for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias) if t is not None]
-    if all(bool(torch.isfinite(t).all()) for t in weights):
+    if _finite_weights(snap):
         try:
             _network_point(spec, snap, metrics)
         except Exception:  # noqa: BLE001 - what the solve would have reported as its failure
