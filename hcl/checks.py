@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,8 +85,6 @@ def read_checkpoint(path: Any, name: str) -> dict[str, Any]:
         FileNotFoundError: no file at ``path``.
         ValueError: a file torch cannot read as a checkpoint (another format, a truncated file).
     """
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no checkpoint at {path}")
