@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import cvxpy as cp
 import numpy as np
 import pytest
 import torch
 
-from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy
+from hcl.convex.cvxpy_solver import ConvexSolveError, _certified_status, installed_solvers, solve_cvxpy
 from hcl.convex.problem import ConvexProblem
+from hcl.convex.status import Status, relative_gap
 
 
 def reference_value(problem: ConvexProblem, gated: bool = False) -> float:
@@ -171,7 +174,6 @@ def test_the_conic_solvers_are_as_accurate_in_any_unit_of_the_targets(scale):
 
 @pytest.mark.parametrize("solver", ["ECOS", "SCS"])
 def test_optimal_from_a_conic_solver_is_certified_by_hcls_bound(solver):
-    from hcl.convex.status import relative_gap
 
     if solver not in installed_solvers():
         pytest.skip(f"{solver} is not installed")
@@ -185,3 +187,47 @@ def test_optimal_from_a_conic_solver_is_certified_by_hcls_bound(solver):
     gap = relative_gap(solution.value, solution.dual_value, problem.gap_floor)
     certified = gap <= 1e-6 and solution.violation <= 1e-6 * float(Y.abs().max())
     assert (solution.status == "optimal") == certified, (solution.status, gap, solution.violation)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_clarabel_is_certified_at_its_default_settings_with_several_outputs(seed):
+    # at Clarabel's own 1e-8 these instances ended 1e-6 to 7e-6 from hcl's certificate ("optimal_inaccurate")
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(80, 6, generator=generator, dtype=torch.float64)
+    D = (X @ torch.randn(6, 15, generator=generator, dtype=torch.float64)) >= 0
+    Y = torch.randn(80, 3, generator=generator, dtype=torch.float64)
+    problem = ConvexProblem(X, Y, D, weight_decay=1e-3, reduction="sum")
+    solution = solve_cvxpy(problem, "CLARABEL")
+    assert solution.status == "optimal"
+    assert relative_gap(solution.value, solution.dual_value, problem.gap_floor) <= 1e-6
+
+
+def test_a_setting_given_by_the_caller_replaces_the_default(monkeypatch):
+    seen = {}
+    original = cp.Problem.solve
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cp.Problem, "solve", spy)
+    X = torch.randn(10, 2, dtype=torch.float64)
+    problem = ConvexProblem(X, torch.randn(10), torch.ones(10, 1, dtype=torch.bool))
+    solve_cvxpy(problem, "CLARABEL", tol_gap_rel=1e-7)
+    assert seen["tol_gap_rel"] == 1e-7 and seen["tol_gap_abs"] == 1e-9
+
+
+def test_the_certificate_decides_optimal_where_it_exists():
+    X = torch.randn(10, 2, dtype=torch.float64)
+    problem = ConvexProblem(X, torch.ones(10), torch.ones(10, 1, dtype=torch.bool), weight_decay=0.1)
+    inaccurate, optimal = Status.OPTIMAL_INACCURATE, Status.OPTIMAL
+    # the solver's own "inaccurate" at a point hcl certifies is optimal; its "optimal" at a gap or violation is not
+    assert _certified_status(problem, inaccurate, 1.0, 1.0 - 1e-9, 0.0) == optimal
+    assert _certified_status(problem, optimal, 1.0, 1.0 - 1e-4, 0.0) == inaccurate
+    assert _certified_status(problem, optimal, 1.0, 1.0, 1e-3) == inaccurate
+    assert _certified_status(problem, optimal, math.nan, 1.0, 0.0) == inaccurate
+    # at λ = 0 there is no certificate beyond 0: the solver's status stands at a feasible point
+    free = ConvexProblem(problem.X, problem.Y, problem.patterns, weight_decay=0.0)
+    assert _certified_status(free, optimal, 1.0, 0.0, 0.0) == optimal
+    assert _certified_status(free, inaccurate, 1.0, 0.0, 0.0) == inaccurate
+    assert _certified_status(free, optimal, 1.0, 0.0, 1e-3) == inaccurate
