@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hcl.convex.cvxpy_solver import ConvexSolveError, _certified_status, installed_solvers, solve_cvxpy
+from hcl.convex.cvxpy_solver import ConvexSolveError, certified_status, installed_solvers, solve_cvxpy
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.status import Status, relative_gap
 
@@ -222,12 +222,12 @@ def test_the_certificate_decides_optimal_where_it_exists():
     problem = ConvexProblem(X, torch.ones(10), torch.ones(10, 1, dtype=torch.bool), weight_decay=0.1)
     inaccurate, optimal = Status.OPTIMAL_INACCURATE, Status.OPTIMAL
     # the solver's own "inaccurate" at a point hcl certifies is optimal; its "optimal" at a gap or violation is not
-    assert _certified_status(problem, inaccurate, 1.0, 1.0 - 1e-9, 0.0) == optimal
-    assert _certified_status(problem, optimal, 1.0, 1.0 - 1e-4, 0.0) == inaccurate
-    assert _certified_status(problem, optimal, 1.0, 1.0, 1e-3) == inaccurate
-    assert _certified_status(problem, optimal, math.nan, 1.0, 0.0) == inaccurate
+    assert certified_status(problem, inaccurate, 1.0, 1.0 - 1e-9, 0.0) == optimal
+    assert certified_status(problem, optimal, 1.0, 1.0 - 1e-4, 0.0) == inaccurate
+    assert certified_status(problem, optimal, 1.0, 1.0, 1e-3) == inaccurate
+    assert certified_status(problem, optimal, math.nan, 1.0, 0.0) == inaccurate
     # at λ = 0 there is no certificate beyond 0: the solver's status stands at a feasible point
     free = ConvexProblem(problem.X, problem.Y, problem.patterns, weight_decay=0.0)
-    assert _certified_status(free, optimal, 1.0, 0.0, 0.0) == optimal
-    assert _certified_status(free, inaccurate, 1.0, 0.0, 0.0) == inaccurate
-    assert _certified_status(free, optimal, 1.0, 0.0, 1e-3) == inaccurate
+    assert certified_status(free, optimal, 1.0, 0.0, 0.0) == optimal
+    assert certified_status(free, inaccurate, 1.0, 0.0, 0.0) == inaccurate
+    assert certified_status(free, optimal, 1.0, 0.0, 1e-3) == inaccurate

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hcl.convex import solve
+from hcl.convex.cvxpy_solver import ConvexSolveError
 from hcl.convex.layers import FixedPatternLayer
 from hcl.convex.problem import ConvexProblem
 
@@ -114,3 +115,18 @@ def test_signs_gated_and_errors():
     with pytest.raises(ValueError, match="constants"):
         layer(problem.Y[:, 0], problem.X, problem.patterns)
     np.testing.assert_array_equal(layer.patterns.numpy(), problem.patterns.numpy())
+
+
+def test_a_layer_solve_is_optimal_only_where_certified_and_a_failed_backend_is_named():
+    problem = small_problem(c=1, lam=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stopped = solve(problem, "cvxpylayers", solver_args={"solve_method": "Clarabel", "max_iter": 2})
+        solution = solve(problem, "cvxpylayers")
+    optimum = reference(problem, 0)
+    assert stopped.value > optimum * (1 + 1e-3)  # two iterations are far from the optimum: not "optimal"
+    for result in (stopped, solution):
+        assert result.dual_value <= optimum * (1 + 1e-9)  # hcl's certificate, μ = 0: valid, weak with cones
+        assert result.status == "optimal_inaccurate"
+    with pytest.raises(ConvexSolveError, match="cvxpylayers"):
+        solve(problem, "cvxpylayers", solver_args={"solve_method": "ECOS", "max_iters": 2})

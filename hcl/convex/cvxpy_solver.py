@@ -210,7 +210,7 @@ def solve_cvxpy(
         U=U,
         V=V,
         b0=b0,
-        status=_certified_status(problem, STATUS_MAP[status], value, dual_value, violation),
+        status=certified_status(problem, STATUS_MAP[status], value, dual_value, violation),
         solver=name,
         solve_seconds=seconds,
         iterations=cvx_problem.solver_stats.num_iters if cvx_problem.solver_stats else None,
@@ -221,7 +221,7 @@ def solve_cvxpy(
     )
 
 
-def _certified_status(problem: ConvexProblem, status: Status, value: float, dual: float, violation: float) -> Status:
+def certified_status(problem: ConvexProblem, status: Status, value: float, dual: float, violation: float) -> Status:
     """hcl's certificate decides between ``OPTIMAL`` and ``OPTIMAL_INACCURATE`` where it exists (``λ > 0``): a relative
     gap to ``dual`` within ``DEFAULT_TOL`` and a violation within ``DEFAULT_TOL · max|Y|`` is ``OPTIMAL`` whatever the
     solver said (its own tests are on its internal scaling), anything else ``OPTIMAL_INACCURATE`` (ECOS's multipliers

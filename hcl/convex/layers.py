@@ -28,11 +28,13 @@ from __future__ import annotations
 import time
 
 import cvxpy as cp
+import diffcp
 import numpy as np
 import torch
 from torch import Tensor
 
-from hcl.convex.cvxpy_solver import formulate
+from hcl.convex.cvxpy_solver import ConvexSolveError, certified_status, formulate
+from hcl.convex.native.certificate import dual_certificate
 from hcl.convex.problem import ConvexProblem, ConvexSolution, data_scale
 from hcl.convex.status import Status
 
@@ -208,25 +210,41 @@ def solve_layer(
         gated: solve the gated relaxation.
         solver_args: arguments for the diffcp backend (default ``{"solve_method": "Clarabel"}``).
         verbose: print the backend's log.
+
+    The status is ``"optimal"`` only where hcl's certificate confirms it (:func:`hcl.convex.cvxpy_solver.
+    certified_status`): the layer returns no cone multipliers, so exact-problem solutions read
+    ``"optimal_inaccurate"`` with the weak bound of ``μ = 0``; use ``"clarabel"`` for a certified value.
+
+    Raises:
+        ConvexSolveError: when the backend stops without a solution.
     """
     start = time.perf_counter()
     layer = FixedPatternLayer.from_problem(problem, gated=gated, solver_args=solver_args, verbose=verbose)
-    with torch.no_grad():
-        U, V, b0 = layer(problem.Y.T.contiguous())
+    try:
+        with torch.no_grad():
+            U, V, b0 = layer(problem.Y.T.contiguous())
+    except diffcp.SolverError as error:  # a backend that stops without a solution
+        raise ConvexSolveError(f"cvxpylayers ({layer.solver_args.get('solve_method', 'Clarabel')}): {error}") from error
     dtype, device = problem.X.dtype, problem.X.device
     U = U.permute(1, 2, 0).to(dtype=dtype, device=device).contiguous()  # (P, d, c)
     V = V.permute(1, 2, 0).to(dtype=dtype, device=device).contiguous()
     b0 = b0.to(dtype=dtype, device=device) if problem.output_bias else torch.zeros(problem.c, dtype=dtype,
                                                                                  device=device)
+    value = float(problem.objective(U, V, b0))
+    violation = 0.0 if gated else float(problem.violation(U, V))
+    # the layer gives no cone multipliers: the bound is hcl's certificate with μ = 0, exact for the gated relaxation
+    # (no cones) and weak for the exact problem, whose status then says "optimal_inaccurate" (diffcp reports none)
+    dual_value = dual_certificate(problem, U, V, b0, gated=gated)
     return ConvexSolution(
-        value=float(problem.objective(U, V, b0)),
+        value=value,
         U=U,
         V=V,
         b0=b0,
-        status=Status.OPTIMAL,
+        status=certified_status(problem, Status.OPTIMAL, value, dual_value, violation),
         solver="cvxpylayers",
         solve_seconds=time.perf_counter() - start,
-        violation=0.0 if gated else float(problem.violation(U, V)),
+        dual_value=dual_value,
+        violation=violation,
         gated=gated,
         gap_floor=problem.gap_floor,
     )
