@@ -39,8 +39,10 @@ def enumerate_patterns(X: Tensor) -> Tensor:
       rounding error makes (``docs/solvers.md#collinear-data``). ``O(n²)`` columns: for ``n`` up to a few hundred.
 
     Raises:
-        ValueError: for any other shape, or a last column that is not all ones.
+        ValueError: for any other shape, non-finite entries, or a last column that is not all ones.
     """
+    if not isinstance(X, Tensor):
+        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
     if X.ndim != 2 or X.shape[1] not in (2, 3):
         raise ValueError(
             f"enumerate_patterns needs (n, d) data with d = 2 or 3 including the bias column (1-D or 2-D "
@@ -48,6 +50,8 @@ def enumerate_patterns(X: Tensor) -> Tensor:
         )
     if X.shape[0] == 0:
         raise ValueError("X is empty (n = 0)")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("X has NaN or inf entries: patterns are enumerated for finite data only")
     if not bool((X[:, -1] == 1).all()):
         raise ValueError("the last column of X must be all ones (the folded first-layer bias)")
     precision = torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0

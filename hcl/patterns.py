@@ -41,11 +41,15 @@ def pre_activations(X: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
         raise ValueError(
             f"X must be (n, d) and weight (m, d) with the same d, got {tuple(X.shape)} and {tuple(weight.shape)}"
         )
-    pre = X @ weight.to(X).T
+    # in the promoted dtype: integer data with float weights must not round the weights to integers
+    dtype = torch.promote_types(X.dtype, weight.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    pre = X.to(dtype) @ weight.to(X.device, dtype).T
     if bias is not None:
         if bias.numel() != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} entries, got {bias.numel()}")
-        pre = pre + bias.to(X).reshape(1, -1)
+        pre = pre + bias.to(pre).reshape(1, -1)
     return pre
 
 
@@ -123,7 +127,7 @@ def unpack_patterns(packed: Tensor, n: int) -> Tensor:
     octets = packed.contiguous().view(torch.uint8)  # (m, 8 · words)
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (octets.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :n].T.bool()
+    return bits.reshape(packed.shape[0], packed.shape[1] * _BITS_PER_WORD)[:, :n].T.bool()  # m = 0 too
 
 
 class UniquePatterns(NamedTuple):

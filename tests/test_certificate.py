@@ -161,6 +161,10 @@ def test_bad_arguments_are_refused():
         for method in ("exact", "spectral"):
             with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
                 global_lower_bound(*args, weight_decay=0.1, reduction="mean", bias=True, method=method)
+    with pytest.raises(ValueError, match="n ≥ 1"):  # was a ZeroDivisionError
+        global_lower_bound(X[:0], y[:0], y[:0], weight_decay=0.1, reduction="mean", bias=True)
+    with pytest.raises(TypeError, match="X must be a torch.Tensor"):
+        global_lower_bound(X.numpy(), y, y, weight_decay=0.1, reduction="mean", bias=True)
 
 
 @pytest.mark.parametrize("signed", [False, True])

@@ -80,6 +80,17 @@ def test_float32_collinear_points():
     t = torch.linspace(-1.0, 1.0, 15)
     X = torch.stack([t, 0.3 * t - 0.7, torch.ones(15)], dim=1)  # float32, collinear up to float32 rounding
     assert enumerate_patterns(X).shape[1] == 2 * 15 - 1
+    # the global problem enumerates in the data's own precision too (in float64 it had 59 patterns here)
+    problem = all_patterns_problem(X[:, :2], torch.ones(15), bias=True, weight_decay=0.1, reduction="mean")
+    assert problem.num_patterns == 2 * 15 - 1 and problem.X.dtype == torch.float64
+
+
+def test_non_finite_or_non_tensor_data_is_refused():
+    X = torch.tensor([[float("nan"), 1.0], [1.0, 1.0], [2.0, 1.0]])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        enumerate_patterns(X)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        enumerate_patterns(X.numpy())
 
 
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])

@@ -60,6 +60,13 @@ def test_activation_patterns_count_ties_as_active():
         activation_patterns(X, torch.ones(3, 3))
 
 
+def test_integer_data_keeps_fractional_weights():
+    X = torch.tensor([[1, 1], [2, 1], [3, 1]])  # integer data: 0.5 x − 0.6 is −0.1 at x = 1
+    W = torch.tensor([[0.5, -0.6]])
+    assert activation_patterns(X, W).T.tolist() == [[False, True, True]]
+    assert activation_patterns(X[:, :1], W[:, :1], torch.tensor([-0.6])).T.tolist() == [[False, True, True]]
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 63, 64, 65, 130])
 def test_packing_round_trips(n):
     g = torch.Generator().manual_seed(n)
@@ -68,6 +75,7 @@ def test_packing_round_trips(n):
     packed = pack_patterns(D)
     assert packed.shape == (9, -(-n // 64)) and packed.dtype == torch.int64
     assert torch.equal(unpack_patterns(packed, n), D)
+    assert unpack_patterns(pack_patterns(D[:, :0]), n).shape == (n, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -195,7 +195,9 @@ def all_patterns_problem(
             "input columns besides the bias (too many patterns to enumerate: use ConvexGapMonitor instead)"
         )
     # The patterns {1[X̃u ≥ 0]} depend only on the span of the columns: one ones column, placed last, suffices.
-    ones = torch.ones(Xf.shape[0], 1, dtype=Xf.dtype)
-    patterns = enumerate_patterns(torch.cat([features, ones], dim=1))
+    # Enumerated in the data's own precision: float32 points on a line up to its rounding are collinear there
+    native = fold_bias(X.detach().cpu(), bias)[:, ~is_ones] if X.is_floating_point() else features
+    ones = torch.ones(native.shape[0], 1, dtype=native.dtype)
+    patterns = enumerate_patterns(torch.cat([native, ones], dim=1))
     return ConvexProblem(X=Xf, Y=Y.detach().to("cpu", torch.float64), patterns=patterns,
                          weight_decay=weight_decay, reduction=reduction, output_bias=output_bias)

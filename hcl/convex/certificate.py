@@ -83,8 +83,11 @@ def global_lower_bound(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if X.ndim != 2:
-        raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
+    for name, tensor in (("X", X), ("y", y), ("prediction", prediction)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError(f"X must be (n, d) with n ≥ 1, got shape {tuple(X.shape)}")
     n = X.shape[0]
     if y.numel() != n or prediction.numel() != n:
         raise ValueError(

@@ -150,7 +150,8 @@ def solve_cvxpy(
             which has none).
         verbose: print the solver's log.
         **solver_options: the solver's own settings, passed to ``cvxpy.Problem.solve`` (e.g. ``tol_gap_rel``
-            for Clarabel; see :func:`solver_settings`).
+            for Clarabel; see :func:`solver_settings`). Clarabel's ``tol_gap_abs``, ``tol_gap_rel`` and ``tol_feas``
+            default to ``1e-9`` here (its own ``1e-8`` often left hcl's certificate above ``1e-6``).
 
     Returns:
         A :class:`ConvexSolution` with ``U, V`` of shape ``(P, d, c)`` and ``b0`` ``(c,)`` in the
