@@ -53,7 +53,7 @@ class GlobalOptimumMonitor(StackCallback):
       dual value and, for a scalar output, :func:`hcl.convex.global_lower_bound` at the solution's fit. For ``c > 1``
       the group-Frobenius problem bounds every network from below but is not attained in general;
     - ``<prefix>/global_upper_bound`` (scalar output): the solver's value at a feasible point (a point left outside
-      its cones by a loose ``constraint_tol`` is first moved into them), so ``p*_all ≤ global_upper_bound``;
+      its cones, even within the solver's tolerance, is first moved into them), so ``p*_all ≤ global_upper_bound``;
     - ``<prefix>/global_optimum`` (scalar output): the solver's value, only when its status is optimal (a certified
       gap); each of these three is the same value at every step, so that it draws as a line beside
       ``train/objective``;
@@ -242,11 +242,11 @@ class GlobalOptimumMonitor(StackCallback):
                 f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} patterns) was not "
                 f"solved: status {solution.status!r}"
             )
-        # a point outside its cones (a solver allowed a loose constraint_tol) is moved into them, as the convex gap
-        # monitor's are: its value then bounds p*_all from above, and "optimal" stays only within the solver's tol
-        tol = check_tol(self.solver_options)
+        # a point outside its cones (by any amount, as the convex gap monitor's) is moved into them: its value then
+        # bounds p*_all from above, and "optimal" stays only within the solver's tol
+        tol = check_tol(self.solver_options, solution.solver)
         claimed, violation = Status.of(solution.status), solution.violation
-        solution = feasible_solution(self.problem, solution, tol, CHECK_TOL)
+        solution = feasible_solution(self.problem, solution, tol)
         if claimed == Status.OPTIMAL and Status.of(solution.status) != Status.OPTIMAL:
             rank_zero_warn(f"{type(self).__name__}: the all-patterns solve is not certified: its point violated the "
                            f"constraints by {violation:.3g}, and moved into them it is not within tol {tol:g}")

@@ -4,9 +4,11 @@ import pytest
 import torch
 from _reference import reference_solve
 
-from hcl.convex.build import problem_from_network
-from hcl.convex.feasibility import restore_feasibility
+from hcl.convex import global_lower_bound, solve
+from hcl.convex.build import all_patterns_problem, problem_from_network
+from hcl.convex.feasibility import feasible_solution, restore_feasibility
 from hcl.convex.native import solve_native
+from hcl.convex.snapshot import CHECK_TOL, bracket
 
 
 def network_problem(c: int, seed: int, n: int = 60, d: int = 4, m: int = 8):
@@ -40,3 +42,43 @@ def test_a_feasible_point_is_left_as_it_is():
     U, V, _ = point
     restored = restore_feasibility(problem, U, V)
     assert torch.equal(restored[0], U.double()) and torch.equal(restored[1], V.double())
+
+
+def test_a_point_outside_its_cones_by_less_than_a_tolerance_is_moved_in_before_it_bounds_from_above():
+    # data of scale 1000: Clarabel's point violates its cones by 4e-6, within 1e-6 · max|Y|, and its value was 4e-10
+    # below the certified lower bound, so that the logged "upper bound" was under it
+    g = torch.Generator().manual_seed(0)
+    X, Y = 1000 * torch.randn(8, 1, generator=g), 1000 * torch.randn(8, 1, generator=g)
+    problem = all_patterns_problem(X, Y, bias=True, weight_decay=0.5, reduction="sum", output_bias=True)
+    solution = solve(problem, "clarabel")
+    assert solution.violation > 0
+    moved = feasible_solution(problem, solution, CHECK_TOL)
+    assert moved.violation == 0.0
+    fit = problem.predict(moved.U, moved.V, moved.b0)
+    lower = global_lower_bound(problem.X, problem.Y, fit, weight_decay=0.5, reduction="sum", bias=False,
+                               output_bias=True).lower_bound
+    known = bracket(problem, moved, None)
+    assert known.upper_bound == moved.value >= max(lower, moved.dual_value)
+    assert bracket(problem, solution, None).upper_bound is None  # the unmoved point's value bounds nothing
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_directions_in_the_cones_move_the_columns_at_once(c, monkeypatch):
+    import hcl.convex.feasibility as feasibility
+
+    problem, point = network_problem(c, 0)
+    loose = solve_native(problem, method="admm", tol=1e-9, constraint_tol=1e-9, max_iters=250, anderson=0)
+    steps = []
+    original = feasibility._step
+    monkeypatch.setattr(feasibility, "_step", lambda *args: steps.append(1) or original(*args))
+    directions = (point[0] + point[1]).sum(-1).T  # the network's neurons: points of their patterns' cones
+    directions[:, 0] = 0.0  # a pattern without a known point: its columns take the per-column steps
+    restored = restore_feasibility(problem, loose.U, loose.V, directions)
+    shifted_steps = len(steps)
+    steps.clear()
+    restore_feasibility(problem, loose.U, loose.V)
+    assert shifted_steps < len(steps)
+    exact = problem.in_float64()
+    assert float(exact.violation(*restored[:2])) == 0.0
+    value = float(exact.objective(*restored))
+    assert reference_solve(problem).value * (1 - 1e-8) <= value <= loose.value + 0.05 * abs(loose.value)

@@ -144,7 +144,9 @@ def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path,
     for tag in ("global_optimum", "global_lower_bound", "global_upper_bound", "global_gap", "global_max_gap"):
         assert [step for step, _ in s[f"convex/{tag}"]] == list(range(0, 40, 2)), tag
     assert all(v == pytest.approx(p_star, rel=1e-6) for _, v in s["convex/global_optimum"])
-    lower, upper = s["convex/global_lower_bound"][0][1], s["convex/global_upper_bound"][0][1]
+    lower, upper = monitor.lower_bound, monitor.upper_bound  # (event files store float32)
+    assert s["convex/global_lower_bound"][0][1] == pytest.approx(lower, rel=1e-6)
+    assert s["convex/global_upper_bound"][0][1] == pytest.approx(upper, rel=1e-6)
     assert lower <= p_star <= upper and upper - lower <= 1e-6 * p_star  # a certified, tight bracket
     train, gap, max_gap = dict(s["train/objective"]), dict(s["convex/global_gap"]), dict(s["convex/global_max_gap"])
     assert len(train) == 40

@@ -31,12 +31,20 @@ GRAM_MAX_SAMPLES = 4096
 METRIC_RIDGE = 1e-2
 # How far inside the cone the active samples' outputs are put, relative to the column's largest output
 INSIDE = 1e-9
+# A move along a given direction is taken when it changes no output by more than this many times the violation
+SHIFT_MAX = 100.0
 
 
-def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def restore_feasibility(
+    problem: ConvexProblem, U: Tensor, V: Tensor, directions: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(U', V', b0')`` in float64: ``(U, V)`` with every column moved into its cone (columns already inside are left
     as they are; a column the steps do not bring inside within ``ROUNDS`` becomes zero, which every cone holds) and the
     optimal output bias. Its objective is an upper bound on ``p*``.
+
+    ``directions``: ``(d, P)`` a point of each pattern's cone (e.g. the network's own neuron, ``0`` where none is
+    known). A column is first moved along its pattern's one by the least step that puts it inside, for every column at
+    once (:func:`_shift_inside`); the columns that step cannot settle take the least-distance steps below.
     """
     exact = problem.in_float64()
     X = exact.X
@@ -47,6 +55,10 @@ def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[T
     signs = S[:, None, :, None].expand(-1, 2, -1, c).reshape(X.shape[0], -1)
     XW = X @ W  # one product for every column, once per round
     inside = INSIDE * XW.abs().amax(0)  # how far inside the active samples are put, per column
+    if directions is not None and bool((signs * XW < 0).any()):
+        pattern = torch.arange(P, device=X.device)[None, :, None].expand(2, -1, c).reshape(-1)
+        H = directions.to(X.device, torch.float64)[:, pattern]
+        W, XW = _shift_inside(W, XW, H, X @ H, signs, inside)
     Q = X.T @ X
     Q.diagonal().add_(METRIC_RIDGE * float(Q.diagonal().sum()) / X.shape[1] or 1.0)  # X = 0: the plain norm
     XQ = torch.cholesky_solve(X.T, torch.linalg.cholesky(Q)).T  # X Q⁻¹
@@ -70,6 +82,23 @@ def restore_feasibility(problem: ConvexProblem, U: Tensor, V: Tensor) -> tuple[T
     return U2, V2, b0
 
 
+def _shift_inside(W: Tensor, XW: Tensor, H: Tensor, XH: Tensor, signs: Tensor, inside: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W, XW)`` with each violated column ``u`` moved to ``u + t h`` (``h`` its column of ``H``), ``t ≥ 0`` the least
+    that puts its violated samples ``inside`` the cone while the others stay in it, where such a ``t`` exists: one
+    vectorised step where the loop of :func:`_step` costs a factorisation per column (33 s at 500 MNIST images)."""
+    slack, margin = signs * XW, signs * XH
+    violated = slack < 0
+    rises = margin > 0
+    need = torch.where(violated & rises, (inside - slack) / torch.where(rises, margin, 1.0), 0.0).amax(0)
+    falls = (margin < 0) & ~violated
+    room = torch.where(falls, slack / torch.where(falls, -margin, 1.0), math.inf).amin(0)
+    movable = violated.any(0) & ~(violated & ~rises).any(0) & (need <= room)
+    # only a small move: a direction nearly parallel to the violated samples' boundary moves the outputs far
+    movable &= need * XH.abs().amax(0) <= SHIFT_MAX * (inside - slack).amax(0)
+    t = torch.where(movable, need, 0.0)
+    return W + H * t, XW + XH * t
+
+
 def _step(
     X: Tensor, XQ: Tensor, gram: Tensor | None, signs: Tensor, active: Tensor, u: Tensor, inside: float
 ) -> Tensor:
@@ -89,16 +118,16 @@ def _step(
 
 
 def feasible_solution(
-    problem: ConvexProblem, solution: ConvexSolution, tol: float, constraint_tol: float
+    problem: ConvexProblem, solution: ConvexSolution, tol: float, directions: Tensor | None = None
 ) -> ConvexSolution:
-    """``solution`` when its point is feasible (violation ``≤ constraint_tol · max|Y|``); otherwise the solution at its
-    restored point (:func:`restore_feasibility`): that point's value and violation, and ``"optimal"`` kept only when the
-    relative gap from the restored value to the certified dual value is within ``tol`` (with the native stopping
-    rule's floor)."""
-    y_unit = float(problem.Y.abs().max()) or 1.0
-    if solution.gated or not math.isfinite(solution.value) or solution.violation <= constraint_tol * y_unit:
+    """``solution`` when its point is feasible (violation 0); otherwise the solution at its restored point
+    (:func:`restore_feasibility`): that point's value and violation, and ``"optimal"`` kept only when the relative gap
+    from the restored value to the certified dual value is within ``tol`` (with the native stopping rule's floor).
+    Even a violation within a solver's tolerance is moved away: such a point's value can lie below ``p*``, under the
+    certified lower bound, and would not bound ``p*`` from above. ``directions`` as in :func:`restore_feasibility`."""
+    if solution.gated or not math.isfinite(solution.value) or solution.violation <= 0.0:
         return solution
-    U, V, b0 = restore_feasibility(problem, solution.U, solution.V)
+    U, V, b0 = restore_feasibility(problem, solution.U, solution.V, directions)
     exact = problem.in_float64()
     value, violation = float(exact.objective(U, V, b0)), float(exact.violation(U, V))
     status = Status.of(solution.status)

@@ -24,6 +24,7 @@ from torch import Tensor
 from hcl.convex.build import problem_from_network
 from hcl.convex.feasibility import feasible_solution
 from hcl.convex.native import NativeOptions, planned_method, remap_warm_start
+from hcl.convex.native.options import default_tol
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
 from hcl.convex.solvers import choose_solver, get_solver
 from hcl.convex.status import STATUS_CODES, Status, relative_gap
@@ -205,12 +206,14 @@ def evaluate_snapshot(
             solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
         if not isinstance(solution, ConvexSolution):
             raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
-        # a point outside its cones (a solver allowed a loose constraint_tol) is moved into them: its value then
-        # bounds p* from above, and "optimal" stays only if the gap at that value is within the solver's tol
+        # a point outside its cones (by any amount: within a solver's tolerance its value can be below p*) is moved
+        # into them: its value then bounds p* from above, and "optimal" stays only if its gap is within the solver's tol
         seconds = time.perf_counter() - start  # the solve's own time, against its limit
-        solution = feasible_solution(problem, solution, check_tol(spec.solver_options), CHECK_TOL)
-        if chain is not None:
+        if chain is not None:  # the solver's own point and multipliers start the next solve
             chain.keep(problem, solution)
+        # the network's own neurons are points of their patterns' cones: the directions that move a point in cheaply
+        directions = (point[0] + point[1]).sum(-1).T if not spec.gated else None
+        solution = feasible_solution(problem, solution, check_tol(spec.solver_options, solution.solver), directions)
         return _measure(spec, snap, problem, point, solution, L, seconds, metrics, keep_solution)
     except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
         seconds = time.perf_counter() - start
@@ -268,7 +271,8 @@ class Bracket:
         optimum: the solver's value, only when its status is optimal (a certified gap) and no known value
             contradicts it; ``None`` otherwise.
         upper_bound: the smallest feasible value known: the solver's value when its point is feasible (violation
-            within the tolerance) and the given feasible value; ``p* ≤ upper_bound``. ``None`` when neither is known.
+            0; the monitors first move a point into its cones) and the given feasible value; ``p* ≤ upper_bound``.
+            ``None`` when neither is known.
         lower_bound: the solver's certified dual value, ``≤ p*``; ``None`` when it gives none. Never the primal value.
         refuted: why the solver's claim (an optimal status, or its dual value) was not believed; ``None`` when
             nothing contradicted it.
@@ -305,7 +309,9 @@ def bracket(
     def slack(v: float) -> float:
         return tol * max(problem.gap_floor, abs(v))
 
-    known = [v for v in (value if feasible else None, feasible_value) if v is not None and math.isfinite(v)]
+    # only an exactly feasible point's value bounds p* from above (within a tolerance it can lie below p*)
+    inside = feasible and solution.violation <= 0.0
+    known = [v for v in (value if inside else None, feasible_value) if v is not None and math.isfinite(v)]
     upper = min(known) if known else None
     dual = solution.dual_value
     lower = float(dual) if dual is not None and math.isfinite(dual) else None
@@ -331,7 +337,7 @@ def _measure(
     seconds: float, metrics: dict[str, float], keep_solution: bool,
 ) -> SolveOutcome:
     p, owner = spec.prefix, spec.owner
-    tol = check_tol(spec.solver_options)
+    tol = check_tol(spec.solver_options, solution.solver)
     # The network's own mapped point is feasible (for the gated relaxation too): its value is ≥ p*. The solver's point
     # counts as feasible only at the strict tolerance, whatever it was allowed: a looser one lets its value dip below
     # p*, so that it neither bounds p* from above nor is certified as the optimum
@@ -375,9 +381,13 @@ def _measure(
     return SolveOutcome(metrics, messages, solved)
 
 
-def check_tol(solver_options: dict) -> float:
-    """The relative slack of the consistency checks: ``CHECK_TOL``, or the solver's ``tol`` when it is looser."""
-    return max(CHECK_TOL, float(solver_options.get("tol", 0.0)))
+def check_tol(solver_options: dict, solver: str | None = None) -> float:
+    """The relative slack of the consistency checks: ``CHECK_TOL``, or the solver's ``tol`` when it is looser — the
+    one given, else the default of the native method that ran (``solver``, e.g. ``"native-admm"``)."""
+    tol = solver_options.get("tol")
+    if tol is None and solver is not None and solver.startswith("native-"):
+        tol = default_tol(solver.removeprefix("native-"))
+    return max(CHECK_TOL, float(tol or 0.0))
 
 
 def active_neurons(problem: ConvexProblem, solution: ConvexSolution) -> int:
