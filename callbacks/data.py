@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import IterableDataset, RandomSampler
+from torch.utils.data import DistributedSampler, IterableDataset, RandomSampler
 
 # The data descriptions already said, per trainer: several callbacks on the same data say it once.
 _SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -38,7 +38,8 @@ def training_data(
     """The inputs (and targets) a callback evaluates the network on.
 
     The ``probe``/``target`` the user gave, else the data module's full training set (``train_tensors()``, as in
-    :mod:`hcl.datamodules`), else one pass over the training dataloader. Under DDP a dataloader only yields this
+    :mod:`hcl.datamodules`), else one pass over the training dataloader. A shuffling sampler's or DDP's own
+    sampler's dataset is read whole, in its own order, on every rank; under DDP another sampler only yields this
     rank's shard, so the shards are gathered from all ranks (a collective: call this on every rank). ``max_samples``
     keeps the first ones. Says which (once per trainer and source, naming ``owner`` for a probe).
 
@@ -54,9 +55,11 @@ def training_data(
             X, Y = datamodule.train_tensors()
             source = f"the full training set of the data module {type(datamodule).__name__}"
         else:
-            X, Y, loader = _collect_dataloader(trainer)
+            X, Y, loader, whole = _collect_dataloader(trainer)
             source = "one pass over the training dataloader"
-            if trainer.world_size > 1:
+            if whole:
+                source += "'s dataset in its own order"
+            elif trainer.world_size > 1:
                 X = gather_rows(trainer, X)
                 Y = None if Y is None else gather_rows(trainer, Y)
                 source += f", gathered from {trainer.world_size} ranks"
@@ -130,7 +133,9 @@ def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
-def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, object]:
+def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, object, bool]:
+    """The loader's inputs and targets, the loader, and whether they are its whole dataset read in order
+    (:func:`_reads_dataset`: then every rank has them all, and nothing is gathered)."""
     loader = trainer.train_dataloader
     if loader is None:
         trainer.fit_loop.setup_data()
@@ -152,24 +157,35 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
             )
     if not xs:
         raise ValueError("the training dataloader is empty")
+    whole = _reads_dataset(loader)
     if len(xs) == 1:
         # One batch (full-batch training): keep its tensors, so that a callback can recognise them in a training step.
-        return xs[0], (ys[0] if ys else None), loader
+        return xs[0], (ys[0] if ys else None), loader, whole
     try:
-        return torch.cat(xs), (torch.cat(ys) if ys else None), loader
+        return torch.cat(xs), (torch.cat(ys) if ys else None), loader, whole
     except RuntimeError as err:
         raise ValueError(f"the training batches cannot be stacked into one data set ({err}): pass probe=") from err
 
 
 
-def _batches(loader: object) -> Iterator[object]:
-    """One pass over ``loader``'s batches, with the random generators left as they were; a shuffling loader's
-    dataset in its own order instead (its batches collated as the loader collates them)."""
+def _reads_dataset(loader: object) -> bool:
+    """Whether :func:`_batches` reads ``loader``'s dataset itself, in its own order: for a shuffling sampler (a row
+    order that changes with the epoch would make every pattern look changed) and for DDP's plain sampler over the
+    whole dataset (rank-interleaved shards, padded with repeats, whose order changes with the number of processes)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
     sampler = getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
     dataset = getattr(loader, "dataset", None)
+    # exact types: a subclass (Lightning's wrapper of a custom sampler) may cover part of the dataset
+    return type(sampler) in (RandomSampler, DistributedSampler) and not isinstance(dataset, IterableDataset)
+
+
+def _batches(loader: object) -> Iterator[object]:
+    """One pass over ``loader``'s batches, with the random generators left as they were; the dataset in its own order
+    instead where :func:`_reads_dataset` (its batches collated as the loader collates them)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    dataset = getattr(loader, "dataset", None)
     with _generators_kept():
-        if type(sampler) is RandomSampler and not isinstance(dataset, IterableDataset):
+        if _reads_dataset(loader):
             size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", None) or 1
             total = len(dataset)
             for lo in range(0, total, size):

@@ -9,9 +9,9 @@ steps the monitor snapshots the patterns of all neurons and logs how many are di
 dead, how many neurons changed pattern since the previous snapshot and how many patterns were never seen before
 in the run.
 
-Under DDP every rank computes the same patterns (the data is gathered from all ranks when it comes from a plain
-dataloader) and rank zero logs them; the pattern history is part of the checkpoint, so a resumed run continues
-``patterns/new`` and ``patterns/changed`` where it stopped.
+Under DDP every rank computes the same patterns (on the same rows, in the same order, whatever the number of
+processes: :func:`hcl.callbacks.data.training_data`) and rank zero logs them; the pattern history is part of the
+checkpoint, so a resumed run continues ``patterns/new`` and ``patterns/changed`` where it stopped.
 """
 
 from __future__ import annotations
