@@ -36,6 +36,7 @@ from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.logs import log_scalars
 from hcl.convex import check_solver_options, global_lower_bound, solve
 from hcl.convex.build import all_patterns_problem
+from hcl.convex.cvxpy_solver import ConvexSolveError
 from hcl.convex.feasibility import feasible_solution
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias, fold_weights, network_objective
 from hcl.convex.snapshot import CHECK_TOL, bracket, check_tol
@@ -73,7 +74,8 @@ class GlobalOptimumMonitor(StackCallback):
 
     The bias is detected in both forms: the hidden layer's own bias, or a column of ones in the data. ``λ`` and
     the reduction: the callback's arguments when given, else the model's ``weight_decay`` / ``reduction`` attributes
-    (as :class:`hcl.TwoLayerReLU` has), else ``λ = 0`` and ``"mean"`` with a warning.
+    (as :class:`hcl.TwoLayerReLU` has), else ``λ = wd / 2`` from the optimizer's coupled ``weight_decay`` (an info
+    line says so; AdamW's decoupled decay is left out with a warning), else ``λ = 0``, and ``"mean"`` with a warning.
 
     Args:
         every_n_steps: logging period in global steps.
@@ -235,7 +237,11 @@ class GlobalOptimumMonitor(StackCallback):
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # solver chatter; a bad status raises below
-            solution = solve(self.problem, self.solver, **self.solver_options)
+            try:
+                solution = solve(self.problem, self.solver, **self.solver_options)
+            except ConvexSolveError as error:  # a solver limit, or no solution: the same one-line error as below
+                raise ValueError(f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} "
+                                 f"patterns) was not solved: {error}") from error
         solution.solve_seconds = time.perf_counter() - start
         if not solution.ok:
             raise ValueError(

@@ -240,6 +240,7 @@ class ConvexReLU(pl.LightningModule):
 
         data_loss = scale * mapped_sum
         self.log("step", float(step), on_step=True, on_epoch=False)
+        self.log("epoch", float(self.current_epoch), on_step=True, on_epoch=False)  # carried back after ddp_spawn
         self.log("train/data_loss", data_loss, on_step=True, on_epoch=False)
         self.log("train/penalty", penalty, on_step=True, on_epoch=False)
         self.log("train/objective", data_loss + penalty, on_step=True, on_epoch=False, prog_bar=True)

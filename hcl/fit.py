@@ -179,12 +179,14 @@ def _build_cli(args: ArgsType, parser_kwargs: dict[str, Any]) -> HCLCLI:
 def _carry_spawned_step(trainer: pl.Trainer) -> None:
     """After training in spawned processes (``ddp_spawn``), set this process's log step to where they stopped.
 
-    Lightning brings the weights and the logged values back, not the loops' counters: the test would log at step 0.
-    The models log ``step`` (the global step) at every training step: the last one, plus one.
+    Lightning brings the weights and the logged values back, not the loops' counters: the test would log at step 0
+    and epoch 0. The models log ``step`` and ``epoch`` at every training step: the last ones, plus one.
     """
-    step = trainer.callback_metrics.get("step")
+    step, epoch = trainer.callback_metrics.get("step"), trainer.callback_metrics.get("epoch")
     if trainer.global_step == 0 and step is not None:
         trainer.fit_loop.epoch_loop._batches_that_stepped = int(step) + 1
+        if epoch is not None and trainer.current_epoch == 0:
+            trainer.fit_loop.epoch_progress.current.completed = int(epoch) + 1
 
 
 def _has_test_set(datamodule: pl.LightningDataModule | None) -> bool:

@@ -201,6 +201,7 @@ class TwoLayerReLU(pl.LightningModule):
             # ahead after resuming from an end-of-epoch checkpoint (every checkpoint of full-batch training), which
             # would leave a hole in the series and shift it against the callbacks'.
             self.log("step", float(self.global_step), on_step=True, on_epoch=False)
+            self.log("epoch", float(self.current_epoch), on_step=True, on_epoch=False)  # carried back after ddp_spawn
         self.log(f"{stage}/data_loss", data_loss, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
         self.log(f"{stage}/penalty", penalty, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
         self.log(f"{stage}/objective", data_loss.detach() + penalty.detach(), on_step=on_step,

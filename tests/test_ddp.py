@@ -84,6 +84,7 @@ def test_cli_ddp_spawn_matches_one_process_with_reduction_sum(tmp_path):
     assert [s for s, _ in two["convex/optimum"]] == [0, 2, 4]
     # the test after training, at the step it ended at: the spawned processes' step, not the main process's 0
     assert [s for s, _ in two["test/objective"]] == [s for s, _ in one["test/objective"]] == [6]
+    assert two["epoch"] == one["epoch"]  # the spawned processes' epoch too, at every step and at the test
     assert two["test/objective"][0][1] == pytest.approx(one["test/objective"][0][1], rel=1e-4)
     # load_solution: every rank loaded the broadcast solution, or the gathered objective would drift from one process.
     loaded_step = dict(two["train/objective"])[2]
