@@ -63,7 +63,9 @@ class StackCallback(Callback):
             targets is refused.
         resolves_objective: the callback evaluates the squared-loss objective: ``setup`` refuses another loss and
             ``on_train_start`` resolves ``λ`` and the reduction (``_lambda``, ``_reduction``).
-        state_key_fields: the constructor arguments that tell two instances apart in a checkpoint.
+        state_key_fields: the constructor arguments that tell two instances apart in a checkpoint (not the period,
+            which may change at a resume: twins with the same tags are refused anyway).
+        legacy_state_key_fields: the fields of the keys of earlier checkpoints, which still load.
 
     Args:
         every_n_steps: period in global steps (steps ``0, k, 2k, …``).
@@ -85,7 +87,8 @@ class StackCallback(Callback):
 
     needs_target: ClassVar[bool] = True
     resolves_objective: ClassVar[bool] = True
-    state_key_fields: ClassVar[tuple[str, ...]] = ("prefix", "every_n_steps")
+    state_key_fields: ClassVar[tuple[str, ...]] = ("prefix",)
+    legacy_state_key_fields: ClassVar[tuple[str, ...]] = ("prefix", "every_n_steps")
 
     def __init__(
         self,
@@ -128,6 +131,12 @@ class StackCallback(Callback):
         if self._state_key is None:
             self._state_key = self._generate_state_key(**{name: getattr(self, name) for name in self.state_key_fields})
         return self._state_key
+
+    @property
+    @override
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # Lightning's fallback when a checkpoint has no state under state_key: the key with the period in it
+        return self._generate_state_key(**{name: getattr(self, name) for name in self.legacy_state_key_fields})
 
     def should_run(self, step: int) -> bool:
         """Whether to act at global step ``step``: by default every ``every_n_steps`` steps from step 0.

@@ -101,7 +101,14 @@ class HCLCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             kwargs["callbacks"] = [*callbacks, StepProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if config.get("logger") in (None, True):
+            # Lightning's default TensorBoard logger writes hp_metric = −1 at step 0 at every fit and test: a tag
+            # that says nothing, and one more record at step 0 per resume
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger) and hasattr(logger, "_default_hp_metric"):
+                    logger._default_hp_metric = False
+        return trainer
 
 
 def main(args: ArgsType = None) -> HCLCLI:
@@ -141,6 +148,8 @@ def main(args: ArgsType = None) -> HCLCLI:
     if cli.config.get("optimizer") is not None and cli.trainer.is_global_zero:
         print(f"hcl: --optimizer replaces the model's own: model.optimizer={cli.model.hparams.optimizer!r} and "
               "model.lr are not used", file=sys.stderr)
+    if cli.config.ckpt_path == "last":
+        cli.config.ckpt_path = _last_checkpoint(cli.trainer)
     if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).is_file():  # Lightning names a missing one
         try:
             check_resumable(read_checkpoint(cli.config.ckpt_path, "--ckpt_path"), cli.model, "--ckpt_path")
@@ -307,6 +316,22 @@ def _remove_log_dirs(folders: list[Path]) -> None:
     for folder in folders:  # the run folder before its parent
         if folder.is_dir() and (folder.name.startswith("version_") or not any(folder.iterdir())):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _last_checkpoint(trainer: pl.Trainer) -> str:
+    """``--ckpt_path=last``: the newest checkpoint of the TensorBoard logger's runs (``<root>/<version>/checkpoints/``).
+
+    Lightning looks in the new run's own folder only, which is empty, and trains from step 0 with a warning.
+    """
+    roots = [Path(logger.root_dir) for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    found = [path for root in roots for path in root.glob("*/checkpoints/*.ckpt") if path.is_file()]
+    if not found:
+        _fail(FileNotFoundError(f"--ckpt_path=last: no checkpoint under {', '.join(map(str, roots)) or 'any logger'}"
+                                "/*/checkpoints/: name one, or train first"))
+    newest = max(found, key=lambda path: path.stat().st_mtime)
+    if trainer.is_global_zero:
+        print(f"hcl: --ckpt_path=last is {newest}", file=sys.stderr)
+    return str(newest)
 
 
 def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:

@@ -184,6 +184,16 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_before_training(tm
     assert not (tmp_path / "lightning_logs").exists()
 
 
+def test_ckpt_path_last_without_any_checkpoint_is_one_line(tmp_path, capsys):
+    # Lightning looked in the new run's empty folder only, and trained from step 0 after a misleading hint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--trainer.max_steps=2", "--ckpt_path=last", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "--ckpt_path=last: no checkpoint under" in errors[0], errors
+
+
 def test_hcl_traceback_shows_the_original_error(monkeypatch):
     monkeypatch.setenv("HCL_TRACEBACK", "1")
     with pytest.raises(ValueError, match="hidden must be a positive integer"):

@@ -70,10 +70,11 @@ def test_a_killed_run_resumed_through_the_cli_has_every_step_once(tmp_path):
     checkpoints = sorted(run_dir.glob("checkpoints/*.ckpt"))
     assert len(checkpoints) == 1
     assert torch.load(checkpoints[0], weights_only=False)["global_step"] == KILL_AT  # the last full step
-    _cli(root, f"--ckpt_path={checkpoints[0]}")
+    _cli(root, "--ckpt_path=last")  # the newest checkpoint of the logger's runs: the one above
 
     assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]  # the same run continues
     raw = read_scalars(run_dir)
+    assert "hp_metric" not in raw  # Lightning's placeholder, written again at step 0 by every fit
     assert [s for s, _ in raw["patterns/unique"]].count(KILL_AT) == 2  # step 6 was logged by both runs ...
     resumed = _tensorboard_view(run_dir)  # ... and TensorBoard keeps the resumed run's only
     for tag in TAGS:
