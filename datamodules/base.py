@@ -11,6 +11,7 @@ full-batch step costs no host-to-device copy. Under DDP each rank trains on ``X[
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -19,6 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from hcl.checks import is_int
+
+# A data module without a validation or test split returns [] (no loop) on purpose: Lightning's "zero length" warning
+# about that list was printed at the start of every run
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 _SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
