@@ -58,7 +58,7 @@ def training_data(
             X, Y, loader, whole = _collect_dataloader(trainer)
             source = "one pass over the training dataloader"
             if whole:
-                source += "'s dataset in its own order"
+                source += "'s dataset, whole on every rank"
             elif trainer.world_size > 1:
                 X = gather_rows(trainer, X)
                 Y = None if Y is None else gather_rows(trainer, Y)
@@ -135,7 +135,7 @@ def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
 
 def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, object, bool]:
     """The loader's inputs and targets, the loader, and whether they are its whole dataset read in order
-    (:func:`_reads_dataset`: then every rank has them all, and nothing is gathered)."""
+    on every rank (:func:`_whole_on_every_rank`: then nothing is gathered)."""
     loader = trainer.train_dataloader
     if loader is None:
         trainer.fit_loop.setup_data()
@@ -157,7 +157,7 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
             )
     if not xs:
         raise ValueError("the training dataloader is empty")
-    whole = _reads_dataset(loader)
+    whole = _whole_on_every_rank(loader, trainer.world_size)
     if len(xs) == 1:
         # One batch (full-batch training): keep its tensors, so that a callback can recognise them in a training step.
         return xs[0], (ys[0] if ys else None), loader, whole
@@ -168,15 +168,25 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
 
 
 
+def _sampler(loader: object) -> object:
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
+
+
 def _reads_dataset(loader: object) -> bool:
     """Whether :func:`_batches` reads ``loader``'s dataset itself, in its own order: for a shuffling sampler (a row
-    order that changes with the epoch would make every pattern look changed) and for DDP's plain sampler over the
-    whole dataset (rank-interleaved shards, padded with repeats, whose order changes with the number of processes)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    sampler = getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
-    dataset = getattr(loader, "dataset", None)
+    order that changes with the epoch would make every pattern look changed) and for a distributed one
+    (rank-interleaved, padded with repeats: an order that changes with the number of processes)."""
     # exact types: a subclass (Lightning's wrapper of a custom sampler) may cover part of the dataset
-    return type(sampler) in (RandomSampler, DistributedSampler) and not isinstance(dataset, IterableDataset)
+    return type(_sampler(loader)) in (RandomSampler, DistributedSampler) and not isinstance(
+        getattr(loader, "dataset", None), IterableDataset)
+
+
+def _whole_on_every_rank(loader: object, world_size: int) -> bool:
+    """Whether that read gives every rank the whole dataset: DDP's own sampler, which shards the dataset over the
+    ranks (one over a single replica is a dataset sharded beforehand, whose ranks' parts are gathered)."""
+    sampler = _sampler(loader)
+    return _reads_dataset(loader) and type(sampler) is DistributedSampler and sampler.num_replicas == world_size > 1
 
 
 def _batches(loader: object) -> Iterator[object]:

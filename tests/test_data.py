@@ -75,6 +75,21 @@ def test_a_distributed_samplers_shard_is_read_as_the_whole_dataset_in_its_order(
     assert torch.equal(X_read, X) and torch.equal(y_read, y)
 
 
+def test_a_dataset_sharded_beforehand_is_read_in_order_and_gathered(monkeypatch):
+    # a single-replica sampler under DDP: each rank holds its own part, which the others need
+    from torch.utils.data import DistributedSampler
+
+    import hcl.callbacks.data as data_module
+
+    X, y = _data(n=6)
+    dataset = TensorDataset(X, y)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True)
+    trainer = _fake_trainer(DataLoader(dataset, batch_size=4, sampler=sampler), world_size=2)
+    monkeypatch.setattr(data_module, "gather_rows", lambda trainer, tensor: torch.cat([tensor, -tensor]))
+    X_read, y_read = training_data(trainer)
+    assert torch.equal(X_read, torch.cat([X, -X])) and torch.equal(y_read, torch.cat([y, -y]))
+
+
 def test_a_dataloader_not_set_up_yet_is_set_up_first():
     X, y = _data(n=10)
     trainer = _fake_trainer(pending=DataLoader(TensorDataset(X, y), batch_size=3))
