@@ -308,6 +308,7 @@ class TensorDataModule(pl.LightningDataModule):
             return DataLoader(dataset, batch_size=self.batch_size)
         # A single-replica DistributedSampler: Lightning leaves it in place under DDP (any other sampler
         # would be wrapped and shard the already sharded data again) and calls its set_epoch, so the
-        # order depends only on the seed and the epoch, also after resuming from a checkpoint.
+        # order depends only on the seed and the epoch, also after resuming from an end-of-epoch checkpoint (inside an
+        # epoch Lightning replays it from its first batch: docs/reliability.md).
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
