@@ -33,21 +33,20 @@ class InputLayout:
 
     Attributes:
         x_column: the column holding ``x``.
-        ones_column: the data column of ones that carries the bias, or ``None`` when only the first layer's own
-            bias does.
+        ones_columns: the data columns of ones, which carry the bias (their weights add up); empty when only the
+            first layer's own bias does.
         width: the hidden layer's ``in_features``.
     """
 
     x_column: int
-    ones_column: int | None
+    ones_columns: tuple[int, ...]
     width: int
 
     def inputs(self, x: Tensor) -> Tensor:
         """``(k, width)`` network inputs for the 1-D points ``x`` (the ones column filled in)."""
         X = torch.zeros(x.shape[0], self.width, dtype=x.dtype, device=x.device)
         X[:, self.x_column] = x
-        if self.ones_column is not None:
-            X[:, self.ones_column] = 1.0
+        X[:, list(self.ones_columns)] = 1.0
         return X
 
 
@@ -93,7 +92,7 @@ def input_layout(X: Tensor, has_bias: bool) -> InputLayout:
             "the activation-point picture needs a bias: a first-layer bias (bias=True) or a data column of ones "
             "(e.g. SyntheticRegression(append_ones=True)); without one every activation point is 0"
         )
-    return InputLayout(x_column=others[0], ones_column=ones[0] if ones else None, width=X.shape[1])
+    return InputLayout(x_column=others[0], ones_columns=tuple(ones), width=X.shape[1])
 
 
 def neuron_markers(
@@ -111,8 +110,8 @@ def neuron_markers(
     offset = torch.zeros_like(slope_in)
     if bias is not None:
         offset = offset + bias.to(slope_in)
-    if layout.ones_column is not None:
-        offset = offset + weight[:, layout.ones_column]
+    if layout.ones_columns:  # every column of ones adds its weight to the neuron's offset
+        offset = offset + weight[:, list(layout.ones_columns)].sum(1)
     alpha = output_weight.reshape(-1).to(slope_in)
     with torch.no_grad():
         position = -offset / slope_in

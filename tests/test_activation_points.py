@@ -36,9 +36,14 @@ def _images(log_dir, tag):
 def test_input_layout_finds_x_and_the_ones_in_any_order():
     x = torch.linspace(-1, 1, 5, dtype=torch.float64).reshape(-1, 1)
     ones = torch.ones_like(x)
-    assert input_layout(torch.cat([x, ones], 1), has_bias=False) == InputLayout(0, 1, 2)
-    assert input_layout(torch.cat([ones, x], 1), has_bias=False) == InputLayout(1, 0, 2)
-    assert input_layout(x, has_bias=True) == InputLayout(0, None, 1)
+    assert input_layout(torch.cat([x, ones], 1), has_bias=False) == InputLayout(0, (1,), 2)
+    assert input_layout(torch.cat([ones, x], 1), has_bias=False) == InputLayout(1, (0,), 2)
+    assert input_layout(x, has_bias=True) == InputLayout(0, (), 1)
+    # two columns of ones: both weights are the neuron's offset (the second one's was left out)
+    layout = input_layout(torch.cat([x, ones, ones], 1), has_bias=False)
+    assert layout == InputLayout(0, (1, 2), 3)
+    weight, output = torch.tensor([[1.0, 0.5, 0.5]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    assert float(neuron_markers(weight, None, output, layout).position) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="needs a bias"):
         input_layout(x, has_bias=False)
     with pytest.raises(ValueError, match="1-D data"):
@@ -52,11 +57,11 @@ def test_markers_sit_where_each_neuron_switches_on_and_measure_its_slope(with_bi
     if with_bias:
         weight = torch.randn(m, 1, generator=generator, dtype=torch.float64)
         bias = torch.randn(m, generator=generator, dtype=torch.float64)
-        layout = InputLayout(0, None, 1)
+        layout = InputLayout(0, (), 1)
     else:  # the seed's layout: a column of ones, placed first here
         weight = torch.randn(m, 2, generator=generator, dtype=torch.float64)
         bias = None
-        layout = InputLayout(1, 0, 2)
+        layout = InputLayout(1, (0,), 2)
     alpha = torch.randn(1, m, generator=generator, dtype=torch.float64)
     markers = neuron_markers(weight, bias, alpha, layout)
 
@@ -82,7 +87,7 @@ def test_markers_sit_where_each_neuron_switches_on_and_measure_its_slope(with_bi
 def test_curve_and_frame_are_the_networks_output_and_markers():
     generator = torch.Generator().manual_seed(1)
     model = TwoLayerReLU(in_features=2, hidden=5, output_bias=True).double()
-    layout = InputLayout(0, 1, 2)  # x first, then the ones column
+    layout = InputLayout(0, (1,), 2)  # x first, then the ones column
     grid = torch.linspace(-1.5, 1.5, 31, dtype=torch.float64)
     weight, output_weight = model.hidden_layer.weight.detach(), model.output_layer.weight.detach()
     output_bias = model.output_layer.bias.detach() + torch.randn(1, generator=generator, dtype=torch.float64)
