@@ -63,12 +63,14 @@ class GlobalOptimumMonitor(StackCallback):
     - ``<prefix>/global_max_gap``: ``L(network) − global_lower_bound``, never negative: the network is at most that
       far above the global minimum.
 
-    The number of enumerated patterns, the number of neurons the solution needs (its nonzero blocks), the solve time
+    The number of enumerated patterns, the number of neurons of the solver's solution (its nonzero blocks: an optimum
+    with fewer may exist, and one with at most ``n c + 1`` does), the solve time
     and the solver's status are logged once, at the first logged step (``<prefix>/global_patterns``,
     ``<prefix>/global_neurons``, ``<prefix>/global_solve_seconds``, ``<prefix>/global_status``), and stay readable as
     attributes (:attr:`optimum` — ``None`` when not certified —, :attr:`lower_bound`, :attr:`upper_bound`,
     :attr:`num_patterns`, :attr:`num_neurons`, :attr:`problem`, :attr:`solution`). A network narrower than
-    ``num_neurons`` may not reach ``p*_all`` (a warning says so when ``λ > 0``); it remains a lower bound. With
+    ``min(num_neurons, n c + 1)`` may not reach ``p*_all`` (a warning says so when ``λ > 0``); it remains a lower
+    bound. With
     ``λ = 0`` the optimum is usually not unique and ``num_neurons`` counts the blocks of the solver's solution, not
     the fewest needed.
 
@@ -180,10 +182,13 @@ class GlobalOptimumMonitor(StackCallback):
             return
         self._solve_once()
         width = self._stack.hidden.out_features
-        if self._lambda > 0 and width < self.num_neurons:
+        # some optimum has at most n·c + 1 neurons (Carathéodory); the solver's may have more, and fewer may do
+        enough = min(self.num_neurons, self.problem.n * self.problem.c + 1)
+        if self._lambda > 0 and width < enough:
             rank_zero_warn(
-                f"{type(self).__name__}: the global optimum needs {self.num_neurons} neurons but the network has "
-                f"{width}; p*_all ≈ {self.solution.value:.6g} is then a lower bound that it may not reach"
+                f"{type(self).__name__}: the solver's global optimum uses {self.num_neurons} neurons (some optimum has "
+                f"at most {self.problem.n * self.problem.c + 1}; one with fewer may exist) and the network has "
+                f"{width}: p*_all ≈ {self.solution.value:.6g} is a lower bound that it may not reach"
             )
 
     @override

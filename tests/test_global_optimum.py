@@ -298,3 +298,26 @@ def test_bad_arguments_are_refused_early():
         GlobalOptimumMonitor(prefix="a/b")
     with pytest.raises(ValueError, match="together"):
         GlobalOptimumMonitor(probe=torch.zeros(3, 2))
+
+
+def test_the_width_warning_counts_the_neurons_some_optimum_needs_at_most(make_trainer):
+    """The solver's optimum spreads over more blocks than an optimum needs (n + 1 neurons always suffice): a network of
+    n + 1 neurons is not warned about, one narrower than both counts is."""
+    import warnings
+
+    from hcl.datamodules.base import TensorDataModule
+
+    torch.manual_seed(0)
+    n = 8
+    X, y = torch.randn(n, 1), torch.randn(n, 1)
+    said = {}
+    for width in (n + 1, 2):
+        model = TwoLayerReLU(in_features=1, hidden=width, bias=True, weight_decay=0.01, lr=0.02)
+        monitor = GlobalOptimumMonitor(every_n_steps=10, solver="clarabel")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer([monitor], max_steps=1, logger=False).fit(model, datamodule=TensorDataModule(train=(X, y)))
+        said[width] = [str(w.message) for w in caught if "neurons" in str(w.message)]
+    assert monitor.num_neurons > n + 1  # the solver's solution has more blocks than an optimum needs
+    assert said[n + 1] == []
+    assert len(said[2]) == 1 and f"at most {n + 1}" in said[2][0]
