@@ -78,8 +78,7 @@ class ActivationPointPlot(StackCallback):
     """
 
     resolves_objective = False  # read leniently from the model: a picture needs no exact objective
-    state_key_fields = ("tag",)
-    legacy_state_key_fields = ("tag", "every_n_steps")
+    state_key_fields = ("tag", "every_n_steps")
 
     def __init__(
         self,

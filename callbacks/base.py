@@ -8,6 +8,7 @@ What every hcl callback shares: it watches the ``Linear → ReLU → Linear`` st
 
 from __future__ import annotations
 
+import ast
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -63,9 +64,9 @@ class StackCallback(Callback):
             targets is refused.
         resolves_objective: the callback evaluates the squared-loss objective: ``setup`` refuses another loss and
             ``on_train_start`` resolves ``λ`` and the reduction (``_lambda``, ``_reduction``).
-        state_key_fields: the constructor arguments that tell two instances apart in a checkpoint (not the period,
-            which may change at a resume: twins with the same tags are refused anyway).
-        legacy_state_key_fields: the fields of the keys of earlier checkpoints, which still load.
+        state_key_fields: the constructor arguments that tell two instances apart in a checkpoint (the period too,
+            so that Lightning lets twins reach this class's refusal; a resume with another period still finds its
+            state: :meth:`on_load_checkpoint`).
 
     Args:
         every_n_steps: period in global steps (steps ``0, k, 2k, …``).
@@ -87,8 +88,7 @@ class StackCallback(Callback):
 
     needs_target: ClassVar[bool] = True
     resolves_objective: ClassVar[bool] = True
-    state_key_fields: ClassVar[tuple[str, ...]] = ("prefix",)
-    legacy_state_key_fields: ClassVar[tuple[str, ...]] = ("prefix", "every_n_steps")
+    state_key_fields: ClassVar[tuple[str, ...]] = ("prefix", "every_n_steps")
 
     def __init__(
         self,
@@ -132,11 +132,19 @@ class StackCallback(Callback):
             self._state_key = self._generate_state_key(**{name: getattr(self, name) for name in self.state_key_fields})
         return self._state_key
 
-    @property
     @override
-    def _legacy_state_key(self) -> str:  # type: ignore[override]
-        # Lightning's fallback when a checkpoint has no state under state_key: the key with the period in it
-        return self._generate_state_key(**{name: getattr(self, name) for name in self.legacy_state_key_fields})
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict) -> None:
+        # A resume with another every_n_steps: the state this callback saved under the period it had then (Lightning
+        # loads states after this hook, by key). The pattern history does not depend on the period.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        mine = {name: getattr(self, name) for name in self.state_key_fields if name != "every_n_steps"}
+        for key, state in list(states.items()):
+            fields = _key_fields(key, type(self).__qualname__)
+            if fields is not None and {k: v for k, v in fields.items() if k != "every_n_steps"} == mine:
+                states[self.state_key] = state
+                return
 
     def should_run(self, step: int) -> bool:
         """Whether to act at global step ``step``: by default every ``every_n_steps`` steps from step 0.
@@ -385,3 +393,14 @@ def resolve_objective(
     lam = check_weight_decay(lam, "the model's weight_decay (λ)")
     red = check_reduction(red or "mean", "the model's reduction")
     return lam, red
+
+
+def _key_fields(key: object, name: str) -> dict | None:
+    """The fields of a state key ``name{...}`` (:meth:`Callback._generate_state_key`), or ``None`` for another's."""
+    if not isinstance(key, str) or not key.startswith(name + "{"):
+        return None
+    try:
+        fields = ast.literal_eval(key[len(name):])
+    except (ValueError, SyntaxError):
+        return None
+    return fields if isinstance(fields, dict) else None

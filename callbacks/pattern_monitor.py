@@ -69,8 +69,7 @@ class PatternMonitor(StackCallback):
 
     needs_target = False
     resolves_objective = False
-    state_key_fields = ("layer",)
-    legacy_state_key_fields = ("every_n_steps", "layer")
+    state_key_fields = ("every_n_steps", "layer")
 
     def __init__(
         self,

@@ -367,28 +367,33 @@ def test_a_step_is_acted_at_once_and_that_is_saved(make_trainer):
     assert restored.due_step(SimpleNamespace(global_step=6)) is None
     assert restored.due_step(SimpleNamespace(global_step=9)) == 9
 
-    instances = [ConvexGapMonitor(), ConvexGapMonitor(prefix="other"), PatternMonitor(), PatternMonitor(layer="net.0")]
+    instances = [ConvexGapMonitor(), ConvexGapMonitor(prefix="other"), ConvexGapMonitor(every_n_steps=2),
+                 PatternMonitor(), PatternMonitor(layer="net.0")]
     assert len({cb.state_key for cb in instances}) == len(instances)
-    assert ConvexGapMonitor().state_key == "ConvexGapMonitor{'prefix': 'convex'}"
+    assert ConvexGapMonitor().state_key == "ConvexGapMonitor{'prefix': 'convex', 'every_n_steps': 1}"
 
 
-def test_a_new_period_at_a_resume_keeps_the_state_and_earlier_checkpoints_load():
-    """The period is not part of the checkpoint key (a resume with another every_n_steps had dropped the pattern
-    history); a checkpoint written with the period in its key loads into a callback of that period."""
+def test_a_new_period_at_a_resume_keeps_the_state():
+    """A resume with another every_n_steps finds the state saved under the old period's key (the pattern history was
+    dropped); another prefix's or layer's state is not taken."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.trainer.call import _call_callbacks_load_state_dict
+    from lightning.pytorch.trainer.call import _call_callbacks_load_state_dict, _call_callbacks_on_load_checkpoint
 
-    for old, new, earlier_key in (
-        (PatternMonitor(every_n_steps=1), PatternMonitor(every_n_steps=2),
-         "PatternMonitor{'every_n_steps': 1, 'layer': None}"),
-        (ConvexGapMonitor(every_n_steps=1), ConvexGapMonitor(every_n_steps=5),
-         "ConvexGapMonitor{'prefix': 'convex', 'every_n_steps': 1}"),
+    def resume(callback, states):
+        from lightning.pytorch.profilers import PassThroughProfiler
+
+        trainer = SimpleNamespace(callbacks=[callback], lightning_module=None, profiler=PassThroughProfiler())
+        checkpoint = {"callbacks": states, "pytorch-lightning_version": "2.5.0"}
+        _call_callbacks_on_load_checkpoint(trainer, checkpoint)
+        _call_callbacks_load_state_dict(trainer, checkpoint)
+
+    for old, new, other in (
+        (PatternMonitor(every_n_steps=1), PatternMonitor(every_n_steps=2), PatternMonitor(layer="net.0")),
+        (ConvexGapMonitor(every_n_steps=1), ConvexGapMonitor(every_n_steps=5), ConvexGapMonitor(prefix="other")),
     ):
         old.last_step = 7
-        saved = old.state_dict()
-        _call_callbacks_load_state_dict(SimpleNamespace(callbacks=[new]), {"callbacks": {old.state_key: saved}})
+        resume(new, {old.state_key: old.state_dict()})
         assert new.last_step == 7
-        again = type(old)(every_n_steps=old.every_n_steps)
-        _call_callbacks_load_state_dict(SimpleNamespace(callbacks=[again]), {"callbacks": {earlier_key: saved}})
-        assert again.last_step == 7
+        resume(other, {old.state_key: old.state_dict()})
+        assert other.last_step != 7
