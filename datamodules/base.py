@@ -45,6 +45,39 @@ class _FullBatch(Dataset):
         return self.inputs, self.targets
 
 
+class _EpochSampler(DistributedSampler):
+    """The shuffling sampler of a training loader, which can start its next epoch after its first ``skip`` samples."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class _ResumableLoader(DataLoader):
+    """A training loader Lightning resumes inside an epoch (``state_dict``/``load_state_dict``): without one it replays
+    the epoch from its first batch, and the resumed run trains on other batches than the uninterrupted one.
+
+    Its state is the number of batches training took in the epoch (``taken``, from the trainer: the loader's own
+    iterator runs a batch ahead); at the end of an epoch there is nothing to skip.
+    """
+
+    def __init__(self, *args, taken, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken = taken
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.taken()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        batches = int(state.get("batches", 0)) % len(self)
+        self.sampler.skip = batches * self.batch_size
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
     """Map ``"float32"`` / ``"float64"`` to the torch dtype, with a clear error for anything else."""
     if dtype not in DTYPES:
@@ -308,7 +341,12 @@ class TensorDataModule(pl.LightningDataModule):
             return DataLoader(dataset, batch_size=self.batch_size)
         # A single-replica DistributedSampler: Lightning leaves it in place under DDP (any other sampler
         # would be wrapped and shard the already sharded data again) and calls its set_epoch, so the
-        # order depends only on the seed and the epoch, also after resuming from an end-of-epoch checkpoint (inside an
-        # epoch Lightning replays it from its first batch: docs/reliability.md).
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+        # order depends only on the seed and the epoch, also after resuming from a checkpoint (inside an epoch too:
+        # the loader's state is the batches training took, which the resumed epoch skips).
+        sampler = _EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
+        return _ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, taken=self._batches_taken)
+
+    def _batches_taken(self) -> int:
+        """The training batches of the current epoch the fit loop has taken (not the ones fetched ahead)."""
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
