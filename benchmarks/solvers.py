@@ -45,7 +45,7 @@ import torch
 
 from hcl.convex import choose_solver, solve
 from hcl.convex.build import problem_from_network
-from hcl.convex.cvxpy_solver import solve_cvxpy
+from hcl.convex.cvxpy_solver import OWN_DEFAULTS, solve_cvxpy
 from hcl.convex.native import newton, remap_warm_start, solve_native
 from hcl.convex.native.newton import FLOAT32_SCHUR_ABOVE, schur_panels
 from hcl.convex.problem import ConvexProblem, fold_bias
@@ -99,7 +99,7 @@ def trained_snapshots(n: int, d: int, P: int, steps: int = 300, seed: int = 0):
 def _child(problem, name, pipe):
     torch.set_num_threads(1)
     try:
-        solution = solve_cvxpy(problem, name)
+        solution = solve_cvxpy(problem, name, **OWN_DEFAULTS.get(name, {}))  # as cvxpy ships it
         pipe.send((solution.value, solution.solve_seconds, solution.status))
     except Exception as error:  # noqa: BLE001 - reported in the table
         pipe.send((None, None, f"failed: {type(error).__name__}"))
@@ -334,7 +334,8 @@ def iteration_counts(args) -> None:
     for n, d, P in COUNT_SIZES:
         problem = cold_instance(n, d, P)
         counts = [solve_native(problem, method="newton").iterations]
-        counts += [solve_cvxpy(problem, name).iterations for name in ("CLARABEL", "ECOS")]
+        # each at its own default tolerance (hcl asks Clarabel for 1e-9 unless told)
+        counts += [solve_cvxpy(problem, name, **OWN_DEFAULTS.get(name, {})).iterations for name in ("CLARABEL", "ECOS")]
         print(row([f"{n}, {d}, {P}", *counts]), flush=True)
 
 
@@ -376,7 +377,8 @@ def crossover(args) -> None:
             base = cold_instance(n, d, P)
             problem = ConvexProblem(base.X, base.Y, base.patterns, weight_decay=lam, reduction="sum")
             native = fastest(3, problem)
-            t_clarabel = min(solve_cvxpy(problem, "CLARABEL").solve_seconds for _ in range(3))
+            own = OWN_DEFAULTS["CLARABEL"]
+            t_clarabel = min(solve_cvxpy(problem, "CLARABEL", **own).solve_seconds for _ in range(3))
             t_auto = min(_timed(lambda p=problem: solve(p, "auto")) for _ in range(3))
             print(row([lam, f"{n}, {d}, {P}", n * d * P, f"{native.solve_seconds:.3f} ({native.status})",
                        f"{t_clarabel:.3f}", f"{t_clarabel / native.solve_seconds:.2f}",
