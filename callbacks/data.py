@@ -167,7 +167,6 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
         raise ValueError(f"the training batches cannot be stacked into one data set ({err}): pass probe=") from err
 
 
-
 def _sampler(loader: object) -> object:
     batch_sampler = getattr(loader, "batch_sampler", None)
     return getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))

@@ -64,15 +64,12 @@ class GlobalOptimumMonitor(StackCallback):
       far above the global minimum.
 
     The number of enumerated patterns, the number of neurons of the solver's solution (its nonzero blocks: an optimum
-    with fewer may exist, and one with at most ``n c + 1`` does), the solve time
-    and the solver's status are logged once, at the first logged step (``<prefix>/global_patterns``,
-    ``<prefix>/global_neurons``, ``<prefix>/global_solve_seconds``, ``<prefix>/global_status``), and stay readable as
-    attributes (:attr:`optimum` — ``None`` when not certified —, :attr:`lower_bound`, :attr:`upper_bound`,
-    :attr:`num_patterns`, :attr:`num_neurons`, :attr:`problem`, :attr:`solution`). A network narrower than
-    ``min(num_neurons, n c + 1)`` may not reach ``p*_all`` (a warning says so when ``λ > 0``); it remains a lower
-    bound. With
-    ``λ = 0`` the optimum is usually not unique and ``num_neurons`` counts the blocks of the solver's solution, not
-    the fewest needed.
+    with fewer may exist, and one with at most ``n c + 1`` does), the solve time and the solver's status are logged
+    once, at the first logged step (``<prefix>/global_patterns``, ``<prefix>/global_neurons``,
+    ``<prefix>/global_solve_seconds``, ``<prefix>/global_status``), and stay readable as attributes (:attr:`optimum`
+    — ``None`` when not certified —, :attr:`lower_bound`, :attr:`upper_bound`, :attr:`num_patterns`,
+    :attr:`num_neurons`, :attr:`problem`, :attr:`solution`). A network narrower than ``min(num_neurons, n c + 1)``
+    may not reach ``p*_all`` (a warning says so when ``λ > 0``); it remains a lower bound.
 
     The bias is detected in both forms: the hidden layer's own bias, or a column of ones in the data. ``λ`` and
     the reduction: the callback's arguments when given, else the model's ``weight_decay`` / ``reduction`` attributes

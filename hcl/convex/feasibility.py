@@ -58,7 +58,8 @@ def restore_feasibility(
     if directions is not None and bool((signs * XW < 0).any()):
         pattern = torch.arange(P, device=X.device)[None, :, None].expand(2, -1, c).reshape(-1)
         H = directions.to(X.device, torch.float64)[:, pattern]
-        W, XW = _shift_inside(W, XW, H, X @ H, signs, inside)
+        W = _shift_inside(W, XW, H, X @ H, signs, inside)
+        XW = X @ W  # recomputed: the steps below see the moved columns' rounding too
     Q = X.T @ X
     Q.diagonal().add_(METRIC_RIDGE * float(Q.diagonal().sum()) / X.shape[1] or 1.0)  # X = 0: the plain norm
     XQ = torch.cholesky_solve(X.T, torch.linalg.cholesky(Q)).T  # X Q⁻¹
@@ -82,8 +83,8 @@ def restore_feasibility(
     return U2, V2, b0
 
 
-def _shift_inside(W: Tensor, XW: Tensor, H: Tensor, XH: Tensor, signs: Tensor, inside: Tensor) -> tuple[Tensor, Tensor]:
-    """``(W, XW)`` with each violated column ``u`` moved to ``u + t h`` (``h`` its column of ``H``), ``t ≥ 0`` the least
+def _shift_inside(W: Tensor, XW: Tensor, H: Tensor, XH: Tensor, signs: Tensor, inside: Tensor) -> Tensor:
+    """``W`` with each violated column ``u`` moved to ``u + t h`` (``h`` its column of ``H``), ``t ≥ 0`` the least
     that puts its violated samples ``inside`` the cone while the others stay in it, where such a ``t`` exists: one
     vectorised step where the loop of :func:`_step` costs a factorisation per column (33 s at 500 MNIST images)."""
     slack, margin = signs * XW, signs * XH
@@ -95,8 +96,7 @@ def _shift_inside(W: Tensor, XW: Tensor, H: Tensor, XH: Tensor, signs: Tensor, i
     movable = violated.any(0) & ~(violated & ~rises).any(0) & (need <= room)
     # only a small move: a direction nearly parallel to the violated samples' boundary moves the outputs far
     movable &= need * XH.abs().amax(0) <= SHIFT_MAX * (inside - slack).amax(0)
-    t = torch.where(movable, need, 0.0)
-    return W + H * t, XW + XH * t
+    return W + H * torch.where(movable, need, 0.0)
 
 
 def _step(
