@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from hcl.callbacks.data import training_data
 from hcl.callbacks.logs import log_scalars, mark_resumed_run
-from hcl.checks import check_reduction, check_weight_decay, is_int, read_checkpoint
+from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay, is_int, read_checkpoint
 from hcl.convex.gated import (
     VARIANTS,
     block_outputs,
@@ -281,6 +281,10 @@ class ConvexReLU(pl.LightningModule):
         self._train_data = None
         self._certified_step = None
         self._warned_nonfinite = False
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
+            cast_to_checkpoint(self, checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         every = self.hparams.certify_every_n_steps

@@ -21,7 +21,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from hcl.callbacks.logs import mark_resumed_run
-from hcl.checks import check_reduction, check_weight_decay
+from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay
 from hcl.convex.problem import data_scale
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
@@ -157,6 +157,10 @@ class TwoLayerReLU(pl.LightningModule):
     def on_train_start(self) -> None:
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
         mark_resumed_run(self.trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
+            cast_to_checkpoint(self, checkpoint)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # λ lives in the loss; the optimizers never get a weight_decay of their own.
