@@ -19,14 +19,15 @@ from collections.abc import Mapping
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-# trainer → {"charts": {category: {title: ["Multiline", [tag regexes]]}}, "written": bool,
-#            "writers": {tag: SummaryWriter}, "routes": {tag: [chart tag]}, "restart": int | None, "last": {tag: step}}
+# trainer → {"charts": {category: {title: ["Multiline", [tags]]}}, "written": bool,
+#            "writers": {tag: [SummaryWriter per TensorBoard logger]}, "routes": {tag: [chart tag]},
+#            "restart": int | None, "last": {tag: step}}
 _REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SERIES_DIR = "series"
 
 
 def register_charts(trainer: pl.Trainer, category: str, charts: dict[str, list[str]]) -> None:
-    """Add multiline charts ``{title: [tag regex, ...]}`` under ``category`` for this trainer's run."""
+    """Add multiline charts ``{title: [tag, ...]}`` under ``category`` for this trainer's run."""
     entry = _entry(trainer)
     section = entry["charts"].setdefault(category, {})
     for title, tags in charts.items():
@@ -39,18 +40,23 @@ def chart_tag(title: str) -> str:
     return "chart/" + re.sub(r"[^A-Za-z0-9_.\-/]", "_", title)
 
 
-def written_layout(charts: Mapping[str, Mapping[str, list]]) -> dict:
-    """The layout as written: a chart of several series selects its chart tag, a chart of one series its tag."""
-    return {category: {title: ["Multiline", [f"^{chart_tag(title)}$"]] if len(tags) > 1 else ["Multiline", tags]
-                       for title, (_, tags) in section.items()}
+def written_layout(charts: Mapping[str, Mapping[str, list]], prefix: str = "") -> dict:
+    """The layout as written: a chart of several series selects its chart tag, a chart of one series its tag (as the
+    logger writes it, with its ``prefix``), each as the exact match TensorBoard's regexes need."""
+
+    def select(title: str, tags: list[str]) -> list[str]:
+        if len(tags) > 1:
+            return [f"^{re.escape(chart_tag(title))}$"]
+        return [f"^{re.escape(prefix + tag)}$" for tag in tags]
+
+    return {category: {title: ["Multiline", select(title, tags)] for title, (_, tags) in section.items()}
             for category, section in charts.items()}
 
 
 def write_layout(trainer: pl.Trainer) -> bool:
-    """Write the merged layout to every TensorBoard logger once (rank zero only); True when written now.
+    """Write the merged layout to every TensorBoard logger once per fit (rank zero only); True when written now.
 
-    It also opens the series runs of the charts with several series, under the first TensorBoard logger's
-    directory.
+    It also opens the series runs of the charts with several series, under every TensorBoard logger's directory.
     """
     entry = _REGISTRY.get(trainer)
     if entry is None or entry["written"] or not entry["charts"]:
@@ -60,15 +66,21 @@ def write_layout(trainer: pl.Trainer) -> bool:
         return False
     loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
     for logger in loggers:
-        logger.experiment.add_custom_scalars(written_layout(entry["charts"]))
-    if loggers:
-        _open_series(entry, loggers[0].log_dir)
+        # Lightning writes a prefixed logger's tags as "<prefix>-<tag>"
+        prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
+        logger.experiment.add_custom_scalars(written_layout(entry["charts"], prefix))
+    _open_series(entry, [logger.log_dir for logger in loggers])
+    if entry["restart"] is not None:
+        _mark_restart(entry, entry["restart"])
     return True
 
 
-def _open_series(entry: dict, log_dir: str) -> None:
+def _open_series(entry: dict, log_dirs: list[str]) -> None:
+    if not log_dirs:
+        return
     from torch.utils.tensorboard import SummaryWriter  # here: only a run with a TensorBoard logger needs it
 
+    entry["routes"] = {}
     for section in entry["charts"].values():
         for title, (_, tags) in section.items():
             if len(tags) < 2:
@@ -76,9 +88,8 @@ def _open_series(entry: dict, log_dir: str) -> None:
             for tag in tags:
                 entry["routes"].setdefault(tag, []).append(chart_tag(title))
                 if tag not in entry["writers"]:
-                    entry["writers"][tag] = SummaryWriter(os.path.join(log_dir, SERIES_DIR, *tag.split("/")))
-    if entry["restart"] is not None:
-        _mark_restart(entry, entry["restart"])
+                    entry["writers"][tag] = [SummaryWriter(os.path.join(log_dir, SERIES_DIR, *tag.split("/")))
+                                             for log_dir in log_dirs]
 
 
 def mirror_series(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> list[str]:
@@ -96,7 +107,8 @@ def mirror_series(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) 
         entry["last"][tag] = step
         written.append(tag)
         for chart in entry["routes"][tag]:
-            entry["writers"][tag].add_scalar(chart, float(value), global_step=step)
+            for writer in entry["writers"][tag]:
+                writer.add_scalar(chart, float(value), global_step=step)
     return written
 
 
@@ -111,10 +123,11 @@ def _mark_restart(entry: dict, step: int) -> None:
     # TensorBoard's restart marker, as callbacks/logs.py `mark_resumed_run` writes to the run itself
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-    for writer in entry["writers"].values():
-        file_writer = writer._get_file_writer()
-        file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
-        file_writer.flush()
+    for writers in entry["writers"].values():
+        for writer in writers:
+            file_writer = writer._get_file_writer()
+            file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+            file_writer.flush()
 
 
 def flush_series(trainer: pl.Trainer, tags: list[str] | None = None) -> None:
@@ -122,24 +135,27 @@ def flush_series(trainer: pl.Trainer, tags: list[str] | None = None) -> None:
     entry = _REGISTRY.get(trainer)
     writers = {} if entry is None else entry["writers"]
     for tag in writers if tags is None else tags:
-        if tag in writers:
-            writers[tag].flush()
+        for writer in writers.get(tag, []):
+            writer.flush()
 
 
 def close_series(trainer: pl.Trainer) -> None:
-    """Flush and close the series runs; later values are no longer mirrored."""
+    """Flush and close the series runs at the end of a fit; a later fit of the same trainer writes the layout and
+    opens them again."""
     entry = _REGISTRY.get(trainer)
     if entry is None:
         return
     writers, entry["writers"] = entry["writers"], {}
-    for writer in writers.values():
-        writer.close()
+    entry["written"] = False
+    for runs in writers.values():
+        for writer in runs:
+            writer.close()
 
 
 def series_dirs(trainer: pl.Trainer) -> dict[str, str]:
-    """``{tag: directory}`` of the open series runs (for inspection and tests)."""
+    """``{tag: directory}`` of the open series runs under the first TensorBoard logger (for inspection and tests)."""
     entry = _REGISTRY.get(trainer)
-    return {} if entry is None else {tag: w.log_dir for tag, w in entry["writers"].items()}
+    return {} if entry is None else {tag: runs[0].log_dir for tag, runs in entry["writers"].items()}
 
 
 def layout_of(trainer: pl.Trainer) -> dict:

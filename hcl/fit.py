@@ -349,6 +349,7 @@ def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:
         return
     version_dir = checkpoint.parent.parent
     for logger in trainer.loggers:
+        # (not a CSV logger: Lightning's would delete the earlier metrics.csv of that version; it starts a new one)
         if not isinstance(logger, TensorBoardLogger) or getattr(logger, "_version", 0) is not None:
             continue
         if Path(logger.root_dir).resolve() != version_dir.parent:
@@ -365,9 +366,9 @@ def _print_log_location(trainer: pl.Trainer) -> None:
     for logger in trainer.loggers:
         log_dir = getattr(logger, "log_dir", None)
         if log_dir:
-            root = Path(getattr(logger, "root_dir", log_dir)).resolve()
             print(f"hcl: logs written to {Path(log_dir).resolve()}")
-            print(f"hcl: open them with: tensorboard --logdir {root}")
+            if isinstance(logger, TensorBoardLogger):  # a CSV folder holds nothing TensorBoard reads
+                print(f"hcl: open them with: tensorboard --logdir {Path(logger.root_dir).resolve()}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_default_run_from_another_folder_writes_tensorboard_logs(tmp_path):
     assert "patterns/unique" in scalars and "convex/optimum" in scalars
 
 
-def test_config_overrides_and_default_root_dir(tmp_path):
+def test_config_overrides_and_default_root_dir(tmp_path, capsys):
     cli = main(["--config", str(DEFAULT_CONFIG), "--model.hidden=7", "--trainer.max_steps=3",
                 f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     assert cli.model.hidden_layer.out_features == 7
@@ -46,6 +46,13 @@ def test_config_overrides_and_default_root_dir(tmp_path):
     assert cli.trainer.global_step == 3
     scalars = read_scalars(tmp_path)
     assert [s for s, _ in scalars["train/objective"]] == [0, 1, 2]
+    assert "hp_metric" not in scalars  # Lightning's placeholder
+    capsys.readouterr()
+    csv = tmp_path / "csv"
+    main(["--config", str(DEFAULT_CONFIG), "--trainer.max_steps=1", "--trainer.enable_progress_bar=false",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={csv}"])
+    printed = capsys.readouterr().out
+    assert f"logs written to {csv.resolve()}" in printed and "tensorboard" not in printed  # no TensorBoard files there
 
 
 def test_print_config_prints_the_resolved_yaml(capsys):

@@ -54,7 +54,7 @@ def _same(points: list[tuple[int, float]], expected: list[tuple[int, float]]) ->
 def _written_layout(run_dir: Path) -> dict[str, list[str]]:
     acc = EventAccumulator(str(run_dir), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
     acc.Reload()
-    (event,) = acc.Tensors("custom_scalars__config__")
+    event = acc.Tensors("custom_scalars__config__")[-1]  # TensorBoard draws the last one (a fit writes one each)
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
     return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
 
@@ -73,7 +73,8 @@ def test_each_charted_series_is_a_run_of_its_own(tmp_path, make_trainer):
     layout = _written_layout(run_dir)
     assert set(layout) == set(charts)
     for title, tags in charts.items():
-        assert layout[title] == ([f"^{dashboard.chart_tag(title)}$"] if len(tags) > 1 else tags), title
+        # exact matches: TensorBoard's regexes match at the start of a tag only
+        assert layout[title] == ([f"^{dashboard.chart_tag(title)}$"] if len(tags) > 1 else [f"^{tags[0]}$"]), title
     assert dashboard.chart_tag("objective vs convex optimum") == "chart/objective_vs_convex_optimum"
 
     main = _view(run_dir)
@@ -136,3 +137,31 @@ def test_a_resumed_run_marks_its_restart_in_the_series_runs(tmp_path):
         (points,) = _view(series).values()
         assert [step for step, _ in points] == list(range(9)), tag  # steps 4 and 5 once: the resumed run's
         assert _same(points, _view(run_dir)[tag]), tag
+
+
+def test_every_tensorboard_logger_gets_series_that_its_charts_select_and_a_second_fit_continues_them(tmp_path):
+    """Two TensorBoard loggers (one with a prefix): each folder has the series runs its layout selects (the second had
+    three empty charts), single-series charts select the prefixed tag, and a second fit() of the same trainer keeps
+    mirroring (its series had stopped at the first fit's end)."""
+    import re
+
+    data, model = _data_and_model()
+    loggers = [TensorBoardLogger(str(tmp_path), name="a"), TensorBoardLogger(str(tmp_path), name="b", prefix="exp")]
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, precision="64-true", log_every_n_steps=1,
+                         logger=loggers, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[PatternMonitor(), ConvexGapMonitor(solver="clarabel")])
+    trainer.fit(model, datamodule=data)
+    trainer.fit_loop.epoch_loop.max_steps = 7
+    trainer.fit(model, datamodule=data)
+    for logger in loggers:
+        run_dir = Path(logger.log_dir)
+        main = _view(run_dir)
+        for title, selects in _written_layout(run_dir).items():
+            (regex,) = selects
+            if regex.startswith("^chart/"):
+                runs = [p.parent for p in (run_dir / "series").rglob("events.out.tfevents.*")]
+                drawn = [_view(r)[regex[1:-1]] for r in runs if regex[1:-1] in _view(r)]
+                assert len(drawn) >= 2, (logger.name, title)
+                assert all(len(points) >= 7 for points in drawn), (logger.name, title)  # both fits
+            else:
+                assert [tag for tag in main if re.match(regex, tag)], (logger.name, title, regex)
