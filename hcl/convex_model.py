@@ -218,7 +218,12 @@ class ConvexReLU(pl.LightningModule):
         world = self.trainer.world_size
         local_n = torch.tensor(float(x.shape[0]), device=Xf.device)
         n_total = self.all_gather(local_n).sum() if world > 1 else local_n
-        scale = 1.0 if self.reduction == "sum" else 1.0 / n_total
+        # the batch's estimate of the full objective's data term: its mean for "mean"; for "sum", its sum times n/B
+        # (the batch's own sum is B/n of the full one, and the prox's full lr·2λ then solved a problem whose
+        # penalty was n/B times too strong)
+        scale = 1.0 / n_total
+        if self.reduction == "sum":
+            scale = self._training_set()[0].shape[0] / n_total
         penalty = self.penalty().detach()
         mapped_sum = (mapped.detach() - Y).square().sum()
         correct = None
@@ -313,6 +318,15 @@ class ConvexReLU(pl.LightningModule):
                            "smaller lr, or more than 16-bit precision); no certificate is logged from here on")
         return False
 
+    def _training_set(self) -> tuple[Tensor, Tensor]:
+        """The full training set (read once per fit, as the callbacks read it: a collective under DDP)."""
+        if self._train_data is None:
+            X, Y = training_data(self.trainer, owner=type(self).__name__)
+            if Y is None:
+                raise ValueError("the certificate needs the training targets; the training data has none")
+            self._train_data = (X, Y)
+        return self._train_data
+
     def certify_and_log(self) -> dict[str, float] | None:
         """Certify the current point on the full training set and log it at the current step (every rank calls it).
 
@@ -321,12 +335,7 @@ class ConvexReLU(pl.LightningModule):
         """
         if not self._finite():  # the same on every rank: DDP keeps the variables equal
             return None
-        if self._train_data is None:
-            X, Y = training_data(self.trainer, owner=type(self).__name__)
-            if Y is None:
-                raise ValueError("the certificate needs the training targets; the training data has none")
-            self._train_data = (X, Y)
-        X, Y = self._train_data
+        X, Y = self._training_set()
         d, P, c = self.U.shape
         needed = 8 * d * P * c * (4 if self.V is not None else 2)
         if needed > MAX_CERTIFICATE_BYTES:

@@ -320,3 +320,21 @@ def test_ddp_two_processes_match_one(tmp_path):
     two, model_two = run(2)
     assert two == pytest.approx(one, rel=0, abs=1e-6)
     torch.testing.assert_close(model_two.U, model_one.U, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_mini_batch_step_estimates_the_full_objectives_gradient(tmp_path, reduction):
+    """An epoch of tiny SGD steps on batches of B moves the variables as n/B full-batch steps do, for either
+    reduction (with "sum" the batch's own sum, B/n of the full one, solved a problem with a penalty n/B too strong)."""
+    X, Y = _data(n=24)
+
+    def moved(batch_size: int, steps: int) -> torch.Tensor:
+        model = ConvexReLU(in_features=3, num_gates=4, weight_decay=0.0, optimizer="sgd", lr=1e-7,
+                           reduction=reduction, gate_seed=0, certify_every_n_steps=0).double()
+        start = model.U.detach().clone()
+        data = TensorDataModule(train=(X, Y), batch_size=batch_size, seed=1)
+        _trainer(tmp_path, steps).fit(model, datamodule=data)
+        return model.U.detach() - start
+
+    full, epoch = moved(24, 1), moved(6, 4)  # one epoch of 4 batches
+    torch.testing.assert_close(epoch, 4 * full, rtol=1e-3, atol=1e-12)
