@@ -38,6 +38,9 @@ OPTIMIZERS = ("sgd", "adam")
 # The certificate's accumulators (a few float64 copies of d̃ × P × c) above this are not built; see
 # docs/convex_training.md#the-certificate
 MAX_CERTIFICATE_BYTES = 8 * 2**30
+# A training objective this many times its first value says the run diverges; looked at every GROWTH_EVERY steps
+GROWTH = 1e3
+GROWTH_EVERY = 10
 
 
 class ConvexReLU(pl.LightningModule):
@@ -168,7 +171,11 @@ class ConvexReLU(pl.LightningModule):
     # ----------------------------------------------------------------- model
     def fold(self, x: Tensor) -> Tensor:
         """``X̃``: flattened inputs with the bias column when ``bias``, in the parameters' dtype."""
-        return fold_bias(x.reshape(x.shape[0], -1).to(self.U.dtype), self.hparams.bias)
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.hparams.in_features:
+            raise ValueError(f"ConvexReLU(in_features={self.hparams.in_features}) got inputs of {flat.shape[1]} "
+                             "features: set in_features to the data's")
+        return fold_bias(flat.to(self.U.dtype), self.hparams.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """The mapped network's output ``(n, c)`` (the gated network, or the ReLU network of ``U``, ``V``)."""
@@ -204,6 +211,9 @@ class ConvexReLU(pl.LightningModule):
         # λ lives in the prox; the optimizers never get a weight_decay of their own.
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        if self.U.dtype == torch.float16:  # its eps = 1e-8 is 0 in float16: 0/0 at every coordinate without gradient
+            raise ValueError("ConvexReLU: Adam in float16 (precision 16-true) gives NaN from its first step; use "
+                             "precision 16-mixed or bf16-true, or optimizer sgd")
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -285,13 +295,16 @@ class ConvexReLU(pl.LightningModule):
         mark_resumed_run(self.trainer)
         self._train_data = None
         self._certified_step = None
-        self._warned_nonfinite = False
+        self._warned_nonfinite = self._warned_growth = False
+        self._first_objective: float | None = None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
             cast_to_checkpoint(self, checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step % GROWTH_EVERY == 1:  # (a device sync: not every step)
+            self._watch_growth()
         every = self.hparams.certify_every_n_steps
         if every and self.global_step % every == 0:
             self.certify_and_log()
@@ -302,6 +315,21 @@ class ConvexReLU(pl.LightningModule):
             self.certify_and_log()
         else:
             self._finite()  # a diverged run is said even without certificates
+
+    def _watch_growth(self) -> None:
+        """Warn once when the training objective has grown ``GROWTH`` times past its first value: a step too large
+        diverges through finite values for a while (1.2 → 1.9e9 in ten steps), which :meth:`_finite` does not see."""
+        value = self.trainer.callback_metrics.get("train/objective")
+        if value is None or self._warned_growth or self._warned_nonfinite:
+            return
+        value = float(value)
+        if self._first_objective is None:
+            self._first_objective = value
+        elif value > GROWTH * max(self._first_objective, 1e-12):
+            self._warned_growth = True
+            rank_zero_warn(f"ConvexReLU: the training objective grew from {self._first_objective:.4g} to {value:.4g} "
+                           f"by step {self.global_step}: training is diverging (optimizer {self.hparams.optimizer!r}, "
+                           f"lr {self.hparams.lr:g}; a smaller lr)")
 
     def _finite(self, *values: float) -> bool:
         """Whether the program's variables (and ``values`` computed from them) are finite; the first time they are

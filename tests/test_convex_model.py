@@ -338,3 +338,23 @@ def test_a_mini_batch_step_estimates_the_full_objectives_gradient(tmp_path, redu
 
     full, epoch = moved(24, 1), moved(6, 4)  # one epoch of 4 batches
     torch.testing.assert_close(epoch, 4 * full, rtol=1e-3, atol=1e-12)
+
+
+def test_adam_in_float16_and_inputs_of_another_width_are_refused_by_name(tmp_path):
+    X, Y = _data(n=12)
+    data = TensorDataModule(train=(X.float(), Y.float()))
+    half = ConvexReLU(in_features=3, num_gates=4, optimizer="adam", lr=1e-4, certify_every_n_steps=0)
+    with pytest.raises(ValueError, match="Adam in float16"):  # was NaN from step 1, "diverged: a smaller lr"
+        _trainer(tmp_path, 1, precision="16-true").fit(half, datamodule=data)
+    wide = ConvexReLU(in_features=5, num_gates=4, certify_every_n_steps=0)
+    with pytest.raises(ValueError, match=r"in_features=5\) got inputs of 3 features"):  # was a raw matmul error
+        _trainer(tmp_path, 1, precision="32-true").fit(wide, datamodule=data)
+
+
+def test_a_run_diverging_through_finite_values_is_said(tmp_path):
+    X, Y = _data(n=30)
+    data = TensorDataModule(train=(X, Y))
+    model = ConvexReLU(in_features=3, num_gates=40, optimizer="sgd", lr=5.0, certify_every_n_steps=0).double()
+    with pytest.warns(UserWarning, match="training is diverging"):  # (it said nothing until inf)
+        _trainer(tmp_path, 12).fit(model, datamodule=data)
+    assert torch.isfinite(model.U).all()  # still finite: the non-finite check alone would not have seen it
