@@ -146,7 +146,7 @@ def close_series(trainer: pl.Trainer) -> None:
     if entry is None:
         return
     writers, entry["writers"] = entry["writers"], {}
-    entry["written"] = False
+    entry["written"], entry["restart"] = False, None  # a later fit marks its own start, if past step 0
     for runs in writers.values():
         for writer in runs:
             writer.close()
