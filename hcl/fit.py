@@ -75,8 +75,8 @@ def _read_data_size(data: pl.LightningDataModule, attribute: str) -> int:
     value = getattr(data, attribute, None)
     if value is None:
         raise ValueError(
-            f"the data module {type(data).__name__} has no `{attribute}`: set --model.{attribute} explicitly"
-            " or use an hcl.datamodules class"
+            f"the data module {type(data).__name__} has no `{attribute}`: {PROG} takes the model's sizes from its "
+            "data module; give it `in_features` and `out_features` attributes, or use an hcl.datamodules class"
         )
     return int(value)
 
@@ -122,6 +122,11 @@ def main(args: ArgsType = None) -> HCLCLI:
     if isinstance(given, (list, tuple)) and given and given[0] in ("fit", "validate", "test", "predict"):
         _fail(ValueError(f"{PROG} has no subcommands ({given[0]!r}): it fits, then tests when the data has a test "
                          "split; drop the word"))
+    sizes = [str(a) for a in given if re.match(r"--model\.(init_args\.)?(in|out)_features(=|$)", str(a))] if (
+        isinstance(given, (list, tuple))) else []
+    if sizes:  # linked from the data module at instantiation, which would silently replace them
+        _fail(ValueError(f"{sizes[0].split('=')[0]} is taken from the data module (its in_features and "
+                         "out_features): drop it"))
     parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False}
     if isinstance(given, (list, tuple)):
         # Parsed left to right: the default model first, so that a config's `model:` without a class_path sets its

@@ -157,8 +157,10 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
       "lr_scheduler.StepLR", "--lr_scheduler.step_size=2"], "hcl.ConvexReLU takes its step from --model.optimizer"),
     (["validate"], "python -m hcl.fit has no subcommands ('validate')"),
     (["--trainer.max_epochs=-5"], "error: Trainer: `max_epochs` must be"),
+    # linked from the data module, which silently replaced it
+    (["--model.in_features=100"], "--model.in_features is taken from the data module"),
 ], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value", "convex-model-with-monitors",
-        "convex-model-scheduler", "subcommand", "private-class"])
+        "convex-model-scheduler", "subcommand", "private-class", "linked-size"])
 def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
