@@ -34,6 +34,7 @@ def training_data(
     target: Tensor | None = None,
     max_samples: int | None = None,
     owner: str | None = None,
+    reader: str = "the callbacks",
 ) -> tuple[Tensor, Tensor | None]:
     """The inputs (and targets) a callback evaluates the network on.
 
@@ -41,7 +42,8 @@ def training_data(
     :mod:`hcl.datamodules`), else one pass over the training dataloader. A shuffling sampler's or DDP's own
     sampler's dataset is read whole, in its own order, on every rank; under DDP another sampler only yields this
     rank's shard, so the shards are gathered from all ranks (a collective: call this on every rank). ``max_samples``
-    keeps the first ones. Says which (once per trainer and source, naming ``owner`` for a probe).
+    keeps the first ones. Says which (once per trainer and source, naming ``owner`` for a probe and ``reader`` as
+    what evaluates it).
 
     Raises:
         ValueError: when no data can be found or it is empty / not finite, or targets do not match the inputs.
@@ -78,7 +80,7 @@ def training_data(
         if Y.is_floating_point() and not torch.isfinite(Y).all():
             raise ValueError("the targets to evaluate the network on contain NaN or inf")
     first = f" (the first max_samples={max_samples} of {total})" if X.shape[0] < total else ""
-    _say_once(trainer, f"hcl: the callbacks evaluate the network on n = {X.shape[0]} samples{first}: {source}")
+    _say_once(trainer, f"hcl: {reader} evaluate the network on n = {X.shape[0]} samples{first}: {source}")
     return X, Y
 
 

@@ -349,7 +349,8 @@ class ConvexReLU(pl.LightningModule):
     def _training_set(self) -> tuple[Tensor, Tensor]:
         """The full training set (read once per fit, as the callbacks read it: a collective under DDP)."""
         if self._train_data is None:
-            X, Y = training_data(self.trainer, owner=type(self).__name__)
+            name = type(self).__name__
+            X, Y = training_data(self.trainer, owner=name, reader=f"{name}'s certificates")
             if Y is None:
                 raise ValueError("the certificate needs the training targets; the training data has none")
             self._train_data = (X, Y)

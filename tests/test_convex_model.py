@@ -358,3 +358,14 @@ def test_a_run_diverging_through_finite_values_is_said(tmp_path):
     with pytest.warns(UserWarning, match="training is diverging"):  # (it said nothing until inf)
         _trainer(tmp_path, 12).fit(model, datamodule=data)
     assert torch.isfinite(model.U).all()  # still finite: the non-finite check alone would not have seen it
+
+
+def test_the_data_line_names_the_certificates_not_callbacks(tmp_path, monkeypatch):
+    import hcl.callbacks.data as data_module
+
+    said = []
+    monkeypatch.setattr(data_module, "rank_zero_info", said.append)
+    X, Y = _data(n=12)
+    model = ConvexReLU(in_features=3, num_gates=4, certify_every_n_steps=1).double()
+    _trainer(tmp_path, 1).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+    assert said and all(line.startswith("hcl: ConvexReLU's certificates evaluate") for line in said), said
