@@ -180,11 +180,11 @@ class GlobalOptimumMonitor(StackCallback):
         self._solve_once()
         width = self._stack.hidden.out_features
         # some optimum has at most n·c + 1 neurons (Carathéodory); the solver's may have more, and fewer may do
-        enough = min(self.num_neurons, self.problem.n * self.problem.c + 1)
-        if self._lambda > 0 and width < enough:
+        at_most = self.problem.n * self.problem.c + 1
+        if self._lambda > 0 and width < min(self.num_neurons, at_most):
             rank_zero_warn(
                 f"{type(self).__name__}: the solver's global optimum uses {self.num_neurons} neurons (some optimum has "
-                f"at most {self.problem.n * self.problem.c + 1}; one with fewer may exist) and the network has "
+                f"at most {at_most}; one with fewer may exist) and the network has "
                 f"{width}: p*_all ≈ {self.solution.value:.6g} is a lower bound that it may not reach"
             )
 
@@ -241,15 +241,13 @@ class GlobalOptimumMonitor(StackCallback):
             warnings.simplefilter("ignore")  # solver chatter; a bad status raises below
             try:
                 solution = solve(self.problem, self.solver, **self.solver_options)
-            except ConvexSolveError as error:  # a solver limit, or no solution: the same one-line error as below
-                raise ValueError(f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} "
-                                 f"patterns) was not solved: {error}") from error
+                failure = None if solution.ok else f"status {solution.status!r}"
+            except ConvexSolveError as error:  # a solver limit, or no solution
+                solution, failure = None, str(error)
+        if failure is not None:
+            raise ValueError(f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} patterns) "
+                             f"was not solved: {failure}")
         solution.solve_seconds = time.perf_counter() - start
-        if not solution.ok:
-            raise ValueError(
-                f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} patterns) was not "
-                f"solved: status {solution.status!r}"
-            )
         # a point outside its cones (by any amount, as the convex gap monitor's) is moved into them: its value then
         # bounds p*_all from above, and "optimal" stays only within the solver's tol
         tol = check_tol(self.solver_options, solution.solver)
