@@ -207,6 +207,14 @@ def test_a_failing_solver_warns_and_training_goes_on(tmp_path, make_trainer, mon
     assert "convex/optimum" not in s
 
 
+
+def test_an_uncertified_native_solve_without_weight_decay_says_why(tmp_path, make_trainer):
+    model, data = _seed_c(n=30, hidden=6)  # λ = 0
+    with pytest.warns(UserWarning, match=r"solver status 'optimal_inaccurate' at step 0; with weight_decay = 0 the "
+                                         r"native solver certifies no bound above 0 \(solver='clarabel' does\)"):
+        make_trainer([ConvexGapMonitor(solver="native")], max_steps=1).fit(model, datamodule=data)
+    assert [v for _, v in read_scalars(tmp_path)["convex/status"]] == [1.0]
+
 @pytest.mark.parametrize("formulation", [pytest.param("neurons", marks=pytest.mark.slow), "patterns"])
 def test_previous_solution_warm_start_carries_each_solve_to_the_next(tmp_path, make_trainer, monkeypatch, formulation):
     """warm_start="previous": every solve after the first starts from the last solution, remapped to the new

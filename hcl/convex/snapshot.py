@@ -354,7 +354,9 @@ def _measure(
         messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.2f} s, over the time limit of "
                         f"{spec.time_limit} s")
     elif status != Status.OPTIMAL and known.refuted is None:
-        messages.append(f"{owner}: solver status {solution.status!r} at step {snap.step}")
+        why = ("; with weight_decay = 0 the native solver certifies no bound above 0 (solver='clarabel' does)"
+               if problem.weight_decay == 0 and solution.solver.startswith("native") else "")
+        messages.append(f"{owner}: solver status '{Status.of(solution.status).value}' at step {snap.step}{why}")
     exact = not spec.gated and not problem.is_bound  # the problem's optimum is the best network's objective
     metrics.update({
         f"{p}/solve_seconds": seconds,
