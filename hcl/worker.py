@@ -60,7 +60,8 @@ class BackgroundWorker:
     - ``"thread"``: a daemon thread; jobs may be any callable (a monkeypatched function too), but they compete with
       training for the GIL and cannot be killed (an overrunning job is abandoned with its thread).
 
-    Both are daemonic: a stuck job never keeps the interpreter alive at exit. :meth:`submit` returns a
+    Both are daemonic: a stuck job never keeps the interpreter alive for long at exit (a thread's running job is
+    waited for, ``THREAD_EXIT_WAIT`` seconds at most, with a line on stderr saying so). :meth:`submit` returns a
     :class:`concurrent.futures.Future`; a job's exception, or the worker's death, sets a :class:`WorkerError` on it
     (a process worker that died fails the later jobs at once).
 
@@ -314,7 +315,13 @@ def _finish_live_threads() -> None:
     workers = [w for w in list(_LIVE_THREAD_WORKERS) if w._thread.is_alive()]
     for worker in workers:
         worker.close()
-    for worker in workers:
+    for worker in workers:  # an idle one ends at once
+        worker._thread.join(0.1)
+    busy = [w for w in workers if w._thread.is_alive()]
+    if busy:  # a silent wait looks like a hang
+        print(f"hcl: waiting at most {THREAD_EXIT_WAIT:.0f} s for a background solve to finish before exiting "
+              "(worker='process' ends at once)", file=sys.stderr, flush=True)
+    for worker in busy:
         worker._thread.join(max(0.0, deadline - time.monotonic()))
 
 

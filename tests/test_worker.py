@@ -407,3 +407,11 @@ def test_the_interpreter_exits_cleanly_while_a_thread_job_runs_in_native_code():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "the script ends while the job runs" in done.stdout
+    assert "hcl: waiting at most 60 s for a background solve to finish before exiting" in done.stderr  # not silent
+
+
+def test_an_idle_thread_worker_lets_the_interpreter_exit_without_a_word():
+    script = "from hcl.worker import BackgroundWorker\nBackgroundWorker(kind='thread').submit(print, 'done').result()"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "done\n"
+    assert "waiting" not in done.stderr
