@@ -256,7 +256,10 @@ class StackCallback(Callback):
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         flush_loggers(trainer)  # what was logged before the failure stays on disk
-        dashboard.close_series(trainer)  # on_fit_end, which closes them otherwise, does not run after a failure
+        # on_fit_end, which closes them otherwise, does not run after a failure; the last stack callback closes them,
+        # after the others have logged what their solves had finished
+        if self is [c for c in trainer.callbacks if isinstance(c, StackCallback)][-1]:
+            dashboard.close_series(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -18,8 +18,6 @@ DDP the monitor solves on rank zero only.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -34,7 +32,7 @@ from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
 from hcl.callbacks.solve_queue import SolveQueue
-from hcl.checks import is_int
+from hcl.checks import check_seconds, is_int
 from hcl.convex import available_solvers, check_solver_options, solve
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias
 from hcl.convex.snapshot import Snapshot, SolveSpec, WarmStartChain, evaluate_snapshot
@@ -76,7 +74,7 @@ class ConvexGapMonitor(StackCallback):
       warning), ``2`` iteration/time limit, ``3`` failed, ``4`` non-finite weights (no solve). A failure also raises
       a warning; training goes on.
     - ``<prefix>/skipped`` (asynchronous mode): how many snapshots were skipped so far because the solver fell
-      behind, logged at each skipped step.
+      behind (or the run failed before they were solved), logged at each skipped step.
 
     The formulation and the solver are written once, as TensorBoard's text ``<prefix>/setup`` (as hyper-parameters
     ``<prefix>/formulation`` and ``<prefix>/solver`` for other loggers).
@@ -97,10 +95,10 @@ class ConvexGapMonitor(StackCallback):
     and queues the snapshot; one background worker solves the snapshots in order; finished results are logged at
     their snapshot's step from the training thread (TensorBoard accepts the out-of-order steps). When
     ``max_pending`` snapshots are already waiting, the new one is skipped and counted in ``<prefix>/skipped``. The
-    queue is drained when training ends and cancelled when it fails. A checkpoint waits for the solves in flight,
-    so that what it records as done has been logged (checkpoint less often than every step to keep training
-    unblocked). The worker is a low-priority child process by default (``worker="process"``: no competition for the
-    GIL, and an overrunning solve is killed); ``worker="thread"`` runs in this process.
+    queue is drained when training ends and cancelled (counted as skipped) when it fails. A checkpoint waits for the
+    solves in flight, so that what it records as done has been logged (checkpoint less often than every step to keep
+    training unblocked). The worker is a low-priority child process by default (``worker="process"``: no competition
+    for the GIL, and an overrunning solve is killed); ``worker="thread"`` runs in this process.
 
     Under DDP every rank takes part in the data gathering (and, with ``load_solution``, in the broadcast of the new
     weights); rank zero alone solves and logs.
@@ -193,11 +191,7 @@ class ConvexGapMonitor(StackCallback):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if not is_int(max_pending) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
-        if solve_time_limit is not None:
-            if not isinstance(solve_time_limit, numbers.Real) or isinstance(solve_time_limit, bool):
-                raise TypeError(f"solve_time_limit must be a number of seconds or None, got {solve_time_limit!r}")
-            if not math.isfinite(solve_time_limit) or solve_time_limit <= 0:
-                raise ValueError(f"solve_time_limit must be a positive number of seconds, got {solve_time_limit}")
+        solve_time_limit = check_seconds(solve_time_limit, "solve_time_limit")
         if worker not in WORKER_KINDS:
             raise ValueError(f"worker must be one of {WORKER_KINDS}, got {worker!r}")
         if asynchronous and load_solution:
@@ -225,7 +219,7 @@ class ConvexGapMonitor(StackCallback):
         self.seed = seed
         self.asynchronous = asynchronous
         self.max_pending = max_pending
-        self.solve_time_limit = None if solve_time_limit is None else float(solve_time_limit)
+        self.solve_time_limit = solve_time_limit
         self.raise_worker_errors = raise_worker_errors
         self.worker = worker
         self.warm_start = warm_start
@@ -328,7 +322,11 @@ class ConvexGapMonitor(StackCallback):
             try:
                 self._collect(trainer, raise_errors=False)  # keep what is already solved
             finally:
-                self._queue.cancel()  # the rest is dropped: a resumed run re-solves those steps
+                # the rest is dropped and counted as skipped: a checkpoint written now (OnExceptionCheckpoint) has
+                # passed their steps, and one written before them leaves them to the resumed run
+                for step in self._queue.cancel():
+                    self._skipped += 1
+                    log_scalars(trainer, {f"{self.prefix}/skipped": self._skipped}, step)
                 self._close_queue(kill=True)
         super().on_exception(trainer, pl_module, exception)
 
@@ -377,8 +375,8 @@ class ConvexGapMonitor(StackCallback):
         failure = None
         for step, outcome in self._queue.collect(wait=wait):
             log_scalars(trainer, outcome.metrics, step)
-            if raise_errors and self.raise_worker_errors and outcome.error is not None:
-                failure = failure or (step, outcome)
+            if raise_errors and self.raise_worker_errors and outcome.error is not None and failure is None:
+                failure = (step, outcome)  # raised below; the other failures warn
                 continue
             for message in outcome.messages:
                 rank_zero_warn(message)

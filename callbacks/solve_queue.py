@@ -31,12 +31,17 @@ from hcl.worker import WORKER_KINDS, BackgroundWorker
 
 __all__ = ["SolveQueue"]
 
+# Seconds (beyond the time limit) a job next in line may wait for its worker to start it: a process worker imports
+# torch and the solvers first; one stuck before that would otherwise hold the end of training forever
+WORKER_START_WAIT = 60.0
+
 
 @dataclass
 class _Job:
     spec: SolveSpec
     snapshot: Snapshot
     future: Future
+    first_in_line: float | None = None  # time.monotonic() when it was first seen next in line, not yet started
 
     @property
     def step(self) -> int:
@@ -125,11 +130,13 @@ class SolveQueue:
             results.append((job.step, self._outcome(job)))
         return results
 
-    def cancel(self) -> None:
-        """Drop the queued snapshots (their solves, if they run, are never collected)."""
+    def cancel(self) -> list[int]:
+        """Drop the queued snapshots (their solves, if they run, are never collected); returns their steps."""
         for job in self._jobs:
             job.future.cancel()
+        steps = [job.step for job in self._jobs]
         self._jobs.clear()
+        return steps
 
     def close(self, kill: bool = False) -> None:
         """Stop the worker: ``kill`` ends a running solve too (process worker). A later :meth:`submit` starts one."""
@@ -172,8 +179,10 @@ class SolveQueue:
         if self.time_limit is None or self._worker is None:
             return None
         started = self._worker.started_at(job.future)
-        if started is None:
-            return None
+        if started is None:  # next in line: the jobs before it are collected, so the worker should take it now
+            job.first_in_line = job.first_in_line or time.monotonic()
+            elapsed = time.monotonic() - job.first_in_line
+            return elapsed if elapsed > self.time_limit + WORKER_START_WAIT else None
         elapsed = time.monotonic() - started
         # The solver is told the limit; only one that ignores it reaches this margin.
         return elapsed if elapsed > self.time_limit + max(1.0, 0.5 * self.time_limit) else None
@@ -181,6 +190,7 @@ class SolveQueue:
     def _abandon(self, elapsed: float) -> SolveOutcome:
         job = self._jobs.popleft()
         p = job.spec.prefix
+        what = "still running" if self._worker.started_at(job.future) is not None else "not started by its worker"
         # A fresh worker (started on demand) takes the queue over; the stuck one is killed (process) or left to
         # finish alone (thread).
         self.close(kill=True)
@@ -188,5 +198,5 @@ class SolveQueue:
             queued.future = self._send(queued.spec, queued.snapshot)
         return SolveOutcome({**network_metrics(job.spec, job.snapshot), f"{p}/status": Status.TIME_LIMIT.code,
                              f"{p}/solve_seconds": elapsed},
-                            [f"{self.owner}: the solve of step {job.step} was still running after {elapsed:.1f} s "
+                            [f"{self.owner}: the solve of step {job.step} was {what} after {elapsed:.1f} s "
                              f"(time limit {self.time_limit} s): abandoned"])

@@ -71,6 +71,17 @@ def check_weight_decay(value: Any, name: str = "weight_decay (λ)") -> float:
 
 
 
+def check_seconds(value: Any, name: str) -> float | None:
+    """A time limit: ``None`` or a positive, finite number of seconds."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+    return float(value)
+
+
 def check_reduction(value: Any, name: str = "reduction") -> str:
     """A data-term reduction: ``"sum"`` or ``"mean"``."""
     if value not in REDUCTIONS:

@@ -14,7 +14,7 @@ from _events import read_scalars
 import hcl.callbacks.solve_queue as solve_queue_module
 import hcl.worker
 from hcl import TwoLayerReLU
-from hcl.callbacks import ConvexGapMonitor
+from hcl.callbacks import ConvexGapMonitor, PatternMonitor
 from hcl.convex.problem import ConvexSolution
 from hcl.datamodules import SyntheticRegression
 
@@ -175,20 +175,73 @@ def test_an_exception_cancels_the_queue_and_flushes(tmp_path, monkeypatch, run):
     class Crash(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 8:
+                time.sleep(1.0)  # the solves queued finish, to be collected in on_exception
                 raise KeyError("crash at step 8")
 
     monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
     monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
     start = time.monotonic()
-    with pytest.raises(KeyError, match="crash at step 8"):
-        run(tmp_path, [monitor, Crash()], max_steps=50)
+    with pytest.raises(KeyError, match="crash at step 8"):  # a stack callback before the monitor, as in the configs
+        run(tmp_path, [PatternMonitor(), monitor, Crash()], max_steps=50)
     s = read_scalars(tmp_path)
     assert _steps(s, "train/objective") == list(range(8))
-    solved = _steps(s, "convex/status")
-    assert solved == list(range(len(solved)))  # what finished is on disk, in order; the rest was dropped
-    assert len(solved) <= 9
-    assert monitor._queue is None  # cancelled and closed
+    assert _steps(s, "convex/status") == _steps(s, "convex/optimum") == list(range(9))  # on disk, in order
+    # the chart's series run got them too, also those logged after the first callback's on_exception
+    series = read_scalars(next(tmp_path.rglob("series")) / "convex" / "optimum")
+    assert [step for step, _ in next(iter(series.values()))] == list(range(9))
+    assert monitor._queue is None  # closed
     assert time.monotonic() - start < 30
+
+
+def test_the_solves_an_exception_cancels_are_counted_as_skipped(tmp_path, monkeypatch, run):
+    release = threading.Event()
+
+    def held_solve(problem, solver, **options):
+        release.wait(10)
+        return slow_solve(problem, solver, **options)
+
+    class Crash(pl.Callback):
+        saved: dict = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                raise KeyError("crash at step 4")
+
+        def on_exception(self, trainer, pl_module, exception):  # after the monitor, as OnExceptionCheckpoint
+            Crash.saved = monitor.state_dict()
+
+    monkeypatch.setattr(solve_queue_module, "solve", held_solve)
+    monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
+    try:
+        with pytest.raises(KeyError, match="crash at step 4"):
+            run(tmp_path, [monitor, Crash()], max_steps=50)
+    finally:
+        release.set()
+    s = read_scalars(tmp_path)
+    # every due step logged or counted as skipped, never neither: also in the state a checkpoint written now keeps
+    assert "convex/status" not in s and s["convex/skipped"] == [(step, step + 1.0) for step in range(5)]
+    assert Crash.saved == {"last_step": 4, "skipped": 5}
+
+
+def test_raise_worker_errors_raises_the_first_failure_and_the_others_warn(tmp_path, monkeypatch, run):
+    release = threading.Event()
+
+    def held_then_exploding(problem, solver, **options):
+        release.wait(10)
+        raise RuntimeError("solver exploded")
+
+    class Release(pl.Callback):  # the solves of steps 0, 1 and 2 fail together, collected at step 3
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                release.set()
+                time.sleep(0.5)
+
+    monkeypatch.setattr(solve_queue_module, "solve", held_then_exploding)
+    monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread", raise_worker_errors=True)
+    with pytest.warns(UserWarning) as record, pytest.raises(RuntimeError, match="step 0 failed.*solver exploded"):
+        run(tmp_path, [Release(), monitor], max_steps=10)
+    warned = " ".join(str(w.message) for w in record)
+    assert "failed at step 1: RuntimeError: solver exploded" in warned and "failed at step 2" in warned
 
 
 def test_a_checkpoint_waits_for_the_solves_in_flight(tmp_path, monkeypatch, run):

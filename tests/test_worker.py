@@ -317,6 +317,27 @@ def test_a_full_queue_refuses_a_snapshot_and_wait_drains_it(solve_queue, queues,
     assert q.submit(_spec("fake"), _snapshot(2))
 
 
+def test_a_job_its_worker_never_starts_is_abandoned_and_the_next_one_still_solved(solve_queue, queues, monkeypatch):
+    """A worker stuck before its first job (a hung import) held the end of training's wait forever."""
+    from concurrent.futures import Future
+
+    from hcl.convex.status import Status
+
+    monkeypatch.setattr(solve_queue, "solve", scripted_solve)
+    monkeypatch.setattr(solve_queue, "WORKER_START_WAIT", 0.3)
+    X, Y = _data()
+    q = solve_queue.SolveQueue(owner="Probe", worker="thread", max_pending=5, time_limit=0.2, X=X, Y=Y)
+    queues.append(q)
+    monkeypatch.setattr(q._worker, "submit", lambda *args: Future())  # this worker never takes a job
+    assert q.submit(_spec("fake", 0.2), _snapshot(0)) and q.submit(_spec("fake", 0.2), _snapshot(1))
+    start = time.monotonic()
+    (step, late), (next_step, solved) = q.collect(wait=True)
+    assert (step, next_step) == (0, 1) and time.monotonic() - start < 10
+    assert late.metrics["convex/status"] == Status.TIME_LIMIT.code and late.metrics["convex/solve_seconds"] > 0.5
+    assert "step 0 was not started by its worker after" in late.messages[0] and "abandoned" in late.messages[0]
+    assert solved.metrics["convex/status"] == Status.OPTIMAL.code  # by a fresh worker
+
+
 @pytest.mark.slow  # the worker process imports torch (and the solvers)
 def test_an_overrunning_solve_is_abandoned_and_the_next_one_still_solved(solve_queue, queues, monkeypatch):
     from hcl.convex.status import Status
@@ -392,7 +413,7 @@ def solves():
     X = torch.randn(400, 10, generator=g, dtype=torch.float64)
     Y = torch.randn(400, 1, generator=g, dtype=torch.float64)
     D = X @ torch.randn(10, 100, generator=g, dtype=torch.float64) >= 0
-    for _ in range(12):
+    for _ in range(6):  # seconds of native code after the script's end, well within the exit's wait under load
         solve(ConvexProblem(X, Y, D, 1e-3), "native")
 BackgroundWorker(kind="thread", name="exit-test").submit(solves)
 time.sleep(1.0)
