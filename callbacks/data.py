@@ -104,6 +104,12 @@ def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size:
         return  # no dataset of known length (an iterable dataset, a list of batches)
     if rows == total:
         return
+    try:  # the items one pass draws, all ranks together
+        drawn = len(loader.sampler) * world_size  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        drawn = None
+    if rows > total and drawn is not None and drawn <= total:
+        return  # nothing repeated: the dataset's items hold several rows each (a dataset of whole batches)
     if rows < total:
         batch_size = getattr(loader, "batch_size", None)
         reason = ("drop_last=True drops the last incomplete batch" if getattr(loader, "drop_last", False)

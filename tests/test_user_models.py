@@ -231,6 +231,16 @@ def test_a_sampler_covering_part_of_the_dataset_warns(make_trainer):
     assert any("yields 30 of its dataset's 40 samples (its sampler covers fewer" in m for m in messages), messages
 
 
+def test_a_sampler_that_repeats_samples_warns_and_a_dataset_of_whole_batches_does_not(make_trainer):
+    X, y = _data(n=40)
+    repeating = DataLoader(TensorDataset(X, y), batch_size=20, sampler=list(range(40)) + list(range(20)))
+    messages = _fit(make_trainer, UserNet(), repeating, [ConvexGapMonitor(solver="clarabel", reduction="mean")], 1)
+    assert any("yields 60 rows for a dataset of 40 samples (its sampler repeats" in m for m in messages), messages
+    whole = DataLoader(TensorDataset(X[None], y[None]), batch_size=None)  # one item: the full batch of 40 rows
+    messages = _fit(make_trainer, UserNet(), whole, [ConvexGapMonitor(solver="clarabel", reduction="mean")], 1)
+    assert not any("dataloader yields" in m for m in messages), messages
+
+
 def test_a_full_pass_and_a_probe_are_said_without_a_warning(make_trainer, monkeypatch):
     said = []
     monkeypatch.setattr(data_module, "rank_zero_info", said.append)
