@@ -16,6 +16,7 @@ from hcl.convex.native import NativeOptions, planned_method, solve_native
 from hcl.convex.native import threads as native_threads
 from hcl.convex.native.memory import (
     BASE_BYTES,
+    CONIC_BYTES_PER_ENTRY,
     DEFAULT_MEMORY_FRACTION,
     SolverMemoryError,
     _cgroup_room,
@@ -85,15 +86,45 @@ def test_an_explicit_method_that_does_not_fit_raises_before_allocating(mnist_sha
         raise AssertionError("the solve started allocating")
 
     monkeypatch.setattr(native_solver, "Operator", no_allocation)
-    with pytest.raises(SolverMemoryError, match=r"'newton'.*n=2000, d=785, P=100, c=10.*budget of 4\.00 GiB") as info:
+    with pytest.raises(SolverMemoryError, match=r"'newton' needs about 57.3 GiB for n=2000, d=785, P=100, c=10, more "
+                       r"than the memory budget of 4 GiB \(memory_limit\).*method='auto', which takes a method that "
+                       r"fits, or raise memory_limit") as info:
         solve(mnist_shaped, "native", method="newton", memory_limit=4 * GIB)
     assert isinstance(info.value, MemoryError)
     assert info.value.sizes == (2000, 785, 100, 10) and info.value.budget == 4 * GIB
     assert info.value.estimate == footprint("newton", 2000, 785, 100, 10, output_bias=False).total
-    with pytest.raises(SolverMemoryError, match="'fista'.*chunk_size"):
-        solve_native(mnist_shaped, method="fista", chunk_size=2000, memory_limit=100 << 20)
-    with pytest.raises(SolverMemoryError, match="'fista'"):  # auto: not even the first-order method, chunked
+    one_row = footprint("fista", 2000, 785, 100, 10, torch.float32, chunk_size=1, output_bias=False).total
+    with pytest.raises(SolverMemoryError, match="'fista'.*or a smaller chunk_size"):
+        solve_native(mnist_shaped, method="fista", chunk_size=2000, memory_limit=one_row)
+    with pytest.raises(SolverMemoryError, match=r"'fista'.*\(memory_limit\); solve a smaller problem \(fewer samples "
+                       r"or patterns\), or raise"):  # a smaller chunk would not fit either: not advised
+        solve_native(mnist_shaped, method="fista", chunk_size=2000, memory_limit=one_row - 1)
+    # auto: not even the first-order method, chunked; the refusal names what else it tried
+    with pytest.raises(SolverMemoryError, match=r"'fista' needs about.*budget of 64 MiB \(memory_limit\); "
+                       r"method=auto found 'newton' at 57.3 GiB and 'admm' at [\d.]+ MiB too large as well"):
         solve_native(mnist_shaped, memory_limit=BASE_BYTES)
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "ecos", "cvxpylayers"])
+def test_a_cvxpy_solve_that_does_not_fit_is_refused_before_it_builds(mnist_shaped, monkeypatch, solver):
+    """cvxpy's canonical form of the README's MNIST monitor would take about 1.6 TB: the kernel would end training."""
+    import hcl.convex.cvxpy_solver as cvxpy_solver
+    import hcl.convex.layers as layers
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("cvxpy started building")
+
+    monkeypatch.setattr(cvxpy_solver, "_build", no_build)
+    monkeypatch.setattr(layers.FixedPatternLayer, "from_problem", no_build)
+    with pytest.raises(SolverMemoryError, match=rf"^{solver} needs about 1,497 GiB for n=2000, d=785, P=100, c=10, "
+                       r"more than the memory budget of .*solver='native', which needs less memory") as info:
+        solve(mnist_shaped, solver, memory_limit=4 * GIB)
+    assert info.value.estimate == CONIC_BYTES_PER_ENTRY * 2000 * 785 * 100 * 10 + BASE_BYTES
+    small = ConvexProblem(mnist_shaped.X[:20, :3], mnist_shaped.Y[:20, :1], mnist_shaped.patterns[:20, :2], 1e-3)
+    with pytest.raises(SolverMemoryError, match=r"needs about 64.1 MiB .* budget of 1 MiB"):
+        solve(small, solver, memory_limit=1 << 20)
+    with pytest.raises(ValueError, match="memory_limit must be a positive integer, got 0.5"):
+        solve(small, solver, memory_limit=0.5)
 
 
 def test_the_planned_method_is_the_plans_choice_and_nothing_runs(mnist_shaped, monkeypatch):
@@ -278,3 +309,27 @@ def test_a_solve_off_the_main_thread_leaves_the_global_thread_count(monkeypatch)
     worker.join()
     assert len(results) == 2 and calls == [] and seen == [before, before]
     assert torch.get_num_threads() == before
+
+
+def test_once_the_schur_matrices_are_built_in_float64_the_float32_builds_buffer_is_freed(monkeypatch):
+    """The float32 build's float64 working copy, kept beside the later float64 builds, took a converged interior point
+    7 % past its estimate."""
+    import hcl.convex.native.newton as newton
+
+    monkeypatch.setattr(newton, "FLOAT32_SCHUR_ABOVE", 0)  # float32 Schur matrices from the first system
+    monkeypatch.setattr(newton, "FLOAT32_CG_ITERS", 1)  # and float64 ones from the first conjugate gradients on
+    builds = []
+    factor = newton.NewtonSystem._factor_schur
+
+    def recorded(self, dtype):
+        out = factor(self, dtype)
+        builds.append((dtype, sorted(self.workspace._scratch)))
+        return out
+
+    monkeypatch.setattr(newton.NewtonSystem, "_factor_schur", recorded)
+    solution = solve_native(problem_of(60, 4, 6, 2, dtype=torch.float64), method="newton")
+    assert solution.status == "optimal"
+    dtypes = [dtype for dtype, _ in builds]
+    assert dtypes[0] == torch.float32 and torch.float64 in dtypes
+    assert builds[0][1] == ["schur", "schur_factors", "schur_working"]
+    assert all(names == ["schur", "schur_factors"] for dtype, names in builds if dtype == torch.float64)

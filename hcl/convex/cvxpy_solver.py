@@ -38,6 +38,7 @@ import scipy.sparse as sp
 import torch
 
 from hcl.convex.native.certificate import dual_certificate
+from hcl.convex.native.memory import check_conic_memory
 from hcl.convex.native.options import DEFAULT_TOL
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 from hcl.convex.status import Status, relative_gap
@@ -139,6 +140,7 @@ def solve_cvxpy(
     gated: bool = False,
     time_limit: float | None = None,
     verbose: bool = False,
+    memory_limit: int | None = None,
     **solver_options,
 ) -> ConvexSolution:
     """Solve ``problem`` (or its gated relaxation) with a cvxpy conic solver.
@@ -151,6 +153,8 @@ def solve_cvxpy(
         time_limit: wall-clock limit in seconds passed to the solver (ignored with a warning by ECOS,
             which has none).
         verbose: print the solver's log.
+        memory_limit: bytes the solve may take (default: ``DEFAULT_MEMORY_FRACTION`` of the free memory); a larger
+            estimate (:func:`hcl.convex.native.memory.check_conic_memory`) is refused before cvxpy builds anything.
         **solver_options: the solver's own settings, passed to ``cvxpy.Problem.solve`` (e.g. ``tol_gap_rel``
             for Clarabel; see :func:`solver_settings`). With ``λ > 0`` Clarabel's ``tol_gap_abs``, ``tol_gap_rel`` and
             ``tol_feas`` default to ``1e-9`` here (its own ``1e-8`` often left hcl's certificate above ``1e-6``).
@@ -162,7 +166,8 @@ def solve_cvxpy(
         ``solve_seconds`` covering the build, the solve and the certificate.
 
     Raises:
-        ValueError: for an unknown or uninstalled solver, or a bad ``time_limit``.
+        ValueError: for an unknown or uninstalled solver, or a bad ``time_limit`` or ``memory_limit``.
+        SolverMemoryError: the solve would not fit the memory budget.
         TypeError: a setting the solver does not know (the message names the solver).
         ConvexSolveError: when the solver raises or returns no solution (infeasible, unbounded, a time
             or iteration limit): the message names the solver and its status.
@@ -181,6 +186,7 @@ def solve_cvxpy(
         else:
             warnings.warn(f"{name} has no time limit; time_limit={time_limit} is ignored", stacklevel=2)
 
+    check_conic_memory(problem, name.lower(), memory_limit)
     start = time.perf_counter()
     cvx_problem, read_solution = _build(problem, gated)
     try:

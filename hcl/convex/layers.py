@@ -35,6 +35,7 @@ from torch import Tensor
 
 from hcl.convex.cvxpy_solver import ConvexSolveError, certified_status, formulate
 from hcl.convex.native.certificate import dual_certificate
+from hcl.convex.native.memory import check_conic_memory
 from hcl.convex.problem import ConvexProblem, ConvexSolution, data_scale
 from hcl.convex.status import Status
 
@@ -199,6 +200,7 @@ def solve_layer(
     gated: bool = False,
     solver_args: dict | None = None,
     verbose: bool = False,
+    memory_limit: int | None = None,
 ) -> ConvexSolution:
     """Solve ``problem`` through :class:`FixedPatternLayer`, one batch item per output column.
 
@@ -210,6 +212,7 @@ def solve_layer(
         gated: solve the gated relaxation.
         solver_args: arguments for the diffcp backend (default ``{"solve_method": "Clarabel"}``).
         verbose: print the backend's log.
+        memory_limit: bytes the solve may take, as for the conic solvers (:func:`hcl.convex.cvxpy_solver.solve_cvxpy`).
 
     The status is ``"optimal"`` only where hcl's certificate confirms it (:func:`hcl.convex.cvxpy_solver.
     certified_status`): the layer returns no cone multipliers, so exact-problem solutions read
@@ -218,6 +221,7 @@ def solve_layer(
     Raises:
         ConvexSolveError: when the backend stops without a solution.
     """
+    check_conic_memory(problem, "cvxpylayers", memory_limit)
     start = time.perf_counter()
     layer = FixedPatternLayer.from_problem(problem, gated=gated, solver_args=solver_args, verbose=verbose)
     try:

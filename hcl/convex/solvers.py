@@ -37,7 +37,7 @@ AUTO_NATIVE_ABOVE = 5_000
 AUTO_NATIVE_ABOVE_UNREGULARIZED = 25_000
 
 #: The options every solver accepts (a solver that cannot use a warm start or a time limit ignores it).
-COMMON_OPTIONS = frozenset({"gated", "warm_start", "time_limit", "verbose"})
+COMMON_OPTIONS = frozenset({"gated", "warm_start", "time_limit", "verbose", "memory_limit"})
 
 
 class Solver(abc.ABC):

@@ -42,27 +42,56 @@ BASE_BYTES = 64 << 20
 
 
 class SolverMemoryError(MemoryError):
-    """A native method does not fit the memory budget; raised before the solve allocates anything.
+    """A solve does not fit the memory budget; raised before it allocates anything.
 
     Attributes:
-        method: the method refused.
+        method: the method refused (a native method, or the conic solver's name).
         sizes: ``(n, d, P, c)``.
         estimate: the method's footprint in bytes.
         budget: the budget in bytes.
     """
 
-    def __init__(self, method: str, sizes: tuple[int, int, int, int], estimate: int, budget: int, why: str) -> None:
+    def __init__(self, method: str, sizes: tuple[int, int, int, int], estimate: int, budget: int, why: str,
+                 advice: str = "", considered: dict[str, int] | None = None) -> None:
         self.method, self.sizes, self.estimate, self.budget = method, sizes, estimate, budget
         n, d, P, c = sizes
+        who = method if advice == CONIC else f"native method {method!r}"
+        also = " and ".join(f"{name!r} at {_gib(size)}" for name, size in (considered or {}).items())
+        limit = "raise memory_limit (bytes)" if why == "memory_limit" else "set memory_limit (bytes)"
         super().__init__(
-            f"native method {method!r} needs about {_gib(estimate)} for n={n}, d={d}, P={P}, c={c}, more than the "
-            f"memory budget of {_gib(budget)} ({why}); solve a smaller problem (fewer samples or patterns), use "
-            "method='fista' with a chunk_size, or set memory_limit (bytes)"
+            f"{who} needs about {_gib(estimate)} for n={n}, d={d}, P={P}, c={c}, more than the memory budget of "
+            f"{_gib(budget)} ({why}){'; method=auto found ' + also + ' too large as well' if also else ''}; solve a "
+            f"smaller problem (fewer samples or patterns){advice}, or {limit}"
         )
 
 
+# cvxpy's canonical form and the conic solver's own matrices: 550–730 bytes per entry of n·d·P·c measured, with
+# Clarabel and ECOS, up to n = 2 000 and d = 785 (docs/solvers.md#memory)
+CONIC_BYTES_PER_ENTRY = 1024
+
+
+def check_conic_memory(problem: ConvexProblem, solver: str, memory_limit: int | None = None) -> None:
+    """Refuse a cvxpy solve (``solver``) of ``problem`` that would not fit the CPU's budget, before it builds."""
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
+                                     or memory_limit < 1):
+        raise ValueError(f"memory_limit must be a positive integer, got {memory_limit!r}")
+    sizes = (problem.n, problem.d, problem.num_patterns, problem.c)
+    needed = CONIC_BYTES_PER_ENTRY * sizes[0] * sizes[1] * sizes[2] * sizes[3] + BASE_BYTES
+    budget, why = memory_budget("cpu", memory_limit)  # cvxpy works on a CPU copy
+    if budget is not None and needed > budget:
+        raise SolverMemoryError(solver, sizes, needed, budget, why, CONIC)
+
+
+# what a refusal advises beyond a smaller problem or another budget
+CONIC = ", or solver='native', which needs less memory"
+OTHER_METHOD = ", or method='auto', which takes a method that fits"
+SMALLER_CHUNK = ", or a smaller chunk_size"
+
+
 def _gib(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB"
+    """Bytes in GiB, or in MiB below 1 GiB, with three significant digits: two sizes that differ read differently."""
+    gib = size / 2**30
+    return f"{gib:,.0f} GiB" if gib >= 1000 else f"{gib:.3g} GiB" if gib >= 1 else f"{size / 2**20:.3g} MiB"
 
 
 @dataclass(frozen=True)
@@ -238,13 +267,15 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     method = options.method
     if budget is None:
         return options
+    considered: dict[str, int] = {}  # with "auto": the methods that did not fit, for the refusal
     # "auto" with float32 asked for: a first-order method (the interior point works in float64 only)
     if method == "newton" or (method == "auto" and n <= NEWTON_MAX_SAMPLES and options.dtype != torch.float32):
         needed = estimate("newton", options.chunk_size)
         if needed <= budget:
             return dataclasses.replace(options, method="newton") if method == "auto" else options
         if method == "newton":
-            raise SolverMemoryError("newton", sizes, needed, budget, why)
+            raise SolverMemoryError("newton", sizes, needed, budget, why, OTHER_METHOD)
+        considered["newton"] = needed
     if method in ("admm", "auto"):
         anderson = options.anderson
         if anderson is None:  # the default memory, or as much of it as fits (none at all if not one difference)
@@ -253,12 +284,14 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
         if needed <= budget:
             return dataclasses.replace(options, method="admm", anderson=anderson)
         if method == "admm":
-            raise SolverMemoryError("admm", sizes, needed, budget, why)
+            raise SolverMemoryError("admm", sizes, needed, budget, why, OTHER_METHOD)
+        considered["admm"] = needed
     # the first-order method: whole if it fits, else the largest chunk of samples that does
     if options.chunk_size is not None:
         needed = estimate("fista", options.chunk_size)
         if needed > budget:
-            raise SolverMemoryError("fista", sizes, needed, budget, why)
+            smaller = estimate("fista", 1) <= budget
+            raise SolverMemoryError("fista", sizes, needed, budget, why, SMALLER_CHUNK if smaller else "", considered)
         return dataclasses.replace(options, method="fista")
     whole = estimate("fista", None)
     if whole <= budget:
@@ -266,6 +299,6 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     # the footprint grows linearly with the chunk's rows: the fixed part, then as many rows as the rest allows
     per_row = estimate("fista", 2) - estimate("fista", 1)
     rows = (budget - (estimate("fista", 1) - per_row)) // max(per_row, 1)
-    if rows < 1:
-        raise SolverMemoryError("fista", sizes, estimate("fista", 1), budget, why)
+    if rows < 1:  # not even one sample per chunk
+        raise SolverMemoryError("fista", sizes, estimate("fista", 1), budget, why, considered=considered)
     return dataclasses.replace(options, method="fista", chunk_size=int(min(rows, n)))

@@ -208,6 +208,8 @@ class NewtonSystem:
         # S gets (D_i X L)(D_i X L)ᵀ (G = L Lᵀ), a chunk of patterns at a time; only the blocks on and below the
         # diagonal are formed (the factorisation reads the lower triangle), which saves up to half the products.
         rows = schur_panels(n)
+        if dtype == op.dtype:  # float32 builds are over: their working copy, kept beside this build, broke the estimate
+            self.workspace.release("schur_working")
         S = self.workspace.scratch("schur", c * n * n, dtype).view(c, n, n).zero_()
         chunk = self.workspace.scratch("schur_factors", n * min(P, self.budget) * d, dtype)
         for lo in range(0, P, self.budget):

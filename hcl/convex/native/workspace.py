@@ -30,6 +30,10 @@ class Workspace:
             buffer = self._scratch[name] = torch.empty(numel, dtype=dtype, device=self.op.device)
         return buffer[:numel]
 
+    def release(self, name: str) -> None:
+        """Free the scratch buffer ``name`` (a later :meth:`scratch` allocates it again)."""
+        self._scratch.pop(name, None)
+
     def data_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``X`` and the patterns (as 0/1) in ``dtype``, converted once per solve."""
         if dtype not in self._data_in:
