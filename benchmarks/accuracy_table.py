@@ -49,7 +49,8 @@ PAPER = {
 }
 # The paper's widths: 5 000 sampled gates on MNIST, 4 000 on CIFAR-10.
 PAPER_WIDTH = {"mnist": 5000, "cifar10": 4000}
-# Learning-rate grids: decades around each optimizer's usual rate; --quick keeps the middle two.
+# Learning-rate grids: decades around each optimizer's usual rate; --quick keeps two of each (the upper two for Adam
+# and the convex models, the lower two for SGD and Adagrad).
 GRIDS = {
     "convex gated ReLU": (1e-4, 1e-3, 1e-2),
     "convex ReLU": (1e-4, 1e-3, 1e-2),
@@ -297,12 +298,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--convex-iters", type=int, help="iteration cap of the convex solves")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"], choices=sorted(PAPER))
+    parser.add_argument("--datasets", nargs="+", choices=sorted(PAPER),
+                        help="default: mnist, and cifar10 where its files are present")
     args = parser.parse_args(argv)
+    cifar = os.path.join(args.root, "cifar-10-batches-py")
+    if args.datasets and "cifar10" in args.datasets and not os.path.isdir(cifar):
+        parser.error(f"--datasets cifar10: no {cifar} (hcl.datamodules.CIFAR10(root, download=True) fetches it)")
     print("python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
-    for dataset in args.datasets:
-        if dataset == "cifar10" and not os.path.isdir(os.path.join(args.root, "cifar-10-batches-py")):
-            print(f"\ncifar10: no {os.path.join(args.root, 'cifar-10-batches-py')}, skipped")
+    for dataset in args.datasets or list(PAPER):
+        if dataset == "cifar10" and not os.path.isdir(cifar):
+            print(f"\ncifar10: no {cifar}, skipped")
             continue
         s = settings_for(dataset, args, args.device)
         print(f"\n{describe(s)}")

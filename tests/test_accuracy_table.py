@@ -96,3 +96,11 @@ def test_settings_cpu_gpu_quick_and_overrides(at):
     assert (quick.subset, quick.width) == (2000, 7) and all(len(grid) == 2 for grid in quick.grids.values())
     full = at.settings_for("mnist", argparse.Namespace(**{**vars(args), "subset": 0}), "cpu")
     assert full.subset is None
+
+
+def test_cifar10_asked_for_without_its_files_stops_with_the_path(at, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        at.main(["--root", str(tmp_path), "--datasets", "cifar10"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--datasets cifar10: no {tmp_path / 'cifar-10-batches-py'} (hcl.datamodules.CIFAR10" in error
