@@ -41,7 +41,9 @@ class _Job:
     spec: SolveSpec
     snapshot: Snapshot
     future: Future
+    sent_to: BackgroundWorker | None = None  # the worker its future belongs to
     first_in_line: float | None = None  # time.monotonic() when it was first seen next in line, not yet started
+    resent: bool = False  # sent again after its worker died before starting it
 
     @property
     def step(self) -> int:
@@ -105,7 +107,8 @@ class SolveQueue:
         """Queue ``snapshot``; ``False`` (nothing queued) when ``max_pending`` snapshots are already waiting."""
         if len(self._jobs) >= self.max_pending:
             return False
-        self._jobs.append(_Job(spec, snapshot, self._send(spec, snapshot)))
+        future = self._send(spec, snapshot)
+        self._jobs.append(_Job(spec, snapshot, future, self._worker))
         return True
 
     def collect(self, wait: bool = False) -> list[tuple[int, SolveOutcome]]:
@@ -126,6 +129,10 @@ class SolveQueue:
                     continue
                 except Exception:  # noqa: BLE001 - read again below
                     pass
+            if self._died_before_starting(job):  # a worker that died (killed for memory, say) with it still queued
+                job.resent = True
+                job.future, job.sent_to = self._send(job.spec, job.snapshot), self._worker
+                continue
             self._jobs.popleft()
             results.append((job.step, self._outcome(job)))
         return results
@@ -174,6 +181,14 @@ class SolveQueue:
                                 [f"{self.owner}: the background solve of step {job.step} failed: {reason}"],
                                 error=reason)
 
+    @staticmethod
+    def _died_before_starting(job: _Job) -> bool:
+        """Whether ``job`` failed without its worker ever starting it (the worker died or closed), the first time:
+        the next worker takes it, once (a worker that dies at start-up would otherwise take it again forever)."""
+        if job.resent or job.sent_to is None or job.future.cancelled() or job.future.exception() is None:
+            return False
+        return job.sent_to.started_at(job.future) is None
+
     def _overrun(self, job: _Job) -> float | None:
         """Seconds the job has been running when that is well past the time limit, else ``None``."""
         if self.time_limit is None or self._worker is None:
@@ -195,7 +210,7 @@ class SolveQueue:
         # finish alone (thread).
         self.close(kill=True)
         for queued in self._jobs:
-            queued.future = self._send(queued.spec, queued.snapshot)
+            queued.future, queued.sent_to = self._send(queued.spec, queued.snapshot), self._worker
         return SolveOutcome({**network_metrics(job.spec, job.snapshot), f"{p}/status": Status.TIME_LIMIT.code,
                              f"{p}/solve_seconds": elapsed},
                             [f"{self.owner}: the solve of step {job.step} was {what} after {elapsed:.1f} s "
