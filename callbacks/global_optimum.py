@@ -38,6 +38,7 @@ from hcl.convex import check_solver_options, global_lower_bound, solve
 from hcl.convex.build import all_patterns_problem
 from hcl.convex.cvxpy_solver import ConvexSolveError
 from hcl.convex.feasibility import feasible_solution
+from hcl.convex.native import SolverMemoryError
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias, fold_weights, network_objective
 from hcl.convex.snapshot import CHECK_TOL, bracket, check_tol
 from hcl.convex.status import Status
@@ -242,7 +243,7 @@ class GlobalOptimumMonitor(StackCallback):
             try:
                 solution = solve(self.problem, self.solver, **self.solver_options)
                 failure = None if solution.ok else f"status {solution.status!r}"
-            except ConvexSolveError as error:  # a solver limit, or no solution
+            except (ConvexSolveError, SolverMemoryError) as error:  # a solver limit, no solution, or no room
                 solution, failure = None, str(error)
         if failure is not None:
             raise ValueError(f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} patterns) "

@@ -158,6 +158,14 @@ def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path,
     assert train[39] < train[0]  # training made progress, so the check covered a range of L
 
 
+def test_an_all_patterns_problem_that_does_not_fit_in_memory_stops_with_one_message(make_trainer):
+    model = TwoLayerReLU(in_features=2, hidden=4, bias=False, weight_decay=1e-3)
+    monitor = GlobalOptimumMonitor(solver="clarabel", solver_options={"memory_limit": 1 << 20})
+    with pytest.raises(ValueError, match=r"GlobalOptimumMonitor: the all-patterns problem \(11 patterns\) was not "
+                                         r"solved: clarabel needs about 64.* more than the memory budget of 1 MiB"):
+        make_trainer([monitor], max_steps=1, logger=False).fit(model, datamodule=_points_data())
+
+
 def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(tmp_path, make_trainer):
     """Experiment (b) of docs/experiments.md: one neuron, two points, λ = 0: p*_all = 0 and the gap closes."""
     data = SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True, dtype="float64")
