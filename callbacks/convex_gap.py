@@ -66,8 +66,8 @@ class ConvexGapMonitor(StackCallback):
     - ``<prefix>/max_gap``: ``L − lower_bound`` (or ``L − gated_network_bound``): the network is at most that far
       above the best network with its patterns;
     - ``<prefix>/solve_seconds``: wall time of the solve;
-    - ``<prefix>/active_neurons``: neurons of the network the convex solution maps to — one per nonzero ``u`` or ``v``
-      block, up to ``2P``, so it can exceed the trained network's width;
+    - ``<prefix>/active_neurons``: neurons of the network the convex solution maps to — one per nonzero column of a
+      ``u`` or ``v`` block, up to ``2Pc``, so it can exceed the trained network's width;
     - ``<prefix>/duality_gap``: the bracket's certified relative width ``(upper − lower) / max(|upper|, floor)``
       (floor ``ConvexProblem.gap_floor``, in the data's units), with both ends;
     - ``<prefix>/status``: ``0`` optimal, ``1`` inaccurate (or an optimal claim that a known value refutes, with a

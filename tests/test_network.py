@@ -182,7 +182,7 @@ def test_a_solution_wider_than_the_stack_is_refused():
     X = torch.randn(30, 3, dtype=torch.float64)
     problem, solution = _solved(stack, X, torch.randn(30, 1, dtype=torch.float64))
     narrow = ReLUStack(nn.Linear(3, 1).double(), nn.Linear(1, 1).double(), "narrow")
-    needed = solution.active_blocks()
+    needed = solution.active_neurons()
     assert needed > 1
     with pytest.raises(ValueError, match=f"needs {needed} neurons but the network has 1"):
         narrow.mapped_weights(problem, solution)

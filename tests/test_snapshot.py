@@ -109,7 +109,7 @@ def test_a_solved_snapshot_logs_the_gap_and_keeps_the_solution_when_asked():
     assert m["convex/gap"] == pytest.approx(m["convex/nonconvex_objective"] - m["convex/optimum"])
     assert m["convex/gap"] >= -1e-9  # p* ≤ L (docs/convex.md, invariant 1)
     problem, solution = outcome.solved
-    assert m["convex/active_neurons"] == solution.active_blocks() > 0
+    assert m["convex/active_neurons"] == solution.active_neurons() > 0
     assert evaluate_snapshot(spec(), snapshot(), solve, quiet=True, keep_solution=False).solved is None
 
 
@@ -419,3 +419,16 @@ def test_the_duality_gap_is_the_brackets_relative_width_at_any_scale():
     problem = ConvexProblem(small.X, small.Y, small.X @ small.hidden_weight.T >= 0, weight_decay=1e-4)
     solution = solve(problem, "native", max_iters=3)
     assert solution.relative_gap == pytest.approx((solution.value - solution.dual_value) / solution.value)
+
+
+def test_active_neurons_counts_the_mapped_networks_neurons_for_several_outputs():
+    """One neuron per nonzero column of a block (to_network's map), not per block; a solver's leftovers aside."""
+    X = torch.randn(6, 3, dtype=torch.float64)
+    problem = ConvexProblem(X, torch.randn(6, 2, dtype=torch.float64), X[:, :2] >= 0, weight_decay=0.1)
+    U, V, b0 = problem.zeros()  # (P, d, c) = (2, 3, 2)
+    U[0, :, 0], U[1, :, :] = 1.0, 0.5  # three nonzero columns in two blocks
+    V[0, :, 1] = 1e-9  # a leftover
+    solution = ConvexSolution(value=1.0, U=U, V=V, b0=b0, status="optimal", solver="test", solve_seconds=0.0)
+    assert solution.active_neurons() == 3
+    hidden, _, _ = problem.to_network(U, V, b0, tol=1e-6 * float(U.norm(dim=1).max()))
+    assert hidden.shape[0] == 3

@@ -412,12 +412,11 @@ class ConvexSolution:
         """A usable point: the status is optimal (or optimal to a looser tolerance) and the value is finite."""
         return Status.of(self.status).solved and math.isfinite(self.value)
 
-    def active_blocks(self, rtol: float = 1e-6) -> int:
-        """How many ``U_i`` and ``V_i`` are nonzero (norm above ``rtol`` times the largest).
-
-        For a scalar output, the number of neurons of the mapped network (:meth:`ConvexProblem.to_network`).
-        """
-        norms = torch.cat([self.U.flatten(1).norm(dim=1), self.V.flatten(1).norm(dim=1)])
+    def active_neurons(self, rtol: float = 1e-6) -> int:
+        """Neurons of the network :meth:`ConvexProblem.to_network` maps this solution to, one per column ``U_i[:, k]``
+        or ``V_i[:, k]`` with a norm above ``rtol`` times the largest (below: a solver's leftovers). For a scalar
+        output, the nonzero blocks ``U_i``, ``V_i``; for ``c`` outputs, up to ``2Pc``."""
+        norms = torch.cat([self.U.norm(dim=1).flatten(), self.V.norm(dim=1).flatten()])  # (P, d, c) → per column
         scale = max(float(norms.max()), 1e-30) if norms.numel() else 1.0
         return int((norms > rtol * scale).sum())
 

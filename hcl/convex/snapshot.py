@@ -393,8 +393,8 @@ def check_tol(solver_options: dict, solver: str | None = None) -> float:
 
 
 def active_neurons(problem: ConvexProblem, solution: ConvexSolution) -> int:
-    """Neurons of the mapped convex solution: its nonzero blocks (:meth:`ConvexSolution.active_blocks`)."""
-    return solution.active_blocks()
+    """Neurons of the mapped convex solution (:meth:`ConvexSolution.active_neurons`)."""
+    return solution.active_neurons()
 
 
 @dataclass
