@@ -148,7 +148,11 @@ class PatternMonitor(StackCallback):
             # The layer's input is the monitored data itself (full-batch training on the data module's tensors, not
             # augmented): the patterns are the sign of its output, at no extra matrix product.
             whole = self.probe is None and self.max_samples is None and _same_rows(inputs[0], self._data)
-            self._snapshot(self._trainer, output.detach() if whole else None)
+            # under mixed precision the output is rounded (bf16 flips signs near 0): recomputed in the weights' dtype,
+            # autocast off, like the convex monitors' patterns
+            whole = whole and output.dtype == module.weight.dtype
+            with torch.autocast(output.device.type, enabled=False):
+                self._snapshot(self._trainer, output.detach() if whole else None)
 
     def _snapshot(self, trainer: "pl.Trainer", output: Tensor | None) -> None:
         step, self._pending = self._pending, None

@@ -331,3 +331,24 @@ def test_the_chart_lists_the_objective_only_for_a_model_that_logs_it(make_traine
     ours = make_trainer([ConvexGapMonitor(solver="clarabel")], max_steps=1)
     ours.fit(TwoLayerReLU(in_features=3, hidden=4).double(), loader)
     assert "train/objective" in dashboard.layout_of(ours)["hcl"]["objective vs convex optimum"][1]
+
+
+def test_mixed_precision_patterns_are_those_of_the_weights_not_of_the_rounded_forward(tmp_path, make_trainer):
+    """Under bf16-mixed the hidden layer's output is rounded to bf16, which flips signs near 0: the patterns are
+    counted in the weights' own precision, as the convex monitors build their problems."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 2, generator=g)
+    y = torch.sin(X.sum(1))
+    torch.manual_seed(0)
+    model = UserNet(d=2, m=100, lr=0.5).float()
+    patterns = {}
+
+    class Weights(pl.Callback):  # the float32 patterns of the weights each step trains with
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            hidden = pl_module.net[0]
+            patterns[trainer.global_step] = (X @ hidden.weight.detach().T + hidden.bias.detach() >= 0).T
+
+    loader = DataLoader(TensorDataset(X, y), batch_size=100)  # full batch: the forward pass is the data itself
+    make_trainer([Weights(), PatternMonitor()], max_steps=7, precision="bf16-mixed").fit(model, loader)
+    logged = [value for _, value in read_scalars(tmp_path)["patterns/unique"]]
+    assert logged == [float(len(set(map(tuple, patterns[step].tolist())))) for step in sorted(patterns)]
