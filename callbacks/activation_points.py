@@ -33,7 +33,7 @@ from hcl.activation_geometry import (
     neuron_markers,
     to_numpy,
 )
-from hcl.callbacks.base import StackCallback
+from hcl.callbacks.base import StackCallback, epoch_batches, optimizer_lambda
 from hcl.checks import REDUCTIONS
 from hcl.convex.problem import fold_bias, fold_weights, network_objective
 
@@ -45,8 +45,8 @@ class ActivationPointPlot(StackCallback):
     (``k = every_n_steps``) with the weights the training step at that global step uses, and once more at the
     end of training with the final weights; that final picture is also written as a PNG in the logger's folder,
     named after the GIF (``activation_points.png`` by default; :attr:`png_path`). Its title gives the step and the
-    network's objective ``L`` (``λ`` and the reduction read from the model, as :class:`hcl.callbacks.ConvexGapMonitor`
-    does).
+    network's objective ``L`` (``λ`` and the reduction read from the model, with its optimizer's coupled weight decay,
+    as :class:`hcl.callbacks.ConvexGapMonitor` does).
 
     The 1-D input is found in the data: the hidden layer takes either ``x`` alone with its own bias, or ``x``
     and a column of ones, in any order.
@@ -145,6 +145,13 @@ class ActivationPointPlot(StackCallback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
+        from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
+
+        # plus a coupled weight decay of the optimizer, where the convex monitors count it (resolve_objective)
+        batches = epoch_batches(pl_module) if self._reduction == "sum" else 1
+        decay = optimizer_lambda(trainer.optimizers, self._stack, batches)[0]
+        if decay and (isinstance(pl_module, TwoLayerReLU) or getattr(pl_module, "weight_decay", None) is None):
+            self._lambda += decay
         X, Y = self.training_data(trainer)
         self._X = X
         self._layout = input_layout(X, self._stack.bias)

@@ -9,6 +9,7 @@ What every hcl callback shares: it watches the ``Linear → ReLU → Linear`` st
 from __future__ import annotations
 
 import ast
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -303,11 +304,15 @@ def refuse_non_squared_loss(pl_module: "pl.LightningModule", owner: str) -> None
 _COUPLED_DECAY = frozenset({"SGD", "Adam", "Adamax", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam", "ASGD"})
 
 
-def optimizer_lambda(optimizers: Sequence[torch.optim.Optimizer], stack: ReLUStack) -> tuple[float | None, str]:
+def optimizer_lambda(
+    optimizers: Sequence[torch.optim.Optimizer], stack: ReLUStack, batches: int = 1
+) -> tuple[float | None, str]:
     """The ``λ`` equivalent to the optimizers' weight decay on the stack's penalised parameters, and what it comes from.
 
     Coupled L2 decay ``weight_decay = wd`` (SGD, Adam, …) adds ``wd · θ`` to the gradient of a loss of scale ``s``:
-    the training minimises ``s · data + (wd / 2)‖θ‖²``, the objective with ``λ = wd / 2``. Decoupled decay (AdamW,
+    the training minimises ``s · data + (wd / 2)‖θ‖²``, the objective with ``λ = wd / 2``. With the sum reduction
+    over mini-batches, ``batches`` per epoch, each step's loss sums one batch while the decay comes at every step:
+    an epoch follows ``data + batches · (wd / 2)‖θ‖²``, so ``λ = batches · wd / 2``. Decoupled decay (AdamW,
     ``decoupled_weight_decay=True``) shrinks the weights outside the gradient and no ``λ`` is equivalent; nor is one
     when the hidden and output weights decay differently. See ``docs/convex.md#weight-decay-in-the-optimizer``.
 
@@ -335,7 +340,17 @@ def optimizer_lambda(optimizers: Sequence[torch.optim.Optimizer], stack: ReLUSta
                       "of the objective matches")
     if cls not in _COUPLED_DECAY:
         return None, f"{cls}'s weight_decay={wd:g} is not a decay hcl can translate into λ"
+    if batches > 1:
+        return batches * wd / 2, (f"{cls}'s weight_decay={wd:g} (coupled L2 at each of {batches} steps an epoch on "
+                                  "summed batches: λ = steps · weight_decay / 2)")
     return wd / 2, f"{cls}'s weight_decay={wd:g} (coupled L2: λ = weight_decay / 2)"
+
+
+def epoch_batches(pl_module: "pl.LightningModule") -> int:
+    """The training batches of an epoch (1 when unknown: no trainer, or an endless loader)."""
+    trainer = getattr(pl_module, "_trainer", None)
+    batches = getattr(trainer, "num_training_batches", None) if trainer is not None else None
+    return int(batches) if isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1 else 1
 
 
 def resolve_objective(
@@ -361,7 +376,9 @@ def resolve_objective(
 
     model_lam = getattr(pl_module, "weight_decay", None)
     model_red = getattr(pl_module, "reduction", None)
-    opt_lam, opt_text = (0.0, "") if optimizers is None or stack is None else optimizer_lambda(optimizers, stack)
+    summed = (reduction if reduction is not None else model_red) == "sum"
+    opt_lam, opt_text = (0.0, "") if optimizers is None or stack is None else optimizer_lambda(
+        optimizers, stack, epoch_batches(pl_module) if summed else 1)
     said: list[str] = []  # what the warning says
     if weight_decay is not None:
         lam = weight_decay

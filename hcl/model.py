@@ -6,7 +6,9 @@
 
 ``s = 1`` for reduction ``"sum"`` and ``1/n`` for ``"mean"``; ``w̃_i = [w_i, b_i]`` when the first layer
 has a bias; the output bias ``b₀`` is not penalised. ``λ`` (``weight_decay``) is added to the loss
-explicitly, never through the optimizer, so the logged ``train/objective`` is exactly ``L``.
+explicitly, never through the optimizer it configures; a coupled weight decay given to another optimizer
+(``hcl.fit --optimizer.weight_decay``) adds the ``λ`` it amounts to (``docs/convex.md``) to the logged penalty, so the
+logged ``train/objective`` is exactly the ``L`` trained, the one the callbacks evaluate.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from hcl.callbacks.logs import mark_resumed_run
 from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay
 from hcl.convex.problem import data_scale
+from hcl.network import ReLUStack
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
 INITS = ("uniform", "normal", "kaiming")
@@ -110,6 +113,7 @@ class TwoLayerReLU(pl.LightningModule):
         self.hidden_layer = nn.Linear(in_features, hidden, bias=bias)
         self.output_layer = nn.Linear(hidden, out_features, bias=output_bias)
         self.weight_decay = float(weight_decay)
+        self.optimizer_decay = 0.0  # the λ of its optimizer's own weight decay, found when training starts
         self.reduction = reduction
         self._initialise(init, init_scale, hidden_weight, hidden_bias_init, output_weight)
         if out_features > 1:
@@ -125,11 +129,14 @@ class TwoLayerReLU(pl.LightningModule):
         return self.output_layer(torch.relu(self.hidden_layer(x)))
 
     def penalty(self) -> Tensor:
-        """``λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``; the output bias is not penalised."""
+        """``λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``, the ``λ`` the loss adds (``weight_decay``); the output bias is not penalised."""
+        return self.weight_decay * self._squares()
+
+    def _squares(self) -> Tensor:
         squares = self.hidden_layer.weight.square().sum() + self.output_layer.weight.square().sum()
         if self.hidden_layer.bias is not None:
             squares = squares + self.hidden_layer.bias.square().sum()
-        return self.weight_decay * squares
+        return squares
 
     def data_loss_sum(self, output: Tensor, target: Tensor) -> Tensor:
         """``Σ_j ‖f(x_j) − y_j‖²`` (or the summed cross-entropy), before the scale ``s``."""
@@ -142,7 +149,8 @@ class TwoLayerReLU(pl.LightningModule):
     def objective(self, x: Tensor, y: Tensor) -> Tensor:
         """``L`` on ``(x, y)`` on this process (no cross-rank reduction)."""
         out = self(x)
-        return data_scale(self.reduction, x.shape[0]) * self.data_loss_sum(out, y) + self.penalty()
+        lam = self.weight_decay + self.optimizer_decay
+        return data_scale(self.reduction, x.shape[0]) * self.data_loss_sum(out, y) + lam * self._squares()
 
     # -------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -157,6 +165,13 @@ class TwoLayerReLU(pl.LightningModule):
     def on_train_start(self) -> None:
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
         mark_resumed_run(self.trainer)
+        # a weight decay given to the optimizer (hcl.fit --optimizer.weight_decay) is part of the objective trained:
+        # logged in L as the callbacks count it (docs/convex.md#weight-decay-in-the-optimizer); none it cannot name
+        from hcl.callbacks.base import epoch_batches, optimizer_lambda  # not at import: hcl.callbacks.base loads late
+
+        stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")
+        batches = epoch_batches(self) if self.reduction == "sum" else 1
+        self.optimizer_decay = optimizer_lambda(self.trainer.optimizers, stack, batches)[0] or 0.0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
@@ -178,7 +193,9 @@ class TwoLayerReLU(pl.LightningModule):
         x, y = batch
         out = self(x)
         local_sum = self.data_loss_sum(out, y)
-        penalty = self.penalty()
+        squares = self._squares()
+        penalty = self.weight_decay * squares  # the loss's; the logged one adds the optimizer's decay
+        logged_penalty = (self.weight_decay + self.optimizer_decay) * squares.detach()
         world = self.trainer.world_size if self._trainer is not None else 1
         on_step = stage == "train"
         accuracy = None
@@ -207,8 +224,8 @@ class TwoLayerReLU(pl.LightningModule):
             self.log("step", float(self.global_step), on_step=True, on_epoch=False)
             self.log("epoch", float(self.current_epoch), on_step=True, on_epoch=False)  # carried back after ddp_spawn
         self.log(f"{stage}/data_loss", data_loss, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
-        self.log(f"{stage}/penalty", penalty, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
-        self.log(f"{stage}/objective", data_loss.detach() + penalty.detach(), on_step=on_step,
+        self.log(f"{stage}/penalty", logged_penalty, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
+        self.log(f"{stage}/objective", data_loss.detach() + logged_penalty, on_step=on_step,
                  on_epoch=not on_step, prog_bar=True, sync_dist=sync)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")

@@ -352,3 +352,35 @@ def test_mixed_precision_patterns_are_those_of_the_weights_not_of_the_rounded_fo
     make_trainer([Weights(), PatternMonitor()], max_steps=7, precision="bf16-mixed").fit(model, loader)
     logged = [value for _, value in read_scalars(tmp_path)["patterns/unique"]]
     assert logged == [float(len(set(map(tuple, patterns[step].tolist())))) for step in sorted(patterns)]
+
+
+class DecayedByItsOptimizer(TwoLayerReLU):
+    """What ``hcl.fit --optimizer=SGD --optimizer.weight_decay=0.2`` trains: λ in the optimizer, none in the loss."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=0.2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_optimizers_weight_decay_is_in_the_models_objective_the_monitors_and_the_picture(
+        tmp_path, make_trainer, reduction):
+    """The model's train/objective, the monitors' L and the activation-point picture's L are one objective: with
+    λ = wd / 2 (mean), or B · wd / 2 on the B summed mini-batches of an epoch (sum)."""
+    from hcl.callbacks import ActivationPointPlot
+    from hcl.datamodules import SyntheticRegression
+
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64)
+    data = SyntheticRegression(kind="points", x=x.tolist(), y=torch.sin(3 * x).tolist(), dtype="float64",
+                               batch_size=3 if reduction == "sum" else None)
+    model = DecayedByItsOptimizer(in_features=1, hidden=8, bias=True, reduction=reduction)
+    monitor, picture = ConvexGapMonitor(every_n_steps=2, solver="clarabel"), ActivationPointPlot(every_n_steps=2)
+    make_trainer([monitor, picture], max_steps=6).fit(model, datamodule=data)
+    lam = 0.1 if reduction == "mean" else 4 * 0.1  # 12 points in batches of 3: four steps an epoch
+    assert monitor._lambda == model.optimizer_decay == picture._lambda == pytest.approx(lam)
+    s = read_scalars(tmp_path)
+    logged, monitored = dict(s["train/objective"]), dict(s["convex/nonconvex_objective"])
+    if reduction == "mean":  # full batch: the step's objective is the monitors' L
+        assert all(monitored[step] == pytest.approx(logged[step], rel=1e-6) for step in monitored)
+    assert float(model.objective(x[:, None], torch.sin(3 * x)[:, None])) == pytest.approx(
+        picture._last_frame.objective, rel=1e-9)
