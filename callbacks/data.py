@@ -81,6 +81,13 @@ def training_data(
             raise ValueError("the targets to evaluate the network on contain NaN or inf")
     first = f" (the first max_samples={max_samples} of {total})" if X.shape[0] < total else ""
     _say_once(trainer, f"hcl: {reader} evaluate the network on n = {X.shape[0]} samples{first}: {source}")
+    limits = [f"{name}={value}" for name, value, whole in (
+        ("overfit_batches", getattr(trainer, "overfit_batches", 0), 0), ("limit_train_batches",
+         getattr(trainer, "limit_train_batches", 1.0), 1.0)) if isinstance(value, (int, float)) and value != whole]
+    if probe is None and limits and not getattr(trainer, "fast_dev_run", False):  # the trainer leaves samples out
+        _say_once(trainer, f"the trainer trains on part of each epoch ({', '.join(limits)}) while {reader} evaluate "
+                  "the network on every training sample: pass probe=/target= to evaluate it on those trained on",
+                  rank_zero_warn)
     return X, Y
 
 

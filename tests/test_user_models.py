@@ -384,3 +384,15 @@ def test_an_optimizers_weight_decay_is_in_the_models_objective_the_monitors_and_
         assert all(monitored[step] == pytest.approx(logged[step], rel=1e-6) for step in monitored)
     assert float(model.objective(x[:, None], torch.sin(3 * x)[:, None])) == pytest.approx(
         picture._last_frame.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize("limit", [{"overfit_batches": 1}, {"limit_train_batches": 2}])
+def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit):
+    X, y = _data(n=40)
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([PatternMonitor()], max_steps=2, **limit).fit(UserNet(), loader)
+    name, value = next(iter(limit.items()))
+    assert any(f"the trainer trains on part of each epoch ({name}={value}) while the callbacks evaluate the network "
+               "on every training sample" in str(w.message) for w in caught), [str(w.message) for w in caught]
