@@ -396,3 +396,30 @@ def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit):
     name, value = next(iter(limit.items()))
     assert any(f"the trainer trains on part of each epoch ({name}={value}) while the callbacks evaluate the network "
                "on every training sample" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_to_align_the_charts(make_trainer):
+    class TwoOptimizers(UserNet):  # each batch steps two optimizers: trainer.global_step moves by two
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.mse_loss(self(x).reshape(y.shape), y)
+            self.log("train_loss", loss)
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in self.optimizers():
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.05), torch.optim.SGD(self.net[2].parameters(),
+                                                                                        lr=0.05)]
+
+    X, y = _data(n=20)
+    messages = _fit(make_trainer, TwoOptimizers(), DataLoader(TensorDataset(X, y), batch_size=20), [PatternMonitor()],
+                    steps=4)
+    assert sum("the model's self.log values are written at Lightning's batch count" in m and
+               "self.log('step', float(self.global_step))" in m for m in messages) == 1, messages
