@@ -423,3 +423,14 @@ def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_t
                     steps=4)
     assert sum("the model's self.log values are written at Lightning's batch count" in m and
                "self.log('step', float(self.global_step))" in m for m in messages) == 1, messages
+
+
+def test_several_training_loaders_are_refused_with_a_message_that_names_them(make_trainer):
+    class TwoLoaders(UserNet):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+    X, y = _data(n=20)
+    loaders = {name: DataLoader(TensorDataset(X, y), batch_size=20) for name in ("a", "b")}
+    with pytest.raises(ValueError, match=r"the model trains on 2 dataloaders at once \(dict\).*pass probe="):
+        make_trainer([PatternMonitor()], max_steps=1, logger=False).fit(TwoLoaders(), loaders)
