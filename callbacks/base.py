@@ -352,10 +352,17 @@ def optimizer_lambda(
 
 
 def epoch_batches(pl_module: "pl.LightningModule") -> int:
-    """The training batches of an epoch (1 when unknown: no trainer, or an endless loader)."""
+    """By how much a coupled weight decay outweighs one step's summed data term over an epoch: the training batches of
+    an epoch, times the processes under DDP, which averages the ranks' gradients (not for :class:`hcl.TwoLayerReLU`,
+    whose loss sums over the ranks); 1 when unknown (no trainer, or an endless loader)."""
+    from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
+
     trainer = getattr(pl_module, "_trainer", None)
     batches = getattr(trainer, "num_training_batches", None) if trainer is not None else None
-    return int(batches) if isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1 else 1
+    if not (isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1):
+        return 1
+    world = 1 if isinstance(pl_module, TwoLayerReLU) else int(getattr(trainer, "world_size", 1) or 1)
+    return int(batches) * world
 
 
 def resolve_objective(

@@ -434,3 +434,17 @@ def test_several_training_loaders_are_refused_with_a_message_that_names_them(mak
     loaders = {name: DataLoader(TensorDataset(X, y), batch_size=20) for name in ("a", "b")}
     with pytest.raises(ValueError, match=r"the model trains on 2 dataloaders at once \(dict\).*pass probe="):
         make_trainer([PatternMonitor()], max_steps=1, logger=False).fit(TwoLoaders(), loaders)
+
+
+def test_a_summed_losss_decay_counts_the_steps_of_an_epoch_and_the_ranks_ddp_averages():
+    from types import SimpleNamespace
+
+    from hcl.callbacks.base import epoch_batches
+
+    user, ours = UserNet(), TwoLayerReLU(in_features=3)
+    for module in (user, ours):
+        module._trainer = SimpleNamespace(num_training_batches=3, world_size=2)
+    # DDP averages the ranks' gradients of a user's summed loss: the decay weighs world · batches times one step's
+    assert epoch_batches(user) == 6 and epoch_batches(ours) == 3  # TwoLayerReLU's loss sums over the ranks
+    user._trainer = SimpleNamespace(num_training_batches=float("inf"), world_size=1)
+    assert epoch_batches(user) == 1
