@@ -43,7 +43,6 @@ __all__ = [
     "SolveOutcome",
     "SolveSpec",
     "WarmStartChain",
-    "active_neurons",
     "bracket",
     "check_tol",
     "evaluate_snapshot",
@@ -360,7 +359,7 @@ def _measure(
     exact = not spec.gated and not problem.is_bound  # the problem's optimum is the best network's objective
     metrics.update({
         f"{p}/solve_seconds": seconds,
-        f"{p}/active_neurons": active_neurons(problem, solution),
+        f"{p}/active_neurons": solution.active_neurons(),
         f"{p}/status": status.code,
     })
     if status == Status.OPTIMAL and known.optimum is not None:
@@ -390,11 +389,6 @@ def check_tol(solver_options: dict, solver: str | None = None) -> float:
     if tol is None and solver is not None and solver.startswith("native-"):
         tol = default_tol(solver.removeprefix("native-"))
     return max(CHECK_TOL, float(tol or 0.0))
-
-
-def active_neurons(problem: ConvexProblem, solution: ConvexSolution) -> int:
-    """Neurons of the mapped convex solution (:meth:`ConvexSolution.active_neurons`)."""
-    return solution.active_neurons()
 
 
 @dataclass
