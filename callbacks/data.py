@@ -81,10 +81,16 @@ def training_data(
             raise ValueError("the targets to evaluate the network on contain NaN or inf")
     first = f" (the first max_samples={max_samples} of {total})" if X.shape[0] < total else ""
     _say_once(trainer, f"hcl: {reader} evaluate the network on n = {X.shape[0]} samples{first}: {source}")
-    limits = [f"{name}={value}" for name, value, whole in (
-        ("overfit_batches", getattr(trainer, "overfit_batches", 0), 0), ("limit_train_batches",
-         getattr(trainer, "limit_train_batches", 1.0), 1.0)) if isinstance(value, (int, float)) and value != whole]
-    if probe is None and limits and not getattr(trainer, "fast_dev_run", False):  # the trainer leaves samples out
+    overfit, limit = getattr(trainer, "overfit_batches", 0), getattr(trainer, "limit_train_batches", 1.0)
+    # overfit_batches sets limit_train_batches; an int limit counts batches (1 is one batch)
+    limits = [f"overfit_batches={overfit}"] if overfit else [f"limit_train_batches={limit}"] * (
+        isinstance(limit, int) or limit != 1.0)
+    trained, loader = getattr(trainer, "num_training_batches", None), getattr(trainer, "train_dataloader", None)
+    try:
+        partial = trained is not None and loader is not None and trained < len(loader)
+    except TypeError:  # a loader of unknown length
+        partial = False
+    if probe is None and partial and limits and not getattr(trainer, "fast_dev_run", False):  # the trainer leaves out
         _say_once(trainer, f"the trainer trains on part of each epoch ({', '.join(limits)}) while {reader} evaluate "
                   "the network on every training sample: pass probe=/target= to evaluate it on those trained on",
                   rank_zero_warn)
@@ -109,14 +115,13 @@ def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size:
         total = len(loader.dataset)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         return  # no dataset of known length (an iterable dataset, a list of batches)
+    if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None:
+        # no collation: each item is a batch of its own (a dataset of whole batches), of as many rows as the first
+        item = loader.dataset[0]  # type: ignore[attr-defined]
+        first = item[0] if isinstance(item, (tuple, list)) and item else item
+        total *= first.shape[0] if isinstance(first, Tensor) and first.ndim >= 2 else 1
     if rows == total:
         return
-    try:  # the items one pass draws, all ranks together
-        drawn = len(loader.sampler) * world_size  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):
-        drawn = None
-    if rows > total and drawn is not None and drawn <= total:
-        return  # nothing repeated: the dataset's items hold several rows each (a dataset of whole batches)
     if rows < total:
         batch_size = getattr(loader, "batch_size", None)
         reason = ("drop_last=True drops the last incomplete batch" if getattr(loader, "drop_last", False)

@@ -333,3 +333,26 @@ def test_once_the_schur_matrices_are_built_in_float64_the_float32_builds_buffer_
     assert dtypes[0] == torch.float32 and torch.float64 in dtypes
     assert builds[0][1] == ["schur", "schur_factors", "schur_working"]
     assert all(names == ["schur", "schur_factors"] for dtype, names in builds if dtype == torch.float64)
+
+
+def test_auto_takes_the_native_solver_when_clarabel_does_not_fit_and_limits_are_checked_early():
+    from hcl.convex import check_solver_options
+
+    problem = problem_of(250, 10, 10, 1, dtype=torch.float64, lam=0.0)  # λ = 0: auto chooses Clarabel here
+    with pytest.warns(UserWarning, match=r"clarabel failed \(clarabel needs about .* solving with the native solver"):
+        solution = solve(problem, "auto", memory_limit=80 << 20)
+    assert solution.solver.startswith("native")
+    with pytest.raises(ValueError, match="memory_limit must be a positive integer, got 0.5"):
+        check_solver_options("clarabel", {"memory_limit": 0.5})
+
+
+def test_refusals_read_sizes_without_exponents_and_advise_auto_only_where_it_fits(mnist_shaped):
+    from hcl.convex.native.memory import _gib
+
+    assert [_gib(size) for size in (999 << 20, 1000 << 20, 1 << 30, 1600 << 30)] == [
+        "999 MiB", "0.977 GiB", "1 GiB", "1,600 GiB"]
+    with pytest.raises(SolverMemoryError) as refused:
+        solve_native(mnist_shaped, method="newton", memory_limit=1 << 20)
+    assert "method='auto'" not in str(refused.value)  # auto would be refused too
+    with pytest.raises(SolverMemoryError, match="method='auto', which takes a method that fits"):
+        solve_native(mnist_shaped, method="newton", memory_limit=2 * GIB)

@@ -236,6 +236,9 @@ def test_a_sampler_that_repeats_samples_warns_and_a_dataset_of_whole_batches_doe
     repeating = DataLoader(TensorDataset(X, y), batch_size=20, sampler=list(range(40)) + list(range(20)))
     messages = _fit(make_trainer, UserNet(), repeating, [ConvexGapMonitor(solver="clarabel", reduction="mean")], 1)
     assert any("yields 60 rows for a dataset of 40 samples (its sampler repeats" in m for m in messages), messages
+    batches = DataLoader(TensorDataset(X, y), batch_sampler=[range(20), range(20, 40), range(20)])
+    messages = _fit(make_trainer, UserNet(), batches, [ConvexGapMonitor(solver="clarabel", reduction="mean")], 1)
+    assert any("yields 60 rows for a dataset of 40 samples (its sampler repeats" in m for m in messages), messages
     whole = DataLoader(TensorDataset(X[None], y[None]), batch_size=None)  # one item: the full batch of 40 rows
     messages = _fit(make_trainer, UserNet(), whole, [ConvexGapMonitor(solver="clarabel", reduction="mean")], 1)
     assert not any("dataloader yields" in m for m in messages), messages
@@ -386,16 +389,20 @@ def test_an_optimizers_weight_decay_is_in_the_models_objective_the_monitors_and_
         picture._last_frame.objective, rel=1e-9)
 
 
-@pytest.mark.parametrize("limit", [{"overfit_batches": 1}, {"limit_train_batches": 2}])
-def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit):
+@pytest.mark.parametrize(("limit", "partial"), [
+    ({"overfit_batches": 1}, True), ({"limit_train_batches": 2}, True), ({"limit_train_batches": 1}, True),
+    ({"limit_train_batches": 0.5}, True), ({"limit_train_batches": 100}, False)])
+def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit, partial):
     X, y = _data(n=40)
-    loader = DataLoader(TensorDataset(X, y), batch_size=10)
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)  # four batches: an int limit counts batches
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer([PatternMonitor()], max_steps=2, **limit).fit(UserNet(), loader)
     name, value = next(iter(limit.items()))
-    assert any(f"the trainer trains on part of each epoch ({name}={value}) while the callbacks evaluate the network "
-               "on every training sample" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    said = [str(w.message) for w in caught if "the trainer trains on part of each epoch" in str(w.message)]
+    assert said == ([f"the trainer trains on part of each epoch ({name}={value}) while the callbacks evaluate the "
+                     "network on every training sample: pass probe=/target= to evaluate it on those trained on"]
+                    if partial else []), said
 
 
 def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_to_align_the_charts(make_trainer):

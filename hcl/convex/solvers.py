@@ -10,9 +10,9 @@ on cvxpy's solver interfaces. Registered here:
 * ``"auto"``: :func:`choose_solver`, i.e. Clarabel where it is faster (small problems) and the native solver
   otherwise (``docs/solvers.md`` has the measurements).
 
-Every solver accepts ``gated``, ``warm_start``, ``time_limit`` and ``verbose``; a solver that cannot use a warm
-start or a time limit ignores it, as cvxpy's solvers ignore ``warm_start``. An option a named solver does not
-accept is a ``TypeError``; ``"auto"`` passes on only the options of the solver it chose.
+Every solver accepts ``gated``, ``warm_start``, ``time_limit``, ``verbose`` and ``memory_limit``; a solver that
+cannot use a warm start or a time limit ignores it, as cvxpy's solvers ignore ``warm_start``. An option a named
+solver does not accept is a ``TypeError``; ``"auto"`` passes on only the options of the solver it chose.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy, solver_settings
-from hcl.convex.native import NativeOptions, solve_native
+from hcl.convex.native import NativeOptions, SolverMemoryError, solve_native
 from hcl.convex.native.threads import SINGLE_THREAD_BELOW, solve_threads  # noqa: F401 (the switch, re-exported)
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 
@@ -122,7 +122,8 @@ class AutoSolver(Solver):
 
     So one set of options can carry a warm start and native tolerances whatever the choice: Clarabel ignores what it
     does not take. An option that neither candidate accepts is still a ``TypeError``. When the chosen conic solver
-    fails (:class:`ConvexSolveError`), the native solver solves instead, with a warning.
+    fails (:class:`ConvexSolveError`) or does not fit the memory budget, the native solver solves instead, with a
+    warning.
     """
 
     name = "auto"
@@ -140,7 +141,7 @@ class AutoSolver(Solver):
             return chosen.solve(problem, **chosen.accepted(options))
         try:
             return chosen.solve(problem, **chosen.accepted(options))
-        except ConvexSolveError as error:
+        except (ConvexSolveError, SolverMemoryError) as error:  # the native solver needs less memory
             warnings.warn(f"{chosen.name} failed ({error}); solving with the native solver", stacklevel=3)
             native = get_solver("native")
             return native.solve(problem, **native.accepted(options))
@@ -195,6 +196,8 @@ def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
     """
     entry = get_solver(solver)
     entry.check_options(options)
+    if options.get("memory_limit") is not None:  # every solver's, refused here rather than at each solve
+        NativeOptions(memory_limit=options["memory_limit"])
     if entry.name in ("native", "auto"):
         native = {key: value for key, value in options.items() if key in NativeOptions.names()}
         NativeOptions(**native)  # validates on construction
@@ -232,8 +235,8 @@ def solve(problem: ConvexProblem, solver: str = "auto", **options: Any) -> Conve
         problem: the convex problem.
         solver: ``"auto"``, ``"native"``, ``"cvxpylayers"`` or an installed cvxpy solver name
             (case-insensitive; see :func:`available_solvers`).
-        **options: the solver's options: ``gated``, ``warm_start``, ``time_limit`` and ``verbose`` for every
-            solver; ``tol``, ``method``, … for ``"native"``; ``solver_args`` for ``"cvxpylayers"``; a conic
+        **options: the solver's options: ``gated``, ``warm_start``, ``time_limit``, ``verbose`` and ``memory_limit``
+            for every solver; ``tol``, ``method``, … for ``"native"``; ``solver_args`` for ``"cvxpylayers"``; a conic
             solver's own settings. ``"auto"`` passes on only those of the solver it chose.
 
     Raises:
@@ -246,4 +249,6 @@ def solve(problem: ConvexProblem, solver: str = "auto", **options: Any) -> Conve
         raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
     entry = get_solver(solver)
     entry.check_options(options)
+    if options.get("memory_limit") is not None:  # every solver's, refused here rather than at each solve
+        NativeOptions(memory_limit=options["memory_limit"])
     return entry.solve(problem, **options)

@@ -90,8 +90,11 @@ SMALLER_CHUNK = ", or a smaller chunk_size"
 
 def _gib(size: float) -> str:
     """Bytes in GiB, or in MiB below 1 GiB, with three significant digits: two sizes that differ read differently."""
-    gib = size / 2**30
-    return f"{gib:,.0f} GiB" if gib >= 1000 else f"{gib:.3g} GiB" if gib >= 1 else f"{size / 2**20:.3g} MiB"
+    mib = size / 2**20
+    if mib < 999.5:  # what rounds to 1 000 MiB or more reads in GiB
+        return f"{mib:.3g} MiB"
+    gib = mib / 1024
+    return f"{gib:.3g} GiB" if gib < 999.5 else f"{gib:,.0f} GiB"
 
 
 @dataclass(frozen=True)
@@ -268,13 +271,16 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
     if budget is None:
         return options
     considered: dict[str, int] = {}  # with "auto": the methods that did not fit, for the refusal
+
+    def auto_advice() -> str:  # "auto" helps where its last resort, one sample per chunk, fits
+        return OTHER_METHOD if estimate("fista", 1) <= budget else ""
     # "auto" with float32 asked for: a first-order method (the interior point works in float64 only)
     if method == "newton" or (method == "auto" and n <= NEWTON_MAX_SAMPLES and options.dtype != torch.float32):
         needed = estimate("newton", options.chunk_size)
         if needed <= budget:
             return dataclasses.replace(options, method="newton") if method == "auto" else options
         if method == "newton":
-            raise SolverMemoryError("newton", sizes, needed, budget, why, OTHER_METHOD)
+            raise SolverMemoryError("newton", sizes, needed, budget, why, auto_advice())
         considered["newton"] = needed
     if method in ("admm", "auto"):
         anderson = options.anderson
@@ -284,7 +290,7 @@ def plan(problem: ConvexProblem, options: NativeOptions) -> NativeOptions:
         if needed <= budget:
             return dataclasses.replace(options, method="admm", anderson=anderson)
         if method == "admm":
-            raise SolverMemoryError("admm", sizes, needed, budget, why, OTHER_METHOD)
+            raise SolverMemoryError("admm", sizes, needed, budget, why, auto_advice())
         considered["admm"] = needed
     # the first-order method: whole if it fits, else the largest chunk of samples that does
     if options.chunk_size is not None:
