@@ -33,7 +33,7 @@ from hcl.activation_geometry import (
     neuron_markers,
     to_numpy,
 )
-from hcl.callbacks.base import StackCallback, epoch_batches, optimizer_lambda
+from hcl.callbacks.base import StackCallback, resolve_objective
 from hcl.checks import REDUCTIONS
 from hcl.convex.problem import fold_bias, fold_weights, network_objective
 
@@ -145,13 +145,11 @@ class ActivationPointPlot(StackCallback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
-        from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
-
-        # plus a coupled weight decay of the optimizer, where the convex monitors count it (resolve_objective)
-        batches = epoch_batches(pl_module) if self._reduction == "sum" else 1
-        decay = optimizer_lambda(trainer.optimizers, self._stack, batches)[0]
-        if decay and (isinstance(pl_module, TwoLayerReLU) or getattr(pl_module, "weight_decay", None) is None):
-            self._lambda += decay
+        try:  # the objective the convex monitors evaluate (with the optimizer's decay); else read leniently
+            self._lambda, self._reduction = resolve_objective(pl_module, None, None, type(self).__name__,
+                                                              trainer.optimizers, self._stack)
+        except ValueError:
+            pass
         X, Y = self.training_data(trainer)
         self._X = X
         self._layout = input_layout(X, self._stack.bias)

@@ -352,17 +352,18 @@ def optimizer_lambda(
 
 
 def epoch_batches(pl_module: "pl.LightningModule") -> int:
-    """By how much a coupled weight decay outweighs one step's summed data term over an epoch: the training batches of
-    an epoch, times the processes under DDP, which averages the ranks' gradients (not for :class:`hcl.TwoLayerReLU`,
-    whose loss sums over the ranks); 1 when unknown (no trainer, or an endless loader)."""
+    """How many times a penalty added at each step outweighs the data sum over an epoch of summed mini-batch losses:
+    the training batches of an epoch, times the processes under DDP, which averages the ranks' gradients; 1 for
+    :class:`hcl.TwoLayerReLU`, whose loss weighs each summed batch so that it estimates ``L``, and when unknown (no
+    trainer, or an endless loader)."""
     from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
 
     trainer = getattr(pl_module, "_trainer", None)
     batches = getattr(trainer, "num_training_batches", None) if trainer is not None else None
-    if not (isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1):
+    if isinstance(pl_module, TwoLayerReLU) or not (
+            isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1):
         return 1
-    world = 1 if isinstance(pl_module, TwoLayerReLU) else int(getattr(trainer, "world_size", 1) or 1)
-    return int(batches) * world
+    return int(batches) * int(getattr(trainer, "world_size", 1) or 1)
 
 
 def resolve_objective(
@@ -388,14 +389,18 @@ def resolve_objective(
 
     model_lam = getattr(pl_module, "weight_decay", None)
     model_red = getattr(pl_module, "reduction", None)
-    summed = (reduction if reduction is not None else model_red) == "sum"
+    # a summed loss on mini-batches: a penalty added at every step weighs `steps` times an epoch's data sum
+    steps = epoch_batches(pl_module) if (reduction if reduction is not None else model_red) == "sum" else 1
     opt_lam, opt_text = (0.0, "") if optimizers is None or stack is None else optimizer_lambda(
-        optimizers, stack, epoch_batches(pl_module) if summed else 1)
+        optimizers, stack, steps)
     said: list[str] = []  # what the warning says
     if weight_decay is not None:
         lam = weight_decay
     elif model_lam is not None:
-        lam = check_weight_decay(model_lam, "the model's weight_decay (λ)")
+        lam = check_weight_decay(model_lam, "the model's weight_decay (λ)") * steps
+        if steps > 1 and lam > 0:
+            rank_zero_info(f"{owner}: λ = {lam:g}: the model's weight_decay {model_lam:g}, added at each of {steps} "
+                           "steps an epoch on summed mini-batches (docs/convex.md#weight-decay-in-the-optimizer)")
         if opt_text and opt_lam is not None and isinstance(pl_module, TwoLayerReLU):
             lam += opt_lam
             rank_zero_info(f"{owner}: λ = {lam:g}: the model's weight_decay {model_lam:g} plus {opt_text}")

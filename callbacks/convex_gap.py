@@ -89,7 +89,8 @@ class ConvexGapMonitor(StackCallback):
 
     ``λ`` and the reduction: the callback's ``weight_decay`` / ``reduction`` arguments when given, else the
     model's ``weight_decay`` / ``reduction`` attributes (as :class:`hcl.TwoLayerReLU` has), else ``λ = wd / 2`` from
-    the optimizer's coupled ``weight_decay`` (an info line; AdamW's is left out, warned), else 0 (``"mean"``, warned).
+    the optimizer's coupled ``weight_decay`` (an info line; AdamW's is left out, warned), else 0 (``"mean"``, warned);
+    ``B`` times that for a model of one's own summing ``B`` mini-batches an epoch (``docs/convex.md``).
 
     Asynchronous solving (``asynchronous=True``): at a due step the training thread copies the weights to the CPU
     and queues the snapshot; one background worker solves the snapshots in order; finished results are logged at

@@ -7,7 +7,7 @@ For 1-D and 2-D data with a bias, the training objective's exact global minimum,
 In low dimension every activation pattern of the data can be enumerated (``2n − 1`` at most for 1-D data,
 ``n² − n + 1`` for 2-D data). The convex problem over *all* of them has the global minimum ``p*_all`` of the
 non-convex objective ``L`` over networks of any width as its optimum (invariant 4 of ``docs/convex.md#invariants``),
-attained by every network with at least as many neurons as the solution has nonzero blocks. It depends only on the
+attained by every network with at least as many neurons as the solution maps to. It depends only on the
 data, ``λ`` and the reduction, so it is solved once, at the start of training; then ``L(network) ≥ p*_all`` at every
 step and the gap ``L − p*_all`` says whether gradient descent found the global minimum.
 
@@ -64,7 +64,7 @@ class GlobalOptimumMonitor(StackCallback):
     - ``<prefix>/global_max_gap``: ``L(network) − global_lower_bound``, never negative: the network is at most that
       far above the global minimum.
 
-    The number of enumerated patterns, the number of neurons of the solver's solution (its nonzero blocks: an optimum
+    The number of enumerated patterns, the number of neurons of the solver's solution (its nonzero columns: an optimum
     with fewer may exist, and one with at most ``n c + 1`` does), the solve time and the solver's status are logged
     once, at the first logged step (``<prefix>/global_patterns``, ``<prefix>/global_neurons``,
     ``<prefix>/global_solve_seconds``, ``<prefix>/global_status``), and stay readable as attributes (:attr:`optimum`
@@ -75,7 +75,8 @@ class GlobalOptimumMonitor(StackCallback):
     The bias is detected in both forms: the hidden layer's own bias, or a column of ones in the data. ``λ`` and
     the reduction: the callback's arguments when given, else the model's ``weight_decay`` / ``reduction`` attributes
     (as :class:`hcl.TwoLayerReLU` has), else ``λ = wd / 2`` from the optimizer's coupled ``weight_decay`` (an info
-    line says so; AdamW's decoupled decay is left out with a warning), else ``λ = 0``, and ``"mean"`` with a warning.
+    line says so; AdamW's decoupled decay is left out with a warning), else ``λ = 0``, and ``"mean"`` with a warning;
+    ``B`` times that for a model of one's own summing ``B`` mini-batches an epoch (``docs/convex.md``).
 
     Args:
         every_n_steps: logging period in global steps.

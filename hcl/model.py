@@ -8,7 +8,8 @@
 has a bias; the output bias ``b₀`` is not penalised. ``λ`` (``weight_decay``) is added to the loss
 explicitly, never through the optimizer it configures; a coupled weight decay given to another optimizer
 (``hcl.fit --optimizer.weight_decay``) adds the ``λ`` it amounts to (``docs/convex.md``) to the logged penalty, so the
-logged ``train/objective`` is exactly the ``L`` trained, the one the callbacks evaluate.
+logged ``train/objective`` is exactly the ``L`` trained, the one the callbacks evaluate. With ``"sum"`` on mini-batches
+a batch's data sum weighs the number of batches of an epoch: a step's loss estimates ``L``.
 """
 
 from __future__ import annotations
@@ -167,11 +168,10 @@ class TwoLayerReLU(pl.LightningModule):
         mark_resumed_run(self.trainer)
         # a weight decay given to the optimizer (hcl.fit --optimizer.weight_decay) is part of the objective trained:
         # logged in L as the callbacks count it (docs/convex.md#weight-decay-in-the-optimizer); none it cannot name
-        from hcl.callbacks.base import epoch_batches, optimizer_lambda  # not at import: hcl.callbacks.base loads late
+        from hcl.callbacks.base import optimizer_lambda  # not at import: hcl.callbacks.base loads late
 
         stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")
-        batches = epoch_batches(self) if self.reduction == "sum" else 1
-        self.optimizer_decay = optimizer_lambda(self.trainer.optimizers, stack, batches)[0] or 0.0
+        self.optimizer_decay = optimizer_lambda(self.trainer.optimizers, stack)[0] or 0.0  # the loss estimates L
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
@@ -205,7 +205,7 @@ class TwoLayerReLU(pl.LightningModule):
             # `world · s · (its data sum) + penalty`, whose average is the gradient of L (the penalty's gradient is
             # the same on every rank). Every rank logs the same global values.
             n_total = self.all_gather(torch.tensor(float(x.shape[0]), device=out.device)).sum()
-            scale = 1.0 if self.reduction == "sum" else 1.0 / n_total
+            scale = self._summed_batches() if self.reduction == "sum" else 1.0 / n_total
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
             if self.hparams.out_features > 1:
@@ -214,7 +214,8 @@ class TwoLayerReLU(pl.LightningModule):
         else:
             # Validation and test sets are not sharded by the data modules (each rank evaluates all of them) and a
             # distributed sampler splits them evenly otherwise: the mean over ranks is the single-process value.
-            data_loss = data_scale(self.reduction, x.shape[0]) * local_sum
+            weight = self._summed_batches() if stage == "train" and self.reduction == "sum" else 1.0
+            data_loss = weight * data_scale(self.reduction, x.shape[0]) * local_sum
             loss = data_loss + penalty
         sync = world > 1 and not on_step
         if on_step:
@@ -235,6 +236,12 @@ class TwoLayerReLU(pl.LightningModule):
             else:
                 self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
         return loss
+
+    def _summed_batches(self) -> float:
+        """The weight of a summed mini-batch in the training loss: the batches of an epoch, so that the loss of a
+        step estimates ``L`` and the penalty it adds at every step keeps its ``λ`` (1 for full batches)."""
+        batches = getattr(self._trainer, "num_training_batches", 1) if self._trainer is not None else 1
+        return float(batches) if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 1 else 1.0
 
     def _as_output(self, target: Tensor, output: Tensor) -> Tensor:
         c = self.hparams.out_features

@@ -1,0 +1,144 @@
+"""The callbacks under Lightning's training setups that change what a step, its weights or its loss are: mixed
+precision, manual optimization, partial epochs, several loaders, a weight decay in the optimizer."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _events import read_scalars
+from test_user_models import UserNet, _data, _fit
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hcl import TwoLayerReLU
+from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+
+
+def test_mixed_precision_patterns_are_those_of_the_weights_not_of_the_rounded_forward(tmp_path, make_trainer):
+    """Under bf16-mixed the hidden layer's output is rounded to bf16, which flips signs near 0: the patterns are
+    counted in the weights' own precision, as the convex monitors build their problems."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 2, generator=g)
+    y = torch.sin(X.sum(1))
+    torch.manual_seed(0)
+    model = UserNet(d=2, m=100, lr=0.5).float()
+    patterns = {}
+
+    class Weights(pl.Callback):  # the float32 patterns of the weights each step trains with
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            hidden = pl_module.net[0]
+            patterns[trainer.global_step] = (X @ hidden.weight.detach().T + hidden.bias.detach() >= 0).T
+
+    loader = DataLoader(TensorDataset(X, y), batch_size=100)  # full batch: the forward pass is the data itself
+    make_trainer([Weights(), PatternMonitor()], max_steps=7, precision="bf16-mixed").fit(model, loader)
+    logged = [value for _, value in read_scalars(tmp_path)["patterns/unique"]]
+    assert logged == [float(len(set(map(tuple, patterns[step].tolist())))) for step in sorted(patterns)]
+
+
+class DecayedByItsOptimizer(TwoLayerReLU):
+    """What ``hcl.fit --optimizer=SGD --optimizer.weight_decay=0.2`` trains: λ in the optimizer, none in the loss."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, weight_decay=0.2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_optimizers_weight_decay_is_in_the_models_objective_the_monitors_and_the_picture(
+        tmp_path, make_trainer, reduction):
+    """The model's train/objective, the monitors' L and the activation-point picture's L are one objective, with
+    λ = wd / 2: on summed mini-batches too, where each batch's sum weighs the B batches of an epoch (the step's loss
+    estimates L)."""
+    from hcl.callbacks import ActivationPointPlot
+    from hcl.datamodules import SyntheticRegression
+
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64)
+    data = SyntheticRegression(kind="points", x=x.tolist(), y=torch.sin(3 * x).tolist(), dtype="float64",
+                               batch_size=3 if reduction == "sum" else None)
+    model = DecayedByItsOptimizer(in_features=1, hidden=8, bias=True, reduction=reduction, lr=0.1)
+    if reduction == "sum":
+        model.hparams.lr = 1e-300  # the weights stay put over the epoch: its four batches' estimates average to L
+    monitor, picture = ConvexGapMonitor(every_n_steps=2, solver="clarabel"), ActivationPointPlot(every_n_steps=2)
+    make_trainer([monitor, picture], max_steps=4 if reduction == "sum" else 6).fit(model, datamodule=data)
+    assert monitor._lambda == model.optimizer_decay == picture._lambda == pytest.approx(0.1)
+    s = read_scalars(tmp_path)
+    logged, monitored = dict(s["train/objective"]), dict(s["convex/nonconvex_objective"])
+    if reduction == "mean":  # full batch: the step's objective is the monitors' L
+        assert all(monitored[step] == pytest.approx(logged[step], rel=1e-6) for step in monitored)
+    else:  # 12 points in batches of 3: each step's objective weighs its batch 4 times
+        assert sum(logged.values()) / 4 == pytest.approx(monitored[0], rel=1e-6)
+    assert float(model.objective(x[:, None], torch.sin(3 * x)[:, None])) == pytest.approx(
+        picture._last_frame.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize(("limit", "partial"), [
+    ({"overfit_batches": 1}, True), ({"limit_train_batches": 2}, True), ({"limit_train_batches": 1}, True),
+    ({"limit_train_batches": 0.5}, True), ({"limit_train_batches": 100}, False)])
+def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit, partial):
+    X, y = _data(n=40)
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)  # four batches: an int limit counts batches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([PatternMonitor()], max_steps=2, **limit).fit(UserNet(), loader)
+    name, value = next(iter(limit.items()))
+    said = [str(w.message) for w in caught if "the trainer trains on part of each epoch" in str(w.message)]
+    assert said == ([f"the trainer trains on part of each epoch ({name}={value}) while the callbacks evaluate the "
+                     "network on every training sample: pass probe=/target= to evaluate it on those trained on"]
+                    if partial else []), said
+
+
+def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_to_align_the_charts(make_trainer):
+    class TwoOptimizers(UserNet):  # each batch steps two optimizers: trainer.global_step moves by two
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.mse_loss(self(x).reshape(y.shape), y)
+            self.log("train_loss", loss)
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in self.optimizers():
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.05), torch.optim.SGD(self.net[2].parameters(),
+                                                                                        lr=0.05)]
+
+    X, y = _data(n=20)
+    messages = _fit(make_trainer, TwoOptimizers(), DataLoader(TensorDataset(X, y), batch_size=20), [PatternMonitor()],
+                    steps=4)
+    assert sum("the model's self.log values are written at Lightning's batch count" in m and
+               "self.log('step', float(self.global_step))" in m for m in messages) == 1, messages
+
+
+def test_several_training_loaders_are_refused_with_a_message_that_names_them(make_trainer):
+    class TwoLoaders(UserNet):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch["a"], batch_idx)
+
+    X, y = _data(n=20)
+    loaders = {name: DataLoader(TensorDataset(X, y), batch_size=20) for name in ("a", "b")}
+    with pytest.raises(ValueError, match=r"the model trains on 2 dataloaders at once \(dict\).*pass probe="):
+        make_trainer([PatternMonitor()], max_steps=1, logger=False).fit(TwoLoaders(), loaders)
+
+
+def test_a_summed_losss_decay_counts_the_steps_of_an_epoch_and_the_ranks_ddp_averages():
+    from types import SimpleNamespace
+
+    from hcl.callbacks.base import epoch_batches, resolve_objective
+
+    user, ours = UserNet(), TwoLayerReLU(in_features=3)
+    for module in (user, ours):
+        module._trainer = SimpleNamespace(num_training_batches=3, world_size=2)
+    # DDP averages the ranks' gradients of a user's summed loss: a penalty weighs world · batches times one step's
+    assert epoch_batches(user) == 6 and epoch_batches(ours) == 1  # TwoLayerReLU's step loss estimates L
+    user.weight_decay, user.reduction = 0.01, "sum"  # a penalty its summed loss adds at each of six steps
+    assert resolve_objective(user, None, None, "Probe")[0] == pytest.approx(0.06)
+    user._trainer = SimpleNamespace(num_training_batches=float("inf"), world_size=1)
+    assert epoch_batches(user) == 1
