@@ -162,9 +162,11 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
         loader = trainer.train_dataloader
     if loader is None:
         raise ValueError("no training data found: pass probe= (and target=) to the callback")
-    if isinstance(loader, (dict, list, tuple)):  # several training loaders (Lightning combines them)
-        raise ValueError(f"the model trains on {len(loader)} dataloaders at once ({type(loader).__name__}): the "
-                         "callbacks evaluate the network on one data set: pass probe= (and target=) to the callback")
+    if isinstance(loader, dict) or isinstance(loader, (list, tuple)) and loader and all(
+            hasattr(item, "dataset") for item in loader):  # training loaders that Lightning combines
+        raise ValueError(f"the training data is a {type(loader).__name__} of {len(loader)} dataloader"
+                         f"{'s' * (len(loader) != 1)}: the callbacks evaluate the network on one data set: pass probe= "
+                         "(and target=) to the callback")
     xs, ys = [], []
     for batch in _batches(loader):
         if isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(b, Tensor) for b in batch[:2]):

@@ -124,7 +124,7 @@ def test_several_training_loaders_are_refused_with_a_message_that_names_them(mak
 
     X, y = _data(n=20)
     loaders = {name: DataLoader(TensorDataset(X, y), batch_size=20) for name in ("a", "b")}
-    with pytest.raises(ValueError, match=r"the model trains on 2 dataloaders at once \(dict\).*pass probe="):
+    with pytest.raises(ValueError, match=r"the training data is a dict of 2 dataloaders: .*pass probe="):
         make_trainer([PatternMonitor()], max_steps=1, logger=False).fit(TwoLoaders(), loaders)
 
 
