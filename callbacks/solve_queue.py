@@ -205,13 +205,15 @@ class SolveQueue:
     def _abandon(self, elapsed: float) -> SolveOutcome:
         job = self._jobs.popleft()
         p = job.spec.prefix
-        what = "still running" if self._worker.started_at(job.future) is not None else "not started by its worker"
+        started = self._worker.started_at(job.future) is not None
+        what = "still running" if started else "not started by its worker"
         # A fresh worker (started on demand) takes the queue over; the stuck one is killed (process) or left to
         # finish alone (thread).
         self.close(kill=True)
         for queued in self._jobs:
             queued.future, queued.sent_to = self._send(queued.spec, queued.snapshot), self._worker
+        seconds = {f"{p}/solve_seconds": elapsed} if started else {}  # a job never started took no solve time
         return SolveOutcome({**network_metrics(job.spec, job.snapshot), f"{p}/status": Status.TIME_LIMIT.code,
-                             f"{p}/solve_seconds": elapsed},
+                             **seconds},
                             [f"{self.owner}: the solve of step {job.step} was {what} after {elapsed:.1f} s "
                              f"(time limit {self.time_limit} s): abandoned"])

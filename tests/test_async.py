@@ -175,7 +175,7 @@ def test_an_exception_cancels_the_queue_and_flushes(tmp_path, monkeypatch, run):
     class Crash(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 8:
-                time.sleep(1.0)  # the solves queued finish, to be collected in on_exception
+                time.sleep(2.0)  # the solves queued (nine of 50 ms) finish, to be collected in on_exception
                 raise KeyError("crash at step 8")
 
     monkeypatch.setattr(solve_queue_module, "solve", slow_solve)

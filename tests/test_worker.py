@@ -333,8 +333,9 @@ def test_a_job_its_worker_never_starts_is_abandoned_and_the_next_one_still_solve
     start = time.monotonic()
     (step, late), (next_step, solved) = q.collect(wait=True)
     assert (step, next_step) == (0, 1) and time.monotonic() - start < 10
-    assert late.metrics["convex/status"] == Status.TIME_LIMIT.code and late.metrics["convex/solve_seconds"] > 0.5
+    assert late.metrics["convex/status"] == Status.TIME_LIMIT.code and "convex/solve_seconds" not in late.metrics
     assert "step 0 was not started by its worker after" in late.messages[0] and "abandoned" in late.messages[0]
+    assert float(late.messages[0].split(" after ")[1].split(" s ")[0]) > 0.5  # the limit and the start wait
     assert solved.metrics["convex/status"] == Status.OPTIMAL.code  # by a fresh worker
 
 
@@ -418,7 +419,7 @@ def solves():
     for _ in range(6):  # seconds of native code after the script's end, well within the exit's wait under load
         solve(ConvexProblem(X, Y, D, 1e-3), "native")
 BackgroundWorker(kind="thread", name="exit-test").submit(solves)
-time.sleep(1.0)
+time.sleep(0.3)
 print("the script ends while the job runs")
 """
 
