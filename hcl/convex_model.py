@@ -162,7 +162,7 @@ class ConvexReLU(pl.LightningModule):
         self.reduction = reduction
         self._train_data: tuple[Tensor, Tensor] | None = None
         self._certified_step: int | None = None
-        self._warned_nonfinite = False
+        self._warned_nonfinite = self._warned_outside = False
         if out_features > 1:
             self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
             self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
@@ -295,8 +295,15 @@ class ConvexReLU(pl.LightningModule):
         mark_resumed_run(self.trainer)
         self._train_data = None
         self._certified_step = None
-        self._warned_nonfinite = self._warned_growth = False
+        self._warned_nonfinite = self._warned_growth = self._warned_outside = False
         self._first_objective: float | None = None
+        # an optimizer of a subclass's own (hcl.fit refuses --optimizer here)
+        decay = max((group.get("weight_decay") or 0.0 for opt in self.trainer.optimizers for group in opt.param_groups),
+                    default=0.0)
+        if decay > 0:
+            warnings.warn(f"ConvexReLU: the optimizer's weight_decay={decay:g} adds a ridge (wd/2)‖U‖² to the "
+                          "program, which its objective and certificate leave out: set λ with weight_decay= instead",
+                          stacklevel=2)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
@@ -386,8 +393,14 @@ class ConvexReLU(pl.LightningModule):
         values = {  # + 0.0: a bound of −0.0 reads 0
             "convex_train/objective": result.objective,
             "convex_train/lower_bound": result.lower_bound + 0.0,
-            "convex_train/duality_gap": result.gap,
         }
+        if self.V is None or result.violation == 0.0:  # a point outside its cones may lie below the optimum
+            values["convex_train/duality_gap"] = result.gap
+        elif not self._warned_outside:
+            self._warned_outside = True
+            warnings.warn(f"ConvexReLU: the point is outside its cones (largest violation {result.violation:.3g}): "
+                          "its objective bounds nothing, so convex_train/duality_gap is logged only at a point inside "
+                          "them; convex_train/lower_bound holds", stacklevel=2)
         if self.V is not None:
             values["convex_train/violation"] = result.violation + 0.0
         if self.trainer.is_global_zero:

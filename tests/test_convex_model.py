@@ -369,3 +369,39 @@ def test_the_data_line_names_the_certificates_not_callbacks(tmp_path, monkeypatc
     model = ConvexReLU(in_features=3, num_gates=4, certify_every_n_steps=1).double()
     _trainer(tmp_path, 1).fit(model, datamodule=TensorDataModule(train=(X, Y)))
     assert said and all(line.startswith("hcl: ConvexReLU's certificates evaluate") for line in said), said
+
+
+def test_a_relu_point_outside_its_cones_logs_its_bound_but_no_duality_gap(tmp_path):
+    """Outside its cones the penalised point's objective can lie below the optimum: a "gap" there read negative."""
+    X, Y = _data(n=20, c=1)
+    model = ConvexReLU(in_features=3, num_gates=6, weight_decay=LAM, variant="relu", optimizer="sgd", lr=0.02,
+                       certify_every_n_steps=10).double()
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    with pytest.warns(UserWarning, match=r"ConvexReLU: the point is outside its cones \(largest violation .*\): its "
+                                         r"objective bounds nothing, so convex_train/duality_gap is logged only"):
+        _trainer(tmp_path, 40, logger=logger, log_every_n_steps=1).fit(model,
+                                                                      datamodule=TensorDataModule(train=(X, Y)))
+    s = read_scalars(logger.log_dir)
+    violation = dict(s["convex_train/violation"])
+    assert sum(value > 0 for value in violation.values()) >= 3 and len(s["convex_train/lower_bound"]) == 5
+    inside = [step for step, value in violation.items() if value == 0]  # the start, zero
+    assert [step for step, _ in s.get("convex_train/duality_gap", [])] == inside
+
+
+def test_a_weight_decay_in_a_subclasss_optimizer_is_said(tmp_path):
+    class Decayed(ConvexReLU):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=0.1)
+
+    X, Y = _data(n=20, c=1)
+    with pytest.warns(UserWarning, match=r"the optimizer's weight_decay=0.1 adds a ridge .* set λ with weight_decay="):
+        _trainer(tmp_path, 2).fit(Decayed(in_features=3, num_gates=4).double(),
+                                  datamodule=TensorDataModule(train=(X, Y)))
+
+
+def test_the_gates_patterns_are_never_autocasts_bf16():
+    g = torch.Generator().manual_seed(0)
+    Xf, gates = fold_bias(torch.randn(2000, 8, generator=g), True), torch.randn(9, 50, generator=g)
+    exact = Xf.double() @ gates.double() >= 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gate_mask(Xf, gates), exact)

@@ -73,8 +73,10 @@ def gates_from_weights(weight: Tensor, bias: Tensor | None, folded_features: int
 
 
 def gate_mask(Xf: Tensor, gates: Tensor) -> Tensor:
-    """``(n, P)`` boolean ``1[x̃_j·g_i ≥ 0]`` (ties active)."""
-    return Xf @ gates.to(Xf) >= 0
+    """``(n, P)`` boolean ``1[x̃_j·g_i ≥ 0]`` (ties active), in ``Xf``'s precision: never autocast's bf16, whose
+    rounding flips signs near a gate's hyperplane (the certificate's patterns are float64)."""
+    with torch.autocast(Xf.device.type, enabled=False):
+        return Xf @ gates.to(Xf) >= 0
 
 
 def block_outputs(Xf: Tensor, W: Tensor) -> Tensor:
