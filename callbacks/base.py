@@ -247,7 +247,9 @@ class StackCallback(Callback):
             mirrored = {tag: logged[tag] for tag in objective_tags(pl_module) if tag in logged}
             # the model's own `step` value is the step its values are written at, else Lightning's log step
             step = int(logged["step"]) if "step" in logged else trainer.fit_loop.epoch_loop._batches_that_stepped
-            if "step" not in logged and step != trainer.global_step and not pl_module.automatic_optimization:
+            # after the first batch: a `step` the model logs at the end of its training_step is in the metrics by then
+            if ("step" not in logged and step != trainer.global_step and step >= 1
+                    and not pl_module.automatic_optimization):
                 data._say_once(trainer, "the model's self.log values are written at Lightning's batch count, the "
                                "callbacks' at trainer.global_step (the optimizer steps of manual optimization): on a "
                                "chart they are shifted; log self.log('step', float(self.global_step)) in "

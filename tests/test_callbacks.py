@@ -210,8 +210,9 @@ def test_a_failing_solver_warns_and_training_goes_on(tmp_path, make_trainer, mon
 
 def test_an_uncertified_native_solve_without_weight_decay_says_why(tmp_path, make_trainer):
     model, data = _seed_c(n=30, hidden=6)  # λ = 0
-    with pytest.warns(UserWarning, match=r"solver status 'optimal_inaccurate' at step 0; with weight_decay = 0 the "
-                                         r"native solver certifies no bound above 0 \(solver='clarabel' does\)"):
+    said = (r"solver status 'optimal_inaccurate' at step 0; with weight_decay = 0 no bound above 0 is certified, so "
+            r"the native solver claims no optimum \(a conic solver's own test does: solver='clarabel'\)")
+    with pytest.warns(UserWarning, match=said):
         make_trainer([ConvexGapMonitor(solver="native")], max_steps=1).fit(model, datamodule=data)
     assert [v for _, v in read_scalars(tmp_path)["convex/status"]] == [1.0]
 

@@ -90,7 +90,9 @@ def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit, 
                     if partial else []), said
 
 
-def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_to_align_the_charts(make_trainer):
+@pytest.mark.parametrize("logs_step", [False, True])
+def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_to_align_the_charts(make_trainer,
+                                                                                                    logs_step):
     class TwoOptimizers(UserNet):  # each batch steps two optimizers: trainer.global_step moves by two
         def __init__(self):
             super().__init__()
@@ -105,6 +107,8 @@ def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_t
             self.manual_backward(loss)
             for optimizer in self.optimizers():
                 optimizer.step()
+            if logs_step:  # the advice, at the end of the step
+                self.log("step", float(self.global_step))
 
         def configure_optimizers(self):
             return [torch.optim.SGD(self.net[0].parameters(), lr=0.05), torch.optim.SGD(self.net[2].parameters(),
@@ -114,7 +118,7 @@ def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_t
     messages = _fit(make_trainer, TwoOptimizers(), DataLoader(TensorDataset(X, y), batch_size=20), [PatternMonitor()],
                     steps=4)
     assert sum("the model's self.log values are written at Lightning's batch count" in m and
-               "self.log('step', float(self.global_step))" in m for m in messages) == 1, messages
+               "self.log('step', float(self.global_step))" in m for m in messages) == (0 if logs_step else 1), messages
 
 
 def test_several_training_loaders_are_refused_with_a_message_that_names_them(make_trainer):
