@@ -9,7 +9,6 @@ What every hcl callback shares: it watches the ``Linear → ReLU → Linear`` st
 from __future__ import annotations
 
 import ast
-import math
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -358,14 +357,13 @@ def epoch_batches(pl_module: "pl.LightningModule") -> int:
     the training batches of an epoch, times the processes under DDP, which averages the ranks' gradients; 1 for
     :class:`hcl.TwoLayerReLU`, whose loss weighs each summed batch so that it estimates ``L``, and when unknown (no
     trainer, or an endless loader)."""
-    from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
+    from hcl.model import TwoLayerReLU, training_batches  # here: the model module loads torchmetrics
 
     trainer = getattr(pl_module, "_trainer", None)
-    batches = getattr(trainer, "num_training_batches", None) if trainer is not None else None
-    if isinstance(pl_module, TwoLayerReLU) or not (
-            isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1):
+    batches = training_batches(trainer)
+    if isinstance(pl_module, TwoLayerReLU) or batches is None:
         return 1
-    return int(batches) * int(getattr(trainer, "world_size", 1) or 1)
+    return batches * int(getattr(trainer, "world_size", 1) or 1)
 
 
 def resolve_objective(

@@ -240,8 +240,7 @@ class TwoLayerReLU(pl.LightningModule):
     def _summed_batches(self) -> float:
         """The weight of a summed mini-batch in the training loss: the batches of an epoch, so that the loss of a
         step estimates ``L`` and the penalty it adds at every step keeps its ``λ`` (1 for full batches)."""
-        batches = getattr(self._trainer, "num_training_batches", 1) if self._trainer is not None else 1
-        return float(batches) if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 1 else 1.0
+        return float(training_batches(self._trainer) or 1)
 
     def _as_output(self, target: Tensor, output: Tensor) -> Tensor:
         c = self.hparams.out_features
@@ -284,6 +283,12 @@ class TwoLayerReLU(pl.LightningModule):
                 raise ValueError("hidden_bias_init given but the model has bias=False")
             _set_explicit(self.hidden_layer.bias, hidden_bias_init, "hidden_bias_init")
         _set_explicit(self.output_layer.weight, output_weight, "output_weight")
+
+
+def training_batches(trainer: "pl.Trainer | None") -> int | None:
+    """The training batches of an epoch; ``None`` when unknown (no trainer, or an endless loader)."""
+    batches = getattr(trainer, "num_training_batches", None) if trainer is not None else None
+    return int(batches) if isinstance(batches, (int, float)) and math.isfinite(batches) and batches >= 1 else None
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -18,6 +18,7 @@ from hcl.convex.native.options import (
     ANDERSON_MEMORY,
     FLOAT32_BLOCKS_FROM_D_OVER_N,
     FLOAT32_SCHUR_ABOVE,
+    METHODS,
     NEWTON_MAX_SAMPLES,
     OUTER_PRODUCTS_MAX_BYTES,
     NativeOptions,
@@ -55,7 +56,7 @@ class SolverMemoryError(MemoryError):
                  advice: str = "", considered: dict[str, int] | None = None) -> None:
         self.method, self.sizes, self.estimate, self.budget = method, sizes, estimate, budget
         n, d, P, c = sizes
-        who = method if advice == CONIC else f"native method {method!r}"
+        who = f"native method {method!r}" if method in METHODS else method
         also = " and ".join(f"{name!r} at {_gib(size)}" for name, size in (considered or {}).items())
         limit = "raise memory_limit (bytes)" if why == "memory_limit" else "set memory_limit (bytes)"
         super().__init__(
@@ -72,9 +73,7 @@ CONIC_BYTES_PER_ENTRY = 1024
 
 def check_conic_memory(problem: ConvexProblem, solver: str, memory_limit: int | None = None) -> None:
     """Refuse a cvxpy solve (``solver``) of ``problem`` that would not fit the CPU's budget, before it builds."""
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, int)
-                                     or memory_limit < 1):
-        raise ValueError(f"memory_limit must be a positive integer, got {memory_limit!r}")
+    NativeOptions(memory_limit=memory_limit)  # the native solver's check of the value
     sizes = (problem.n, problem.d, problem.num_patterns, problem.c)
     needed = CONIC_BYTES_PER_ENTRY * sizes[0] * sizes[1] * sizes[2] * sizes[3] + BASE_BYTES
     budget, why = memory_budget("cpu", memory_limit)  # cvxpy works on a CPU copy
