@@ -277,4 +277,4 @@ class GlobalOptimumMonitor(StackCallback):
         self.upper_bound = known.upper_bound if scalar else None
         self.lower_bound = None if lower is None else lower + 0.0  # + 0.0: a bound of −0.0 reads 0
         self.num_patterns = self.problem.num_patterns
-        self.num_neurons = solution.active_neurons()
+        self.num_neurons = solution.active_neurons(problem=self.problem)

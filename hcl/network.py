@@ -168,7 +168,8 @@ class ReLUStack:
             ValueError: the solution cannot be mapped to network weights, or needs more neurons than the stack has.
         """
         try:
-            W, A, b0 = problem.to_network(solution.U, solution.V, solution.b0)
+            # a solver's leftovers (norms near rounding) are no neurons: the rule of solution.active_neurons
+            W, A, b0 = problem.to_network(solution.U, solution.V, solution.b0, tol=solution.neuron_tol(problem=problem))
         except Exception as err:  # noqa: BLE001 - one error type for the caller, whatever the mapping raised
             raise ValueError(f"the convex solution could not be mapped to network weights ({type(err).__name__}: "
                              f"{err})") from err

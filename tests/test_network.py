@@ -198,3 +198,26 @@ def test_a_solution_that_cannot_be_mapped_is_a_value_error():
     solution.U = None  # a failed solve carries no point
     with pytest.raises(ValueError, match="could not be mapped to network weights"):
         stack.mapped_weights(problem, solution)
+
+
+def test_a_solvers_optimum_maps_without_its_leftovers():
+    """A solver leaves columns at rounding level (1e-12) that are no neurons: they neither make the solution too wide
+    for the network nor change its objective."""
+    from hcl.convex import solve
+
+    torch.manual_seed(0)
+    X, Y = torch.randn(30, 2, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(2, 10), nn.ReLU(), nn.Linear(10, 1)).double()
+    stack = find_relu_stack(net)
+    problem, _ = problem_from_network(X, Y, *stack.weights(), weight_decay=0.05, reduction="mean")
+    solution = solve(problem, "clarabel")
+    columns = torch.cat([solution.U.norm(dim=1).flatten(), solution.V.norm(dim=1).flatten()])
+    assert int((columns > 0).sum()) > 10 >= solution.active_neurons(problem=problem)  # leftovers would not fit
+    W, A, b0 = stack.mapped_weights(problem, solution)
+    assert W.shape[0] == solution.active_neurons(problem=problem)
+    stack.load_weights(W, A, b0)
+    with torch.no_grad():
+        out = net(X).reshape(-1)
+        L = (out - Y).square().mean() + 0.05 * (net[0].weight.square().sum() + net[0].bias.square().sum()
+                                                + net[2].weight.square().sum())
+    assert float(L) == pytest.approx(solution.value, rel=1e-7)

@@ -432,3 +432,20 @@ def test_active_neurons_counts_the_mapped_networks_neurons_for_several_outputs()
     assert solution.active_neurons() == 3
     hidden, _, _ = problem.to_network(U, V, b0, tol=1e-6 * float(U.norm(dim=1).max()))
     assert hidden.shape[0] == 3
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "native"])
+def test_a_zero_network_optimum_has_no_active_neurons(solver):
+    """λ large enough that the optimum is the zero network: the solver's leftovers (1e-14 to 1e-9) are all its blocks
+    hold, and no neuron of the mapped network."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(25, 3, dtype=torch.float64), torch.randn(25, dtype=torch.float64)
+    problem = ConvexProblem(X, Y, X @ torch.randn(3, 6, dtype=torch.float64) >= 0, weight_decay=10.0,
+                            output_bias=True)
+    solution = solve(problem, solver)
+    assert solution.value == pytest.approx(float((Y - Y.mean()).square().mean()), rel=1e-6)
+    leftover = float(torch.cat([solution.U.flatten(), solution.V.flatten()]).abs().max())
+    assert leftover < 1e-6
+    assert solution.active_neurons(problem=problem) == 0
+    if solver == "clarabel":  # an interior point's leftovers: relative to its own largest only, they would count
+        assert leftover > 0 and solution.active_neurons() > 0

@@ -412,13 +412,24 @@ class ConvexSolution:
         """A usable point: the status is optimal (or optimal to a looser tolerance) and the value is finite."""
         return Status.of(self.status).solved and math.isfinite(self.value)
 
-    def active_neurons(self, rtol: float = 1e-6) -> int:
+    def active_neurons(self, rtol: float = 1e-6, problem: ConvexProblem | None = None) -> int:
         """Neurons of the network :meth:`ConvexProblem.to_network` maps this solution to, one per column ``U_i[:, k]``
-        or ``V_i[:, k]`` with a norm above ``rtol`` times the largest (below: a solver's leftovers). For a scalar
-        output, the nonzero blocks ``U_i``, ``V_i``; for ``c`` outputs, up to ``2Pc``."""
+        or ``V_i[:, k]`` with a norm above :meth:`neuron_tol` (below: a solver's leftovers). For a scalar output, the
+        nonzero blocks ``U_i``, ``V_i``; for ``c`` outputs, up to ``2Pc``."""
         norms = torch.cat([self.U.norm(dim=1).flatten(), self.V.norm(dim=1).flatten()])  # (P, d, c) → per column
-        scale = max(float(norms.max()), 1e-30) if norms.numel() else 1.0
-        return int((norms > rtol * scale).sum())
+        return int((norms > self.neuron_tol(rtol, problem)).sum())
+
+    def neuron_tol(self, rtol: float = 1e-6, problem: ConvexProblem | None = None) -> float:
+        """The column norm up to which a column is a solver's leftover: ``rtol`` times the largest and, given the
+        ``problem`` solved, ``rtol · ‖Y‖_F / ‖X‖_F`` (its outputs ``‖X u‖ ≤ ‖X‖_F ‖u‖`` move no prediction by more
+        than ``rtol`` of the targets), so that the leftovers of a zero-network optimum are no neurons."""
+        norms = torch.cat([self.U.norm(dim=1).flatten(), self.V.norm(dim=1).flatten()])
+        tol = rtol * float(norms.max()) if norms.numel() else 0.0
+        if problem is not None:
+            x_norm = float(problem.X.to(torch.float64).norm())
+            if x_norm > 0:
+                tol = max(tol, rtol * float(problem.Y.to(torch.float64).norm()) / x_norm)
+        return max(tol, 1e-30 * rtol)
 
     @property
     def relative_gap(self) -> float | None:

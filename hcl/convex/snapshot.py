@@ -362,7 +362,7 @@ def _measure(
     exact = not spec.gated and not problem.is_bound  # the problem's optimum is the best network's objective
     metrics.update({
         f"{p}/solve_seconds": seconds,
-        f"{p}/active_neurons": solution.active_neurons(),
+        f"{p}/active_neurons": solution.active_neurons(problem=problem),
         f"{p}/status": status.code,
     })
     if status == Status.OPTIMAL and known.optimum is not None:
