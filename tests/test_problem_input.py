@@ -130,3 +130,21 @@ def test_native_options_take_numpy_numbers_and_refuse_bools_strings_and_toleranc
                          ({"penalty": "a"}, "penalty must be a finite number > 0")):
         with pytest.raises(ValueError, match=message):
             NativeOptions(**bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_networks_problem_on_half_precision_data_keeps_its_targets_and_weights(dtype):
+    """problem_from_network on half-precision X builds the float32 problem ConvexProblem would: float32 targets and
+    weights are not rounded to half precision on the way (targets near 1000 moved by up to 0.5)."""
+    from hcl.convex import problem_from_network
+
+    torch.manual_seed(0)
+    X = torch.randn(50, 3).to(dtype)
+    Y = torch.randn(50) * 100 + 1000
+    W, b, A = torch.randn(6, 3), torch.randn(6), torch.randn(1, 6)
+    half, (U, V, _) = problem_from_network(X, Y, W, b, A, torch.zeros(1), weight_decay=0.1, reduction="mean")
+    full, (U32, V32, _) = problem_from_network(X.float(), Y, W, b, A, torch.zeros(1), weight_decay=0.1,
+                                               reduction="mean")
+    assert half.X.dtype == torch.float32
+    assert torch.equal(half.Y, full.Y) and torch.equal(half.patterns, full.patterns)
+    assert torch.equal(U, U32) and torch.equal(V, V32)

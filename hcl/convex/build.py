@@ -83,6 +83,8 @@ def problem_from_network(
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} contains NaN or inf")
     X = X.detach()
+    if X.dtype in (torch.float16, torch.bfloat16):  # as ConvexProblem stores it: exactly, in float32 (and so Y, W)
+        X = X.float()
     if X.ndim != 2:
         raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
     if hidden_weight.ndim != 2 or hidden_weight.shape[1] != X.shape[1]:
