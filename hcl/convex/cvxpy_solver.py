@@ -73,6 +73,7 @@ OWN_DEFAULTS = {"CLARABEL": {"tol_gap_abs": 1e-8, "tol_gap_rel": 1e-8, "tol_feas
 STATUS_MAP = {
     cp.OPTIMAL: Status.OPTIMAL,
     cp.OPTIMAL_INACCURATE: Status.OPTIMAL_INACCURATE,
+    cp.USER_LIMIT: Status.MAX_ITERATIONS,  # or TIME_LIMIT: _limit_status tells
 }
 
 
@@ -221,7 +222,8 @@ def solve_cvxpy(
         U=U,
         V=V,
         b0=b0,
-        status=certified_status(problem, STATUS_MAP[status], value, dual_value, violation),
+        status=certified_status(problem, STATUS_MAP[status], value, dual_value, violation,
+                                _limit_status(cvx_problem, seconds, time_limit)),
         solver=name,
         solve_seconds=seconds,
         iterations=cvx_problem.solver_stats.num_iters if cvx_problem.solver_stats else None,
@@ -232,18 +234,38 @@ def solve_cvxpy(
     )
 
 
-def certified_status(problem: ConvexProblem, status: Status, value: float, dual: float, violation: float) -> Status:
+def certified_status(
+    problem: ConvexProblem, status: Status, value: float, dual: float, violation: float, limit: Status | None = None
+) -> Status:
     """hcl's certificate decides between ``OPTIMAL`` and ``OPTIMAL_INACCURATE`` where it exists (``λ > 0``): a relative
     gap to ``dual`` within ``DEFAULT_TOL`` and a violation within ``DEFAULT_TOL · max|Y|`` is ``OPTIMAL`` whatever the
     solver said (its own tests are on its internal scaling), anything else ``OPTIMAL_INACCURATE`` (ECOS's multipliers
-    certify about 5e-3, and SCS called points outside their cones optimal). At ``λ = 0`` no certificate exists beyond
-    0: the solver's ``OPTIMAL`` stands if its point is feasible to that tolerance."""
+    certify about 5e-3, and SCS called points outside their cones optimal), or the ``limit`` the solver stopped at
+    (``MAX_ITERATIONS``, ``TIME_LIMIT``: stopped early, as the native solver says). At ``λ = 0`` no certificate exists
+    beyond 0: the solver's ``OPTIMAL`` stands if its point is feasible to that tolerance."""
     y_unit = float(problem.Y.abs().max()) or 1.0
     feasible = violation <= DEFAULT_TOL * y_unit and math.isfinite(value)
     if problem.weight_decay > 0:
         certified = feasible and relative_gap(value, dual, problem.gap_floor) <= DEFAULT_TOL
-        return Status.OPTIMAL if certified else Status.OPTIMAL_INACCURATE
+        return Status.OPTIMAL if certified else limit or Status.OPTIMAL_INACCURATE
+    if limit is not None:
+        return limit
     return status if feasible else Status.OPTIMAL_INACCURATE
+
+
+def _limit_status(cvx_problem: cp.Problem, seconds: float, time_limit: float | None) -> Status | None:
+    """``MAX_ITERATIONS`` or ``TIME_LIMIT`` when the solver stopped at a limit — cvxpy's ``"user_limit"``, or SCS's
+    ``"optimal_inaccurate"`` whose own status says so ("solved (inaccurate - reached max_iters)") — else ``None``."""
+    extra = getattr(cvx_problem.solver_stats, "extra_stats", None)
+    info = extra.get("info") if isinstance(extra, dict) else None
+    text = str(info.get("status", "")) if isinstance(info, dict) else ""
+    if "max_iters" in text:
+        return Status.MAX_ITERATIONS
+    if "time_limit" in text:
+        return Status.TIME_LIMIT
+    if cvx_problem.status == cp.USER_LIMIT:
+        return Status.TIME_LIMIT if time_limit is not None and seconds >= 0.9 * time_limit else Status.MAX_ITERATIONS
+    return None
 
 
 class _NoValue(Exception):
