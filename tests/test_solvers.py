@@ -89,3 +89,31 @@ def test_the_native_entry_runs_small_cpu_problems_on_one_thread():
         assert inside == 1 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"tol": -1.0}, "tol must be"), ({"max_iters": 0}, "max_iters must be"),
+])
+def test_auto_checks_native_values_whichever_solver_it_picks(options, message):
+    """The same call fails the same way at any size: Clarabel, picked for small problems, dropped them silently."""
+    small = small_problem()
+    assert choose_solver(small) == "clarabel"
+    with pytest.raises(ValueError, match=message):
+        solve(small, "auto", **options)
+
+
+@pytest.mark.parametrize("solver", ["native", "clarabel", "scs", "cvxpylayers"])
+@pytest.mark.parametrize("options,message", [
+    ({"time_limit": "1"}, "time_limit must be a finite number > 0, got '1'"),
+    ({"time_limit": float("inf")}, "time_limit must be a finite number > 0"),
+    ({"time_limit": -1}, "time_limit must be"),
+    ({"gated": "no"}, "gated must be a bool, got 'no'"),
+    ({"verbose": "yes"}, "verbose must be a bool"),
+])
+def test_the_common_options_are_checked_alike_for_every_solver(solver, options, message):
+    with pytest.raises(ValueError, match=message):
+        solve(small_problem(), solver, **options)
+
+
+def test_an_integer_verbose_reaches_the_conic_solvers_as_a_bool():
+    assert solve(small_problem(), "clarabel", verbose=0).status == Status.OPTIMAL  # Clarabel refused the int

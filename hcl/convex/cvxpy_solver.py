@@ -194,7 +194,7 @@ def solve_cvxpy(
         with warnings.catch_warnings():
             # the status ("optimal_inaccurate") already says so; keep training logs free of it
             warnings.filterwarnings("ignore", message="Solution may be inaccurate")
-            cvx_problem.solve(solver=name, verbose=verbose, **options)
+            cvx_problem.solve(solver=name, verbose=bool(verbose), **options)
     except cp.error.SolverError as error:
         raise ConvexSolveError(f"{name} failed: {error}") from error
     except TypeError as error:  # an unknown setting: name the solver, which ECOS and SCS do not

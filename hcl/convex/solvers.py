@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import numbers
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -196,8 +197,13 @@ def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
     """
     entry = get_solver(solver)
     entry.check_options(options)
-    if options.get("memory_limit") is not None:  # every solver's, refused here rather than at each solve
-        NativeOptions(memory_limit=options["memory_limit"])
+    # every solver's common options, refused here rather than differently (or not at all) by each solver
+    limits = {key: options[key] for key in ("memory_limit", "time_limit") if options.get(key) is not None}
+    NativeOptions(**limits)
+    for key in ("gated", "verbose"):
+        value = options.get(key, False)
+        if not isinstance(value, (bool, numbers.Integral)) or (key == "gated" and not isinstance(value, bool)):
+            raise ValueError(f"{key} must be a bool, got {value!r}")
     if entry.name in ("native", "auto"):
         native = {key: value for key, value in options.items() if key in NativeOptions.names()}
         NativeOptions(**native)  # validates on construction
@@ -247,8 +253,5 @@ def solve(problem: ConvexProblem, solver: str = "auto", **options: Any) -> Conve
     """
     if not isinstance(problem, ConvexProblem):
         raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
-    entry = get_solver(solver)
-    entry.check_options(options)
-    if options.get("memory_limit") is not None:  # every solver's, refused here rather than at each solve
-        NativeOptions(memory_limit=options["memory_limit"])
-    return entry.solve(problem, **options)
+    check_solver_options(solver, options)  # the values too: "auto" would otherwise drop those Clarabel does not take
+    return get_solver(solver).solve(problem, **options)
