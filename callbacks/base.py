@@ -270,7 +270,14 @@ class StackCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step}
+        return {"last_step": min(self.last_step, self.finished_step())}
+
+    def finished_step(self) -> int:
+        """The last step the trainer finished: a checkpoint written inside a step (``OnExceptionCheckpoint``) records
+        its step as not done, for the resumed run to take again (the callbacks act at its start)."""
+        fitted = _FITTED_WITH.get(self)
+        trainer = None if fitted is None else fitted()
+        return self.last_step if trainer is None else min(self.last_step, trainer.global_step - 1)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -224,7 +224,7 @@ class ConvexGapMonitor(StackCallback):
         self.raise_worker_errors = raise_worker_errors
         self.worker = worker
         self.warm_start = warm_start
-        self._skipped = 0
+        self._skipped = self._retaken = 0  # cancelled snapshots; of them, at steps a resume takes again
         self._X: Tensor | None = None
         self._Y: Tensor | None = None
         # Run state, created when training starts (never in __init__: ddp_spawn pickles the callbacks).
@@ -237,7 +237,7 @@ class ConvexGapMonitor(StackCallback):
     @override
     def reset(self) -> None:
         super().reset()
-        self._skipped = 0
+        self._skipped = self._retaken = 0
 
     # ------------------------------------------------------------------- hooks
     @override
@@ -327,6 +327,7 @@ class ConvexGapMonitor(StackCallback):
                 # passed their steps, and one written before them leaves them to the resumed run
                 for step in self._queue.cancel():
                     self._skipped += 1
+                    self._retaken += step > self.finished_step()  # a checkpoint now leaves it to the resumed run
                     log_scalars(trainer, {f"{self.prefix}/skipped": self._skipped}, step)
                 self._close_queue(kill=True)
         super().on_exception(trainer, pl_module, exception)
@@ -343,12 +344,12 @@ class ConvexGapMonitor(StackCallback):
         if self._queue is not None and len(self._queue) and self._trainer is not None:
             # A checkpoint is a consistent cut: every step it records as done has been logged.
             self._collect(self._trainer, wait=True)
-        return {**super().state_dict(), "skipped": self._skipped}
+        return {**super().state_dict(), "skipped": self._skipped - self._retaken}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._skipped = state_dict.get("skipped", 0)
+        self._skipped, self._retaken = state_dict.get("skipped", 0), 0
 
     # -------------------------------------------------------------- the solve
     def evaluate(self, snap: Snapshot) -> tuple[dict[str, float], tuple[ConvexProblem, ConvexSolution] | None]:

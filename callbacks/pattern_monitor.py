@@ -81,6 +81,7 @@ class PatternMonitor(StackCallback):
     ) -> None:
         super().__init__(every_n_steps, probe=probe, layer=layer, output_layer=output_layer, max_samples=max_samples)
         self._tracker = PatternTracker()
+        self._tracked_step: int | None = None  # the step of the tracker's last snapshot
         self._data: Tensor | None = None
         self._hook = None
         self._pending: int | None = None  # the due step whose patterns the next training forward pass records
@@ -91,6 +92,7 @@ class PatternMonitor(StackCallback):
     def reset(self) -> None:
         super().reset()
         self._tracker = PatternTracker()
+        self._tracked_step = None
         self._warned_nonfinite = False
 
     @override
@@ -135,7 +137,9 @@ class PatternMonitor(StackCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "tracker": self._tracker.state_dict()}
+        # a step cut short (its checkpoint taken inside it) leaves the history as before it: the resumed run retakes it
+        unfinished = self._tracked_step is not None and self._tracked_step > self.finished_step()
+        return {**super().state_dict(), "tracker": self._tracker.state_dict(drop_last=unfinished)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -166,6 +170,7 @@ class PatternMonitor(StackCallback):
 
     def _record(self, trainer: "pl.Trainer", packed: Tensor, step: int) -> None:
         stats = self._tracker.update_packed(packed)
+        self._tracked_step = step
         if trainer.is_global_zero:
             log_scalars(
                 trainer,

@@ -347,6 +347,7 @@ class TensorDataModule(pl.LightningDataModule):
         return _ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, taken=self._batches_taken)
 
     def _batches_taken(self) -> int:
-        """The training batches of the current epoch the fit loop has taken (not the ones fetched ahead)."""
+        """The training batches of the current epoch the fit loop has trained on (not the ones fetched ahead, nor one
+        whose step failed: a checkpoint written then, ``OnExceptionCheckpoint``, leaves it to the resumed run)."""
         trainer = self.trainer
-        return 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)

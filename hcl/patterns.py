@@ -252,11 +252,13 @@ class PatternTracker:
     def __init__(self) -> None:
         self._seen: set[tuple[int, int]] = set()
         self._previous: Tensor | None = None  # (m, 2) keys of the last snapshot
+        self._undo: tuple[list[tuple[int, int]], Tensor | None] = ([], None)  # the last update's additions, previous
 
     def reset(self) -> None:
         """Forget the history (the next snapshot counts as the first)."""
         self._seen = set()
         self._previous = None
+        self._undo = ([], None)
 
     @property
     def num_seen(self) -> int:
@@ -284,22 +286,27 @@ class PatternTracker:
                     "call reset() before tracking a different network"
                 )
             changed = int((self._previous.to(keys.device) != keys).any(dim=1).sum())
-        new = 0
+        added = []
         for pair in distinct.cpu().tolist():
             key = (pair[0], pair[1])
             if key not in self._seen:
                 self._seen.add(key)
-                new += 1
+                added.append(key)
+        new = len(added)
+        self._undo = (added, self._previous)
         self._previous = keys
         unique = distinct.shape[0]
         return PatternStats(
             unique=unique, dead=int(dead.sum()), changed=changed, new=new, unique_live=unique - int(has_dead)
         )
 
-    def state_dict(self) -> dict:
-        """The history as plain Python ints and lists (picklable, no tensors)."""
-        previous = None if self._previous is None else self._previous.cpu().tolist()
-        return {"seen": sorted(self._seen), "previous": previous}
+    def state_dict(self, drop_last: bool = False) -> dict:
+        """The history as plain Python ints and lists (picklable, no tensors); with ``drop_last``, as it was before
+        the last snapshot (a checkpoint of a step that did not finish, which the resumed run takes again)."""
+        seen, previous = self._seen, self._previous
+        if drop_last:
+            seen, previous = seen - set(self._undo[0]), self._undo[1]
+        return {"seen": sorted(seen), "previous": None if previous is None else previous.cpu().tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a history saved by :meth:`state_dict`."""

@@ -83,6 +83,43 @@ def test_a_killed_run_resumed_through_the_cli_has_every_step_once(tmp_path):
             assert value == pytest.approx(expected, rel=1e-6, abs=1e-12), (tag, step)
 
 
+class RaiseInStep(pl.Callback):
+    """Raises inside step ``step``, after the monitors acted at its start and before its optimizer step: the
+    exception's checkpoint (OnExceptionCheckpoint, also on Ctrl-C) is written in the middle of that step."""
+
+    def __init__(self, step: int = KILL_AT) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"raised in step {self.step}")
+
+
+def test_a_run_resumed_from_its_exception_checkpoint_takes_the_failed_step_again(tmp_path):
+    """The step the exception cut short is neither lost (its callbacks' values, the pattern history, the skipped count)
+    nor trained on another batch (the loader's state counted the failed batch as taken)."""
+    mini_batches = ["--data.init_args.batch_size=10", "--model.optimizer=momentum"]
+    _cli(tmp_path / "reference", *mini_batches)
+    reference = _tensorboard_view(tmp_path / "reference" / "lightning_logs" / "version_0")
+
+    root = tmp_path / "resumed"
+    checkpoints = root / "lightning_logs" / "version_0" / "checkpoints"  # the run's own: the resume continues it
+    with pytest.raises(RuntimeError, match=f"raised in step {KILL_AT}"):
+        _cli(root, *mini_batches, "--trainer.callbacks+=lightning.pytorch.callbacks.OnExceptionCheckpoint",
+             f"--trainer.callbacks.dirpath={checkpoints}", "--trainer.callbacks+=test_resume.RaiseInStep")
+    saved = torch.load(checkpoints / "on_exception.ckpt", weights_only=False)
+    assert saved["global_step"] == KILL_AT
+    assert all(state["last_step"] == KILL_AT - 1 for state in saved["callbacks"].values() if "last_step" in state)
+    _cli(root, *mini_batches, f"--ckpt_path={checkpoints / 'on_exception.ckpt'}")
+
+    resumed = _tensorboard_view(root / "lightning_logs" / "version_0")
+    for tag in (*TAGS, "epoch"):
+        assert [s for s, _ in resumed[tag]] == list(range(STEPS)), tag
+        for (step, value), (_, expected) in zip(resumed[tag], reference[tag]):
+            assert value == pytest.approx(expected, rel=1e-6, abs=1e-12), (tag, step)
+    assert not resumed.get("convex_async/skipped")  # the step cancelled by the exception was solved by the resumed run
+
+
 def slow_point_solve(problem, solver, *, gated=False, warm_start=None, **options):
     time.sleep(0.03)
     U, V, b0 = warm_start
