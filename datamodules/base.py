@@ -167,6 +167,31 @@ def shard(inputs: Tensor, targets: Tensor, rank: int, world_size: int) -> tuple[
     return inputs[rank::world_size].contiguous(), targets[rank::world_size].contiguous()
 
 
+def even_batch_sizes(n: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """Batch sizes for the larger and the smaller shards of ``n`` points over ``world_size`` ranks (sizes
+    ``⌈n/w⌉`` and ``⌊n/w⌋``) that give every rank the same number of batches, as close to ``batch_size`` (and not above
+    it) as can be: the ranks take every step together (a rank out of batches left the others waiting in their
+    collectives until the connection closed). The larger shards keep ``batch_size`` where the smaller ones can match
+    them; else both take the largest size that does not divide the smaller shard's.
+
+    Raises:
+        ValueError: no batch size does (``batch_size`` 1 or 2, say, with shards of different sizes).
+    """
+    large, small = -(-n // world_size), n // world_size
+    steps = -(-large // batch_size)
+    if -(-small // batch_size) == steps:
+        return batch_size, batch_size
+    fitting = (small - 1) // (steps - 1)  # steps > 1 here: the smaller shard's largest size that still takes `steps`
+    if fitting >= 1 and -(-small // fitting) == steps:
+        return batch_size, fitting
+    common = next((b for b in range(batch_size - 1, 1, -1) if small % b), None)  # then ⌈small/b⌉ = ⌈large/b⌉
+    if common is None:
+        raise ValueError(f"batch_size={batch_size} with {n} training points over {world_size} ranks: the shards of "
+                         f"{large} and {small} points cannot take the same number of steps; use a larger batch_size, "
+                         f"a number of points divisible by {world_size}, or shard=False")
+    return common, common
+
+
 class TensorDataModule(pl.LightningDataModule):
     r"""In-memory tensors served as one full batch or as shuffled mini-batches.
 
@@ -314,9 +339,14 @@ class TensorDataModule(pl.LightningDataModule):
         """One full batch per epoch, or shuffled mini-batches; sharded by rank under DDP when ``shard``."""
         inputs, targets = self._split("train")
         world_size = self.trainer.world_size if self.trainer is not None else 1
+        batch_size = self.batch_size
         if self.shard and world_size > 1:
+            n = inputs.shape[0]
             inputs, targets = shard(inputs, targets, self.trainer.global_rank, world_size)
-        return self._loader(inputs, targets, shuffle=True)
+            if batch_size is not None:  # the same number of batches on every rank, whatever its shard's size
+                larger, smaller = even_batch_sizes(n, world_size, batch_size)
+                batch_size = larger if inputs.shape[0] == -(-n // world_size) else smaller
+        return self._loader(inputs, targets, shuffle=True, batch_size=batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         """The validation set like the training set, unsharded; an empty list (no validation) if absent."""
@@ -333,18 +363,19 @@ class TensorDataModule(pl.LightningDataModule):
             return []
         return self._loader(*self._splits[split], shuffle=False)
 
-    def _loader(self, inputs: Tensor, targets: Tensor, shuffle: bool) -> DataLoader:
+    def _loader(self, inputs: Tensor, targets: Tensor, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         if self.batch_size is None:
             return DataLoader(_FullBatch(inputs, targets), batch_size=None)
+        batch_size = batch_size or self.batch_size
         dataset = TensorDataset(inputs, targets)
         if not shuffle:
-            return DataLoader(dataset, batch_size=self.batch_size)
+            return DataLoader(dataset, batch_size=batch_size)
         # A single-replica DistributedSampler: Lightning leaves it in place under DDP (any other sampler
         # would be wrapped and shard the already sharded data again) and calls its set_epoch, so the
         # order depends only on the seed and the epoch, also after resuming from a checkpoint (inside an epoch too:
         # the loader's state is the batches training took, which the resumed epoch skips).
         sampler = _EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
-        return _ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, taken=self._batches_taken)
+        return _ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, taken=self._batches_taken)
 
     def _batches_taken(self) -> int:
         """The training batches of the current epoch the fit loop has trained on (not the ones fetched ahead, nor one

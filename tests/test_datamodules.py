@@ -406,3 +406,27 @@ def test_a_mid_epoch_checkpoint_resumes_with_the_batches_the_epoch_had_left(make
     resumed = run(8, tmp_path / "b", ckpt_path=str(mid_epoch))
     for name, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name  # (the replayed batches moved them by 8e-2)
+
+
+@pytest.mark.parametrize("n,world_size,batch_size", [(101, 2, 10), (33, 2, 4), (103, 4, 16), (200, 3, 50), (13, 3, 3)])
+def test_every_rank_takes_the_same_number_of_mini_batches(n, world_size, batch_size):
+    """Shards of different sizes (101 points over 2 ranks: 51 and 50) took 6 and 5 batches of 10: the rank with the
+    sixth waited in its all-gather for a rank that had finished, and the run died ("Connection closed by peer")."""
+    X = torch.randn(n, 3, dtype=torch.float64)
+    module = TensorDataModule(train=(X, X[:, :1].clone()), batch_size=batch_size)
+    counts, seen = set(), []
+    for rank in range(world_size):
+        _attach(module, world_size=world_size, rank=rank)
+        batches = list(module.train_dataloader())
+        counts.add(len(batches))
+        assert max(b[0].shape[0] for b in batches) <= batch_size
+        seen.extend(x for b in batches for x in b[0][:, 0].tolist())
+    assert len(counts) == 1  # the same number of steps on every rank
+    assert sorted(seen) == sorted(X[:, 0].tolist())  # every point once
+
+
+def test_shards_that_cannot_take_the_same_number_of_batches_are_refused_by_name():
+    module = TensorDataModule(train=(torch.randn(9, 2), torch.randn(9, 1)), batch_size=1)
+    _attach(module, world_size=2, rank=1)
+    with pytest.raises(ValueError, match="batch_size=1 with 9 training points over 2 ranks"):
+        module.train_dataloader()
