@@ -32,7 +32,8 @@ from hcl.convex.gated import (
     group_soft_threshold_,
     sample_gates,
 )
-from hcl.convex.problem import data_scale, fold_bias
+from hcl.convex.problem import fold_bias
+from hcl.evaluation import EvaluationLog
 
 OPTIMIZERS = ("sgd", "adam")
 # The certificate's accumulators (a few float64 copies of d̃ × P × c) above this are not built; see
@@ -43,7 +44,7 @@ GROWTH = 1e3
 GROWTH_EVERY = 10
 
 
-class ConvexReLU(pl.LightningModule):
+class ConvexReLU(EvaluationLog, pl.LightningModule):
     """The convex program of a two-layer (gated) ReLU network on ``P`` fixed gates, trained by proximal steps.
 
     Gates ``g_i`` (columns of a ``(d̃, P)`` buffer, ``d̃ = d + 1`` with ``bias``) are sampled ``N(0, I)`` from
@@ -181,6 +182,9 @@ class ConvexReLU(pl.LightningModule):
         """The mapped network's output ``(n, c)`` (the gated network, or the ReLU network of ``U``, ``V``)."""
         return self._outputs(self.fold(x))[1]
 
+    def evaluation_penalty(self) -> Tensor:
+        return self.penalty()
+
     def penalty(self) -> Tensor:
         """``2λ Σ_i ‖Z_i‖_F`` (``2λ Σ_i (‖U_i‖_F + ‖V_i‖_F)``); the output bias is not penalised."""
         norms = group_norms(self.U).sum()
@@ -278,12 +282,8 @@ class ConvexReLU(pl.LightningModule):
         x, y = batch
         Xf = self.fold(x)
         out = self._outputs(Xf)[1]
-        data_loss = data_scale(self.reduction, x.shape[0]) * (out - self._as_output(y, Xf)).square().sum()
-        penalty = self.penalty()
-        sync = self.trainer.world_size > 1
-        self.log(f"{stage}/data_loss", data_loss, on_step=False, on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/penalty", penalty, on_step=False, on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/objective", data_loss + penalty, on_step=False, on_epoch=True, sync_dist=sync)
+        # over the whole set, logged at the stage's end (hcl.evaluation)
+        self.accumulate(stage, (out - self._as_output(y, Xf)).square().sum(), x.shape[0])
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             metric(out, self._class_index(y))

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from hcl.callbacks.logs import mark_resumed_run
 from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay
 from hcl.convex.problem import data_scale
+from hcl.evaluation import EvaluationLog
 from hcl.network import ReLUStack
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
@@ -33,7 +34,7 @@ INITS = ("uniform", "normal", "kaiming")
 LOSSES = ("squared", "cross_entropy")
 
 
-class TwoLayerReLU(pl.LightningModule):
+class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     """A two-layer ReLU network ``Linear → ReLU → Linear`` trained on the objective ``L`` of ``docs/convex.md``.
 
     Logged keys (every training step): ``train/data_loss`` (``s Σ‖f(x) − y‖²``, or ``s Σ`` cross-entropy),
@@ -133,6 +134,10 @@ class TwoLayerReLU(pl.LightningModule):
         """``λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``, the ``λ`` the loss adds (``weight_decay``); the output bias is not penalised."""
         return self.weight_decay * self._squares()
 
+    def evaluation_penalty(self) -> Tensor:
+        """The penalty logged with the validation and test values: the loss's ``λ`` and an optimizer's decay."""
+        return (self.weight_decay + self.optimizer_decay) * self._squares()
+
     def _squares(self) -> Tensor:
         squares = self.hidden_layer.weight.square().sum() + self.output_layer.weight.square().sum()
         if self.hidden_layer.bias is not None:
@@ -212,22 +217,21 @@ class TwoLayerReLU(pl.LightningModule):
                 correct = (out.detach().argmax(dim=1) == self._class_index(y)).sum().to(out.dtype)
                 accuracy = self.all_gather(correct).sum() / n_total
         else:
-            # Validation and test sets are not sharded by the data modules (each rank evaluates all of them) and a
-            # distributed sampler splits them evenly otherwise: the mean over ranks is the single-process value.
             weight = self._summed_batches() if stage == "train" and self.reduction == "sum" else 1.0
             data_loss = weight * data_scale(self.reduction, x.shape[0]) * local_sum
             loss = data_loss + penalty
-        sync = world > 1 and not on_step
-        if on_step:
+        if not on_step:  # validation and test: over the whole set, logged at the stage's end (hcl.evaluation)
+            self.accumulate(stage, local_sum, x.shape[0])
+        else:
             # Training values are logged at the global step, like hcl's callbacks. Lightning's own log step is one
             # ahead after resuming from an end-of-epoch checkpoint (every checkpoint of full-batch training), which
             # would leave a hole in the series and shift it against the callbacks'.
             self.log("step", float(self.global_step), on_step=True, on_epoch=False)
             self.log("epoch", float(self.current_epoch), on_step=True, on_epoch=False)  # carried back after ddp_spawn
-        self.log(f"{stage}/data_loss", data_loss, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
-        self.log(f"{stage}/penalty", logged_penalty, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
-        self.log(f"{stage}/objective", data_loss.detach() + logged_penalty, on_step=on_step,
-                 on_epoch=not on_step, prog_bar=True, sync_dist=sync)
+            self.log(f"{stage}/data_loss", data_loss, on_step=True, on_epoch=False)
+            self.log(f"{stage}/penalty", logged_penalty, on_step=True, on_epoch=False)
+            self.log(f"{stage}/objective", data_loss.detach() + logged_penalty, on_step=True, on_epoch=False,
+                     prog_bar=True)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             metric(out.detach(), self._class_index(y))

@@ -124,3 +124,42 @@ def test_plain_dataloader_shards_are_gathered_with_reduction_mean(tmp_path):
         assert background == pytest.approx(sync, rel=1e-6)
     # What rank zero logged comes back from the spawned processes.
     assert two_metrics["convex/optimum"] == pytest.approx(one_metrics["convex/optimum"], rel=1e-4)
+
+
+def _validated_run(tmp_path: Path, devices: int) -> tuple[dict, TwoLayerReLU]:
+    torch.manual_seed(0)
+    X, Xv = torch.randn(40, 4, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    w = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    model = TwoLayerReLU(in_features=4, hidden=6, reduction="sum", lr=0.01, weight_decay=0.01)
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        precision="64-true", log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="run", version=0),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    # validation in batches of 7: several per rank, and under DDP each rank evaluates its half
+    trainer.fit(model, DataLoader(TensorDataset(X, (X @ w).unsqueeze(1)), batch_size=40),
+                DataLoader(TensorDataset(Xv, (Xv @ w).unsqueeze(1)), batch_size=7))
+    return _series(tmp_path / "run" / "version_0"), (Xv, (Xv @ w).unsqueeze(1))
+
+
+def test_validation_with_reduction_sum_sums_over_every_batch_and_rank(tmp_path):
+    """val/data_loss is the validation set's sum: it was a mean of the batches' sums, and under DDP the mean of the
+    two ranks' half sums (half the one-process value)."""
+    one, (Xv, yv) = _validated_run(tmp_path / "one", devices=1)
+    two, _ = _validated_run(tmp_path / "two", devices=2)
+    # at the step of the weights it is of: after the epoch's one step, the callbacks' step 1 and 2
+    assert [s for s, _ in one["val/data_loss"]] == [s for s, _ in two["val/data_loss"]] == [1, 2]
+    for (_, single), (_, double) in zip(one["val/data_loss"], two["val/data_loss"]):
+        assert double == pytest.approx(single, rel=1e-6)
+    # the first value against the weights after one step, recomputed: train/objective at step 1 is of them too
+    torch.manual_seed(0)
+    X, _ = torch.randn(40, 4, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    model = TwoLayerReLU(in_features=4, hidden=6, reduction="sum", lr=0.01, weight_decay=0.01).double()
+    y = (X @ torch.linspace(-1, 1, 4, dtype=torch.float64)).unsqueeze(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = (model(X) - y).square().sum() + model.penalty()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        expected = float((model(Xv) - yv).square().sum())
+    assert one["val/data_loss"][0][1] == pytest.approx(expected, rel=1e-6)
