@@ -66,6 +66,7 @@ def training_data(
                 Y = None if Y is None else gather_rows(trainer, Y)
                 source += f", gathered from {trainer.world_size} ranks"
             _warn_if_partial(trainer, loader, X.shape[0], trainer.world_size)
+            warn_if_padded(trainer)
     total = X.shape[0]
     if max_samples is not None:
         X = X[:max_samples]
@@ -134,6 +135,23 @@ def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size:
         _say_once(trainer, f"one pass over the training dataloader yields {rows} rows for a dataset of {total} "
                   "samples (its sampler repeats samples, e.g. a distributed sampler's padding): the repeated samples "
                   "count more than once in the callbacks' values", rank_zero_warn)
+
+
+def warn_if_padded(trainer: pl.Trainer) -> None:
+    """Warn (once per trainer) when DDP's distributed sampler pads the training set to a multiple of the ranks by
+    repeating samples: training then counts those twice an epoch, while the callbacks count every sample once."""
+    sampler = getattr(getattr(trainer, "train_dataloader", None), "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.num_replicas < 2 or sampler.drop_last:
+        return
+    try:
+        n = len(sampler.dataset)
+    except TypeError:
+        return
+    if n % sampler.num_replicas:
+        _say_once(trainer, f"DDP's distributed sampler pads the {n} training samples to {sampler.total_size} by "
+                  f"repeating {sampler.total_size - n} of them every epoch: training counts those twice, the callbacks "
+                  f"(and one process) once; use a number of samples divisible by {sampler.num_replicas}, or an hcl "
+                  "data module (its shards repeat none)", rank_zero_warn)
 
 
 def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from hcl.callbacks.data import training_data
+from hcl.callbacks.data import training_data, warn_if_padded
 from hcl.callbacks.logs import log_scalars, mark_resumed_run
 from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay, is_int, read_checkpoint
 from hcl.convex.gated import (
@@ -293,6 +293,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
     def on_train_start(self) -> None:
         # a resumed run certifies (and logs) its first step again: the restart marker keeps each step once
         mark_resumed_run(self.trainer)
+        warn_if_padded(self.trainer)  # DDP's sampler repeating samples: the objective would count them twice
         self._train_data = None
         self._certified_step = None
         self._warned_nonfinite = self._warned_growth = self._warned_outside = False

@@ -174,6 +174,9 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         # a weight decay given to the optimizer (hcl.fit --optimizer.weight_decay) is part of the objective trained:
         # logged in L as the callbacks count it (docs/convex.md#weight-decay-in-the-optimizer); none it cannot name
         from hcl.callbacks.base import optimizer_lambda  # not at import: hcl.callbacks.base loads late
+        from hcl.callbacks.data import warn_if_padded
+
+        warn_if_padded(self.trainer)  # DDP's sampler repeating samples: L would count them twice
 
         stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")
         self.optimizer_decay = optimizer_lambda(self.trainer.optimizers, stack)[0] or 0.0  # the loss estimates L

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hcl.convex.cvxpy_solver import ConvexSolveError, certified_status, installed_solvers, solve_cvxpy
+from hcl.convex.cvxpy_solver import certified_status, installed_solvers, solve_cvxpy
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.status import Status, relative_gap
 

@@ -146,3 +146,25 @@ def test_a_summed_losss_decay_counts_the_steps_of_an_epoch_and_the_ranks_ddp_ave
     assert resolve_objective(user, None, None, "Probe")[0] == pytest.approx(0.06)
     user._trainer = SimpleNamespace(num_training_batches=float("inf"), world_size=1)
     assert epoch_batches(user) == 1
+
+
+@pytest.mark.parametrize("n,drop_last,warned", [(101, False, True), (100, False, False), (101, True, False)])
+def test_ddp_samplers_padding_is_said(n, drop_last, warned):
+    """Lightning's distributed sampler pads 101 samples to 102 on two ranks by repeating one: training counted it twice
+    (train/objective 222.9246 against the monitors' 222.8920 at the same weights), silently."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from hcl.callbacks.data import warn_if_padded
+
+    dataset = TensorDataset(torch.randn(n, 2))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=0, drop_last=drop_last)
+    trainer = SimpleNamespace(train_dataloader=DataLoader(dataset, sampler=sampler, batch_size=10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_padded(trainer)
+    said = [str(w.message) for w in caught if "pads the" in str(w.message)]
+    assert bool(said) == warned
+    if warned:
+        assert "pads the 101 training samples to 102 by repeating 1" in said[0]
