@@ -93,7 +93,8 @@ class GlobalOptimumMonitor(StackCallback):
 
     Raises:
         ValueError: on bad arguments; at setup, on a model without a two-layer ReLU stack; at the start of
-            training, on data with no bias or more than two input columns besides it, or a failed solve.
+            training, on data with no bias or more than two input columns besides it, or a failed solve (one
+            stopped at its iteration or time limit logs its bracket and status 2 instead).
 
     Example::
 
@@ -243,13 +244,18 @@ class GlobalOptimumMonitor(StackCallback):
             warnings.simplefilter("ignore")  # solver chatter; a bad status raises below
             try:
                 solution = solve(self.problem, self.solver, **self.solver_options)
-                failure = None if solution.ok else f"status {solution.status!r}"
+                stopped = Status.of(solution.status) in (Status.MAX_ITERATIONS, Status.TIME_LIMIT)
+                usable = (solution.ok or stopped) and math.isfinite(solution.value)
+                failure = None if usable else f"status '{Status.of(solution.status).value}'"
             except (ConvexSolveError, SolverMemoryError) as error:  # a solver limit, no solution, or no room
                 solution, failure = None, str(error)
         if failure is not None:
             raise ValueError(f"{type(self).__name__}: the all-patterns problem ({self.problem.num_patterns} patterns) "
                              f"was not solved: {failure}")
         solution.solve_seconds = time.perf_counter() - start
+        if stopped:  # stopped early: its certified bracket still holds, logged with its status
+            rank_zero_warn(f"{type(self).__name__}: the all-patterns solve stopped at its limit (status "
+                           f"'{Status.of(solution.status).value}'): its bracket is logged, no optimum")
         # a point outside its cones (by any amount, as the convex gap monitor's) is moved into them: its value then
         # bounds p*_all from above, and "optimal" stays only within the solver's tol
         tol = check_tol(self.solver_options, solution.solver)

@@ -329,3 +329,22 @@ def test_the_width_warning_counts_the_neurons_some_optimum_needs_at_most(make_tr
     assert monitor.num_neurons > n + 1  # the solver's solution has more blocks than an optimum needs
     assert said[n + 1] == []
     assert len(said[2]) == 1 and f"at most {n + 1}" in said[2][0]
+
+
+def test_a_global_solve_stopped_at_its_limit_logs_its_bracket_and_training_goes_on(tmp_path, make_trainer):
+    """A limit is not a failure: the run stopped before its first step ("the all-patterns problem was not solved:
+    status <Status.MAX_ITERATIONS: ...>"), though the point's certified bracket holds."""
+    lam = 1e-2
+    data = _points_data(n=7, seed=2)
+    data.setup("fit")
+    X, y = data.train_tensors()
+    problem = all_patterns_problem(X, y, bias=False, weight_decay=lam, reduction="mean")
+    p_star = solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+    monitor = GlobalOptimumMonitor(solver="native", solver_options={"method": "admm", "max_iters": 5})
+    model = TwoLayerReLU(in_features=2, hidden=6, bias=False, weight_decay=lam, lr=0.1)
+    with pytest.warns(UserWarning, match="stopped at its limit \\(status 'max_iterations'\\)"):
+        make_trainer([monitor], max_steps=2, root=tmp_path).fit(model, datamodule=data)
+    s = read_scalars(tmp_path)
+    assert s["convex/global_status"] == [(0, 2.0)] and [step for step, _ in s["train/objective"]] == [0, 1]
+    assert "convex/global_optimum" not in s and monitor.optimum is None
+    assert monitor.lower_bound <= p_star * (1 + 1e-9) <= monitor.upper_bound * (1 + 2e-9)
