@@ -15,6 +15,7 @@ enumerated instead (:func:`hcl.enumeration.enumerate_patterns`).
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -332,8 +333,9 @@ def sample_patterns(X: Tensor, k: int, generator: torch.Generator | None = None,
     """
     if X.ndim != 2:
         raise ValueError(f"X must be (n, d), got shape {tuple(X.shape)}")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # NumPy's integers too
         raise ValueError(f"k must be a positive int, got {k!r}")
+    k = int(k)
     device = generator.device if generator is not None else X.device
     dtype = X.dtype if X.is_floating_point() else torch.float32
     gates = torch.randn(X.shape[1], k, generator=generator, dtype=dtype, device=device).to(X.device)

@@ -266,3 +266,11 @@ def test_gpu_results_match_cpu():
         assert torch.equal(a, b.cpu())
     assert PatternTracker().update(Dc) == PatternTracker().update(D)
     assert torch.equal(enumerate_patterns(X[:40, -3:].cuda()).cpu(), enumerate_patterns(X[:40, -3:]))
+
+
+def test_sample_patterns_takes_numpy_integers():
+    import numpy as np
+
+    assert sample_patterns(torch.randn(5, 2), np.int64(3), unique=False).shape == (5, 3)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        sample_patterns(torch.randn(5, 2), True)

@@ -148,3 +148,16 @@ def test_a_networks_problem_on_half_precision_data_keeps_its_targets_and_weights
     assert half.X.dtype == torch.float32
     assert torch.equal(half.Y, full.Y) and torch.equal(half.patterns, full.patterns)
     assert torch.equal(U, U32) and torch.equal(V, V32)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"output_bias": "no"}, "output_bias must be a bool, got 'no'"),
+    ({"one_vs_all": 1}, "one_vs_all must be a bool"),
+    ({"signs": torch.ones(2, 2)}, r"signs must have one entry per pattern, shape \(4,\), got \(2, 2\)"),
+])
+def test_flags_and_signs_of_the_wrong_kind_are_refused(options, message):
+    """"no" read as True (an output bias added), and a (2, 2) sign matrix was taken as four signs."""
+    X = torch.randn(6, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        ConvexProblem(X, torch.randn(6, dtype=torch.float64), X @ torch.randn(2, 4, dtype=torch.float64) >= 0,
+                      weight_decay=0.1, **options)

@@ -133,18 +133,18 @@ class ConvexProblem:
         self.patterns = self.patterns.to(device=self.X.device, dtype=torch.bool).contiguous()
         self.weight_decay = check_weight_decay(self.weight_decay)
         data_scale(self.reduction, 1)  # validates the name
+        for name in ("output_bias", "one_vs_all"):  # a string such as "no" would read as True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.signs is not None:
-            signs = torch.as_tensor(self.signs, device=self.X.device).reshape(-1)
+            signs = torch.as_tensor(self.signs, device=self.X.device)
+            if signs.ndim != 1 or signs.numel() != self.patterns.shape[1]:
+                raise ValueError(f"signs must have one entry per pattern, shape ({self.patterns.shape[1]},), got "
+                                 f"{tuple(signs.shape)}")
             # checked before the int8 cast: 0.5 must not become 0, nor 256 wrap around to 0
             if not bool(((signs == -1) | (signs == 0) | (signs == 1)).all()):
                 raise ValueError("signs must be -1, 0 or +1")
             self.signs = signs.to(torch.int8).contiguous()
-            if self.signs.numel() != self.patterns.shape[1]:
-                raise ValueError(
-                    f"signs must have one entry per pattern ({self.patterns.shape[1]}), got {self.signs.numel()}"
-                )
-            if not bool(((self.signs >= -1) & (self.signs <= 1)).all()):
-                raise ValueError("signs must be -1, 0 or +1")
 
     # ------------------------------------------------------------------ sizes
     @property
