@@ -32,7 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -324,12 +324,16 @@ def _remove_log_dirs(folders: list[Path]) -> None:
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> str:
-    """``--ckpt_path=last``: the newest checkpoint of the TensorBoard logger's runs (``<root>/<version>/checkpoints/``).
+    """``--ckpt_path=last``: the newest checkpoint of the TensorBoard logger's runs (``<root>/<version>/checkpoints/``)
+    and of the run's ``OnExceptionCheckpoint``.
 
     Lightning looks in the new run's own folder only, which is empty, and trains from step 0 with a warning.
     """
     roots = [Path(logger.root_dir) for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
     found = [path for root in roots for path in root.glob("*/checkpoints/*.ckpt") if path.is_file()]
+    # and those Lightning's OnExceptionCheckpoint writes where it is told (a crash's or Ctrl-C's), as Lightning's "last"
+    found += [Path(cb.ckpt_path) for cb in trainer.callbacks
+              if isinstance(cb, OnExceptionCheckpoint) and Path(cb.ckpt_path).is_file()]
     if not found:
         _fail(FileNotFoundError(f"--ckpt_path=last: no checkpoint under {', '.join(map(str, roots)) or 'any logger'}"
                                 "/*/checkpoints/: name one, or train first"))

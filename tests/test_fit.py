@@ -239,3 +239,26 @@ def test_every_cli_example_of_the_readme_runs_as_written(tmp_path, monkeypatch):
             assert stop.code in (0, None) and "--print_config" in args, args
         else:
             assert cli.trainer.global_step == 2, args
+
+
+def test_ckpt_path_last_includes_the_exception_checkpoint(tmp_path):
+    """An OnExceptionCheckpoint writes where it is told, outside the logger's runs: --ckpt_path=last said there was no
+    checkpoint, where Lightning's own "last" takes it."""
+    import time
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from hcl.fit import _last_checkpoint
+
+    logger = TensorBoardLogger(str(tmp_path / "logs"))
+    older = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=4.ckpt"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"")
+    time.sleep(0.01)
+    on_exception = OnExceptionCheckpoint(dirpath=str(tmp_path / "crash"))
+    Path(on_exception.ckpt_path).parent.mkdir()
+    Path(on_exception.ckpt_path).write_bytes(b"")
+    trainer = SimpleNamespace(loggers=[logger], callbacks=[on_exception], is_global_zero=True)
+    assert _last_checkpoint(trainer) == on_exception.ckpt_path
