@@ -140,9 +140,12 @@ def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size:
 def warn_if_padded(trainer: pl.Trainer) -> None:
     """Warn (once per trainer) when DDP's distributed sampler pads the training set to a multiple of the ranks by
     repeating samples: training then counts those twice an epoch, while the callbacks count every sample once."""
-    sampler = getattr(getattr(trainer, "train_dataloader", None), "sampler", None)
+    loader = getattr(trainer, "train_dataloader", None)
+    sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.num_replicas < 2 or sampler.drop_last:
         return
+    if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None:
+        return  # a dataset of whole batches, not of samples (an hcl data module's full batch: each rank's own shard)
     try:
         n = len(sampler.dataset)
     except TypeError:

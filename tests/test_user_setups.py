@@ -168,3 +168,21 @@ def test_ddp_samplers_padding_is_said(n, drop_last, warned):
     assert bool(said) == warned
     if warned:
         assert "pads the 101 training samples to 102 by repeating 1" in said[0]
+
+
+def test_a_full_batch_of_each_ranks_shard_is_no_padding():
+    """An hcl data module's full batch is a dataset of one item per rank (its own shard), which Lightning's sampler
+    "pads" to one per rank: no sample repeats, and nothing is said (every full-batch DDP run warned)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from hcl.callbacks.data import warn_if_padded
+    from hcl.datamodules.base import _FullBatch
+
+    dataset = _FullBatch(torch.randn(6, 2), torch.randn(6, 1))
+    loader = DataLoader(dataset, batch_size=None, sampler=DistributedSampler(dataset, num_replicas=2, rank=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_padded(SimpleNamespace(train_dataloader=loader))
+    assert not [w for w in caught if "pads the" in str(w.message)]
