@@ -47,8 +47,8 @@ class SyntheticRegression(TensorDataModule):
         noise: standard deviation of Gaussian noise added to generated targets.
         x: explicit inputs for ``kind="points"``.
         y: explicit targets for ``kind="points"`` (a list of floats, or of lists for several outputs).
-        slope: slope of the line of generated points.
-        intercept: intercept of the line of generated points.
+        slope: slope of the line of generated points (``kind="points"`` without ``x``; default 0.6).
+        intercept: intercept of the line of generated points (likewise; default 0.7).
         append_ones: append a column of ones to the inputs.
         dtype: ``"float32"`` or ``"float64"``.
         val_n: number of validation points (0: no validation loop).
@@ -76,8 +76,8 @@ class SyntheticRegression(TensorDataModule):
         noise: float = 0.0,
         x: list[float] | list[list[float]] | None = None,
         y: list[float] | list[list[float]] | None = None,
-        slope: float = 0.6,
-        intercept: float = 0.7,
+        slope: float | None = None,
+        intercept: float | None = None,
         append_ones: bool = False,
         dtype: str = "float32",
         val_n: int = 0,
@@ -96,10 +96,14 @@ class SyntheticRegression(TensorDataModule):
             raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")
         if kind != "points" and (x is not None or y is not None):
             raise ValueError(f"x and y are the explicit data of kind='points', not of kind={kind!r}")
+        line = [name for name, value in (("slope", slope), ("intercept", intercept)) if value is not None]
+        if line and (kind != "points" or x is not None or y is not None):  # else silently unused
+            raise ValueError(f"{' and '.join(line)} shape the line of kind='points' without x and y, not "
+                             f"{'explicit points' if kind == 'points' else f'kind={kind!r}'}")
         self.kind = kind
         self.noise = float(noise)
-        self.slope = float(slope)
-        self.intercept = float(intercept)
+        self.slope = 0.6 if slope is None else float(slope)
+        self.intercept = 0.7 if intercept is None else float(intercept)
         self.append_ones = append_ones
         self.dtype = resolve_dtype(dtype)
         self.val_n = val_n

@@ -430,3 +430,20 @@ def test_shards_that_cannot_take_the_same_number_of_batches_are_refused_by_name(
     _attach(module, world_size=2, rank=1)
     with pytest.raises(ValueError, match="batch_size=1 with 9 training points over 2 ranks"):
         module.train_dataloader()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"slope": 5.0}, "slope shape the line of kind='points' without x and y, not kind='gaussian_linear'"),
+    ({"kind": "orthogonal", "intercept": 3.0}, "intercept shape the line"),
+    ({"kind": "points", "x": [1.0, 2.0], "y": [1.0, 2.0], "slope": 3.0}, "not explicit points"),
+])
+def test_a_line_option_the_kind_does_not_use_is_refused(options, message):
+    """--data.slope=5 on the default kind ran the same data as without it."""
+    with pytest.raises(ValueError, match=message):
+        SyntheticRegression(**options)
+
+
+def test_the_line_of_generated_points_takes_its_slope_and_intercept():
+    module = SyntheticRegression(kind="points", n=20, slope=2.0, intercept=-1.0)
+    X, y = _all_splits(module)["train"]
+    assert torch.allclose(y, 2.0 * X - 1.0, atol=1e-6)
