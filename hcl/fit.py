@@ -278,6 +278,12 @@ def _argument_error(message: str) -> str:
             if nested and i + 2 < len(lines):  # a bad value of one of its options: the reason is the next line
                 reason = f"{nested.group(1)}: {lines[i + 2]}"
             option = re.match(r"Option '([^']+)' is not accepted", reason)
+            if option and class_path in ("lightning.LightningDataModule", "lightning.LightningModule"):
+                # no class chosen yet: the option came before --data=<class> / --config (or a YAML without class_path)
+                group = "data" if "DataModule" in class_path else "model"
+                return (f"{key.group(1) + ': ' if key else ''}--{group}.{option.group(1)} is given before any "
+                        f"{group} class is chosen: put --{group}=<class> or --config first (in a YAML file, give "
+                        f"{group}: a class_path)")
             if option:
                 reason += _suggestion(class_path, option.group(1))
             return f"{key.group(1) + ': ' if key else ''}{class_path}: {reason}"

@@ -159,8 +159,11 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
     (["--trainer.max_epochs=-5"], "error: Trainer: `max_epochs` must be"),
     # linked from the data module, which silently replaced it
     (["--model.in_features=100"], "--model.in_features is taken from the data module"),
+    # an option before its class: it read "lightning.LightningDataModule: Option 'root' is not accepted (accepted: )"
+    (["--data.root=../data", "--data=hcl.datamodules.MNIST"],
+     "--data.root is given before any data class is chosen: put --data=<class> or --config first"),
 ], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value", "convex-model-with-monitors",
-        "convex-model-scheduler", "subcommand", "private-class", "linked-size"])
+        "convex-model-scheduler", "subcommand", "private-class", "linked-size", "option-before-class"])
 def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
