@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import difflib
 import numbers
 import threading
 import warnings
@@ -59,8 +60,11 @@ class Solver(abc.ABC):
         """Raise ``TypeError`` naming the first option this solver does not accept."""
         unknown = sorted(set(options) - self.options)
         if unknown:
-            listed = sorted(self.options) if len(self.options) <= 20 else f"get_solver({self.name!r}).options"
-            raise TypeError(f"solver {self.name!r} takes no option {unknown[0]!r}; its options: {listed}")
+            close = difflib.get_close_matches(unknown[0], self.options, n=3)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            # every name, also where they are many (a conic solver's own settings): a command line cannot look them up
+            raise TypeError(f"solver {self.name!r} takes no option {unknown[0]!r}{hint}; its options: "
+                            f"{', '.join(sorted(self.options))}")
 
     def accepted(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The subset of ``options`` this solver accepts."""
