@@ -132,7 +132,8 @@ def main(args: ArgsType = None) -> HCLCLI:
         # Parsed left to right: the default model first, so that a config's `model:` without a class_path sets its
         # arguments, then the embedded default's config when no other is named, then the user's arguments.
         embedded = not _names_config_or_data(given)
-        if embedded and not any(a in ("-h", "--help") or str(a).startswith("--print_config") for a in given):
+        helps = any(a in ("-h", "--help") or re.match(r"--(print_config|\S+\.help)", str(a)) for a in given)
+        if embedded and not helps:
             print(f"hcl: no --config or --data given: running the embedded default experiment ({DEFAULT_CONFIG})",
                   file=sys.stderr)
         args = [f"--model={DEFAULT_MODEL}", *(["--config", str(DEFAULT_CONFIG)] if embedded else []), *given]
