@@ -195,11 +195,15 @@ def _carry_spawned_step(trainer: pl.Trainer) -> None:
     """After training in spawned processes (``ddp_spawn``), set this process's log step to where they stopped.
 
     Lightning brings the weights and the logged values back, not the loops' counters: the test would log at step 0
-    and epoch 0. The models log ``step`` and ``epoch`` at every training step: the last ones, plus one.
+    and epoch 0. The models log ``step`` and ``epoch`` at every training step: the last ones, plus one (the global
+    step too, which the models' test values are logged at).
     """
     step, epoch = trainer.callback_metrics.get("step"), trainer.callback_metrics.get("epoch")
     if trainer.global_step == 0 and step is not None:
-        trainer.fit_loop.epoch_loop._batches_that_stepped = int(step) + 1
+        loop = trainer.fit_loop.epoch_loop
+        loop._batches_that_stepped = int(step) + 1
+        loop.automatic_optimization.optim_progress.optimizer.step.total.completed = int(step) + 1
+        loop.manual_optimization.optim_step_progress.total.completed = int(step) + 1
         if epoch is not None and trainer.current_epoch == 0:
             trainer.fit_loop.epoch_progress.current.completed = int(epoch) + 1
 
