@@ -211,12 +211,13 @@ def solve_cvxpy(
     seconds = time.perf_counter() - start
 
     exact = problem.in_float64()
-    point = (U.to(torch.float64), V.to(torch.float64), b0.to(torch.float64))
+    point = (U, V, b0)
     value = float(exact.objective(*point))
     violation = 0.0 if gated else float(exact.violation(point[0], point[1]))
     # hcl's own certificate at the solver's point and multipliers: a lower bound that does not rest on the solver's
     # tolerances (one product with X and one with Xᵀ)
-    dual_value = dual_certificate(problem, U, V, b0, cone, gated=gated)
+    dual_value = dual_certificate(exact, U, V, b0, cone, gated=gated)
+    U, V, b0 = (t.to(problem.X.dtype) for t in point)  # returned in the problem's dtype
     return ConvexSolution(
         value=value,
         U=U,
@@ -387,7 +388,9 @@ def _build(problem: ConvexProblem, gated: bool):
     cvx_problem = cp.Problem(cp.Minimize(objective), form.constraints)
 
     def read_solution():
-        U, V, b = problem.zeros()
+        # in float64, as the solver solved: the certificate of a point rounded to a float32 problem's dtype fell short
+        # of 1e-6 (the residual of a good fit is small beside the rounding of the predictions)
+        U, V, b = (t.to(torch.float64) for t in problem.zeros())
         targets = {1.0: U, -1.0: V}
         for W, blocks, sign in form.parts:
             if W.value is None:
