@@ -11,8 +11,8 @@ from _events import read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
-import hcl.callbacks.base as base_module
 import hcl.callbacks.data as data_module
+import hcl.callbacks.objective as objective_module
 from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor
 from hcl.callbacks.base import optimizer_lambda
@@ -95,7 +95,7 @@ def _stack_squares(model):
 def test_lambda_is_read_from_coupled_weight_decay_in_the_optimizer(make_trainer, tmp_path, monkeypatch):
     """SGD with weight_decay = wd on a mean MSE minimises mean MSE + (wd/2)‖θ‖²: the monitor uses λ = wd/2."""
     said = []
-    monkeypatch.setattr(base_module, "rank_zero_info", said.append)
+    monkeypatch.setattr(objective_module, "rank_zero_info", said.append)
     X, y = _data()
     model = UserNet(weight_decay=0.2)
     initial = UserNet(weight_decay=0.2)
@@ -202,7 +202,7 @@ def test_the_cli_optimizer_weight_decay_reaches_lambda(tmp_path, monkeypatch):
     from hcl.fit import main
 
     said = []
-    monkeypatch.setattr(base_module, "rank_zero_info", said.append)
+    monkeypatch.setattr(objective_module, "rank_zero_info", said.append)
     cli = main(["--optimizer=SGD", "--optimizer.lr=0.05", "--optimizer.weight_decay=0.004", "--trainer.max_steps=1",
                 f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, ConvexGapMonitor))
