@@ -96,7 +96,9 @@ class SyntheticRegression(TensorDataModule):
             raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")
         if kind != "points" and (x is not None or y is not None):
             raise ValueError(f"x and y are the explicit data of kind='points', not of kind={kind!r}")
-        line = [name for name, value in (("slope", slope), ("intercept", intercept)) if value is not None]
+        # the line's defaults as given (a config saved before they became None) choose nothing
+        line = [name for name, value, default in (("slope", slope, 0.6), ("intercept", intercept, 0.7))
+                if value is not None and value != default]
         if line and (kind != "points" or x is not None or y is not None):  # else silently unused
             raise ValueError(f"{' and '.join(line)} shape the line of kind='points' without x and y, not "
                              f"{'explicit points' if kind == 'points' else f'kind={kind!r}'}")

@@ -443,6 +443,10 @@ def test_a_line_option_the_kind_does_not_use_is_refused(options, message):
         SyntheticRegression(**options)
 
 
+def test_a_config_saved_with_the_lines_defaults_still_loads():
+    SyntheticRegression(kind="gaussian_linear", slope=0.6, intercept=0.7)  # what earlier runs' config.yaml holds
+
+
 def test_the_line_of_generated_points_takes_its_slope_and_intercept():
     module = SyntheticRegression(kind="points", n=20, slope=2.0, intercept=-1.0)
     X, y = _all_splits(module)["train"]
