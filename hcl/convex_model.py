@@ -273,17 +273,17 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         return (data_loss + penalty).detach()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int) -> None:
         x, y = batch
         Xf = self.fold(x)
         out = self._outputs(Xf)[1]
-        # over the whole set, logged at the stage's end (hcl.evaluation)
-        self.accumulate(stage, (out - self._as_output(y, Xf)).square().sum(), x.shape[0])
+        rows = self.evaluation_rows(stage, batch_idx, x.shape[0])  # over the whole set (hcl.evaluation)
+        self.accumulate(stage, (out - self._as_output(y, Xf))[:rows].square().sum(), rows)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             metric(out, self._class_index(y))

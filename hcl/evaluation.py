@@ -14,9 +14,10 @@ from torch.utils.data import DistributedSampler
 
 
 class EvaluationLog:
-    """Mixin for a ``LightningModule`` with a ``reduction`` and a :meth:`evaluation_penalty`: its evaluation steps call
-    :meth:`accumulate`, and ``<stage>/data_loss``, ``<stage>/penalty`` and ``<stage>/objective`` are logged at the end
-    of the validation and test epochs."""
+    """Mixin for a ``LightningModule`` with a ``reduction`` and a :meth:`evaluation_penalty`: its evaluation steps ask
+    :meth:`evaluation_rows` which rows of the batch count and :meth:`accumulate` their data sum, and
+    ``<stage>/data_loss``, ``<stage>/penalty`` and ``<stage>/objective`` are logged at the end of the validation and
+    test epochs (a subclass that overrides ``on_validation_epoch_end`` or ``on_test_epoch_end`` calls ``super()``)."""
 
     reduction: str
 
@@ -24,11 +25,33 @@ class EvaluationLog:
         """The penalty of ``L`` at the current weights, as logged."""
         raise NotImplementedError
 
-    def accumulate(self, stage: str, data_sum: Tensor, count: int) -> None:
-        """Add one evaluation batch: the sum of its samples' data terms and its number of samples."""
+    def evaluation_rows(self, stage: str, batch_idx: int, rows: int) -> int:
+        """How many of this evaluation batch's first rows count: all but the copies DDP's sampler pads the set with.
+        The first batch of a stage starts its sums afresh (an interrupted stage leaves none behind).
+
+        Raises:
+            ValueError: several dataloaders for the stage (its values are those of one set).
+        """
+        module: pl.LightningModule = self  # type: ignore[assignment]
         sums = self.__dict__.setdefault("_evaluation_sums", {})
-        total, n = sums.get(stage, (0.0, 0))
-        sums[stage] = (total + data_sum.detach().to(torch.float64), n + count)
+        if batch_idx == 0 or stage not in sums:
+            loaders = _loaders(module.trainer, stage)
+            if len(loaders) > 1:
+                raise ValueError(f"{type(self).__name__} logs {stage}/objective of one {stage} set, got "
+                                 f"{len(loaders)} dataloaders: evaluate each with its own trainer.validate/test")
+            exact = torch.float32 if module.device.type == "mps" else torch.float64  # MPS has no float64
+            sums[stage] = [torch.zeros((), dtype=exact, device=module.device), 0, 0,
+                           _real_rows(loaders[0] if loaders else None)]
+        entry = sums[stage]
+        keep = rows if entry[3] is None else max(0, min(rows, entry[3] - entry[2]))
+        entry[2] += rows
+        return keep
+
+    def accumulate(self, stage: str, data_sum: Tensor, count: int) -> None:
+        """Add the data sum of an evaluation batch's ``count`` rows that count (:meth:`evaluation_rows`)."""
+        entry = self.__dict__["_evaluation_sums"][stage]
+        entry[0] = entry[0] + data_sum.detach().to(entry[0].dtype)
+        entry[1] += count
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")
@@ -39,16 +62,17 @@ class EvaluationLog:
     def log_evaluation(self, stage: str) -> None:
         """Log the stage's values from its accumulated batches (every rank calls it: a collective under DDP)."""
         module: pl.LightningModule = self  # type: ignore[assignment]
-        total, count = self.__dict__.get("_evaluation_sums", {}).pop(stage, (None, 0))
-        if total is None:
+        entry = self.__dict__.get("_evaluation_sums", {}).pop(stage, None)
+        if entry is None:
             return
-        total = torch.as_tensor(total, dtype=torch.float64, device=module.device)
-        count = torch.tensor(float(count), dtype=torch.float64, device=module.device)
+        total = entry[0].to(module.device)
+        count = torch.tensor(float(entry[1]), dtype=torch.float64, device=module.device)
         world = module.trainer.world_size
-        if world > 1 and _sharded(module.trainer, stage):  # each rank evaluated its part of the set
+        loaders = _loaders(module.trainer, stage)
+        if world > 1 and loaders and _sharded(loaders[0]):  # each rank evaluated its part of the set
             total, count = module.all_gather(total).sum(), module.all_gather(count).sum()
         data_loss = total if self.reduction == "sum" else total / count
-        penalty = self.evaluation_penalty().detach().to(torch.float64)
+        penalty = self.evaluation_penalty().detach().to(total.dtype)
         sync = world > 1  # the same values on every rank
         module.log(f"{stage}/data_loss", data_loss, on_step=False, on_epoch=True, sync_dist=sync)
         module.log(f"{stage}/penalty", penalty, on_step=False, on_epoch=True, sync_dist=sync)
@@ -58,11 +82,23 @@ class EvaluationLog:
         module.log("step", float(module.global_step), on_step=False, on_epoch=True, sync_dist=sync)
 
 
-def _sharded(trainer: pl.Trainer, stage: str) -> bool:
-    """Whether the ranks evaluated different parts of the stage's set (Lightning's distributed sampler over a dataset of
-    at least one item per rank), not the whole of it each (a dataset of one whole batch, or no distributed sampler)."""
+def _loaders(trainer: pl.Trainer, stage: str) -> list:
     loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [] if loaders is None else [loaders]
+
+
+def _sharded(loader: object) -> bool:
+    """Whether the ranks evaluated different parts of the set (Lightning's distributed sampler over a dataset of at
+    least one item per rank), not the whole of it each (a dataset of one whole batch, or no distributed sampler)."""
     sampler = getattr(loader, "sampler", None)
     return (isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1
             and len(sampler.dataset) >= sampler.num_replicas)
+
+
+def _real_rows(loader: object) -> int | None:
+    """The samples of its set this rank evaluates, where DDP's unshuffled sampler pads the set by repeating its first
+    ones (``None``: no padding to leave out)."""
+    sampler = getattr(loader, "sampler", None)
+    if not _sharded(loader) or sampler.shuffle or sampler.drop_last or getattr(loader, "batch_size", None) is None:
+        return None
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))

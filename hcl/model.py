@@ -163,10 +163,10 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+        return self._shared_step(batch, "val", batch_idx)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+        return self._shared_step(batch, "test", batch_idx)
 
     def on_train_start(self) -> None:
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
@@ -197,7 +197,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return torch.optim.Adagrad(self.parameters(), lr=lr)
 
     # --------------------------------------------------------------- helpers
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
         x, y = batch
         out = self(x)
         local_sum = self.data_loss_sum(out, y)
@@ -224,7 +224,9 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             data_loss = weight * data_scale(self.reduction, x.shape[0]) * local_sum
             loss = data_loss + penalty
         if not on_step:  # validation and test: over the whole set, logged at the stage's end (hcl.evaluation)
-            self.accumulate(stage, local_sum, x.shape[0])
+            rows = self.evaluation_rows(stage, batch_idx, x.shape[0])
+            part = local_sum if rows == x.shape[0] else self.data_loss_sum(out[:rows], y[:rows])
+            self.accumulate(stage, part, rows)
         else:
             # Training values are logged at the global step, like hcl's callbacks. Lightning's own log step is one
             # ahead after resuming from an end-of-epoch checkpoint (every checkpoint of full-batch training), which

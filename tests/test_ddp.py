@@ -128,7 +128,7 @@ def test_plain_dataloader_shards_are_gathered_with_reduction_mean(tmp_path):
 
 def _validated_run(tmp_path: Path, devices: int) -> tuple[dict, TwoLayerReLU]:
     torch.manual_seed(0)
-    X, Xv = torch.randn(40, 4, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    X, Xv = torch.randn(40, 4, dtype=torch.float64), torch.randn(31, 4, dtype=torch.float64)
     w = torch.linspace(-1, 1, 4, dtype=torch.float64)
     model = TwoLayerReLU(in_features=4, hidden=6, reduction="sum", lr=0.01, weight_decay=0.01)
     trainer = pl.Trainer(
@@ -136,7 +136,8 @@ def _validated_run(tmp_path: Path, devices: int) -> tuple[dict, TwoLayerReLU]:
         precision="64-true", log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="run", version=0),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
-    # validation in batches of 7: several per rank, and under DDP each rank evaluates its half
+    # validation in batches of 7: several per rank, and under DDP each rank evaluates its half (31 points: Lightning's
+    # sampler pads them to 32 by repeating the first, which must not count twice)
     trainer.fit(model, DataLoader(TensorDataset(X, (X @ w).unsqueeze(1)), batch_size=40),
                 DataLoader(TensorDataset(Xv, (Xv @ w).unsqueeze(1)), batch_size=7))
     return _series(tmp_path / "run" / "version_0"), (Xv, (Xv @ w).unsqueeze(1))
@@ -144,7 +145,7 @@ def _validated_run(tmp_path: Path, devices: int) -> tuple[dict, TwoLayerReLU]:
 
 def test_validation_with_reduction_sum_sums_over_every_batch_and_rank(tmp_path):
     """val/data_loss is the validation set's sum: it was a mean of the batches' sums, and under DDP the mean of the
-    two ranks' half sums (half the one-process value)."""
+    two ranks' half sums (half the one-process value), then counted the sampler's padding copy."""
     one, (Xv, yv) = _validated_run(tmp_path / "one", devices=1)
     two, _ = _validated_run(tmp_path / "two", devices=2)
     # at the step of the weights it is of: after the epoch's one step, the callbacks' step 1 and 2
@@ -153,7 +154,7 @@ def test_validation_with_reduction_sum_sums_over_every_batch_and_rank(tmp_path):
         assert double == pytest.approx(single, rel=1e-6)
     # the first value against the weights after one step, recomputed: train/objective at step 1 is of them too
     torch.manual_seed(0)
-    X, _ = torch.randn(40, 4, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    X, _ = torch.randn(40, 4, dtype=torch.float64), torch.randn(31, 4, dtype=torch.float64)
     model = TwoLayerReLU(in_features=4, hidden=6, reduction="sum", lr=0.01, weight_decay=0.01).double()
     y = (X @ torch.linspace(-1, 1, 4, dtype=torch.float64)).unsqueeze(1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

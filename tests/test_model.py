@@ -173,3 +173,39 @@ def test_exposes_layers_and_objective_settings():
     assert isinstance(model.hidden_layer, torch.nn.Linear) and model.hidden_layer.weight.shape == (9, 7)
     assert isinstance(model.output_layer, torch.nn.Linear) and model.output_layer.weight.shape == (2, 9)
     assert model.weight_decay == 0.2 and model.reduction == "sum"
+
+
+def _validator(tmp_path, callbacks=()):
+    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, callbacks=list(callbacks))
+
+
+def test_validation_sums_every_batch_once_also_after_an_interrupted_validation(tmp_path):
+    """An interrupted validation (Ctrl-C, an error, a batch-size finder's retry) left its partial sums to be added to
+    the next one's: 7.08 where the set's sum is 3.54."""
+    torch.manual_seed(0)
+    X, y = torch.randn(31, 3), torch.randn(31, 1)
+    model = TwoLayerReLU(in_features=3, hidden=5, reduction="sum")
+    loader = DataLoader(TensorDataset(X, y), batch_size=7)
+
+    class Interrupt(pl.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 1:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _validator(tmp_path, [Interrupt()]).validate(model, loader, verbose=False)
+    result = _validator(tmp_path).validate(model, loader, verbose=False)[0]
+    with torch.no_grad():
+        expected = float((model(X) - y).square().sum())
+    assert result["val/data_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_several_validation_sets_are_refused_by_name(tmp_path):
+    class TwoSets(TwoLayerReLU):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return super().validation_step(batch, batch_idx)
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4)
+    with pytest.raises(ValueError, match="TwoSets logs val/objective of one val set, got 2 dataloaders"):
+        _validator(tmp_path).validate(TwoSets(in_features=3, hidden=4), [loader, loader], verbose=False)
