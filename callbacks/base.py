@@ -282,7 +282,9 @@ class StackCallback(Callback):
         its step as not done, for the resumed run to take again (the callbacks act at its start)."""
         fitted = _FITTED_WITH.get(self)
         trainer = None if fitted is None else fitted()
-        return self.last_step if trainer is None else min(self.last_step, trainer.global_step - 1)
+        if trainer is None or getattr(self, "changed_weights_at", None) == self.last_step:
+            return self.last_step  # it changed the model's weights at that step: taking it again would see its own
+        return min(self.last_step, trainer.global_step - 1)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

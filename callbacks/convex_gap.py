@@ -18,7 +18,6 @@ DDP the monitor solves on rank zero only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -31,16 +30,12 @@ from typing_extensions import override
 from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
+from hcl.callbacks.monitor_options import _check_solver, check_monitor_arguments
 from hcl.callbacks.solve_queue import SolveQueue
-from hcl.checks import check_seconds, is_int
-from hcl.convex import available_solvers, check_solver_options, solve
+from hcl.convex import solve
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias
 from hcl.convex.snapshot import Snapshot, SolveSpec, WarmStartChain, evaluate_snapshot
 from hcl.patterns import sample_patterns
-from hcl.worker import WORKER_KINDS
-
-FORMULATIONS = ("neurons", "patterns")
-WARM_STARTS = ("network", "previous")
 
 __all__ = ["ConvexGapMonitor"]
 
@@ -121,7 +116,7 @@ class ConvexGapMonitor(StackCallback):
         output_layer: qualified name of the output ``nn.Linear`` for models that are not a ``Sequential``.
         load_solution: after each solve, replace the network's weights by the mapped convex solution
             (:meth:`hcl.network.ReLUStack.load_weights`). **This changes training**: the network jumps to the convex
-            optimum of its patterns. Not with ``asynchronous``.
+            optimum of its patterns. Not with ``asynchronous`` nor ``gated``, and for one output only.
         solver_options: extra keyword arguments for the solver, checked here (their names, and the native
             solver's values: :func:`hcl.convex.check_solver_options`).
         prefix: tag prefix, so that two monitors (e.g. both formulations) can log side by side.
@@ -178,40 +173,12 @@ class ConvexGapMonitor(StackCallback):
     ) -> None:
         super().__init__(every_n_steps, probe=probe, target=target, layer=layer, output_layer=output_layer,
                          max_samples=max_samples, prefix=prefix, weight_decay=weight_decay, reduction=reduction)
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
         self.solver = _check_solver(solver)
-        if not is_int(sampled_patterns) or sampled_patterns < 0:
-            raise ValueError(f"sampled_patterns must be an integer ≥ 0, got {sampled_patterns!r}")
-        if solver_options is not None and not isinstance(solver_options, Mapping):
-            raise TypeError(f"solver_options must be a dict of keyword arguments, got {type(solver_options).__name__}")
-        check_solver_options(self.solver, solver_options or {})  # here, not at the first solve steps later
-        for name, flag in (("gated", gated), ("load_solution", load_solution), ("asynchronous", asynchronous),
-                           ("raise_worker_errors", raise_worker_errors)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        if not is_int(max_pending) or max_pending < 1:
-            raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
-        solve_time_limit = check_seconds(solve_time_limit, "solve_time_limit")
-        if worker not in WORKER_KINDS:
-            raise ValueError(f"worker must be one of {WORKER_KINDS}, got {worker!r}")
-        if asynchronous and load_solution:
-            raise ValueError("load_solution cannot be used with asynchronous=True: a solution that arrives steps later "
-                             "would overwrite newer weights")
-        if not is_int(seed):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        if warm_start not in WARM_STARTS:
-            raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
-        if solve_time_limit is not None and "time_limit" in (solver_options or {}):
-            raise ValueError("give the time limit once, as solve_time_limit (the monitor tells the solver), not also "
-                             "as solver_options['time_limit']")
-        # accepted, but they would do nothing: said now rather than found out from the dashboard
-        if raise_worker_errors and not asynchronous:
-            rank_zero_warn("ConvexGapMonitor: raise_worker_errors=True has no effect without asynchronous=True (a "
-                           "synchronous solve's failure is a warning and a status)")
-        if warm_start == "previous" and self.solver not in ("native", "auto"):
-            rank_zero_warn(f"ConvexGapMonitor: warm_start='previous' has no effect with solver={self.solver!r}: "
-                           "only the native solver takes a warm start")
+        solve_time_limit = check_monitor_arguments(
+            formulation=formulation, solver=self.solver, sampled_patterns=sampled_patterns, gated=gated,
+            load_solution=load_solution, solver_options=solver_options, seed=seed, asynchronous=asynchronous,
+            max_pending=max_pending, solve_time_limit=solve_time_limit, raise_worker_errors=raise_worker_errors,
+            worker=worker, warm_start=warm_start)
         self.formulation = formulation
         self.sampled_patterns = sampled_patterns
         self.gated = gated
@@ -244,6 +211,9 @@ class ConvexGapMonitor(StackCallback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.target is not None:  # its shape and labels against the model's outputs, before training
             as_targets(self.target, self._stack.output.out_features, torch.empty(0))
+        if self.load_solution and self._stack.output.out_features > 1:
+            raise ValueError("load_solution needs a network with one output: with several, the solution maps to a "
+                             "neuron per nonzero column of its blocks (up to 2Pc), more than any network's width")
         p = self.prefix
         dashboard.register_charts(
             trainer, "hcl",
@@ -424,6 +394,7 @@ class ConvexGapMonitor(StackCallback):
     ) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """The mapped weights of a solved snapshot on the CPU, or None (with a warning) when they do not fit."""
         if solved is None:
+            rank_zero_warn(f"{type(self).__name__}: no usable solution (its status above); weights not loaded")
             return None
         try:
             return self._stack.mapped_weights(*solved)
@@ -434,16 +405,7 @@ class ConvexGapMonitor(StackCallback):
     def _apply(self, weights: tuple[Tensor, Tensor, Tensor | None] | None) -> None:
         if weights is not None:
             self._stack.load_weights(*weights)
-
-
-def _check_solver(solver: str) -> str:
-    if not isinstance(solver, str) or not solver:
-        raise ValueError(f"solver must be a solver name, got {solver!r}")
-    name = solver.lower()
-    known = available_solvers()
-    if name not in known:
-        raise ValueError(f"unknown solver {solver!r}: use one of {known}")
-    return name
+            self.changed_weights_at = self.last_step  # a checkpoint inside this step holds them: the step is done
 
 
 def _step_seed(seed: int, step: int) -> int:

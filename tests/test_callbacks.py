@@ -406,3 +406,42 @@ def test_a_new_period_at_a_resume_keeps_the_state():
         assert new.last_step == 7
         resume(other, {old.state_key: old.state_dict()})
         assert other.last_step != 7
+
+
+def test_load_solution_needs_one_output_and_says_when_it_loads_nothing(tmp_path, make_trainer):
+    """With c > 1 the solution never fitted the network ("needs 60 neurons but the network has 10", every solve); an
+    unsolved result left the weights alone without a word."""
+    from hcl.datamodules import TensorDataModule
+
+    X = torch.randn(20, 3)
+    data = TensorDataModule(train=(X, torch.randn(20, 3)))
+    monitor = ConvexGapMonitor(solver="clarabel", load_solution=True)
+    with pytest.raises(ValueError, match="load_solution needs a network with one output"):
+        make_trainer([monitor], max_steps=1).fit(TwoLayerReLU(in_features=3, hidden=4, out_features=3), datamodule=data)
+
+    model, data = _seed_c(weight_decay=1e-3, init_scale=0.5)
+    stopped = ConvexGapMonitor(solver="native", solver_options={"method": "newton", "max_iters": 2}, load_solution=True)
+    with pytest.warns(UserWarning, match="no usable solution .*weights not loaded"):
+        make_trainer([stopped], max_steps=1).fit(model, datamodule=data)
+
+
+def test_a_step_whose_weights_the_solution_replaced_is_done_in_a_checkpoint_written_inside_it(tmp_path, make_trainer):
+    """A checkpoint inside a step leaves the step to the resumed run, except where load_solution already replaced the
+    weights the checkpoint holds: solved again from them, the step logged a gap of -0.0 for the network's 0.0007."""
+    model, data = _seed_c(weight_decay=1e-3, init_scale=0.5)
+    monitor = ConvexGapMonitor(every_n_steps=2, formulation="neurons", solver="clarabel", load_solution=True)
+    patterns = PatternMonitor()
+
+    class Crash(pl.Callback):
+        saved: dict = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                raise RuntimeError("crash in step 2")
+
+        def on_exception(self, trainer, pl_module, exception):  # as OnExceptionCheckpoint, after the monitors
+            Crash.saved = {"gap": monitor.state_dict()["last_step"], "patterns": patterns.state_dict()["last_step"]}
+
+    with pytest.raises(RuntimeError, match="crash in step 2"):
+        make_trainer([monitor, patterns, Crash()], max_steps=4).fit(model, datamodule=data)
+    assert Crash.saved == {"gap": 2, "patterns": 1}

@@ -152,6 +152,13 @@ CONSTRUCTION = [
     (lambda: ConvexGapMonitor(solve_time_limit="5"), TypeError, "solve_time_limit"),
     (lambda: ConvexGapMonitor(worker="gpu"), ValueError, "worker"),
     (lambda: ConvexGapMonitor(asynchronous=True, load_solution=True), ValueError, "load_solution"),
+    # combinations that solved nothing (every step status 3) or made training worse, accepted before
+    (lambda: ConvexGapMonitor(gated=True, load_solution=True), ValueError, "load_solution cannot be used with gated"),
+    (lambda: ConvexGapMonitor(formulation="neurons", sampled_patterns=5), ValueError,
+     "sampled_patterns needs formulation='patterns'"),
+    (lambda: ConvexGapMonitor(solver_options={"gated": True}), ValueError, "give gated as the monitor's own"),
+    (lambda: ConvexGapMonitor(solver="native", solver_options={"warm_start": None}), ValueError,
+     "give warm_start as the monitor's own"),
     (lambda: ConvexGapMonitor(asynchronous="yes"), TypeError, "asynchronous must be a bool"),
     (lambda: ConvexGapMonitor(seed=0.5), TypeError, "seed"),
     (lambda: PatternMonitor(every_n_steps=0), ValueError, "every_n_steps"),

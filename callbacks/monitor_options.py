@@ -1,0 +1,82 @@
+"""The convex gap monitor's arguments: each value checked, and the combinations that cannot work refused, before
+training (rather than found out from a dashboard of failed solves)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from hcl.checks import check_seconds, is_int
+from hcl.convex import available_solvers, check_solver_options
+from hcl.worker import WORKER_KINDS
+
+FORMULATIONS = ("neurons", "patterns")
+WARM_STARTS = ("network", "previous")
+
+
+def check_monitor_arguments(
+    *, formulation: str, solver: str, sampled_patterns: int, gated: bool, load_solution: bool,
+    solver_options: Mapping[str, Any] | None, seed: int, asynchronous: bool, max_pending: int,
+    solve_time_limit: float | None, raise_worker_errors: bool, worker: str, warm_start: str,
+) -> float | None:
+    """Raise on a value or a combination :class:`~hcl.callbacks.ConvexGapMonitor` cannot use, warn on one that would
+    do nothing; returns ``solve_time_limit`` checked."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+    solver = _check_solver(solver)
+    if not is_int(sampled_patterns) or sampled_patterns < 0:
+        raise ValueError(f"sampled_patterns must be an integer ≥ 0, got {sampled_patterns!r}")
+    if solver_options is not None and not isinstance(solver_options, Mapping):
+        raise TypeError(f"solver_options must be a dict of keyword arguments, got {type(solver_options).__name__}")
+    check_solver_options(solver, solver_options or {})  # here, not at the first solve steps later
+    for name, flag in (("gated", gated), ("load_solution", load_solution), ("asynchronous", asynchronous),
+                       ("raise_worker_errors", raise_worker_errors)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if not is_int(max_pending) or max_pending < 1:
+        raise ValueError(f"max_pending must be a positive integer, got {max_pending!r}")
+    solve_time_limit = check_seconds(solve_time_limit, "solve_time_limit")
+    if worker not in WORKER_KINDS:
+        raise ValueError(f"worker must be one of {WORKER_KINDS}, got {worker!r}")
+    if asynchronous and load_solution:
+        raise ValueError("load_solution cannot be used with asynchronous=True: a solution that arrives steps later "
+                         "would overwrite newer weights")
+    if gated and load_solution:
+        raise ValueError("load_solution cannot be used with gated=True: the gated relaxation's blocks have no cone "
+                         "constraints, so the network they map to has other patterns and none of the logged values")
+    if sampled_patterns and formulation != "patterns":
+        raise ValueError("sampled_patterns needs formulation='patterns': the 'neurons' formulation has one block per "
+                         "neuron of the network, none for other patterns")
+    for name in ("gated", "warm_start"):
+        if name in (solver_options or {}):
+            raise ValueError(f"give {name} as the monitor's own {name}= argument, not in solver_options (the monitor "
+                             "sets it for every solve)")
+    if not is_int(seed):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if warm_start not in WARM_STARTS:
+        raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
+    if solve_time_limit is not None and "time_limit" in (solver_options or {}):
+        raise ValueError("give the time limit once, as solve_time_limit (the monitor tells the solver), not also "
+                         "as solver_options['time_limit']")
+    # accepted, but they would do nothing: said now rather than found out from the dashboard
+    if raise_worker_errors and not asynchronous:
+        rank_zero_warn("ConvexGapMonitor: raise_worker_errors=True has no effect without asynchronous=True (a "
+                       "synchronous solve's failure is a warning and a status)")
+    if warm_start == "previous" and solver not in ("native", "auto"):
+        rank_zero_warn(f"ConvexGapMonitor: warm_start='previous' has no effect with solver={solver!r}: "
+                       "only the native solver takes a warm start")
+    return solve_time_limit
+
+
+def _check_solver(solver: str) -> str:
+    if not isinstance(solver, str) or not solver:
+        raise ValueError(f"solver must be a solver name, got {solver!r}")
+    name = solver.lower()
+    known = available_solvers()
+    if name not in known:
+        raise ValueError(f"unknown solver {solver!r}: use one of {known}")
+    return name
+
+
