@@ -117,3 +117,11 @@ def test_the_common_options_are_checked_alike_for_every_solver(solver, options, 
 
 def test_an_integer_verbose_reaches_the_conic_solvers_as_a_bool():
     assert solve(small_problem(), "clarabel", verbose=0).status == Status.OPTIMAL  # Clarabel refused the int
+
+
+def test_a_none_or_numpy_flag_is_taken_as_a_bool():
+    import numpy as np
+
+    problem = small_problem()
+    assert solve(problem, "clarabel", verbose=None).status == Status.OPTIMAL
+    assert solve(problem, "native", verbose=np.False_).status == Status.OPTIMAL

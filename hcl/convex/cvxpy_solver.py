@@ -78,7 +78,7 @@ STATUS_MAP = {
 
 
 class ConvexSolveError(RuntimeError):
-    """A conic solver failed, or returned no solution (infeasible, unbounded, a limit reached)."""
+    """A conic solver failed, or returned no solution (infeasible, unbounded, a limit reached before any point)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,15 +163,17 @@ def solve_cvxpy(
     Returns:
         A :class:`ConvexSolution` with ``U, V`` of shape ``(P, d, c)`` and ``b0`` ``(c,)`` in the
         problem's dtype and device, ``value`` recomputed by ``problem.objective`` in float64, ``dual_value`` hcl's
-        certified lower bound, ``violation`` of the cone and sign constraints (0 for the gated relaxation), and
-        ``solve_seconds`` covering the build, the solve and the certificate.
+        certified lower bound (value, bound and violation those of the solver's float64 point), ``violation`` of the
+        cone and sign constraints (0 for the gated relaxation), and ``solve_seconds`` covering the build, the solve
+        and the certificate.
 
     Raises:
         ValueError: for an unknown or uninstalled solver, or a bad ``time_limit`` or ``memory_limit``.
         SolverMemoryError: the solve would not fit the memory budget.
         TypeError: a setting the solver does not know (the message names the solver).
-        ConvexSolveError: when the solver raises or returns no solution (infeasible, unbounded, a time
-            or iteration limit): the message names the solver and its status.
+        ConvexSolveError: when the solver raises or returns no solution (infeasible, unbounded, a limit reached
+            before any point): the message names the solver and its status. A limit reached with a point returns
+            it, with status ``max_iterations`` or ``time_limit`` and hcl's certified bound.
     """
     if not isinstance(problem, ConvexProblem):
         raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
@@ -224,7 +226,7 @@ def solve_cvxpy(
         V=V,
         b0=b0,
         status=certified_status(problem, STATUS_MAP[status], value, dual_value, violation,
-                                _limit_status(cvx_problem, seconds, time_limit)),
+                                _limit_status(cvx_problem, time_limit if name in _TIME_LIMIT_OPTION else None)),
         solver=name,
         solve_seconds=seconds,
         iterations=cvx_problem.solver_stats.num_iters if cvx_problem.solver_stats else None,
@@ -254,7 +256,7 @@ def certified_status(
     return status if feasible else Status.OPTIMAL_INACCURATE
 
 
-def _limit_status(cvx_problem: cp.Problem, seconds: float, time_limit: float | None) -> Status | None:
+def _limit_status(cvx_problem: cp.Problem, time_limit: float | None) -> Status | None:
     """``MAX_ITERATIONS`` or ``TIME_LIMIT`` when the solver stopped at a limit — cvxpy's ``"user_limit"``, or SCS's
     ``"optimal_inaccurate"`` whose own status says so ("solved (inaccurate - reached max_iters)") — else ``None``."""
     extra = getattr(cvx_problem.solver_stats, "extra_stats", None)
@@ -264,8 +266,9 @@ def _limit_status(cvx_problem: cp.Problem, seconds: float, time_limit: float | N
         return Status.MAX_ITERATIONS
     if "time_limit" in text:
         return Status.TIME_LIMIT
-    if cvx_problem.status == cp.USER_LIMIT:
-        return Status.TIME_LIMIT if time_limit is not None and seconds >= 0.9 * time_limit else Status.MAX_ITERATIONS
+    if cvx_problem.status == cp.USER_LIMIT:  # the solver's own time (not the build's): past the limit it was set
+        solved_for = getattr(cvx_problem.solver_stats, "solve_time", None) or 0.0
+        return Status.TIME_LIMIT if time_limit is not None and solved_for >= 0.9 * time_limit else Status.MAX_ITERATIONS
     return None
 
 

@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy, solver_settings
 from hcl.convex.native import NativeOptions, SolverMemoryError, solve_native
 from hcl.convex.native.threads import SINGLE_THREAD_BELOW, solve_threads  # noqa: F401 (the switch, re-exported)
@@ -128,7 +130,7 @@ class AutoSolver(Solver):
     So one set of options can carry a warm start and native tolerances whatever the choice: Clarabel ignores what it
     does not take. An option that neither candidate accepts is still a ``TypeError``. When the chosen conic solver
     fails (:class:`ConvexSolveError`) or does not fit the memory budget, the native solver solves instead, with a
-    warning.
+    warning; one stopped at a limit returns its point and status.
     """
 
     name = "auto"
@@ -206,6 +208,8 @@ def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
     NativeOptions(**limits)
     for key in ("gated", "verbose"):
         value = options.get(key, False)
+        if value is None or isinstance(value, np.bool_):  # None: the default; NumPy's bool
+            continue
         if not isinstance(value, (bool, numbers.Integral)) or (key == "gated" and not isinstance(value, bool)):
             raise ValueError(f"{key} must be a bool, got {value!r}")
     if entry.name in ("native", "auto"):
