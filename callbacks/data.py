@@ -67,6 +67,7 @@ def training_data(
                 source += f", gathered from {trainer.world_size} ranks"
             _warn_if_partial(trainer, loader, X.shape[0], trainer.world_size)
             warn_if_padded(trainer)
+            source += " (each batch's first item as the inputs, its second as the targets)"
     total = X.shape[0]
     if max_samples is not None:
         X = X[:max_samples]
@@ -199,7 +200,8 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
             xs.append(batch[0])  # TensorDataset(X): inputs only
         else:
             raise ValueError(
-                f"cannot read inputs from a training batch of type {type(batch).__name__}: pass probe= to the callback"
+                f"cannot read inputs from a training batch of type {type(batch).__name__}: pass probe= (and "
+                "target=, for the convex monitors) to the callback"
             )
     if not xs:
         raise ValueError("the training dataloader is empty")

@@ -113,7 +113,7 @@ def resolve_objective(
     Raises:
         ValueError: the model's values are not a valid ``λ`` or reduction.
     """
-    from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
+    from hcl.model import TwoLayerReLU, training_batches  # here: the model module loads torchmetrics
 
     model_lam = getattr(pl_module, "weight_decay", None)
     model_red = getattr(pl_module, "reduction", None)
@@ -147,6 +147,10 @@ def resolve_objective(
                else "its optimizer applies no weight decay" if optimizers is not None else "no λ given")
         said.append(f"using λ = 0 ({why})")
     red = reduction if reduction is not None else model_red
+    if (red == "sum" and weight_decay is None and lam > 0 and not isinstance(pl_module, TwoLayerReLU)
+            and training_batches(getattr(pl_module, "_trainer", None)) is None):
+        said.append(f"λ = {lam:g} is not scaled by the batches of an epoch, which an iterable or endless loader does "
+                    "not tell: with a loss summed over each of B batches an epoch, pass weight_decay=B·λ")
     if red is None:
         outputs = 1 if stack is None else stack.output.out_features
         said.append("using reduction 'mean' (s = 1/n)" if outputs == 1 else

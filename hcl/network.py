@@ -16,6 +16,7 @@ into the stack.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,7 +66,8 @@ class ReLUStack:
         if X.shape[1] != self.in_features:
             raise ValueError(
                 f"the data has {X.shape[1]} features per sample but the hidden layer {self.name!r} expects "
-                f"{self.in_features}"
+                f"{self.in_features} (a batch's first item is read as the inputs, its second as the targets: pass "
+                "probe=/target= for another layout)"
             )
         w = self.hidden.weight
         return X.to(device=w.device, dtype=w.dtype)
@@ -309,11 +311,12 @@ def non_squared_loss(module: nn.Module) -> str | None:
     for name, sub in module.named_modules():
         if isinstance(sub, nn.modules.loss._Loss) and not isinstance(sub, nn.MSELoss):
             kind = _loss_kind(type(sub).__name__) or "non-squared"
-            return f"a {kind} loss (its `{name}` is nn.{type(sub).__name__})"
+            return f"{_article(kind)} {kind} loss (its `{name}` is nn.{type(sub).__name__})"
     hparams = getattr(module, "hparams", None)
     for attribute in _LOSS_ATTRIBUTES:
         for where, value in (("", getattr(module, attribute, None)),
                              ("hyperparameter ", hparams.get(attribute) if isinstance(hparams, dict) else None)):
+            value = value.func if isinstance(value, functools.partial) else value  # partial(F.cross_entropy, …)
             if isinstance(value, str):
                 label = repr(value)
             elif callable(value) and getattr(value, "__module__", "") == "torch.nn.functional":
@@ -322,8 +325,12 @@ def non_squared_loss(module: nn.Module) -> str | None:
                 continue
             kind = _loss_kind(value)
             if kind is not None:
-                return f"a {kind} loss (its {where}`{attribute}` is {label})"
+                return f"{_article(kind)} {kind} loss (its {where}`{attribute}` is {label})"
     return None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _loss_kind(name: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import lightning.pytorch as pl
@@ -62,9 +63,13 @@ def _fit(make_trainer, model, loader, callbacks, steps=2):
     (lambda: UserNet(criterion=nn.BCEWithLogitsLoss()), "logistic (binary cross-entropy) loss"),
     (lambda: UserNet(c=3, criterion=nn.NLLLoss()), "cross-entropy (NLL) loss"),
     (lambda: UserNet(c=3, criterion=nn.functional.cross_entropy), "(its `criterion` is F.cross_entropy)"),
+    (lambda: UserNet(c=3, criterion=functools.partial(nn.functional.cross_entropy, reduction="sum")),
+     "(its `criterion` is F.cross_entropy)"),
+    (lambda: UserNet(criterion=nn.L1Loss()), "an absolute (L1) loss"),
     (lambda: TwoLayerReLU(in_features=3, hidden=6, out_features=3, loss="cross_entropy").double(),
      "(its hyperparameter `loss` is 'cross_entropy')"),
-], ids=["CrossEntropyLoss", "BCEWithLogitsLoss", "NLLLoss", "F.cross_entropy", "TwoLayerReLU-cross-entropy"])
+], ids=["CrossEntropyLoss", "BCEWithLogitsLoss", "NLLLoss", "F.cross_entropy", "partial", "L1Loss",
+        "TwoLayerReLU-cross-entropy"])
 @pytest.mark.parametrize("monitor", [lambda: ConvexGapMonitor(solver="clarabel"), lambda: GlobalOptimumMonitor()],
                          ids=["ConvexGapMonitor", "GlobalOptimumMonitor"])
 def test_a_model_trained_with_another_loss_is_refused_at_setup(make_model, said, monitor, make_trainer):
@@ -219,7 +224,7 @@ def test_the_data_is_said_once_and_a_loader_that_drops_samples_warns(make_traine
     callbacks = [PatternMonitor(), ConvexGapMonitor(solver="clarabel", reduction="mean")]
     messages = _fit(make_trainer, UserNet(), loader, callbacks, steps=1)
     assert said == ["hcl: the callbacks evaluate the network on n = 32 samples: one pass over the training "
-                    "dataloader"]
+                    "dataloader (each batch's first item as the inputs, its second as the targets)"]
     # said once for the trainer, not once per callback
     assert sum("yields 32 of its dataset's 40 samples (drop_last=True" in m for m in messages) == 1, messages
 
@@ -253,7 +258,8 @@ def test_a_full_pass_and_a_probe_are_said_without_a_warning(make_trainer, monkey
     callbacks = [ConvexGapMonitor(solver="clarabel", reduction="mean"), probe]
     messages = _fit(make_trainer, UserNet(), DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True),
                     callbacks, steps=1)
-    assert said == ["hcl: the callbacks evaluate the network on n = 40 samples: one pass over the training dataloader",
+    assert said == ["hcl: the callbacks evaluate the network on n = 40 samples: one pass over the training dataloader "
+                    "(each batch's first item as the inputs, its second as the targets)",
                     "hcl: the callbacks evaluate the network on n = 8 samples (the first max_samples=8 of 10): "
                     "ConvexGapMonitor's probe"]
     assert not any("dataloader yields" in m for m in messages), messages

@@ -186,3 +186,16 @@ def test_a_full_batch_of_each_ranks_shard_is_no_padding():
         warnings.simplefilter("always")
         warn_if_padded(SimpleNamespace(train_dataloader=loader))
     assert not [w for w in caught if "pads the" in str(w.message)]
+
+
+def test_an_unknown_number_of_batches_for_a_summed_loss_is_said():
+    """An iterable loader's epoch has no known number of batches: λ was silently not scaled by it."""
+    from types import SimpleNamespace
+
+    from hcl.callbacks.base import resolve_objective
+
+    user = UserNet()
+    user.weight_decay, user.reduction = 0.01, "sum"
+    user._trainer = SimpleNamespace(num_training_batches=float("inf"), world_size=1)
+    with pytest.warns(UserWarning, match="not scaled by the batches of an epoch.*weight_decay=B·λ"):
+        assert resolve_objective(user, None, None, "Probe")[0] == pytest.approx(0.01)
