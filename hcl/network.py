@@ -129,9 +129,10 @@ class ReLUStack:
         if float((actual - expected).abs().max() / scale) > tolerance:
             raise ValueError(
                 f"the model's output differs from that of its two-layer ReLU stack {self.name!r} (hidden layer → "
-                "ReLU → output layer): a deeper network, extra layers or a scaled output? The convex problem "
-                "describes a network Linear → ReLU → Linear only; name another stack with layer=/output_layer=, or "
-                "use a two-layer model"
+                "ReLU → output layer): a deeper network, extra layers, a scaled output, or inputs transformed inside "
+                "forward (normalised, scaled: the callbacks give the hidden layer the data as it is — transform it in "
+                "the data instead)? The convex problem describes a network Linear → ReLU → Linear only; name another "
+                "stack with layer=/output_layer=, or use a two-layer model"
             )
 
     def _check_between(self, module: nn.Module, called: list[nn.Module]) -> None:
