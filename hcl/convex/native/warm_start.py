@@ -81,7 +81,8 @@ def warm_point(op: Operator, warm_start: ConvexSolution | tuple | list) -> WarmP
     if mult is not None and not op.gated:
         cone = mult.cone if isinstance(mult, Multipliers) else mult
         if tuple(cone.shape) != (op.n, 2, op.P, op.c):
-            raise ValueError(f"warm-start multipliers must have shape {(op.n, 2, op.P, op.c)}")
+            raise ValueError(f"warm-start multipliers must have shape (n, 2, P, c) = {(op.n, 2, op.P, op.c)}, got "
+                             f"{tuple(cone.shape)} (a solution of a problem on other data?)")
         mu = op.normalise_multipliers(cone.to_dense() if cone.is_sparse else cone)
     return WarmPoint(W, mu)
 
