@@ -33,7 +33,7 @@ from hcl.convex.gated import (
     sample_gates,
 )
 from hcl.convex.problem import fold_bias
-from hcl.evaluation import EvaluationLog
+from hcl.evaluation import STEPS_DONE, EvaluationLog
 
 OPTIMIZERS = ("sgd", "adam")
 # The certificate's accumulators (a few float64 copies of d̃ × P × c) above this are not built; see
@@ -259,6 +259,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
 
         data_loss = scale * mapped_sum
         self.log("step", float(step), on_step=True, on_epoch=False)
+        self.log(STEPS_DONE, step + 1.0, on_step=True, on_epoch=False, logger=False)  # hcl.fit carries it back
         self.log("epoch", float(self.current_epoch), on_step=True, on_epoch=False)  # carried back after ddp_spawn
         self.log("train/data_loss", data_loss, on_step=True, on_epoch=False)
         self.log("train/penalty", penalty, on_step=True, on_epoch=False)
@@ -286,7 +287,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         self.accumulate(stage, (out - self._as_output(y, Xf))[:rows].square().sum(), rows)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
-            metric(out, self._class_index(y))
+            metric(out[:rows], self._class_index(y)[:rows])  # DDP's padding copies left out
             self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
 
     # ----------------------------------------------------------- certificate

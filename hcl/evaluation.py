@@ -12,6 +12,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
+#: The training steps done, which hcl's models keep in ``trainer.callback_metrics`` (not in the logs): what ``hcl.fit``
+#: carries back after ``ddp_spawn`` (the last ``step`` logged may be a validation's, already past the last step)
+STEPS_DONE = "hcl/steps_done"
+
 
 class EvaluationLog:
     """Mixin for a ``LightningModule`` with a ``reduction`` and a :meth:`evaluation_penalty`: its evaluation steps ask

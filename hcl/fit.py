@@ -41,6 +41,7 @@ import hcl.datamodules  # noqa: F401 - imported so that `--data` lists hcl's dat
 import hcl.model  # noqa: F401
 from hcl.callbacks import StepProgressBar
 from hcl.checks import check_resumable, read_checkpoint
+from hcl.evaluation import STEPS_DONE
 
 PROG = "python -m hcl.fit"
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
@@ -198,12 +199,15 @@ def _carry_spawned_step(trainer: pl.Trainer) -> None:
     and epoch 0. The models log ``step`` and ``epoch`` at every training step: the last ones, plus one (the global
     step too, which the models' test values are logged at).
     """
-    step, epoch = trainer.callback_metrics.get("step"), trainer.callback_metrics.get("epoch")
-    if trainer.global_step == 0 and step is not None:
+    metrics = trainer.callback_metrics
+    step, epoch = metrics.get("step"), metrics.get("epoch")
+    # the steps done, as hcl's models keep them (a validation's `step` is already past the last training step)
+    done = metrics.get(STEPS_DONE, None if step is None else step + 1)
+    if trainer.global_step == 0 and done is not None:
         loop = trainer.fit_loop.epoch_loop
-        loop._batches_that_stepped = int(step) + 1
-        loop.automatic_optimization.optim_progress.optimizer.step.total.completed = int(step) + 1
-        loop.manual_optimization.optim_step_progress.total.completed = int(step) + 1
+        loop._batches_that_stepped = int(done)
+        loop.automatic_optimization.optim_progress.optimizer.step.total.completed = int(done)
+        loop.manual_optimization.optim_step_progress.total.completed = int(done)
         if epoch is not None and trainer.current_epoch == 0:
             trainer.fit_loop.epoch_progress.current.completed = int(epoch) + 1
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from hcl.callbacks.logs import mark_resumed_run
 from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay
 from hcl.convex.problem import data_scale
-from hcl.evaluation import EvaluationLog
+from hcl.evaluation import STEPS_DONE, EvaluationLog
 from hcl.network import ReLUStack
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
@@ -46,7 +46,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     logged training values are the global ones: full-batch gradient descent on two processes follows the same
     path as on one, for both reductions. The training objective is over the union of the ranks' batches, so with
     unsharded training data (``shard=False``) and reduction ``"sum"`` every point counts once per rank.
-    Validation and test values are averaged over ranks.
+    Validation and test values are over the whole set, every rank's part once (:mod:`hcl.evaluation`).
 
     Args:
         in_features: input dimension ``d`` (inputs are flattened).
@@ -223,6 +223,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             weight = self._summed_batches() if stage == "train" and self.reduction == "sum" else 1.0
             data_loss = weight * data_scale(self.reduction, x.shape[0]) * local_sum
             loss = data_loss + penalty
+        rows = x.shape[0]
         if not on_step:  # validation and test: over the whole set, logged at the stage's end (hcl.evaluation)
             rows = self.evaluation_rows(stage, batch_idx, x.shape[0])
             part = local_sum if rows == x.shape[0] else self.data_loss_sum(out[:rows], y[:rows])
@@ -232,6 +233,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             # ahead after resuming from an end-of-epoch checkpoint (every checkpoint of full-batch training), which
             # would leave a hole in the series and shift it against the callbacks'.
             self.log("step", float(self.global_step), on_step=True, on_epoch=False)
+            self.log(STEPS_DONE, self.global_step + 1.0, on_step=True, on_epoch=False, logger=False)  # hcl.fit's
             self.log("epoch", float(self.current_epoch), on_step=True, on_epoch=False)  # carried back after ddp_spawn
             self.log(f"{stage}/data_loss", data_loss, on_step=True, on_epoch=False)
             self.log(f"{stage}/penalty", logged_penalty, on_step=True, on_epoch=False)
@@ -239,7 +241,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
                      prog_bar=True)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
-            metric(out.detach(), self._class_index(y))
+            metric(out.detach()[:rows], self._class_index(y)[:rows])  # DDP's padding copies left out
             if accuracy is not None:
                 self.log(f"{stage}/acc", accuracy, on_step=True, on_epoch=False)
             else:

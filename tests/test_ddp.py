@@ -42,7 +42,7 @@ trainer:
 model: {hidden: 12, reduction: sum, lr: 0.002, init: normal, init_scale: 0.5, weight_decay: 0.01}
 data:
   class_path: hcl.datamodules.SyntheticRegression
-  init_args: {kind: gaussian_linear, n: 51, d: 6, seed: 0, dtype: float64, test_n: 9}
+  init_args: {kind: gaussian_linear, n: 51, d: 6, seed: 0, dtype: float64, val_n: 7, test_n: 9}
 """
 
 

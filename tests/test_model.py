@@ -209,3 +209,24 @@ def test_several_validation_sets_are_refused_by_name(tmp_path):
     loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4)
     with pytest.raises(ValueError, match="TwoSets logs val/objective of one val set, got 2 dataloaders"):
         _validator(tmp_path).validate(TwoSets(in_features=3, hidden=4), [loader, loader], verbose=False)
+
+
+def test_a_ranks_padding_copy_counts_in_no_validation_value(tmp_path):
+    """DDP's sampler pads 31 samples to 32 by repeating the first: rank 1 evaluates samples 1, 3, …, 29 and a copy
+    of sample 0, which counted in val/acc (18/152 where the set gives 18/151)."""
+    from torch.utils.data import DistributedSampler
+
+    torch.manual_seed(0)
+    X, labels = torch.randn(31, 4), torch.randint(0, 3, (31,))
+    dataset = TensorDataset(X, torch.nn.functional.one_hot(labels, 3).float())
+    loader = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=2, rank=1,
+                                                                          shuffle=False))
+    model = TwoLayerReLU(in_features=4, hidden=6, out_features=3, reduction="sum")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, use_distributed_sampler=False)
+    result = trainer.validate(model, loader, verbose=False)[0]
+    mine = slice(1, 31, 2)
+    with torch.no_grad():
+        out = model(X[mine])
+    assert result["val/acc"] == pytest.approx(float((out.argmax(1) == labels[mine]).float().mean()), rel=1e-6)
+    assert result["val/data_loss"] == pytest.approx(float((out - dataset.tensors[1][mine]).square().sum()), rel=1e-5)
