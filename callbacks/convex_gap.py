@@ -192,6 +192,7 @@ class ConvexGapMonitor(StackCallback):
         self.worker = worker
         self.warm_start = warm_start
         self._skipped = self._retaken = 0  # cancelled snapshots; of them, at steps a resume takes again
+        self.changed_weights_at: int | None = None  # the step load_solution last replaced the weights at
         self._X: Tensor | None = None
         self._Y: Tensor | None = None
         # Run state, created when training starts (never in __init__: ddp_spawn pickles the callbacks).
@@ -205,6 +206,7 @@ class ConvexGapMonitor(StackCallback):
     def reset(self) -> None:
         super().reset()
         self._skipped = self._retaken = 0
+        self.changed_weights_at = None
 
     # ------------------------------------------------------------------- hooks
     @override

@@ -287,7 +287,8 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         self.accumulate(stage, (out - self._as_output(y, Xf))[:rows].square().sum(), rows)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
-            metric(out[:rows], self._class_index(y)[:rows])  # DDP's padding copies left out
+            if rows:  # DDP's padding copies left out (a batch of copies only: nothing to count)
+                metric(out[:rows], self._class_index(y)[:rows])
             self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
 
     # ----------------------------------------------------------- certificate

@@ -7,6 +7,8 @@ trainer's global step: the weights they are of are those the callbacks log at th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
@@ -70,7 +72,7 @@ class EvaluationLog:
         if entry is None:
             return
         total = entry[0].to(module.device)
-        count = torch.tensor(float(entry[1]), dtype=torch.float64, device=module.device)
+        count = torch.tensor(float(entry[1]), dtype=total.dtype, device=module.device)
         world = module.trainer.world_size
         loaders = _loaders(module.trainer, stage)
         if world > 1 and loaders and _sharded(loaders[0]):  # each rank evaluated its part of the set
@@ -88,6 +90,8 @@ class EvaluationLog:
 
 def _loaders(trainer: pl.Trainer, stage: str) -> list:
     loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    if isinstance(loaders, Mapping):  # a dict of named sets
+        return list(loaders.values())
     return list(loaders) if isinstance(loaders, (list, tuple)) else [] if loaders is None else [loaders]
 
 
@@ -100,9 +104,10 @@ def _sharded(loader: object) -> bool:
 
 
 def _real_rows(loader: object) -> int | None:
-    """The samples of its set this rank evaluates, where DDP's unshuffled sampler pads the set by repeating its first
-    ones (``None``: no padding to leave out)."""
+    """The samples of its set this rank evaluates, where DDP's sampler pads the set by repeating some (``None``: no
+    padding to leave out)."""
     sampler = getattr(loader, "sampler", None)
-    if not _sharded(loader) or sampler.shuffle or sampler.drop_last or getattr(loader, "batch_size", None) is None:
+    # (padded after any shuffle: a rank's last ones are the copies)
+    if not _sharded(loader) or sampler.drop_last or getattr(loader, "batch_size", None) is None:
         return None
     return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))

@@ -241,7 +241,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
                      prog_bar=True)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
-            metric(out.detach()[:rows], self._class_index(y)[:rows])  # DDP's padding copies left out
+            if rows:  # DDP's padding copies left out (a batch of copies only: nothing to count)
+                metric(out.detach()[:rows], self._class_index(y)[:rows])
             if accuracy is not None:
                 self.log(f"{stage}/acc", accuracy, on_step=True, on_epoch=False)
             else:

@@ -445,3 +445,11 @@ def test_a_step_whose_weights_the_solution_replaced_is_done_in_a_checkpoint_writ
     with pytest.raises(RuntimeError, match="crash in step 2"):
         make_trainer([monitor, patterns, Crash()], max_steps=4).fit(model, datamodule=data)
     assert Crash.saved == {"gap": 2, "patterns": 1}
+
+
+def test_a_reset_forgets_the_step_whose_weights_were_replaced():
+    monitor = ConvexGapMonitor(load_solution=True)
+    assert monitor.changed_weights_at is None
+    monitor.changed_weights_at = monitor.last_step = 10  # a solution loaded at step 10, then a resume from step 5
+    monitor.reset()
+    assert monitor.changed_weights_at is None

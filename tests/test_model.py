@@ -230,3 +230,33 @@ def test_a_ranks_padding_copy_counts_in_no_validation_value(tmp_path):
         out = model(X[mine])
     assert result["val/acc"] == pytest.approx(float((out.argmax(1) == labels[mine]).float().mean()), rel=1e-6)
     assert result["val/data_loss"] == pytest.approx(float((out - dataset.tensors[1][mine]).square().sum()), rel=1e-5)
+
+
+def test_a_batch_of_padding_copies_only_counts_nothing_and_breaks_nothing(tmp_path):
+    """Rank 1 of 2 over 5 samples in batches of 2 takes [1, 3] then [0], a copy only: the accuracy metric was given an
+    empty batch and raised (one rank died, the other hung)."""
+    from torch.utils.data import DistributedSampler
+
+    torch.manual_seed(0)
+    X, labels = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    dataset = TensorDataset(X, labels)
+    loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, num_replicas=2, rank=1,
+                                                                          shuffle=True, seed=0))
+    model = TwoLayerReLU(in_features=3, hidden=4, out_features=3)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, use_distributed_sampler=False)
+    mine = list(loader.sampler)[:2]  # the rank's real samples (the copies come last, after any shuffle)
+    result = trainer.validate(model, loader, verbose=False)[0]
+    with torch.no_grad():
+        out = model(X[mine])
+    assert result["val/acc"] == pytest.approx(float((out.argmax(1) == labels[mine]).float().mean()), rel=1e-6)
+
+
+def test_a_dict_of_validation_sets_is_refused_like_a_list(tmp_path):
+    class TwoSets(TwoLayerReLU):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return super().validation_step(batch, batch_idx)
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4)
+    with pytest.raises(ValueError, match="got 2 dataloaders"):
+        _validator(tmp_path).validate(TwoSets(in_features=3, hidden=4), {"a": loader, "b": loader}, verbose=False)
