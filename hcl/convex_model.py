@@ -137,8 +137,12 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         check_reduction(reduction)
         check_weight_decay(weight_decay)
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not (isinstance(bias, bool) and isinstance(output_bias, bool)):  # "no" would read as True
+            raise ValueError(f"bias and output_bias must be bools, got {bias!r} and {output_bias!r}")
+        if not is_int(gate_seed):
+            raise ValueError(f"gate_seed must be an integer, got {gate_seed!r}")
         if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         if not isinstance(cone_penalty, (int, float)) or not math.isfinite(cone_penalty) or cone_penalty <= 0:
@@ -295,6 +299,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
     def on_train_start(self) -> None:
         # a resumed run certifies (and logs) its first step again: the restart marker keeps each step once
         mark_resumed_run(self.trainer)
+        self.relog_evaluation()  # the checkpoint step's validation, which the restart marker dropped
         warn_if_padded(self.trainer)  # DDP's sampler repeating samples: the objective would count them twice
         self._train_data = None
         self._certified_step = None
@@ -311,6 +316,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
             cast_to_checkpoint(self, checkpoint)
+        self.restore_evaluation(checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.global_step % GROWTH_EVERY == 1:  # (a device sync: not every step)
@@ -399,7 +405,9 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         }
         if self.V is None or result.violation == 0.0:  # a point outside its cones may lie below the optimum
             values["convex_train/duality_gap"] = result.gap
-        elif not self._warned_outside:
+        else:  # nor an earlier point's beside this one's values
+            self.trainer.callback_metrics.pop("convex_train/duality_gap", None)
+        if "convex_train/duality_gap" not in values and not self._warned_outside:
             self._warned_outside = True
             warnings.warn(f"ConvexReLU: the point is outside its cones (largest violation {result.violation:.3g}): "
                           "its objective bounds nothing, so convex_train/duality_gap is logged only at a point inside "

@@ -59,6 +59,28 @@ class EvaluationLog:
         entry[0] = entry[0] + data_sum.detach().to(entry[0].dtype)
         entry[1] += count
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the validation at the checkpoint's step: the restart marker of a run resumed from it drops it from the logs
+        saved = self.__dict__.get("_last_validation")
+        if saved is not None:
+            accuracy = self.trainer.callback_metrics.get("val/acc")  # the metric's, logged by the step
+            values = saved["values"] if accuracy is None else {**saved["values"], "val/acc": float(accuracy)}
+            checkpoint["hcl_last_validation"] = {**saved, "values": values}
+
+    def restore_evaluation(self, checkpoint: dict) -> None:
+        """Keep a checkpoint's last validation values for :meth:`relog_evaluation` (from ``on_load_checkpoint``)."""
+        self._last_validation = checkpoint.get("hcl_last_validation")
+
+    def relog_evaluation(self) -> None:
+        """Log again, after a resume's restart marker at its step, the validation values of the checkpoint's step (the
+        resumed run does not validate there again; call from ``on_train_start``)."""
+        module: pl.LightningModule = self  # type: ignore[assignment]
+        saved = self.__dict__.get("_last_validation")
+        if saved and saved["step"] == module.trainer.global_step > 0 and module.trainer.is_global_zero:
+            from hcl.callbacks.logs import log_scalars  # not at import: the callbacks load the models late
+
+            log_scalars(module.trainer, saved["values"], saved["step"])
+
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")
 
@@ -86,6 +108,10 @@ class EvaluationLog:
                    sync_dist=sync)
         # at the global step, not Lightning's count of the batches before it: the step of these weights
         module.log("step", float(module.global_step), on_step=False, on_epoch=True, sync_dist=sync)
+        if stage == "val" and not module.trainer.sanity_checking:
+            values = {"val/data_loss": data_loss, "val/penalty": penalty, "val/objective": data_loss + penalty}
+            self._last_validation = {"step": int(module.global_step),
+                                     "values": {k: float(v) for k, v in values.items()}}
 
 
 def _loaders(trainer: pl.Trainer, stage: str) -> list:

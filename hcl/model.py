@@ -171,6 +171,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     def on_train_start(self) -> None:
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
         mark_resumed_run(self.trainer)
+        self.relog_evaluation()  # the checkpoint step's validation, which the restart marker dropped
         # a weight decay given to the optimizer (hcl.fit --optimizer.weight_decay) is part of the objective trained:
         # logged in L as the callbacks count it (docs/convex.md#weight-decay-in-the-optimizer); none it cannot name
         from hcl.callbacks.base import optimizer_lambda  # not at import: hcl.callbacks.base loads late
@@ -184,6 +185,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
             cast_to_checkpoint(self, checkpoint)
+        self.restore_evaluation(checkpoint)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # λ lives in the loss; the optimizers never get a weight_decay of their own.

@@ -275,6 +275,11 @@ def test_a_diverged_run_says_so_and_logs_no_certificate_of_its_nan(tmp_path):
         ({"certify_every_n_steps": -2}, "certify_every_n_steps"),
         ({"gates": [[1.0, 2.0]]}, "gates have 2 features but the data has 4"),
         ({"gates": "/nonexistent/net.ckpt"}, "no checkpoint"),
+        # "no" built an output bias, "yes" an int() error naming nothing, 1.5 the gates of seed 1, True a step of 1
+        ({"output_bias": "no"}, "bias and output_bias must be bools"),
+        ({"bias": "yes"}, "bias and output_bias must be bools"),
+        ({"gate_seed": 1.5}, "gate_seed must be an integer"),
+        ({"lr": True}, "lr must be a positive number"),
     ],
 )
 def test_bad_arguments_are_refused(arguments, message):
@@ -405,3 +410,27 @@ def test_the_gates_patterns_are_never_autocasts_bf16():
     exact = Xf.double() @ gates.double() >= 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(gate_mask(Xf, gates), exact)
+
+
+def test_no_earlier_duality_gap_stays_beside_a_later_point_outside_its_cones():
+    """callback_metrics kept the step-0 gap (0.917) beside the final objective and bound of a point whose gap is not
+    logged (outside its cones)."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from hcl import ConvexReLU
+    from hcl.datamodules import TensorDataModule
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    model = ConvexReLU(in_features=3, num_gates=5, variant="relu", weight_decay=0.02, optimizer="sgd", lr=0.05,
+                       certify_every_n_steps=5).double()
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", precision="64-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=TensorDataModule(train=(X, torch.sin(X.sum(1, keepdim=True)))))
+    metrics = trainer.callback_metrics
+    assert float(metrics["convex_train/violation"]) > 0  # the case under test
+    assert "convex_train/duality_gap" not in metrics

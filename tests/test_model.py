@@ -260,3 +260,42 @@ def test_a_dict_of_validation_sets_is_refused_like_a_list(tmp_path):
     loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4)
     with pytest.raises(ValueError, match="got 2 dataloaders"):
         _validator(tmp_path).validate(TwoSets(in_features=3, hidden=4), {"a": loader, "b": loader}, verbose=False)
+
+
+@pytest.mark.parametrize("classes", [None, 3])
+def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, classes):
+    """The restart marker at the checkpoint's step dropped that step's validation, which the resumed run does not take
+    again: val/* read 1, …, 5, 7, … after a resume from step 6."""
+    import glob
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import (
+        STORE_EVERYTHING_SIZE_GUIDANCE,
+        EventAccumulator,
+    )
+
+    from hcl.datamodules import TensorDataModule
+
+    torch.manual_seed(0)
+    c = classes or 1
+    X, Xv = torch.randn(30, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
+    Y, Yv = (torch.randn(30, c, dtype=torch.float64), torch.randn(11, c, dtype=torch.float64))
+
+    def run(name, steps, ckpt=None):
+        torch.manual_seed(1)
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", precision="64-true", num_sanity_val_steps=0,
+                             logger=TensorBoardLogger(str(tmp_path / name), name="run", version=0),
+                             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+        trainer.fit(TwoLayerReLU(in_features=4, hidden=5, out_features=c), ckpt_path=ckpt,
+                    datamodule=TensorDataModule(train=(X, Y), val=(Xv, Yv), num_classes=classes))
+        acc = EventAccumulator(str(tmp_path / name / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    straight = run("straight", 8)
+    run("resumed", 5)
+    resumed = run("resumed", 8, glob.glob(str(tmp_path / "resumed/run/version_0/checkpoints/*.ckpt"))[0])
+    tags = ["val/objective", "val/data_loss"] + (["val/acc"] if classes else [])
+    for tag in tags:
+        assert [s for s, _ in resumed[tag]] == [s for s, _ in straight[tag]] == list(range(1, 9)), tag
+        assert [v for _, v in resumed[tag]] == pytest.approx([v for _, v in straight[tag]], rel=1e-6), tag
