@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -36,6 +36,9 @@ from hcl.activation_geometry import (
 from hcl.callbacks.base import StackCallback, resolve_objective
 from hcl.checks import REDUCTIONS
 from hcl.convex.problem import fold_bias, fold_weights, network_objective
+
+# Frames a GIF animates at most: writing it holds every image at once, about 0.5 MB each (640 × 400, quantized)
+MAX_GIF_FRAMES = 300
 
 
 class ActivationPointPlot(StackCallback):
@@ -55,8 +58,9 @@ class ActivationPointPlot(StackCallback):
         every_n_steps: period in global steps.
         tag: TensorBoard image tag.
         gif: also write the run as an animated GIF (``gif_name`` in the logger's folder) at the end of training.
-            Frames are kept as numbers, not images, until then (a few kB per frame for a thousand neurons). A
-            resumed run animates the steps after the resume only.
+            Frames are kept as numbers, not images, until then (about 21 kB per frame for a thousand neurons);
+            writing holds the images at once (0.5 MB and 80 ms each), so at most ``MAX_GIF_FRAMES`` evenly spaced
+            frames are animated. A resumed run, or a second ``fit()``, animates its own steps only.
         gif_name: file name of the GIF; the final PNG takes its name with the suffix ``.png``.
         gif_fps: frames per second of the GIF.
         x_range: ``(low, high)`` of the horizontal axis; default: the data's range widened by its length on
@@ -253,9 +257,15 @@ class ActivationPointPlot(StackCallback):
                 low, high = min(low, float(finite.min())), max(high, float(finite.max()))
         pad = 0.08 * max(high - low, 1e-6)
         limits = (low - pad, high + pad)
+        frames = self.frames
+        if len(frames) > MAX_GIF_FRAMES:  # evenly spaced, first and last kept: the images are held at once
+            keep = np.unique(np.linspace(0, len(frames) - 1, MAX_GIF_FRAMES).round().astype(int))
+            rank_zero_info(f"{type(self).__name__}: the GIF shows {len(keep)} of the run's {len(frames)} frames, "
+                           "evenly spaced (the TensorBoard images are every one)")
+            frames = [frames[i] for i in keep]
         images = [
             Image.fromarray(self.render(frame, limits)).quantize(colors=255, method=Image.Quantize.FASTOCTREE)
-            for frame in self.frames
+            for frame in frames
         ]
         path = _output_path(trainer, self.gif_name)
         images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / self.gif_fps), loop=0)

@@ -234,3 +234,18 @@ def test_bad_arguments_are_refused_early():
         ActivationPointPlot(gif_fps=0)
     with pytest.raises(ValueError, match="together"):
         ActivationPointPlot(probe=torch.zeros(3, 2))
+
+
+@pytest.mark.slow
+def test_a_long_runs_gif_animates_evenly_spaced_frames_at_most(tmp_path, make_trainer, monkeypatch):
+    """Writing the GIF holds every image at once (0.5 MB each): 601 frames took 300 MB at the end of training."""
+    import hcl.callbacks.activation_points as module
+
+    monkeypatch.setattr(module, "MAX_GIF_FRAMES", 3)
+    torch.manual_seed(0)
+    data = SyntheticRegression(kind="points", x=[-0.7, -0.3, 0.7, 0.8], y=[0.28, 0.52, 1.12, 1.18],
+                               append_ones=True, dtype="float64")
+    plot = ActivationPointPlot(every_n_steps=2, gif=True, figsize=(4, 3), dpi=50)
+    make_trainer([plot], max_steps=7).fit(TwoLayerReLU(in_features=2, hidden=6, lr=0.2), datamodule=data)
+    assert [frame.step for frame in plot.frames] == [0, 2, 4, 6, 7]  # every one kept as numbers
+    assert Image.open(plot.gif_path).n_frames == 3  # the first, the middle and the last
