@@ -242,7 +242,8 @@ class PatternTracker:
     Patterns are remembered by their 128-bit keys (:func:`pattern_keys`), not their ``n`` bits, and the history is
     saved by :meth:`state_dict` as plain Python ints: a resumed run continues ``new`` and ``changed`` where it
     stopped. It grows with the distinct patterns seen (about 300 bytes each in memory, 25 in a checkpoint: noisy
-    mini-batch SGD with 500 neurons met about 10 000 new ones per 1 000 steps). All snapshots must be taken on the same data (the same rows of ``D``).
+    mini-batch SGD with 500 neurons met about 10 000 new ones per 1 000 steps). All snapshots must be taken on the
+    same data (the same rows of ``D``).
 
     Example::
 
