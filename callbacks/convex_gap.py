@@ -30,7 +30,7 @@ from typing_extensions import override
 from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
-from hcl.callbacks.monitor_options import _check_solver, check_monitor_arguments
+from hcl.callbacks.monitor_options import check_monitor_arguments
 from hcl.callbacks.solve_queue import SolveQueue
 from hcl.convex import solve
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias
@@ -173,9 +173,8 @@ class ConvexGapMonitor(StackCallback):
     ) -> None:
         super().__init__(every_n_steps, probe=probe, target=target, layer=layer, output_layer=output_layer,
                          max_samples=max_samples, prefix=prefix, weight_decay=weight_decay, reduction=reduction)
-        self.solver = _check_solver(solver)
-        solve_time_limit = check_monitor_arguments(
-            formulation=formulation, solver=self.solver, sampled_patterns=sampled_patterns, gated=gated,
+        self.solver, solve_time_limit = check_monitor_arguments(
+            formulation=formulation, solver=solver, sampled_patterns=sampled_patterns, gated=gated,
             load_solution=load_solution, solver_options=solver_options, seed=seed, asynchronous=asynchronous,
             max_pending=max_pending, solve_time_limit=solve_time_limit, raise_worker_errors=raise_worker_errors,
             worker=worker, warm_start=warm_start)

@@ -20,9 +20,9 @@ def check_monitor_arguments(
     *, formulation: str, solver: str, sampled_patterns: int, gated: bool, load_solution: bool,
     solver_options: Mapping[str, Any] | None, seed: int, asynchronous: bool, max_pending: int,
     solve_time_limit: float | None, raise_worker_errors: bool, worker: str, warm_start: str,
-) -> float | None:
+) -> tuple[str, float | None]:
     """Raise on a value or a combination :class:`~hcl.callbacks.ConvexGapMonitor` cannot use, warn on one that would
-    do nothing; returns ``solve_time_limit`` checked."""
+    do nothing; returns ``solver`` (lower case) and ``solve_time_limit``, checked."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
     solver = _check_solver(solver)
@@ -67,7 +67,7 @@ def check_monitor_arguments(
     if warm_start == "previous" and solver not in ("native", "auto"):
         rank_zero_warn(f"ConvexGapMonitor: warm_start='previous' has no effect with solver={solver!r}: "
                        "only the native solver takes a warm start")
-    return solve_time_limit
+    return solver, solve_time_limit
 
 
 def _check_solver(solver: str) -> str:

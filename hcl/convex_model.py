@@ -186,9 +186,6 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         """The mapped network's output ``(n, c)`` (the gated network, or the ReLU network of ``U``, ``V``)."""
         return self._outputs(self.fold(x))[1]
 
-    def evaluation_penalty(self) -> Tensor:
-        return self.penalty()
-
     def penalty(self) -> Tensor:
         """``2λ Σ_i ‖Z_i‖_F`` (``2λ Σ_i (‖U_i‖_F + ‖V_i‖_F)``); the output bias is not penalised."""
         norms = group_norms(self.U).sum()

@@ -20,16 +20,16 @@ STEPS_DONE = "hcl/steps_done"
 
 
 class EvaluationLog:
-    """Mixin for a ``LightningModule`` with a ``reduction`` and a :meth:`evaluation_penalty`: its evaluation steps ask
-    :meth:`evaluation_rows` which rows of the batch count and :meth:`accumulate` their data sum, and
-    ``<stage>/data_loss``, ``<stage>/penalty`` and ``<stage>/objective`` are logged at the end of the validation and
+    """Mixin for a ``LightningModule`` with a ``reduction`` and a ``penalty()`` (or :meth:`evaluation_penalty`): its
+    evaluation steps ask :meth:`evaluation_rows` which rows of the batch count and :meth:`accumulate` their data sum,
+    and ``<stage>/data_loss``, ``<stage>/penalty`` and ``<stage>/objective`` are logged at the end of the validation and
     test epochs (a subclass that overrides ``on_validation_epoch_end`` or ``on_test_epoch_end`` calls ``super()``)."""
 
     reduction: str
 
     def evaluation_penalty(self) -> Tensor:
-        """The penalty of ``L`` at the current weights, as logged."""
-        raise NotImplementedError
+        """The penalty of ``L`` at the current weights, as logged (default: the model's ``penalty()``)."""
+        return self.penalty()  # type: ignore[attr-defined]
 
     def evaluation_rows(self, stage: str, batch_idx: int, rows: int) -> int:
         """How many of this evaluation batch's first rows count: all but the copies DDP's sampler pads the set with.

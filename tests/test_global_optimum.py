@@ -203,6 +203,15 @@ def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path, make_trainer):
         "convex/global_optimum", "convex/global_upper_bound", "convex/global_lower_bound"}
 
 
+def _seven_points(lam: float):
+    """Seven 1-D points, their all-patterns problem (no hidden bias, mean) and its optimum to 1e-10."""
+    data = _points_data(n=7, seed=2)
+    data.setup("fit")
+    X, y = data.train_tensors()
+    problem = all_patterns_problem(X, y, bias=False, weight_decay=lam, reduction="mean")
+    return data, y, problem, solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+
+
 @pytest.mark.parametrize("lam", [0.0, 1e-3])
 def test_the_global_bracket_holds_the_true_optimum_and_the_optimum_needs_a_certificate(
     tmp_path, make_trainer, monkeypatch, lam
@@ -211,11 +220,7 @@ def test_the_global_bracket_holds_the_true_optimum_and_the_optimum_needs_a_certi
     certified, the upper bound feasible; a solve without a certified gap logs its bracket and no optimum."""
     import hcl.callbacks.global_optimum as module
 
-    data = _points_data(n=7, seed=2)
-    data.setup("fit")
-    X, y = data.train_tensors()
-    problem = all_patterns_problem(X, y, bias=False, weight_decay=lam, reduction="mean")
-    p_star = solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+    data, y, problem, p_star = _seven_points(lam)
 
     def uncertified(problem, solver, **options):  # the same point, without the certificate's promise
         return dataclasses.replace(solve(problem, solver, **options), status=Status.OPTIMAL_INACCURATE)
@@ -243,11 +248,7 @@ def test_a_loose_solve_is_moved_into_its_cones_before_it_bounds_the_global_optim
     p*_all, so its point is moved into the cones first; the upper bound is then a feasible value, near p*_all, not
     the zero network's."""
     lam = 1e-2
-    data = _points_data(n=7, seed=2)
-    data.setup("fit")
-    X, y = data.train_tensors()
-    problem = all_patterns_problem(X, y, bias=False, weight_decay=lam, reduction="mean")
-    p_star = solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+    data, y, problem, p_star = _seven_points(lam)
     options = {"method": "fista", "tol": 1e-2, "constraint_tol": 1e-2}
     loose = solve(problem, "native", **options)
     assert loose.violation > 1e-6 * float(y.abs().max())  # the case under test: the raw point is outside its cones
@@ -335,11 +336,7 @@ def test_a_global_solve_stopped_at_its_limit_logs_its_bracket_and_training_goes_
     """A limit is not a failure: the run stopped before its first step ("the all-patterns problem was not solved:
     status <Status.MAX_ITERATIONS: ...>"), though the point's certified bracket holds."""
     lam = 1e-2
-    data = _points_data(n=7, seed=2)
-    data.setup("fit")
-    X, y = data.train_tensors()
-    problem = all_patterns_problem(X, y, bias=False, weight_decay=lam, reduction="mean")
-    p_star = solve(problem, "clarabel", tol_gap_rel=1e-10, tol_gap_abs=1e-10, tol_feas=1e-10).value
+    data, y, problem, p_star = _seven_points(lam)
     monitor = GlobalOptimumMonitor(solver="native", solver_options={"method": "admm", "max_iters": 5})
     model = TwoLayerReLU(in_features=2, hidden=6, bias=False, weight_decay=lam, lr=0.1)
     with pytest.warns(UserWarning, match="stopped at its limit \\(status 'max_iterations'\\)"):

@@ -175,9 +175,9 @@ def test_exposes_layers_and_objective_settings():
     assert model.weight_decay == 0.2 and model.reduction == "sum"
 
 
-def _validator(tmp_path, callbacks=()):
+def _validator(tmp_path, callbacks=(), **options):
     return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, callbacks=list(callbacks))
+                      default_root_dir=tmp_path, callbacks=list(callbacks), **options)
 
 
 def test_validation_sums_every_batch_once_also_after_an_interrupted_validation(tmp_path):
@@ -222,8 +222,7 @@ def test_a_ranks_padding_copy_counts_in_no_validation_value(tmp_path):
     loader = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=2, rank=1,
                                                                           shuffle=False))
     model = TwoLayerReLU(in_features=4, hidden=6, out_features=3, reduction="sum")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, use_distributed_sampler=False)
+    trainer = _validator(tmp_path, use_distributed_sampler=False)
     result = trainer.validate(model, loader, verbose=False)[0]
     mine = slice(1, 31, 2)
     with torch.no_grad():
@@ -243,8 +242,7 @@ def test_a_batch_of_padding_copies_only_counts_nothing_and_breaks_nothing(tmp_pa
     loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, num_replicas=2, rank=1,
                                                                           shuffle=True, seed=0))
     model = TwoLayerReLU(in_features=3, hidden=4, out_features=3)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, use_distributed_sampler=False)
+    trainer = _validator(tmp_path, use_distributed_sampler=False)
     mine = list(loader.sampler)[:2]  # the rank's real samples (the copies come last, after any shuffle)
     result = trainer.validate(model, loader, verbose=False)[0]
     with torch.no_grad():
