@@ -58,8 +58,9 @@ class SolveQueue:
     once (snapshots then carry only the weights) and keeps a warm-start chain of its own; a thread worker uses the
     data and the ``chain`` given here.
 
-    A job still running well past ``time_limit`` is abandoned: its worker is killed (a thread is left to finish alone),
-    the queued snapshots go to a fresh worker, and the job comes back as a ``TIME_LIMIT`` outcome.
+    A job still running well past ``time_limit`` is abandoned: its worker is killed (a thread is left to finish alone,
+    counted in ``max_pending`` until it does), the queued snapshots go to a fresh worker, and the job comes back as a
+    ``TIME_LIMIT`` outcome.
 
     Args:
         owner: name that starts every message (the callback's class name).
@@ -92,6 +93,7 @@ class SolveQueue:
         self._chain = chain
         self._jobs: deque[_Job] = deque()
         self._worker: BackgroundWorker | None = None
+        self._stragglers: list[BackgroundWorker] = []  # abandoned thread workers still running their job
         self._data_key: str | None = None
         self._start_worker()  # now: a process worker imports its solvers while training starts
 
@@ -105,7 +107,8 @@ class SolveQueue:
 
     def submit(self, spec: SolveSpec, snapshot: Snapshot) -> bool:
         """Queue ``snapshot``; ``False`` (nothing queued) when ``max_pending`` snapshots are already waiting."""
-        if len(self._jobs) >= self.max_pending:
+        self._stragglers = [worker for worker in self._stragglers if worker.running]
+        if len(self._jobs) + len(self._stragglers) >= self.max_pending:  # an abandoned thread still solves
             return False
         future = self._send(spec, snapshot)
         self._jobs.append(_Job(spec, snapshot, future, self._worker))
@@ -209,6 +212,8 @@ class SolveQueue:
         what = "still running" if started else "not started by its worker"
         # A fresh worker (started on demand) takes the queue over; the stuck one is killed (process) or left to
         # finish alone (thread).
+        if started and self._kind == "thread":
+            self._stragglers.append(self._worker)
         self.close(kill=True)
         for queued in self._jobs:
             queued.future, queued.sent_to = self._send(queued.spec, queued.snapshot), self._worker

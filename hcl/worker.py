@@ -122,6 +122,13 @@ class BackgroundWorker:
             return self._thread.is_alive()
         return self._process is not None and self._process.is_alive()
 
+    @property
+    def running(self) -> bool:
+        """Whether its thread or process still runs: a closed thread worker finishes the job it holds alone."""
+        if self.kind == "thread":
+            return self._thread.is_alive()
+        return self._process is not None and self._process.is_alive()
+
     def close(self, kill: bool = False) -> None:
         """Stop taking jobs. Queued jobs are cancelled; ``kill`` also ends a running job (process worker only)."""
         if self._closed:

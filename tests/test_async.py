@@ -161,6 +161,35 @@ def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch, run):
         assert upper <= L * (1 + 1e-6)
 
 
+def test_abandoned_thread_solves_count_in_max_pending(tmp_path, monkeypatch, run):
+    # a thread cannot be killed: an abandoned solve keeps running, and more must not pile up beside it
+    release, lock, running, most = threading.Event(), threading.Lock(), [0], [0]
+
+    def hung_solve(problem, solver, **options):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(60)
+        with lock:
+            running[0] -= 1
+        raise RuntimeError("released")
+
+    class Slow(pl.Callback):
+        def on_train_batch_end(self, *args):
+            time.sleep(0.3)  # abandoned after 1.1 s each: several would overlap within the run
+
+    monkeypatch.setattr(solve_queue_module, "solve", hung_solve)
+    monitor = ConvexGapMonitor(every_n_steps=1, asynchronous=True, max_pending=2, worker="thread",
+                               solve_time_limit=0.1)
+    try:
+        with pytest.warns(UserWarning, match="abandoned"):
+            s = run(tmp_path, [monitor, Slow()], max_steps=14)
+        assert most[0] <= 2
+    finally:
+        release.set()
+    assert sorted(_steps(s, "convex/status") + _steps(s, "convex/skipped")) == list(range(14))
+
+
 def test_the_worker_process_is_killed_when_a_solve_overruns(tmp_path, monkeypatch, full_priority, run):
     monkeypatch.setattr(solve_queue_module, "solve", sleepy_solve)
     monitor = ConvexGapMonitor(every_n_steps=100, asynchronous=True, worker="process", solve_time_limit=0.2)
