@@ -97,16 +97,17 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------- data
-def data_module(s: Settings, batch_size: int | None = None):
+def data_module(s: Settings):
+    """The data module of ``s`` (mini-batches of ``s.batch_size``); it loads its files on first use."""
     from hcl.datamodules import CIFAR10, MNIST
 
     cls = {"mnist": MNIST, "cifar10": CIFAR10}[s.dataset]
-    return cls(root=s.root, subset=s.subset, val_size=s.val_size, batch_size=batch_size, dtype="float32", seed=s.seed)
+    return cls(root=s.root, subset=s.subset, val_size=s.val_size, batch_size=s.batch_size, dtype="float32",
+               seed=s.seed)
 
 
-def load_splits(s: Settings) -> Splits:
-    """The train, validation and test tensors on ``s.device`` (one-hot float targets)."""
-    dm = data_module(s)
+def load_splits(s: Settings, dm) -> Splits:
+    """The train, validation and test tensors of ``dm`` on ``s.device`` (one-hot float targets)."""
     return {split: tuple(t.to(s.device) for t in dm.split_tensors(split)) for split in ("train", "val", "test")}
 
 
@@ -126,6 +127,13 @@ def gated_scores(X: Tensor, gates: Tensor, U: Tensor, chunk: int = 2048) -> Tens
     return torch.cat(out)
 
 
+def table_gates(s: Settings, in_features: int) -> Tensor:
+    """The ``s.width`` Gaussian gates of the bias-folded inputs: ConvexReLU's of ``gate_seed = s.seed``."""
+    from hcl.convex.gated import sample_gates
+
+    return sample_gates(in_features + 1, s.width, s.seed)
+
+
 def run_solver(s: Settings, gated: bool, splits: Splits) -> tuple[float, float, str]:
     """Solve the (gated) convex problem of ``s.width`` Gaussian gates; return (val acc, test acc, status)."""
     from hcl.convex import solve
@@ -133,8 +141,7 @@ def run_solver(s: Settings, gated: bool, splits: Splits) -> tuple[float, float, 
 
     X, Y = splits["train"]
     Xf = fold_bias(X, True)
-    generator = torch.Generator(device="cpu").manual_seed(s.seed)
-    gates = torch.randn(Xf.shape[1], s.width, generator=generator).to(Xf)
+    gates = table_gates(s, X.shape[1]).to(Xf)
     problem = ConvexProblem(Xf, Y, Xf @ gates >= 0, weight_decay=s.weight_decay, reduction="mean")
     solution = solve(problem, "native", gated=gated, method="fista", tol=1e-4, max_iters=s.convex_iters,
                      time_limit=s.convex_time_limit)
@@ -151,14 +158,13 @@ def run_solver(s: Settings, gated: bool, splits: Splits) -> tuple[float, float, 
     return accs[0], accs[1], f"{solution.status}, {solution.iterations} it"
 
 
-def run_lightning(s: Settings, method: str, lr: float, splits: Splits) -> tuple[float, float]:
+def run_lightning(s: Settings, method: str, lr: float, splits: Splits, dm) -> tuple[float, float]:
     """Train :class:`hcl.TwoLayerReLU` or :class:`hcl.ConvexReLU` on mini-batches; return (val acc, test acc)."""
     import lightning.pytorch as pl
 
     from hcl import ConvexReLU, TwoLayerReLU
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the per-run device banner
-    dm = data_module(s, batch_size=s.batch_size)
     pl.seed_everything(s.seed, verbose=False)
     common = {"in_features": dm.in_features, "out_features": dm.out_features, "bias": True, "reduction": "mean",
               "weight_decay": s.weight_decay, "lr": lr}
@@ -184,7 +190,8 @@ def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
     """One method at one learning rate, measured in this process (meant to be a fresh child)."""
     if s.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    splits = load_splits(s)
+    dm = data_module(s)  # loaded once, before the clock starts: the Lightning runs train from the same module
+    splits = load_splits(s, dm)
     start = time.perf_counter()
     note = ""
     if method == "data only":
@@ -192,7 +199,7 @@ def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
     elif method in SOLVER_METHODS:
         val_acc, test_acc, note = run_solver(s, method == "convex gated ReLU (solver)", splits)
     else:
-        val_acc, test_acc = run_lightning(s, method, lr, splits)
+        val_acc, test_acc = run_lightning(s, method, lr, splits, dm)
     if s.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -61,6 +61,14 @@ def test_gated_scores_are_the_sum_over_gates(at):
     torch.testing.assert_close(at.gated_scores(X, gates, U, chunk=3), expected)
 
 
+def test_the_solver_rows_solve_the_program_of_the_mini_batch_rows_gates(at):
+    from hcl import ConvexReLU
+
+    s = at.Settings(root=".", width=6, seed=3)
+    model = ConvexReLU(in_features=9, out_features=10, num_gates=6, gate_seed=3, bias=True)
+    torch.testing.assert_close(at.table_gates(s, 9), model.gates, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_every_method_runs_is_measured_and_the_solver_separates_the_classes(at, tiny_settings):
     rows = at.table(tiny_settings, isolate=False, log=lambda line: None)
