@@ -110,16 +110,19 @@ class _TorchvisionClassification(TensorDataModule):
     def _open(self, train: bool) -> Any:
         try:
             return self._dataset_class(self.root, train=train, download=False)
-        except RuntimeError as error:
-            if "not found" not in str(error):
-                raise
+        except (RuntimeError, ValueError) as error:
             root = os.path.abspath(self.root)
+            if "not found" not in str(error):  # a truncated or damaged file: torchvision's message names no file
+                raise RuntimeError(
+                    f"could not read {self._name} under root {root!r} ({error}); its files may be truncated or "
+                    "damaged: replace them, or pass download=True to download them again"
+                ) from error
             files = "\n  ".join(os.path.join(root, name) for name in self._expected_files)
             raise FileNotFoundError(
                 f"{self._name} {self._not_found} under root {root!r}; "
                 f"expected the files:\n  {files}\n"
                 "Pass download=True (--data.download=true) to download it, or point root at the folder that holds "
-                "them."
+                f"{self._expected_files[0].split(os.sep)[0]}/."
             ) from error
 
     def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:

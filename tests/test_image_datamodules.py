@@ -122,6 +122,19 @@ def test_mnist_missing_files_raise_file_not_found_naming_root_and_files(tmp_path
     assert all(os.path.join("MNIST", "raw", name) in message for name in MNIST_FILES)
 
 
+def test_a_truncated_mnist_file_is_named_as_such(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {split: rng.integers(0, 256, (4, 28, 28), dtype=np.uint8) for split in ("train", "t10k")}
+    labels = {split: rng.integers(0, 10, 4, dtype=np.uint8) for split in ("train", "t10k")}
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw, images, labels)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])  # a download cut short
+    with pytest.raises(RuntimeError, match="truncated or damaged") as caught:
+        MNIST(root=tmp_path).setup("fit")
+    assert str(tmp_path) in str(caught.value)
+
+
 def test_mnist_download_goes_through_torchvision_only_in_prepare_data(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     images = {
