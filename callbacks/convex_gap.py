@@ -30,7 +30,7 @@ from typing_extensions import override
 from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
-from hcl.callbacks.monitor_options import check_monitor_arguments
+from hcl.callbacks.monitor_options import check_monitor_arguments, warn_if_checkpoints_wait
 from hcl.callbacks.solve_queue import SolveQueue
 from hcl.convex import solve
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias
@@ -242,6 +242,7 @@ class ConvexGapMonitor(StackCallback):
         self._trainer = trainer
         self._chain = WarmStartChain() if self.warm_start == "previous" else None
         if self.asynchronous and trainer.is_global_zero:
+            warn_if_checkpoints_wait(trainer, type(self).__name__, self.every_n_steps)
             self._X_cpu = self._X.detach().to("cpu", copy=True)
             self._Y_cpu = self._Y.detach().to("cpu", copy=True)
             self._queue = SolveQueue(owner=type(self).__name__, worker=self.worker, max_pending=self.max_pending,

@@ -3,6 +3,7 @@ training (rather than found out from a dashboard of failed solves)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,3 +81,20 @@ def _check_solver(solver: str) -> str:
     return name
 
 
+def warn_if_checkpoints_wait(trainer: Any, owner: str, every_n_steps: int) -> None:
+    """Warn when a ``ModelCheckpoint`` saves at least as often as an asynchronous monitor solves: a checkpoint waits
+    for the solves in flight (it is a consistent cut), so training would wait for nearly every solve."""
+    steps_per_epoch = trainer.num_training_batches / max(trainer.accumulate_grad_batches, 1)
+    for checkpoint in trainer.checkpoint_callbacks:
+        every_steps = getattr(checkpoint, "_every_n_train_steps", 0) or 0
+        every_epochs = getattr(checkpoint, "_every_n_epochs", 0) or 0
+        if not every_steps and every_epochs and math.isfinite(steps_per_epoch):
+            every_steps = every_epochs * max(int(steps_per_epoch), 1)
+        if every_steps and every_steps <= every_n_steps:
+            rank_zero_warn(
+                f"{owner}: a checkpoint is saved every {every_steps} step(s) and waits for the background solves in "
+                f"flight (it records every step it counts as done), so with a solve every {every_n_steps} step(s) "
+                "training waits for nearly every solve; save less often (ModelCheckpoint(every_n_train_steps=…) or "
+                "--trainer.enable_checkpointing=false) to keep the solves in the background"
+            )
+            return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -286,10 +287,23 @@ def test_a_checkpoint_waits_for_the_solves_in_flight(tmp_path, monkeypatch, run)
 
     monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
     monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
-    s = run(tmp_path, [monitor, Inspect()], max_steps=5, checkpoint=True)
+    with pytest.warns(UserWarning, match="training waits for nearly every solve"):  # said, since it costs
+        s = run(tmp_path, [monitor, Inspect()], max_steps=5, checkpoint=True)
     # One checkpoint per full-batch epoch; each was written with an empty queue, after its steps were logged.
     assert Inspect.seen == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)]
     assert _steps(s, "convex/status") == list(range(5))
+
+
+def test_checkpoints_saved_less_often_than_the_solves_are_not_warned_about(tmp_path, monkeypatch, run):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
+    monitor = ConvexGapMonitor(every_n_steps=2, asynchronous=True, max_pending=100, worker="thread")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tmp_path, [monitor, ModelCheckpoint(every_n_train_steps=3, every_n_epochs=None)], max_steps=4,
+            checkpoint=True)
+    assert not [w for w in caught if "waits for nearly every solve" in str(w.message)]
 
 
 def test_the_async_monitor_is_picklable_before_and_after_training(tmp_path, run):
