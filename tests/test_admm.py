@@ -1,6 +1,7 @@
 """The ADMM (``method="admm"``): its exact linear step, its certified optimum against Clarabel, warm starts, and its
 place in the memory plan."""
 
+import numpy as np
 import pytest
 import torch
 from _reference import reference_solve
@@ -80,6 +81,25 @@ def test_float32_iterations_certify_the_optimum_in_as_many_iterations():
     assert single.status == double.status == "optimal"
     assert single.dual_value <= double.value and double.dual_value <= single.value  # the same optimum in both brackets
     assert single.iterations <= 1.1 * double.iterations  # 2 020 against 1 290 before the step took the residual form
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1e-2])
+def test_where_float32_stops_closing_the_gap_the_solve_goes_on_in_float64(lam):
+    # λ small beside the data term (a sum): float32's iterates held the bound at a gap of 3.8e-3 (λ = 1e-3), or kept
+    # the gap within tol but the point outside its cones (1e-2), for thousands of iterations; the solve now carries
+    # its point and penalties over to float64 and certifies
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 50))
+    y = np.tanh(X[:, :3].sum(1)) + 0.1 * rng.standard_normal(300)
+    patterns = X @ np.random.default_rng(10).standard_normal((50, 12)) >= 0
+    problem = ConvexProblem(torch.tensor(X), torch.tensor(y), torch.tensor(patterns), weight_decay=lam,
+                            reduction="sum")
+    assert NativeOptions(method="admm").working_dtype(problem) == torch.float32
+    solution = solve_native(problem, method="admm", max_iters=3000)
+    reference = reference_solve(problem)
+    assert solution.status == "optimal" and solution.iterations < 3000
+    assert solution.dual_value <= reference.value * (1 + 1e-9) <= solution.value * (1 + 1e-9)
+    assert solution.value - solution.dual_value <= 1e-3 * solution.value
 
 
 def test_the_admm_works_in_float32_from_its_float32_tol_on():

@@ -54,6 +54,11 @@ STRICT_VIOLATION = 1e-6
 # The Anderson acceleration extrapolates this many updates of ζ at once (its passes over the history cost that much
 # less per iteration); docs/solvers.md#anderson-acceleration-of-the-admm
 ANDERSON_EVERY = 3
+# Below float64, this many stopping tests in a row without a stop and with the best bound never up by a tenth of tol
+# end the solve as stalled (it goes on in float64 from its point): float32's rounding of the iterates caps how close
+# the certificate and the point get when λ is small beside the data term (float64 solves of MNIST stayed within 10);
+# docs/solvers.md#float32-iterations-of-the-admm
+STALL_CHECKS = 20
 
 
 class _LinearStep:
@@ -110,6 +115,8 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     lam, constrained = op.lam, op.constrained
     rho1 = RHO_GROUPS * float(sigma2.sum()) / op.d
     rho2 = RHO_CONES if constrained else 0.0
+    if warm is not None and warm.rho is not None:  # a solve going on from where another stopped
+        rho1, rho2 = warm.rho
     step = _LinearStep(op, sigma2, rho1, rho2)
     W = op.zeros() if warm is None else _rotate(warm.W.to(op.dtype), rotation)
     XW = op.forward(W)
@@ -134,12 +141,14 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         zeta_W -= g / rho1
         if constrained:
             zeta_T -= mu / rho2
-    status = Status.MAX_ITERATIONS
+    status, stalled = Status.MAX_ITERATIONS, False
     last_change, it = 0, 0
     prev_Z = None
     tried = 2.0 * options.constraint_tol  # the violation at the last move into the cones
     cost = 0.0  # what the last move added to the relative gap, per unit of violation (a move costs seconds)
     best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
+    watch_stall = op.dtype != torch.float64 and lam > 0
+    progress, flat_checks = -math.inf, 0  # the bound at the last gain of a tenth of tol, and the tests since
     pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
     push_base = None  # ρ₂ when the push under way began (None: no push), restored when it ends
     push_above = PUSH_WITHIN * options.constraint_tol
@@ -180,7 +189,10 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                 # met at a point outside its cones: "optimal" only at the point moved exactly into them (its value may
                 # lie below the optimum), tried again once the violation has halved and the last move's cost, scaled
                 # to it, leaves the gap within tol
-                feasible, moved_gap = _feasible(op, original, W, mu, rotation, options, best_point)
+                # W on the groups the splitting keeps (Z's): the others are rounding (1e-9–1e-6 of the largest),
+                # and each violated column costs the move a factorisation; docs/solvers.md#the-moves-support
+                kept = W * op.expand(op.group_norms(Z) > 0)
+                feasible, moved_gap = _feasible(op, original, kept, mu, rotation, options, best_point)
                 if feasible is not None:
                     W, stop = feasible, Status.OPTIMAL
                 tried = check.violation
@@ -190,6 +202,12 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                 settled = max(_relative(W - Z, W, Z), _relative(Z - prev_Z, Z)) <= options.tol
                 if settled and check_op.violation(XW.to(torch.float64)) <= options.constraint_tol:
                     stop = Status.OPTIMAL_INACCURATE
+            if best - progress > 0.1 * options.tol * abs(best):
+                progress, flat_checks = best, 0
+            else:
+                flat_checks += 1
+            if stop is None and watch_stall and flat_checks >= STALL_CHECKS:
+                stop, stalled = Status.MAX_ITERATIONS, True
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
         if stop is not None:  # before ζ moves: the multipliers returned are the ones the stop was decided with
@@ -229,7 +247,8 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
         mu = torch.clamp(zeta_T.neg_(), min=0.0).mul_(rho2) * op.cmask
     op.X, op.d = original, original.shape[1]
     best_point = None if best_point is None else (_in_data_basis(best_point[0], rotation, op), best_point[1])
-    return Result(_in_data_basis(W, rotation, op), mu, it, status, bound_point=best_point)
+    return Result(_in_data_basis(W, rotation, op), mu, it, status, bound_point=best_point, stalled=stalled,
+                  rho=(rho1, rho2))
 
 
 def _check(

@@ -29,6 +29,8 @@ class Result:
         penalty: the augmented-Lagrangian penalty reached, in the problem's units (first-order method only).
         bound_point: ``(W, mu)`` of an earlier iterate whose certificate was the best seen, or ``None`` (ADMM only;
             its bound holds as well as the returned point's, and the larger one is reported).
+        stalled: the certificate stopped closing in a precision below float64 (ADMM only): go on in float64.
+        rho: the penalties ``(ρ₁, ρ₂)`` reached (ADMM only).
     """
 
     W: Tensor
@@ -37,6 +39,8 @@ class Result:
     status: Status
     penalty: float | None = None
     bound_point: tuple[Tensor, Tensor | None] | None = None
+    stalled: bool = False
+    rho: tuple[float, float] | None = None
 
 
 def row_space_basis(X: Tensor) -> Tensor | None:

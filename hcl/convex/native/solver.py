@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -88,6 +89,16 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
         result = Result(op.zeros(), None, 0, Status.OPTIMAL)
     else:
         result = _METHODS[chosen.method](op, chosen, warm, deadline)
+    if result.stalled and result.iterations < chosen.max_iters:  # float32 stalled: on in float64 from its point
+        if chosen.verbose:
+            print(f"{chosen.method}: the certificate stopped closing in {dtype}; going on in float64")
+        reached = _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
+        op = Operator(problem, gated=gated, dtype=torch.float64, row_space=True)
+        rest = dataclasses.replace(chosen, max_iters=chosen.max_iters - result.iterations)
+        done = result.iterations
+        warm = dataclasses.replace(warm_point(op, reached), rho=result.rho)
+        result = _METHODS[chosen.method](op, rest, warm, deadline)
+        result.iterations += done
     return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
 
 

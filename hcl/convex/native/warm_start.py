@@ -40,10 +40,12 @@ class WarmPoint:
     Attributes:
         W: ``(d, 2, P, c)`` the starting point.
         mu: ``(n, 2, P, c)`` cone multipliers (zero off the constrained blocks), or ``None``.
+        rho: the ADMM's penalties ``(ρ₁, ρ₂)`` to start from (a solve going on from another's point), or ``None``.
     """
 
     W: Tensor
     mu: Tensor | None
+    rho: tuple[float, float] | None = None
 
 
 def unpack_warm_start(warm_start: ConvexSolution | tuple | list) -> tuple[Tensor, Tensor, Tensor, object]:
