@@ -89,17 +89,28 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
         result = Result(op.zeros(), None, 0, Status.OPTIMAL)
     else:
         result = _METHODS[chosen.method](op, chosen, warm, deadline)
-    if result.stalled and result.iterations < chosen.max_iters:  # float32 stalled: on in float64 from its point
+    if result.stalled and result.iterations < chosen.max_iters and _fits_in_float64(problem, chosen):
+        # float32 stalled: on in float64 from its point (its multipliers and penalties)
         if chosen.verbose:
-            print(f"{chosen.method}: the certificate stopped closing in {dtype}; going on in float64")
+            print(f"{chosen.method}: stalled in {dtype}; going on in float64")
         reached = _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
         op = Operator(problem, gated=gated, dtype=torch.float64, row_space=True)
-        rest = dataclasses.replace(chosen, max_iters=chosen.max_iters - result.iterations)
+        rest = dataclasses.replace(chosen, max_iters=chosen.max_iters - result.iterations,
+                                   penalty=chosen.penalty if result.penalty is None else result.penalty)
         done = result.iterations
         warm = dataclasses.replace(warm_point(op, reached), rho=result.rho)
         result = _METHODS[chosen.method](op, rest, warm, deadline)
         result.iterations += done
     return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
+
+
+def _fits_in_float64(problem: ConvexProblem, chosen: NativeOptions) -> bool:
+    """Whether ``chosen``'s method fits the memory budget in float64 (a stalled float32 solve goes on in it)."""
+    try:
+        plan(problem, dataclasses.replace(chosen, dtype=torch.float64))
+    except MemoryError:
+        return False
+    return True
 
 
 def _solution(op: Operator, result: Result, seconds: float, name: str, options: NativeOptions) -> ConvexSolution:
