@@ -54,11 +54,12 @@ STRICT_VIOLATION = 1e-6
 # The Anderson acceleration extrapolates this many updates of ζ at once (its passes over the history cost that much
 # less per iteration); docs/solvers.md#anderson-acceleration-of-the-admm
 ANDERSON_EVERY = 3
-# Below float64, this many stopping tests in a row without a stop and with the best bound never up by a tenth of tol
-# end the solve as stalled (it goes on in float64 from its point): float32's rounding of the iterates caps how close
-# the certificate and the point get when λ is small beside the data term (float64 solves of MNIST stayed within 10);
-# docs/solvers.md#float32-iterations-of-the-admm
+# Below float64, this many stopping tests in a row with the best bound never up by a tenth of tol and the gap above tol
+# and within STALL_SPREAD of itself (frozen) end the solve as stalled (it goes on in float64 from its point): float32's
+# rounding caps how close the certificate gets when λ is small beside the data term (MNIST's bound stays flat for at
+# most 10 tests; slow solves' gaps swing by 20 % and more); docs/solvers.md#float32-iterations-of-the-admm
 STALL_CHECKS = 20
+STALL_SPREAD = 0.02
 
 
 class _LinearStep:
@@ -108,8 +109,13 @@ class _LinearStep:
         return W0, Z0
 
 
-def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None) -> Result:
-    """Run the ADMM on ``op`` from ``warm`` (or from zero) until the stopping rule, the cap or ``deadline``."""
+def admm(
+    op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None,
+    precision_fallback: bool = False,
+) -> Result:
+    """Run the ADMM on ``op`` from ``warm`` (or from zero) until the stopping rule, the cap or ``deadline``;
+    ``precision_fallback``: end as stalled where the working precision stops the certificate (the caller goes on in
+    float64)."""
     original = op.X
     check_op, rotation, sigma2 = _rotated(op)
     lam, constrained = op.lam, op.constrained
@@ -148,7 +154,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     cost = 0.0  # what the last move added to the relative gap, per unit of violation (a move costs seconds)
     best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
     watch_stall = op.dtype != torch.float64 and lam > 0
-    progress, flat_checks = -math.inf, 0  # the bound at the last gain of a tenth of tol, and the tests since
+    progress, flat_gaps = -math.inf, []  # the bound at the last gain of a tenth of tol, and the gaps tested since
     pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
     push_base = None  # ρ₂ when the push under way began (None: no push), restored when it ends
     push_above = PUSH_WITHIN * options.constraint_tol
@@ -203,11 +209,12 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
                 if settled and check_op.violation(XW.to(torch.float64)) <= options.constraint_tol:
                     stop = Status.OPTIMAL_INACCURATE
             if best - progress > 0.1 * options.tol * abs(best):
-                progress, flat_checks = best, 0
+                progress, flat_gaps = best, []
             else:
-                flat_checks += 1
-            if stop is None and watch_stall and flat_checks >= STALL_CHECKS:
-                stop, stalled = Status.MAX_ITERATIONS, True
+                flat_gaps = flat_gaps[1 - STALL_CHECKS:] + [check.gap]
+            if stop is None and watch_stall and precision_fallback and len(flat_gaps) == STALL_CHECKS:
+                if min(flat_gaps) > options.tol and max(flat_gaps) - min(flat_gaps) <= STALL_SPREAD * max(flat_gaps):
+                    stop, stalled = Status.MAX_ITERATIONS, True  # the gap frozen above tol
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
         if stop is not None:  # before ζ moves: the multipliers returned are the ones the stop was decided with
@@ -248,7 +255,7 @@ def admm(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline:
     op.X, op.d = original, original.shape[1]
     best_point = None if best_point is None else (_in_data_basis(best_point[0], rotation, op), best_point[1])
     return Result(_in_data_basis(W, rotation, op), mu, it, status, bound_point=best_point, stalled=stalled,
-                  rho=(rho1, rho2))
+                  rho=(rho1, rho2 if push_base is None else push_base))
 
 
 def _check(

@@ -28,9 +28,13 @@ from hcl.convex.status import Status
 CHECK_EVERY = 25
 
 
-def first_order(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None) -> Result:
+def first_order(
+    op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None,
+    precision_fallback: bool = False,
+) -> Result:
     """Run the augmented Lagrangian + FISTA (constrained) or FISTA (gated) on ``op`` from ``warm`` (or from zero)
-    until the stopping rule, the iteration cap or ``deadline`` (a ``time.perf_counter()`` value)."""
+    until the stopping rule, the iteration cap or ``deadline`` (a ``time.perf_counter()`` value);
+    ``precision_fallback``: end as stalled where rounding stops the backtracking (the caller goes on in float64)."""
     n, P, c = op.n, op.P, op.c
     lam = op.lam
     constrained = op.constrained
@@ -119,7 +123,7 @@ def first_order(op: Operator, options: NativeOptions, warm: WarmPoint | None, de
             if f_new <= bound + rounding * abs(fy) or step < min_step:
                 break
             step *= 0.5
-        if step < min_step and op.dtype != torch.float64:  # the decrease test fails on rounding alone: go on in float64
+        if step < min_step and precision_fallback:  # the decrease test fails on rounding alone: go on in float64
             W, Z, status, stalled = W_new, Z_new, Status.MAX_ITERATIONS, True
             break
         # gradient-based restart (O'Donoghue & Candès): drop momentum when it points uphill

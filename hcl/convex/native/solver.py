@@ -62,12 +62,13 @@ def solve_native(
         raise TypeError(f"solve_native() got an unexpected keyword argument {unknown[0]!r}")
     if not isinstance(problem, ConvexProblem):
         raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
-    chosen = plan(problem, NativeOptions(**options))  # the method that fits the memory, before allocating
+    asked = NativeOptions(**options)
+    chosen = plan(problem, asked)  # the method that fits the memory, before allocating
     dtype = chosen.working_dtype(problem)
     chosen = chosen.resolved(problem)
     size = problem.n * problem.d * problem.num_patterns * problem.c
     with solve_threads(problem.X.device, size, chosen.num_threads):
-        return _run(problem, chosen, dtype, gated, warm_start)
+        return _run(problem, chosen, dtype, gated, warm_start, asked)
 
 
 def planned_method(problem: ConvexProblem, **options) -> str | None:
@@ -79,38 +80,52 @@ def planned_method(problem: ConvexProblem, **options) -> str | None:
         return None
 
 
-def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gated: bool, warm_start) -> ConvexSolution:
+def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gated: bool, warm_start,
+         asked: NativeOptions) -> ConvexSolution:
     start = time.perf_counter()
     deadline = None if chosen.time_limit is None else start + float(chosen.time_limit)
 
     op = Operator(problem, gated=gated, dtype=dtype, row_space=True)
     warm = None if warm_start is None else warm_point(op, warm_start)
     if op.y_scale == 0.0:  # Y = 0: the zero point is optimal, with a zero certificate
-        result = Result(op.zeros(), None, 0, Status.OPTIMAL)
+        return _solution(op, Result(op.zeros(), None, 0, Status.OPTIMAL), time.perf_counter() - start,
+                         "native-" + chosen.method, chosen)
+    # a precision chosen by default, below float64: where it stalls, the solve goes on in float64 if that fits
+    wider = _float64_plan(problem, chosen, asked) if dtype != torch.float64 and asked.dtype is None else None
+    if chosen.method in _FALLBACK and wider is not None:
+        result = _METHODS[chosen.method](op, chosen, warm, deadline, precision_fallback=True)
     else:
         result = _METHODS[chosen.method](op, chosen, warm, deadline)
-    if result.stalled and result.iterations < chosen.max_iters and _fits_in_float64(problem, chosen):
-        # float32 stalled: on in float64 from its point (its multipliers and penalties)
+    reached = None
+    if result.stalled and result.iterations < chosen.max_iters and (deadline is None or time.perf_counter() < deadline):
         if chosen.verbose:
-            print(f"{chosen.method}: stalled in {dtype}; going on in float64")
+            print(f"{chosen.method}: stalled in {dtype} after {result.iterations} iterations; going on in float64")
         reached = _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
         op = Operator(problem, gated=gated, dtype=torch.float64, row_space=True)
-        rest = dataclasses.replace(chosen, max_iters=chosen.max_iters - result.iterations,
+        rest = dataclasses.replace(wider, max_iters=chosen.max_iters - result.iterations,
                                    penalty=chosen.penalty if result.penalty is None else result.penalty)
-        done = result.iterations
         warm = dataclasses.replace(warm_point(op, reached), rho=result.rho)
+        done = result.iterations
         result = _METHODS[chosen.method](op, rest, warm, deadline)
         result.iterations += done
-    return _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
+    solution = _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
+    if reached is not None and reached.dual_value > solution.dual_value:  # the float32 part's bound holds as well
+        status = final_status(problem, result.status, solution.value, reached.dual_value, solution.violation, chosen)
+        solution = dataclasses.replace(solution, dual_value=reached.dual_value, status=status)
+    return solution
 
 
-def _fits_in_float64(problem: ConvexProblem, chosen: NativeOptions) -> bool:
-    """Whether ``chosen``'s method fits the memory budget in float64 (a stalled float32 solve goes on in it)."""
+_FALLBACK = ("admm", "fista")  # the methods that work below float64 and go on in float64 where that stalls
+
+
+def _float64_plan(problem: ConvexProblem, chosen: NativeOptions, asked: NativeOptions) -> NativeOptions | None:
+    """``chosen``'s method planned in float64 (its own chunk size and history from the budget), or ``None`` when it
+    does not fit there."""
     try:
-        plan(problem, dataclasses.replace(chosen, dtype=torch.float64))
+        wider = plan(problem, dataclasses.replace(asked, method=chosen.method, dtype=torch.float64))
     except MemoryError:
-        return False
-    return True
+        return None
+    return dataclasses.replace(wider.resolved(problem), max_iters=chosen.max_iters)
 
 
 def _solution(op: Operator, result: Result, seconds: float, name: str, options: NativeOptions) -> ConvexSolution:
