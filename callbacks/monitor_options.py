@@ -84,12 +84,17 @@ def _check_solver(solver: str) -> str:
 def warn_if_checkpoints_wait(trainer: Any, owner: str, every_n_steps: int) -> None:
     """Warn when a ``ModelCheckpoint`` saves at least as often as an asynchronous monitor solves: a checkpoint waits
     for the solves in flight (it is a consistent cut), so training would wait for nearly every solve."""
-    steps_per_epoch = trainer.num_training_batches / max(trainer.accumulate_grad_batches, 1)
+    batches = trainer.num_training_batches
+    # an epoch's last, partial accumulation is a step too
+    steps_per_epoch = math.ceil(batches / max(trainer.accumulate_grad_batches, 1)) if math.isfinite(batches) else 0
     for checkpoint in trainer.checkpoint_callbacks:
         every_steps = getattr(checkpoint, "_every_n_train_steps", 0) or 0
         every_epochs = getattr(checkpoint, "_every_n_epochs", 0) or 0
-        if not every_steps and every_epochs and math.isfinite(steps_per_epoch):
-            every_steps = every_epochs * max(int(steps_per_epoch), 1)
+        if not every_steps and every_epochs and steps_per_epoch:
+            on_train_epoch_end = getattr(checkpoint, "_should_save_on_train_epoch_end", None)
+            if callable(on_train_epoch_end) and not on_train_epoch_end(trainer):  # saved after validation only
+                every_epochs = math.lcm(every_epochs, max(int(trainer.check_val_every_n_epoch or 1), 1))
+            every_steps = every_epochs * max(steps_per_epoch, 1)
         if every_steps and every_steps <= every_n_steps:
             rank_zero_warn(
                 f"{owner}: a checkpoint is saved every {every_steps} step(s) and waits for the background solves in "

@@ -110,12 +110,14 @@ class _TorchvisionClassification(TensorDataModule):
     def _open(self, train: bool) -> Any:
         try:
             return self._dataset_class(self.root, train=train, download=False)
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, AssertionError, EOFError) as error:
             root = os.path.abspath(self.root)
             if "not found" not in str(error):  # a truncated or damaged file: torchvision's message names no file
+                reason = str(error) or type(error).__name__
+                # torchvision downloads only files that are missing: the damaged ones must go first
                 raise RuntimeError(
-                    f"could not read {self._name} under root {root!r} ({error}); its files may be truncated or "
-                    "damaged: replace them, or pass download=True to download them again"
+                    f"could not read {self._name} under root {root!r} ({reason}); its files may be truncated or "
+                    "damaged: delete them and download again (download=True), or replace them"
                 ) from error
             files = "\n  ".join(os.path.join(root, name) for name in self._expected_files)
             raise FileNotFoundError(

@@ -133,6 +133,9 @@ def test_a_truncated_mnist_file_is_named_as_such(tmp_path):
     with pytest.raises(RuntimeError, match="truncated or damaged") as caught:
         MNIST(root=tmp_path).setup("fit")
     assert str(tmp_path) in str(caught.value)
+    path.write_bytes(b"\x00\x00\x05\x09" + path.read_bytes()[4:])  # a damaged header: a bare assertion inside
+    with pytest.raises(RuntimeError, match="truncated or damaged"):
+        MNIST(root=tmp_path).setup("fit")
 
 
 def test_mnist_download_goes_through_torchvision_only_in_prepare_data(tmp_path, monkeypatch):
