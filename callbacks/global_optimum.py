@@ -43,6 +43,10 @@ from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_b
 from hcl.convex.snapshot import CHECK_TOL, bracket, check_tol
 from hcl.convex.status import Status
 
+# Above this many patterns the all-patterns problem is said to be large (2-D: 9 901 patterns of 100 points took 10 s
+# and 1.1 GB to solve, 89 701 of 300 points 30 s to enumerate and over 3.5 GB); docs/experiments.md
+MANY_PATTERNS = 20_000
+
 
 class GlobalOptimumMonitor(StackCallback):
     r"""Log the exact global minimum of the training objective, for 1-D and 2-D data with a bias.
@@ -184,7 +188,8 @@ class GlobalOptimumMonitor(StackCallback):
         width = self._stack.hidden.out_features
         # some optimum has at most n·c + 1 neurons (Carathéodory); the solver's may have more, and fewer may do
         at_most = self.problem.n * self.problem.c + 1
-        if self._lambda > 0 and width < min(self.num_neurons, at_most):
+        certified = Status.of(self.solution.status) == Status.OPTIMAL  # else its value and width are a stopped point's
+        if certified and self._lambda > 0 and width < min(self.num_neurons, at_most):
             rank_zero_warn(
                 f"{type(self).__name__}: the solver's global optimum uses {self.num_neurons} neurons (some optimum has "
                 f"at most {at_most}; one with fewer may exist) and the network has "
@@ -235,6 +240,11 @@ class GlobalOptimumMonitor(StackCallback):
         return float(L)
 
     def _solve_once(self) -> None:
+        n, dims = self._X.shape[0], self._X.shape[1]
+        most = 2 * n - 1 if dims == 1 else n * n - n + 1  # the patterns of n points on a line, in the plane (at most)
+        if most > MANY_PATTERNS:
+            rank_zero_warn(f"{type(self).__name__}: {n} points in {dims}-D have up to {most} activation patterns; "
+                           "enumerating and solving them takes minutes and gigabytes (docs/experiments.md)")
         self.problem = all_patterns_problem(
             self._X, self._Y, bias=self._stack.bias, weight_decay=self._lambda, reduction=self._reduction,
             output_bias=self._stack.output_bias,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import cvxpy as cp
 import numpy as np
@@ -339,9 +340,23 @@ def test_a_global_solve_stopped_at_its_limit_logs_its_bracket_and_training_goes_
     data, y, problem, p_star = _seven_points(lam)
     monitor = GlobalOptimumMonitor(solver="native", solver_options={"method": "admm", "max_iters": 5})
     model = TwoLayerReLU(in_features=2, hidden=6, bias=False, weight_decay=lam, lr=0.1)
-    with pytest.warns(UserWarning, match="stopped at its limit \\(status 'max_iterations'\\)"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         make_trainer([monitor], max_steps=2, root=tmp_path).fit(model, datamodule=data)
+    messages = [str(w.message) for w in caught]
+    assert any("stopped at its limit (status 'max_iterations')" in m for m in messages)
+    assert not any("is a lower bound" in m for m in messages)  # a stopped point's value is no bound on anything
     s = read_scalars(tmp_path)
     assert s["convex/global_status"] == [(0, 2.0)] and [step for step, _ in s["train/objective"]] == [0, 1]
     assert "convex/global_optimum" not in s and monitor.optimum is None
     assert monitor.lower_bound <= p_star * (1 + 1e-9) <= monitor.upper_bound * (1 + 2e-9)
+
+
+def test_a_large_enumeration_is_announced_before_it_starts(tmp_path, make_trainer, monkeypatch):
+    import hcl.callbacks.global_optimum as global_module
+
+    monkeypatch.setattr(global_module, "MANY_PATTERNS", 40)  # seven points in the plane: up to 43 patterns
+    data, *_ = _seven_points(1e-2)
+    model = TwoLayerReLU(in_features=2, hidden=6, bias=False, weight_decay=1e-2, lr=0.1)
+    with pytest.warns(UserWarning, match="7 points in 2-D have up to 43 activation patterns"):
+        make_trainer([GlobalOptimumMonitor()], max_steps=1, root=tmp_path).fit(model, datamodule=data)
