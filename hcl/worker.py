@@ -116,11 +116,8 @@ class BackgroundWorker:
 
     @property
     def alive(self) -> bool:
-        if self._closed:
-            return False
-        if self.kind == "thread":
-            return self._thread.is_alive()
-        return self._process is not None and self._process.is_alive()
+        """Whether it still takes jobs: not closed, and its thread or process runs."""
+        return not self._closed and self.running
 
     @property
     def running(self) -> bool:

@@ -153,7 +153,7 @@ def admm(
     tried = 2.0 * options.constraint_tol  # the violation at the last move into the cones
     cost = 0.0  # what the last move added to the relative gap, per unit of violation (a move costs seconds)
     best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
-    watch_stall = op.dtype != torch.float64 and lam > 0
+    watch_stall = precision_fallback and lam > 0  # λ = 0 has its own stopping rule
     progress, flat_gaps = -math.inf, []  # the bound at the last gain of a tenth of tol, and the gaps tested since
     pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
     push_base = None  # ρ₂ when the push under way began (None: no push), restored when it ends
@@ -208,12 +208,13 @@ def admm(
                 settled = max(_relative(W - Z, W, Z), _relative(Z - prev_Z, Z)) <= options.tol
                 if settled and check_op.violation(XW.to(torch.float64)) <= options.constraint_tol:
                     stop = Status.OPTIMAL_INACCURATE
-            if best - progress > 0.1 * options.tol * abs(best):
-                progress, flat_gaps = best, []
-            else:
-                flat_gaps = flat_gaps[1 - STALL_CHECKS:] + [check.gap]
-            if stop is None and watch_stall and precision_fallback and len(flat_gaps) == STALL_CHECKS:
-                if min(flat_gaps) > options.tol and max(flat_gaps) - min(flat_gaps) <= STALL_SPREAD * max(flat_gaps):
+            if watch_stall:
+                if best - progress > 0.1 * options.tol * abs(best):
+                    progress, flat_gaps = best, []
+                else:
+                    flat_gaps = flat_gaps[1 - STALL_CHECKS:] + [check.gap]
+                frozen = len(flat_gaps) == STALL_CHECKS and min(flat_gaps) > options.tol
+                if stop is None and frozen and max(flat_gaps) - min(flat_gaps) <= STALL_SPREAD * max(flat_gaps):
                     stop, stalled = Status.MAX_ITERATIONS, True  # the gap frozen above tol
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT

@@ -91,8 +91,10 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
         return _solution(op, Result(op.zeros(), None, 0, Status.OPTIMAL), time.perf_counter() - start,
                          "native-" + chosen.method, chosen)
     # a precision chosen by default, below float64: where it stalls, the solve goes on in float64 if that fits
-    wider = _float64_plan(problem, chosen, asked) if dtype != torch.float64 and asked.dtype is None else None
-    if chosen.method in _FALLBACK and wider is not None:
+    wider = None
+    if chosen.method in _FALLBACK and dtype != torch.float64 and asked.dtype is None:
+        wider = _float64_plan(problem, chosen, asked)
+    if wider is not None:
         result = _METHODS[chosen.method](op, chosen, warm, deadline, precision_fallback=True)
     else:
         result = _METHODS[chosen.method](op, chosen, warm, deadline)
