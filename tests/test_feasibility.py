@@ -69,8 +69,8 @@ def test_directions_in_the_cones_move_the_columns_at_once(c, monkeypatch):
     problem, point = network_problem(c, 0)
     loose = solve_native(problem, method="admm", tol=1e-9, constraint_tol=1e-9, max_iters=250, anderson=0)
     steps = []
-    original = feasibility._step
-    monkeypatch.setattr(feasibility, "_step", lambda *args: steps.append(1) or original(*args))
+    original = feasibility._multipliers
+    monkeypatch.setattr(feasibility, "_multipliers", lambda *args: steps.append(1) or original(*args))
     directions = (point[0] + point[1]).sum(-1).T  # the network's neurons: points of their patterns' cones
     directions[:, 0] = 0.0  # a pattern without a known point: its columns take the per-column steps
     restored = restore_feasibility(problem, loose.U, loose.V, directions)
@@ -82,3 +82,26 @@ def test_directions_in_the_cones_move_the_columns_at_once(c, monkeypatch):
     assert float(exact.violation(*restored[:2])) == 0.0
     value = float(exact.objective(*restored))
     assert reference_solve(problem).value * (1 - 1e-8) <= value <= loose.value + 0.05 * abs(loose.value)
+
+
+def test_columns_far_outside_their_cones_on_repeated_rows_are_moved_in_or_zeroed():
+    # repeated samples make the active rows' matrices singular; columns violated on as many samples as unknowns can
+    # only become zero: every column must end inside its cone, and the others must keep their outputs' signs
+    problem, (U, V, _) = network_problem(2, 4, n=30, d=3)
+    problem = problem.__class__(**{**problem.__dict__, "X": problem.X.repeat(2, 1), "Y": problem.Y.repeat(2, 1),
+                                   "patterns": problem.patterns.repeat(2, 1)})
+    g = torch.Generator().manual_seed(5)
+    U = U + 0.01 * torch.randn(U.shape, generator=g, dtype=torch.float64) * U.abs().amax()
+    V = V + 0.01 * torch.randn(V.shape, generator=g, dtype=torch.float64) * V.abs().amax()
+    exact = problem.in_float64()
+    U2, V2, b0 = restore_feasibility(problem, U, V)
+    assert float(exact.violation(U2, V2)) == 0.0
+    signs = exact.patterns.double() * 2 - 1
+    stepped = []
+    for before, after in ((U, U2), (V, V2)):
+        violated = (signs.T[:, :, None] * (exact.X @ before) < 0).sum(1)  # (P, c): violated samples per column
+        moved = after.abs().sum(1) > 0
+        assert not (moved & (violated >= problem.X.shape[1])).any()  # as many equations as unknowns: zero
+        stepped.append(moved & (violated > 0))
+    assert torch.stack(stepped).any()  # some columns outside their cones were moved in, not zeroed
+    assert torch.isfinite(exact.objective(U2, V2, b0))

@@ -67,13 +67,18 @@ def restore_feasibility(
     active = torch.zeros_like(signs, dtype=torch.bool)
     for _ in range(ROUNDS):
         violated = signs * XW < 0
-        todo = violated.any(0).nonzero().flatten().tolist()
-        if not todo:
+        todo = violated.any(0).nonzero().flatten()
+        if len(todo) == 0:
             break
         active |= violated
-        for j in todo:
-            W[:, j] = _step(X, XQ, gram, signs[:, j], active[:, j], W[:, j], float(inside[j]))
-        XW = X @ W
+        # each column's multipliers on its active rows; the steps Q⁻¹X_Aᵀα of every column in one product
+        alpha = torch.zeros(X.shape[0], len(todo), dtype=torch.float64, device=X.device)
+        target = inside[todo] * signs[:, todo] - XW[:, todo]  # (the outputs are XW's: no product per column)
+        settles = torch.ones(len(todo), dtype=torch.bool, device=X.device)
+        for k, j in enumerate(todo.tolist()):
+            settles[k] = _multipliers(X, XQ, gram, active[:, j], target[:, k], alpha[:, k])
+        W[:, todo] = torch.where(settles, W[:, todo] + XQ.T @ alpha, 0.0)  # no step: zero, inside every cone
+        XW[:, todo] = X @ W[:, todo]
     W[:, (signs * XW < 0).any(0)] = 0.0  # the columns that did not settle
     W = W.reshape(d, 2, P, c).permute(1, 2, 0, 3)
     U2, V2 = W[0].contiguous(), W[1].contiguous()
@@ -86,7 +91,8 @@ def restore_feasibility(
 def _shift_inside(W: Tensor, XW: Tensor, H: Tensor, XH: Tensor, signs: Tensor, inside: Tensor) -> Tensor:
     """``W`` with each violated column ``u`` moved to ``u + t h`` (``h`` its column of ``H``), ``t ≥ 0`` the least
     that puts its violated samples ``inside`` the cone while the others stay in it, where such a ``t`` exists: one
-    vectorised step where the loop of :func:`_step` costs a factorisation per column (33 s at 500 MNIST images)."""
+    vectorised step where the loop of :func:`_multipliers` costs a factorisation per column (33 s at 500 MNIST
+    images)."""
     slack, margin = signs * XW, signs * XH
     violated = slack < 0
     rises = margin > 0
@@ -99,22 +105,20 @@ def _shift_inside(W: Tensor, XW: Tensor, H: Tensor, XH: Tensor, signs: Tensor, i
     return W + H * torch.where(movable, need, 0.0)
 
 
-def _step(
-    X: Tensor, XQ: Tensor, gram: Tensor | None, signs: Tensor, active: Tensor, u: Tensor, inside: float
-) -> Tensor:
-    """``u`` moved by the least step in ``Q`` (``XQ = X Q⁻¹``) that puts its outputs on the ``active`` samples a hair
-    inside the cone; zero when that cannot be done (as many active samples as unknowns, or dependent rows)."""
+def _multipliers(X: Tensor, XQ: Tensor, gram: Tensor | None, active: Tensor, target: Tensor, out: Tensor) -> bool:
+    """Write in ``out`` (zero off the ``active`` samples) the ``α`` of the least step in ``Q`` (``XQ = X Q⁻¹``),
+    ``Q⁻¹Xᵀα``, that moves the outputs on the ``active`` samples by ``target``; ``False`` when no step does (as many
+    active samples as unknowns, or dependent rows)."""
     if int(active.sum()) >= X.shape[1]:  # as many equations as unknowns: only about zero satisfies them
-        return torch.zeros_like(u)
-    XA = X[active]
-    target = inside * signs[active] - XA @ u
+        return False
     index = active.nonzero().flatten()
-    G = gram[index][:, index] if gram is not None else XQ[active] @ XA.T
+    G = gram[index[:, None], index] if gram is not None else XQ[index] @ X[index].T  # one gather, |A|² entries
     G.diagonal().add_(RIDGE * float(G.diagonal().max()))
     factor, info = torch.linalg.cholesky_ex(G)
     if int(info) != 0:
-        return torch.zeros_like(u)
-    return u + XQ[active].T @ torch.cholesky_solve(target.unsqueeze(1), factor).squeeze(1)
+        return False
+    out[index] = torch.cholesky_solve(target[index, None], factor).squeeze(1)
+    return True
 
 
 def feasible_solution(
