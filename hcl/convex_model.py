@@ -103,7 +103,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
 
     Raises:
         ValueError: on a non-positive size, an unknown option, ``λ < 0``, a non-positive ``lr`` or ``cone_penalty``,
-            a momentum outside ``[0, 1)``, or gates of the wrong width.
+            a momentum outside ``[0, 1)`` or with ``"adam"``, or gates of the wrong width.
         FileNotFoundError: when ``gates`` names a missing checkpoint.
     """
 
@@ -143,9 +143,12 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
             raise ValueError(f"bias and output_bias must be bools, got {bias!r} and {output_bias!r}")
         if not is_int(gate_seed):
             raise ValueError(f"gate_seed must be an integer, got {gate_seed!r}")
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        if not isinstance(cone_penalty, (int, float)) or not math.isfinite(cone_penalty) or cone_penalty <= 0:
+        if momentum and optimizer != "sgd":  # Adam would silently ignore it
+            raise ValueError(f"momentum applies to optimizer='sgd' only, got momentum={momentum!r} with {optimizer!r}")
+        if (isinstance(cone_penalty, bool) or not isinstance(cone_penalty, (int, float))
+                or not math.isfinite(cone_penalty) or cone_penalty <= 0):
             raise ValueError(f"cone_penalty must be a positive number, got {cone_penalty!r}")
         if certify_every_n_steps is not None and (not is_int(certify_every_n_steps) or certify_every_n_steps < 0):
             raise ValueError(f"certify_every_n_steps must be None or an integer ≥ 0, got {certify_every_n_steps!r}")
@@ -156,7 +159,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
             gate_matrix = gates_from_weights(*_gate_weights(gates), folded).to(torch.float32)
         # The gates are the model's state, not its hyperparameters: a checkpoint restores them as a buffer.
         self.save_hyperparameters(ignore=["gates"])
-        self.hparams["num_gates"] = gate_matrix.shape[1]
+        self.save_hyperparameters({"num_gates": gate_matrix.shape[1]})  # the gates' count, in what the loggers record
         self.automatic_optimization = False
         self.register_buffer("gates", gate_matrix)
         shape = (folded, gate_matrix.shape[1], out_features)

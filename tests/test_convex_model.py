@@ -217,6 +217,7 @@ def test_gates_from_a_checkpoint_and_classification_metrics(tmp_path):
     expected = torch.cat([net.hidden_layer.weight, net.hidden_layer.bias[:, None]], dim=1).detach().T
     torch.testing.assert_close(model.gates, expected)
     assert model.hparams.num_gates == 4 and "gates" not in model.hparams
+    assert model.hparams_initial.num_gates == 4  # what the loggers record (was the unused default, 100)
     X, Y = _data(n=30, c=2)
     dm = TensorDataModule(train=(X[:20], Y[:20].argmax(1)), val=(X[20:], Y[20:].argmax(1)),
                           test=(X[20:], Y[20:].argmax(1)), num_classes=2)
@@ -280,6 +281,9 @@ def test_a_diverged_run_says_so_and_logs_no_certificate_of_its_nan(tmp_path):
         ({"bias": "yes"}, "bias and output_bias must be bools"),
         ({"gate_seed": 1.5}, "gate_seed must be an integer"),
         ({"lr": True}, "lr must be a positive number"),
+        # Adam ignored a momentum, True read as a penalty of 1
+        ({"momentum": 0.5}, "momentum applies to optimizer='sgd' only"),
+        ({"cone_penalty": True}, "cone_penalty must be a positive number"),
     ],
 )
 def test_bad_arguments_are_refused(arguments, message):
