@@ -140,3 +140,13 @@ def cast_to_checkpoint(module: torch.nn.Module, checkpoint: dict) -> None:
     dtypes = {t.dtype for t in weights if torch.is_tensor(t) and t.is_floating_point()}
     if len(dtypes) == 1:
         module.to(dtypes.pop())
+
+
+def check_classes(trainer: Any, module: Any) -> None:
+    """Raise when the trainer's data module has classes the model's outputs cannot hold: more labels than outputs
+    crash in the accuracy metric, and one output would silently regress on the class indices."""
+    classes = getattr(getattr(trainer, "datamodule", None), "num_classes", None)
+    outputs = module.hparams.out_features
+    if classes is not None and (classes > 2 or outputs > 1) and classes != outputs:
+        raise ValueError(f"{type(module).__name__}(out_features={outputs}) cannot fit a data set of {classes} classes: "
+                         f"set out_features={classes}")

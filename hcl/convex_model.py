@@ -14,14 +14,20 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from hcl.callbacks.data import training_data, warn_if_padded
 from hcl.callbacks.logs import log_scalars, mark_resumed_run
-from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay, is_int, read_checkpoint
+from hcl.checks import (
+    cast_to_checkpoint,
+    check_classes,
+    check_reduction,
+    check_weight_decay,
+    is_int,
+    read_checkpoint,
+)
 from hcl.convex.gated import (
     VARIANTS,
     block_outputs,
@@ -301,6 +307,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         mark_resumed_run(self.trainer)
         self.relog_evaluation()  # the checkpoint step's validation, which the restart marker dropped
         warn_if_padded(self.trainer)  # DDP's sampler repeating samples: the objective would count them twice
+        check_classes(self.trainer, self)
         self._train_data = None
         self._certified_step = None
         self._warned_nonfinite = self._warned_growth = self._warned_outside = False
@@ -418,18 +425,6 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
             log_scalars(self.trainer, values, step=self.global_step)
         self._certified_step = self.global_step
         return values
-
-    # --------------------------------------------------------------- helpers
-    def _as_output(self, target: Tensor, like: Tensor) -> Tensor:
-        c = self.hparams.out_features
-        if c > 1 and not target.is_floating_point():
-            return F.one_hot(target.long().reshape(-1), c).to(like.dtype)
-        return target.reshape(target.shape[0], c).to(like.dtype)
-
-    def _class_index(self, target: Tensor) -> Tensor:
-        if target.is_floating_point() and target.ndim == 2:
-            return target.argmax(dim=1)
-        return target.long().reshape(-1)
 
 
 def _all_reduce(tensor: Tensor, op: str) -> Tensor:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
@@ -23,9 +24,24 @@ class EvaluationLog:
     """Mixin for a ``LightningModule`` with a ``reduction`` and a ``penalty()`` (or :meth:`evaluation_penalty`): its
     evaluation steps ask :meth:`evaluation_rows` which rows of the batch count and :meth:`accumulate` their data sum,
     and ``<stage>/data_loss``, ``<stage>/penalty`` and ``<stage>/objective`` are logged at the end of the validation and
-    test epochs (a subclass that overrides ``on_validation_epoch_end`` or ``on_test_epoch_end`` calls ``super()``)."""
+    test epochs (a subclass that overrides ``on_validation_epoch_end`` or ``on_test_epoch_end`` calls ``super()``). The
+    targets' two forms (class labels, rows) are read here for both of hcl's models."""
 
     reduction: str
+
+    def _as_output(self, target: Tensor, like: Tensor) -> Tensor:
+        """Targets as ``(n, c)`` rows in ``like``'s dtype: class labels one-hot when the model has ``c > 1`` outputs."""
+        c = self.hparams.out_features  # type: ignore[attr-defined]
+        if c > 1 and not target.is_floating_point():
+            return F.one_hot(target.long().reshape(-1), c).to(like.dtype)
+        return target.reshape(target.shape[0], c).to(like.dtype)
+
+    @staticmethod
+    def _class_index(target: Tensor) -> Tensor:
+        """Class indices of one-hot (or score) rows or of integer labels, for the accuracy metrics."""
+        if target.is_floating_point() and target.ndim == 2:
+            return target.argmax(dim=1)
+        return target.long().reshape(-1)
 
     def evaluation_penalty(self) -> Tensor:
         """The penalty of ``L`` at the current weights, as logged (default: the model's ``penalty()``)."""

@@ -24,7 +24,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from hcl.callbacks.logs import mark_resumed_run
-from hcl.checks import cast_to_checkpoint, check_reduction, check_weight_decay
+from hcl.checks import cast_to_checkpoint, check_classes, check_reduction, check_weight_decay
 from hcl.convex.problem import data_scale
 from hcl.evaluation import STEPS_DONE, EvaluationLog
 from hcl.network import ReLUStack
@@ -178,6 +178,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         from hcl.callbacks.data import warn_if_padded
 
         warn_if_padded(self.trainer)  # DDP's sampler repeating samples: L would count them twice
+        check_classes(self.trainer, self)
 
         stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")
         self.optimizer_decay = optimizer_lambda(self.trainer.optimizers, stack)[0] or 0.0  # the loss estimates L
@@ -255,17 +256,6 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         """The weight of a summed mini-batch in the training loss: the batches of an epoch, so that the loss of a
         step estimates ``L`` and the penalty it adds at every step keeps its ``λ`` (1 for full batches)."""
         return float(training_batches(self._trainer) or 1)
-
-    def _as_output(self, target: Tensor, output: Tensor) -> Tensor:
-        c = self.hparams.out_features
-        if c > 1 and not target.is_floating_point():
-            return F.one_hot(target.long().reshape(-1), c).to(output.dtype)
-        return target.reshape(output.shape).to(output.dtype)
-
-    def _class_index(self, target: Tensor) -> Tensor:
-        if target.is_floating_point() and target.ndim == 2:
-            return target.argmax(dim=1)
-        return target.long().reshape(-1)
 
     @torch.no_grad()
     def _initialise(
