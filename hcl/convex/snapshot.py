@@ -245,7 +245,8 @@ def _network_point(spec: SolveSpec, snap: Snapshot, metrics: dict[str, float]) -
         extra_patterns=snap.extra_patterns,
     )
     if not spec.gated and not problem.is_bound:  # the network's own point: an upper bound even if the solve fails
-        metrics[f"{p}/upper_bound"] = float(problem.objective(*point))
+        if math.isfinite(value := float(problem.objective(*point))):  # not once the network diverges (inf, NaN)
+            metrics[f"{p}/upper_bound"] = value
     return L, problem, point
 
 
@@ -376,7 +377,7 @@ def _measure(
     if known.lower_bound is not None:
         # Below every network with these patterns: the exact problem's dual for c = 1, the Frobenius problem's for
         # c > 1, the gated relaxation's (a gated network with the network's patterns as gates) when gated.
-        metrics[f"{p}/gated_network_bound" if spec.gated else f"{p}/lower_bound"] = known.lower_bound
+        metrics[f"{p}/gated_network_bound" if spec.gated else f"{p}/lower_bound"] = known.lower_bound + 0.0  # not −0
         metrics[f"{p}/max_gap"] = L - known.lower_bound
     if known.lower_bound is not None and known.upper_bound is not None:  # the bracket's width, both ends certified
         metrics[f"{p}/duality_gap"] = relative_gap(known.upper_bound, known.lower_bound, problem.gap_floor)
