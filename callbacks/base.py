@@ -126,6 +126,8 @@ class StackCallback(Callback):
         self._state_key: str | None = None
         # Found when fitting starts.
         self._stack: ReLUStack | None = None
+        self._checked: Tensor | None = None  # the samples the model's forward is checked on, at each due step
+        self._stopped = False  # the forward no longer computes the stack's function
         self._lambda = 0.0
         self._reduction = "mean"
 
@@ -165,7 +167,14 @@ class StackCallback(Callback):
         if step <= self.last_step or not self.should_run(step):
             return None
         self.last_step = step
-        return step
+        if self._checked is not None and not self._stopped:
+            try:  # a term of the forward that was zero when training started may not be by now
+                self._stack.check_forward(trainer.lightning_module, self._checked)
+            except ValueError as err:
+                self._stopped = True
+                rank_zero_warn(f"{type(self).__name__}: at step {step}, {err}. It logs nothing more in this run: its "
+                               "values would describe another network")
+        return None if self._stopped else step
 
     def training_data(self, trainer: "pl.Trainer") -> tuple[Tensor, Tensor | None]:
         """The inputs, as the hidden layer takes them, and the targets to evaluate the stack on.
@@ -181,8 +190,10 @@ class StackCallback(Callback):
         if self.needs_target and Y is None:
             raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass target=)")
         X = self._stack.inputs(X).detach()
-        # Every callback checks the model itself, whichever others run and whatever the loader's order.
+        # Every callback checks the model itself, whichever others run and whatever the loader's order, and again
+        # at every step it acts at (due_step)
         self._stack.check_forward(trainer.lightning_module, X)
+        self._checked, self._stopped = X[:8], False  # a model that passes the check is watched afresh
         return X, Y
 
     # ------------------------------------------------------------------- hooks
@@ -190,6 +201,7 @@ class StackCallback(Callback):
         """Forget an earlier run: called when the callback starts fitting with another trainer than the last one (a
         resumed run's checkpoint restores its state afterwards). Subclasses with state of their own extend it."""
         self.last_step = -1
+        self._checked, self._stopped = None, False
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -136,12 +136,21 @@ class ReLUStack:
             )
 
     def _check_between(self, module: nn.Module, called: list[nn.Module]) -> None:
-        """Refuse the layers a forward ran between the hidden and the output layer, except ReLU, Dropout, Identity."""
+        """Refuse the layers a forward ran between the hidden and the output layer, except ReLU, Dropout, Identity,
+        and the layers with weights or statistics it ran before the hidden layer (a normalisation there is close to
+        the identity in eval mode at initialisation, and not in training)."""
         if self.hidden not in called or self.output not in called:
             return  # the forward bypassed the stack's modules: the value comparison decides
         start = called.index(self.hidden)
-        end = start + called[start:].index(self.output) if self.output in called[start:] else start
         names = {sub: name for name, sub in module.named_modules()}
+        for layer in called[:start]:
+            if any(True for _ in layer.parameters(recurse=False)) or any(True for _ in layer.buffers(recurse=False)):
+                raise ValueError(
+                    f"the layer {names.get(layer, '?')!r} ({type(layer).__name__}) runs before the hidden layer "
+                    f"{self.name!r}: the callbacks give the hidden layer the data as it is, so the convex problem "
+                    "would describe another network; transform the data instead, or use a two-layer model"
+                )
+        end = start + called[start:].index(self.output) if self.output in called[start:] else start
         dropouts = []
         for layer in called[start + 1 : end]:
             if isinstance(layer, (nn.ReLU, nn.Identity)):

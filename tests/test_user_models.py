@@ -327,6 +327,53 @@ def test_the_stack_check_names_the_layer_and_lets_an_identity_through():
     find_relu_stack(plain, "net.0", "net.3").check_forward(plain, torch.randn(8, 3))
 
 
+class Before(Between):
+    """A user's layer before the hidden layer: ``net = Sequential(middle, Linear, ReLU, Linear)``."""
+
+    def __init__(self, middle: nn.Module):
+        super().__init__(nn.Identity())
+        self.net = nn.Sequential(middle, nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("kind", ["patterns", "gap"])
+def test_a_normalisation_before_the_hidden_layer_is_refused(kind, make_trainer):
+    # a fresh BatchNorm1d is the identity in eval mode: the callbacks logged L 1.22 where the network's was 0.67
+    X, y = _data(n=64)
+    X = X * torch.tensor([3.0, 0.5, 2.0], dtype=torch.float64) + 4.0
+    loader = DataLoader(TensorDataset(X, y), batch_size=64)
+    stack = {"layer": "net.1", "output_layer": "net.3"}
+    callback = (PatternMonitor(**stack) if kind == "patterns"
+                else ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel", **stack))
+    with pytest.raises(ValueError, match=r"'net.0' \(BatchNorm1d\) runs before the hidden layer 'net.1'"):
+        _fit(make_trainer, Before(nn.BatchNorm1d(3, affine=False).double()), loader, [callback])
+    _fit(make_trainer, Before(nn.Flatten()), loader, [callback])  # no weights, no statistics: let through
+
+
+class GrowingSide(UserNet):
+    """A linear side term beside the stack, zero when training starts: the stack's function only at step 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(3, 1, bias=False).double()
+        nn.init.zeros_(self.side.weight)
+
+    def forward(self, x):
+        return self.net(x) + self.side(x)
+
+
+def test_a_forward_that_stops_computing_the_stack_ends_the_callbacks_logs_with_a_warning(make_trainer, tmp_path):
+    # the check at the start of training passed, and the values of every later step were the stack's alone
+    X, y = _data(n=40)
+    loader = DataLoader(TensorDataset(X, y), batch_size=40)
+    callbacks = [ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel"), PatternMonitor()]
+    said = _fit(make_trainer, GrowingSide(), loader, callbacks, steps=4)
+    assert sum("at step 1, the model's output differs from that of its two-layer ReLU stack" in message
+               and "logs nothing more in this run" in message for message in said) == 2
+    logged = read_scalars(tmp_path)
+    assert [step for step, _ in logged["convex/nonconvex_objective"]] == [0]
+    assert [step for step, _ in logged["patterns/unique"]] == [0]
+
+
 def test_the_chart_lists_the_objective_only_for_a_model_that_logs_it(make_trainer):
     from hcl import dashboard
 
