@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from hcl.checks import check_reduction, check_weight_decay
 from hcl.network import ReLUStack, non_squared_loss
@@ -133,7 +134,10 @@ def resolve_objective(
             lam += opt_lam
             rank_zero_info(f"{owner}: λ = {lam:g}: the model's weight_decay {model_lam:g} plus {opt_text}")
         elif opt_lam is None and opt_text:
-            said.append(f"{opt_text}: the convex values use the model's λ = {lam:g} and leave that decay out")
+            hint = "" if isinstance(pl_module, TwoLayerReLU) else (  # whose loss adds its weight_decay
+                " (pass weight_decay=0 to the callback if the model's `weight_decay` is that decay, not a λ its loss "
+                "adds)")
+            said.append(f"{opt_text}: the convex values use the model's λ = {lam:g} and leave that decay out{hint}")
         elif opt_text:
             said.append(f"the model's `weight_decay` = {lam:g} is used as λ, and {opt_text}: pass weight_decay= to "
                         f"the callback, {opt_lam:g} if the model's `weight_decay` is the optimizer's, "
@@ -151,8 +155,13 @@ def resolve_objective(
             and training_batches(getattr(pl_module, "_trainer", None)) is None):
         said.append(f"λ = {lam:g} is not scaled by the batches of an epoch, which an iterable or endless loader does "
                     "not tell: with a loss summed over each of B batches an epoch, pass weight_decay=B·λ")
+    outputs = 1 if stack is None else stack.output.out_features
+    if (reduction is None and red == "mean" and outputs > 1
+            and any(isinstance(sub, nn.MSELoss) and sub.reduction == "mean" for sub in pl_module.modules())):
+        said.append(f"the model's nn.MSELoss() also divides by its {outputs} outputs, where reduction 'mean' (s = "
+                    f"1/n) sums their squares: the data term is {outputs}× its loss's (with weight_decay={outputs}·λ "
+                    f"given to the callback, every value is {outputs}× its own)")
     if red is None:
-        outputs = 1 if stack is None else stack.output.out_features
         said.append("using reduction 'mean' (s = 1/n)" if outputs == 1 else
                     f"using reduction 'mean' (s = 1/n, the squares summed over the {outputs} outputs: nn.MSELoss()'s "
                     f"mean also divides by {outputs}, which λ = {outputs}× yours and reduction='mean' match, with "

@@ -177,6 +177,27 @@ def test_a_user_models_weight_decay_beside_the_optimizers_is_said_with_both_choi
                in m for m in messages), messages
 
 
+def test_a_user_models_weight_decay_beside_adamws_says_how_to_leave_it_out(make_trainer):
+    X, y = _data()
+    model = UserNet(optimizer=torch.optim.AdamW, weight_decay=0.02)
+    model.weight_decay = 0.02  # the optimizer's decay, kept where hcl reads the loss's λ
+    messages = _fit(make_trainer, model, DataLoader(TensorDataset(X, y), batch_size=40),
+                    [ConvexGapMonitor(solver="clarabel", reduction="mean")], steps=1)
+    assert any("leave that decay out (pass weight_decay=0 to the callback if the model's `weight_decay` is that decay"
+               in m for m in messages), messages
+
+
+def test_a_mean_mse_over_several_outputs_is_said_beside_a_mean_reduction_attribute(make_trainer):
+    # the attribute says "mean", and the values were silently 3× the loss nn.MSELoss() computes
+    X, y = _data()
+    model = UserNet(c=3, criterion=nn.MSELoss())
+    model.reduction = "mean"
+    monitor = ConvexGapMonitor(solver="clarabel", weight_decay=1e-3)
+    messages = _fit(make_trainer, model, DataLoader(TensorDataset(X, y[:, None].repeat(1, 3)), batch_size=40),
+                    [monitor], steps=1)
+    assert any("nn.MSELoss() also divides by its 3 outputs" in m for m in messages), messages
+
+
 def test_optimizer_lambda_for_each_kind_of_decay():
     model = UserNet()
     stack = find_relu_stack(model)
