@@ -183,7 +183,7 @@ class ActivationPointPlot(StackCallback):
         if self._X is None or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        if step > self.last_step:
+        if step > self.last_step and not self._stopped:  # a model no longer its stack is drawn no more
             self.last_step = step
             self._draw(trainer, step)
         if self._last_frame is not None:

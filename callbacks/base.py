@@ -169,12 +169,15 @@ class StackCallback(Callback):
         self.last_step = step
         if self._checked is not None and not self._stopped:
             try:  # a term of the forward that was zero when training started may not be by now
-                self._stack.check_forward(trainer.lightning_module, self._checked)
+                self._stack.check_forward(trainer.lightning_module, self._checked, said=True)
             except ValueError as err:
-                self._stopped = True
-                rank_zero_warn(f"{type(self).__name__}: at step {step}, {err}. It logs nothing more in this run: its "
-                               "values would describe another network")
+                self._stop(step, err)
         return None if self._stopped else step
+
+    def _stop(self, step: int, err: ValueError) -> None:
+        self._stopped = True
+        rank_zero_warn(f"{type(self).__name__}: at step {step}, {err}. It logs nothing more in this run: its values "
+                       "would describe another network")
 
     def training_data(self, trainer: "pl.Trainer") -> tuple[Tensor, Tensor | None]:
         """The inputs, as the hidden layer takes them, and the targets to evaluate the stack on.
@@ -192,8 +195,13 @@ class StackCallback(Callback):
         X = self._stack.inputs(X).detach()
         # Every callback checks the model itself, whichever others run and whatever the loader's order, and again
         # at every step it acts at (due_step)
-        self._stack.check_forward(trainer.lightning_module, X)
-        self._checked, self._stopped = X[:8], False  # a model that passes the check is watched afresh
+        self._checked, self._stopped = X[:8], False
+        try:
+            self._stack.check_forward(trainer.lightning_module, X)
+        except ValueError as err:
+            if self.last_step < 0:  # a new run: refused before it trains
+                raise
+            self._stop(trainer.global_step, err)  # a resumed run whose model had stopped being its stack: said again
         return X, Y
 
     # ------------------------------------------------------------------- hooks

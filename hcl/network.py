@@ -76,7 +76,7 @@ class ReLUStack:
         """Whether every weight of the stack is finite."""
         return all(bool(torch.isfinite(t).all()) for t in self.weights() if t is not None)
 
-    def check_forward(self, module: nn.Module, X: Tensor, rows: int = 8) -> None:
+    def check_forward(self, module: nn.Module, X: Tensor, rows: int = 8, said: bool = False) -> None:
         """Refuse a ``module`` whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of this stack.
 
         The convex problem describes the stack only; a module that computes something else (a deeper network, extra
@@ -88,11 +88,12 @@ class ReLUStack:
         The layers the forward runs between the hidden and the output layer are also checked by name, whatever their
         current effect: a normalisation there (``BatchNorm1d`` is close to the identity at initialisation, and not
         later) is refused; ``Dropout`` is accepted, and the callbacks then compute the network without dropout (its
-        eval-mode function), which they say once.
+        eval-mode function), which they say once (``said``: already said, as at every later check). A layer with
+        weights or statistics that runs before the hidden layer is refused too.
 
         Raises:
             ValueError: the module's output has another size, or other values, than the stack's, or a layer runs
-                between the stack's layers.
+                between the stack's layers or before them.
         """
         sample = X[:rows]
         weight, bias, output_weight, output_bias = self.weights()
@@ -113,7 +114,7 @@ class ReLUStack:
                 hook.remove()
             for sub, mode in modes.items():
                 sub.training = mode
-        self._check_between(module, called)
+        self._check_between(module, called, said)
         if not isinstance(actual, Tensor) or actual.numel() != expected.numel():
             shape = tuple(actual.shape) if isinstance(actual, Tensor) else type(actual).__name__
             raise ValueError(
@@ -135,7 +136,7 @@ class ReLUStack:
                 "stack with layer=/output_layer=, or use a two-layer model"
             )
 
-    def _check_between(self, module: nn.Module, called: list[nn.Module]) -> None:
+    def _check_between(self, module: nn.Module, called: list[nn.Module], said: bool = False) -> None:
         """Refuse the layers a forward ran between the hidden and the output layer, except ReLU, Dropout, Identity,
         and the layers with weights or statistics it ran before the hidden layer (a normalisation there is close to
         the identity in eval mode at initialisation, and not in training)."""
@@ -163,7 +164,7 @@ class ReLUStack:
                 f"{self.name!r} and the output layer: it changes the network's function, so the convex problem "
                 "(Linear → ReLU → Linear) would describe another network; remove it or use a two-layer model"
             )
-        if dropouts:
+        if dropouts and not said:
             warnings.warn(
                 f"Dropout {', '.join(map(repr, dropouts))} between the layers of {self.name!r}: the callbacks compute "
                 "the network without dropout (its eval-mode function)", stacklevel=3,

@@ -85,8 +85,9 @@ def test_directions_in_the_cones_move_the_columns_at_once(c, monkeypatch):
 
 
 def test_columns_far_outside_their_cones_on_repeated_rows_are_moved_in_or_zeroed():
-    # repeated samples make the active rows' matrices singular; columns violated on as many samples as unknowns can
-    # only become zero: every column must end inside its cone, and the others must keep their outputs' signs
+    # columns violated on as many samples as unknowns can only become zero (here every such column is), on data whose
+    # repeated samples make the active rows' matrices near singular (the ridge keeps them factorable); every column
+    # must end inside its cone, and some of the others are moved in rather than zeroed
     problem, (U, V, _) = network_problem(2, 4, n=30, d=3)
     problem = problem.__class__(**{**problem.__dict__, "X": problem.X.repeat(2, 1), "Y": problem.Y.repeat(2, 1),
                                    "patterns": problem.patterns.repeat(2, 1)})

@@ -395,6 +395,50 @@ def test_a_forward_that_stops_computing_the_stack_ends_the_callbacks_logs_with_a
     assert [step for step, _ in logged["patterns/unique"]] == [0]
 
 
+def test_a_run_resumed_after_its_callback_stopped_goes_on_and_says_so_again(make_trainer, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    X, y = _data(n=40)
+    loader = DataLoader(TensorDataset(X, y), batch_size=40)
+    def trainer(steps):
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        return make_trainer([PatternMonitor(), saver], max_steps=steps, enable_checkpointing=True)
+
+    torch.manual_seed(0)
+    trainer(3).fit(GrowingSide(), loader)
+    with warnings.catch_warnings(record=True) as caught:  # the resumed fit was refused at its start
+        warnings.simplefilter("always")
+        trainer(5).fit(GrowingSide(), loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert any("PatternMonitor: at step 3, the model's output differs" in str(w.message) for w in caught)
+
+
+def test_an_activation_plot_draws_no_frame_after_it_stopped(make_trainer):
+    # the final weights were drawn at the end of training, after the warning that nothing more would be
+    from hcl.callbacks import ActivationPointPlot
+
+    class OneInput(GrowingSide):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(1, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+            self.side = nn.Linear(1, 1, bias=False).double()
+            nn.init.zeros_(self.side.weight)
+
+    X, y = _data(n=40)
+    plot = ActivationPointPlot(every_n_steps=2, gif=True, figsize=(3, 2), dpi=30)
+    said = _fit(make_trainer, OneInput(), DataLoader(TensorDataset(X[:, :1], y), batch_size=40), [plot], steps=5)
+    assert any("ActivationPointPlot: at step 2" in message for message in said)
+    assert [frame.step for frame in plot.frames] == [0]
+
+
+def test_dropout_is_said_once_though_the_forward_is_checked_at_every_step(make_trainer):
+    X, y = _data(n=64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([PatternMonitor(every_n_steps=1)], max_steps=5).fit(Between(nn.Dropout(0.2)), loader)
+    assert sum("between the layers" in str(w.message) for w in caught) == 1
+
+
 def test_the_chart_lists_the_objective_only_for_a_model_that_logs_it(make_trainer):
     from hcl import dashboard
 

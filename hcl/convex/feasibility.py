@@ -33,6 +33,8 @@ METRIC_RIDGE = 1e-2
 INSIDE = 1e-9
 # A move along a given direction is taken when it changes no output by more than this many times the violation
 SHIFT_MAX = 100.0
+# Columns whose steps are formed by one product: a few n-vectors each, not a second copy of the outputs X W
+STEP_COLUMNS = 256
 
 
 def restore_feasibility(
@@ -71,14 +73,15 @@ def restore_feasibility(
         if len(todo) == 0:
             break
         active |= violated
-        # each column's multipliers on its active rows; the steps Q⁻¹X_Aᵀα of every column in one product
-        alpha = torch.zeros(X.shape[0], len(todo), dtype=torch.float64, device=X.device)
-        target = inside[todo] * signs[:, todo] - XW[:, todo]  # (the outputs are XW's: no product per column)
-        settles = torch.ones(len(todo), dtype=torch.bool, device=X.device)
-        for k, j in enumerate(todo.tolist()):
-            settles[k] = _multipliers(X, XQ, gram, active[:, j], target[:, k], alpha[:, k])
-        W[:, todo] = torch.where(settles, W[:, todo] + XQ.T @ alpha, 0.0)  # no step: zero, inside every cone
-        XW[:, todo] = X @ W[:, todo]
+        for cols in todo.split(STEP_COLUMNS):
+            # each column's multipliers on its active rows, then the steps Q⁻¹X_Aᵀα of these columns in one product
+            alpha = torch.zeros(X.shape[0], len(cols), dtype=torch.float64, device=X.device)
+            settles = torch.ones(len(cols), dtype=torch.bool, device=X.device)
+            target = inside[cols] * signs[:, cols] - XW[:, cols]  # the outputs are XW's: no product per column
+            for k, j in enumerate(cols.tolist()):
+                settles[k] = _multipliers(X, XQ, gram, active[:, j], target[:, k], alpha[:, k])
+            W[:, cols] = torch.where(settles, W[:, cols] + XQ.T @ alpha, 0.0)  # no step: zero, inside every cone
+            XW[:, cols] = X @ W[:, cols]
     W[:, (signs * XW < 0).any(0)] = 0.0  # the columns that did not settle
     W = W.reshape(d, 2, P, c).permute(1, 2, 0, 3)
     U2, V2 = W[0].contiguous(), W[1].contiguous()
