@@ -165,6 +165,15 @@ def test_a_conic_solve_stopped_at_a_limit_says_so(solver, limit, status):
         solve_cvxpy(problem, time_limit=0.0)
 
 
+def test_a_conic_solver_that_returns_no_finite_point_has_failed():
+    # ECOS stopped before its first iterate returned NaN with status "optimal_inaccurate"
+    if "ECOS" not in installed_solvers():
+        pytest.skip("ECOS is not installed")
+    solution = solve_cvxpy(random_problem(4), "ECOS", max_iters=0)
+    assert solution.status in ("failed", "max_iterations") and not solution.ok
+    assert solution.dual_value == -math.inf or solution.dual_value <= solve_cvxpy(random_problem(4)).value
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
 def test_the_conic_solvers_are_as_accurate_in_any_unit_of_the_targets(scale):
     from hcl.convex import fold_bias, solve
@@ -239,7 +248,7 @@ def test_the_certificate_decides_optimal_where_it_exists():
     assert certified_status(problem, inaccurate, 1.0, 1.0 - 1e-9, 0.0) == optimal
     assert certified_status(problem, optimal, 1.0, 1.0 - 1e-4, 0.0) == inaccurate
     assert certified_status(problem, optimal, 1.0, 1.0, 1e-3) == inaccurate
-    assert certified_status(problem, optimal, math.nan, 1.0, 0.0) == inaccurate
+    assert certified_status(problem, optimal, math.nan, 1.0, 0.0) == Status.FAILED  # no point: no "inaccurate" one
     # at λ = 0 there is no certificate beyond 0: the solver's status stands at a feasible point
     free = ConvexProblem(problem.X, problem.Y, problem.patterns, weight_decay=0.0)
     assert certified_status(free, optimal, 1.0, 0.0, 0.0) == optimal

@@ -218,7 +218,10 @@ def solve_cvxpy(
     violation = 0.0 if gated else float(exact.violation(point[0], point[1]))
     # hcl's own certificate at the solver's point and multipliers: a lower bound that does not rest on the solver's
     # tolerances (one product with X and one with Xᵀ)
-    dual_value = dual_certificate(exact, U, V, b0, cone, gated=gated)
+    dual_value = -math.inf  # no point (a solver stopped before its first iterate), no bound
+    if bool(torch.isfinite(U).all() and torch.isfinite(V).all()):  # any μ ≥ 0 bounds: a multiplier it left NaN, 0
+        finite = None if cone is None else torch.nan_to_num(cone, nan=0.0, posinf=0.0, neginf=0.0)
+        dual_value = dual_certificate(exact, U, V, b0, finite, gated=gated)
     U, V, b0 = (t.to(problem.X.dtype) for t in point)  # returned in the problem's dtype
     return ConvexSolution(
         value=value,
@@ -245,9 +248,12 @@ def certified_status(
     solver said (its own tests are on its internal scaling), anything else ``OPTIMAL_INACCURATE`` (ECOS's multipliers
     certify about 5e-3, and SCS called points outside their cones optimal), or the ``limit`` the solver stopped at
     (``MAX_ITERATIONS``, ``TIME_LIMIT``: stopped early, as the native solver says). At ``λ = 0`` no certificate exists
-    beyond 0: the solver's ``OPTIMAL`` stands if its point is feasible to that tolerance."""
+    beyond 0: the solver's ``OPTIMAL`` stands if its point is feasible to that tolerance. No finite value: ``FAILED``
+    (or the limit)."""
+    if not math.isfinite(value):  # no point at all (ECOS stopped before its first iterate: NaN)
+        return limit or Status.FAILED
     y_unit = float(problem.Y.abs().max()) or 1.0
-    feasible = violation <= DEFAULT_TOL * y_unit and math.isfinite(value)
+    feasible = violation <= DEFAULT_TOL * y_unit
     if problem.weight_decay > 0:
         certified = feasible and relative_gap(value, dual, problem.gap_floor) <= DEFAULT_TOL
         return Status.OPTIMAL if certified else limit or Status.OPTIMAL_INACCURATE

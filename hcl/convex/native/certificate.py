@@ -22,7 +22,7 @@ from torch import Tensor
 from hcl.convex.certificate import best_scaled_bound
 from hcl.convex.native.operator import Operator
 from hcl.convex.native.options import NativeOptions
-from hcl.convex.native.warm_start import Multipliers
+from hcl.convex.native.warm_start import Multipliers, warm_point
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.status import Status, relative_gap
 
@@ -60,13 +60,9 @@ def dual_certificate(
     gives a tight one.
     """
     op = Operator(problem, gated=gated, dtype=torch.float64)
-    W = op.pack(U, V)
-    mu = None
-    if multipliers is not None:
-        cone = multipliers.cone if isinstance(multipliers, Multipliers) else multipliers
-        mu = op.normalise_multipliers(cone.to_dense() if cone.is_sparse else cone)
-    b = None if b0 is None else b0.to(torch.float64)
-    return certificate(op, op.forward(W), mu, b0=b)[0]
+    point = warm_point(op, (U, V, b0) if multipliers is None else (U, V, b0, multipliers), "the point's")
+    b = None if b0 is None else torch.as_tensor(b0).detach().to(torch.float64)
+    return certificate(op, op.forward(point.W), point.mu, b0=b)[0]
 
 
 def certificate(
@@ -115,6 +111,8 @@ def dual_value(op: Operator, nu: Tensor, Y: Tensor, g: Tensor) -> tuple[float, f
         worst = float(g.square().sum(0).sqrt().amax())
     else:
         worst = float(g.square().sum((0, 1, 3)).sqrt().amax())
+    if not math.isfinite(worst):  # no scaling makes such a g dual feasible: no bound
+        return -math.inf, worst
     t_max = math.inf if worst == 0.0 else 2.0 * op.lam / worst
     value, _ = best_scaled_bound(float((nu * Y).sum()), float(nu.square().sum()) / 4.0, t_max)
     return value * op.problem.scale * op.y_unit * op.y_unit, worst

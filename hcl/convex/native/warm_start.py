@@ -63,30 +63,43 @@ def unpack_warm_start(warm_start: ConvexSolution | tuple | list) -> tuple[Tensor
     raise TypeError("warm_start must be a ConvexSolution or a (U, V, b0[, multipliers]) tuple")
 
 
-def warm_point(op: Operator, warm_start: ConvexSolution | tuple | list) -> WarmPoint:
-    """A warm start checked against ``op``'s problem and put in its layout and units.
+def warm_point(op: Operator, warm_start: ConvexSolution | tuple | list, what: str = "warm start") -> WarmPoint:
+    """A warm start (``what``: how errors name it) checked against ``op``'s problem and put in its layout and units.
 
     Raises:
-        ValueError: ``U``/``V`` or the multipliers have the wrong shape, or ``U``/``V`` are not finite.
+        TypeError: ``U``/``V`` or the multipliers are not tensors (nor convertible to them).
+        ValueError: ``U``/``V`` or the multipliers have the wrong shape, or are not finite.
     """
     U, V, _, mult = unpack_warm_start(warm_start)
+    U, V = _tensor(U, f"{what} U"), _tensor(V, f"{what} V")
     shape = (op.P, op.problem.d, op.c)
     if tuple(U.shape) != shape or tuple(V.shape) != shape:
         raise ValueError(
-            f"warm start U, V must have shape {shape} (P, d, c), got {tuple(U.shape)} and {tuple(V.shape)}"
+            f"{what} U, V must have shape {shape} (P, d, c), got {tuple(U.shape)} and {tuple(V.shape)}"
             " (use remap_warm_start when the patterns changed)"
         )
     if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
-        raise ValueError("warm start contains NaN or inf")
+        raise ValueError(f"{what} U, V contain NaN or inf")
     W = op.pack(U, V)
     mu = None
     if mult is not None and not op.gated:
-        cone = mult.cone if isinstance(mult, Multipliers) else mult
+        cone = _tensor(mult.cone if isinstance(mult, Multipliers) else mult, f"{what} multipliers")
         if tuple(cone.shape) != (op.n, 2, op.P, op.c):
-            raise ValueError(f"warm-start multipliers must have shape (n, 2, P, c) = {(op.n, 2, op.P, op.c)}, got "
+            raise ValueError(f"{what} multipliers must have shape (n, 2, P, c) = {(op.n, 2, op.P, op.c)}, got "
                              f"{tuple(cone.shape)} (a solution of a problem on other data?)")
-        mu = op.normalise_multipliers(cone.to_dense() if cone.is_sparse else cone)
+        cone = cone.to_dense() if cone.is_sparse else cone
+        if not torch.isfinite(cone).all():  # a NaN μ made the certificate's bound its unconstrained maximum
+            raise ValueError(f"{what} multipliers contain NaN or inf")
+        mu = op.normalise_multipliers(cone)
     return WarmPoint(W, mu)
+
+
+def _tensor(value: object, name: str) -> Tensor:
+    """``value`` as a tensor, detached (a warm start is data, not part of a graph)."""
+    try:
+        return torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}") from err
 
 
 def remap_warm_start(
