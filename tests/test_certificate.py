@@ -165,6 +165,15 @@ def test_bad_arguments_are_refused():
         global_lower_bound(X[:0], y[:0], y[:0], weight_decay=0.1, reduction="mean", bias=True)
     with pytest.raises(TypeError, match="X must be a torch.Tensor"):
         global_lower_bound(X.numpy(), y, y, weight_decay=0.1, reduction="mean", bias=True)
+    # what ConvexProblem refuses: λ of another type (a str was a bare comparison error, True λ = 1), a bias that is
+    # not a bool ("no" read as True), and targets of two columns whose entries happen to number n
+    for weight_decay, error in (("0.1", TypeError), (True, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="weight_decay"):
+            global_lower_bound(X, y, y, weight_decay=weight_decay, reduction="mean", bias=True)
+    with pytest.raises(ValueError, match="bias and output_bias must be bools"):
+        global_lower_bound(X, y, y, weight_decay=0.1, reduction="mean", bias="no")
+    with pytest.raises(ValueError, match=r"y must have shape \(12,\) or \(12, 1\)"):
+        global_lower_bound(X, y.reshape(6, 2), y, weight_decay=0.1, reduction="mean", bias=True)
 
 
 @pytest.mark.parametrize("signed", [False, True])

@@ -380,6 +380,16 @@ def test_native_options_are_checked_once_and_frozen():
     float32 = ConvexProblem(small.X.float(), small.Y.float(), small.patterns, 0.1)
     assert NativeOptions(method="fista").working_dtype(float32) == torch.float32
     assert NativeOptions(method="newton").working_dtype(float32) == torch.float64
+    # numpy's integers pass wherever max_iters' did (memory_limit=np.int64(10**9) was refused), as ints
+    import numpy as np
+
+    given = NativeOptions(memory_limit=np.int64(10**9), num_threads=np.int32(1), chunk_size=np.int64(64),
+                          anderson=np.int64(0))
+    assert (given.memory_limit, given.num_threads, given.chunk_size, given.anderson) == (10**9, 1, 64, 0)
+    assert all(type(v) is int for v in (given.memory_limit, given.num_threads, given.chunk_size, given.anderson))
+    for name, bad in (("memory_limit", 0), ("num_threads", True), ("chunk_size", 2.0), ("anderson", -1)):
+        with pytest.raises(ValueError, match=name):
+            NativeOptions(**{name: bad})
 
 
 def test_zero_targets_give_the_zero_solution():

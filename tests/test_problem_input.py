@@ -48,6 +48,12 @@ def test_a_weight_decay_that_is_not_a_number_is_named(weight_decay):
         ConvexProblem(**{**_data(), "weight_decay": weight_decay})
 
 
+def test_data_of_another_array_type_is_named_as_such():
+    X = torch.randn(6, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="X must be a torch.Tensor \\(n, d\\), got ndarray"):  # "got shape (6, 2)"
+        ConvexProblem(X.numpy(), torch.ones(6), torch.ones(6, 1, dtype=torch.bool), weight_decay=0.1)
+
+
 def test_data_that_requires_grad_is_solved_as_plain_data():
     kwargs = _data()
     plain = solve(ConvexProblem(**kwargs), "native")

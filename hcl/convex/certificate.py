@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from hcl.checks import check_weight_decay
 from hcl.convex.problem import data_scale, fold_bias
 
 METHODS = ("auto", "exact", "spectral")
@@ -89,13 +90,13 @@ def global_lower_bound(
     if X.ndim != 2 or X.shape[0] == 0:
         raise ValueError(f"X must be (n, d) with n ≥ 1, got shape {tuple(X.shape)}")
     n = X.shape[0]
-    if y.numel() != n or prediction.numel() != n:
-        raise ValueError(
-            f"the certificate is for a scalar output: y and prediction need n = {n} entries, "
-            f"got shapes {tuple(y.shape)} and {tuple(prediction.shape)}"
-        )
-    if not math.isfinite(float(weight_decay)) or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay}")
+    for name, tensor in (("y", y), ("prediction", prediction)):
+        if tensor.shape not in ((n,), (n, 1)):  # (5, 2) for n = 10 was flattened into a scalar output
+            raise ValueError(f"{name} must have shape ({n},) or ({n}, 1) for X's {n} rows (the certificate is for "
+                             f"a scalar output), got {tuple(tensor.shape)}")
+    weight_decay = check_weight_decay(weight_decay)
+    if not (isinstance(bias, bool) and isinstance(output_bias, bool)):  # "no" would read as True
+        raise ValueError(f"bias and output_bias must be bools, got {bias!r} and {output_bias!r}")
     for name, tensor in (("X", X), ("y", y), ("prediction", prediction)):
         # NaN would drop out of the exact maximum (a "certified" bound of the other points) or fail inside an SVD
         if not bool(torch.isfinite(tensor.detach().to(torch.float64)).all()):

@@ -91,8 +91,10 @@ class ConvexProblem:
     one_vs_all: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.X, Tensor) or self.X.ndim != 2:
-            raise ValueError(f"X must be a 2-D tensor (n, d), got shape {tuple(getattr(self.X, 'shape', ()))}")
+        if not isinstance(self.X, Tensor):  # a numpy array's shape may be right: its type is not
+            raise TypeError(f"X must be a torch.Tensor (n, d), got {type(self.X).__name__}")
+        if self.X.ndim != 2:
+            raise ValueError(f"X must be a 2-D tensor (n, d), got shape {tuple(self.X.shape)}")
         if not self.X.is_floating_point():
             raise ValueError(f"X must be a floating-point tensor, got {self.X.dtype}")
         if self.X.dtype in (torch.float16, torch.bfloat16):  # exact in float32, the least precision a solver works in

@@ -141,15 +141,14 @@ class NativeOptions:
                         "a relative tolerance in (0, 1)" if upper == 1.0 else "a finite number > 0")
                 raise ValueError(f"{name} must be {what}, got {value!r}")
             object.__setattr__(self, name, int(value) if kind is numbers.Integral else float(value))
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
-        for name in ("memory_limit", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.anderson is not None and (isinstance(self.anderson, bool) or not isinstance(self.anderson, int)
-                                          or self.anderson < 0):
-            raise ValueError(f"anderson must be an integer ≥ 0, got {self.anderson!r}")
+        for name, least in (("chunk_size", 1), ("memory_limit", 1), ("num_threads", 1), ("anderson", 0)):
+            value = getattr(self, name)  # any integer type (numpy's too), as max_iters
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be " + ("a positive integer" if least else "an integer ≥ 0")
+                                 + f", got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
         if self.method == "newton" and self.dtype == torch.float32:
