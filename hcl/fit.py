@@ -17,6 +17,7 @@ restart, so TensorBoard shows every step once (see ``docs/reliability.md``).
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -97,7 +98,8 @@ class HCLCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         # One bar over the steps (a full-batch step is an epoch), unless the config gives its own or disables it.
         config = self.config_init.get("trainer") or {}
-        callbacks = list(config.get("callbacks") or [])
+        callbacks = config.get("callbacks") or []
+        callbacks = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks)  # one, as Trainer takes it
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
@@ -128,7 +130,8 @@ def main(args: ArgsType = None) -> HCLCLI:
     if sizes:  # linked from the data module at instantiation, which would silently replace them
         _fail(ValueError(f"{sizes[0].split('=')[0]} is taken from the data module (its in_features and "
                          "out_features): drop it"))
-    parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False}
+    # no abbreviations: --trainer.max_step ran as --trainer.max_steps, where --model.hid is refused
+    parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False, "allow_abbrev": False}
     if isinstance(given, (list, tuple)):
         # Parsed left to right: the default model first, so that a config's `model:` without a class_path sets its
         # arguments, then the embedded default's config when no other is named, then the user's arguments.
@@ -296,6 +299,14 @@ def _argument_error(message: str) -> str:
             if option:
                 reason += _suggestion(class_path, option.group(1))
             return f"{key.group(1) + ': ' if key else ''}{class_path}: {reason}"
+    given = next((line[len("Given value: "):] for line in lines if line.startswith("Given value: ")), None)
+    try:  # a section with keys beside class_path and init_args: jsonargparse names only the Union it failed
+        extra = sorted(set(ast.literal_eval(given)) - {"class_path", "init_args", "dict_kwargs"}) if given else []
+    except (ValueError, SyntaxError, TypeError):
+        extra = []
+    if key and extra and "class_path" in given:
+        return (f"{key.group(1)}: {', '.join(map(repr, extra))} given beside class_path and init_args: the class's "
+                "options go under init_args (and the trainer's under trainer:)")
     if key and len(lines) > 1:
         return f"{key.group(1)}: {_squeeze(' '.join(lines[1:3]))}"
     return _squeeze(message)

@@ -95,6 +95,20 @@ def test_another_model_class_takes_its_own_defaults_not_the_default_models(sourc
         assert printed["init_args"][name] == own[name], name
 
 
+def test_one_callback_not_in_a_list_runs_and_a_key_beside_class_path_is_named(tmp_path, capsys):
+    # one callback, as Trainer takes it, stopped the run with "'PatternMonitor' object is not iterable"
+    cli = main(["--trainer.callbacks=hcl.callbacks.PatternMonitor", "--trainer.max_steps=2",
+                f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 2
+    config = tmp_path / "misplaced.yaml"  # the error named only the Union of classes it failed
+    config.write_text("model:\n  class_path: hcl.TwoLayerReLU\n  init_args: {hidden: 3}\n  max_steps: 10\n"
+                      "data: hcl.datamodules.SyntheticRegression\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
+    assert "model: 'max_steps' given beside class_path and init_args" in capsys.readouterr().err
+
+
 def test_unknown_option_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(DEFAULT_CONFIG), "--model.hiden=3"])
@@ -162,8 +176,11 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
     # an option before its class: it read "lightning.LightningDataModule: Option 'root' is not accepted (accepted: )"
     (["--data.root=../data", "--data=hcl.datamodules.MNIST"],
      "--data.root is given before any data class is chosen: put --data=<class> or --config first"),
+    # a prefix of a trainer option ran as the option (--trainer.max_step=20 trained 20 steps)
+    (["--trainer.max_step=20"], "unrecognized arguments: --trainer.max_step=20"),
 ], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value", "convex-model-with-monitors",
-        "convex-model-scheduler", "subcommand", "private-class", "linked-size", "option-before-class"])
+        "convex-model-scheduler", "subcommand", "private-class", "linked-size", "option-before-class",
+        "abbreviation"])
 def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}",
