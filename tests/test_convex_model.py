@@ -438,19 +438,3 @@ def test_no_earlier_duality_gap_stays_beside_a_later_point_outside_its_cones():
     metrics = trainer.callback_metrics
     assert float(metrics["convex_train/violation"]) > 0  # the case under test
     assert "convex_train/duality_gap" not in metrics
-
-
-@pytest.mark.parametrize("model", ["convex", "network"])
-@pytest.mark.parametrize("outputs", [1, 2])
-def test_a_model_with_fewer_outputs_than_classes_is_refused_before_training(tmp_path, model, outputs):
-    # two outputs crashed in the accuracy metric ("Class values must be smaller than num_classes"); one silently
-    # regressed on the class indices
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataModule(train=(torch.randn(20, 2, generator=g), torch.arange(20) % 3), num_classes=3)
-    net = (ConvexReLU(in_features=2, out_features=outputs, num_gates=3) if model == "convex"
-           else TwoLayerReLU(in_features=2, hidden=3, out_features=outputs))
-    with pytest.raises(ValueError, match=rf"out_features={outputs}\) cannot fit a data set of 3 classes"):
-        _trainer(tmp_path, 1).fit(net.double(), datamodule=data)
-    binary = TensorDataModule(train=(torch.randn(20, 2, generator=g), torch.arange(20) % 2), num_classes=2)
-    if outputs == 1:  # one output on two classes: a regression on 0/1, as before
-        _trainer(tmp_path, 1).fit(net.double(), datamodule=binary)

@@ -14,12 +14,14 @@ import pytest
 import torch
 from _params import pairwise
 from _reference import reference_value
+from test_snapshot import snapshot, spec
 
 import hcl.convex.native.solver as native_solver
 from hcl.convex import ConvexProblem, Status, solve, solve_native
 from hcl.convex.native import NativeOptions
 from hcl.convex.native.operator import Operator, Result, row_space_basis
 from hcl.convex.native.solver import final_status
+from hcl.convex.snapshot import evaluate_snapshot
 from hcl.convex.status import GAP_FLOOR, relative_gap
 
 F64 = dict(dtype=torch.float64)
@@ -250,3 +252,15 @@ def test_fewer_samples_than_dimensions(seed):
     # a warm start in the full space is carried into the row space
     warm = solve_native(problem, warm_start=solution)
     assert warm.status == Status.OPTIMAL and warm.iterations < solution.iterations
+
+
+def test_finite_weights_whose_objective_overflows_log_no_upper_bound():
+    # a diverging network (finite weights, objective inf) logged upper_bound inf, and NaN once inf − inf appeared
+    snap = snapshot(scale=1e120)
+
+    def explode(problem, solver, **options):
+        raise RuntimeError("solver exploded")
+
+    outcome = evaluate_snapshot(spec(), snap, explode, quiet=True, keep_solution=False)
+    assert outcome.metrics["convex/status"] == 3 and outcome.metrics["convex/nonconvex_objective"] == float("inf")
+    assert "convex/upper_bound" not in outcome.metrics

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from hcl import TwoLayerReLU
+from hcl import ConvexReLU, TwoLayerReLU
 from hcl.convex import fold_bias, fold_weights, network_objective
+from hcl.datamodules.base import TensorDataModule
 
 
 def _hand_objective(model: TwoLayerReLU, X: torch.Tensor, y: torch.Tensor, reduction: str) -> float:
@@ -297,3 +298,23 @@ def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, cl
     for tag in tags:
         assert [s for s, _ in resumed[tag]] == [s for s, _ in straight[tag]] == list(range(1, 9)), tag
         assert [v for _, v in resumed[tag]] == pytest.approx([v for _, v in straight[tag]], rel=1e-6), tag
+
+def _one_step(root) -> pl.Trainer:
+    return pl.Trainer(max_steps=1, accelerator="cpu", precision="64-true", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+
+
+@pytest.mark.parametrize("model", ["convex", "network"])
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_a_model_with_fewer_outputs_than_classes_is_refused_before_training(tmp_path, model, outputs):
+    # two outputs crashed in the accuracy metric ("Class values must be smaller than num_classes"); one silently
+    # regressed on the class indices
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataModule(train=(torch.randn(20, 2, generator=g), torch.arange(20) % 3), num_classes=3)
+    net = (ConvexReLU(in_features=2, out_features=outputs, num_gates=3) if model == "convex"
+           else TwoLayerReLU(in_features=2, hidden=3, out_features=outputs))
+    with pytest.raises(ValueError, match=rf"out_features={outputs}\) cannot fit a data set of 3 classes"):
+        _one_step(tmp_path).fit(net.double(), datamodule=data)
+    binary = TensorDataModule(train=(torch.randn(20, 2, generator=g), torch.arange(20) % 2), num_classes=2)
+    if outputs == 1:  # one output on two classes: a regression on 0/1, as before
+        _one_step(tmp_path).fit(net.double(), datamodule=binary)

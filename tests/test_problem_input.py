@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_native_solver import random_problem
 
 from hcl.convex import solve
+from hcl.convex.native import dual_certificate, solve_native
 from hcl.convex.problem import ConvexProblem
 from hcl.convex.status import Status
 
@@ -167,3 +169,29 @@ def test_flags_and_signs_of_the_wrong_kind_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         ConvexProblem(X, torch.randn(6, dtype=torch.float64), X @ torch.randn(2, 4, dtype=torch.float64) >= 0,
                       weight_decay=0.1, **options)
+
+
+def test_multipliers_that_are_not_finite_are_refused_not_turned_into_a_bound():
+    # a NaN μ made the bound the unconstrained maximum, above p*, and a warm start from it "optimal" after one step
+    problem = random_problem(104, lam=0.05)
+    solution = solve_native(problem)
+    cone = solution.multipliers.cone.to_dense()
+    for bad in (cone * float("nan"), cone + float("inf")):
+        with pytest.raises(ValueError, match="the point's multipliers contain NaN or inf"):
+            dual_certificate(problem, solution.U, solution.V, solution.b0, bad)
+        with pytest.raises(ValueError, match="warm start multipliers contain NaN or inf"):
+            solve_native(problem, warm_start=(solution.U, solution.V, solution.b0, bad))
+    with pytest.raises(ValueError, match=r"the point's U, V must have shape"):  # was torch's size mismatch
+        dual_certificate(problem, solution.U[:1], solution.V[:1])
+
+
+def test_a_warm_start_is_data_of_any_array_type_and_garbage_is_named():
+    problem = random_problem(105, lam=0.05)
+    solution = solve_native(problem)
+    for start in ((solution.U.clone().requires_grad_(), solution.V, solution.b0),  # was a matmul out= error
+                  (solution.U.numpy(), solution.V.numpy(), solution.b0.numpy())):  # was isfinite's TypeError
+        assert solve_native(problem, warm_start=start).status == "optimal"
+    with pytest.raises(TypeError, match="warm start U must be a tensor, got str"):
+        solve_native(problem, warm_start=("a", "b", "c"))
+    with pytest.raises(TypeError, match="warm start multipliers must be a tensor, got str"):
+        solve_native(problem, warm_start=(solution.U, solution.V, solution.b0, "x"))
