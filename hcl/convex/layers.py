@@ -25,6 +25,7 @@ solver gives for free; the layer is needed for gradients of the *solution*.
 
 from __future__ import annotations
 
+import math
 import time
 
 import cvxpy as cp
@@ -238,7 +239,8 @@ def solve_layer(
     violation = 0.0 if gated else float(problem.violation(U, V))
     # the layer gives no cone multipliers: the bound is hcl's certificate with μ = 0, exact for the gated relaxation
     # (no cones) and weak for the exact problem, whose status then says "optimal_inaccurate" (diffcp reports none)
-    dual_value = dual_certificate(problem, U, V, b0, gated=gated)
+    finite = bool(torch.isfinite(U).all() and torch.isfinite(V).all())  # a failed layer solve: no point, no bound
+    dual_value = dual_certificate(problem, U, V, b0, gated=gated) if finite else -math.inf
     return ConvexSolution(
         value=value,
         U=U,
