@@ -169,7 +169,7 @@ class StackCallback(Callback):
         self.last_step = step
         if self._checked is not None and not self._stopped:
             try:  # a term of the forward that was zero when training started may not be by now
-                self._stack.check_forward(trainer.lightning_module, self._checked, said=True)
+                self._stack.check_forward(trainer.lightning_module, self._checked, again=True)
             except ValueError as err:
                 self._stop(step, err)
         return None if self._stopped else step

@@ -76,7 +76,7 @@ class ReLUStack:
         """Whether every weight of the stack is finite."""
         return all(bool(torch.isfinite(t).all()) for t in self.weights() if t is not None)
 
-    def check_forward(self, module: nn.Module, X: Tensor, rows: int = 8, said: bool = False) -> None:
+    def check_forward(self, module: nn.Module, X: Tensor, rows: int = 8, again: bool = False) -> None:
         """Refuse a ``module`` whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of this stack.
 
         The convex problem describes the stack only; a module that computes something else (a deeper network, extra
@@ -88,33 +88,36 @@ class ReLUStack:
         The layers the forward runs between the hidden and the output layer are also checked by name, whatever their
         current effect: a normalisation there (``BatchNorm1d`` is close to the identity at initialisation, and not
         later) is refused; ``Dropout`` is accepted, and the callbacks then compute the network without dropout (its
-        eval-mode function), which they say once (``said``: already said, as at every later check). A layer with
-        weights or statistics that runs before the hidden layer is refused too.
+        eval-mode function), which they say once. A layer with trained weights or statistics that runs before the
+        hidden layer is refused too. ``again``: a later check of a module that passed, its output only (its layers'
+        order was checked the first time; hooks on every layer cost ~20 µs a module).
 
         Raises:
             ValueError: the module's output has another size, or other values, than the stack's, or a layer runs
                 between the stack's layers or before them.
         """
         sample = X[:rows]
-        weight, bias, output_weight, output_bias = self.weights()
         modes = {sub: sub.training for sub in module.modules()}
         called: list[nn.Module] = []
-        hooks = [sub.register_forward_hook(lambda m, args, out: called.append(m))
-                 for sub in module.modules() if not any(True for _ in sub.children())]
+        hooks = [] if again else [sub.register_forward_hook(lambda m, args, out: called.append(m))
+                                  for sub in module.modules() if not any(True for _ in sub.children())]
         module.eval()
         try:
             with torch.no_grad():
-                expected = F.linear(torch.relu(F.linear(sample, weight, bias)), output_weight, output_bias)
                 try:
                     actual = module(sample)
                 except Exception:  # noqa: BLE001 - e.g. a forward that expects a dict batch: nothing to compare
                     return
+                # after the forward: a weight a pre-hook computes (pruning, weight_norm) is the current one only then
+                weight, bias, output_weight, output_bias = self.weights()
+                expected = F.linear(torch.relu(F.linear(sample, weight, bias)), output_weight, output_bias)
         finally:
             for hook in hooks:
                 hook.remove()
             for sub, mode in modes.items():
                 sub.training = mode
-        self._check_between(module, called, said)
+        if not again:
+            self._check_between(module, called)
         if not isinstance(actual, Tensor) or actual.numel() != expected.numel():
             shape = tuple(actual.shape) if isinstance(actual, Tensor) else type(actual).__name__
             raise ValueError(
@@ -136,16 +139,18 @@ class ReLUStack:
                 "stack with layer=/output_layer=, or use a two-layer model"
             )
 
-    def _check_between(self, module: nn.Module, called: list[nn.Module], said: bool = False) -> None:
+    def _check_between(self, module: nn.Module, called: list[nn.Module]) -> None:
         """Refuse the layers a forward ran between the hidden and the output layer, except ReLU, Dropout, Identity,
-        and the layers with weights or statistics it ran before the hidden layer (a normalisation there is close to
-        the identity in eval mode at initialisation, and not in training)."""
+        and the layers with trained weights or statistics it ran before the hidden layer (a normalisation there is
+        close to the identity in eval mode at initialisation, and not in training; a frozen layer is left to the
+        comparison of outputs)."""
         if self.hidden not in called or self.output not in called:
             return  # the forward bypassed the stack's modules: the value comparison decides
         start = called.index(self.hidden)
         names = {sub: name for name, sub in module.named_modules()}
         for layer in called[:start]:
-            if any(True for _ in layer.parameters(recurse=False)) or any(True for _ in layer.buffers(recurse=False)):
+            if any(p.requires_grad for p in layer.parameters(recurse=False)) or any(
+                    True for _ in layer.buffers(recurse=False)):
                 raise ValueError(
                     f"the layer {names.get(layer, '?')!r} ({type(layer).__name__}) runs before the hidden layer "
                     f"{self.name!r}: the callbacks give the hidden layer the data as it is, so the convex problem "
@@ -164,7 +169,7 @@ class ReLUStack:
                 f"{self.name!r} and the output layer: it changes the network's function, so the convex problem "
                 "(Linear → ReLU → Linear) would describe another network; remove it or use a two-layer model"
             )
-        if dropouts and not said:
+        if dropouts:
             warnings.warn(
                 f"Dropout {', '.join(map(repr, dropouts))} between the layers of {self.name!r}: the callbacks compute "
                 "the network without dropout (its eval-mode function)", stacklevel=3,

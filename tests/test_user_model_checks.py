@@ -104,3 +104,36 @@ def test_dropout_is_said_once_though_the_forward_is_checked_at_every_step(make_t
         warnings.simplefilter("always")
         make_trainer([PatternMonitor(every_n_steps=1)], max_steps=5).fit(Between(nn.Dropout(0.2)), loader)
     assert sum("between the layers" in str(w.message) for w in caught) == 1
+
+
+class Pruned(UserNet):
+    """A hidden layer whose weight a forward pre-hook computes (torch.nn.utils.prune): the attribute is the last
+    forward's until the next one."""
+
+    def __init__(self):
+        super().__init__(d=3, m=8)
+        torch.nn.utils.prune.l1_unstructured(self.net[0], "weight", amount=0.25)
+
+
+def test_a_weight_computed_by_a_pre_hook_is_compared_at_its_current_value(make_trainer, tmp_path):
+    # the check compared the output with the previous step's weight and stopped the callbacks at step 1
+    X, y = _data(n=64)
+    said = _fit(make_trainer, Pruned(), DataLoader(TensorDataset(X, y), batch_size=64),
+                [PatternMonitor(), ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel")], steps=4)
+    assert not [message for message in said if "logs nothing more" in message]
+    logged = read_scalars(tmp_path)
+    assert [step for step, _ in logged["convex/nonconvex_objective"]] == [0, 1, 2, 3]
+
+
+def test_a_frozen_layer_before_the_hidden_one_is_left_to_the_comparison_of_outputs(make_trainer):
+    X, y = _data(n=64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=64)
+    stack = {"layer": "net.1", "output_layer": "net.3"}
+    frozen = nn.Linear(3, 3, bias=False).double().requires_grad_(False)
+    nn.init.eye_(frozen.weight)  # the identity: the model is its stack
+    _fit(make_trainer, Before(frozen), loader, [PatternMonitor(**stack)])
+    scaled = nn.Linear(3, 3, bias=False).double().requires_grad_(False)
+    nn.init.eye_(scaled.weight)
+    scaled.weight.mul_(2.0)  # not the identity: another network
+    with pytest.raises(ValueError, match="the model's output differs"):
+        _fit(make_trainer, Before(scaled), loader, [PatternMonitor(**stack)])
