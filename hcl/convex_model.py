@@ -81,7 +81,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
     **Logged keys**: every training step ``train/data_loss`` (``s Σ‖f(x) − y‖²`` of the mapped network on the
     batch), ``train/penalty`` (``2λ Σ`` group norms), ``train/objective`` (their sum), ``train/acc`` for
     classification, and ``train/cone_violation`` (``"relu"``: the largest violation on the batch); validation and
-    test log the same under ``val/`` and ``test/`` (global values under DDP, as ``TwoLayerReLU``). Every
+    test log the first four under ``val/`` and ``test/`` (global values under DDP, as ``TwoLayerReLU``). Every
     ``certify_every_n_steps`` steps (before the step's update) and at the end of training, on the full training set:
     ``convex_train/objective`` (the convex objective), ``convex_train/lower_bound`` (a certified lower bound on the
     problem's optimum), ``convex_train/duality_gap`` (``hcl.convex.status.relative_gap`` of the two, relative to the
