@@ -241,8 +241,8 @@ class StackCallback(Callback):
             self._lambda, self._reduction = resolve_objective(pl_module, self.weight_decay, self.reduction,
                                                               type(self).__name__, trainer.optimizers, self._stack)
         self.warn_if_not_logged(trainer)
+        mark_resumed_run(trainer)  # first: a marker at step 0 drops the points at step 0 written before it
         dashboard.write_layout(trainer)
-        mark_resumed_run(trainer)
 
     def _refuse_twins(self, trainer: "pl.Trainer") -> None:
         """Refuse another callback of this class that would write the same tags (same prefix, same image tag)."""

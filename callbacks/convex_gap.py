@@ -197,6 +197,7 @@ class ConvexGapMonitor(StackCallback):
         # Run state, created when training starts (never in __init__: ddp_spawn pickles the callbacks).
         self._chain: WarmStartChain | None = None  # this run's chain of solutions, with warm_start="previous"
         self._queue: SolveQueue | None = None  # asynchronous mode, rank zero
+        self._failure: str | None = None  # raise_worker_errors: a failure collected, raised before the next step
         self._X_cpu: Tensor | None = None
         self._Y_cpu: Tensor | None = None
         self._trainer: pl.Trainer | None = None
@@ -241,6 +242,7 @@ class ConvexGapMonitor(StackCallback):
         self._X, self._Y = X, as_targets(Y, self._stack.output.out_features, X)
         self._trainer = trainer
         self._chain = WarmStartChain() if self.warm_start == "previous" else None
+        self._failure = None
         if self.asynchronous and trainer.is_global_zero:
             warn_if_checkpoints_wait(trainer, type(self).__name__, self.every_n_steps)
             self._X_cpu = self._X.detach().to("cpu", copy=True)
@@ -254,6 +256,7 @@ class ConvexGapMonitor(StackCallback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         self._collect(trainer)
+        self._raise_failure()  # here, not at a batch's end: the step it stops at is not done, and a resume takes it
         step = self.due_step(trainer)
         if step is None:
             return
@@ -288,6 +291,7 @@ class ConvexGapMonitor(StackCallback):
             self._collect(trainer, wait=True)
             self._close_queue(kill=False)
             flush_loggers(trainer)
+        self._raise_failure()
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -343,20 +347,22 @@ class ConvexGapMonitor(StackCallback):
 
     # ------------------------------------------------------------ asynchronous
     def _collect(self, trainer: "pl.Trainer", wait: bool = False, raise_errors: bool = True) -> None:
-        """Log the finished background solves in snapshot order; with ``wait``, until none is left."""
+        """Log the finished background solves in snapshot order; with ``wait``, until none is left. With
+        ``raise_worker_errors``, the first failure is kept for :meth:`_raise_failure` (the other failures warn)."""
         if self._queue is None or not len(self._queue):
             return
-        failure = None
         for step, outcome in self._queue.collect(wait=wait):
             log_scalars(trainer, outcome.metrics, step)
-            if raise_errors and self.raise_worker_errors and outcome.error is not None and failure is None:
-                failure = (step, outcome)  # raised below; the other failures warn
+            if raise_errors and self.raise_worker_errors and outcome.error is not None and self._failure is None:
+                self._failure = f"{type(self).__name__}: the background solve of step {step} failed: {outcome.error}"
                 continue
             for message in outcome.messages:
                 rank_zero_warn(message)
-        if failure is not None:
-            step, outcome = failure
-            raise RuntimeError(f"{type(self).__name__}: the background solve of step {step} failed: {outcome.error}")
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise RuntimeError(failure)
 
     def _close_queue(self, kill: bool) -> None:
         if self._queue is not None:

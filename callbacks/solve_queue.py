@@ -92,6 +92,9 @@ class SolveQueue:
         self._X, self._Y = X, Y
         self._chain = chain
         self._jobs: deque[_Job] = deque()
+        # finished outcomes not yet handed back: kept when a wait for the next is interrupted (Ctrl-C), so that the
+        # next collect still returns them
+        self._ready: list[tuple[int, SolveOutcome]] = []
         self._worker: BackgroundWorker | None = None
         self._stragglers: list[BackgroundWorker] = []  # abandoned thread workers still running their job
         self._data_key: str | None = None
@@ -103,7 +106,8 @@ class SolveQueue:
         return self._kind
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        """Snapshots queued, being solved, or solved and not yet collected."""
+        return len(self._jobs) + len(self._ready)
 
     def submit(self, spec: SolveSpec, snapshot: Snapshot) -> bool:
         """Queue ``snapshot``; ``False`` (nothing queued) when ``max_pending`` snapshots are already waiting."""
@@ -116,7 +120,7 @@ class SolveQueue:
 
     def collect(self, wait: bool = False) -> list[tuple[int, SolveOutcome]]:
         """``(step, outcome)`` of the finished solves in snapshot order; with ``wait``, until none is left."""
-        results = []
+        results = self._ready
         while self._jobs:
             job = self._jobs[0]
             if not job.future.done():
@@ -138,6 +142,7 @@ class SolveQueue:
                 continue
             self._jobs.popleft()
             results.append((job.step, self._outcome(job)))
+        self._ready = []
         return results
 
     def cancel(self) -> list[int]:

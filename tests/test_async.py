@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import _thread
 import multiprocessing
+import signal
 import threading
 import time
 import warnings
@@ -105,21 +107,35 @@ def test_solver_errors_become_warnings_and_training_goes_on(tmp_path, monkeypatc
 
 
 def test_raise_worker_errors_stops_training_and_keeps_what_was_logged(tmp_path, monkeypatch, run):
-    calls = []
+    calls, inside = [], threading.Event()
 
     def third_call_explodes(problem, solver, **options):
         calls.append(solver)
         if len(calls) == 3:
+            inside.wait(10)
             raise RuntimeError("solver exploded")
         return slow_solve(problem, solver, **options)
+
+    class Done(pl.Callback):
+        steps = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 5:  # the failure arrives inside step 5, collected at that step's end
+                inside.set()
+                time.sleep(0.3)
+
+        def on_exception(self, trainer, pl_module, exception):
+            Done.steps = trainer.global_step
 
     monkeypatch.setattr(solve_queue_module, "solve", third_call_explodes)
     monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread", raise_worker_errors=True)
     with pytest.raises(RuntimeError, match="background solve of step 2 failed.*solver exploded"):
-        run(tmp_path, [monitor], max_steps=50)
+        run(tmp_path, [monitor, Done()], max_steps=50)
     s = read_scalars(tmp_path)  # flushed on the exception
     assert s["convex/status"][:3] == [(0, 0.0), (1, 0.0), (2, 3.0)]
     assert 2 <= len(s["train/objective"]) < 50
+    # raised before a step, not after one: every step the trainer (and so a checkpoint) counts done has its values
+    assert _steps(s, "train/objective") == list(range(Done.steps))
     assert monitor._queue is None  # closed, not left running
 
 
@@ -335,3 +351,36 @@ def test_the_async_monitor_is_picklable_before_and_after_training(tmp_path, run)
     pickle.dumps(monitor)  # ddp_spawn pickles the callbacks before training
     run(tmp_path, [monitor], max_steps=2)
     pickle.dumps(monitor)
+
+
+def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tmp_path, monkeypatch, run):
+    """Every due step is logged or counted as skipped, never neither: the solves collected before the interruption of
+    the end-of-training wait are logged, the rest skipped."""
+    release = threading.Event()
+
+    def last_one_held(problem, solver, **options):  # step 2 finishes during the wait, step 3 is still running
+        if release.is_set():
+            return slow_solve(problem, solver, **options)
+        time.sleep(0.3 if len(calls) == 2 else 0.0)
+        calls.append(solver)
+        if len(calls) == 4:
+            release.wait(30)
+        return slow_solve(problem, solver, **options)
+
+    class CtrlC(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            threading.Timer(1.5, _thread.interrupt_main).start()
+
+    calls = []
+    monkeypatch.setattr(solve_queue_module, "solve", last_one_held)
+    monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C
+            run(tmp_path, [CtrlC(), monitor], max_steps=4)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C from then on
+        release.set()
+    s = read_scalars(tmp_path)
+    assert _steps(s, "convex/status") == [0, 1, 2]
+    assert s["convex/skipped"] == [(3, 1.0)]

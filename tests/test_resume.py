@@ -175,3 +175,32 @@ def _assert_plain(value) -> None:
         assert value.device.type == "cpu"
     else:
         assert value is None or isinstance(value, (int, float, str, bool)), type(value)
+
+
+def test_a_run_resumed_from_an_exception_in_its_first_step_has_step_0_once(tmp_path, make_trainer):
+    """A checkpoint written at step 0 is a resume too: the restart marker drops the interrupted run's step-0 points
+    (what TensorBoard shows: checked against its server, which reads the markers as this accumulator does)."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from hcl import TwoLayerReLU
+    from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+    from hcl.datamodules import SyntheticRegression
+
+    def fit(callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        data = SyntheticRegression(kind="gaussian_linear", n=40, d=5, seed=0, dtype="float64")
+        model = TwoLayerReLU(in_features=5, hidden=8, init="normal", init_scale=0.5, lr=0.05)
+        trainer = make_trainer([PatternMonitor(), ConvexGapMonitor(solver="clarabel"), *callbacks], max_steps=4,
+                               enable_checkpointing=True)
+        trainer.loggers = [TensorBoardLogger(str(tmp_path), name="run", version=0)]  # the resume continues it
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+    with pytest.raises(RuntimeError, match="raised in step 0"):
+        fit([RaiseInStep(0), OnExceptionCheckpoint(dirpath=tmp_path / "checkpoints")])
+    fit([], ckpt_path=tmp_path / "checkpoints" / "on_exception.ckpt")
+
+    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    for tag in ("convex/status", "convex/lower_bound", "patterns/unique", "train/objective"):
+        assert [e.step for e in acc.Scalars(tag)] == [0, 1, 2, 3], tag

@@ -351,7 +351,7 @@ def _measure(
         messages.append(f"{owner}: the {solution.solver} result at step {snap.step} is not certified: {known.refuted}")
     if spec.time_limit is not None and seconds > spec.time_limit and status != Status.FAILED:
         status = Status.TIME_LIMIT
-        messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.2f} s, over the time limit of "
+        messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.3g} s, over the time limit of "
                         f"{spec.time_limit} s")
     elif status != Status.OPTIMAL and known.refuted is None:
         claimed = Status.of(solution.status)
