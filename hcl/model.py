@@ -44,8 +44,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     Under DDP with sharded training data the loss each rank differentiates is scaled so that the averaged
     gradient is the gradient of the global objective (``n`` and the data sum are summed over ranks), and the
     logged training values are the global ones: full-batch gradient descent on two processes follows the same
-    path as on one, for both reductions. The training objective is over the union of the ranks' batches, so with
-    unsharded training data (``shard=False``) and reduction ``"sum"`` every point counts once per rank.
+    path as on one, for both reductions; also with unsharded training data (an hcl data module's ``shard=False``),
+    where the union of the ranks' batches holds every point once per rank and is weighted accordingly.
     Validation and test values are over the whole set, every rank's part once (:mod:`hcl.evaluation`).
 
     Args:
@@ -214,9 +214,10 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             # Each rank holds a disjoint shard of the training set. L is taken over all of them: n and the data sum
             # are summed over ranks, and since DDP averages the ranks' gradients, each rank differentiates
             # `world · s · (its data sum) + penalty`, whose average is the gradient of L (the penalty's gradient is
-            # the same on every rank). Every rank logs the same global values.
+            # the same on every rank). Every rank logs the same global values. (Unsharded, "mean" needs nothing more:
+            # n counts each point once per rank too; "sum" divides by the copies.)
             n_total = self.all_gather(torch.tensor(float(x.shape[0]), device=out.device)).sum()
-            scale = self._summed_batches() if self.reduction == "sum" else 1.0 / n_total
+            scale = self._summed_batches() / self._copies(world) if self.reduction == "sum" else 1.0 / n_total
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
             if self.hparams.out_features > 1:
@@ -251,6 +252,12 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             else:
                 self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
         return loss
+
+    def _copies(self, world: int) -> int:
+        """The ranks that hold each training point: all of them with an hcl data module's ``shard=False`` (the union
+        of the ranks' batches then counts every point once per rank), else one (sharded, as Lightning's distributed
+        sampler shards a plain dataloader)."""
+        return world if getattr(getattr(self._trainer, "datamodule", None), "shard", True) is False else 1
 
     def _summed_batches(self) -> float:
         """The weight of a summed mini-batch in the training loss: the batches of an epoch, so that the loss of a

@@ -70,15 +70,18 @@ def test_cli_ddp_spawn_matches_one_process_with_reduction_sum(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG)
     runs = {}
-    for devices in (1, 2):
-        root = tmp_path / f"devices{devices}"
+    for devices, shard in ((1, True), (2, True), (2, False)):
+        root = tmp_path / f"devices{devices}{shard}"
         args = ["--config", str(config), f"--trainer.default_root_dir={root}", f"--trainer.devices={devices}",
-                "--trainer.accelerator=cpu"]
+                "--trainer.accelerator=cpu", f"--data.init_args.shard={str(shard).lower()}"]
         if devices == 2:
             args.append("--trainer.strategy=ddp_spawn")
         main(args)
-        runs[devices] = _series(root / "lightning_logs" / "version_0")
-    one, two = runs[1], runs[2]
+        runs[devices, shard] = _series(root / "lightning_logs" / "version_0")
+    one, two = runs[1, True], runs[2, True]
+    # every rank with the whole set: the union of the ranks' batches holds each point twice, and counts it once
+    for (_, single), (_, unsharded) in zip(one["train/objective"], runs[2, False]["train/objective"], strict=True):
+        assert unsharded == pytest.approx(single, rel=1e-6)
     _assert_same_run(one, two, ("convex/optimum", "convex_every_step/optimum", "patterns/unique"), list(range(6)),
                      "convex_every_step/optimum")
     assert [s for s, _ in two["convex/optimum"]] == [0, 2, 4]
