@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from hcl.checks import is_int
+from hcl.checks import as_int, check_bool, is_int
 
 # A data module without a validation or test split returns [] (no loop) on purpose: Lightning's "zero length" warning
 # about that list was printed at the start of every run
@@ -233,12 +233,12 @@ class TensorDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        batch_size, num_classes, seed = as_int(batch_size), as_int(num_classes), as_int(seed)
         if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be None (full batch) or a positive integer, got {batch_size!r}")
         if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
             raise ValueError(f"num_classes must be None (regression) or a positive integer, got {num_classes!r}")
-        if not isinstance(shard, bool):
-            raise TypeError(f"shard must be a bool, got {type(shard).__name__}")
+        check_bool(shard, "shard")
         if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         given = {"train": train, "val": val, "test": test}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hcl.checks import is_int
+from hcl.checks import as_int, check_bool, is_int
 from hcl.datamodules.base import TensorDataModule, resolve_dtype
 
 
@@ -49,12 +49,16 @@ class _TorchvisionClassification(TensorDataModule):
         shard: bool = True,
         seed: int = 0,
     ) -> None:
+        subset, val_size = as_int(subset), as_int(val_size)
+        for flag, name in ((download, "download"), (random_subset, "random_subset"), (one_hot, "one_hot"),
+                           (normalize, "normalize")):
+            check_bool(flag, name)
         if subset is not None and (not is_int(subset) or subset < 1):
             raise ValueError(f"subset must be None (whole training set) or a positive integer, got {subset!r}")
         if not is_int(val_size) or val_size < 0:
             raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
         if classes is not None:
-            classes = list(classes)
+            classes = [as_int(c) for c in classes]
             if len(classes) < 2:
                 raise ValueError(f"classes must list at least two classes, got {classes}")
             if any(not is_int(c) or not 0 <= c < self._total_classes for c in classes):
@@ -129,8 +133,8 @@ class _TorchvisionClassification(TensorDataModule):
 
     def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         train, test = self._open(train=True), self._open(train=False)
-        images, labels = self._select_classes(self._images(train), _labels(train))
-        test_images, test_labels = self._select_classes(self._images(test), _labels(test))
+        images, labels = self._select_classes(self._images(train), self._labels(train, "training"))
+        test_images, test_labels = self._select_classes(self._images(test), self._labels(test, "test"))
 
         n = labels.shape[0]
         needed = self.val_size + (self.subset or 1)
@@ -153,6 +157,16 @@ class _TorchvisionClassification(TensorDataModule):
             splits["val"] = self._tensors(images[val_index], labels[val_index])
         return splits
 
+    def _labels(self, dataset: Any, split: str) -> Tensor:
+        """The class indices, checked here: a damaged label file otherwise fails later in a torch call."""
+        labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self._total_classes):
+            raise RuntimeError(
+                f"{self._name}'s {split} labels under root {os.path.abspath(self.root)!r} hold classes outside "
+                f"[0, {self._total_classes}) (min {int(labels.min())}, max {int(labels.max())}); the label file may be "
+                "damaged: delete it and download again (download=True), or replace it")
+        return labels
+
     def _select_classes(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if self.classes is None:
             return images, labels
@@ -173,5 +187,3 @@ class _TorchvisionClassification(TensorDataModule):
         return inputs, torch.nn.functional.one_hot(labels, self.num_classes).to(self._dtype)
 
 
-def _labels(dataset: Any) -> Tensor:
-    return torch.as_tensor(dataset.targets, dtype=torch.int64)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from hcl.checks import is_int
+from hcl.checks import as_int, check_bool, is_int
 from hcl.datamodules.base import TensorDataModule, resolve_dtype
 
 KINDS = ("gaussian_linear", "points", "orthogonal")
@@ -87,12 +87,14 @@ class SyntheticRegression(TensorDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, shard=shard, seed=seed)
+        n, d, val_n, test_n = as_int(n), as_int(d), as_int(val_n), as_int(test_n)
+        check_bool(append_ones, "append_ones")
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         for name, value, smallest in (("n", n, 1), ("d", d, 1), ("val_n", val_n, 0), ("test_n", test_n, 0)):
             if value is not None and (not is_int(value) or value < smallest):
                 raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")
-        if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+        if isinstance(noise, bool) or not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
             raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")
         if kind != "points" and (x is not None or y is not None):
             raise ValueError(f"x and y are the explicit data of kind='points', not of kind={kind!r}")

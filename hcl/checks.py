@@ -18,6 +18,19 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def as_int(value: Any) -> Any:
+    """A numpy (or other ``numbers.Integral``) integer as a Python ``int``; anything else as it is, for the caller's
+    check to refuse."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A flag: ``True`` or ``False`` only (a string such as ``"false"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_every_n_steps(every_n_steps: int) -> int:
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
         raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")

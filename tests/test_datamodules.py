@@ -131,12 +131,14 @@ def test_features_are_known_before_setup():
         (dict(kind="gaussian_linear", x=[1.0], y=[1.0]), "kind='points'"),
         (dict(n=0), "n must be an integer >= 1"),
         (dict(noise=-1.0), "noise"),
+        (dict(noise=True), "noise must be a finite standard deviation"),
+        (dict(append_ones="false"), "append_ones must be a bool, got 'false'"),  # a string counted as true
         (dict(dtype="float16"), "dtype"),
         (dict(batch_size=0), "batch_size"),
     ],
 )
 def test_synthetic_bad_arguments_raise_early(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         SyntheticRegression(**kwargs)
 
 

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from _datamodule_utils import MNIST_FILES, REAL_MNIST_ROOT
 
-from hcl.datamodules import CIFAR10, MNIST
+from hcl.datamodules import CIFAR10, MNIST, SyntheticRegression
 
 
 # --------------------------------------------------------------------------- MNIST on tiny IDX files
@@ -113,6 +113,25 @@ def test_image_modules_reject_bad_arguments(kwargs, message):
             module(root="data", **kwargs)
 
 
+@pytest.mark.parametrize("flag", ["download", "random_subset", "one_hot", "normalize", "shard"])
+def test_image_modules_refuse_a_flag_that_is_not_a_bool(flag):
+    for module in (MNIST, CIFAR10):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'false'"):  # a string counted as true
+            module(root="data", **{flag: "false"})
+
+
+def test_numpy_integers_are_integers(tiny_mnist):  # and the synthetic module's
+    root, _, _ = tiny_mnist
+    dm = MNIST(root=root, subset=np.int64(6), val_size=np.int32(5), batch_size=np.int64(4), seed=np.int64(1),
+               classes=np.array([0, 1, 2]))
+    dm.setup("fit")
+    X, Y = dm.train_tensors()
+    assert X.shape[0] == 6 and Y.shape[1] == 3 and dm._split("val")[0].shape[0] == 5
+    synthetic = SyntheticRegression(n=np.int64(10), d=np.int32(3), val_n=np.int64(2), seed=np.int64(4))
+    synthetic.setup("fit")
+    assert synthetic.train_tensors()[0].shape == (10, 3) and synthetic.in_features == 3
+
+
 def test_mnist_missing_files_raise_file_not_found_naming_root_and_files(tmp_path):
     dm = MNIST(root=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError) as caught:
@@ -136,6 +155,17 @@ def test_a_truncated_mnist_file_is_named_as_such(tmp_path):
     path.write_bytes(b"\x00\x00\x05\x09" + path.read_bytes()[4:])  # a damaged header: a bare assertion inside
     with pytest.raises(RuntimeError, match="truncated or damaged"):
         MNIST(root=tmp_path).setup("fit")
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_a_damaged_mnist_label_is_named_as_such(tiny_mnist, one_hot):
+    root, _, _ = tiny_mnist
+    path = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    data[13] = 200  # the sixth label: no class
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"training labels .* outside \[0, 10\) \(min 0, max 200\).*damaged"):
+        MNIST(root=root, one_hot=one_hot, subset=2).setup("fit")  # whichever points the subset draws
 
 
 def test_mnist_download_goes_through_torchvision_only_in_prepare_data(tmp_path, monkeypatch):
