@@ -123,7 +123,8 @@ class _TorchvisionClassification(TensorDataModule):
                     f"could not read {self._name} under root {root!r} ({reason}); its files may be truncated or "
                     "damaged: delete them and download again (download=True), or replace them"
                 ) from error
-            files = "\n  ".join(os.path.join(root, name) for name in self._expected_files)
+            files = "\n  ".join(os.path.join(root, name) + ("" if os.path.exists(os.path.join(root, name)) else
+                                                              " (missing)") for name in self._expected_files)
             raise FileNotFoundError(
                 f"{self._name} {self._not_found} under root {root!r}; "
                 f"expected the files:\n  {files}\n"

@@ -291,9 +291,12 @@ def test_cifar_missing_or_corrupt_batches_raise_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="download=True") as caught:
         CIFAR10(root=tmp_path).setup("fit")
     assert all(name in str(caught.value) for name in CIFAR_BATCHES + ["batches.meta"])
+    assert str(caught.value).count("(missing)") == len(CIFAR_BATCHES) + 1
     _write_cifar(tmp_path / "cifar-10-batches-py")  # right names, wrong md5 without the patch
-    with pytest.raises(FileNotFoundError, match="corrupted"):
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="corrupted") as caught:
         CIFAR10(root=tmp_path).setup("fit")
+    assert str(caught.value).count("(missing)") == 1 and "data_batch_3 (missing)" in str(caught.value)
 
 
 def test_cifar_download_goes_through_torchvision_only_in_prepare_data(tmp_path, monkeypatch, no_md5_check):
