@@ -85,9 +85,9 @@ def test_directions_in_the_cones_move_the_columns_at_once(c, monkeypatch):
 
 
 def test_columns_far_outside_their_cones_on_repeated_rows_are_moved_in_or_zeroed():
-    # columns violated on as many samples as unknowns can only become zero (here every such column is), on data whose
-    # repeated samples make the active rows' matrices near singular (the ridge keeps them factorable); every column
-    # must end inside its cone, and some of the others are moved in rather than zeroed
+    # on data whose every sample is repeated (the active rows' matrices singular, the ridge keeps them factorable):
+    # a column violated on more distinct samples than unknowns can only become zero, and every column must end
+    # inside its cone (repeated rows as many as the unknowns: test_repeated_points_on_the_boundary_keep_their_columns)
     problem, (U, V, _) = network_problem(2, 4, n=30, d=3)
     problem = problem.__class__(**{**problem.__dict__, "X": problem.X.repeat(2, 1), "Y": problem.Y.repeat(2, 1),
                                    "patterns": problem.patterns.repeat(2, 1)})
@@ -99,10 +99,26 @@ def test_columns_far_outside_their_cones_on_repeated_rows_are_moved_in_or_zeroed
     assert float(exact.violation(U2, V2)) == 0.0
     signs = exact.patterns.double() * 2 - 1
     stepped = []
+    d = problem.X.shape[1]
     for before, after in ((U, U2), (V, V2)):
         violated = (signs.T[:, :, None] * (exact.X @ before) < 0).sum(1)  # (P, c): violated samples per column
+        distinct = violated // 2  # both copies of a sample are violated together
         moved = after.abs().sum(1) > 0
-        assert not (moved & (violated >= problem.X.shape[1])).any()  # as many equations as unknowns: zero
+        assert not (moved & (distinct > d)).any()  # more independent equations than unknowns: zero
         stepped.append(moved & (violated > 0))
     assert torch.stack(stepped).any()  # some columns outside their cones were moved in, not zeroed
     assert torch.isfinite(exact.objective(U2, V2, b0))
+
+
+@pytest.mark.parametrize("x", [[0.0, 0.0, 1.0, 1.0, 2.0], [0.0, 1.0, 1.0, 2.0, 3.0, 3.0]])
+def test_repeated_points_on_the_boundary_keep_their_columns(x):
+    # the all-patterns problem of 1-D data with repeated points: the conic solver's point is 3e-10 outside its cones
+    # on two copies of a point, as many rows as unknowns; moved in by zeroing those columns, its value was the zero
+    # network's (2.28 against an optimum of 1.518) and the global monitor logged no optimum
+    X = torch.tensor(x, dtype=torch.float64)[:, None]
+    y = torch.linspace(-1, 1, len(x), dtype=torch.float64).sin() + torch.tensor(x, dtype=torch.float64).cos()
+    problem = all_patterns_problem(X, y, bias=True, weight_decay=0.1, reduction="sum")
+    solution = solve(problem, "clarabel")
+    restored = feasible_solution(problem, solution, 1e-6)
+    assert restored.violation == 0.0 and restored.status == "optimal"
+    assert restored.value == pytest.approx(reference_solve(problem).value, rel=1e-6)

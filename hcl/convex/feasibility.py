@@ -25,6 +25,8 @@ from hcl.convex.status import Status
 ROUNDS = 8
 # Relative ridge on the active rows' Gram matrix (rows that are nearly dependent)
 RIDGE = 1e-12
+# With at least as many active samples as unknowns, a step is kept only when it meets its targets to this fraction
+CONSISTENT = 1e-6
 # Up to this n the n × n matrix X Q⁻¹ Xᵀ (128 MiB) is formed once; beyond, each step forms its active rows' own
 GRAM_MAX_SAMPLES = 4096
 # The ridge r of the steps' metric Q, relative to the mean curvature ‖X‖²_F / d; docs/convex.md#feasibility
@@ -110,17 +112,23 @@ def _shift_inside(W: Tensor, XW: Tensor, H: Tensor, XH: Tensor, signs: Tensor, i
 
 def _multipliers(X: Tensor, XQ: Tensor, gram: Tensor | None, active: Tensor, target: Tensor, out: Tensor) -> bool:
     """Write in ``out`` (zero off the ``active`` samples) the ``α`` of the least step in ``Q`` (``XQ = X Q⁻¹``),
-    ``Q⁻¹Xᵀα``, that moves the outputs on the ``active`` samples by ``target``; ``False`` when no step does (as many
-    active samples as unknowns, or dependent rows)."""
-    if int(active.sum()) >= X.shape[1]:  # as many equations as unknowns: only about zero satisfies them
-        return False
+    ``Q⁻¹Xᵀα``, that moves the outputs on the ``active`` samples by ``target``; ``False`` when no step does.
+
+    Dependent rows (duplicated or collinear points: as many active samples as unknowns or more) are no reason to
+    refuse: the system is then solved with the ridge and kept where the step meets its targets."""
     index = active.nonzero().flatten()
     G = gram[index[:, None], index] if gram is not None else XQ[index] @ X[index].T  # one gather, |A|² entries
+    dependent = len(index) >= X.shape[1]
+    exact = G.clone() if dependent else None
     G.diagonal().add_(RIDGE * float(G.diagonal().max()))
     factor, info = torch.linalg.cholesky_ex(G)
     if int(info) != 0:
         return False
-    out[index] = torch.cholesky_solve(target[index, None], factor).squeeze(1)
+    alpha = torch.cholesky_solve(target[index, None], factor).squeeze(1)
+    # with dependent rows only a consistent system has a step (one that misses is the ridge's, possibly huge)
+    if dependent and float((exact @ alpha - target[index]).norm()) > CONSISTENT * float(target[index].norm()):
+        return False
+    out[index] = alpha
     return True
 
 
