@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _events import read_scalars
+from _reference import reference_solve
 
 from hcl import TwoLayerReLU, dashboard
 from hcl.callbacks.convex_gap import ConvexGapMonitor
@@ -110,6 +111,16 @@ def test_first_layer_bias_and_data_column_of_ones_give_the_same_optimum():
         values.append(solve(problem, "clarabel").value)
     assert values[1] == pytest.approx(values[0], rel=1e-6)
     assert values[2] == pytest.approx(values[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("columns, bias", [(1, True), (2, True), (2, False)])
+def test_points_that_are_all_ones_have_the_one_pattern_of_identical_points(columns, bias):
+    # such a column was all taken for the bias, leaving "0 input columns" and a refusal; points at x = 2 were solved
+    y = torch.tensor([0.3, -0.5, 1.2], dtype=torch.float64)
+    problem = all_patterns_problem(torch.ones(3, columns, dtype=torch.float64), y, bias=bias, weight_decay=0.1,
+                                   reduction="sum")
+    assert problem.patterns.shape == (3, 1) and bool(problem.patterns.all())
+    assert solve(problem, "clarabel").value == pytest.approx(reference_solve(problem).value, rel=1e-6)
 
 
 def test_data_without_bias_or_in_three_dimensions_is_refused():

@@ -190,7 +190,10 @@ def all_patterns_problem(
             "the global optimum needs a bias: a first-layer bias (bias=True) or a data column of ones (e.g. "
             "SyntheticRegression(append_ones=True)); without one the patterns of this data are not enumerated"
         )
-    features = Xf[:, ~is_ones]
+    keep = ~is_ones
+    if not bool(keep.any()):  # every column is ones (all points at x = 1): one of them is the data, the rest the bias
+        keep[0] = True
+    features = Xf[:, keep]
     if features.shape[1] not in (1, 2):
         raise ValueError(
             f"the global optimum is computed for 1-D or 2-D data with a bias; this data has {features.shape[1]} "
@@ -198,7 +201,7 @@ def all_patterns_problem(
         )
     # The patterns {1[X̃u ≥ 0]} depend only on the span of the columns: one ones column, placed last, suffices.
     # Enumerated in the data's own precision: float32 points on a line up to its rounding are collinear there
-    native = fold_bias(X.detach().cpu(), bias)[:, ~is_ones] if X.is_floating_point() else features
+    native = fold_bias(X.detach().cpu(), bias)[:, keep] if X.is_floating_point() else features
     ones = torch.ones(native.shape[0], 1, dtype=native.dtype)
     patterns = enumerate_patterns(torch.cat([native, ones], dim=1))
     return ConvexProblem(X=Xf, Y=Y.detach().to("cpu", torch.float64), patterns=patterns,
