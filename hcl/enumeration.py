@@ -15,8 +15,8 @@ from hcl.patterns import unique_patterns
 
 __all__ = ["COLLINEAR_RTOL", "enumerate_patterns"]
 
-# Points within this fraction of the data's scale from a line count as on it: a few hundred float64 rounding
-# errors of the side computation, far below any real offset; see docs/solvers.md#collinear-data
+# Points within this fraction of the side computation's scale (the point's, the pair's) from a line count as on it: a
+# few hundred float64 rounding errors, far below any real offset; see docs/solvers.md#collinear-data
 COLLINEAR_RTOL = 1e-13
 
 
@@ -33,8 +33,8 @@ def enumerate_patterns(X: Tensor) -> Tensor:
       makes every tied point strictly active), and every cell touches a vertex ``u ⟂ x̃_i, x̃_j`` for two
       distinct points. Around that vertex the points off the line through ``x_i, x_j`` keep their side, and
       the points on it split by a threshold along the line; the witness is the line's affine function plus a
-      small multiple of a threshold function along it. Points within rounding of the line (``COLLINEAR_RTOL`` of
-      the data's scale, or 64 units of its own precision) count as on it, so that collinear data, collinear in
+      small multiple of a threshold function along it. Points within rounding of the line (``COLLINEAR_RTOL``, or
+      64 units of the data's own precision, of the scale of the point and the pair) count as on it, so that collinear data, collinear in
       floating point only up to rounding, has the 1-D data's ``2n − 1`` patterns and none of the spurious ones a
       rounding error makes (``docs/solvers.md#collinear-data``). ``O(n²)`` columns: for ``n`` up to a few hundred.
 
@@ -78,20 +78,20 @@ def _enumerate_2d(points: Tensor, rtol: float, chunk: int = 2048) -> Tensor:
     if distinct.shape[0] == 1:
         return ones
     i, j = torch.triu_indices(distinct.shape[0], distinct.shape[0], offset=1, device=points.device)
-    scale = float(points.abs().max()) or 1.0
     found = [ones]
     for start in range(0, i.numel(), chunk):
         a, b = distinct[i[start : start + chunk]], distinct[j[start : start + chunk]]
-        found.append(unique_patterns(_vertex_patterns(points, a, b, rtol * scale), drop_dead=True).patterns)
+        found.append(unique_patterns(_vertex_patterns(points, a, b, rtol), drop_dead=True).patterns)
     return unique_patterns(torch.cat(found, dim=1), drop_dead=True).patterns
 
 
-def _vertex_patterns(points: Tensor, a: Tensor, b: Tensor, tol: float) -> Tensor:
+def _vertex_patterns(points: Tensor, a: Tensor, b: Tensor, rtol: float) -> Tensor:
     """``(n, 12 B)`` the patterns of the cells around the vertices ``u ⟂ x̃_a, x̃_b`` of ``B`` pairs of points.
 
     With ``ℓ(x) = νᵀ(x − a)`` the side of the line through ``a`` and ``b`` (``ν ⟂ b − a``) and ``g`` a threshold
     function along it (or a constant), each witness is ``±ℓ + δ g``: ``δ`` small enough that the points off the
-    line (``|ℓ| > tol |ν|``) keep their side, large enough that ``g`` decides the points on it.
+    line (``|ℓ|`` above ``rtol`` times the size of its rounding errors) keep their side, large enough that ``g``
+    decides the points on it.
     """
     direction = b - a  # (B, 2)
     normal = torch.stack([-direction[:, 1], direction[:, 0]], dim=1)
@@ -102,7 +102,12 @@ def _vertex_patterns(points: Tensor, a: Tensor, b: Tensor, tol: float) -> Tensor
         return f[:, None, :2].mul(points[None]).sum(-1) + f[:, 2:]
 
     side = at(line)
-    band = tol * normal.norm(dim=1, keepdim=True)  # the tolerance band around the line, in units of ℓ
+    # the band around the line, per point, in units of ℓ: its rounding, from x and a (through ν x and ν a) and from ν
+    # (through b − a); one band for all the points, from the farthest one's scale, merged a pair's near points
+    size = lambda v: v.abs().amax(-1)  # noqa: E731 - the max norm, per point
+    reach = (points[None] - a[:, None]).abs().amax(-1)  # (B, n)
+    band = rtol * (size(normal)[:, None] * (size(points)[None] + size(a)[:, None])
+                   + (size(a) + size(b))[:, None] * reach)
     on_line = side.abs() <= band
     thresholds = []
     # thresholds at a and at b, both ways, each tie active, half way to the next point on the line beyond them; the
@@ -115,7 +120,7 @@ def _vertex_patterns(points: Tensor, a: Tensor, b: Tensor, tol: float) -> Tensor
         reach = direction.square().sum(1, keepdim=True)  # any positive shift where no point lies beyond
         thresholds.append(along_fn + F.pad(torch.where(torch.isfinite(below), -0.5 * below, reach), (2, 0)))  # ≥ 0
         thresholds.append(-along_fn + F.pad(torch.where(torch.isfinite(above), 0.5 * above, reach), (2, 0)))  # ≤ 0
-    constant = F.pad(torch.ones_like(band), (2, 0))  # f(x) = 1
+    constant = F.pad(torch.ones_like(side[:, :1]), (2, 0))  # f(x) = 1
     witnesses = []
     for g in (-constant, constant, *thresholds):
         g_at = at(g).abs()

@@ -127,3 +127,13 @@ def test_collinear_global_problem_is_small_and_the_solver_converges():
         along = ConvexProblem(with_bias(points[:, :1]), y, enumerate_patterns(with_bias(points[:, :1])),
                               weight_decay=lam, reduction="mean", output_bias=bool(case % 2))
         assert columns(along.patterns) == columns(problem.patterns)
+
+
+@pytest.mark.parametrize("points", [[[0, 0], [1, 0], [0.5, 1e-4], [1e9, 3e8]],
+                                    [[0, 0], [1, 0], [0.5, 1e-8], [1e6, 3e5]]])
+def test_a_far_point_does_not_merge_near_points_onto_a_line(points):
+    # the band was one for all the points, from the farthest one's scale: 1e-4 off a unit segment counted as on it
+    # beside a point at 1e9, and two of the 13 patterns of these 4 points in general position went missing
+    X = with_bias(torch.tensor(points, **F64))
+    E = enumerate_patterns(X)
+    assert E.shape[1] == 4 * 4 - 4 + 1 and unique_patterns(E).patterns.shape[1] == E.shape[1]
