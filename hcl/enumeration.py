@@ -33,10 +33,11 @@ def enumerate_patterns(X: Tensor) -> Tensor:
       makes every tied point strictly active), and every cell touches a vertex ``u ⟂ x̃_i, x̃_j`` for two
       distinct points. Around that vertex the points off the line through ``x_i, x_j`` keep their side, and
       the points on it split by a threshold along the line; the witness is the line's affine function plus a
-      small multiple of a threshold function along it. Points within rounding of the line (``COLLINEAR_RTOL``, or
-      64 units of the data's own precision, of the scale of the point and the pair) count as on it, so that collinear data, collinear in
-      floating point only up to rounding, has the 1-D data's ``2n − 1`` patterns and none of the spurious ones a
-      rounding error makes (``docs/solvers.md#collinear-data``). ``O(n²)`` columns: for ``n`` up to a few hundred.
+      small multiple of a threshold function along it. Points within rounding of the line (``COLLINEAR_RTOL``, or 64
+      units of the data's own precision, of the scale of the point and the pair) count as on it, so that collinear data,
+      collinear in floating point only up to rounding, has the 1-D data's ``2n − 1`` patterns and none of the spurious
+      ones a rounding error makes (``docs/solvers.md#collinear-data``). ``O(n²)`` columns: for ``n`` up to a few
+      hundred.
 
     Raises:
         ValueError: for any other shape, non-finite entries, or a last column that is not all ones.

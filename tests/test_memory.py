@@ -287,6 +287,10 @@ def test_num_threads_applies_on_the_main_thread_and_is_restored(monkeypatch):
     try:
         assert solve_native(problem, num_threads=1) == "done" and seen == [1]
         assert torch.get_num_threads() == 2
+        # at most the usable cores: 10⁹ threads made OpenMP exit the process, training and all
+        monkeypatch.setattr(native_threads, "usable_cores", lambda: 3)
+        assert solve_native(problem, num_threads=10**9) == "done" and seen == [1, 3]
+        assert torch.get_num_threads() == 2
     finally:
         real(previous)
 

@@ -103,10 +103,10 @@ class NativeOptions:
         anderson: residual differences the ``"admm"``'s Anderson acceleration keeps (0: none; default
             ``ANDERSON_MEMORY``, or as many as the memory budget leaves room for; its float32 history takes about
             ``8 · anderson`` bytes per element of the variables and block outputs, ``docs/solvers.md#memory``).
-        num_threads: torch threads of a CPU solve (default: one for small problems, else the cores this process may
-            use that are not busy). Torch's thread count is global to the process: it is set for the solve and
-            restored only on the main thread; from another thread the process's setting is left as it is
-            (``docs/solvers.md#threads``).
+        num_threads: torch threads of a CPU solve, at most the cores this process may use (a larger count is taken
+            as that: more only compete; default: one for small problems, else the usable cores that are not busy).
+            Torch's thread count is global to the process: it is set for the solve and restored only on the main thread;
+            from another thread the process's setting is left as it is (``docs/solvers.md#threads``).
         verbose: print one line per iteration (newton), per stopping test (admm) or per multiplier update (fista).
 
     Raises:

@@ -84,12 +84,14 @@ def default_threads(size: int) -> int:
 
 @contextlib.contextmanager
 def solve_threads(device: torch.device, size: int, num_threads: int | None = None) -> Iterator[None]:
-    """Run the body with ``num_threads`` (default :func:`default_threads`) torch threads on the CPU, restored
+    """Run the body with ``num_threads`` (at most :func:`usable_cores`; default :func:`default_threads`) torch
+    threads on the CPU, restored
     afterwards — on the main thread only: elsewhere torch's global setting belongs to the code around the solve."""
     if torch.device(device).type != "cpu" or threading.current_thread() is not threading.main_thread():
         yield
         return
-    wanted = num_threads or default_threads(size)
+    # at most the usable cores: more only compete, and a huge count made OpenMP exit the process (no memory for them)
+    wanted = min(num_threads, usable_cores()) if num_threads else default_threads(size)
     previous = torch.get_num_threads()
     if wanted == previous:
         yield
