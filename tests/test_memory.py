@@ -86,7 +86,7 @@ def test_an_explicit_method_that_does_not_fit_raises_before_allocating(mnist_sha
         raise AssertionError("the solve started allocating")
 
     monkeypatch.setattr(native_solver, "Operator", no_allocation)
-    with pytest.raises(SolverMemoryError, match=r"'newton' needs about 57.3 GiB for n=2000, d=785, P=100, c=10, more "
+    with pytest.raises(SolverMemoryError, match=r"'newton' needs about 75.7 GiB for n=2000, d=785, P=100, c=10, more "
                        r"than the memory budget of 4 GiB \(memory_limit\).*method='auto', which takes a method that "
                        r"fits, or raise memory_limit") as info:
         solve(mnist_shaped, "native", method="newton", memory_limit=4 * GIB)
@@ -101,7 +101,7 @@ def test_an_explicit_method_that_does_not_fit_raises_before_allocating(mnist_sha
         solve_native(mnist_shaped, method="fista", chunk_size=2000, memory_limit=one_row - 1)
     # auto: not even the first-order method, chunked; the refusal names what else it tried
     with pytest.raises(SolverMemoryError, match=r"'fista' needs about.*budget of 64 MiB \(memory_limit\); "
-                       r"method=auto found 'newton' at 57.3 GiB and 'admm' at [\d.]+ MiB too large as well"):
+                       r"method=auto found 'newton' at 75.7 GiB and 'admm' at [\d.]+ MiB too large as well"):
         solve_native(mnist_shaped, memory_limit=BASE_BYTES)
 
 
@@ -116,12 +116,12 @@ def test_a_cvxpy_solve_that_does_not_fit_is_refused_before_it_builds(mnist_shape
 
     monkeypatch.setattr(cvxpy_solver, "_build", no_build)
     monkeypatch.setattr(layers.FixedPatternLayer, "from_problem", no_build)
-    with pytest.raises(SolverMemoryError, match=rf"^{solver} needs about 1,497 GiB for n=2000, d=785, P=100, c=10, "
+    with pytest.raises(SolverMemoryError, match=rf"^{solver} needs about 2,995 GiB for n=2000, d=785, P=100, c=10, "
                        r"more than the memory budget of .*solver='native', which needs less memory") as info:
         solve(mnist_shaped, solver, memory_limit=4 * GIB)
     assert info.value.estimate == CONIC_BYTES_PER_ENTRY * 2000 * 785 * 100 * 10 + BASE_BYTES
     small = ConvexProblem(mnist_shaped.X[:20, :3], mnist_shaped.Y[:20, :1], mnist_shaped.patterns[:20, :2], 1e-3)
-    with pytest.raises(SolverMemoryError, match=r"needs about 64.1 MiB .* budget of 1 MiB"):
+    with pytest.raises(SolverMemoryError, match=r"needs about 64.2 MiB .* budget of 1 MiB"):
         solve(small, solver, memory_limit=1 << 20)
     with pytest.raises(ValueError, match="memory_limit must be a positive integer, got 0.5"):
         solve(small, solver, memory_limit=0.5)
@@ -217,6 +217,7 @@ print(json.dumps(peak - base))
         ("newton", 400, 100, 30, 3, 1),  # the (d, d) blocks dominate
         ("newton", 600, 40, 60, 2, 0),  # the n × n matrices and the block outputs
         ("newton", 300, 200, 20, 1, 1),  # the rows x_j x_jᵀ
+        ("newton", 300, 200, 40, 2, 0),  # the blocks again, d near n: 3-16 % above a count of 6 block stacks
         ("fista", 3000, 50, 100, 3, 1),  # the block outputs
         ("admm", 3000, 50, 100, 3, 1),  # the block outputs and the n × n matrices
     ],
@@ -228,7 +229,7 @@ def test_the_estimate_bounds_the_measured_peak(method, n, d, P, c, bias):
     estimate = footprint(method, n, d, P, c, torch.float64, None, bool(bias)).total
     assert measured > 50 << 20  # large enough to mean something beside the interpreter's noise
     # an upper bound, and not a loose one: within the factor docs/solvers.md#memory states
-    assert measured <= estimate <= 3 * measured
+    assert measured <= estimate <= 4 * measured
 
 
 # ---- threads

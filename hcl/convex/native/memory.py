@@ -34,9 +34,10 @@ NEWTON_OUTPUT_COPIES = 20
 FISTA_OUTPUT_COPIES = 10
 ADMM_OUTPUT_COPIES = 10
 # Tensors of the variables' size (d, 2, P, c) alive at once, and the (K, d, d) blocks (two Newton systems overlap
-# while the next one is built: its B, L, B⁻¹, G, G + ridge, L_G and the previous B⁻¹, L_G)
+# while the next one is built: its B, L, B⁻¹, G, G + ridge, L_G and the previous B⁻¹, L_G; two more measured where
+# the blocks dominate, d near n: docs/solvers.md#memory)
 VARIABLE_COPIES = 24
-BLOCK_COPIES = 6
+BLOCK_COPIES = 8
 # Fixed allowance for the interpreter's and the libraries' own working memory during a solve (LAPACK buffers, thread
 # pools); see docs/solvers.md#memory
 BASE_BYTES = 64 << 20
@@ -66,9 +67,9 @@ class SolverMemoryError(MemoryError):
         )
 
 
-# cvxpy's canonical form and the conic solver's own matrices: 550–730 bytes per entry of n·d·P·c measured, with
-# Clarabel and ECOS, up to n = 2 000 and d = 785 (docs/solvers.md#memory)
-CONIC_BYTES_PER_ENTRY = 1024
+# cvxpy's canonical form and the conic solver's own matrices: 550–1 030 bytes per entry of n·d·P·c measured with
+# Clarabel and ECOS, up to 1 660 with SCS (many patterns of few dimensions); docs/solvers.md#memory
+CONIC_BYTES_PER_ENTRY = 2048
 
 
 def check_conic_memory(problem: ConvexProblem, solver: str, memory_limit: int | None = None) -> None:

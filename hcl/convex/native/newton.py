@@ -176,6 +176,7 @@ class NewtonSystem:
         else:
             Binv = torch.zeros(K, d, d, dtype=blocks, device=op.device)
             Binv[kept] = torch.cholesky_inverse(L)
+        del B, L, diag  # freed before G and its factor are formed (memory.py counts the stacks alive at once)
         # ----- Schur complement per output o: I/2 + Π Σ_i D_i X G_{i,o} Xᵀ D_i Π, G = B_u⁻¹ + B_v⁻¹
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
         ridge = relative * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-30)
@@ -238,6 +239,7 @@ class NewtonSystem:
             return False
         self.precision.settle()
         self.schur_dtype = self.precision.dtype
+        self.Binv = self.LG = self.LS = None  # not beside the new ones: the (K, d, d) stacks are a solve's largest
         self._build(self.op.dtype)
         return True
 
