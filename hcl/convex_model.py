@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,24 +25,26 @@ from hcl.checks import (
     check_reduction,
     check_weight_decay,
     is_int,
-    read_checkpoint,
 )
 from hcl.convex.gated import (
+    CHUNK_BYTES,
     VARIANTS,
     block_outputs,
     certify,
     gate_mask,
+    gate_weights,
     gates_from_weights,
     group_norms,
     group_soft_threshold_,
     sample_gates,
 )
+from hcl.convex.native.memory import DEFAULT_MEMORY_FRACTION, free_memory
 from hcl.convex.problem import fold_bias
 from hcl.evaluation import STEPS_DONE, EvaluationLog
 
 OPTIMIZERS = ("sgd", "adam")
-# The certificate's accumulators (a few float64 copies of d̃ × P × c) above this are not built; see
-# docs/convex_training.md#the-certificate
+# The certificate's accumulators (a few float64 copies of d̃ × P × c) above this, or above half the free memory, are
+# not built; see docs/convex_training.md#the-certificate
 MAX_CERTIFICATE_BYTES = 8 * 2**30
 # A training objective this many times its first value says the run diverges; looked at every GROWTH_EVERY steps
 GROWTH = 1e3
@@ -162,7 +163,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         if gates is None:
             gate_matrix = sample_gates(folded, num_gates, gate_seed)
         else:
-            gate_matrix = gates_from_weights(*_gate_weights(gates), folded).to(torch.float32)
+            gate_matrix = gates_from_weights(*gate_weights(gates), folded).to(torch.float32)
         # The gates are the model's state, not its hyperparameters: a checkpoint restores them as a buffer.
         self.save_hyperparameters(ignore=["gates"])
         self.save_hyperparameters({"num_gates": gate_matrix.shape[1]})  # the gates' count, in what the loggers record
@@ -389,21 +390,33 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
             return None
         X, Y = self._training_set()
         d, P, c = self.U.shape
-        needed = 8 * d * P * c * (4 if self.V is not None else 2)
-        if needed > MAX_CERTIFICATE_BYTES:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        needed = 8 * d * P * c * (4 if self.V is not None else 2) + CHUNK_BYTES  # accumulators, a chunk's buffers
+        free = free_memory(self.device)
+        limit = min(MAX_CERTIFICATE_BYTES, int(DEFAULT_MEMORY_FRACTION * free) if free is not None else math.inf)
+        skip = needed > limit
+        if world > 1:  # one decision for every rank: the certificate's sums are collectives
+            skip = bool(self.all_gather(torch.tensor(float(skip), device=self.device)).max())
+        if skip:
             warnings.warn(
-                f"ConvexReLU: the certificate of d̃ = {d}, P = {P}, c = {c} needs {needed / 2**30:.1f} GiB of "
-                f"accumulators (limit {MAX_CERTIFICATE_BYTES / 2**30:.0f} GiB): skipped", stacklevel=2,
+                f"ConvexReLU: the certificate of d̃ = {d}, P = {P}, c = {c} needs {needed / 2**30:.2f} GiB "
+                f"(limit {limit / 2**30:.2f} GiB: {MAX_CERTIFICATE_BYTES / 2**30:.0f} GiB, or half the free memory): "
+                "skipped", stacklevel=2,
             )
             return None
-        rank, world = self.trainer.global_rank, self.trainer.world_size
         reduce = _all_reduce if world > 1 and dist.is_available() and dist.is_initialized() else None
-        with torch.no_grad():
-            result = certify(
-                X[rank::world].to(self.device), Y[rank::world].to(self.device), self.gates, self.U, self.V, self.b0,
-                weight_decay=self.weight_decay, reduction=self.reduction, bias=self.hparams.bias,
-                cone_penalty=self.hparams.cone_penalty, all_reduce=reduce,
-            )
+        try:
+            with torch.no_grad():
+                result = certify(
+                    X[rank::world].to(self.device), Y[rank::world].to(self.device), self.gates, self.U, self.V,
+                    self.b0, weight_decay=self.weight_decay, reduction=self.reduction, bias=self.hparams.bias,
+                    cone_penalty=self.hparams.cone_penalty, all_reduce=reduce,
+                )
+        except (torch.OutOfMemoryError, RuntimeError) as error:  # no room after all: the training goes on
+            if world > 1 or "memory" not in str(error).lower():  # under DDP the other ranks wait in its sums
+                raise
+            warnings.warn(f"ConvexReLU: the certificate ran out of memory ({error}): skipped", stacklevel=2)
+            return None
         if not self._finite(result.objective, result.lower_bound, result.gap, result.violation):  # overflowed
             return None
         values = {  # + 0.0: a bound of −0.0 reads 0
@@ -431,16 +444,3 @@ def _all_reduce(tensor: Tensor, op: str) -> Tensor:
     tensor = tensor.clone()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor
-
-
-def _gate_weights(gates: str | Path | Tensor | list) -> tuple[Tensor, Tensor | None]:
-    """``(weight, bias)`` of the gates: a tensor or nested list as given, or a ``TwoLayerReLU`` checkpoint's hidden
-    layer."""
-    if isinstance(gates, (str, Path)):
-        path = Path(gates)
-        state = read_checkpoint(path, "gates")
-        state = state.get("state_dict", state)
-        if "hidden_layer.weight" not in state:
-            raise ValueError(f"gates: {path} holds no hidden_layer.weight (not a TwoLayerReLU checkpoint)")
-        return state["hidden_layer.weight"], state.get("hidden_layer.bias")
-    return torch.as_tensor(gates), None

@@ -361,3 +361,32 @@ def test_refusals_read_sizes_without_exponents_and_advise_auto_only_where_it_fit
     assert "method='auto'" not in str(refused.value)  # auto would be refused too
     with pytest.raises(SolverMemoryError, match="method='auto', which takes a method that fits"):
         solve_native(mnist_shaped, method="newton", memory_limit=2 * GIB)
+
+
+@pytest.mark.parametrize("short", ["free memory", "allocation"])
+def test_a_certificate_without_room_is_skipped_and_training_goes_on(tmp_path, monkeypatch, short):
+    # it was held to 8 GiB whatever the machine had free, and an allocation failing inside it stopped training
+    from _events import read_scalars
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from test_convex_model import LAM, _data, _trainer
+
+    import hcl.convex_model as convex_model
+    from hcl import ConvexReLU
+    from hcl.datamodules.base import TensorDataModule
+
+    if short == "free memory":
+        monkeypatch.setattr(convex_model, "free_memory", lambda device: 1 << 20)
+    else:
+        def no_room(*args, **kwargs):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory")
+
+        monkeypatch.setattr(convex_model, "certify", no_room)
+    X, Y = _data(n=20, c=1)
+    model = ConvexReLU(in_features=3, num_gates=4, weight_decay=LAM, optimizer="sgd", lr=0.05,
+                       certify_every_n_steps=2).double()
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    with pytest.warns(UserWarning, match="skipped"):
+        _trainer(tmp_path, 4, logger=logger, log_every_n_steps=1).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+    scalars = read_scalars(logger.log_dir)
+    assert "convex_train/lower_bound" not in scalars
+    assert [step for step, _ in scalars["train/objective"]] == list(range(4))

@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from hcl.checks import read_checkpoint
 from hcl.convex.certificate import best_scaled_bound
 from hcl.convex.problem import as_targets, data_scale, fold_bias
 from hcl.convex.status import relative_gap
@@ -44,6 +46,19 @@ def sample_gates(in_features: int, num_gates: int, seed: int, dtype: torch.dtype
         raise ValueError(f"num_gates must be a positive integer, got {num_gates!r}")
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn(in_features, num_gates, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def gate_weights(gates: str | Path | Tensor | list) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` of the gates: a tensor or nested list as given, or a ``TwoLayerReLU`` checkpoint's hidden
+    layer."""
+    if isinstance(gates, (str, Path)):
+        path = Path(gates)
+        state = read_checkpoint(path, "gates")
+        state = state.get("state_dict", state)
+        if "hidden_layer.weight" not in state:
+            raise ValueError(f"gates: {path} holds no hidden_layer.weight (not a TwoLayerReLU checkpoint)")
+        return state["hidden_layer.weight"], state.get("hidden_layer.bias")
+    return torch.as_tensor(gates), None
 
 
 def gates_from_weights(weight: Tensor, bias: Tensor | None, folded_features: int) -> Tensor:
