@@ -245,10 +245,13 @@ class GlobalOptimumMonitor(StackCallback):
         if most > MANY_PATTERNS:
             rank_zero_warn(f"{type(self).__name__}: {n} points in {dims}-D have up to {most} activation patterns; "
                            "enumerating and solving them takes minutes and gigabytes (docs/experiments.md)")
-        self.problem = all_patterns_problem(
-            self._X, self._Y, bias=self._stack.bias, weight_decay=self._lambda, reduction=self._reduction,
-            output_bias=self._stack.output_bias,
-        )
+        try:  # refused before enumerating when the patterns' solve could not fit
+            self.problem = all_patterns_problem(
+                self._X, self._Y, bias=self._stack.bias, weight_decay=self._lambda, reduction=self._reduction,
+                output_bias=self._stack.output_bias, memory_limit=self.solver_options.get("memory_limit"),
+            )
+        except SolverMemoryError as error:
+            raise ValueError(f"{type(self).__name__}: the all-patterns problem was not built: {error}") from error
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # solver chatter; a bad status raises below

@@ -178,6 +178,22 @@ def test_an_all_patterns_problem_that_does_not_fit_in_memory_stops_with_one_mess
         make_trainer([monitor], max_steps=1, logger=False).fit(model, datamodule=_points_data())
 
 
+def test_patterns_whose_solve_cannot_fit_are_not_enumerated(make_trainer, monkeypatch):
+    # 400 points in the plane have up to 159 601 patterns: their enumeration took 16 s and 450 MiB before the solve
+    # was refused, and its output alone grows as n³ bytes (8 GB at 2 000 points)
+    import hcl.convex.build as build
+
+    monkeypatch.setattr(build, "enumerate_patterns", lambda X: pytest.fail("enumerated"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 2, generator=g, dtype=torch.float64)
+    data = SyntheticRegression(kind="points", x=x.tolist(), y=x.sum(1).tolist(), dtype="float64")
+    model = TwoLayerReLU(in_features=2, hidden=4, bias=True, weight_decay=1e-3)
+    monitor = GlobalOptimumMonitor(solver="native", solver_options={"memory_limit": 64 << 20})
+    with pytest.raises(ValueError, match=r"GlobalOptimumMonitor: the all-patterns problem was not built: the "
+                                         r"all-patterns problem needs about .* P=159601, .* budget of 64 MiB"):
+        make_trainer([monitor], max_steps=1, logger=False).fit(model, datamodule=data)
+
+
 def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(tmp_path, make_trainer):
     """Experiment (b) of docs/experiments.md: one neuron, two points, λ = 0: p*_all = 0 and the gap closes."""
     data = SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True, dtype="float64")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hcl.convex.native.memory import SolverMemoryError, memory_budget
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights
 from hcl.enumeration import enumerate_patterns
 from hcl.patterns import activation_patterns, unique_patterns
@@ -163,6 +164,7 @@ def all_patterns_problem(
     weight_decay: float,
     reduction: str,
     output_bias: bool = False,
+    memory_limit: int | None = None,
 ) -> ConvexProblem:
     """The convex problem over every activation pattern of 1-D or 2-D data with a bias.
 
@@ -176,10 +178,14 @@ def all_patterns_problem(
         weight_decay: ``λ ≥ 0``.
         reduction: ``"sum"`` or ``"mean"``.
         output_bias: whether the network has an unpenalised output bias.
+        memory_limit: bytes the problem's solve may take (as the solvers' option; default: a share of the free memory).
 
     Raises:
         ValueError: when there is no bias (no first-layer bias and no column of ones), or when the data has more
             than two columns besides the ones (patterns are enumerated for 1-D and 2-D data only).
+        SolverMemoryError: before enumerating, when the patterns the distinct points may have (``2n − 1`` on a line,
+            ``n² − n + 1`` in the plane) would not leave room for one tensor of their block outputs, the least any
+            solve of them holds (the enumeration's own output is ``n`` bytes a pattern).
     """
     if X.ndim != 2:
         raise ValueError(f"X must be (n, features), got shape {tuple(X.shape)}")
@@ -203,6 +209,19 @@ def all_patterns_problem(
     # Enumerated in the data's own precision: float32 points on a line up to its rounding are collinear there
     native = fold_bias(X.detach().cpu(), bias)[:, keep] if X.is_floating_point() else features
     ones = torch.ones(native.shape[0], 1, dtype=native.dtype)
+    _check_room(native, Xf.shape[1], Y, memory_limit)
     patterns = enumerate_patterns(torch.cat([native, ones], dim=1))
     return ConvexProblem(X=Xf, Y=Y.detach().to("cpu", torch.float64), patterns=patterns,
                          weight_decay=weight_decay, reduction=reduction, output_bias=output_bias)
+
+
+def _check_room(points: Tensor, d: int, Y: Tensor, memory_limit: int | None) -> None:
+    """Refuse, before it runs, an enumeration whose patterns' solve could not fit (16 n bytes a pattern and output:
+    the block outputs of both sides in float64; ``docs/solvers.md#memory``)."""
+    n, distinct = points.shape[0], torch.unique(points, dim=0).shape[0]
+    most = 2 * distinct - 1 if points.shape[1] == 1 else distinct * distinct - distinct + 1
+    c = 1 if Y.ndim == 1 else Y.shape[1]
+    budget, why = memory_budget("cpu", memory_limit)
+    needed = 16 * n * most * c + n * most
+    if budget is not None and needed > budget:
+        raise SolverMemoryError("the all-patterns problem", (n, d, most, c), needed, budget, why)
