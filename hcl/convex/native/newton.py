@@ -145,6 +145,8 @@ class NewtonSystem:
                     hi = min(Kk, lo + self.budget)
                     weighted = theta_k[lo:hi, :, None] * X  # (blocks, n, d)
                     torch.matmul(weighted.transpose(1, 2), X, out=B3[lo:hi])
+                    del weighted  # not kept beside the blocks once they are built
+                del B3  # a view of B: B is freed below, once its inverse exists
             B = B.reshape(Kk, d, d)
         else:
             B = torch.zeros(Kk, d, d, dtype=blocks, device=op.device)
