@@ -298,6 +298,9 @@ class ConvexGapMonitor(StackCallback):
         if self._queue is not None:
             try:
                 self._collect(trainer, raise_errors=False)  # keep what is already solved
+                if self._failure is not None:  # collected for raise_worker_errors, but another error came first
+                    rank_zero_warn(self._failure)
+                    self._failure = None
             finally:
                 # the rest is dropped and counted as skipped: a checkpoint written now (OnExceptionCheckpoint) has
                 # passed their steps, and one written before them leaves them to the resumed run

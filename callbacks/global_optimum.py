@@ -134,7 +134,7 @@ class GlobalOptimumMonitor(StackCallback):
         self.solution: ConvexSolution | None = None
         self.num_patterns: int | None = None
         self.num_neurons: int | None = None
-        self._described = False
+        self._described_at: int | None = None  # the step the run's constants were logged at
         self._X: Tensor | None = None
         self._Y: Tensor | None = None
 
@@ -152,16 +152,18 @@ class GlobalOptimumMonitor(StackCallback):
         self.optimum = self.lower_bound = self.upper_bound = None
         self.problem = self.solution = None
         self.num_patterns = self.num_neurons = None
-        self._described = False
+        self._described_at = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "described": self._described}  # a resumed run logs its constants once
+        # a resumed run logs its constants once: again only if their step is one the resumed run takes again
+        described = self._described_at is not None and self._described_at <= self.finished_step()
+        return {**super().state_dict(), "described": described}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._described = state_dict.get("described", False)
+        self._described_at = -1 if state_dict.get("described", False) else None
 
     # ------------------------------------------------------------------- hooks
     @override
@@ -212,10 +214,10 @@ class GlobalOptimumMonitor(StackCallback):
             metrics[f"{p}/global_upper_bound"] = self.upper_bound
         if self.lower_bound is not None:
             metrics[f"{p}/global_lower_bound"] = self.lower_bound
-        if not self._described:
+        if self._described_at is None:
             # Constants of the run, logged once (TensorBoard shows only the first hyper-parameter record of a run,
             # which Lightning writes before any callback runs).
-            self._described = True
+            self._described_at = step
             metrics.update({f"{p}/global_patterns": self.num_patterns,
                             f"{p}/global_neurons": self.num_neurons,
                             f"{p}/global_solve_seconds": self.solution.solve_seconds,

@@ -7,6 +7,7 @@ import numbers
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,10 +26,10 @@ def as_int(value: Any) -> Any:
 
 
 def check_bool(value: Any, name: str) -> bool:
-    """A flag: ``True`` or ``False`` only (a string such as ``"false"`` would count as true)."""
-    if not isinstance(value, bool):
+    """A flag: ``True`` or ``False`` (numpy's too) only: a string such as ``"false"`` would count as true."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
+    return bool(value)
 
 
 def check_every_n_steps(every_n_steps: int) -> int:

@@ -391,8 +391,13 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         X, Y = self._training_set()
         d, P, c = self.U.shape
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        needed = 8 * d * P * c * (4 if self.V is not None else 2) + CHUNK_BYTES  # accumulators, a chunk's buffers
+        # the accumulators, a chunk's buffers and this rank's rows on the device
+        rows = len(X[rank::world])
+        needed = 8 * d * P * c * (4 if self.V is not None else 2) + min(CHUNK_BYTES, 32 * rows * P * c)
+        needed += 0 if X.device == self.device else X.element_size() * rows * (X[0].numel() + Y[0].numel())
         free = free_memory(self.device)
+        if free is not None and self.device.type == "cuda":  # what torch's cache holds unused is free to it
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         limit = min(MAX_CERTIFICATE_BYTES, int(DEFAULT_MEMORY_FRACTION * free) if free is not None else math.inf)
         skip = needed > limit
         if world > 1:  # one decision for every rank: the certificate's sums are collectives

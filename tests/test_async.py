@@ -355,7 +355,7 @@ def test_the_async_monitor_is_picklable_before_and_after_training(tmp_path, run)
 
 def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tmp_path, monkeypatch, run):
     """Every due step is logged or counted as skipped, never neither: the solves collected before the interruption of
-    the end-of-training wait are logged, the rest skipped."""
+    the end-of-training wait are logged, the rest skipped (the interrupt comes once step 2 is collected, 3 held)."""
     release = threading.Event()
 
     def last_one_held(problem, solver, **options):  # step 2 finishes during the wait, step 3 is still running
@@ -367,9 +367,18 @@ def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tm
             release.wait(30)
         return slow_solve(problem, solver, **options)
 
+    def interrupt_once_step_2_is_collected():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not release.is_set():
+            queue = monitor._queue
+            if queue is not None and any(step == 2 for step, _ in list(queue._ready)):
+                _thread.interrupt_main()  # Ctrl-C
+                return
+            time.sleep(0.01)
+
     class CtrlC(pl.Callback):
         def on_train_end(self, trainer, pl_module):
-            threading.Timer(1.5, _thread.interrupt_main).start()
+            threading.Thread(target=interrupt_once_step_2_is_collected, daemon=True).start()
 
     calls = []
     monkeypatch.setattr(solve_queue_module, "solve", last_one_held)

@@ -229,7 +229,7 @@ def test_the_estimate_bounds_the_measured_peak(method, n, d, P, c, bias):
     estimate = footprint(method, n, d, P, c, torch.float64, None, bool(bias)).total
     assert measured > 50 << 20  # large enough to mean something beside the interpreter's noise
     # an upper bound, and not a loose one: within the factor docs/solvers.md#memory states
-    assert measured <= estimate <= 4 * measured
+    assert measured <= estimate <= 5 * measured
 
 
 # ---- threads
@@ -375,7 +375,7 @@ def test_a_certificate_without_room_is_skipped_and_training_goes_on(tmp_path, mo
     from hcl.datamodules.base import TensorDataModule
 
     if short == "free memory":
-        monkeypatch.setattr(convex_model, "free_memory", lambda device: 1 << 20)
+        monkeypatch.setattr(convex_model, "free_memory", lambda device: 1 << 10)  # a few KiB are needed
     else:
         def no_room(*args, **kwargs):
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory")

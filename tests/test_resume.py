@@ -184,15 +184,17 @@ def test_a_run_resumed_from_an_exception_in_its_first_step_has_step_0_once(tmp_p
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from hcl import TwoLayerReLU
-    from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+    from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor
     from hcl.datamodules import SyntheticRegression
 
     def fit(callbacks, ckpt_path=None):
         torch.manual_seed(0)
-        data = SyntheticRegression(kind="gaussian_linear", n=40, d=5, seed=0, dtype="float64")
-        model = TwoLayerReLU(in_features=5, hidden=8, init="normal", init_scale=0.5, lr=0.05)
-        trainer = make_trainer([PatternMonitor(), ConvexGapMonitor(solver="clarabel"), *callbacks], max_steps=4,
-                               enable_checkpointing=True)
+        x = torch.linspace(-1, 1, 12, dtype=torch.float64)
+        data = SyntheticRegression(kind="points", x=x.tolist(), y=(x.abs() + 0.3 * x).tolist(), dtype="float64")
+        model = TwoLayerReLU(in_features=1, hidden=8, bias=True, init="normal", init_scale=0.5, lr=0.05,
+                             weight_decay=1e-3)
+        monitors = [PatternMonitor(), ConvexGapMonitor(solver="clarabel"), GlobalOptimumMonitor(solver="clarabel")]
+        trainer = make_trainer([*monitors, *callbacks], max_steps=4, enable_checkpointing=True)
         trainer.loggers = [TensorBoardLogger(str(tmp_path), name="run", version=0)]  # the resume continues it
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
@@ -202,5 +204,7 @@ def test_a_run_resumed_from_an_exception_in_its_first_step_has_step_0_once(tmp_p
 
     acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
     acc.Reload()
-    for tag in ("convex/status", "convex/lower_bound", "patterns/unique", "train/objective"):
+    for tag in ("convex/status", "convex/lower_bound", "patterns/unique", "train/objective", "convex/global_gap"):
         assert [e.step for e in acc.Scalars(tag)] == [0, 1, 2, 3], tag
+    # the global monitor's constants, logged once at step 0: logged again by the resumed run, whose marker dropped them
+    assert [e.step for e in acc.Scalars("convex/global_patterns")] == [0]

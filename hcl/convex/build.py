@@ -23,6 +23,8 @@ whose optimum is the global minimum of ``L`` over networks of any width.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -218,6 +220,9 @@ def all_patterns_problem(
 def _check_room(points: Tensor, d: int, Y: Tensor, memory_limit: int | None) -> None:
     """Refuse, before it runs, an enumeration whose patterns' solve could not fit (16 n bytes a pattern and output:
     the block outputs of both sides in float64; ``docs/solvers.md#memory``)."""
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, numbers.Integral)
+                                     or memory_limit < 1):
+        raise ValueError(f"memory_limit must be a positive integer (bytes), got {memory_limit!r}")
     n, distinct = points.shape[0], torch.unique(points, dim=0).shape[0]
     most = 2 * distinct - 1 if points.shape[1] == 1 else distinct * distinct - distinct + 1
     c = 1 if Y.ndim == 1 else Y.shape[1]

@@ -33,9 +33,9 @@ DEFAULT_MEMORY_FRACTION = 0.5
 NEWTON_OUTPUT_COPIES = 20
 FISTA_OUTPUT_COPIES = 10
 ADMM_OUTPUT_COPIES = 10
-# Tensors of the variables' size (d, 2, P, c) alive at once, and the (K, d, d) blocks (two Newton systems overlap
-# while the next one is built: its B, L, B⁻¹, G, G + ridge, L_G and the previous B⁻¹, L_G; two more measured where
-# the blocks dominate, d near n: docs/solvers.md#memory)
+# Tensors of the variables' size (d, 2, P, c) alive at once, and the (K, d, d) blocks: two Newton systems overlap
+# while the next one is built (its B, L and B⁻¹, then B⁻¹, G, G + ridge and L_G; the previous B⁻¹ and L_G), and the
+# whole solves where the blocks dominate (d near n) peaked above six: docs/solvers.md#memory
 VARIABLE_COPIES = 24
 BLOCK_COPIES = 8
 # Fixed allowance for the interpreter's and the libraries' own working memory during a solve (LAPACK buffers, thread

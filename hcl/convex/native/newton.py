@@ -183,6 +183,7 @@ class NewtonSystem:
         G = Binv.reshape(2, P, c, d, d).sum(0)  # (P, c, d, d)
         ridge = relative * G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp(min=1e-30)
         LG = self._cholesky(G + ridge[..., None, None] * eye, blocks)
+        del G
         if LG is None:
             return False
         self.Binv, self.LG = Binv, LG

@@ -85,8 +85,8 @@ def default_threads(size: int) -> int:
 @contextlib.contextmanager
 def solve_threads(device: torch.device, size: int, num_threads: int | None = None) -> Iterator[None]:
     """Run the body with ``num_threads`` (at most :func:`usable_cores`; default :func:`default_threads`) torch
-    threads on the CPU, restored
-    afterwards — on the main thread only: elsewhere torch's global setting belongs to the code around the solve."""
+    threads on the CPU, restored afterwards — on the main thread only: elsewhere torch's global setting belongs to the
+    code around the solve."""
     if torch.device(device).type != "cpu" or threading.current_thread() is not threading.main_thread():
         yield
         return
