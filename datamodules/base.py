@@ -238,7 +238,7 @@ class TensorDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be None (full batch) or a positive integer, got {batch_size!r}")
         if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
             raise ValueError(f"num_classes must be None (regression) or a positive integer, got {num_classes!r}")
-        check_bool(shard, "shard")
+        shard = check_bool(shard, "shard")
         if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         given = {"train": train, "val": val, "test": test}

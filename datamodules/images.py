@@ -50,9 +50,8 @@ class _TorchvisionClassification(TensorDataModule):
         seed: int = 0,
     ) -> None:
         subset, val_size = as_int(subset), as_int(val_size)
-        for flag, name in ((download, "download"), (random_subset, "random_subset"), (one_hot, "one_hot"),
-                           (normalize, "normalize")):
-            check_bool(flag, name)
+        download, random_subset = check_bool(download, "download"), check_bool(random_subset, "random_subset")
+        one_hot, normalize = check_bool(one_hot, "one_hot"), check_bool(normalize, "normalize")
         if subset is not None and (not is_int(subset) or subset < 1):
             raise ValueError(f"subset must be None (whole training set) or a positive integer, got {subset!r}")
         if not is_int(val_size) or val_size < 0:

@@ -88,7 +88,7 @@ class SyntheticRegression(TensorDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, shard=shard, seed=seed)
         n, d, val_n, test_n = as_int(n), as_int(d), as_int(val_n), as_int(test_n)
-        check_bool(append_ones, "append_ones")
+        append_ones = check_bool(append_ones, "append_ones")
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         for name, value, smallest in (("n", n, 1), ("d", d, 1), ("val_n", val_n, 0), ("test_n", test_n, 0)):
