@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from hcl.convex import choose_solver, solve
+from hcl.convex import Status, choose_solver, solve
 from hcl.convex.build import problem_from_network
 from hcl.convex.cvxpy_solver import OWN_DEFAULTS, solve_cvxpy
 from hcl.convex.native import newton, remap_warm_start, solve_native
@@ -142,10 +142,18 @@ def fmt_time(seconds) -> str:
 
 
 def best_cvxpy(results):
-    values = [(v, t) for v, t, _ in results if v is not None]
-    if not values:
-        return None, None
-    return min(v for v, _ in values), min(t for _, t in values)
+    """The reference value, from certified (``"optimal"``) solves only, and the reference time, from any solve that
+    returned a point (``optimal_inaccurate`` included, which lowers the speed-up); ``None`` where there is none."""
+    values = [v for v, _, s in results if v is not None and Status.of(s) is Status.OPTIMAL]
+    times = [t for v, t, _ in results if v is not None]
+    return min(values, default=None), min(times, default=None)
+
+
+def cvxpy_cell(value, seconds, status) -> str:
+    """A cvxpy solve's time, with its status when it is not ``"optimal"``; the reason when it returned nothing."""
+    if value is None:
+        return status
+    return fmt_time(seconds) + ("" if Status.of(status) is Status.OPTIMAL else f" ({Status.of(status).value})")
 
 
 def row(cells) -> str:
@@ -220,7 +228,7 @@ def cold(args) -> None:
         else:
             speed = "–"
         cells = [f"{n}, {d}, {P}", f"{fmt_time(native.solve_seconds)} ({native.iterations}, {native.status})"]
-        cells += [fmt_time(t) if v is not None else s for v, t, s in results]
+        cells += [cvxpy_cell(*result) for result in results]
         cells += [diff, f"{native.violation / float(problem.Y.abs().max()):.1e}", f"{native.relative_gap:.1e}",
                   speed]
         print(row(cells), flush=True)
@@ -263,7 +271,7 @@ def warm(args) -> None:
         speed = ("–" if t_best is None else f"{t_best / from_previous.solve_seconds:.1f}×")
         cells = [f"{n}, {d}, {P}", f"{new.shape[1]} ({fresh})"]
         cells += [f"{fmt_time(s.solve_seconds)} ({s.iterations})" for s in (cold_solution, from_previous, from_network)]
-        cells += [fmt_time(t) if v is not None else s for v, t, s in results]
+        cells += [cvxpy_cell(*result) for result in results]
         cells += [diff, f"{from_previous.relative_gap:.1e}", speed]
         print(row(cells), flush=True)
 
@@ -395,7 +403,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per cvxpy solve")
     parser.add_argument("--native-limit", type=float, default=900.0, help="seconds per native solve")
-    parser.add_argument("--only", default="crossover,cold,warm,iter,first")
+    parser.add_argument("--only", default="crossover,cold,warm,iter,first",
+                        help="comma-separated sections: crossover, cold, warm, iter, first, mnist, counts, schur")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of the native solver (default: all cores; cvxpy's solvers use one)")
     parser.add_argument("--cold-sizes", default=None, help='e.g. "500,20,100;1000,50,100"')
@@ -418,6 +427,9 @@ def main() -> None:
     sections = {"crossover": crossover, "cold": cold, "warm": warm, "iter": per_iteration, "first": first_order,
                 "mnist": mnist_subsample, "counts": iteration_counts,
                 "schur": schur_precision}
+    unknown = [name for name in args.only.split(",") if name not in sections]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {unknown}; choose among {sorted(sections)}")
     for name in args.only.split(","):
         sections[name](args)
 

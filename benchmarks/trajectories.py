@@ -162,9 +162,14 @@ def measure(before: ConvexProblem, after: ConvexProblem, label: list[str], gap: 
     # the reference value from certified solves only; the reference time from any usable one (the lower ratio)
     best_value = min((s.value for s, _ in conic if certified(s)), default=None)
     best_time = min((t for s, t in conic if Status.of(s.status).solved), default=None)
-    diffs = [abs(s.value - best_value) / max(abs(best_value), 1e-300)
-             for s in (cold, warm) if certified(s)] if best_value is not None else []
-    rel_diff = max(diffs) if diffs else None
+    # relative to the value, floored as every relative gap of hcl is (an optimum of 0 has no relative difference)
+    floor = max(after.gap_floor, 1e-300)
+    diff = {id(s): abs(s.value - best_value) / max(abs(best_value), floor)
+            for s in (cold, warm) if certified(s) and best_value is not None}
+    rel_diff = max(diff.values()) if diff else None
+
+    def counts(solution: ConvexSolution) -> bool:  # a speed ratio only for a certified value that agrees
+        return certified(solution) and diff.get(id(solution), 0.0) <= MAX_REL_DIFF
 
     def native_cell(solution: ConvexSolution, seconds: float) -> str:
         status = "" if certified(solution) else f", {solution.status}"
@@ -175,8 +180,8 @@ def measure(before: ConvexProblem, after: ConvexProblem, label: list[str], gap: 
     cells += [f"{t:.2f}" + ("" if certified(s) else f" ({s.status})") for s, t in conic]
     flag = "" if rel_diff is None or rel_diff <= MAX_REL_DIFF else " (> 1e-6)"
     cells.append("–" if rel_diff is None else f"{rel_diff:.1e}{flag}")
-    cold_ratio = None if best_time is None else best_time / t_cold
-    warm_ratio = None if best_time is None else best_time / t_warm
+    cold_ratio = None if best_time is None or not counts(cold) else best_time / t_cold
+    warm_ratio = None if best_time is None or not counts(warm) else best_time / t_warm
     cells += ["–" if r is None else f"{r:.1f}×" for r in (cold_ratio, warm_ratio)]
     cells.append(f"{t_warm / t_cold:.2f}")
     return Row(cells, cold_ratio, warm_ratio, t_warm / t_cold, gap, rel_diff)
@@ -208,8 +213,10 @@ def summary(rows: list[Row]) -> str:
         warm = [r.warm_ratio for r in some if r.warm_ratio is not None]
         ratio = [r.warm_over_cold for r in some]
         slower = sum(x > 1 for x in ratio)
-        parts.append(f"step +{gap}: median best cvxpy / cold {median(cold)}×, best cvxpy / warm {median(warm)}×, "
-                     f"warm / cold {median(ratio)} (warm slower than cold in {slower} of {len(some)})")
+        # a native solve not certified, or off the reference by more than 1e-6, has no ratio (a fast wrong answer)
+        left = "" if len(cold) == len(warm) == len(some) else f" over {len(cold)} / {len(warm)} of {len(some)} rows"
+        parts.append(f"step +{gap}: median best cvxpy / cold {median(cold)}×, best cvxpy / warm {median(warm)}×"
+                     f"{left}, warm / cold {median(ratio)} (warm slower than cold in {slower} of {len(some)})")
     diffs = [r.rel_diff for r in rows if r.rel_diff is not None]
     worst = "–" if not diffs else f"{max(diffs):.1e}"
     return "Summary: " + "; ".join(parts) + f"; worst relative objective difference {worst}"
