@@ -391,8 +391,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         X, Y = self._training_set()
         d, P, c = self.U.shape
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        # the accumulators, a chunk's buffers and this rank's rows on the device
-        rows = len(X[rank::world])
+        rows = len(X[rank::world])  # the accumulators, a chunk's buffers and this rank's rows on the device
         needed = 8 * d * P * c * (4 if self.V is not None else 2) + min(CHUNK_BYTES, 32 * rows * P * c)
         needed += 0 if X.device == self.device else X.element_size() * rows * (X[0].numel() + Y[0].numel())
         free = free_memory(self.device)

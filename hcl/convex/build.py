@@ -23,12 +23,11 @@ whose optimum is the global minimum of ``L`` over networks of any width.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
 from hcl.convex.native.memory import SolverMemoryError, memory_budget
+from hcl.convex.native.options import NativeOptions
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights
 from hcl.enumeration import enumerate_patterns
 from hcl.patterns import activation_patterns, unique_patterns
@@ -220,9 +219,7 @@ def all_patterns_problem(
 def _check_room(points: Tensor, d: int, Y: Tensor, memory_limit: int | None) -> None:
     """Refuse, before it runs, an enumeration whose patterns' solve could not fit (16 n bytes a pattern and output:
     the block outputs of both sides in float64; ``docs/solvers.md#memory``)."""
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, numbers.Integral)
-                                     or memory_limit < 1):
-        raise ValueError(f"memory_limit must be a positive integer (bytes), got {memory_limit!r}")
+    NativeOptions(memory_limit=memory_limit)  # checked as every solver's option
     n, distinct = points.shape[0], torch.unique(points, dim=0).shape[0]
     most = 2 * distinct - 1 if points.shape[1] == 1 else distinct * distinct - distinct + 1
     c = 1 if Y.ndim == 1 else Y.shape[1]
