@@ -321,6 +321,10 @@ class PatternTracker:
 
 
 # --------------------------------------------------------------------------- sampling
+# Bytes of ``X g`` computed at once when sampling: the whole ``(n, k)`` product at MNIST's full size is 1.2 GB
+SAMPLE_BYTES = 64 * 2**20
+
+
 def sample_patterns(X: Tensor, k: int, generator: torch.Generator | None = None, unique: bool = True) -> Tensor:
     """Patterns ``1[X g ≥ 0]`` of ``k`` Gaussian gates ``g ~ N(0, I)``.
 
@@ -341,7 +345,11 @@ def sample_patterns(X: Tensor, k: int, generator: torch.Generator | None = None,
     device = generator.device if generator is not None else X.device
     dtype = X.dtype if X.is_floating_point() else torch.float32
     gates = torch.randn(X.shape[1], k, generator=generator, dtype=dtype, device=device).to(X.device)
-    D = X.to(dtype) @ gates >= 0
+    Xd = X.to(dtype)
+    D = torch.empty(X.shape[0], k, dtype=torch.bool, device=X.device)
+    step = max(1, SAMPLE_BYTES // max(1, X.shape[0] * Xd.element_size()))
+    for lo in range(0, k, step):  # a block of gates at a time: X g is 4–8× the size of its patterns
+        torch.ge(Xd @ gates[:, lo:lo + step], 0, out=D[:, lo:lo + step])
     if unique:
         D = unique_patterns(D, drop_dead=True).patterns
     return D

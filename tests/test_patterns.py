@@ -188,6 +188,18 @@ def test_sample_patterns_unique_and_reproducible():
         sample_patterns(X, 0)
 
 
+def test_sample_patterns_in_blocks_of_gates(monkeypatch):
+    """The product ``X g`` is made a block of gates at a time (its size, not the patterns', is what MNIST cannot
+    hold at once); the patterns are the one-shot product's."""
+    import hcl.patterns as patterns
+
+    X = with_bias(torch.randn(50, 3, dtype=torch.float64))
+    gates = torch.randn(4, 37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    monkeypatch.setattr(patterns, "SAMPLE_BYTES", 50 * 8 * 5)  # blocks of 5 gates, the last one of 2
+    D = sample_patterns(X, 37, generator=torch.Generator().manual_seed(3), unique=False)
+    assert torch.equal(D, X @ gates >= 0)
+
+
 # ------------------------------------------------------------------------------------------ enumeration
 def test_enumerate_1d_gives_all_threshold_patterns():
     x = torch.tensor([0.3, -1.0, 2.0, 0.3, 5.0, -0.2], dtype=torch.float64)  # 5 distinct values, one tie
