@@ -44,7 +44,9 @@ class PatternMonitor(StackCallback):
     Snapshots of non-finite weights are not counted (a warning says so once).
 
     The snapshot is taken during the training step's forward pass (a forward hook on the hidden layer), so it sees
-    the weights the loss is computed with even when another callback changed them at the start of the step. When no
+    the weights the loss is computed with even when another callback changed them at the start of the step; when the
+    hidden layer is not called as a module in training mode, just before the backward pass, still before the
+    optimizer steps. When no
     ``probe`` is given and the hidden layer's input is the monitored training set itself (full-batch training on a
     data module's tensors, not augmented), the patterns are the sign of the hidden layer's output, at no extra matrix
     product; otherwise they are recomputed on the probe (or the training set) with the current weights.
@@ -120,10 +122,15 @@ class PatternMonitor(StackCallback):
         self._pending = step
 
     @override
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
+        if self._pending is not None:  # the forward never ran the hidden layer as a module in training mode: the
+            self._snapshot(trainer, None)  # weights the loss used are still there (the optimizer steps after this)
+
+    @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending is not None:  # the model's forward never ran the hidden layer in training mode
+        if self._pending is not None:  # no backward either (the step was skipped): the weights did not move
             self._snapshot(trainer, None)
 
     @override

@@ -47,17 +47,19 @@ def test_pattern_monitor_logs_counts_that_match_the_weights(tmp_path, make_train
 
 
 def test_forward_hook_and_recomputation_give_the_same_series(tmp_path, make_trainer):
-    """Full-batch runs read patterns from the forward pass; a probe recomputes them: both must agree."""
+    """Full-batch runs read patterns from the forward pass; a probe recomputes them, and so does a model in eval mode
+    (no forward hook: before the backward pass, not after the optimizer's step): all must agree."""
     runs = {}
-    for name, probe in (("hook", None), ("probe", True)):
+    for name, probe in (("hook", None), ("probe", True), ("eval", None)):
         model, data = _seed_c(init_scale=1.0, lr=0.3)
+        model.train(name != "eval")
         data.setup("fit")
         X, _ = data.train_tensors()
         monitor = PatternMonitor(every_n_steps=2, probe=X if probe else None)
         make_trainer([monitor], max_steps=15, root=tmp_path / name).fit(model, datamodule=data)
         runs[name] = read_scalars(tmp_path / name)
     for tag in ("patterns/unique", "patterns/dead", "patterns/changed", "patterns/new"):
-        assert runs["hook"][tag] == runs["probe"][tag]
+        assert runs["hook"][tag] == runs["probe"][tag] == runs["eval"][tag], tag
         assert [step for step, _ in runs["hook"][tag]] == list(range(0, 15, 2))
     assert any(v > 0 for _, v in runs["hook"]["patterns/changed"])  # something moved, so the test means something
 
