@@ -116,10 +116,10 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self.output_layer = nn.Linear(hidden, out_features, bias=output_bias)
         self.weight_decay = float(weight_decay)
         self.optimizer_decay = 0.0  # the λ of its optimizer's own weight decay, found when training starts
+        self._window = None  # the training values of the optimizer step under way, summed over its micro-batches
         self.reduction = reduction
         self._initialise(init, init_scale, hidden_weight, hidden_bias_init, output_weight)
         if out_features > 1:
-            self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
             self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
             self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
 
@@ -169,6 +169,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return self._shared_step(batch, "test", batch_idx)
 
     def on_train_start(self) -> None:
+        self._window = None
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
         mark_resumed_run(self.trainer)
         self.relog_evaluation()  # the checkpoint step's validation, which the restart marker dropped
@@ -209,7 +210,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         logged_penalty = (self.weight_decay + self.optimizer_decay) * squares.detach()
         world = self.trainer.world_size if self._trainer is not None else 1
         on_step = stage == "train"
-        accuracy = None
+        counts = None  # training: the samples classified right and counted, over every rank
         if world > 1 and stage == "train":
             # Each rank holds a disjoint shard of the training set. L is taken over all of them: n and the data sum
             # are summed over ranks, and since DDP averages the ranks' gradients, each rank differentiates
@@ -221,12 +222,13 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
             if self.hparams.out_features > 1:
-                correct = (out.detach().argmax(dim=1) == self._class_index(y)).sum().to(out.dtype)
-                accuracy = self.all_gather(correct).sum() / n_total
+                counts = (self.all_gather(self._correct(out, y)).sum(), n_total)
         else:
             weight = self._summed_batches() if stage == "train" and self.reduction == "sum" else 1.0
             data_loss = weight * data_scale(self.reduction, x.shape[0]) * local_sum
             loss = data_loss + penalty
+            if on_step and self.hparams.out_features > 1:
+                counts = (self._correct(out, y), torch.tensor(float(x.shape[0]), device=out.device))
         rows = x.shape[0]
         if not on_step:  # validation and test: over the whole set, logged at the stage's end (hcl.evaluation)
             rows = self.evaluation_rows(stage, batch_idx, x.shape[0])
@@ -239,19 +241,36 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             self.log("step", float(self.global_step), on_step=True, on_epoch=False)
             self.log(STEPS_DONE, self.global_step + 1.0, on_step=True, on_epoch=False, logger=False)  # hcl.fit's
             self.log("epoch", float(self.current_epoch), on_step=True, on_epoch=False)  # carried back after ddp_spawn
+            data_loss, logged_penalty, counts = self._step_means(data_loss.detach(), logged_penalty, counts)
             self.log(f"{stage}/data_loss", data_loss, on_step=True, on_epoch=False)
             self.log(f"{stage}/penalty", logged_penalty, on_step=True, on_epoch=False)
             self.log(f"{stage}/objective", data_loss.detach() + logged_penalty, on_step=True, on_epoch=False,
                      prog_bar=True)
-        if self.hparams.out_features > 1:
+        if counts is not None:
+            self.log(f"{stage}/acc", counts[0] / counts[1], on_step=True, on_epoch=False)
+        elif self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             if rows:  # DDP's padding copies left out (a batch of copies only: nothing to count)
                 metric(out.detach()[:rows], self._class_index(y)[:rows])
-            if accuracy is not None:
-                self.log(f"{stage}/acc", accuracy, on_step=True, on_epoch=False)
-            else:
-                self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
+            self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def _correct(self, out: Tensor, y: Tensor) -> Tensor:
+        return (out.detach().argmax(dim=1) == self._class_index(y)).sum().to(out.dtype)
+
+    def _step_means(
+        self, data_loss: Tensor, penalty: Tensor, counts: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """The training values of the optimizer step so far: with ``accumulate_grad_batches = k`` the step minimises
+        the mean of its ``k`` micro-batches' objectives, and Lightning logs only the last value given."""
+        if self._window is None or self._window[0] != self.global_step:  # the step's first micro-batch
+            self._window = (self.global_step, 0, 0.0, 0.0, 0.0, 0.0)
+        _, k, data, pen, correct, rows = self._window
+        k, data, pen = k + 1, data + data_loss, pen + penalty
+        if counts is not None:
+            counts = correct, rows = correct + counts[0], rows + counts[1]
+        self._window = (self.global_step, k, data, pen, correct, rows)
+        return data / k, pen / k, counts
 
     def _copies(self, world: int) -> int:
         """The ranks that hold each training point: all of them with an hcl data module's ``shard=False`` (the union

@@ -146,6 +146,36 @@ def test_classification_logs_accuracy_and_uses_one_hot_squared_loss():
     assert float(ce.objective(X, labels)) == pytest.approx(float(expected), rel=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_accumulated_steps_log_the_mean_of_their_micro_batches(tmp_path, make_trainer, reduction):
+    """With ``accumulate_grad_batches = 2`` a step minimises the mean of its two micro-batches' objectives; that mean
+    is logged (Lightning keeps only the last value given), and the accuracy counts both micro-batches."""
+    from _events import read_scalars
+
+    torch.manual_seed(0)
+    X, labels = torch.randn(16, 3), torch.randint(0, 3, (16,))
+    model = TwoLayerReLU(in_features=3, hidden=4, out_features=3, weight_decay=0.01, reduction=reduction, lr=0.05)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            x, y = batch
+            with torch.no_grad():
+                out = module(x)
+                data = module.data_loss_sum(out, y) * (4.0 if reduction == "sum" else 1.0 / x.shape[0])
+                right = int((out.argmax(1) == y).sum())
+            seen.append((trainer.global_step, float(data + 0.01 * module._squares()), right, x.shape[0]))
+
+    loader = DataLoader(TensorDataset(X, labels), batch_size=4)
+    make_trainer([Record()], max_steps=2, accumulate_grad_batches=2, log_every_n_steps=1).fit(model, loader)
+    logged = read_scalars(tmp_path)
+    for step in range(2):
+        parts = [p for p in seen if p[0] == step]
+        assert len(parts) == 2
+        assert dict(logged["train/objective"])[step] == pytest.approx(sum(p[1] for p in parts) / 2, rel=1e-5)
+        assert dict(logged["train/acc"])[step] == pytest.approx(sum(p[2] for p in parts) / sum(p[3] for p in parts))
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
