@@ -48,13 +48,14 @@ def mark_resumed_run(trainer: pl.Trainer) -> bool:
     A run that continues in the same TensorBoard directory after a crash re-runs the steps between its checkpoint and
     the crash. The restart marker (TensorBoard's ``SessionLog.START``, what ``SummaryWriter(purge_step=...)`` writes)
     makes TensorBoard drop the points the interrupted run logged at or after that step, so every series has each
-    step exactly once. Written once per trainer, on rank zero, only when training resumes (from a checkpoint, which
-    may be of step 0: one written at an exception in the first step) or starts past step 0, to the TensorBoard
-    loggers and to the series runs (:mod:`hcl.dashboard`). Returns True when written.
+    step exactly once. Written once per trainer, on rank zero, only when training resumes from a checkpoint (which
+    may be of step 0: one written at an exception in the first step; a second ``fit`` of the same trainer continues
+    past its last step and re-logs nothing, so it writes none: a marker would drop the values logged at that step in
+    between, a ``trainer.test`` for one), to the TensorBoard loggers and to the series runs (:mod:`hcl.dashboard`).
+    Returns True when written.
     """
     step = trainer.global_step
-    resumed = step > 0 or trainer.ckpt_path is not None
-    if not resumed or not trainer.is_global_zero or _RESTART_MARKED.get(trainer) == step:
+    if trainer.ckpt_path is None or not trainer.is_global_zero or _RESTART_MARKED.get(trainer) == step:
         return False
     _RESTART_MARKED[trainer] = step
     dashboard.mark_series_restart(trainer, step)

@@ -356,6 +356,10 @@ class TensorDataModule(pl.LightningDataModule):
         """The test set like the training set, unsharded; an empty list (no test batches) if absent."""
         return self._eval_loader("test")
 
+    def predict_dataloader(self) -> DataLoader | list:
+        """The test set's batches, for ``trainer.predict`` (hcl's models predict the inputs of each pair)."""
+        return self._eval_loader("test")
+
     def _eval_loader(self, split: str) -> DataLoader | list:
         self._split("train")  # sets up lazily
         if split not in self._splits:

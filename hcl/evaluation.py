@@ -8,6 +8,7 @@ trainer's global step: the weights they are of are those the callbacks log at th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -35,6 +36,12 @@ class EvaluationLog:
         if c > 1 and not target.is_floating_point():
             return F.one_hot(target.long().reshape(-1), c).to(like.dtype)
         return target.reshape(target.shape[0], c).to(like.dtype)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The outputs on a batch of inputs, or on the inputs of the ``(inputs, targets)`` pairs hcl's data modules
+        yield (Lightning's default would call the model on the pair)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)  # type: ignore[operator]
 
     @staticmethod
     def _class_index(target: Tensor) -> Tensor:
@@ -89,10 +96,12 @@ class EvaluationLog:
 
     def relog_evaluation(self) -> None:
         """Log again, after a resume's restart marker at its step, the validation values of the checkpoint's step (the
-        resumed run does not validate there again; call from ``on_train_start``)."""
+        resumed run does not validate there again; call from ``on_train_start``). Not at a second ``fit`` of the same
+        trainer, which writes no restart marker."""
         module: pl.LightningModule = self  # type: ignore[assignment]
         saved = self.__dict__.get("_last_validation")
-        if saved and saved["step"] == module.trainer.global_step > 0 and module.trainer.is_global_zero:
+        resumed = module.trainer.ckpt_path is not None
+        if saved and resumed and saved["step"] == module.trainer.global_step > 0 and module.trainer.is_global_zero:
             from hcl.callbacks.logs import log_scalars  # not at import: the callbacks load the models late
 
             log_scalars(module.trainer, saved["values"], saved["step"])

@@ -348,3 +348,31 @@ def test_a_model_with_fewer_outputs_than_classes_is_refused_before_training(tmp_
     binary = TensorDataModule(train=(torch.randn(20, 2, generator=g), torch.arange(20) % 2), num_classes=2)
     if outputs == 1:  # one output on two classes: a regression on 0/1, as before
         _one_step(tmp_path).fit(net.double(), datamodule=binary)
+
+
+def test_a_second_fit_keeps_what_was_logged_between_and_predict_takes_the_data_modules_pairs(tmp_path, make_trainer):
+    """A second ``fit`` of the same trainer continues its run: no restart marker drops the ``trainer.test`` logged in
+    between, and the last validation is not written twice. ``trainer.predict`` gives the outputs of the test inputs."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        STORE_EVERYTHING_SIZE_GUIDANCE,
+        EventAccumulator,
+    )
+
+    from hcl.datamodules import SyntheticRegression
+
+    torch.manual_seed(0)
+    data = SyntheticRegression(kind="points", n=8, append_ones=True, val_n=4, test_n=4, seed=0)
+    model = TwoLayerReLU(in_features=2, hidden=4, weight_decay=0.01, lr=0.05)
+    trainer = make_trainer([], max_steps=3, log_every_n_steps=1)
+    trainer.fit(model, datamodule=data)
+    tested = trainer.test(model, datamodule=data, verbose=False)[0]["test/objective"]
+    trainer.fit_loop.epoch_loop.max_steps = 5
+    trainer.fit(model, datamodule=data)
+    run = EventAccumulator(trainer.logger.log_dir, size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    run.Reload()  # the run as TensorBoard shows it, restart markers honoured
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in run.Scalars("test/objective")] == [(3, tested)]
+    assert [e.step for e in run.Scalars("val/objective")] == [1, 2, 3, 4, 5]
+
+    predicted = torch.cat(trainer.predict(model, datamodule=data))
+    with torch.no_grad():
+        assert torch.equal(predicted, model(next(iter(data.test_dataloader()))[0]))
