@@ -186,14 +186,17 @@ class ActivationPointPlot(StackCallback):
         if step > self.last_step and not self._stopped:  # a model no longer its stack is drawn no more
             self.last_step = step
             self._draw(trainer, step)
-        if self._last_frame is not None:
+        writes = not trainer.fast_dev_run  # Lightning's dry run logs and writes nothing
+        if writes and self._last_frame is not None:
             self.png_path = self._write_png(trainer, self._last_frame)
-        if self.gif and self.frames:
+        if writes and self.gif and self.frames:
             self.gif_path = self._write_gif(trainer)
         self._figure = None  # free the figure
 
     @override
     def warn_if_not_logged(self, trainer: "pl.Trainer") -> None:
+        if trainer.fast_dev_run:  # its loggers are Lightning's dummy on purpose, and no file is written either
+            return
         if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
             folder = _output_folder(trainer)
             gif = f" and the whole run as {self.gif_name}" if self.gif else ""

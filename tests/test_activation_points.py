@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import warnings
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -210,6 +212,20 @@ def test_the_final_png_is_written_without_a_gif_and_named_after_it(tmp_path, mak
     assert plot.png_path == tmp_path / "fit.png"  # no logger: the trainer's root folder
     assert Image.open(plot.png_path).size == (120, 80)
     assert plot.gif_path is None and not (tmp_path / "fit.gif").exists()
+
+
+def test_a_fast_dev_run_writes_no_picture_and_warns_of_no_missing_logger(tmp_path):
+    """Lightning's dry run replaces the loggers by its dummy and suppresses logging: no file, no warning."""
+    data = SyntheticRegression(kind="points", x=[-0.7, 0.7, 0.8], y=[0.3, 1.1, 1.2], append_ones=True,
+                               dtype="float64")
+    plot = ActivationPointPlot(figsize=(3, 2), dpi=40)
+    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[plot])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=data)
+    assert not any("TensorBoard" in str(w.message) for w in said)
+    assert plot.png_path is None and not list(tmp_path.rglob("*.png"))
 
 
 def test_unsupported_models_and_data_are_refused(make_trainer):
