@@ -179,6 +179,12 @@ class ConvexProblem:
         return GAP_FLOOR * self.scale * float(centred.square().sum())
 
     @property
+    def zero_optimum(self) -> bool:
+        """``Y`` is 0, or with an output bias the same on every row: the zero network (output bias ``Y``'s first row)
+        attains ``p* = 0`` exactly."""
+        return not bool((self.Y - self.Y[:1] if self.output_bias else self.Y).any())
+
+    @property
     def is_bound(self) -> bool:
         """True for shared-layer vector outputs: the value is a lower bound, not an attained optimum."""
         return self.c > 1 and not self.one_vs_all
