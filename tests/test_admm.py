@@ -359,3 +359,27 @@ def test_lambda_zero_in_float32_keeps_zero_groups_finite(method):
     assert solution.status != "failed"
     assert torch.isfinite(solution.U).all() and torch.isfinite(solution.V).all()
     assert 0.0 <= solution.dual_value <= solution.value < float("inf")
+
+
+def test_on_badly_scaled_data_the_penalties_stop_where_the_step_still_factors(monkeypatch):
+    """Inputs of scale 1e-6 beside a bias column, targets of scale 1e8: residual balancing lowered ρ until the
+    ``n × n`` matrix lost its ``I/2`` to rounding and its factorisation raised. ρ now stops falling there, and a ρ
+    whose matrix does not factor is not taken; the solve ends with a status, its bound below the optimum."""
+    import hcl.convex.native.admm as admm_module
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    Y = torch.cat([torch.sin(X.sum(1, keepdim=True) + k) for k in range(3)], 1)
+    Y = 1e8 * (Y + 0.1 * torch.randn(12, 3, generator=g, dtype=torch.float64))
+    Xf = torch.cat([1e-6 * X, torch.ones(12, 1, dtype=torch.float64)], 1)
+    D = torch.unique((Xf @ torch.randn(3, 20, generator=g, dtype=torch.float64) >= 0).T, dim=0)[:5].T.contiguous()
+    problem = ConvexProblem(Xf, Y, D, weight_decay=0.01, reduction="sum", output_bias=True)
+    optimum = solve_native(problem, method="newton").value
+    tried = []
+    factored = admm_module._factored
+    monkeypatch.setattr(admm_module, "_factored", lambda op, sigma2, r1, r2: tried.append((r1, r2)) or factored(
+        op, sigma2, r1, r2))
+    solution = solve_native(problem, method="admm")
+    assert solution.status in ("optimal", "max_iterations") and solution.dual_value <= optimum * (1 + 1e-9)
+    sigma2_max = float(torch.linalg.matrix_norm(Xf, ord=2)) ** 2
+    assert tried and all(min(sigma2_max / r1, 1 / r2) <= admm_module.RHO_CONDITION * (1 + 1e-9) for r1, r2 in tried)

@@ -38,6 +38,9 @@ RHO_CONES = 0.03
 RHO_FACTOR = 2.0
 RHO_BALANCE = 10.0
 RHO_EVERY = 25
+# ρ falls no further once ‖H₀‖ ≤ min(σ²_max/ρ₁, 1/ρ₂) could pass this: beyond it the n × n matrix's I/2 is lost to
+# rounding and its factorisation fails (ρ fell without bound on data of scales 1e-6 and 1e8 until it did)
+RHO_CONDITION = 1e10
 # ρ₂ grows (by PUSH_FACTOR) instead of balancing once the gap is within tol, the violation within this many
 # constraint_tol but above STRICT_VIOLATION: the bound has caught up and only feasibility is left (further out, an
 # infeasible point's value says little). When the gap opens again (the value rose with feasibility, the bound lags),
@@ -81,7 +84,10 @@ class _LinearStep:
             K -= K.mean(1, keepdim=True)
         K.diagonal().add_(0.5)
         # factored in place: K's column-major view is LAPACK's layout, so no second n × n copy (0.75 GiB at n = 10 000)
-        torch.linalg.cholesky(K.mT, out=K.mT)
+        _, info = torch.linalg.cholesky_ex(K.mT, out=(K.mT, torch.empty((), dtype=torch.int32, device=K.device)))
+        if int(info):
+            raise torch.linalg.LinAlgError(f"the ADMM's n × n matrix is not positive definite at ρ = {rho1:.3g}, "
+                                           f"{rho2:.3g}")
         self.upper = K  # Lᵀ (row-major view of the column-major L)
         self.Yc = op.center(op.Y.to(torch.float64))
 
@@ -226,13 +232,18 @@ def admm(
         elif balancing and pushing:  # the certificate has caught up: only feasibility is left, which a larger ρ₂ buys
             f2 = PUSH_FACTOR
         jumped = False  # ζ extrapolated: the next iteration's change is no plain step's, and balances no ρ
+        if balancing and (f1 != 1.0 or f2 != 1.0):
+            f1, f2 = _floored(f1, f2, rho1, rho2, float(sigma2.max()), constrained)
+        if balancing and (f1 != 1.0 or f2 != 1.0):
+            del step  # one n × n matrix at a time
+            step = _factored(op, sigma2, rho1 * f1, rho2 * f2)
+            if step is None:  # not factorable in the working precision: the ρ it had (factored before) stays
+                step, f1, f2 = _LinearStep(op, sigma2, rho1, rho2), 1.0, 1.0
         if balancing and (f1 != 1.0 or f2 != 1.0):  # same point and multipliers, scaled ones / f
             torch.add(Z, A1, alpha=1.0 / f1, out=zeta_W)
             if constrained:  # T + A2 / f2
                 zeta_T.sub_(T).div_(f2).add_(T)
             rho1, rho2 = rho1 * f1, rho2 * f2
-            del step
-            step = _LinearStep(op, sigma2, rho1, rho2)
             last_change = it
             if accelerate is not None:  # a new map
                 accelerate.reset((rho1, rho2))
@@ -325,6 +336,25 @@ def _cone_residuals(
     a2 = float(torch.sub(zeta_T, T, out=work).norm())
     dual = float(torch.sub(T, prev_T, out=work).norm()) / max(a2, 1e-300)
     return primal, dual
+
+
+def _floored(f1: float, f2: float, rho1: float, rho2: float, sigma2_max: float, constrained: bool) -> tuple[float, float]:
+    """The factors on ρ, without the decreases that would take ``min(σ²_max/ρ₁, 1/ρ₂)`` above ``RHO_CONDITION``."""
+    def bound(r1: float, r2: float) -> float:
+        return min(sigma2_max / max(r1, 1e-300), 1.0 / r2 if constrained and r2 > 0 else math.inf)
+
+    if bound(rho1 * f1, rho2 * f2) <= RHO_CONDITION:
+        return f1, f2
+    return max(f1, 1.0), max(f2, 1.0)  # the increases only
+
+
+def _factored(op: Operator, sigma2: Tensor, rho1: float, rho2: float) -> _LinearStep | None:
+    """The linear step at the new ρ, or ``None`` where its matrix does not factor in the working precision (the
+    solve keeps its ρ)."""
+    try:
+        return _LinearStep(op, sigma2, rho1, rho2)
+    except torch.linalg.LinAlgError:
+        return None
 
 
 def _balance(primal: float, dual: float) -> float:
