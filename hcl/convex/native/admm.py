@@ -338,7 +338,9 @@ def _cone_residuals(
     return primal, dual
 
 
-def _floored(f1: float, f2: float, rho1: float, rho2: float, sigma2_max: float, constrained: bool) -> tuple[float, float]:
+def _floored(
+    f1: float, f2: float, rho1: float, rho2: float, sigma2_max: float, constrained: bool
+) -> tuple[float, float]:
     """The factors on ρ, without the decreases that would take ``min(σ²_max/ρ₁, 1/ρ₂)`` above ``RHO_CONDITION``."""
     def bound(r1: float, r2: float) -> float:
         return min(sigma2_max / max(r1, 1e-300), 1.0 / r2 if constrained and r2 > 0 else math.inf)
