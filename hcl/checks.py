@@ -76,13 +76,14 @@ def check_prefix(prefix: str) -> str:
 
 
 def check_weight_decay(value: Any, name: str = "weight_decay (λ)") -> float:
-    """``λ``: a real number, finite and ``≥ 0``."""
+    """``λ``: a real number, finite and ``≥ 0``, with ``2λ`` (the convex program's group-norm weight) finite too."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
+    if not math.isfinite(2.0 * float(value)):
+        raise ValueError(f"{name} = {value} is too large: the convex program's weight 2λ overflows")
     return float(value)
-
 
 
 def check_seconds(value: Any, name: str) -> float | None:

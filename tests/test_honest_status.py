@@ -264,3 +264,16 @@ def test_finite_weights_whose_objective_overflows_log_no_upper_bound():
     outcome = evaluate_snapshot(spec(), snap, explode, quiet=True, keep_solution=False)
     assert outcome.metrics["convex/status"] == 3 and outcome.metrics["convex/nonconvex_objective"] == float("inf")
     assert "convex/upper_bound" not in outcome.metrics
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scale", [1e19, 1e20])
+def test_data_whose_curvature_overflows_fails_the_first_order_method_at_once(scale):
+    """float32 inputs near 1e20: ``‖X‖²`` overflows, so the step is 0 (the backtracking never ended) or subnormal
+    (halved to 0, then a division by it raised); the method now stops with ``"failed"``."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    D = X @ torch.randn(2, 3, generator=g, dtype=torch.float64) >= 0
+    problem = ConvexProblem((X * scale).float(), torch.randn(5, generator=g).float(), D, weight_decay=0.1)
+    solution = solve(problem, "native", method="fista", time_limit=5)
+    assert solution.status == Status.FAILED and solution.iterations == 0

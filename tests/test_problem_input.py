@@ -33,9 +33,10 @@ def _data(n: int = 30, d: int = 4, P: int = 5, seed: int = 0) -> dict:
         (lambda k: {"signs": torch.tensor([256, 0, 1, -1, 0])}, r"-1, 0 or \+1"),  # int8 would wrap it to 0
         (lambda k: {"Y": k["Y"].numpy()}, "Y must be a tensor, got ndarray"),
         (lambda k: {"patterns": k["patterns"].numpy()}, "patterns must be a tensor, got ndarray"),
+        (lambda k: {"weight_decay": 1e308}, "too large: the convex program's weight 2λ overflows"),
     ],
     ids=["d=0", "c=0", "pattern 0.5", "pattern nan", "pattern 2", "sign 0.5", "sign nan", "sign 2", "sign 256",
-         "numpy Y", "numpy patterns"],
+         "numpy Y", "numpy patterns", "λ 1e308"],
 )
 def test_bad_input_is_named_when_the_problem_is_built(change, message):
     kwargs = _data()

@@ -58,6 +58,8 @@ def first_order(
         delta = max(L_data / max(L_cons, 1e-300), 1e-6) if constrained else 0.0
     # (floored where the data term is flat, e.g. constant block outputs centred away by the output bias)
     step = 1.0 / max(L_data + delta * L_cons, op.regularization, 1e-300)
+    if not step > 0.0 or not math.isfinite(step):  # the curvature overflows the working precision (data near its
+        return Result(W, gamma, 0, Status.FAILED)  # largest values): no step to take
     shifted = gamma / delta if constrained else None  # γ/δ, the hinge's offset
     min_step = 1e-6 * step
     rounding = 10.0 * torch.finfo(op.dtype).eps  # the sufficient-decrease test tolerates round-off
@@ -122,6 +124,9 @@ def first_order(
             bound = fy + float((grad * diff).sum()) + float(diff.square().sum()) / (2.0 * step)
             if f_new <= bound + rounding * abs(fy) or step < min_step:
                 break
+            late = deadline is not None and time.perf_counter() > deadline
+            if late or not (math.isfinite(f_new) or math.isfinite(fy)):
+                break  # out of time, or nothing finite to decrease (overflow): the tests below say which
             step *= 0.5
         if step < min_step and precision_fallback:  # the decrease test fails on rounding alone: go on in float64
             W, Z, status, stalled = W_new, Z_new, Status.MAX_ITERATIONS, True
