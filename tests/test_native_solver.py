@@ -173,7 +173,9 @@ def test_fista_in_float32_goes_on_in_float64_where_rounding_stops_its_backtracki
     patterns = X @ torch.randn(40, 10, generator=g, dtype=torch.float64) >= 0
     problem = ConvexProblem(X.float(), torch.sin(X[:, 0]).float(), patterns, weight_decay=1e-2, reduction="sum",
                             output_bias=True)
-    solution = solve_native(problem, gated=True, method="fista", max_iters=8000)
+    # tol 1e-5 (float32 alone stays 1.4e-3 off): at 1e-6 the float64 part's bound lagged its value (optimal to 1e-12)
+    # by 1.2e-6 for 20 000 iterations on an AMD EPYC, where an Intel Xeon's rounding certified it
+    solution = solve_native(problem, gated=True, method="fista", max_iters=8000, tol=1e-5)
     reference = reference_value(problem, gated=True)
     assert solution.U.dtype == torch.float32 and solution.status == "optimal"
     assert abs(solution.value - reference) <= 1e-5 * reference
