@@ -4,6 +4,7 @@ training (rather than found out from a dashboard of failed solves)."""
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from hcl.checks import check_seconds, is_int
 from hcl.convex import available_solvers, check_solver_options
+from hcl.convex.solvers import get_solver
 from hcl.worker import WORKER_KINDS
 
 FORMULATIONS = ("neurons", "patterns")
@@ -41,6 +43,8 @@ def check_monitor_arguments(
     solve_time_limit = check_seconds(solve_time_limit, "solve_time_limit")
     if worker not in WORKER_KINDS:
         raise ValueError(f"worker must be one of {WORKER_KINDS}, got {worker!r}")
+    if asynchronous and worker == "process":
+        _check_sendable(solver)
     if asynchronous and load_solution:
         raise ValueError("load_solution cannot be used with asynchronous=True: a solution that arrives steps later "
                          "would overwrite newer weights")
@@ -79,6 +83,18 @@ def _check_solver(solver: str) -> str:
     if name not in known:
         raise ValueError(f"unknown solver {solver!r}: use one of {known}")
     return name
+
+
+def _check_sendable(solver: str) -> None:
+    """A worker process gets the solver object with each job (it knows only the built-in ones): refuse one that
+    cannot be pickled now, not at every solve."""
+    entry = get_solver(solver)
+    try:
+        pickle.dumps(entry)
+    except Exception as error:  # noqa: BLE001 - pickling raises several types
+        raise ValueError(f"solver {solver!r} ({type(entry).__qualname__} of {type(entry).__module__}) cannot be sent "
+                         f"to the worker process ({error}): define its class at the top level of an importable "
+                         "module, or use worker='thread'") from error
 
 
 def warn_if_checkpoints_wait(trainer: Any, owner: str, every_n_steps: int) -> None:

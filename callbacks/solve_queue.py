@@ -5,6 +5,7 @@ Free of Lightning: the queue hands results back, the callback logs them and rais
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ from hcl.convex.snapshot import (
     solve_snapshot_job,
     store_worker_data,
 )
+from hcl.convex.solvers import get_solver, solve_registered
 from hcl.convex.status import Status
 from hcl.worker import WORKER_KINDS, BackgroundWorker
 
@@ -172,9 +174,10 @@ class SolveQueue:
         if self._worker is None or not self._worker.alive:
             self.close(kill=True)  # a worker process that died (killed for memory, say) is replaced
             self._start_worker()
-        if self._data_key is not None:
+        if self._data_key is not None:  # a process: a solver registered here is unknown there until sent
+            solve_fn = functools.partial(solve_registered, get_solver(spec.solver), solve)
             return self._worker.submit(solve_snapshot_job, spec, replace(snapshot, X=None, Y=None), self._data_key,
-                                       solve)
+                                       solve_fn)
         return self._worker.submit(solve_snapshot_job, spec, replace(snapshot, X=self._X, Y=self._Y), None, solve,
                                    self._chain)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import dataclasses
 import multiprocessing
 import signal
 import threading
@@ -15,10 +16,12 @@ import torch
 from _events import read_scalars
 
 import hcl.callbacks.solve_queue as solve_queue_module
+import hcl.convex.solvers as solvers_module
 import hcl.worker
 from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor, PatternMonitor
 from hcl.convex.problem import ConvexSolution
+from hcl.convex.solvers import Solver, get_solver
 from hcl.datamodules import SyntheticRegression
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -61,6 +64,17 @@ def sleepy_solve(problem, solver, **options):
 
 def exploding_solve(problem, solver, **options):
     raise RuntimeError("solver exploded")
+
+
+class ClarabelByAnotherName(Solver):
+    """A user's solver, registered in the training process only (the worker process never imports this module
+    until the solver object arrives with a job)."""
+
+    name = "clarabel_renamed"
+    options = frozenset({"gated", "warm_start", "time_limit", "verbose", "memory_limit"})
+
+    def solve(self, problem, *, warm_start=None, **options):
+        return dataclasses.replace(get_solver("clarabel").solve(problem, **options), solver=self.name)
 
 
 @pytest.fixture
@@ -393,3 +407,20 @@ def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tm
     s = read_scalars(tmp_path)
     assert _steps(s, "convex/status") == [0, 1, 2]
     assert s["convex/skipped"] == [(3, 1.0)]
+
+
+def test_a_users_registered_solver_is_used_by_the_worker_process(tmp_path, monkeypatch, full_priority, run):
+    """docs/architecture.md's recipe for a solver: every background solve failed with "unknown solver" in a worker
+    process, which starts with the built-in solvers only. One whose class cannot be pickled is refused by name."""
+    monkeypatch.setitem(solvers_module._registry(), "clarabel_renamed", ClarabelByAnotherName())
+    monitor = ConvexGapMonitor(every_n_steps=2, solver="clarabel_renamed", asynchronous=True, worker="process")
+    s = run(tmp_path, [monitor], max_steps=4)
+    assert s["convex/status"] == [(0, 0.0), (2, 0.0)] and _steps(s, "convex/optimum") == [0, 2]
+
+    class Local(ClarabelByAnotherName):
+        name = "local"
+
+    monkeypatch.setitem(solvers_module._registry(), "local", Local())
+    with pytest.raises(ValueError, match="solver 'local' .*cannot be sent to the worker process.*worker='thread'"):
+        ConvexGapMonitor(solver="local", asynchronous=True)
+    ConvexGapMonitor(solver="local", asynchronous=True, worker="thread")

@@ -23,7 +23,7 @@ import difflib
 import numbers
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -165,6 +165,15 @@ def register_solver(solver: Solver) -> None:
     registry = _registry()
     with _REGISTRY_LOCK:
         registry[solver.name.lower()] = solver
+
+
+def solve_registered(
+    solver: Solver, solve_fn: Callable[..., ConvexSolution], problem: ConvexProblem, name: str, **options: Any
+) -> ConvexSolution:
+    """``solve_fn(problem, name, **options)`` (:func:`solve`) with ``solver`` registered first: a worker process
+    starts with the built-in solvers only, so a user's travels with its job (pickled: its class must be importable)."""
+    register_solver(solver)
+    return solve_fn(problem, name, **options)
 
 
 def _registry() -> dict[str, Solver]:
