@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from hcl.checks import check_seconds, is_int
 from hcl.convex import available_solvers, check_solver_options
-from hcl.convex.solvers import get_solver
+from hcl.convex.solvers import solvers_used
 from hcl.worker import WORKER_KINDS
 
 FORMULATIONS = ("neurons", "patterns")
@@ -86,15 +86,19 @@ def _check_solver(solver: str) -> str:
 
 
 def _check_sendable(solver: str) -> None:
-    """A worker process gets the solver object with each job (it knows only the built-in ones): refuse one that
-    cannot be pickled now, not at every solve."""
-    entry = get_solver(solver)
-    try:
-        pickle.dumps(entry)
-    except Exception as error:  # noqa: BLE001 - pickling raises several types
-        raise ValueError(f"solver {solver!r} ({type(entry).__qualname__} of {type(entry).__module__}) cannot be sent "
-                         f"to the worker process ({error}): define its class at the top level of an importable "
-                         "module, or use worker='thread'") from error
+    """A worker process gets the solver objects with each job (it knows only the built-in ones): refuse now, not at
+    every solve, one that cannot be pickled or whose class lives in ``__main__`` (the worker's is empty)."""
+    for entry in solvers_used(solver):
+        module = type(entry).__module__
+        try:
+            pickle.dumps(entry)
+            reason = "a script or notebook's class" if module == "__main__" else None
+        except Exception as error:  # noqa: BLE001 - pickling raises several types
+            reason = str(error)
+        if reason is not None:
+            raise ValueError(f"solver {entry.name!r} ({type(entry).__qualname__} of {module}) cannot be sent to the "
+                             f"worker process ({reason}): define its class at the top level of an importable module, "
+                             "or use worker='thread'")
 
 
 def warn_if_checkpoints_wait(trainer: Any, owner: str, every_n_steps: int) -> None:

@@ -27,7 +27,7 @@ from hcl.convex.snapshot import (
     solve_snapshot_job,
     store_worker_data,
 )
-from hcl.convex.solvers import get_solver, solve_registered
+from hcl.convex.solvers import solve_registered, solvers_used
 from hcl.convex.status import Status
 from hcl.worker import WORKER_KINDS, BackgroundWorker
 
@@ -175,7 +175,7 @@ class SolveQueue:
             self.close(kill=True)  # a worker process that died (killed for memory, say) is replaced
             self._start_worker()
         if self._data_key is not None:  # a process: a solver registered here is unknown there until sent
-            solve_fn = functools.partial(solve_registered, get_solver(spec.solver), solve)
+            solve_fn = functools.partial(solve_registered, solvers_used(spec.solver), solve)
             return self._worker.submit(solve_snapshot_job, spec, replace(snapshot, X=None, Y=None), self._data_key,
                                        solve_fn)
         return self._worker.submit(solve_snapshot_job, spec, replace(snapshot, X=self._X, Y=self._Y), None, solve,

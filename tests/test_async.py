@@ -6,6 +6,7 @@ import _thread
 import dataclasses
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -420,7 +421,14 @@ def test_a_users_registered_solver_is_used_by_the_worker_process(tmp_path, monke
     class Local(ClarabelByAnotherName):
         name = "local"
 
+    class Scripted(ClarabelByAnotherName):  # pickled by reference to a __main__ the worker does not have
+        name = "clarabel"  # and replacing a built-in one, which "auto" calls
+
+    Scripted.__module__, Scripted.__qualname__ = "__main__", "Scripted"
+    monkeypatch.setattr(sys.modules["__main__"], "Scripted", Scripted, raising=False)
     monkeypatch.setitem(solvers_module._registry(), "local", Local())
-    with pytest.raises(ValueError, match="solver 'local' .*cannot be sent to the worker process.*worker='thread'"):
-        ConvexGapMonitor(solver="local", asynchronous=True)
-    ConvexGapMonitor(solver="local", asynchronous=True, worker="thread")
+    monkeypatch.setitem(solvers_module._registry(), "clarabel", Scripted())
+    for name, reason in (("local", "Can't pickle local object"), ("auto", "a script or notebook's class")):
+        with pytest.raises(ValueError, match=f"cannot be sent to the worker process \\({reason}.*worker='thread'"):
+            ConvexGapMonitor(solver=name, asynchronous=True)
+        ConvexGapMonitor(solver=name, asynchronous=True, worker="thread")

@@ -167,12 +167,21 @@ def register_solver(solver: Solver) -> None:
         registry[solver.name.lower()] = solver
 
 
+def solvers_used(name: str) -> tuple[Solver, ...]:
+    """The registered solvers a solve by ``name`` may call: that one, and for ``"auto"`` its candidates."""
+    names = [name.lower()] + (["native", "clarabel"] if name.lower() == "auto" else [])
+    return tuple(get_solver(each) for each in names if each in _registry())
+
+
 def solve_registered(
-    solver: Solver, solve_fn: Callable[..., ConvexSolution], problem: ConvexProblem, name: str, **options: Any
+    solvers: tuple[Solver, ...], solve_fn: Callable[..., ConvexSolution], problem: ConvexProblem, name: str,
+    **options: Any,
 ) -> ConvexSolution:
-    """``solve_fn(problem, name, **options)`` (:func:`solve`) with ``solver`` registered first: a worker process
-    starts with the built-in solvers only, so a user's travels with its job (pickled: its class must be importable)."""
-    register_solver(solver)
+    """``solve_fn(problem, name, **options)`` (:func:`solve`) with ``solvers`` (:func:`solvers_used`) registered
+    first: a worker process starts with the built-in solvers only, so a user's travel with its job (pickled: their
+    classes must be importable there)."""
+    for solver in solvers:
+        register_solver(solver)
     return solve_fn(problem, name, **options)
 
 
