@@ -228,7 +228,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             data_loss = weight * data_scale(self.reduction, x.shape[0]) * local_sum
             loss = data_loss + penalty
             if on_step and self.hparams.out_features > 1:
-                counts = (self._correct(out, y), torch.tensor(float(x.shape[0]), device=out.device))
+                counts = (self._correct(out, y), torch.tensor(x.shape[0], device=out.device))
         rows = x.shape[0]
         if not on_step:  # validation and test: over the whole set, logged at the stage's end (hcl.evaluation)
             rows = self.evaluation_rows(stage, batch_idx, x.shape[0])
@@ -256,7 +256,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return loss
 
     def _correct(self, out: Tensor, y: Tensor) -> Tensor:
-        return (out.detach().argmax(dim=1) == self._class_index(y)).sum().to(out.dtype)
+        return (out.detach().argmax(dim=1) == self._class_index(y)).sum()  # an integer: bf16 counts only to 256
 
     def _step_means(
         self, data_loss: Tensor, penalty: Tensor, counts: tuple[Tensor, Tensor] | None
@@ -264,7 +264,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         """The training values of the optimizer step so far: with ``accumulate_grad_batches = k`` the step minimises
         the mean of its ``k`` micro-batches' objectives, and Lightning logs only the last value given."""
         if self._window is None or self._window[0] != self.global_step:  # the step's first micro-batch
-            self._window = (self.global_step, 0, 0.0, 0.0, 0.0, 0.0)
+            self._window = (self.global_step, 0, 0.0, 0.0, 0, 0)
         _, k, data, pen, correct, rows = self._window
         k, data, pen = k + 1, data + data_loss, pen + penalty
         if counts is not None:

@@ -176,6 +176,28 @@ def test_accumulated_steps_log_the_mean_of_their_micro_batches(tmp_path, make_tr
         assert dict(logged["train/acc"])[step] == pytest.approx(sum(p[2] for p in parts) / sum(p[3] for p in parts))
 
 
+def test_the_training_accuracy_under_bf16_counts_every_sample(tmp_path, make_trainer):
+    """Under ``bf16-mixed`` the outputs are bfloat16, which holds integers exactly only up to 256: the count of right
+    answers is an integer (988 was logged for 987 of 3 001)."""
+    from _events import read_scalars
+
+    torch.manual_seed(0)
+    X, labels = torch.randn(3001, 5), torch.randint(0, 3, (3001,))
+    model = TwoLayerReLU(in_features=5, hidden=20, out_features=3, lr=0.05)
+    counts = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                counts.append(int((module(batch[0]).argmax(1) == batch[1]).sum()))
+
+    loader = DataLoader(TensorDataset(X, labels), batch_size=3001)
+    make_trainer([Record()], max_steps=3, precision="bf16-mixed", log_every_n_steps=1).fit(model, loader)
+    logged = [value for _, value in read_scalars(tmp_path)["train/acc"]]
+    assert logged == [pytest.approx(count / 3001, abs=1e-7) for count in counts]
+    assert any(count % 4 for count in counts)  # counts bfloat16 could not hold (it steps by 4 from 512 to 1 024)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
