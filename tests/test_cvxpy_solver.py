@@ -276,18 +276,3 @@ def test_a_float32_problem_is_certified_at_the_point_the_solver_found(seed):
     reference = solve_cvxpy(problem.in_float64())
     assert solution.value == pytest.approx(reference.value, rel=1e-7)
 
-
-@pytest.mark.parametrize("solver", [s for s in ("CLARABEL", "ECOS") if s in installed_solvers()])
-@pytest.mark.parametrize("targets,output_bias", [(0.0, False), (0.0, True), (0.1, True)])
-@pytest.mark.parametrize("gated", [False, True])
-def test_targets_the_zero_network_interpolates_are_solved_exactly(solver, targets, output_bias, gated):
-    """``Y = 0``, or a constant ``Y`` with an output bias: ``p* = 0``, which the floor of the relative gap (0 there)
-    cannot certify from a solver's leftover of 1e-13; the zero network (output bias ``Y``) is returned, optimal."""
-    g = torch.Generator().manual_seed(0)
-    X = torch.cat([torch.randn(12, 2, generator=g, dtype=torch.float64), torch.ones(12, 1, dtype=torch.float64)], 1)
-    D = X @ torch.randn(3, 5, generator=g, dtype=torch.float64) >= 0
-    problem = ConvexProblem(X, torch.full((12, 3), targets, dtype=torch.float64), D, 0.01, output_bias=output_bias)
-    solution = solve_cvxpy(problem, solver, gated=gated)
-    assert solution.status == Status.OPTIMAL and solution.value == 0.0 == solution.dual_value
-    assert float(problem.objective(solution.U, solution.V, solution.b0)) == 0.0
-    assert solution.gated is gated and solution.U.shape == (5, 3, 3)

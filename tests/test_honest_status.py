@@ -277,3 +277,21 @@ def test_data_whose_curvature_overflows_fails_the_first_order_method_at_once(sca
     problem = ConvexProblem((X * scale).float(), torch.randn(5, generator=g).float(), D, weight_decay=0.1)
     solution = solve(problem, "native", method="fista", time_limit=5)
     assert solution.status == Status.FAILED and solution.iterations == 0
+
+
+@pytest.mark.parametrize("solver,options", [("clarabel", {}), ("ecos", {}), ("native", {"method": "admm"}),
+                                            ("native", {"method": "newton"}), ("native", {"method": "fista"})])
+@pytest.mark.parametrize("targets,output_bias", [(0.0, False), (0.0, True), (0.1, True)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_targets_the_zero_network_interpolates_are_solved_exactly(solver, options, targets, output_bias, gated):
+    """``Y = 0``, or a constant ``Y`` with an output bias: ``p* = 0``, which the floor of the relative gap (0 there)
+    cannot certify from a solver's leftover of 1e-13 (Clarabel) or 2e-18 (the ADMM); the zero network (output bias
+    ``Y``'s row) is returned, optimal."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([torch.randn(12, 2, generator=g, dtype=torch.float64), torch.ones(12, 1, dtype=torch.float64)], 1)
+    D = X @ torch.randn(3, 5, generator=g, dtype=torch.float64) >= 0
+    problem = ConvexProblem(X, torch.full((12, 3), targets, dtype=torch.float64), D, 0.01, output_bias=output_bias)
+    solution = solve(problem, solver, gated=gated, **options)
+    assert solution.status == Status.OPTIMAL and solution.value == 0.0 == solution.dual_value
+    assert float(problem.objective(solution.U, solution.V, solution.b0)) == 0.0
+    assert solution.gated is gated and solution.U.shape == (5, 3, 3)

@@ -192,7 +192,7 @@ def solve_cvxpy(
     check_conic_memory(problem, name.lower(), memory_limit)
     start = time.perf_counter()
     if problem.zero_optimum:  # known exactly: a conic solver's 1e-13 left over would be a relative gap of 1
-        return _zero_network(problem, name, gated, time.perf_counter() - start)
+        return ConvexSolution.zero_network(problem, name, gated, time.perf_counter() - start)
     cvx_problem, read_solution = _build(problem, gated)
     try:
         with warnings.catch_warnings():
@@ -240,15 +240,6 @@ def solve_cvxpy(
         gated=gated,
         gap_floor=problem.gap_floor,
     )
-
-
-def _zero_network(problem: ConvexProblem, name: str, gated: bool, seconds: float) -> ConvexSolution:
-    """The optimum of a problem whose targets are 0 or constant (:attr:`ConvexProblem.zero_optimum`): no neuron,
-    the output bias the targets' row."""
-    U = problem.X.new_zeros(problem.num_patterns, problem.d, problem.c)
-    b0 = problem.Y[0].clone() if problem.output_bias else U.new_zeros(problem.c)
-    return ConvexSolution(value=0.0, U=U, V=U.clone(), b0=b0, status=Status.OPTIMAL, solver=name, solve_seconds=seconds,
-                          iterations=0, dual_value=0.0, gated=gated, gap_floor=problem.gap_floor)
 
 
 def certified_status(

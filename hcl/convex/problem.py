@@ -415,6 +415,15 @@ class ConvexSolution:
     multipliers: object | None = None
     gap_floor: float = 0.0
 
+    @classmethod
+    def zero_network(cls, problem: ConvexProblem, solver: str, gated: bool, seconds: float) -> ConvexSolution:
+        """The optimum where the zero network interpolates the targets (:attr:`ConvexProblem.zero_optimum`): no
+        neuron, the output bias ``Y``'s row; a solver's leftover of 1e-13 would be a relative gap of 1 (floor 0)."""
+        U = problem.X.new_zeros(problem.num_patterns, problem.d, problem.c)
+        b0 = problem.Y[0].clone() if problem.output_bias else U.new_zeros(problem.c)
+        return cls(value=0.0, U=U, V=U.clone(), b0=b0, status=Status.OPTIMAL, solver=solver, solve_seconds=seconds,
+                   iterations=0, dual_value=0.0, gated=gated, gap_floor=problem.gap_floor)
+
     @property
     def ok(self) -> bool:
         """A usable point: the status is optimal (or optimal to a looser tolerance) and the value is finite."""

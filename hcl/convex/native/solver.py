@@ -17,7 +17,6 @@ from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.threads import solve_threads
 from hcl.convex.native.warm_start import Multipliers, warm_point
 from hcl.convex.problem import ConvexProblem, ConvexSolution
-from hcl.convex.status import Status
 
 _METHODS = {"newton": interior_point, "fista": first_order, "admm": admm}
 
@@ -87,9 +86,8 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
 
     op = Operator(problem, gated=gated, dtype=dtype, row_space=True)
     warm = None if warm_start is None else warm_point(op, warm_start)
-    if op.y_scale == 0.0:  # Y = 0: the zero point is optimal, with a zero certificate
-        return _solution(op, Result(op.zeros(), None, 0, Status.OPTIMAL), time.perf_counter() - start,
-                         "native-" + chosen.method, chosen)
+    if problem.zero_optimum:  # Y = 0, or constant with an output bias: the zero network, p* = 0
+        return ConvexSolution.zero_network(problem, "native-" + chosen.method, gated, time.perf_counter() - start)
     # a precision chosen by default, below float64: where it stalls, the solve goes on in float64 if that fits
     wider = None
     if chosen.method in _FALLBACK and dtype != torch.float64 and asked.dtype is None:
