@@ -279,6 +279,9 @@ def test_remap_warm_start_matches_identical_patterns():
     warm = solve_native(next_problem, warm_start=(U, V, b0, mult))
     assert warm.status == "optimal"
     assert abs(warm.value - reference_value(next_problem)) <= 1e-5 * warm.value
+    # the tuples solve() takes as a warm start: no output bias, a plain tensor of multipliers
+    again = remap_warm_start(old, (solution.U, solution.V, None, solution.multipliers.cone.to_dense()), new)
+    assert again[2] is None and torch.equal(again[0], U) and torch.equal(again[3].cone.to_dense(), dense_new)
 
 
 def test_remap_warm_start_gives_changed_patterns_the_nearest_block():

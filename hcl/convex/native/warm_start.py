@@ -145,13 +145,15 @@ def remap_warm_start(
     if mult is not None:
         # a block's multipliers do not scale with it (stationarity involves w / ‖w‖): copied as they are, except
         # where a sample changed side, whose constraint changed sign (docs/solvers.md, "Warm starts")
+        if not isinstance(mult, Multipliers):  # a tensor, as a warm start's tuple may hold them (warm_point)
+            mult = Multipliers(_tensor(mult, "the warm start's multipliers"))
         cone = mult.cone.to_dense() if mult.cone.is_sparse else mult.cone
         dense = cone.new_zeros(cone.shape[:2] + (P_new,) + cone.shape[3:])
         taken = old_index[keep].to(cone.device)
         same_side = old_patterns.bool().to(cone.device)[:, taken] == new_patterns.bool().to(cone.device)[:, keep]
         dense[:, :, keep] = cone[:, :, taken] * same_side[:, None, :, None]
         new_mult = Multipliers(dense.to_sparse(), mult.penalty)
-    return U_new, V_new, b0.clone(), new_mult
+    return U_new, V_new, None if b0 is None else b0.clone(), new_mult
 
 
 def nearest_columns(old: Tensor, new: Tensor) -> Tensor:
