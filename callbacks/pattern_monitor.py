@@ -27,7 +27,7 @@ from typing_extensions import override
 from hcl import dashboard
 from hcl.callbacks.base import StackCallback
 from hcl.callbacks.logs import log_scalars
-from hcl.patterns import PatternTracker, pack_signs, pre_activations
+from hcl.patterns import PatternTracker, pack_hidden_signs, pack_signs
 
 
 class PatternMonitor(StackCallback):
@@ -172,8 +172,8 @@ class PatternMonitor(StackCallback):
         if not self._finite(weight, bias, step):
             return
         # Packed straight from the pre-activations: no (n, m) boolean matrix.
-        pre = pre_activations(self._data, weight, bias) if output is None else output
-        self._record(trainer, pack_signs(pre), step)
+        packed = pack_hidden_signs(self._data, weight, bias) if output is None else pack_signs(output)
+        self._record(trainer, packed, step)
 
     def _record(self, trainer: "pl.Trainer", packed: Tensor, step: int) -> None:
         stats = self._tracker.update_packed(packed)

@@ -263,3 +263,19 @@ def test_seed_experiment_c_setting_at_step_zero():
     assert per_neuron.num_patterns == exact.num_patterns == 20
     assert solve_cvxpy(per_neuron).value == pytest.approx(0.1012, abs=5e-4)
     assert solve_cvxpy(exact).value < 1e-6
+
+
+def test_the_network_objective_is_summed_a_block_of_rows_at_a_time(monkeypatch):
+    """``L`` is taken over blocks of rows (the ``(n, m)`` hidden outputs of a large set are GBs), with the value of the
+    whole product and its gradient."""
+    import hcl.convex.problem as problem_module
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(50, 4, generator=g, dtype=torch.float64), torch.randn(50, 2, generator=g, dtype=torch.float64)
+    W = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    A, b = torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64)
+    whole = 0.1 * (W.square().sum() + A.square().sum()) + (torch.relu(X @ W.T) @ A.T + b - Y).square().sum() / 50
+    monkeypatch.setattr(problem_module, "SAMPLE_BYTES", 6 * 8 * 7)  # blocks of 7 rows
+    blocks = network_objective(X, Y, W, A, b, 0.1, "mean")
+    assert float(blocks) == pytest.approx(float(whole), rel=1e-14)
+    assert torch.allclose(torch.autograd.grad(blocks, W)[0], torch.autograd.grad(whole, W)[0], rtol=1e-12)

@@ -188,6 +188,22 @@ def test_sample_patterns_unique_and_reproducible():
         sample_patterns(X, 0)
 
 
+def test_patterns_of_many_rows_are_computed_a_block_of_rows_at_a_time(monkeypatch):
+    """The (n, m) pre-activations are 4–8× the patterns' size (PatternMonitor's snapshot every step, every problem
+    built): made a block of whole packed words at a time, with the same patterns, packed or not."""
+    import hcl.patterns as patterns
+
+    X, W, b = torch.randn(1000, 7), torch.randn(30, 7), torch.randn(30)
+    whole = X @ W.T + b
+    made = []
+    pre = patterns.pre_activations
+    monkeypatch.setattr(patterns, "pre_activations", lambda X, *a: made.append(X.shape[0]) or pre(X, *a))
+    monkeypatch.setattr(patterns, "SAMPLE_BYTES", 30 * 4 * 64 * 3)  # 192 rows a block
+    assert torch.equal(patterns.pack_hidden_signs(X, W, b), patterns.pack_signs(whole))
+    assert torch.equal(patterns.activation_patterns(X, W, b), whole >= 0)
+    assert made == [192] * 5 + [40] + [192] * 5 + [40]
+
+
 def test_sample_patterns_in_blocks_of_gates(monkeypatch):
     """The product ``X g`` is made a block of gates at a time (its size, not the patterns', is what MNIST cannot
     hold at once); the patterns are the one-shot product's."""

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from hcl.checks import REDUCTIONS, check_weight_decay
 from hcl.convex.status import GAP_FLOOR, Status, relative_gap
+from hcl.patterns import SAMPLE_BYTES
 
 Reduction = Literal["sum", "mean"]
 
@@ -373,10 +374,14 @@ def network_objective(
     output_bias = None if output_bias is None else output_bias.to(dtype)
     if Y.ndim == 1:
         Y = Y.reshape(-1, 1)
-    out = torch.relu(X @ hidden_weight.T) @ output_weight.T
-    if output_bias is not None:
-        out = out + output_bias.reshape(1, -1)
-    data = data_scale(reduction, X.shape[0]) * (out - Y).square().sum()
+    rows = max(1, SAMPLE_BYTES // max(1, hidden_weight.shape[0] * dtype.itemsize))
+    total = X.new_zeros(())
+    for lo in range(0, X.shape[0], rows):  # a block of rows at a time: the (n, m) hidden outputs can be GBs
+        out = torch.relu(X[lo:lo + rows] @ hidden_weight.T) @ output_weight.T
+        if output_bias is not None:
+            out = out + output_bias.reshape(1, -1)
+        total = total + (out - Y[lo:lo + rows]).square().sum()
+    data = data_scale(reduction, X.shape[0]) * total
     return data + weight_decay * (hidden_weight.square().sum() + output_weight.square().sum())
 
 
