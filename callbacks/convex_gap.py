@@ -11,7 +11,8 @@ these patterns reaches, and since the network itself is one of them, ``p* ≤ L`
 solver certified it, otherwise the bracket ``lower_bound ≤ p* ≤ upper_bound`` and the status. No value is capped
 (``docs/dashboards.md`` says what each tag means and when it is certified).
 
-Solves can run in the background (``asynchronous=True``): the training thread only copies the weights; a worker
+Solves can run in the background (``asynchronous=True``): the training thread only copies the weights (and draws
+the ``sampled_patterns``, for the snapshots the queue takes); a worker
 solves (:class:`hcl.callbacks.solve_queue.SolveQueue`); the results are logged at the step of their snapshot. Under
 DDP the monitor solves on rank zero only.
 """
@@ -265,12 +266,12 @@ class ConvexGapMonitor(StackCallback):
             if distributed_load:
                 self._apply(trainer.strategy.broadcast(None, src=0))  # collective: every rank, every due step
             return
-        snapshot = self._snapshot(step)
-        if self._queue is not None:
-            if not self._queue.submit(self._spec(), snapshot):
+        if self._queue is not None:  # a full queue skips before the snapshot: sampling patterns takes seconds
+            if self._queue.full or not self._queue.submit(self._spec(), self._snapshot(step)):
                 self._skipped += 1
                 log_scalars(trainer, {f"{self.prefix}/skipped": self._skipped}, step)
             return
+        snapshot = self._snapshot(step)
         metrics, solved = self.evaluate(snapshot)
         log_scalars(trainer, metrics, step)
         if self.load_solution:

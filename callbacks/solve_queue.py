@@ -111,10 +111,15 @@ class SolveQueue:
         """Snapshots queued, being solved, or solved and not yet collected."""
         return len(self._jobs) + len(self._ready)
 
-    def submit(self, spec: SolveSpec, snapshot: Snapshot) -> bool:
-        """Queue ``snapshot``; ``False`` (nothing queued) when ``max_pending`` snapshots are already waiting."""
+    @property
+    def full(self) -> bool:
+        """``max_pending`` snapshots are already waiting (an abandoned thread still solving counts)."""
         self._stragglers = [worker for worker in self._stragglers if worker.running]
-        if len(self._jobs) + len(self._stragglers) >= self.max_pending:  # an abandoned thread still solves
+        return len(self._jobs) + len(self._stragglers) >= self.max_pending
+
+    def submit(self, spec: SolveSpec, snapshot: Snapshot) -> bool:
+        """Queue ``snapshot``; ``False`` (nothing queued) when the queue is :attr:`full`."""
+        if self.full:
             return False
         future = self._send(spec, snapshot)
         self._jobs.append(_Job(spec, snapshot, future, self._worker))

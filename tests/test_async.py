@@ -101,9 +101,12 @@ def test_with_room_in_the_queue_the_async_series_is_the_sync_series(tmp_path, wo
 def test_a_full_queue_skips_and_counts_but_loses_nothing(tmp_path, monkeypatch, run):
     monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
     monitor = ConvexGapMonitor(solver="clarabel", asynchronous=True, max_pending=1, worker="thread")
+    built, snapshot = [], monitor._snapshot
+    monitor._snapshot = lambda step: built.append(step) or snapshot(step)
     s = run(tmp_path, [monitor], max_steps=30)
     solved, skipped = _steps(s, "convex/status"), _steps(s, "convex/skipped")
     assert skipped, "a 50 ms solver at every step of a fast run must fall behind"
+    assert built == solved  # a skipped step's snapshot is not built (its sampled patterns take seconds at MNIST size)
     assert len(solved) == len(set(solved))  # each solved step exactly once
     assert not set(solved) & set(skipped)
     assert sorted(solved + skipped) == list(range(30))  # every due step is either solved or counted
