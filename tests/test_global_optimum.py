@@ -172,9 +172,10 @@ def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path,
 
 def test_an_all_patterns_problem_that_does_not_fit_in_memory_stops_with_one_message(make_trainer):
     model = TwoLayerReLU(in_features=2, hidden=4, bias=False, weight_decay=1e-3)
-    monitor = GlobalOptimumMonitor(solver="clarabel", solver_options={"memory_limit": 1 << 20})
+    # a budget the native solver's least estimate fits (so the patterns are enumerated) and Clarabel's does not
+    monitor = GlobalOptimumMonitor(solver="clarabel", solver_options={"memory_limit": 67_300_000})
     with pytest.raises(ValueError, match=r"GlobalOptimumMonitor: the all-patterns problem \(11 patterns\) was not "
-                                         r"solved: clarabel needs about 64.* more than the memory budget of 1 MiB"):
+                                         r"solved: clarabel needs about 64.* more than the memory budget of 64.2 MiB"):
         make_trainer([monitor], max_steps=1, logger=False).fit(model, datamodule=_points_data())
 
 
@@ -188,9 +189,11 @@ def test_patterns_whose_solve_cannot_fit_are_not_enumerated(make_trainer, monkey
     x = torch.rand(400, 2, generator=g, dtype=torch.float64)
     data = SyntheticRegression(kind="points", x=x.tolist(), y=x.sum(1).tolist(), dtype="float64")
     model = TwoLayerReLU(in_features=2, hidden=4, bias=True, weight_decay=1e-3)
-    monitor = GlobalOptimumMonitor(solver="native", solver_options={"memory_limit": 64 << 20})
+    # 4 GiB: room for the block outputs (1.1 GB, the least this refusal once counted), not for the native solver's
+    # least estimate (12.6 GiB): the solve was refused after the enumeration
+    monitor = GlobalOptimumMonitor(solver="native", solver_options={"memory_limit": 4 << 30})
     with pytest.raises(ValueError, match=r"GlobalOptimumMonitor: the all-patterns problem was not built: the "
-                                         r"all-patterns problem needs about .* P=159601, .* budget of 64 MiB"):
+                                         r"all-patterns problem needs about 12.6 GiB .* P=159601, .* budget of 4 GiB"):
         make_trainer([monitor], max_steps=1, logger=False).fit(model, datamodule=data)
 
 

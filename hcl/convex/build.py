@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hcl.convex.native.memory import SolverMemoryError, memory_budget
+from hcl.convex.native.memory import SolverMemoryError, footprint, memory_budget
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.problem import ConvexProblem, fold_bias, fold_weights
 from hcl.enumeration import enumerate_patterns
@@ -217,13 +217,16 @@ def all_patterns_problem(
 
 
 def _check_room(points: Tensor, d: int, Y: Tensor, memory_limit: int | None) -> None:
-    """Refuse, before it runs, an enumeration whose patterns' solve could not fit (16 n bytes a pattern and output:
-    the block outputs of both sides in float64; ``docs/solvers.md#memory``)."""
+    """Refuse, before it runs, an enumeration whose patterns' solve could not fit: the least of the native solver's
+    own estimates (the first-order method a sample at a time in float64, the ADMM in float32 without its history) at
+    the most patterns the points can have, as many in general position (``docs/solvers.md#memory``)."""
     NativeOptions(memory_limit=memory_limit)  # checked as every solver's option
     n, distinct = points.shape[0], torch.unique(points, dim=0).shape[0]
     most = 2 * distinct - 1 if points.shape[1] == 1 else distinct * distinct - distinct + 1
     c = 1 if Y.ndim == 1 else Y.shape[1]
     budget, why = memory_budget("cpu", memory_limit)
-    needed = 16 * n * most * c + n * most
+    least = min(footprint("fista", n, d, most, c, torch.float64, 1).total,
+                footprint("admm", n, d, most, c, torch.float32, anderson=0).total)
+    needed = max(least, n * most)  # and the enumeration's own output
     if budget is not None and needed > budget:
         raise SolverMemoryError("the all-patterns problem", (n, d, most, c), needed, budget, why)
