@@ -185,8 +185,8 @@ def all_patterns_problem(
         ValueError: when there is no bias (no first-layer bias and no column of ones), or when the data has more
             than two columns besides the ones (patterns are enumerated for 1-D and 2-D data only).
         SolverMemoryError: before enumerating, when the patterns the distinct points may have (``2n − 1`` on a line,
-            ``n² − n + 1`` in the plane) would not leave room for one tensor of their block outputs, the least any
-            solve of them holds (the enumeration's own output is ``n`` bytes a pattern).
+            ``n² − n + 1`` in the plane; as many in general position) would not fit the least the native solver
+            needs for them (the enumeration's own output is ``n`` bytes a pattern).
     """
     if X.ndim != 2:
         raise ValueError(f"X must be (n, features), got shape {tuple(X.shape)}")
