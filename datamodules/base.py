@@ -51,6 +51,10 @@ class _EpochSampler(DistributedSampler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.skip = 0
+        self.offset = 0  # this run's epoch less Lightning's count (see _ResumableLoader.load_state_dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch + self.offset)
 
     def __iter__(self):
         indices = list(super().__iter__())
@@ -63,19 +67,23 @@ class _ResumableLoader(DataLoader):
     the epoch from its first batch, and the resumed run trains on other batches than the uninterrupted one.
 
     Its state is the number of batches training took in the epoch (``taken``, from the trainer: the loader's own
-    iterator runs a batch ahead); at the end of an epoch there is nothing to skip.
+    iterator runs a batch ahead; at the end of an epoch there is nothing to skip), the epoch whose order it was
+    drawing, and Lightning's count of epochs then (``counted``). A checkpoint written where ``max_steps`` ended an
+    epoch early counts that epoch as processed: the resumed run sets the sampler one epoch ahead, from then on.
     """
 
-    def __init__(self, *args, taken, **kwargs) -> None:
+    def __init__(self, *args, taken, counted, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.taken = taken
+        self.taken, self.counted = taken, counted
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches": self.taken()}
+        return {"batches": self.taken(), "epoch": self.sampler.epoch, "counted": self.counted()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         batches = int(state.get("batches", 0)) % len(self)
         self.sampler.skip = batches * self.batch_size
+        if "epoch" in state:  # the epochs Lightning will count ahead of this run's own
+            self.sampler.offset = int(state["epoch"]) - int(state["counted"])
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -379,7 +387,13 @@ class TensorDataModule(pl.LightningDataModule):
         # order depends only on the seed and the epoch, also after resuming from a checkpoint (inside an epoch too:
         # the loader's state is the batches training took, which the resumed epoch skips).
         sampler = _EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
-        return _ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, taken=self._batches_taken)
+        return _ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, taken=self._batches_taken,
+                                counted=self._epochs_counted)
+
+    def _epochs_counted(self) -> int:
+        """Lightning's count of the epochs begun, which it gives the sampler as the epoch at a resume."""
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.fit_loop.epoch_progress.current.processed)
 
     def _batches_taken(self) -> int:
         """The training batches of the current epoch the fit loop has trained on (not the ones fetched ahead, nor one

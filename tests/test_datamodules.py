@@ -386,7 +386,8 @@ def test_tensor_module_rejects_non_tensor_pairs_early():
 
 def test_a_mid_epoch_checkpoint_resumes_with_the_batches_the_epoch_had_left(make_trainer, tmp_path):
     """Lightning replays a plain loader's epoch from its first batch; the data modules' loader skips the batches
-    training took, so the resumed run is the uninterrupted one."""
+    training took, so the resumed run is the uninterrupted one. Also from the checkpoint written where ``max_steps``
+    ended an epoch early, which Lightning counts as processed: it set the sampler one epoch ahead from then on."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from hcl import TwoLayerReLU
@@ -401,13 +402,15 @@ def test_a_mid_epoch_checkpoint_resumes_with_the_batches_the_epoch_had_left(make
         return model
 
     every_three = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    reference = run(8, tmp_path / "a", checkpoint=every_three)
+    reference = run(14, tmp_path / "a", checkpoint=every_three)
     # after 6 steps, 2 into epoch 1 (named after the last logged step, 5: docs/reliability.md)
     mid_epoch = tmp_path / "ckpt" / "epoch=1-step=5.ckpt"
     assert torch.load(mid_epoch, weights_only=False)["global_step"] == 6
-    resumed = run(8, tmp_path / "b", ckpt_path=str(mid_epoch))
-    for name, value in reference.state_dict().items():
-        assert torch.equal(resumed.state_dict()[name], value), name  # (the replayed batches moved them by 8e-2)
+    run(6, tmp_path / "c", checkpoint=ModelCheckpoint(dirpath=tmp_path / "end"))  # stopped 2 into epoch 1
+    for checkpoint in (mid_epoch, next((tmp_path / "end").glob("*.ckpt"))):
+        resumed = run(14, tmp_path / "b", ckpt_path=str(checkpoint))
+        for name, value in reference.state_dict().items():  # (the replayed batches moved them by 8e-2)
+            assert torch.equal(resumed.state_dict()[name], value), (checkpoint.name, name)
 
 
 @pytest.mark.parametrize("n,world_size,batch_size", [(101, 2, 10), (33, 2, 4), (103, 4, 16), (200, 3, 50), (13, 3, 3)])
