@@ -321,7 +321,7 @@ def _suggestion(class_path: str, option: str) -> str:
     accepted = [p for p in parameters if p not in ("self", "args", "kwargs")]
     close = difflib.get_close_matches(option, accepted, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} (accepted: {', '.join(accepted)})"
+    return f"{hint} (accepted: {', '.join(accepted)})" if accepted else f"{hint} ({name} takes no options)"
 
 
 def _squeeze(text: str) -> str:

@@ -170,6 +170,8 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
     (["--data=hcl.datamodules.SyntheticRegression", "--model=hcl.ConvexReLU", "--lr_scheduler=torch.optim."
       "lr_scheduler.StepLR", "--lr_scheduler.step_size=2"], "hcl.ConvexReLU takes its step from --model.optimizer"),
     (["validate"], "python -m hcl.fit has no subcommands ('validate')"),
+    (["--trainer.callbacks=[{class_path:hcl.callbacks.PatternMonitor}]"],  # YAML without the space after ':'
+     "Option 'class_path:hcl.callbacks.PatternMonitor' is not accepted (Callback takes no options)"),
     (["--trainer.max_epochs=-5"], "error: Trainer: `max_epochs` must be"),
     # linked from the data module, which silently replaced it
     (["--model.in_features=100"], "--model.in_features is taken from the data module"),
