@@ -181,7 +181,7 @@ def test_help_names_the_command_hcls_data_modules_and_the_links(capsys):
     # a prefix of a trainer option ran as the option (--trainer.max_step=20 trained 20 steps)
     (["--trainer.max_step=20"], "unrecognized arguments: --trainer.max_step=20"),
 ], ids=["hidden", "data-kind", "callback-option", "mnist-root", "literal-value", "convex-model-with-monitors",
-        "convex-model-scheduler", "subcommand", "private-class", "linked-size", "option-before-class",
+        "convex-model-scheduler", "subcommand", "no-options", "private-class", "linked-size", "option-before-class",
         "abbreviation"])
 def test_a_wrong_value_is_one_line_on_stderr_and_leaves_no_empty_run(args, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
