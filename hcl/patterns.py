@@ -15,9 +15,11 @@ enumerated instead (:func:`hcl.enumeration.enumerate_patterns`).
 
 from __future__ import annotations
 
+import base64
 import numbers
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -265,11 +267,11 @@ class PatternStats(NamedTuple):
 class PatternTracker:
     """Follows the neurons' patterns over a run: distinct, dead, changed and never-seen-before counts.
 
-    Patterns are remembered by their 128-bit keys (:func:`pattern_keys`), not their ``n`` bits, and the history is
-    saved by :meth:`state_dict` as plain Python ints: a resumed run continues ``new`` and ``changed`` where it
-    stopped. It grows with the distinct patterns seen (about 300 bytes each in memory, 25 in a checkpoint: noisy
-    mini-batch SGD with 500 neurons met about 10 000 new ones per 1 000 steps). All snapshots must be taken on the
-    same data (the same rows of ``D``).
+    Patterns are remembered by their 128-bit keys (:func:`pattern_keys`), not their ``n`` bits, in one sorted array,
+    and the history is saved by :meth:`state_dict` as a base64 string: a resumed run continues ``new`` and
+    ``changed`` where it stopped. It grows with the distinct patterns seen, 16 bytes each in memory, 22 in a
+    checkpoint (mini-batch Adam on MNIST with 500 neurons meets 500 new ones at every step: 8 MB per 1 000 steps).
+    All snapshots must be taken on the same data (the same rows of ``D``).
 
     Example::
 
@@ -279,15 +281,13 @@ class PatternTracker:
     """
 
     def __init__(self) -> None:
-        self._seen: set[tuple[int, int]] = set()
-        self._previous: Tensor | None = None  # (m, 2) keys of the last snapshot
-        self._undo: tuple[list[tuple[int, int]], Tensor | None] = ([], None)  # the last update's additions, previous
+        self.reset()
 
     def reset(self) -> None:
         """Forget the history (the next snapshot counts as the first)."""
-        self._seen = set()
-        self._previous = None
-        self._undo = ([], None)
+        self._seen = np.empty(0, _KEY)  # sorted, distinct
+        self._previous: Tensor | None = None  # (m, 2) keys of the last snapshot
+        self._undo: tuple[np.ndarray, Tensor | None] = (self._seen, None)  # the last update's additions, previous
 
     @property
     def num_seen(self) -> int:
@@ -315,35 +315,50 @@ class PatternTracker:
                     "call reset() before tracking a different network"
                 )
             changed = int((self._previous.to(keys.device) != keys).any(dim=1).sum())
-        added = []
-        for pair in distinct.cpu().tolist():
-            key = (pair[0], pair[1])
-            if key not in self._seen:
-                self._seen.add(key)
-                added.append(key)
-        new = len(added)
+        candidates = _as_keys(distinct.cpu().numpy())
+        where = np.searchsorted(self._seen, candidates)
+        known = where < len(self._seen)
+        known[known] = self._seen[where[known]] == candidates[known]
+        added = candidates[~known]
+        self._seen = np.insert(self._seen, where[~known], added)  # sorted still: both are
         self._undo = (added, self._previous)
         self._previous = keys
         unique = distinct.shape[0]
         return PatternStats(
-            unique=unique, dead=int(dead.sum()), changed=changed, new=new, unique_live=unique - int(has_dead)
+            unique=unique, dead=int(dead.sum()), changed=changed, new=len(added), unique_live=unique - int(has_dead)
         )
 
     def state_dict(self, drop_last: bool = False) -> dict:
-        """The history as plain Python ints and lists (picklable, no tensors); with ``drop_last``, as it was before
-        the last snapshot (a checkpoint of a step that did not finish, which the resumed run takes again)."""
+        """The history as a string and lists (what ``torch.load(weights_only=True)`` reads); with ``drop_last``, as it
+        was before the last snapshot (a checkpoint of a step that did not finish, which the resumed run takes again)."""
         seen, previous = self._seen, self._previous
         if drop_last:
-            seen, previous = seen - set(self._undo[0]), self._undo[1]
-        return {"seen": sorted(seen), "previous": None if previous is None else previous.cpu().tolist()}
+            seen = np.delete(seen, np.searchsorted(seen, self._undo[0]))
+            previous = self._undo[1]
+        return {"seen": base64.b64encode(seen.tobytes()).decode("ascii"),
+                "previous": None if previous is None else previous.cpu().tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a history saved by :meth:`state_dict`."""
+        """Restore a history saved by :meth:`state_dict` (or, by earlier versions, as a list of key pairs)."""
         if not isinstance(state, dict) or "seen" not in state or "previous" not in state:
             raise ValueError("state must be a dict with keys 'seen' and 'previous' (from state_dict())")
-        self._seen = {(int(a), int(b)) for a, b in state["seen"]}
+        seen = state["seen"]
+        if isinstance(seen, str):
+            self._seen = np.frombuffer(base64.b64decode(seen), dtype=_KEY).copy()
+        else:
+            self._seen = np.unique(_as_keys(np.asarray(seen, dtype=np.int64).reshape(-1, 2)))
         previous = state["previous"]
         self._previous = None if previous is None else torch.tensor(previous, dtype=torch.int64).reshape(-1, 2)
+        self._undo = (self._seen[:0], None)
+
+
+# A pattern's key as one sortable record: numpy orders structured arrays field by field
+_KEY = np.dtype([("high", np.int64), ("low", np.int64)])
+
+
+def _as_keys(pairs: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` int64 key pairs as ``N`` records of :data:`_KEY`."""
+    return np.ascontiguousarray(pairs, dtype=np.int64).view(_KEY).reshape(-1)
 
 
 # --------------------------------------------------------------------------- sampling
