@@ -12,7 +12,7 @@ full-batch step costs no host-to-device copy. Under DDP each rank trains on ``X[
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -46,20 +46,39 @@ class _FullBatch(Dataset):
 
 
 class _EpochSampler(DistributedSampler):
-    """The shuffling sampler of a training loader, which can start its next epoch after its first ``skip`` samples."""
+    """The shuffling sampler of a training loader, which can take up a checkpoint's epoch where it stopped."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.skip = 0
-        self.offset = 0  # this run's epoch less Lightning's count (see _ResumableLoader.load_state_dict)
+        self.offset = 0  # the run's epoch less Lightning's count of it (see _ResumableLoader)
+        self.counted = 0  # the epoch Lightning last set
+        self.resume: tuple | None = None  # a checkpoint's epoch, batches, ... (_take_up), read at the next pass
 
     def set_epoch(self, epoch: int) -> None:
+        self.counted = epoch
         super().set_epoch(epoch + self.offset)
 
     def __iter__(self):
+        if self.resume is not None:
+            self._take_up(*self.resume)
+            self.resume = None
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
+
+    def _take_up(self, epoch: int, batches: int, done: Callable[[], int], per_epoch: int, batch_size: int) -> None:
+        """The first pass after a resume: Lightning takes the checkpoint's epoch up again where it counts batches of it
+        done (mid-epoch; at its end with no validation), else starts the next one (a finished epoch validated, or
+        one ended by its last batch's checkpoint); which one it counts it as depends on where the checkpoint was
+        written, so the order is the epoch's own and every later one keeps that offset."""
+        taken = done()
+        if taken:
+            self.skip = min(taken, per_epoch) * batch_size
+        else:
+            epoch += batches >= per_epoch
+        self.offset = epoch - self.counted
+        super().set_epoch(epoch)
 
 
 class _ResumableLoader(DataLoader):
@@ -67,23 +86,22 @@ class _ResumableLoader(DataLoader):
     the epoch from its first batch, and the resumed run trains on other batches than the uninterrupted one.
 
     Its state is the number of batches training took in the epoch (``taken``, from the trainer: the loader's own
-    iterator runs a batch ahead; at the end of an epoch there is nothing to skip), the epoch whose order it was
-    drawing, and Lightning's count of epochs then (``counted``). A checkpoint written where ``max_steps`` ended an
-    epoch early counts that epoch as processed: the resumed run sets the sampler one epoch ahead, from then on.
+    iterator runs a batch ahead) and the epoch whose order it was drawing; the sampler takes them up at its next pass
+    (:meth:`_EpochSampler._take_up`).
     """
 
-    def __init__(self, *args, taken, counted, **kwargs) -> None:
+    def __init__(self, *args, taken, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.taken, self.counted = taken, counted
+        self.taken = taken
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches": self.taken(), "epoch": self.sampler.epoch, "counted": self.counted()}
+        return {"batches": self.taken(), "epoch": self.sampler.epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        batches = int(state.get("batches", 0)) % len(self)
-        self.sampler.skip = batches * self.batch_size
-        if "epoch" in state:  # the epochs Lightning will count ahead of this run's own
-            self.sampler.offset = int(state["epoch"]) - int(state["counted"])
+        if "epoch" in state:
+            self.sampler.resume = (int(state["epoch"]), int(state["batches"]), self.taken, len(self), self.batch_size)
+        else:  # an earlier checkpoint's state: an epoch it finished had nothing to skip
+            self.sampler.skip = int(state.get("batches", 0)) % len(self) * self.batch_size
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -387,13 +405,7 @@ class TensorDataModule(pl.LightningDataModule):
         # order depends only on the seed and the epoch, also after resuming from a checkpoint (inside an epoch too:
         # the loader's state is the batches training took, which the resumed epoch skips).
         sampler = _EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed)
-        return _ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, taken=self._batches_taken,
-                                counted=self._epochs_counted)
-
-    def _epochs_counted(self) -> int:
-        """Lightning's count of the epochs begun, which it gives the sampler as the epoch at a resume."""
-        trainer = self.trainer
-        return 0 if trainer is None else int(trainer.fit_loop.epoch_progress.current.processed)
+        return _ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, taken=self._batches_taken)
 
     def _batches_taken(self) -> int:
         """The training batches of the current epoch the fit loop has trained on (not the ones fetched ahead, nor one

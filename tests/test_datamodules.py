@@ -392,23 +392,29 @@ def test_a_mid_epoch_checkpoint_resumes_with_the_batches_the_epoch_had_left(make
 
     from hcl import TwoLayerReLU
 
-    def run(max_steps, root, ckpt_path=None, checkpoint=None):
+    def run(max_steps, root, ckpt_path=None, checkpoint=None, **overrides):
         torch.manual_seed(0)
         data = SyntheticRegression(kind="gaussian_linear", n=40, d=3, seed=1, batch_size=10)  # 4 batches an epoch
         model = TwoLayerReLU(in_features=3, hidden=5, lr=0.1)
-        callbacks = [] if checkpoint is None else [checkpoint]
-        make_trainer(callbacks, max_steps=max_steps, root=root, logger=False,
-                     enable_checkpointing=checkpoint is not None).fit(model, datamodule=data, ckpt_path=ckpt_path)
+        callbacks = [] if checkpoint is None else list(checkpoint)
+        trainer = make_trainer(callbacks, max_steps=max_steps, root=root, logger=False,
+                               enable_checkpointing=checkpoint is not None, **overrides)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
         return model
 
     every_three = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    reference = run(14, tmp_path / "a", checkpoint=every_three)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "epochs", every_n_epochs=1, save_top_k=-1)
+    reference = run(14, tmp_path / "a", checkpoint=[every_three, every_epoch])
     # after 6 steps, 2 into epoch 1 (named after the last logged step, 5: docs/reliability.md)
     mid_epoch = tmp_path / "ckpt" / "epoch=1-step=5.ckpt"
     assert torch.load(mid_epoch, weights_only=False)["global_step"] == 6
-    run(6, tmp_path / "c", checkpoint=ModelCheckpoint(dirpath=tmp_path / "end"))  # stopped 2 into epoch 1
-    for checkpoint in (mid_epoch, next((tmp_path / "end").glob("*.ckpt"))):
-        resumed = run(14, tmp_path / "b", ckpt_path=str(checkpoint))
+    run(6, tmp_path / "c", checkpoint=[ModelCheckpoint(dirpath=tmp_path / "end")])  # stopped 2 into epoch 1
+    # the last step of epoch 2, and epoch 1's end (Lightning takes it up again without a validation loop, and starts
+    # the next one with one)
+    ends = (tmp_path / "ckpt" / "epoch=2-step=11.ckpt", tmp_path / "epochs" / "epoch=1-step=7.ckpt")
+    for checkpoint, limit in [(mid_epoch, None), (next((tmp_path / "end").glob("*.ckpt")), None),
+                              *((end, None) for end in ends), (ends[1], 0)]:
+        resumed = run(14, tmp_path / "b", ckpt_path=str(checkpoint), limit_val_batches=limit)
         for name, value in reference.state_dict().items():  # (the replayed batches moved them by 8e-2)
             assert torch.equal(resumed.state_dict()[name], value), (checkpoint.name, name)
 
