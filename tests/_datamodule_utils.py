@@ -32,3 +32,8 @@ def _attach(dm: pl.LightningDataModule, device: str = "cpu", world_size: int = 1
 def _all_splits(dm: pl.LightningDataModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     dm.setup("fit")
     return dict(dm._splits)
+
+
+def _pair(n=4, d=3, c=1, dtype=torch.float32):
+    """A random (inputs, targets) pair."""
+    return torch.randn(n, d, dtype=dtype), torch.randn(n, c, dtype=dtype)

@@ -1,6 +1,6 @@
 """Warm starts of the native solver: the multipliers kept with a solution, and carrying a solution over to new patterns.
 
-A warm start is a :class:`~hcl.convex.problem.ConvexSolution` or a ``(U, V, b0[, multipliers])`` tuple with the
+A warm start is a :class:`~hcl.convex.solution.ConvexSolution` or a ``(U, V, b0[, multipliers])`` tuple with the
 problem's number of patterns; :func:`remap_warm_start` makes one from the solution of a problem whose patterns
 differ.
 """
