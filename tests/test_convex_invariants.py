@@ -279,3 +279,25 @@ def test_the_network_objective_is_summed_a_block_of_rows_at_a_time(monkeypatch):
     blocks = network_objective(X, Y, W, A, b, 0.1, "mean")
     assert float(blocks) == pytest.approx(float(whole), rel=1e-14)
     assert torch.allclose(torch.autograd.grad(blocks, W)[0], torch.autograd.grad(whole, W)[0], rtol=1e-12)
+
+
+def test_a_point_is_evaluated_a_block_of_rows_at_a_time(monkeypatch):
+    """Prediction and violation are taken over blocks of samples (the ``(n, P, c)`` block outputs of a large set are
+    GBs), with the values of the whole products, signed blocks included."""
+    import hcl.convex.problem as problem_module
+
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(53, 4, generator=g, dtype=torch.float64), torch.randn(53, 3, generator=g, dtype=torch.float64)
+    problem = ConvexProblem(X=X, Y=Y, patterns=torch.rand(53, 5, generator=g) > 0.5, weight_decay=0.1,
+                            reduction="mean", output_bias=True, signs=torch.tensor([1, -1, 0, 1, 0]))
+    U, V = torch.randn(2, 5, 4, 3, generator=g, dtype=torch.float64)
+    b0 = torch.randn(3, generator=g, dtype=torch.float64)
+    Z = torch.einsum("nd,pdc->npc", X, U - V)
+    whole = (Z * problem.patterns.unsqueeze(-1)).sum(1) + b0
+    S = (2.0 * problem.patterns.double() - 1.0).unsqueeze(-1)
+    cones = max(float(torch.relu(-S * torch.einsum("nd,pdc->npc", X, W)).amax()) for W in (U, V))
+    signs = max(float(U[1].abs().amax()), float(V[0].abs().amax()), float(V[3].abs().amax())) * float(X.abs().amax())
+    monkeypatch.setattr(problem_module, "SAMPLE_BYTES", 5 * 3 * 8 * 7)  # blocks of 7 samples, the last one of 4
+    assert len(problem._row_blocks()) == 8
+    assert torch.allclose(problem.predict(U, V, b0), whole, rtol=1e-14, atol=1e-14)
+    assert float(problem.violation(U, V)) == pytest.approx(max(cones, signs), rel=1e-14)
