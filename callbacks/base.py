@@ -41,6 +41,8 @@ from hcl.network import ReLUStack, find_relu_stack
 
 # The trainer each callback last fitted with, kept out of the callback (ddp_spawn pickles the callbacks).
 _FITTED_WITH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Each callback's state in the runs of the other trainers it fitted with: a trainer that fits again continues its run
+_STASHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class StackCallback(Callback):
@@ -207,7 +209,8 @@ class StackCallback(Callback):
     # ------------------------------------------------------------------- hooks
     def reset(self) -> None:
         """Forget an earlier run: called when the callback starts fitting with another trainer than the last one (a
-        resumed run's checkpoint restores its state afterwards). Subclasses with state of their own extend it."""
+        resumed run's checkpoint, or the state this callback had when it last fitted with that trainer, is restored
+        afterwards). Subclasses with state of their own extend it."""
         self.last_step = -1
         self._checked, self._stopped = None, False
 
@@ -226,7 +229,12 @@ class StackCallback(Callback):
         self._refuse_twins(trainer)
         last = _FITTED_WITH.get(self)
         if last is not None and last() is not trainer:
-            self.reset()  # a new run: its steps start again, and nothing of the last one's history applies
+            stash = _STASHED.setdefault(self, weakref.WeakKeyDictionary())
+            if last() is not None:
+                stash[last()] = self.state_dict()
+            self.reset()  # another run: its steps start again, and nothing of the last one's history applies
+            if trainer in stash:  # unless it is this trainer's, which goes on as from a checkpoint of its own
+                self.load_state_dict(stash.pop(trainer))
         _FITTED_WITH[self] = weakref.ref(trainer)
         self._stack = find_relu_stack(pl_module, self.layer, self.output_layer)
         if self.probe is not None:

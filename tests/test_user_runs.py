@@ -155,6 +155,30 @@ def test_callbacks_reused_in_a_new_trainer_start_a_new_run(make_trainer, tmp_pat
         assert scalars["patterns/changed"][0][1] == 0
 
 
+
+def test_a_trainer_that_fits_again_after_another_continues_its_own_run(make_trainer, tmp_path):
+    """Callbacks shared by two trainers in turn: the first trainer's next fit goes on with its own run's history."""
+    X, generator = _data(n=30)
+    loader = DataLoader(TensorDataset(X, torch.randn(30, generator=generator, dtype=torch.float64)), batch_size=30)
+
+    def run(root, interleave):
+        callbacks = [PatternMonitor(), ConvexGapMonitor(solver="clarabel", every_n_steps=2)]
+        torch.manual_seed(0)
+        model, trainer = Net(lr=0.5), make_trainer(callbacks, max_steps=4, root=root / "a")
+        trainer.fit(model, loader)
+        if interleave:
+            torch.manual_seed(1)
+            make_trainer(callbacks, max_steps=3, root=root / "b").fit(Net(lr=0.5), loader)
+        trainer.fit_loop.epoch_loop.max_steps = 8
+        trainer.fit(model, loader)
+        return read_scalars(root / "a")
+
+    alone, shared = run(tmp_path / "alone", False), run(tmp_path / "shared", True)
+    assert [step for step, _ in shared["convex/status"]] == [0, 2, 4, 6]
+    assert sum(value for _, value in alone["patterns/changed"]) > 0  # the run has history to lose
+    for tag in ("patterns/new", "patterns/changed", "patterns/unique"):
+        assert shared[tag] == alone[tag], tag
+
 # ---------------------------------------------------------------------------------------------- half precision
 def test_the_objective_of_a_half_precision_network_is_not_rounded_to_its_precision():
     X, generator = _data(n=50, d=4)
