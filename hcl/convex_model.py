@@ -40,7 +40,7 @@ from hcl.convex.gated import (
 )
 from hcl.convex.native.memory import DEFAULT_MEMORY_FRACTION, free_memory
 from hcl.convex.problem import fold_bias
-from hcl.evaluation import STEPS_DONE, EvaluationLog
+from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32
 
 OPTIMIZERS = ("sgd", "adam")
 # The certificate's accumulators (a few float64 copies of d̃ × P × c) above this, or above half the free memory, are
@@ -198,9 +198,9 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
 
     def penalty(self) -> Tensor:
         """``2λ Σ_i ‖Z_i‖_F`` (``2λ Σ_i (‖U_i‖_F + ‖V_i‖_F)``); the output bias is not penalised."""
-        norms = group_norms(self.U).sum()
+        norms = group_norms(at_least_float32(self.U)).sum()
         if self.V is not None:
-            norms = norms + group_norms(self.V).sum()
+            norms = norms + group_norms(at_least_float32(self.V)).sum()
         return 2.0 * self.weight_decay * norms
 
     def _outputs(self, Xf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -241,7 +241,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         if self.V is not None:
             local_sum = local_sum + self.hparams.cone_penalty * violation.square().sum()
         world = self.trainer.world_size
-        local_n = torch.tensor(float(x.shape[0]), device=Xf.device)
+        local_n = torch.tensor(float(x.shape[0]), dtype=torch.float32, device=Xf.device)  # exact: not the default bf16
         n_total = self.all_gather(local_n).sum() if world > 1 else local_n
         # the batch's estimate of the full objective's data term: its mean for "mean"; for "sum", its sum times n/B
         # (the batch's own sum is B/n of the full one, and the prox's full lr·2λ then solved a problem whose
@@ -250,10 +250,10 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         if self.reduction == "sum":
             scale = self._training_set()[0].shape[0] / n_total
         penalty = self.penalty().detach()
-        mapped_sum = (mapped.detach() - Y).square().sum()
+        mapped_sum = (at_least_float32(mapped.detach()) - Y).square().sum()  # a bf16 sum of thousands is off by 0.2 %
         correct = None
         if self.hparams.out_features > 1:
-            correct = (mapped.detach().argmax(dim=1) == self._class_index(y)).sum().to(Xf.dtype)
+            correct = (mapped.detach().argmax(dim=1) == self._class_index(y)).sum()  # an integer: bf16 counts to 256
         if world > 1:
             # DDP averages the ranks' gradients: each differentiates world · s · (its sum), whose average is the
             # global objective's gradient (docs/convex_training.md#the-step); the logged values are the global ones.
@@ -295,7 +295,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         Xf = self.fold(x)
         out = self._outputs(Xf)[1]
         rows = self.evaluation_rows(stage, batch_idx, x.shape[0])  # over the whole set (hcl.evaluation)
-        self.accumulate(stage, (out - self._as_output(y, Xf))[:rows].square().sum(), rows)
+        self.accumulate(stage, (at_least_float32(out) - self._as_output(y, Xf))[:rows].square().sum(), rows)
         if self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             if rows:  # DDP's padding copies left out (a batch of copies only: nothing to count)

@@ -21,6 +21,11 @@ from torch.utils.data import DistributedSampler
 STEPS_DONE = "hcl/steps_done"
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is in a half precision (float64 stays): for sums over many samples."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class EvaluationLog:
     """Mixin for a ``LightningModule`` with a ``reduction`` and a ``penalty()`` (or :meth:`evaluation_penalty`): its
     evaluation steps ask :meth:`evaluation_rows` which rows of the batch count and :meth:`accumulate` their data sum,

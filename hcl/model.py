@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from hcl.callbacks.logs import mark_resumed_run
 from hcl.checks import cast_to_checkpoint, check_classes, check_reduction, check_weight_decay
 from hcl.convex.problem import data_scale
-from hcl.evaluation import STEPS_DONE, EvaluationLog
+from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32
 from hcl.network import ReLUStack
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
@@ -58,7 +58,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         weight_decay: ``λ ≥ 0``.
         loss: ``"squared"`` (on one-hot targets for classification: the convex formulation's loss) or
             ``"cross_entropy"`` (classification only).
-        optimizer: ``"sgd"`` (plain gradient descent, the default), ``"momentum"``, ``"adam"`` or ``"adagrad"``.
+        optimizer: ``"sgd"`` (plain gradient descent, the default), ``"momentum"``, ``"adam"`` or ``"adagrad"`` (the
+            last two are refused in float16, ``precision="16-true"``, where their ``eps`` is 0).
         lr: learning rate.
         momentum: momentum of ``"momentum"``.
         init: ``"uniform"`` (torch's default), ``"normal"`` (``N(0, 1/fan_in)`` for both layers) or
@@ -139,13 +140,16 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return (self.weight_decay + self.optimizer_decay) * self._squares()
 
     def _squares(self) -> Tensor:
-        squares = self.hidden_layer.weight.square().sum() + self.output_layer.weight.square().sum()
+        squares = at_least_float32(self.hidden_layer.weight).square().sum()
+        squares = squares + at_least_float32(self.output_layer.weight).square().sum()
         if self.hidden_layer.bias is not None:
-            squares = squares + self.hidden_layer.bias.square().sum()
+            squares = squares + at_least_float32(self.hidden_layer.bias).square().sum()
         return squares
 
     def data_loss_sum(self, output: Tensor, target: Tensor) -> Tensor:
-        """``Σ_j ‖f(x_j) − y_j‖²`` (or the summed cross-entropy), before the scale ``s``."""
+        """``Σ_j ‖f(x_j) − y_j‖²`` (or the summed cross-entropy), before the scale ``s``; summed in float32 at least (a
+        half-precision sum of thousands of terms is off by 0.2 % and more)."""
+        output = at_least_float32(output)
         if self.hparams.loss == "cross_entropy":
             if target.is_floating_point() and target.ndim == 2:
                 return F.cross_entropy(output, target, reduction="sum")
@@ -196,6 +200,9 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.0)
         if name == "momentum":
             return torch.optim.SGD(self.parameters(), lr=lr, momentum=self.hparams.momentum)
+        if self.hidden_layer.weight.dtype == torch.float16:  # their eps (1e-8, 1e-10) is 0 in float16: 0/0 at step 1
+            raise ValueError(f"TwoLayerReLU: {name} in float16 (precision 16-true) gives NaN from its first step; use "
+                             "precision 16-mixed or bf16-true, or optimizer sgd or momentum")
         if name == "adam":
             return torch.optim.Adam(self.parameters(), lr=lr)
         return torch.optim.Adagrad(self.parameters(), lr=lr)
@@ -217,7 +224,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             # `world · s · (its data sum) + penalty`, whose average is the gradient of L (the penalty's gradient is
             # the same on every rank). Every rank logs the same global values. (Unsharded, "mean" needs nothing more:
             # n counts each point once per rank too; "sum" divides by the copies.)
-            n_total = self.all_gather(torch.tensor(float(x.shape[0]), device=out.device)).sum()
+            n_total = self.all_gather(torch.tensor(float(x.shape[0]), dtype=torch.float32, device=out.device)).sum()
             scale = self._summed_batches() / self._copies(world) if self.reduction == "sum" else 1.0 / n_total
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
@@ -247,7 +254,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             self.log(f"{stage}/objective", data_loss.detach() + logged_penalty, on_step=True, on_epoch=False,
                      prog_bar=True)
         if counts is not None:
-            self.log(f"{stage}/acc", counts[0] / counts[1], on_step=True, on_epoch=False)
+            # float32: an integer ratio takes the default dtype, bfloat16 under precision bf16-true
+            self.log(f"{stage}/acc", counts[0].to(torch.float32) / counts[1], on_step=True, on_epoch=False)
         elif self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             if rows:  # DDP's padding copies left out (a batch of copies only: nothing to count)

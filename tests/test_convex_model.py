@@ -360,6 +360,30 @@ def test_adam_in_float16_and_inputs_of_another_width_are_refused_by_name(tmp_pat
         _trainer(tmp_path, 1, precision="32-true").fit(wide, datamodule=data)
 
 
+def test_the_training_accuracy_under_bf16_true_is_the_exact_ratio(tmp_path):
+    """The right answers are counted as an integer and divided in float32: bf16 (the default dtype under bf16-true)
+    logged 0.050048828125 for 0.05, and counts above 256 rounded."""
+    from _events import read_scalars
+
+    g = torch.Generator().manual_seed(0)
+    X, labels = torch.randn(1001, 3, generator=g), torch.randint(0, 3, (1001,), generator=g)
+    model = ConvexReLU(in_features=3, out_features=3, num_gates=6, optimizer="sgd", lr=1e-3, gate_seed=0,
+                       certify_every_n_steps=0)
+    counts = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            with torch.no_grad():
+                mapped = module._outputs(module.fold(batch[0].to(module.U.dtype)))[1]
+            counts.append(int((mapped.argmax(1) == batch[1]).sum()))
+
+    data = TensorDataModule(train=(X, labels), num_classes=3)
+    _trainer(tmp_path, 3, [Record()], precision="bf16-true", logger=True, log_every_n_steps=1).fit(model,
+                                                                                                 datamodule=data)
+    logged = [value for _, value in read_scalars(tmp_path)["train/acc"]]
+    assert logged == [pytest.approx(c / 1001, abs=1e-7) for c in counts]
+
+
 def test_a_run_diverging_through_finite_values_is_said(tmp_path):
     X, Y = _data(n=30)
     data = TensorDataModule(train=(X, Y))

@@ -114,6 +114,17 @@ def test_optimizers_never_get_a_weight_decay(optimizer, cls):
         assert group["momentum"] == (0.0 if optimizer == "sgd" else 0.5)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+def test_adam_and_adagrad_in_float16_are_refused_by_name(tmp_path, optimizer):
+    """Their eps is 0 in float16: the run was NaN from its first step, said only by a monitor's warning."""
+    model = TwoLayerReLU(in_features=3, hidden=4, optimizer=optimizer, lr=1e-3)
+    trainer = pl.Trainer(max_steps=1, precision="16-true", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         accelerator="cpu")
+    with pytest.raises(ValueError, match=f"{optimizer} in float16"):
+        trainer.fit(model, DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8)), batch_size=8))
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e2])
 @pytest.mark.parametrize("init", ["uniform", "normal", "kaiming"])
 def test_init_scale_multiplies_every_weight(init, scale):
@@ -176,26 +187,33 @@ def test_accumulated_steps_log_the_mean_of_their_micro_batches(tmp_path, make_tr
         assert dict(logged["train/acc"])[step] == pytest.approx(sum(p[2] for p in parts) / sum(p[3] for p in parts))
 
 
-def test_the_training_accuracy_under_bf16_counts_every_sample(tmp_path, make_trainer):
-    """Under ``bf16-mixed`` the outputs are bfloat16, which holds integers exactly only up to 256: the count of right
-    answers is an integer (988 was logged for 987 of 3 001)."""
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_the_training_values_under_bf16_are_summed_over_every_sample(tmp_path, make_trainer, precision):
+    """Under bf16 the outputs are bfloat16, which holds integers exactly only up to 256 and sums thousands of squares
+    0.2 % off: the count of right answers is an integer (988 was logged for 987 of 3 001), its ratio float32 (not the
+    default dtype, bf16 under bf16-true), and the objective is summed in float32 from the bf16 outputs."""
     from _events import read_scalars
 
     torch.manual_seed(0)
     X, labels = torch.randn(3001, 5), torch.randint(0, 3, (3001,))
-    model = TwoLayerReLU(in_features=5, hidden=20, out_features=3, lr=0.05)
-    counts = []
+    model = TwoLayerReLU(in_features=5, hidden=20, out_features=3, lr=0.05, weight_decay=0.01)
+    counts, objectives = [], []
 
     class Record(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                counts.append(int((module(batch[0]).argmax(1) == batch[1]).sum()))
+            weights = [p.detach().float() for p in module.parameters()]
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                out = module(batch[0].to(module.hidden_layer.weight.dtype))
+            counts.append(int((out.argmax(1) == batch[1]).sum()))
+            data = (out.double() - torch.nn.functional.one_hot(batch[1], 3).double()).square().sum() / 3001
+            objectives.append(float(data) + 0.01 * sum(float(w.double().square().sum()) for w in weights[:3]))
 
     loader = DataLoader(TensorDataset(X, labels), batch_size=3001)
-    make_trainer([Record()], max_steps=3, precision="bf16-mixed", log_every_n_steps=1).fit(model, loader)
-    logged = [value for _, value in read_scalars(tmp_path)["train/acc"]]
-    assert logged == [pytest.approx(count / 3001, abs=1e-7) for count in counts]
+    make_trainer([Record()], max_steps=3, precision=precision, log_every_n_steps=1).fit(model, loader)
+    logged = read_scalars(tmp_path)
+    assert [value for _, value in logged["train/acc"]] == [pytest.approx(c / 3001, abs=1e-7) for c in counts]
     assert any(count % 4 for count in counts)  # counts bfloat16 could not hold (it steps by 4 from 512 to 1 024)
+    assert [value for _, value in logged["train/objective"]] == [pytest.approx(o, rel=2e-6) for o in objectives]
 
 
 @pytest.mark.parametrize(
