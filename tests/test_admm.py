@@ -6,6 +6,7 @@ import pytest
 import torch
 from _reference import reference_solve
 
+from hcl.convex.build import problem_from_network
 from hcl.convex.native import NativeOptions, solve_native
 from hcl.convex.native.admm import _LinearStep, _rotated
 from hcl.convex.native.memory import SolverMemoryError, footprint, plan
@@ -102,6 +103,22 @@ def test_where_float32_stops_closing_the_gap_the_solve_goes_on_in_float64():
     assert solution.status == "optimal" and solution.iterations < 3000
     assert solution.dual_value <= reference.value * (1 + 1e-9) <= solution.value * (1 + 1e-9)
     assert solution.value - solution.dual_value <= 1e-3 * solution.value
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_where_float32_meets_the_test_only_short_of_its_cones_the_solve_goes_on_in_float64(seed):
+    # n < d, correlated float32 inputs, p* 1e-4 of the data term's scale: float32's iterates met the test with the
+    # violation at 1e-7 of max|Y|, its floor, where moving them into the cones cost more than tol (max_iterations);
+    # and the test's float64 data had been the float32 row-space coordinates, whose rounding moved the bound by 1e-3
+    g = torch.Generator().manual_seed(seed)
+    X = (torch.randn(40, 5, generator=g) @ torch.randn(5, 500, generator=g) + 0.3 * torch.randn(40, 500, generator=g))
+    Y = torch.eye(10)[torch.randint(0, 10, (40,), generator=g)]
+    weights = torch.randn(8, 500, generator=g) / 500**0.5, 0.1 * torch.randn(8, generator=g)
+    problem, _ = problem_from_network(X.float(), Y, *weights, torch.randn(10, 8, generator=g), None,
+                                      weight_decay=1e-4, reduction="mean")
+    assert NativeOptions(method="admm", tol=1e-3).working_dtype(problem) == torch.float32
+    solution = solve_native(problem, method="admm", tol=1e-3, constraint_tol=1e-3, max_iters=1500)
+    assert solution.status == "optimal" and solution.iterations < 1500
 
 
 def test_a_precision_asked_for_or_a_float64_that_does_not_fit_is_kept_to_the_end():

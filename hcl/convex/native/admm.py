@@ -161,6 +161,7 @@ def admm(
     best, best_point = -math.inf, None  # the best certified bound seen (every one holds) and its iterate
     watch_stall = precision_fallback and lam > 0  # λ = 0 has its own stopping rule
     progress, flat_gaps = -math.inf, []  # the bound at the last gain of a tenth of tol, and the gaps tested since
+    floored = []  # the violations of the tests in a row met (the loop's gap and violation) but not confirmed
     pushing = False  # the gap is closed but for the violation: ρ₂ grows instead of balancing
     push_base = None  # ρ₂ when the push under way began (None: no push), restored when it ends
     push_above = PUSH_WITHIN * options.constraint_tol
@@ -222,6 +223,11 @@ def admm(
                 frozen = len(flat_gaps) == STALL_CHECKS and min(flat_gaps) > options.tol
                 if stop is None and frozen and max(flat_gaps) - min(flat_gaps) <= STALL_SPREAD * max(flat_gaps):
                     stop, stalled = Status.MAX_ITERATIONS, True  # the gap frozen above tol
+                # met but not confirmed, the violation at the precision's floor: no move into the cones will confirm it
+                floored = floored[1 - STALL_CHECKS:] + [check.violation] if check.met and stop is None else []
+                half = STALL_CHECKS // 2
+                if len(floored) == STALL_CHECKS and min(floored[half:]) > 0.5 * min(floored[:half]):
+                    stop, stalled = Status.MAX_ITERATIONS, True
         elif deadline is not None and time.perf_counter() > deadline:
             stop = Status.TIME_LIMIT
         if stop is not None:  # before ζ moves: the multipliers returned are the ones the stop was decided with
@@ -373,13 +379,14 @@ def _rotated(op: Operator) -> tuple[Operator, Tensor, Tensor]:
 
     Returns the twin, ``V`` in the working precision and ``σ²``.
     """
-    _, sigma, Vh = torch.linalg.svd(op.X.to(torch.float64), full_matrices=False)
+    X64 = op.data64()
+    _, sigma, Vh = torch.linalg.svd(X64, full_matrices=False)
     twin = Operator.__new__(Operator)
     twin.__dict__.update(op.__dict__)
-    for name in ("X", "Y", "Dm", "signed_patterns", "S", "wmask", "cmask", "signed_cmask"):
+    for name in ("Y", "Dm", "signed_patterns", "S", "wmask", "cmask", "signed_cmask"):
         setattr(twin, name, getattr(op, name).to(torch.float64))
     twin.dtype = torch.float64
-    twin.X = twin.X @ Vh.T
+    twin.X = X64 @ Vh.T
     twin.d = twin.X.shape[1]
     op.X = twin.X.to(op.dtype)
     op.d = twin.d
