@@ -253,10 +253,12 @@ class StackCallback(Callback):
         dashboard.write_layout(trainer)
 
     def _refuse_twins(self, trainer: "pl.Trainer") -> None:
-        """Refuse another callback of this class that would write the same tags (same prefix, same image tag)."""
+        """Refuse another callback of this class (or a subclass, or its parent) that would write the same tags (same
+        prefix, same image tag)."""
         key = (self.prefix, getattr(self, "tag", None))
         twins = [cb for cb in trainer.callbacks
-                 if cb is not self and type(cb) is type(self) and (cb.prefix, getattr(cb, "tag", None)) == key]
+                 if cb is not self and (isinstance(cb, type(self)) or isinstance(self, type(cb)))
+                 and (cb.prefix, getattr(cb, "tag", None)) == key]
         if twins:
             name = type(self).__name__
             fix = "give each its own prefix=" if self.prefix is not None else (

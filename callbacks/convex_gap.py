@@ -335,7 +335,9 @@ class ConvexGapMonitor(StackCallback):
     def evaluate(self, snap: Snapshot) -> tuple[dict[str, float], tuple[ConvexProblem, ConvexSolution] | None]:
         """Build, solve and measure one snapshot; never raises (failures become a status and a warning).
 
-        Returns the metrics to log and, when the solve succeeded, the problem and its solution.
+        Returns the metrics to log and, when the solve succeeded, the problem and its solution. The synchronous mode's
+        solve: the asynchronous worker (a thread or a process, without this callback) calls the engine's
+        :func:`~hcl.convex.snapshot.evaluate_snapshot` itself, so a subclass that overrides this runs synchronously.
         """
         outcome = evaluate_snapshot(self._spec(), snap, solve, quiet=True, keep_solution=True, chain=self._chain)
         for message in outcome.messages:

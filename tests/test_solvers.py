@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from hcl.convex import ConvexProblem, ConvexSolveError, Status, available_solvers, choose_solver, solve
+import hcl.convex.solvers as solvers_module
+from hcl.convex import (
+    ConvexProblem,
+    ConvexSolveError,
+    Solver,
+    Status,
+    available_solvers,
+    choose_solver,
+    register_solver,
+    solve,
+)
 from hcl.convex.solvers import AUTO_NATIVE_ABOVE, SINGLE_THREAD_BELOW, NativeSolver, get_solver, problem_size
 
 
@@ -125,3 +137,62 @@ def test_a_none_or_numpy_flag_is_taken_as_a_bool():
     problem = small_problem()
     assert solve(problem, "clarabel", verbose=None).status == Status.OPTIMAL
     assert solve(problem, "native", verbose=np.False_).status == Status.OPTIMAL
+
+
+class _Claims(Solver):
+    """A user's solver that solves with Clarabel, then reports what ``claim`` makes of the solution."""
+
+    options = frozenset({"gated", "warm_start", "time_limit", "verbose", "memory_limit", "tol"})
+
+    def __init__(self, name, claim):
+        self.name, self.claim = name, claim
+
+    def solve(self, problem, *, warm_start=None, tol=None, **options):
+        return self.claim(get_solver("clarabel").solve(problem, **options), problem)
+
+
+def _zero_point(solution, problem):
+    U = torch.zeros_like(solution.U)
+    return dataclasses.replace(solution, U=U, V=U.clone(), value=0.0, dual_value=0.0, violation=0.0, multipliers=None)
+
+
+@pytest.mark.parametrize("claim, status", [
+    (lambda s, p: s, Status.OPTIMAL),  # Clarabel's own point and multipliers: certified again
+    (lambda s, p: dataclasses.replace(s, value=s.value / 2, dual_value=s.value), Status.OPTIMAL),
+    (lambda s, p: dataclasses.replace(s, multipliers=None), Status.OPTIMAL_INACCURATE),  # the bound with μ = 0
+    (_zero_point, Status.OPTIMAL_INACCURATE),
+    (lambda s, p: dataclasses.replace(s, U=torch.full_like(s.U, float("nan"))), Status.FAILED),
+    (lambda s, p: dataclasses.replace(s, status="great"), Status.FAILED),
+])
+def test_another_solvers_point_is_evaluated_and_certified_by_hcl(monkeypatch, claim, status):
+    """A registered solver's value, violation and bound are recomputed from its point: a claimed value or bound, or
+    an "optimal" its point does not earn, is never reported."""
+    problem = small_problem(P=3)
+    monkeypatch.setitem(solvers_module._registry(), "claims", _Claims("claims", claim))
+    solution = solve(problem, "claims")
+    reference = solve(problem, "clarabel")
+    assert solution.status == status
+    if status != Status.FAILED:
+        exact = float(problem.objective(solution.U, solution.V, solution.b0))
+        assert solution.value == pytest.approx(exact, rel=1e-12) and solution.value >= reference.value * (1 - 1e-6)
+        assert solution.dual_value <= reference.value * (1 + 1e-9)
+    else:
+        assert not solution.ok
+
+
+def test_another_solvers_point_of_the_wrong_shape_or_type_and_built_in_names_are_refused(monkeypatch):
+    problem = small_problem(P=3)
+    monkeypatch.setitem(solvers_module._registry(), "short", _Claims("short", lambda s, p: dataclasses.replace(
+        s, U=s.U[:2])))
+    monkeypatch.setitem(solvers_module._registry(), "dict", _Claims("dict", lambda s, p: {"value": s.value}))
+    with pytest.raises(ValueError, match=r"solver 'short' returned U of shape \(2, 3, 1\), not \(3, 3, 1\)"):
+        solve(problem, "short")
+    with pytest.raises(TypeError, match="solver 'dict' returned a dict, not a ConvexSolution"):
+        solve(problem, "dict")
+    with pytest.raises(ValueError, match="'native' is a built-in solver's name"):
+        register_solver(_Claims("native", lambda s, p: s))
+    loose = _Claims("loose", lambda s, p: s)
+    loose.options = "gated"
+    with pytest.raises(TypeError, match="options must be a set of option names"):
+        register_solver(loose)
+    register_solver(NativeSolver())  # the same kind again (a worker process registers what a job carries): taken

@@ -199,7 +199,10 @@ def test_the_objective_of_a_half_precision_network_is_not_rounded_to_its_precisi
      r"2 ConvexGapMonitor callbacks would log under the same tags \(prefix 'convex'\).*own prefix="),
     (lambda: [PatternMonitor(every_n_steps=1), PatternMonitor(every_n_steps=2)],
      "2 PatternMonitor callbacks would log under the same tags, mixing their values: keep one"),
-], ids=["ConvexGapMonitor", "PatternMonitor"])
+    (lambda: [ConvexGapMonitor(solver="clarabel"), type("Mine", (ConvexGapMonitor,), {})(solver="clarabel",
+                                                                                         every_n_steps=2)],
+     r"2 \w+ callbacks would log under the same tags \(prefix 'convex'\)"),  # a user's subclass beside the class
+], ids=["ConvexGapMonitor", "PatternMonitor", "subclass"])
 def test_two_callbacks_writing_the_same_tags_are_refused_at_setup(make, said, make_trainer):
     X, generator = _data()
     y = torch.randn(30, generator=generator, dtype=torch.float64)
@@ -298,3 +301,28 @@ def test_the_monitors_setup_is_a_text_tensorboard_shows(make_trainer, tmp_path):
     # as hyper-parameters it was a second record, which TensorBoard drops: only a run's first (Lightning's) is shown
     (text,) = run.Tensors("convex/setup/text_summary")
     assert text.tensor_proto.string_val[0].decode() == "formulation: neurons, solver: clarabel"
+
+
+def test_a_users_solver_claiming_optimal_for_a_point_that_is_not_finite_is_logged_failed(make_trainer, tmp_path,
+                                                                                         monkeypatch):
+    """Its value and bound were taken as given: status 0 and an optimum were logged, and load_solution loaded zeros."""
+    import dataclasses
+
+    import hcl.convex.solvers as solvers_module
+    from hcl.convex import Solver
+    from hcl.convex.solvers import get_solver
+
+    class NaNPoint(Solver):
+        name = "nan_point"
+
+        def solve(self, problem, *, warm_start=None, **options):
+            solution = get_solver("clarabel").solve(problem, **options)
+            return dataclasses.replace(solution, U=torch.full_like(solution.U, float("nan")))
+
+    monkeypatch.setitem(solvers_module._registry(), "nan_point", NaNPoint())
+    X, generator = _data()
+    loader = DataLoader(TensorDataset(X, torch.randn(30, generator=generator, dtype=torch.float64)), batch_size=30)
+    with pytest.warns(UserWarning, match=r"solver status 'failed' at step 0$"):
+        make_trainer([ConvexGapMonitor(solver="nan_point")], max_steps=1).fit(Net(), loader)
+    scalars = read_scalars(tmp_path)
+    assert scalars["convex/status"] == [(0, 3.0)] and "convex/optimum" not in scalars

@@ -12,7 +12,7 @@ from hcl.convex.certificate import CertificateResult, global_lower_bound
 from hcl.convex.cvxpy_solver import ConvexSolveError
 from hcl.convex.native import dual_certificate, solve_native
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
-from hcl.convex.solvers import available_solvers, check_solver_options, choose_solver, solve
+from hcl.convex.solvers import Solver, available_solvers, check_solver_options, choose_solver, register_solver, solve
 from hcl.convex.status import Status
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ __all__ = [
     "ConvexSolution",
     "ConvexSolveError",
     "FixedPatternLayer",
+    "Solver",
     "Status",
     "available_solvers",
     "check_solver_options",
@@ -34,6 +35,7 @@ __all__ = [
     "global_lower_bound",
     "network_objective",
     "problem_from_network",
+    "register_solver",
     "solve",
     "solve_native",
 ]

@@ -40,6 +40,7 @@ import torch
 from hcl.convex.native.certificate import dual_certificate
 from hcl.convex.native.memory import check_conic_memory
 from hcl.convex.native.options import DEFAULT_TOL
+from hcl.convex.native.warm_start import Multipliers
 from hcl.convex.problem import ConvexProblem, ConvexSolution
 from hcl.convex.status import Status, relative_gap
 
@@ -220,10 +221,12 @@ def solve_cvxpy(
     violation = 0.0 if gated else float(exact.violation(point[0], point[1]))
     # hcl's own certificate at the solver's point and multipliers: a lower bound that does not rest on the solver's
     # tolerances (one product with X and one with Xᵀ)
-    dual_value = -math.inf  # no point (a solver stopped before its first iterate), no bound
+    dual_value, multipliers = -math.inf, None  # no point (a solver stopped before its first iterate), no bound
     if bool(torch.isfinite(U).all() and torch.isfinite(V).all()):  # any μ ≥ 0 bounds: a multiplier it left NaN, 0
         finite = None if cone is None else torch.nan_to_num(cone, nan=0.0, posinf=0.0, neginf=0.0)
         dual_value = dual_certificate(exact, U, V, b0, finite, gated=gated)
+        # kept with the solution: the certificate again from them (a user's solver that wraps this one is re-checked)
+        multipliers = None if finite is None else Multipliers(finite.to_sparse())
     U, V, b0 = (t.to(problem.X.dtype) for t in point)  # returned in the problem's dtype
     return ConvexSolution(
         value=value,
@@ -238,12 +241,14 @@ def solve_cvxpy(
         dual_value=dual_value,
         violation=violation,
         gated=gated,
+        multipliers=multipliers,
         gap_floor=problem.gap_floor,
     )
 
 
 def certified_status(
-    problem: ConvexProblem, status: Status, value: float, dual: float, violation: float, limit: Status | None = None
+    problem: ConvexProblem, status: Status, value: float, dual: float, violation: float, limit: Status | None = None,
+    tol: float = DEFAULT_TOL,
 ) -> Status:
     """hcl's certificate decides between ``OPTIMAL`` and ``OPTIMAL_INACCURATE`` where it exists (``λ > 0``): a relative
     gap to ``dual`` within ``DEFAULT_TOL`` and a violation within ``DEFAULT_TOL · max|Y|`` is ``OPTIMAL`` whatever the
@@ -251,13 +256,13 @@ def certified_status(
     certify about 5e-3, and SCS called points outside their cones optimal), or the ``limit`` the solver stopped at
     (``MAX_ITERATIONS``, ``TIME_LIMIT``: stopped early, as the native solver says). At ``λ = 0`` no certificate exists
     beyond 0: the solver's ``OPTIMAL`` stands if its point is feasible to that tolerance. No finite value: ``FAILED``
-    (or the limit)."""
+    (or the limit). ``tol``: a looser tolerance for both tests."""
     if not math.isfinite(value):  # no point at all (ECOS stopped before its first iterate: NaN)
         return limit or Status.FAILED
     y_unit = float(problem.Y.abs().max()) or 1.0
-    feasible = violation <= DEFAULT_TOL * y_unit
+    feasible = violation <= tol * y_unit
     if problem.weight_decay > 0:
-        certified = feasible and relative_gap(value, dual, problem.gap_floor) <= DEFAULT_TOL
+        certified = feasible and relative_gap(value, dual, problem.gap_floor) <= tol
         return Status.OPTIMAL if certified else limit or Status.OPTIMAL_INACCURATE
     if limit is not None:
         return limit

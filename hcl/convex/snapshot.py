@@ -359,7 +359,8 @@ def _measure(
                "(a conic solver's own test does: solver='clarabel')"
                if problem.weight_decay == 0 and solution.solver.startswith("native")
                and claimed == Status.OPTIMAL_INACCURATE else "")
-        messages.append(f"{owner}: solver status '{claimed.value}' at step {snap.step}{why}")
+        said = "" if str(solution.status) == status.value else f" (the solver said {str(solution.status)!r})"
+        messages.append(f"{owner}: solver status '{status.value}' at step {snap.step}{said}{why}")
     exact = not spec.gated and not problem.is_bound  # the problem's optimum is the best network's objective
     metrics.update({
         f"{p}/solve_seconds": seconds,

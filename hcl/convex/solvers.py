@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import difflib
+import math
 import numbers
 import threading
 import warnings
@@ -27,11 +29,14 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
-from hcl.convex.cvxpy_solver import ConvexSolveError, installed_solvers, solve_cvxpy, solver_settings
-from hcl.convex.native import NativeOptions, SolverMemoryError, solve_native
+from hcl.convex.cvxpy_solver import ConvexSolveError, certified_status, installed_solvers, solve_cvxpy, solver_settings
+from hcl.convex.native import Multipliers, NativeOptions, SolverMemoryError, dual_certificate, solve_native
+from hcl.convex.native.options import DEFAULT_TOL
 from hcl.convex.native.threads import SINGLE_THREAD_BELOW, solve_threads  # noqa: F401 (the switch, re-exported)
 from hcl.convex.problem import ConvexProblem, ConvexSolution
+from hcl.convex.status import Status
 
 # "auto" with λ > 0: Clarabel up to this n·d·P·c, where the two solvers' times cross, the native solver above;
 # see docs/solvers.md#auto-the-switch-points-measured
@@ -53,6 +58,9 @@ class Solver(abc.ABC):
 
     name: str = ""
     options: frozenset[str] = COMMON_OPTIONS
+    #: hcl's own solvers evaluate the point they return in float64 and certify its bound themselves; the value,
+    #: violation, bound and status of another solver are recomputed from its point by :func:`solve`
+    certifies: bool = False
 
     @abc.abstractmethod
     def solve(self, problem: ConvexProblem, **options: Any) -> ConvexSolution:
@@ -79,6 +87,8 @@ class Solver(abc.ABC):
 class NativeSolver(Solver):
     """hcl's own solver (:func:`~hcl.convex.native.solve_native`): the fields of its ``NativeOptions``."""
 
+    certifies = True
+
     name = "native"
     options = COMMON_OPTIONS | set(NativeOptions.names())
 
@@ -98,6 +108,8 @@ class NativeSolver(Solver):
 class LayerSolver(Solver):
     """The differentiable layer (:func:`~hcl.convex.layers.solve_layer`); it starts cold and has no time limit."""
 
+    certifies = True
+
     name = "cvxpylayers"
     options = COMMON_OPTIONS | {"solver_args"}
 
@@ -114,6 +126,8 @@ class ConicSolver(Solver):
     Its options are the common ones and the solver's own settings (:func:`~hcl.convex.cvxpy_solver.solver_settings`,
     e.g. ``tol_gap_rel`` for Clarabel), which go to cvxpy.
     """
+
+    certifies = True
 
     def __init__(self, cvxpy_name: str) -> None:
         self.cvxpy_name = cvxpy_name.upper()
@@ -132,6 +146,8 @@ class AutoSolver(Solver):
     fails (:class:`ConvexSolveError`) or does not fit the memory budget, the native solver solves instead, with a
     warning; one stopped at a limit returns its point and status.
     """
+
+    certifies = True
 
     name = "auto"
 
@@ -159,11 +175,24 @@ _REGISTRY_LOCK = threading.Lock()  # a worker thread may make the first solve wh
 
 
 def register_solver(solver: Solver) -> None:
-    """Make ``solver`` available to :func:`solve` under ``solver.name`` (case-insensitive)."""
-    if not isinstance(solver, Solver) or not solver.name:
+    """Make ``solver`` available to :func:`solve` under ``solver.name`` (case-insensitive).
+
+    Raises:
+        TypeError: ``solver`` is not a named :class:`Solver`, or its ``options`` are not a set of names.
+        ValueError: the name is a built-in solver's (``"auto"``, ``"native"``, ``"cvxpylayers"``, an installed cvxpy
+            solver) and ``solver`` is not one of that kind.
+    """
+    if not isinstance(solver, Solver) or not isinstance(solver.name, str) or not solver.name:
         raise TypeError(f"solver must be a named Solver, got {solver!r}")
+    options = solver.options
+    if not isinstance(options, (set, frozenset)) or not all(isinstance(option, str) for option in options):
+        raise TypeError(f"solver {solver.name!r}: options must be a set of option names, got {options!r}")
     registry = _registry()
     with _REGISTRY_LOCK:
+        known = registry.get(solver.name.lower())
+        if known is not None and known.certifies and type(known) is not type(solver):
+            raise ValueError(f"{solver.name!r} is a built-in solver's name: register {type(solver).__name__} under "
+                             "another name")
         registry[solver.name.lower()] = solver
 
 
@@ -280,4 +309,46 @@ def solve(problem: ConvexProblem, solver: str = "auto", **options: Any) -> Conve
     if not isinstance(problem, ConvexProblem):
         raise TypeError(f"problem must be a ConvexProblem, got {type(problem).__name__}")
     check_solver_options(solver, options)  # the values too: "auto" would otherwise drop those Clarabel does not take
-    return get_solver(solver).solve(problem, **options)
+    entry = get_solver(solver)
+    solution = entry.solve(problem, **options)
+    return solution if entry.certifies else checked_solution(problem, solution, entry.name, **options)
+
+
+def checked_solution(problem: ConvexProblem, solution: Any, name: str, **options: Any) -> ConvexSolution:
+    """Another solver's solution as hcl's solvers report theirs: its point checked (type, shapes, finite), its value
+    and violation evaluated in float64, its bound hcl's certificate (with the solver's cone multipliers when they are
+    :class:`~hcl.convex.native.Multipliers`) and ``"optimal"`` kept only where that certificate closes the gap within
+    the ``tol`` option (at least ``DEFAULT_TOL``, and 100 ulp of the point's precision). A non-finite point is
+    ``"failed"``.
+
+    Raises:
+        TypeError: the solver returned something else than a :class:`ConvexSolution`.
+        ValueError: ``U``, ``V`` or ``b0`` has not the problem's shape.
+    """
+    if not isinstance(solution, ConvexSolution):
+        raise TypeError(f"solver {name!r} returned a {type(solution).__name__}, not a ConvexSolution")
+    gated = bool(options.get("gated", False))
+    shapes = {"U": (problem.num_patterns, problem.d, problem.c), "V": (problem.num_patterns, problem.d, problem.c),
+              "b0": (problem.c,)}
+    point = {}
+    for field, shape in shapes.items():
+        value = getattr(solution, field)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"solver {name!r} returned {field} of shape {got}, not {shape}")
+        point[field] = value.detach().to(dtype=torch.float64, device=problem.X.device)
+    if not all(bool(torch.isfinite(t).all()) for t in point.values()):
+        return dataclasses.replace(solution, value=math.nan, status=Status.FAILED, dual_value=None)
+    exact = problem.in_float64()
+    b0 = point["b0"] if problem.output_bias else None
+    value = float(exact.objective(point["U"], point["V"], b0))
+    violation = 0.0 if gated else float(exact.violation(point["U"], point["V"]))
+    multipliers = solution.multipliers if isinstance(solution.multipliers, Multipliers) else None
+    dual = dual_certificate(problem, point["U"], point["V"], b0, multipliers, gated=gated)
+    status = Status.of(solution.status)
+    if status.solved:  # a float32 point's own rounding moves its value by ~1e-7 of it (1.2e-6 measured on a tiny one)
+        rounding = 100.0 * torch.finfo(solution.U.dtype).eps if solution.U.is_floating_point() else 0.0
+        tol = max(DEFAULT_TOL, float(options.get("tol") or 0.0), rounding)
+        status = certified_status(problem, status, value, dual, violation, tol=tol)
+    return dataclasses.replace(solution, value=value, violation=violation, dual_value=dual, status=status,
+                               gated=gated, gap_floor=problem.gap_floor)
