@@ -400,3 +400,16 @@ def test_on_badly_scaled_data_the_penalties_stop_where_the_step_still_factors(mo
     assert solution.status in ("optimal", "max_iterations") and solution.dual_value <= optimum * (1 + 1e-9)
     sigma2_max = float(torch.linalg.matrix_norm(Xf, ord=2)) ** 2
     assert tried and all(min(sigma2_max / r1, 1 / r2) <= admm_module.RHO_CONDITION * (1 + 1e-9) for r1, r2 in tried)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_all_zero_inputs_give_the_constant_fits_optimum(bias):
+    # ρ₁ was scaled by the data's mean curvature, 0 here: the n × n matrix did not factor (LinAlgError)
+    g = torch.Generator().manual_seed(0)
+    problem = ConvexProblem(X=torch.zeros(10, 1, dtype=torch.float64), Y=torch.randn(10, 1, generator=g,
+                            dtype=torch.float64), patterns=torch.rand(10, 3, generator=g) > 0.5, weight_decay=0.05,
+                            reduction="sum", output_bias=bias)
+    solution = solve_native(problem, method="admm")
+    Y = problem.Y - problem.Y.mean() if bias else problem.Y
+    assert solution.status == "optimal"
+    assert solution.value == pytest.approx(float(Y.square().sum()), rel=1e-9)

@@ -67,7 +67,8 @@ def problem_from_network(
 
     Returns:
         ``(problem, (U, V, b0))`` where ``(U, V, b0)`` is the network's feasible point: its convex
-        objective has the network's data term and a penalty at most the network's.
+        objective has the network's data term and a penalty at most the network's (not with ``one_vs_all``, whose
+        penalty ``2λ‖w̃‖‖α‖₁`` may exceed it: that problem is another network's, ``docs/convex.md``).
 
     Raises:
         ValueError: on mismatched shapes, an unknown formulation, extra patterns with the neurons

@@ -231,21 +231,22 @@ def solve_layer(
     except diffcp.SolverError as error:  # a backend that stops without a solution
         raise ConvexSolveError(f"cvxpylayers ({layer.solver_args.get('solve_method', 'Clarabel')}): {error}") from error
     dtype, device = problem.X.dtype, problem.X.device
-    U = U.permute(1, 2, 0).to(dtype=dtype, device=device).contiguous()  # (P, d, c)
-    V = V.permute(1, 2, 0).to(dtype=dtype, device=device).contiguous()
-    b0 = b0.to(dtype=dtype, device=device) if problem.output_bias else torch.zeros(problem.c, dtype=dtype,
-                                                                                 device=device)
-    value = float(problem.objective(U, V, b0))
-    violation = 0.0 if gated else float(problem.violation(U, V))
+    # evaluated in float64 like every solver's point (ConvexSolution.value), then returned in the problem's dtype
+    U = U.permute(1, 2, 0).to(dtype=torch.float64, device=device).contiguous()  # (P, d, c)
+    V = V.permute(1, 2, 0).to(dtype=torch.float64, device=device).contiguous()
+    b0 = b0.to(dtype=torch.float64, device=device) if problem.output_bias else U.new_zeros(problem.c)
+    exact = problem.in_float64()
+    value = float(exact.objective(U, V, b0))
+    violation = 0.0 if gated else float(exact.violation(U, V))
     # the layer gives no cone multipliers: the bound is hcl's certificate with μ = 0, exact for the gated relaxation
     # (no cones) and weak for the exact problem, whose status then says "optimal_inaccurate" (diffcp reports none)
     finite = bool(torch.isfinite(U).all() and torch.isfinite(V).all())  # a failed layer solve: no point, no bound
     dual_value = dual_certificate(problem, U, V, b0, gated=gated) if finite else -math.inf
     return ConvexSolution(
         value=value,
-        U=U,
-        V=V,
-        b0=b0,
+        U=U.to(dtype),
+        V=V.to(dtype),
+        b0=b0.to(dtype),
         status=certified_status(problem, Status.OPTIMAL, value, dual_value, violation),
         solver="cvxpylayers",
         solve_seconds=time.perf_counter() - start,

@@ -125,7 +125,8 @@ def admm(
     original = op.X
     check_op, rotation, sigma2 = _rotated(op)
     lam, constrained = op.lam, op.constrained
-    rho1 = RHO_GROUPS * float(sigma2.sum()) / op.d
+    curvature = float(sigma2.sum()) / op.d
+    rho1 = RHO_GROUPS * (curvature if curvature > 0 else 1.0)  # X = 0: no curvature to scale by, and any ρ₁ works
     rho2 = RHO_CONES if constrained else 0.0
     if warm is not None and warm.rho is not None:  # a solve going on from where another stopped
         rho1, rho2 = warm.rho
