@@ -241,7 +241,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         if self.V is not None:
             local_sum = local_sum + self.hparams.cone_penalty * violation.square().sum()
         world = self.trainer.world_size
-        local_n = torch.tensor(float(x.shape[0]), dtype=torch.float32, device=Xf.device)  # exact: not the default bf16
+        local_n = torch.tensor(float(x.shape[0]), dtype=torch.promote_types(torch.float32, Xf.dtype), device=Xf.device)
         n_total = self.all_gather(local_n).sum() if world > 1 else local_n
         # the batch's estimate of the full objective's data term: its mean for "mean"; for "sum", its sum times n/B
         # (the batch's own sum is B/n of the full one, and the prox's full lr·2λ then solved a problem whose

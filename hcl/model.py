@@ -224,7 +224,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             # `world · s · (its data sum) + penalty`, whose average is the gradient of L (the penalty's gradient is
             # the same on every rank). Every rank logs the same global values. (Unsharded, "mean" needs nothing more:
             # n counts each point once per rank too; "sum" divides by the copies.)
-            n_total = self.all_gather(torch.tensor(float(x.shape[0]), dtype=torch.float32, device=out.device)).sum()
+            n_total = self.all_gather(torch.tensor(float(x.shape[0]), dtype=_counts_dtype(out), device=out.device))
+            n_total = n_total.sum()
             scale = self._summed_batches() / self._copies(world) if self.reduction == "sum" else 1.0 / n_total
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
@@ -254,8 +255,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             self.log(f"{stage}/objective", data_loss.detach() + logged_penalty, on_step=True, on_epoch=False,
                      prog_bar=True)
         if counts is not None:
-            # float32: an integer ratio takes the default dtype, bfloat16 under precision bf16-true
-            self.log(f"{stage}/acc", counts[0].to(torch.float32) / counts[1], on_step=True, on_epoch=False)
+            self.log(f"{stage}/acc", counts[0].to(_counts_dtype(out)) / counts[1], on_step=True, on_epoch=False)
         elif self.hparams.out_features > 1:
             metric = getattr(self, f"{stage}_acc")
             if rows:  # DDP's padding copies left out (a batch of copies only: nothing to count)
@@ -343,3 +343,9 @@ def _set_explicit(param: Tensor, values: list | None, name: str) -> None:
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{name} contains NaN or inf")
     param.copy_(tensor)
+
+
+def _counts_dtype(like: Tensor) -> torch.dtype:
+    """Float32 at least for sample counts and their ratios: an integer ratio takes the default dtype, bfloat16 under
+    precision bf16-true, where counts above 256 round; float64 in a float64 run."""
+    return torch.promote_types(torch.float32, like.dtype)

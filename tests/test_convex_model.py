@@ -384,6 +384,27 @@ def test_the_training_accuracy_under_bf16_true_is_the_exact_ratio(tmp_path):
     assert logged == [pytest.approx(c / 1001, abs=1e-7) for c in counts]
 
 
+def test_a_float64_runs_logged_objective_is_exact_to_float64(tmp_path):
+    """The batch's size scales the data term in the run's precision: counted in float32, 1/30 moved the logged value
+    (and the step) by 5e-8 of itself."""
+    X, Y = _data(n=30)
+    model = ConvexReLU(in_features=3, num_gates=6, optimizer="sgd", lr=1e-2, gate_seed=0, certify_every_n_steps=0,
+                       weight_decay=1e-3).double()
+    logged = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            with torch.no_grad():
+                mapped = module._outputs(module.fold(batch[0]))[1]
+            logged.append(float((mapped - batch[1]).square().sum()) / 30)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            logged.append(float(trainer.callback_metrics["train/data_loss"]))
+
+    _trainer(tmp_path, 2, [Record()]).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+    assert logged[1] == pytest.approx(logged[0], rel=1e-15) and logged[3] == pytest.approx(logged[2], rel=1e-15)
+
+
 def test_a_run_diverging_through_finite_values_is_said(tmp_path):
     X, Y = _data(n=30)
     data = TensorDataModule(train=(X, Y))

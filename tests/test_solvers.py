@@ -196,3 +196,23 @@ def test_another_solvers_point_of_the_wrong_shape_or_type_and_built_in_names_are
     with pytest.raises(TypeError, match="options must be a set of option names"):
         register_solver(loose)
     register_solver(NativeSolver())  # the same kind again (a worker process registers what a job carries): taken
+
+
+def test_a_subclass_of_a_built_in_solver_and_a_half_precision_point_are_checked(monkeypatch):
+    """Being a built-in solver is its exact class, not an inherited flag; a bfloat16 point's rounding (0.4 % of each
+    entry) is no licence for a loose "optimal"."""
+    problem = small_problem(P=3)
+
+    class Halves(NativeSolver):
+        name = "halves"
+
+        def solve(self, problem, **options):
+            return dataclasses.replace(super().solve(problem, **options), value=0.5)
+
+    monkeypatch.setitem(solvers_module._registry(), "halves", Halves())
+    solution = solve(problem, "halves")
+    assert solution.value == pytest.approx(solve(problem, "native").value, rel=1e-9)
+    shrunk = _Claims("shrunk", lambda s, p: dataclasses.replace(s, U=(0.6 * s.U).bfloat16(), V=(0.6 * s.V).bfloat16(),
+                                                                b0=s.b0.bfloat16()))
+    monkeypatch.setitem(solvers_module._registry(), "shrunk", shrunk)
+    assert solve(problem, "shrunk").status == Status.OPTIMAL_INACCURATE

@@ -58,9 +58,6 @@ class Solver(abc.ABC):
 
     name: str = ""
     options: frozenset[str] = COMMON_OPTIONS
-    #: hcl's own solvers evaluate the point they return in float64 and certify its bound themselves; the value,
-    #: violation, bound and status of another solver are recomputed from its point by :func:`solve`
-    certifies: bool = False
 
     @abc.abstractmethod
     def solve(self, problem: ConvexProblem, **options: Any) -> ConvexSolution:
@@ -87,8 +84,6 @@ class Solver(abc.ABC):
 class NativeSolver(Solver):
     """hcl's own solver (:func:`~hcl.convex.native.solve_native`): the fields of its ``NativeOptions``."""
 
-    certifies = True
-
     name = "native"
     options = COMMON_OPTIONS | set(NativeOptions.names())
 
@@ -108,8 +103,6 @@ class NativeSolver(Solver):
 class LayerSolver(Solver):
     """The differentiable layer (:func:`~hcl.convex.layers.solve_layer`); it starts cold and has no time limit."""
 
-    certifies = True
-
     name = "cvxpylayers"
     options = COMMON_OPTIONS | {"solver_args"}
 
@@ -126,8 +119,6 @@ class ConicSolver(Solver):
     Its options are the common ones and the solver's own settings (:func:`~hcl.convex.cvxpy_solver.solver_settings`,
     e.g. ``tol_gap_rel`` for Clarabel), which go to cvxpy.
     """
-
-    certifies = True
 
     def __init__(self, cvxpy_name: str) -> None:
         self.cvxpy_name = cvxpy_name.upper()
@@ -146,8 +137,6 @@ class AutoSolver(Solver):
     fails (:class:`ConvexSolveError`) or does not fit the memory budget, the native solver solves instead, with a
     warning; one stopped at a limit returns its point and status.
     """
-
-    certifies = True
 
     name = "auto"
 
@@ -190,7 +179,7 @@ def register_solver(solver: Solver) -> None:
     registry = _registry()
     with _REGISTRY_LOCK:
         known = registry.get(solver.name.lower())
-        if known is not None and known.certifies and type(known) is not type(solver):
+        if known is not None and built_in(known) and type(known) is not type(solver):
             raise ValueError(f"{solver.name!r} is a built-in solver's name: register {type(solver).__name__} under "
                              "another name")
         registry[solver.name.lower()] = solver
@@ -311,15 +300,21 @@ def solve(problem: ConvexProblem, solver: str = "auto", **options: Any) -> Conve
     check_solver_options(solver, options)  # the values too: "auto" would otherwise drop those Clarabel does not take
     entry = get_solver(solver)
     solution = entry.solve(problem, **options)
-    return solution if entry.certifies else checked_solution(problem, solution, entry.name, **options)
+    return solution if built_in(entry) else checked_solution(problem, solution, entry.name, **options)
+
+
+def built_in(solver: Solver) -> bool:
+    """One of hcl's own solvers (not a subclass): they evaluate the point they return in float64 and certify its bound
+    themselves; another solver's value, violation, bound and status are recomputed from its point by :func:`solve`."""
+    return type(solver) in (AutoSolver, NativeSolver, LayerSolver, ConicSolver)
 
 
 def checked_solution(problem: ConvexProblem, solution: Any, name: str, **options: Any) -> ConvexSolution:
     """Another solver's solution as hcl's solvers report theirs: its point checked (type, shapes, finite), its value
     and violation evaluated in float64, its bound hcl's certificate (with the solver's cone multipliers when they are
     :class:`~hcl.convex.native.Multipliers`) and ``"optimal"`` kept only where that certificate closes the gap within
-    the ``tol`` option (at least ``DEFAULT_TOL``, and 100 ulp of the point's precision). A non-finite point is
-    ``"failed"``.
+    the ``tol`` option (at least ``DEFAULT_TOL``, and 100 float32 ulp for a point below float64). A non-finite point is
+    ``"failed"``; ``b0 = None`` is zero for a problem without an output bias.
 
     Raises:
         TypeError: the solver returned something else than a :class:`ConvexSolution`.
@@ -333,6 +328,8 @@ def checked_solution(problem: ConvexProblem, solution: Any, name: str, **options
     point = {}
     for field, shape in shapes.items():
         value = getattr(solution, field)
+        if field == "b0" and value is None and not problem.output_bias:
+            value = problem.X.new_zeros(problem.c)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"solver {name!r} returned {field} of shape {got}, not {shape}")
@@ -343,11 +340,15 @@ def checked_solution(problem: ConvexProblem, solution: Any, name: str, **options
     b0 = point["b0"] if problem.output_bias else None
     value = float(exact.objective(point["U"], point["V"], b0))
     violation = 0.0 if gated else float(exact.violation(point["U"], point["V"]))
-    multipliers = solution.multipliers if isinstance(solution.multipliers, Multipliers) else None
-    dual = dual_certificate(problem, point["U"], point["V"], b0, multipliers, gated=gated)
+    dual = dual_certificate(problem, point["U"], point["V"], b0, gated=gated)  # with μ = 0: always a bound
+    if isinstance(solution.multipliers, Multipliers):
+        with contextlib.suppress(ValueError, RuntimeError):  # multipliers of another shape: the bound without them
+            dual = max(dual, dual_certificate(problem, point["U"], point["V"], b0, solution.multipliers, gated=gated))
     status = Status.of(solution.status)
-    if status.solved:  # a float32 point's own rounding moves its value by ~1e-7 of it (1.2e-6 measured on a tiny one)
-        rounding = 100.0 * torch.finfo(solution.U.dtype).eps if solution.U.is_floating_point() else 0.0
+    if status.solved:
+        # a float32 point's own rounding moves its value by ~1e-7 of it (1.2e-6 measured on a tiny one); a point in a
+        # half precision is allowed no more (its rounding is 0.2–0.8 % of every entry: it is rarely optimal)
+        rounding = 0.0 if solution.U.dtype == torch.float64 else 100.0 * torch.finfo(torch.float32).eps
         tol = max(DEFAULT_TOL, float(options.get("tol") or 0.0), rounding)
         status = certified_status(problem, status, value, dual, violation, tol=tol)
     return dataclasses.replace(solution, value=value, violation=violation, dual_value=dual, status=status,
