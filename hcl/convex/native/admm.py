@@ -224,7 +224,7 @@ def admm(
                 frozen = len(flat_gaps) == STALL_CHECKS and min(flat_gaps) > options.tol
                 if stop is None and frozen and max(flat_gaps) - min(flat_gaps) <= STALL_SPREAD * max(flat_gaps):
                     stop, stalled = Status.MAX_ITERATIONS, True  # the gap frozen above tol
-                # met but not confirmed, the violation at the precision's floor: no move into the cones will confirm it
+                # met but not confirmed, the violation not halving (float32's floor): no move will confirm it
                 floored = floored[1 - STALL_CHECKS:] + [check.violation] if check.met and stop is None else []
                 half = STALL_CHECKS // 2
                 if len(floored) == STALL_CHECKS and min(floored[half:]) > 0.5 * min(floored[:half]):
