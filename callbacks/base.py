@@ -301,7 +301,10 @@ class StackCallback(Callback):
         # on_fit_end, which closes them otherwise, does not run after a failure; the last stack callback closes them,
         # after the others have logged what their solves had finished
         if self is [c for c in trainer.callbacks if isinstance(c, StackCallback)][-1]:
-            dashboard.close_series(trainer)
+            try:
+                dashboard.close_series(trainer)
+            except Exception as err:  # noqa: BLE001 - the run's own error is the one to raise (a log dir deleted)
+                rank_zero_warn(f"{type(self).__name__}: could not close the chart series: {err}")
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -297,19 +297,28 @@ class ConvexGapMonitor(StackCallback):
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if self._queue is not None:
+            # Nothing here may raise: the run's own error is the one to raise, and Lightning skips the rest of its
+            # clean-up (the other callbacks, the loggers, teardown) after an on_exception that raises
+            unlogged = None
             try:
                 self._collect(trainer, raise_errors=False)  # keep what is already solved
-                if self._failure is not None:  # collected for raise_worker_errors, but another error came first
-                    rank_zero_warn(self._failure)
-                    self._failure = None
-            finally:
-                # the rest is dropped and counted as skipped: a checkpoint written now (OnExceptionCheckpoint) has
-                # passed their steps, and one written before them leaves them to the resumed run
-                for step in self._queue.cancel():
-                    self._skipped += 1
-                    self._retaken += step > self.finished_step()  # a checkpoint now leaves it to the resumed run
+            except Exception as err:  # noqa: BLE001 - a log dir deleted under the run, say
+                unlogged = err
+            if self._failure is not None:  # collected for raise_worker_errors, but another error came first
+                rank_zero_warn(self._failure)
+                self._failure = None
+            # the rest is dropped and counted as skipped: a checkpoint written now (OnExceptionCheckpoint) has
+            # passed their steps, and one written before them leaves them to the resumed run
+            for step in self._queue.cancel():
+                self._skipped += 1
+                self._retaken += step > self.finished_step()  # a checkpoint now leaves it to the resumed run
+                try:
                     log_scalars(trainer, {f"{self.prefix}/skipped": self._skipped}, step)
-                self._close_queue(kill=True)
+                except Exception as err:  # noqa: BLE001
+                    unlogged = err
+            self._close_queue(kill=True)
+            if unlogged is not None:
+                rank_zero_warn(f"{type(self).__name__}: could not log every solve of the failed run: {unlogged}")
         super().on_exception(trainer, pl_module, exception)
 
     @override

@@ -31,7 +31,10 @@ def flush_loggers(trainer: pl.Trainer) -> None:
     """Write what the loggers and the series runs hold to disk (rank zero); a logger that fails to save only warns."""
     if not trainer.is_global_zero:
         return
-    dashboard.flush_series(trainer)
+    try:
+        dashboard.flush_series(trainer)
+    except Exception as err:  # noqa: BLE001 - flushing is best effort, it must not mask the real error
+        warnings.warn(f"could not flush the chart series: {err}", stacklevel=2)
     for logger in trainer.loggers:
         try:
             logger.save()

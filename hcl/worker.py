@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -362,6 +363,9 @@ def _worker_process_main(niceness: int, jobs: Connection, results: Connection) -
     for variable in _SINGLE_THREAD_ENV:
         os.environ[variable] = "1"
     warnings.simplefilter("ignore")  # solver chatter; statuses are reported instead
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a parent killed outright (SIGKILL, the OOM killer) is noticed now, not after the solve
+        threading.Thread(target=_exit_with, args=(parent,), name="hcl-parent-watch", daemon=True).start()
 
     try:
         while True:
@@ -375,6 +379,12 @@ def _worker_process_main(niceness: int, jobs: Connection, results: Connection) -
             results.send_bytes(body)
     except (EOFError, OSError):
         return  # the parent is gone
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    """End this worker process when ``parent`` ends (its sentinel becomes ready)."""
+    multiprocessing.connection.wait([parent.sentinel])
+    os._exit(1)
 
 
 def _run(job: bytes) -> tuple[str, bytes]:

@@ -288,6 +288,37 @@ def test_the_solves_an_exception_cancels_are_counted_as_skipped(tmp_path, monkey
     assert Crash.saved == {"last_step": 3, "skipped": 4}
 
 
+def test_a_failed_run_whose_logs_cannot_be_written_raises_its_own_error_and_closes_the_queue(tmp_path, monkeypatch,
+                                                                                               run):
+    """The monitor's clean-up after a failure could not write either (a log dir deleted under the run): it raised
+    from on_exception, and Lightning then skipped the rest of the clean-up, leaving the worker alive."""
+    import hcl.callbacks.convex_gap as convex_gap_module
+
+    release = threading.Event()
+
+    def held_solve(problem, solver, **options):
+        release.wait(10)
+        return slow_solve(problem, solver, **options)
+
+    def unwritable(*args, **kwargs):
+        raise FileNotFoundError("the log dir is gone")
+
+    class Gone(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                monkeypatch.setattr(convex_gap_module, "log_scalars", unwritable)
+                raise KeyError("the run's own error")
+
+    monkeypatch.setattr(solve_queue_module, "solve", held_solve)
+    monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
+    try:
+        with pytest.raises(KeyError, match="the run's own error"), pytest.warns(UserWarning, match="could not log"):
+            run(tmp_path, [monitor, Gone()], max_steps=50)
+    finally:
+        release.set()
+    assert monitor._queue is None  # closed
+
+
 def test_raise_worker_errors_raises_the_first_failure_and_the_others_warn(tmp_path, monkeypatch, run):
     release = threading.Event()
 

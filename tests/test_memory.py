@@ -26,7 +26,7 @@ from hcl.convex.native.memory import (
     plan,
 )
 from hcl.convex.problem import ConvexProblem
-from hcl.convex.solvers import solve
+from hcl.convex.solvers import check_solver_options, solve
 
 GIB = 1 << 30
 
@@ -125,6 +125,8 @@ def test_a_cvxpy_solve_that_does_not_fit_is_refused_before_it_builds(mnist_shape
         solve(small, solver, memory_limit=1 << 20)
     with pytest.raises(ValueError, match="memory_limit must be a positive integer, got 0.5"):
         solve(small, solver, memory_limit=0.5)
+    with pytest.raises(ValueError, match=r"memory_limit is in bytes: 1000 bytes fit no solve"):  # was a refusal a solve
+        check_solver_options(solver, {"memory_limit": 1000})
 
 
 def test_the_planned_method_is_the_plans_choice_and_nothing_runs(mnist_shaped, monkeypatch):

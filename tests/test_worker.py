@@ -187,6 +187,42 @@ def test_the_worker_process_is_light_low_priority_and_single_threaded(worker):
     assert threads == 1
 
 
+_KILLED_PARENT_SCRIPT = """
+import os, time
+from hcl.worker import BackgroundWorker
+w = BackgroundWorker("process", niceness=0)
+print(w.submit(os.getpid).result(timeout=60), flush=True)
+w.submit(time.sleep, 120)
+time.sleep(120)
+"""
+
+
+def test_a_worker_process_ends_with_its_parent_killed_outright():
+    """SIGKILL (or the OOM killer) runs no clean-up in the training process: its worker went on with its solve, up
+    to the solve's time limit, as an orphan."""
+    import signal
+
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)  # the job under way
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie (reaped by init soon) has ended
+    except FileNotFoundError:
+        return False
+
+
 _UNGUARDED_SCRIPT = """
 import json, os, sys
 with open(os.environ["HCL_TEST_MARKER"], "a") as f:

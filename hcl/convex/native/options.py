@@ -32,6 +32,8 @@ ADMM_FLOAT32_TOL = 1e-3
 # where the interior point does not fit: 1e-3 in 350-500 iterations on MNIST's n = 2 000, where 444 iterations towards
 # 1e-6 left the point outside its cones); docs/solvers.md#the-native-solver-hclconvexnativesolve_native
 DEFAULT_TOL = 1e-6
+# Below a mebibyte no solve fits (the interpreter's own tensors alone are more): a smaller memory_limit is a unit slip
+MEMORY_LIMIT_LEAST = 2**20
 ADMM_DEFAULT_TOL = 1e-3
 
 # "auto" takes the interior point while its n × n matrices stay small; see docs/solvers.md#tuned-constants
@@ -148,6 +150,9 @@ class NativeOptions:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name} must be " + ("a positive integer" if least else "an integer ≥ 0")
                                  + f", got {value!r}")
+        if self.memory_limit is not None and self.memory_limit < MEMORY_LIMIT_LEAST:
+            raise ValueError(f"memory_limit is in bytes: {self.memory_limit} bytes fit no solve (the least is 1 MiB, "
+                             f"{MEMORY_LIMIT_LEAST})")
             object.__setattr__(self, name, int(value))
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
