@@ -34,7 +34,7 @@ from hcl.activation_geometry import (
     to_numpy,
 )
 from hcl.callbacks.base import StackCallback, resolve_objective
-from hcl.checks import REDUCTIONS
+from hcl.checks import REDUCTIONS, check_bool
 from hcl.convex.problem import fold_bias, fold_weights, network_objective
 
 # Frames a GIF animates at most: writing it holds every image at once, about 0.5 MB each (640 × 400, quantized)
@@ -102,20 +102,25 @@ class ActivationPointPlot(StackCallback):
         super().__init__(every_n_steps, probe=probe, target=target, layer=layer, output_layer=output_layer)
         if not isinstance(tag, str) or not tag:
             raise ValueError(f"tag must be a non-empty string, got {tag!r}")
-        if not isinstance(gif_name, str) or not gif_name.endswith(".gif") or Path(gif_name).name != gif_name:
+        if (not isinstance(gif_name, str) or Path(gif_name).suffix != ".gif" or Path(gif_name).name != gif_name
+                or not Path(gif_name).stem):
             raise ValueError(f"gif_name must be a file name ending in .gif, got {gif_name!r}")
-        if not (isinstance(gif_fps, (int, float)) and math.isfinite(gif_fps) and gif_fps > 0):
-            raise ValueError(f"gif_fps must be a positive number, got {gif_fps!r}")
+        # a frame lasts round(1000 / fps) ms: from 1 ms to 1 000 s
+        if not (_is_real(gif_fps) and 1e-3 <= gif_fps <= 1000):
+            raise ValueError(f"gif_fps must be a number of frames per second in [0.001, 1000], got {gif_fps!r}")
         if x_range is not None:
-            if len(x_range) != 2 or not all(math.isfinite(float(v)) for v in x_range) or not x_range[0] < x_range[1]:
+            if (not _pair_of_reals(x_range) or not all(math.isfinite(v) for v in x_range)
+                    or not x_range[0] < x_range[1]):
                 raise ValueError(f"x_range must be (low, high) with finite low < high, got {x_range!r}")
             x_range = (float(x_range[0]), float(x_range[1]))
-        if len(figsize) != 2 or not all(float(v) > 0 for v in figsize):
-            raise ValueError(f"figsize must be (width, height) in inches, got {figsize!r}")
-        if not isinstance(dpi, int) or dpi < 10:
-            raise ValueError(f"dpi must be an integer ≥ 10, got {dpi!r}")
+        if isinstance(dpi, bool) or not isinstance(dpi, int) or not 10 <= dpi <= 1000:
+            raise ValueError(f"dpi must be an integer in [10, 1000], got {dpi!r}")
+        # matplotlib draws at most 2¹⁶ pixels a side
+        if not _pair_of_reals(figsize) or not all(0 < v and v * dpi < 2**16 for v in figsize):
+            raise ValueError(f"figsize must be (width, height) in inches, positive and under {2**16 / dpi:.4g} at dpi "
+                             f"{dpi}, got {figsize!r}")
         self.tag = tag
-        self.gif = gif
+        self.gif = check_bool(gif, "gif")
         self.gif_name = gif_name
         self.gif_fps = float(gif_fps)
         self.x_range = x_range
@@ -286,3 +291,11 @@ def _output_path(trainer: "pl.Trainer", name: str) -> Path:
     folder = _output_folder(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pair_of_reals(value: object) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_real(v) for v in value)

@@ -117,6 +117,11 @@ class StackCallback(Callback):
             self.probe, self.target = check_probe(probe), None
         if max_samples is not None and (not is_int(max_samples) or max_samples < 1):
             raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+        for name, value in (("layer", layer), ("output_layer", output_layer)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a module name (a non-empty string) or None, got {value!r}")
+        if output_layer is not None and layer is None:  # it is read only beside the hidden layer it follows
+            raise ValueError(f"output_layer={output_layer!r} names the Linear after layer=: give layer= too")
         self.layer = layer
         self.output_layer = output_layer
         self.max_samples = max_samples

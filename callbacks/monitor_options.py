@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from hcl.checks import check_seconds, is_int
+from hcl.checks import check_seconds, check_seed, is_int
 from hcl.convex import available_solvers, check_solver_options
 from hcl.convex.solvers import solvers_used
 from hcl.worker import WORKER_KINDS
@@ -58,8 +58,7 @@ def check_monitor_arguments(
         if name in (solver_options or {}):
             raise ValueError(f"give {name} as the monitor's own {name}= argument, not in solver_options (the monitor "
                              "sets it for every solve)")
-    if not is_int(seed):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     if warm_start not in WARM_STARTS:
         raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {warm_start!r}")
     if solve_time_limit is not None and "time_limit" in (solver_options or {}):

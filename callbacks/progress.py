@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from typing_extensions import override
 
+from hcl.checks import is_int
 from hcl.convex.status import Status
 
 #: ``(tag suffix, label)`` of one monitor's values, in postfix order; the first present of each group is shown.
@@ -73,6 +74,9 @@ class StepProgressBar(TQDMProgressBar):
     """
 
     def __init__(self, refresh_rate: int = 1, process_position: int = 0) -> None:
+        for name, value in (("refresh_rate", refresh_rate), ("process_position", process_position)):
+            if not is_int(value) or value < 0:  # Lightning's bar takes anything, and fails or hides itself later
+                raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}")
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=False)
         self._held: dict[str, Any] = {}  # the metric objects seen last: a new object is a newly logged value
         self._solve_status: dict[str, Any] = {}  # per prefix, the status object of its last solve

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from hcl.checks import as_int, check_bool, is_int
+from hcl.checks import as_int, check_bool, check_seed, is_int
 
 # A data module without a validation or test split returns [] (no loop) on purpose: Lightning's "zero length" warning
 # about that list was printed at the start of every run
@@ -265,8 +265,7 @@ class TensorDataModule(pl.LightningDataModule):
         if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
             raise ValueError(f"num_classes must be None (regression) or a positive integer, got {num_classes!r}")
         shard = check_bool(shard, "shard")
-        if not is_int(seed):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = check_seed(seed)
         given = {"train": train, "val": val, "test": test}
         for split, pair in given.items():
             if pair is not None and (

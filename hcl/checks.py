@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,16 @@ def as_int(value: Any) -> Any:
     """A numpy (or other ``numbers.Integral``) integer as a Python ``int``; anything else as it is, for the caller's
     check to refuse."""
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed: an integer torch's generators take (``[-2⁶³, 2⁶³)``; above, "Overflow when unpacking long long")."""
+    value = as_int(value)
+    if not is_int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must lie in [-2**63, 2**63), got {value}")
+    return value
 
 
 def check_bool(value: Any, name: str) -> bool:
@@ -69,9 +80,9 @@ def check_probe_and_target(probe: Tensor | None, target: Tensor | None) -> tuple
 
 
 def check_prefix(prefix: str) -> str:
-    """A tag prefix: a non-empty name without ``/``."""
-    if not isinstance(prefix, str) or not prefix or "/" in prefix:
-        raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
+    """A tag prefix: letters, digits, ``_``, ``-`` and ``.`` (not ``.`` or ``..``): it names chart folders too."""
+    if not isinstance(prefix, str) or not re.fullmatch(r"[\w.-]+", prefix, re.ASCII) or prefix in (".", ".."):
+        raise ValueError(f"prefix must be a name of letters, digits, '_', '-' and '.', got {prefix!r}")
     return prefix
 
 

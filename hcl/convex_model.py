@@ -23,6 +23,7 @@ from hcl.checks import (
     cast_to_checkpoint,
     check_classes,
     check_reduction,
+    check_seed,
     check_weight_decay,
     is_int,
 )
@@ -148,8 +149,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if not (isinstance(bias, bool) and isinstance(output_bias, bool)):  # "no" would read as True
             raise ValueError(f"bias and output_bias must be bools, got {bias!r} and {output_bias!r}")
-        if not is_int(gate_seed):
-            raise ValueError(f"gate_seed must be an integer, got {gate_seed!r}")
+        check_seed(gate_seed, "gate_seed")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         if momentum and optimizer != "sgd":  # Adam would silently ignore it

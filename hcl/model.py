@@ -24,12 +24,13 @@ import torchmetrics
 from torch import Tensor, nn
 
 from hcl.callbacks.logs import mark_resumed_run
-from hcl.checks import cast_to_checkpoint, check_classes, check_reduction, check_weight_decay
+from hcl.checks import cast_to_checkpoint, check_bool, check_classes, check_reduction, check_weight_decay, is_int
 from hcl.convex.problem import data_scale
 from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32
 from hcl.network import ReLUStack
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
+MOMENTUM = 0.9  # the default of optimizer="momentum"
 INITS = ("uniform", "normal", "kaiming")
 LOSSES = ("squared", "cross_entropy")
 
@@ -89,7 +90,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         loss: Literal["squared", "cross_entropy"] = "squared",
         optimizer: Literal["sgd", "momentum", "adam", "adagrad"] = "sgd",
         lr: float = 0.05,
-        momentum: float = 0.9,
+        momentum: float = MOMENTUM,
         init: Literal["uniform", "normal", "kaiming"] = "uniform",
         init_scale: float = 1.0,
         hidden_weight: list[list[float]] | None = None,
@@ -98,17 +99,23 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("hidden", hidden), ("out_features", out_features)):
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_bool(bias, "bias")
+        check_bool(output_bias, "output_bias")
         check_reduction(reduction)
         _check_choice("loss", loss, LOSSES)
         _check_choice("optimizer", optimizer, OPTIMIZERS)
         _check_choice("init", init, INITS)
         check_weight_decay(weight_decay)
-        if not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"lr must be a positive number, got {lr}")
-        if not math.isfinite(init_scale) or init_scale <= 0:
-            raise ValueError(f"init_scale must be a positive number, got {init_scale}")
+        for name, value in (("lr", lr), ("init_scale", init_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        if momentum != MOMENTUM and optimizer != "momentum":  # the others would silently ignore it
+            raise ValueError(f"momentum applies to optimizer='momentum' only, got momentum={momentum!r} with "
+                             f"{optimizer!r}")
         if loss == "cross_entropy" and out_features < 2:
             raise ValueError("loss='cross_entropy' needs out_features ≥ 2 (classification)")
         self.save_hyperparameters()

@@ -21,7 +21,7 @@ from hcl.activation_geometry import (
     network_curve,
     neuron_markers,
 )
-from hcl.callbacks import ActivationPointPlot
+from hcl.callbacks import ActivationPointPlot, ConvexGapMonitor
 from hcl.datamodules import SyntheticRegression
 
 
@@ -248,8 +248,21 @@ def test_bad_arguments_are_refused_early():
         ActivationPointPlot(gif_name="../out.gif")
     with pytest.raises(ValueError, match="gif_fps"):
         ActivationPointPlot(gif_fps=0)
+    # each accepted, then crashed after the last step (PIL: "unknown file extension", an int overflow) or at the first
+    # plot (matplotlib, the allocator), or wrote a GIF for gif="false"
+    for kwargs, name in [({"gif_name": ".gif"}, "gif_name"), ({"gif_fps": 1e-300}, "gif_fps"),
+                         ({"gif_fps": True}, "gif_fps"), ({"figsize": (float("inf"), 4)}, "figsize"),
+                         ({"figsize": (1e6, 1e6)}, "figsize"), ({"dpi": 10**6}, "dpi"), ({"x_range": 5}, "x_range"),
+                         ({"figsize": ("a", "b")}, "figsize"), ({"gif": "false"}, "gif")]:
+        with pytest.raises((ValueError, TypeError), match=name):
+            ActivationPointPlot(**kwargs)
     with pytest.raises(ValueError, match="together"):
         ActivationPointPlot(probe=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="give layer= too"):  # was read only beside layer=: silently ignored
+        ConvexGapMonitor(output_layer="nope")
+    for prefix in ("..", " ", "a b", "convex\n", "a/b"):  # ".." wrote chart runs beside the run's own events
+        with pytest.raises(ValueError, match="prefix must be a name of letters"):
+            ConvexGapMonitor(prefix=prefix)
 
 
 @pytest.mark.slow

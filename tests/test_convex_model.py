@@ -287,7 +287,7 @@ def test_a_diverged_run_says_so_and_logs_no_certificate_of_its_nan(tmp_path):
     ],
 )
 def test_bad_arguments_are_refused(arguments, message):
-    error = FileNotFoundError if message == "no checkpoint" else ValueError
+    error = FileNotFoundError if message == "no checkpoint" else TypeError if "be an integer" in message else ValueError
     with pytest.raises(error, match=message):
         ConvexReLU(in_features=3, **arguments)
 

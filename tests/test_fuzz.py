@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hcl.callbacks.convex_gap as convex_gap_module
 import hcl.callbacks.solve_queue as solve_queue_module
-from hcl import TwoLayerReLU
-from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor
+from hcl import ConvexReLU, TwoLayerReLU
+from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor, StepProgressBar
 from hcl.convex import ConvexSolution, Status
 from hcl.datamodules import TensorDataModule
 
@@ -161,7 +161,13 @@ CONSTRUCTION = [
      "give warm_start as the monitor's own"),
     (lambda: ConvexGapMonitor(asynchronous="yes"), TypeError, "asynchronous must be a bool"),
     (lambda: ConvexGapMonitor(seed=0.5), TypeError, "seed"),
+    # seeds torch's generators cannot take: "Overflow when unpacking long long" in setup, naming nothing
+    (lambda: ConvexGapMonitor(seed=2**80), ValueError, r"seed must lie in \[-2\*\*63, 2\*\*63\)"),
+    (lambda: TensorDataModule(train=(X0, Y0), seed=2**80), ValueError, "seed must lie in"),
+    (lambda: ConvexReLU(gate_seed=2**80), ValueError, "gate_seed must lie in"),
     (lambda: PatternMonitor(every_n_steps=0), ValueError, "every_n_steps"),
+    (lambda: StepProgressBar(refresh_rate="1"), ValueError, "refresh_rate must be an integer"),  # failed at fit start
+    (lambda: StepProgressBar(refresh_rate=-1), ValueError, "refresh_rate"),  # hid the bar
     (lambda: PatternMonitor(probe=_with(X0, 3, 1, NAN)), ValueError, "NaN"),
     (lambda: PatternMonitor(probe=torch.zeros(0, 3)), ValueError, "empty"),
     (lambda: PatternMonitor(max_samples=-1), ValueError, "max_samples"),

@@ -104,7 +104,8 @@ def test_float64_data_trains_in_the_trainers_precision(tmp_path, precision, rel)
 @pytest.mark.parametrize("optimizer,cls", [("sgd", torch.optim.SGD), ("momentum", torch.optim.SGD),
                                            ("adam", torch.optim.Adam), ("adagrad", torch.optim.Adagrad)])
 def test_optimizers_never_get_a_weight_decay(optimizer, cls):
-    model = TwoLayerReLU(weight_decay=0.3, optimizer=optimizer, lr=0.01, momentum=0.5)
+    model = TwoLayerReLU(weight_decay=0.3, optimizer=optimizer, lr=0.01,
+                         **({"momentum": 0.5} if optimizer == "momentum" else {}))
     opt = model.configure_optimizers()
     assert isinstance(opt, cls)
     group = opt.param_groups[0]
@@ -123,6 +124,20 @@ def test_adam_and_adagrad_in_float16_are_refused_by_name(tmp_path, optimizer):
                          accelerator="cpu")
     with pytest.raises(ValueError, match=f"{optimizer} in float16"):
         trainer.fit(model, DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8)), batch_size=8))
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"momentum": 0.5}, ValueError, "momentum applies to optimizer='momentum' only"),  # SGD ignored it
+    ({"optimizer": "adam", "momentum": 0.5}, ValueError, "momentum applies to"),
+    ({"optimizer": "momentum", "momentum": -1.0}, ValueError, r"momentum must lie in \[0, 1\)"),  # torch's, late
+    ({"bias": "no"}, TypeError, "bias must be a bool"),  # a bias was made
+    ({"in_features": True}, ValueError, "in_features must be a positive integer"),
+    ({"lr": "0.1"}, ValueError, "lr must be a positive number"),  # "must be real number, not str"
+    ({"init_scale": None}, ValueError, "init_scale must be a positive number"),
+])
+def test_arguments_accepted_silently_or_refused_late_are_refused_by_name(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        TwoLayerReLU(**kwargs)
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e2])
