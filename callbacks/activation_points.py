@@ -13,6 +13,7 @@ it, with the output axis fixed over the run.
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,9 @@ class ActivationPointPlot(StackCallback):
         if (not isinstance(gif_name, str) or Path(gif_name).suffix != ".gif" or Path(gif_name).name != gif_name
                 or not Path(gif_name).stem):
             raise ValueError(f"gif_name must be a file name ending in .gif, got {gif_name!r}")
-        # a frame lasts round(1000 / fps) ms: from 1 ms to 1 000 s
-        if not (_is_real(gif_fps) and 1e-3 <= gif_fps <= 1000):
-            raise ValueError(f"gif_fps must be a number of frames per second in [0.001, 1000], got {gif_fps!r}")
+        # a frame lasts round(1000 / fps) ms: from 1 ms to 500 s (a GIF holds at most 655.35 s a frame)
+        if not (_is_real(gif_fps) and 0.002 <= gif_fps <= 1000):
+            raise ValueError(f"gif_fps must be a number of frames per second in [0.002, 1000], got {gif_fps!r}")
         if x_range is not None:
             if (not _pair_of_reals(x_range) or not all(math.isfinite(v) for v in x_range)
                     or not x_range[0] < x_range[1]):
@@ -294,8 +295,9 @@ def _output_path(trainer: "pl.Trainer", name: str) -> Path:
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
 def _pair_of_reals(value: object) -> bool:
-    return isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_real(v) for v in value)
+    return (isinstance(value, (tuple, list, np.ndarray)) and len(value) == 2
+            and all(_is_real(v) for v in list(value)))

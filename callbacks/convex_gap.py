@@ -33,6 +33,7 @@ from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
 from hcl.callbacks.monitor_options import check_monitor_arguments, warn_if_checkpoints_wait
 from hcl.callbacks.solve_queue import SolveQueue
+from hcl.checks import check_seed
 from hcl.convex import solve
 from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias
 from hcl.convex.snapshot import Snapshot, SolveSpec, WarmStartChain, evaluate_snapshot
@@ -184,7 +185,7 @@ class ConvexGapMonitor(StackCallback):
         self.gated = gated
         self.load_solution = load_solution
         self.solver_options = dict(solver_options or {})
-        self.seed = seed
+        self.seed = check_seed(seed)  # a numpy integer as an int (it seeds torch's generator)
         self.asynchronous = asynchronous
         self.max_pending = max_pending
         self.solve_time_limit = solve_time_limit
@@ -301,24 +302,27 @@ class ConvexGapMonitor(StackCallback):
             # clean-up (the other callbacks, the loggers, teardown) after an on_exception that raises
             unlogged = None
             try:
-                self._collect(trainer, raise_errors=False)  # keep what is already solved
-            except Exception as err:  # noqa: BLE001 - a log dir deleted under the run, say
-                unlogged = err
-            if self._failure is not None:  # collected for raise_worker_errors, but another error came first
-                rank_zero_warn(self._failure)
-                self._failure = None
-            # the rest is dropped and counted as skipped: a checkpoint written now (OnExceptionCheckpoint) has
-            # passed their steps, and one written before them leaves them to the resumed run
-            for step in self._queue.cancel():
-                self._skipped += 1
-                self._retaken += step > self.finished_step()  # a checkpoint now leaves it to the resumed run
                 try:
-                    log_scalars(trainer, {f"{self.prefix}/skipped": self._skipped}, step)
-                except Exception as err:  # noqa: BLE001
+                    self._collect(trainer, raise_errors=False)  # keep what is already solved
+                except Exception as err:  # noqa: BLE001 - a log dir deleted under the run, say
                     unlogged = err
-            self._close_queue(kill=True)
-            if unlogged is not None:
-                rank_zero_warn(f"{type(self).__name__}: could not log every solve of the failed run: {unlogged}")
+                if self._failure is not None:  # collected for raise_worker_errors, but another error came first
+                    rank_zero_warn(self._failure)
+                    self._failure = None
+            finally:  # also after a second Ctrl-C
+                # the rest is dropped and counted as skipped: a checkpoint written now (OnExceptionCheckpoint) has
+                # passed their steps, and one written before them leaves them to the resumed run
+                for step in self._queue.cancel():
+                    self._skipped += 1
+                    self._retaken += step > self.finished_step()  # a checkpoint now leaves it to the resumed run
+                    try:
+                        log_scalars(trainer, {f"{self.prefix}/skipped": self._skipped}, step)
+                    except Exception as err:  # noqa: BLE001
+                        unlogged = err
+                self._close_queue(kill=True)
+            if unlogged is not None:  # Lightning wraps a logger's error: its cause says what happened
+                rank_zero_warn(f"{type(self).__name__}: could not log every solve of the failed run: "
+                               f"{unlogged.__cause__ or unlogged}")
         super().on_exception(trainer, pl_module, exception)
 
     @override

@@ -150,6 +150,8 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         if not (isinstance(bias, bool) and isinstance(output_bias, bool)):  # "no" would read as True
             raise ValueError(f"bias and output_bias must be bools, got {bias!r} and {output_bias!r}")
         check_seed(gate_seed, "gate_seed")
+        if not is_int(gate_seed):  # saved in the checkpoint's hparams, where numpy's integer is unloadable
+            raise TypeError(f"gate_seed must be an integer, got {gate_seed!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
         if momentum and optimizer != "sgd":  # Adam would silently ignore it

@@ -113,7 +113,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        if momentum != MOMENTUM and optimizer != "momentum":  # the others would silently ignore it
+        # the others would silently ignore it (0: none; the default: saved by every earlier checkpoint)
+        if momentum not in (0, MOMENTUM) and optimizer != "momentum":
             raise ValueError(f"momentum applies to optimizer='momentum' only, got momentum={momentum!r} with "
                              f"{optimizer!r}")
         if loss == "cross_entropy" and out_features < 2:

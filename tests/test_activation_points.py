@@ -251,7 +251,8 @@ def test_bad_arguments_are_refused_early():
     # each accepted, then crashed after the last step (PIL: "unknown file extension", an int overflow) or at the first
     # plot (matplotlib, the allocator), or wrote a GIF for gif="false"
     for kwargs, name in [({"gif_name": ".gif"}, "gif_name"), ({"gif_fps": 1e-300}, "gif_fps"),
-                         ({"gif_fps": True}, "gif_fps"), ({"figsize": (float("inf"), 4)}, "figsize"),
+                         ({"gif_fps": 0.001}, "gif_fps"), ({"gif_fps": True}, "gif_fps"),
+                         ({"figsize": (float("inf"), 4)}, "figsize"),
                          ({"figsize": (1e6, 1e6)}, "figsize"), ({"dpi": 10**6}, "dpi"), ({"x_range": 5}, "x_range"),
                          ({"figsize": ("a", "b")}, "figsize"), ({"gif": "false"}, "gif")]:
         with pytest.raises((ValueError, TypeError), match=name):

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -165,6 +166,7 @@ CONSTRUCTION = [
     (lambda: ConvexGapMonitor(seed=2**80), ValueError, r"seed must lie in \[-2\*\*63, 2\*\*63\)"),
     (lambda: TensorDataModule(train=(X0, Y0), seed=2**80), ValueError, "seed must lie in"),
     (lambda: ConvexReLU(gate_seed=2**80), ValueError, "gate_seed must lie in"),
+    (lambda: ConvexReLU(gate_seed=np.int64(2)), TypeError, "gate_seed must be an integer"),  # its checkpoint unloadable
     (lambda: PatternMonitor(every_n_steps=0), ValueError, "every_n_steps"),
     (lambda: StepProgressBar(refresh_rate="1"), ValueError, "refresh_rate must be an integer"),  # failed at fit start
     (lambda: StepProgressBar(refresh_rate=-1), ValueError, "refresh_rate"),  # hid the bar

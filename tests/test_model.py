@@ -127,7 +127,7 @@ def test_adam_and_adagrad_in_float16_are_refused_by_name(tmp_path, optimizer):
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
-    ({"momentum": 0.5}, ValueError, "momentum applies to optimizer='momentum' only"),  # SGD ignored it
+    ({"momentum": 0.5}, ValueError, "momentum applies to optimizer='momentum' only"),  # SGD ignored it (0 is taken)
     ({"optimizer": "adam", "momentum": 0.5}, ValueError, "momentum applies to"),
     ({"optimizer": "momentum", "momentum": -1.0}, ValueError, r"momentum must lie in \[0, 1\)"),  # torch's, late
     ({"bias": "no"}, TypeError, "bias must be a bool"),  # a bias was made

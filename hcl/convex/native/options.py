@@ -150,10 +150,10 @@ class NativeOptions:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name} must be " + ("a positive integer" if least else "an integer ≥ 0")
                                  + f", got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.memory_limit is not None and self.memory_limit < MEMORY_LIMIT_LEAST:
             raise ValueError(f"memory_limit is in bytes: {self.memory_limit} bytes fit no solve (the least is 1 MiB, "
                              f"{MEMORY_LIMIT_LEAST})")
-            object.__setattr__(self, name, int(value))
         if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
         if self.method == "newton" and self.dtype == torch.float32:
