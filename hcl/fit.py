@@ -168,7 +168,13 @@ def main(args: ArgsType = None) -> HCLCLI:
     _continue_logged_run(cli.trainer, cli.config.ckpt_path)
     new_dirs = _new_log_dirs(cli.trainer)
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        except Exception as error:
+            spawned = _spawned_user_error(error)
+            if spawned is None:
+                raise
+            raise spawned from error
     except USER_ERRORS as error:
         if cli.trainer.global_step == 0:
             _remove_log_dirs(new_dirs)  # nothing was trained: no empty run in TensorBoard
@@ -233,6 +239,16 @@ def _names_config_or_data(args: list[str] | tuple[str, ...]) -> bool:
         if name in ("-c", "--config", "--data", "--data.class_path") or (name.startswith("-c") and len(name) > 2):
             return True
     return False
+
+
+def _spawned_user_error(error: BaseException) -> BaseException | None:
+    """The user error a spawned process raised (``ddp_spawn`` hands it back as the text of its traceback, in torch's
+    ``ProcessRaisedException``), rebuilt from that text's last line; ``None`` for any other error."""
+    if type(error).__name__ != "ProcessRaisedException":
+        return None
+    name, _, message = str(error).strip().splitlines()[-1].partition(": ")
+    kind = next((kind for kind in USER_ERRORS if kind.__name__ == name.rsplit(".", 1)[-1]), None)
+    return None if kind is None else kind(message)
 
 
 def _fail(error: BaseException, constructing: bool = False) -> None:

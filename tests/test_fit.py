@@ -284,3 +284,20 @@ def test_ckpt_path_last_includes_the_exception_checkpoint(tmp_path):
     Path(on_exception.ckpt_path).write_bytes(b"")
     trainer = SimpleNamespace(loggers=[logger], callbacks=[on_exception], is_global_zero=True)
     assert _last_checkpoint(trainer) == on_exception.ckpt_path
+
+
+def test_a_user_error_a_spawned_process_raised_is_taken_from_its_traceback():
+    """ddp_spawn hands a child's error back as the text of its traceback: a setup refusal came out as a raw
+    ProcessRaisedException (exit 1, an empty run left) instead of the one-line message."""
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    from hcl.fit import _spawned_user_error
+
+    trace = ('\n\n-- Process 0 terminated with the following error:\nTraceback (most recent call last):\n'
+             '  File "x.py", line 1, in setup\n    raise ValueError(\nValueError: PatternMonitor watches a network: '
+             'leave it out\n')
+    error = _spawned_user_error(ProcessRaisedException(trace, 0, 123))
+    assert type(error) is ValueError and str(error) == "PatternMonitor watches a network: leave it out"
+    other = trace.replace("ValueError: PatternMonitor", "ZeroDivisionError: division")
+    assert _spawned_user_error(ProcessRaisedException(other, 0, 123)) is None  # a bug keeps its traceback
+    assert _spawned_user_error(ValueError("not spawned")) is None
