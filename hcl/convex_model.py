@@ -19,14 +19,7 @@ from torch import Tensor, nn
 
 from hcl.callbacks.data import training_data, warn_if_padded
 from hcl.callbacks.logs import log_scalars, mark_resumed_run
-from hcl.checks import (
-    cast_to_checkpoint,
-    check_classes,
-    check_reduction,
-    check_seed,
-    check_weight_decay,
-    is_int,
-)
+from hcl.checks import cast_to_checkpoint, check_classes, check_reduction, check_seed, check_weight_decay, is_int
 from hcl.convex.gated import (
     CHUNK_BYTES,
     VARIANTS,

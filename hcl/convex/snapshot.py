@@ -354,11 +354,10 @@ def _measure(
         messages.append(f"{owner}: the solve of step {snap.step} took {seconds:.3g} s, over the time limit of "
                         f"{spec.time_limit} s")
     elif status != Status.OPTIMAL and known.refuted is None:
-        claimed = Status.of(solution.status)
         why = ("; with weight_decay = 0 no bound above 0 is certified, so the native solver claims no optimum "
                "(a conic solver's own test does: solver='clarabel')"
                if problem.weight_decay == 0 and solution.solver.startswith("native")
-               and claimed == Status.OPTIMAL_INACCURATE else "")
+               and Status.of(solution.status) == Status.OPTIMAL_INACCURATE else "")
         said = "" if str(solution.status) == status.value else f" (the solver said {str(solution.status)!r})"
         messages.append(f"{owner}: solver status '{status.value}' at step {snap.step}{said}{why}")
     exact = not spec.gated and not problem.is_bound  # the problem's optimum is the best network's objective
