@@ -12,6 +12,7 @@ training run is the one it would be without the callbacks.
 
 from __future__ import annotations
 
+import math
 import random
 import weakref
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DistributedSampler, IterableDataset, RandomSampler
+from torch.utils.data import DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 # The data descriptions already said, per trainer: several callbacks on the same data say it once.
 _SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -59,14 +60,19 @@ def training_data(
         else:
             X, Y, loader, whole = _collect_dataloader(trainer)
             source = "one pass over the training dataloader"
+            total = None  # the samples of the loader's dataset (None: this rank's dataset's length)
+            if not whole and trainer.world_size > 1:
+                copies, total = _rank_datasets(trainer, loader)
+                whole = copies
             if whole:
                 source += "'s dataset, whole on every rank"
+                total = None
             elif trainer.world_size > 1:
                 X = gather_rows(trainer, X)
                 Y = None if Y is None else gather_rows(trainer, Y)
                 source += f", gathered from {trainer.world_size} ranks"
-            _warn_if_partial(trainer, loader, X.shape[0], trainer.world_size)
-            warn_if_padded(trainer)
+            _warn_if_partial(trainer, loader, X.shape[0], trainer.world_size, total)
+            warn_if_resampled(trainer)
             source += " (each batch's first item as the inputs, its second as the targets)"
     total = X.shape[0]
     if max_samples is not None:
@@ -110,11 +116,11 @@ def _say_once(trainer: pl.Trainer, message: str, say=None) -> None:
         (say or rank_zero_info)(message)
 
 
-def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size: int) -> None:
+def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size: int, total: int | None = None) -> None:
     """Warn (once per trainer) when one pass over ``loader`` (all ranks together) yields another number of samples
-    than its dataset."""
+    than its dataset (``total``: the ranks' datasets together, where each rank has a part of its own)."""
     try:
-        total = len(loader.dataset)  # type: ignore[attr-defined]
+        total = len(loader.dataset) if total is None else total  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         return  # no dataset of known length (an iterable dataset, a list of batches)
     if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None:
@@ -138,20 +144,29 @@ def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size:
                   "count more than once in the callbacks' values", rank_zero_warn)
 
 
-def warn_if_padded(trainer: pl.Trainer) -> None:
+def warn_if_resampled(trainer: pl.Trainer) -> None:
     """Warn (once per trainer) when DDP's distributed sampler pads the training set to a multiple of the ranks by
-    repeating samples: training then counts those twice an epoch, while the callbacks count every sample once."""
+    repeating samples (training then counts those twice an epoch, while the callbacks count every sample once), or
+    when the loader's ``drop_last`` leaves out the end of each rank's shard (training leaves those out, the callbacks,
+    which read the dataset whole, count them)."""
     loader = getattr(trainer, "train_dataloader", None)
     sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler) or sampler.num_replicas < 2 or sampler.drop_last:
+    if not isinstance(sampler, DistributedSampler) or sampler.num_replicas < 2:
         return
-    if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None:
+    batch_size = getattr(loader, "batch_size", 1)
+    if batch_size is None and getattr(loader, "batch_sampler", None) is None:
         return  # a dataset of whole batches, not of samples (an hcl data module's full batch: each rank's own shard)
     try:
         n = len(sampler.dataset)
     except TypeError:
         return
-    if n % sampler.num_replicas:
+    left = sampler.num_samples % batch_size if getattr(loader, "drop_last", False) and batch_size else 0
+    if left:
+        _say_once(trainer, f"drop_last=True under DDP leaves out the last {left} of each rank's {sampler.num_samples} "
+                  f"samples every epoch ({left * sampler.num_replicas} of the {n}; which ones changes when the sampler "
+                  f"shuffles): training does not use them, while the callbacks evaluate the network on all {n}",
+                  rank_zero_warn)
+    if n % sampler.num_replicas and not sampler.drop_last:
         _say_once(trainer, f"DDP's distributed sampler pads the {n} training samples to {sampler.total_size} by "
                   f"repeating {sampler.total_size - n} of them every epoch: training counts those twice, the callbacks "
                   f"(and one process) once; use a number of samples divisible by {sampler.num_replicas}, or an hcl "
@@ -213,6 +228,61 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
         return torch.cat(xs), (torch.cat(ys) if ys else None), loader, whole
     except RuntimeError as err:
         raise ValueError(f"the training batches cannot be stacked into one data set ({err}): pass probe=") from err
+
+
+def _rank_datasets(trainer: pl.Trainer, loader: object) -> tuple[bool, int | None]:
+    """Under DDP without DDP's own sampler (``use_distributed_sampler=False``): whether every rank's loader reads the
+    same dataset whole (copies: nothing to gather, and training counts each sample once per rank), and the samples of
+    the ranks' datasets together where each rank reads a dataset of its own whole (else ``None``). A collective: every
+    rank calls it. The datasets are compared by their lengths and a checksum of their first, middle and last items."""
+    sampler = _sampler(loader)
+    dataset = getattr(loader, "dataset", None)
+    if type(sampler) is RandomSampler:  # every sample once unless told otherwise
+        try:
+            reads_whole = not sampler.replacement and sampler.num_samples == len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            reads_whole = False
+    else:  # (a distributed sampler over one replica: a dataset sharded beforehand)
+        reads_whole = type(sampler) is SequentialSampler or type(sampler) is DistributedSampler and (
+            sampler.num_replicas == 1 and not sampler.drop_last)
+    mine = _fingerprint(dataset) if reads_whole else None
+    local = torch.full((1, 3), math.nan, dtype=torch.float64) if mine is None else mine.reshape(1, 3)
+    every = gather_rows(trainer, local)
+    if bool(torch.isnan(every).any()):  # a rank's sampler or dataset that cannot be told
+        return False, None
+    return bool((every == every[0]).all()), int(every[:, 0].sum())
+
+
+def training_copies(trainer: pl.Trainer) -> int:
+    """The ranks that hold each training sample under DDP: all of them with an hcl data module's ``shard=False`` or
+    a loader that reads the same dataset whole on every rank (:func:`_rank_datasets`), else one (sharded, as
+    DDP's own sampler shards a plain dataloader). A collective where the loader does not tell: every rank calls it."""
+    if trainer.world_size < 2:
+        return 1
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "shard"):
+        return trainer.world_size if datamodule.shard is False else 1
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None or _whole_on_every_rank(loader, trainer.world_size):
+        return 1
+    return trainer.world_size if _rank_datasets(trainer, loader)[0] else 1
+
+
+def _fingerprint(dataset: object) -> Tensor | None:
+    """``dataset``'s length and two checksums of its first, middle and last items (``None``: no length, or an item
+    that is not numbers)."""
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+        sums = [0.0, 0.0]
+        for i in sorted({0, n // 2, n - 1}) if n else []:
+            item = dataset[i]  # type: ignore[index]
+            for part in item if isinstance(item, (tuple, list)) else (item,):
+                values = torch.as_tensor(part).detach().to("cpu", torch.float64).reshape(-1)
+                sums[0] += float(values.sum())
+                sums[1] += float((values * torch.arange(1, values.numel() + 1, dtype=torch.float64)).sum())
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return torch.tensor([float(n), *sums], dtype=torch.float64)
 
 
 def _sampler(loader: object) -> object:

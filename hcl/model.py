@@ -126,6 +126,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.optimizer_decay = 0.0  # the λ of its optimizer's own weight decay, found when training starts
         self._window = None  # the training values of the optimizer step under way, summed over its micro-batches
+        self._data_copies = 1  # the ranks holding each training point (on_train_start: training_copies)
         self.reduction = reduction
         self._initialise(init, init_scale, hidden_weight, hidden_bias_init, output_weight)
         if out_features > 1:
@@ -188,9 +189,10 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         # a weight decay given to the optimizer (hcl.fit --optimizer.weight_decay) is part of the objective trained:
         # logged in L as the callbacks count it (docs/convex.md#weight-decay-in-the-optimizer); none it cannot name
         from hcl.callbacks.base import optimizer_lambda  # not at import: hcl.callbacks.base loads late
-        from hcl.callbacks.data import warn_if_padded
+        from hcl.callbacks.data import training_copies, warn_if_resampled
 
-        warn_if_padded(self.trainer)  # DDP's sampler repeating samples: L would count them twice
+        warn_if_resampled(self.trainer)  # DDP's sampler repeating samples: L would count them twice
+        self._data_copies = training_copies(self.trainer)  # (a collective, on every rank)
         check_classes(self.trainer, self)
 
         stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")
@@ -289,10 +291,11 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return data / k, pen / k, counts
 
     def _copies(self, world: int) -> int:
-        """The ranks that hold each training point: all of them with an hcl data module's ``shard=False`` (the union
-        of the ranks' batches then counts every point once per rank), else one (sharded, as Lightning's distributed
+        """The ranks that hold each training point (:func:`hcl.callbacks.data.training_copies`, when training started):
+        all of them with an hcl data module's ``shard=False`` or the same dataset read whole on every rank (the union of
+        the ranks' batches then counts every point once per rank), else one (sharded, as Lightning's distributed
         sampler shards a plain dataloader)."""
-        return world if getattr(getattr(self._trainer, "datamodule", None), "shard", True) is False else 1
+        return self._data_copies
 
     def _summed_batches(self) -> float:
         """The weight of a summed mini-batch in the training loss: the batches of an epoch, so that the loss of a

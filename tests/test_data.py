@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -75,19 +76,54 @@ def test_a_distributed_samplers_shard_is_read_as_the_whole_dataset_in_its_order(
     assert torch.equal(X_read, X) and torch.equal(y_read, y)
 
 
-def test_a_dataset_sharded_beforehand_is_read_in_order_and_gathered(monkeypatch):
-    # a single-replica sampler under DDP: each rank holds its own part, which the others need
-    from torch.utils.data import DistributedSampler
-
+def _second_rank(monkeypatch, other: TensorDataset) -> None:
+    """``gather_rows`` as on rank 0 of two whose rank 1 reads ``other`` whole (its rows, and its dataset's
+    fingerprint)."""
     import hcl.callbacks.data as data_module
 
+    def gather(trainer, tensor):
+        if tensor.shape == (1, 3) and tensor.dtype == torch.float64:  # the datasets' fingerprints
+            return torch.cat([tensor, data_module._fingerprint(other).reshape(1, 3)])
+        return torch.cat([tensor, other.tensors[0 if tensor.ndim == 2 else 1]])
+
+    monkeypatch.setattr(data_module, "gather_rows", gather)
+
+
+@pytest.mark.parametrize("sampler", ["distributed", "sequential", "random"])
+def test_a_dataset_sharded_beforehand_is_read_in_order_and_gathered(monkeypatch, sampler):
+    # each rank holds its own part (a single-replica sampler, or none, under DDP), which the others need; it was
+    # said to repeat samples (12 rows of a 6-sample dataset: this rank's own part)
+    from torch.utils.data import DistributedSampler
+
+    X, y = _data(n=12)
+    dataset = TensorDataset(X[:6], y[:6])
+    samplers = {"distributed": DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True),
+                "sequential": None, "random": torch.utils.data.RandomSampler(dataset)}
+    trainer = _fake_trainer(DataLoader(dataset, batch_size=4, sampler=samplers[sampler]), world_size=2)
+    _second_rank(monkeypatch, TensorDataset(X[6:], y[6:]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        X_read, y_read = training_data(trainer)
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+    assert not [w for w in caught if "yields" in str(w.message)]
+
+
+def test_the_same_dataset_on_every_rank_is_read_once(monkeypatch):
+    """Every rank reading the whole set (use_distributed_sampler=False): it was gathered twice (n = 2 × 6) and said to
+    repeat samples; the model counts it once (training_copies)."""
+    from hcl.callbacks.data import training_copies
+
     X, y = _data(n=6)
-    dataset = TensorDataset(X, y)
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True)
-    trainer = _fake_trainer(DataLoader(dataset, batch_size=4, sampler=sampler), world_size=2)
-    monkeypatch.setattr(data_module, "gather_rows", lambda trainer, tensor: torch.cat([tensor, -tensor]))
-    X_read, y_read = training_data(trainer)
-    assert torch.equal(X_read, torch.cat([X, -X])) and torch.equal(y_read, torch.cat([y, -y]))
+    trainer = _fake_trainer(DataLoader(TensorDataset(X, y), batch_size=4), world_size=2)
+    _second_rank(monkeypatch, TensorDataset(X.clone(), y.clone()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        X_read, y_read = training_data(trainer)
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+    assert not [w for w in caught if "yields" in str(w.message)]
+    assert training_copies(trainer) == 2
+    _second_rank(monkeypatch, TensorDataset(X + 1, y))  # another dataset of the same length: shards
+    assert training_copies(trainer) == 1
 
 
 def test_a_dataloader_not_set_up_yet_is_set_up_first():

@@ -167,3 +167,46 @@ def test_validation_with_reduction_sum_sums_over_every_batch_and_rank(tmp_path):
     with torch.no_grad():
         expected = float((model(Xv) - yv).square().sum())
     assert one["val/data_loss"][0][1] == pytest.approx(expected, rel=1e-6)
+
+
+class _RankData(pl.LightningDataModule):
+    """The 21 points on every rank (``copies``), or rank ``r`` of ``w`` holding the points ``r, r + w, …`` of its own
+    (``shards``), read by a plain loader under ``use_distributed_sampler=False``."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, kind: str) -> None:
+        super().__init__()
+        self.X, self.y, self.kind = X, y, kind
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        part = slice(None) if self.kind == "copies" else slice(rank, None, world)
+        return DataLoader(TensorDataset(self.X[part], self.y[part]), batch_size=len(self.X))
+
+
+def _own_sampler_run(tmp_path: Path, devices: int, kind: str) -> dict:
+    torch.manual_seed(0)
+    X = torch.randn(21, 3, dtype=torch.float64)
+    y = (X @ torch.linspace(-1, 1, 3, dtype=torch.float64)).unsqueeze(1)
+    trainer = pl.Trainer(
+        max_steps=3, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        precision="64-true", log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="run", version=0),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, callbacks=[PatternMonitor(), ConvexGapMonitor(formulation="neurons",
+                                                                                      solver="clarabel")],
+    )
+    trainer.fit(TwoLayerReLU(in_features=3, hidden=8, reduction="sum", lr=0.05, weight_decay=0.01),
+                _RankData(X, y, kind))
+    return _series(tmp_path / "run" / "version_0")
+
+
+def test_each_ranks_own_loader_counts_every_point_once_with_reduction_sum(tmp_path):
+    """Without DDP's sampler, every rank reading the whole set logged twice the objective and trained on twice the
+    gradient, and the monitors solved a problem of every point twice (n = 42); shards of the ranks' own are gathered."""
+    one = _own_sampler_run(tmp_path / "one", 1, "copies")
+    for kind in ("copies", "shards"):
+        two = _own_sampler_run(tmp_path / kind, 2, kind)
+        for tag in ("train/objective", "convex/optimum", "convex/nonconvex_objective"):
+            assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == [0, 1, 2], (kind, tag)
+            for (_, single), (_, double) in zip(one[tag], two[tag]):
+                assert double == pytest.approx(single, rel=1e-5), (kind, tag)
+        assert two["patterns/unique"] == one["patterns/unique"], kind
