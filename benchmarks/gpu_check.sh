@@ -25,7 +25,7 @@ check() {  # name, seconds, command...
 check machine 30 bash -c 'nvidia-smi; python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
 # the tests that run only where there is a CUDA device (skipped on the CPU machines)
 check cuda_tests 180 python -m pytest -q -rs -p no:cacheprovider tests/test_admm.py tests/test_patterns.py \
-    tests/test_datamodules.py -k "gpu or cuda"
+    tests/test_datamodules.py tests/test_data_loaders.py -k "gpu or cuda"
 # the ADMM where the CPU was measured (docs/solvers.md#admm): n = 2 000 and 10 000, 100 network patterns, c = 10
 check monitor_10000 150 python benchmarks/mnist_monitor.py --root "$root" --device cuda --sizes 2000 10000 \
     --seeds 0 --steps 100 --methods admm --time-limit 60
