@@ -1,0 +1,151 @@
+"""ConvexReLU in unusual runs: precisions, divergence, points outside their cones, subclasses' optimizers."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _convex_model_utils import LAM, _data, _trainer
+from _events import read_scalars
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from hcl import ConvexReLU
+from hcl.convex.gated import gate_mask
+from hcl.convex.problem import fold_bias
+from hcl.datamodules.base import TensorDataModule
+
+
+def test_adam_in_float16_and_inputs_of_another_width_are_refused_by_name(tmp_path):
+    X, Y = _data(n=12)
+    data = TensorDataModule(train=(X.float(), Y.float()))
+    half = ConvexReLU(in_features=3, num_gates=4, optimizer="adam", lr=1e-4, certify_every_n_steps=0)
+    with pytest.raises(ValueError, match="Adam in float16"):  # was NaN from step 1, "diverged: a smaller lr"
+        _trainer(tmp_path, 1, precision="16-true").fit(half, datamodule=data)
+    wide = ConvexReLU(in_features=5, num_gates=4, certify_every_n_steps=0)
+    with pytest.raises(ValueError, match=r"in_features=5\) got inputs of 3 features"):  # was a raw matmul error
+        _trainer(tmp_path, 1, precision="32-true").fit(wide, datamodule=data)
+
+
+def test_the_training_accuracy_under_bf16_true_is_the_exact_ratio(tmp_path):
+    """The right answers are counted as an integer and divided in float32: bf16 (the default dtype under bf16-true)
+    logged 0.050048828125 for 0.05, and counts above 256 rounded."""
+    from _events import read_scalars
+
+    g = torch.Generator().manual_seed(0)
+    X, labels = torch.randn(1001, 3, generator=g), torch.randint(0, 3, (1001,), generator=g)
+    model = ConvexReLU(in_features=3, out_features=3, num_gates=6, optimizer="sgd", lr=1e-3, gate_seed=0,
+                       certify_every_n_steps=0)
+    counts = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            with torch.no_grad():
+                mapped = module._outputs(module.fold(batch[0].to(module.U.dtype)))[1]
+            counts.append(int((mapped.argmax(1) == batch[1]).sum()))
+
+    data = TensorDataModule(train=(X, labels), num_classes=3)
+    _trainer(tmp_path, 3, [Record()], precision="bf16-true", logger=True, log_every_n_steps=1).fit(model,
+                                                                                                 datamodule=data)
+    logged = [value for _, value in read_scalars(tmp_path)["train/acc"]]
+    assert logged == [pytest.approx(c / 1001, abs=1e-7) for c in counts]
+
+
+def test_a_float64_runs_logged_objective_is_exact_to_float64(tmp_path):
+    """The batch's size scales the data term in the run's precision: counted in float32, 1/30 moved the logged value
+    (and the step) by 5e-8 of itself."""
+    X, Y = _data(n=30)
+    model = ConvexReLU(in_features=3, num_gates=6, optimizer="sgd", lr=1e-2, gate_seed=0, certify_every_n_steps=0,
+                       weight_decay=1e-3).double()
+    logged = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            with torch.no_grad():
+                mapped = module._outputs(module.fold(batch[0]))[1]
+            logged.append(float((mapped - batch[1]).square().sum()) / 30)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            logged.append(float(trainer.callback_metrics["train/data_loss"]))
+
+    _trainer(tmp_path, 2, [Record()]).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+    assert logged[1] == pytest.approx(logged[0], rel=1e-15) and logged[3] == pytest.approx(logged[2], rel=1e-15)
+
+
+def test_a_run_diverging_through_finite_values_is_said(tmp_path):
+    X, Y = _data(n=30)
+    data = TensorDataModule(train=(X, Y))
+    model = ConvexReLU(in_features=3, num_gates=40, optimizer="sgd", lr=5.0, certify_every_n_steps=0).double()
+    with pytest.warns(UserWarning, match="training is diverging"):  # (it said nothing until inf)
+        _trainer(tmp_path, 12).fit(model, datamodule=data)
+    assert torch.isfinite(model.U).all()  # still finite: the non-finite check alone would not have seen it
+
+
+def test_the_data_line_names_the_certificates_not_callbacks(tmp_path, monkeypatch):
+    import hcl.callbacks.data as data_module
+
+    said = []
+    monkeypatch.setattr(data_module, "rank_zero_info", said.append)
+    X, Y = _data(n=12)
+    model = ConvexReLU(in_features=3, num_gates=4, certify_every_n_steps=1).double()
+    _trainer(tmp_path, 1).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+    assert said and all(line.startswith("hcl: ConvexReLU's certificates evaluate") for line in said), said
+
+
+def test_a_relu_point_outside_its_cones_logs_its_bound_but_no_duality_gap(tmp_path):
+    """Outside its cones the penalised point's objective can lie below the optimum: a "gap" there read negative."""
+    X, Y = _data(n=20, c=1)
+    model = ConvexReLU(in_features=3, num_gates=6, weight_decay=LAM, variant="relu", optimizer="sgd", lr=0.02,
+                       certify_every_n_steps=10).double()
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    with pytest.warns(UserWarning, match=r"ConvexReLU: the point is outside its cones \(largest violation .*\): its "
+                                         r"objective bounds nothing, so convex_train/duality_gap is logged only"):
+        _trainer(tmp_path, 40, logger=logger, log_every_n_steps=1).fit(model,
+                                                                      datamodule=TensorDataModule(train=(X, Y)))
+    s = read_scalars(logger.log_dir)
+    violation = dict(s["convex_train/violation"])
+    assert sum(value > 0 for value in violation.values()) >= 3 and len(s["convex_train/lower_bound"]) == 5
+    inside = [step for step, value in violation.items() if value == 0]  # the start, zero
+    assert [step for step, _ in s.get("convex_train/duality_gap", [])] == inside
+
+
+def test_a_weight_decay_in_a_subclasss_optimizer_is_said(tmp_path):
+    class Decayed(ConvexReLU):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=0.1)
+
+    X, Y = _data(n=20, c=1)
+    with pytest.warns(UserWarning, match=r"the optimizer's weight_decay=0.1 adds a ridge .* set λ with weight_decay="):
+        _trainer(tmp_path, 2).fit(Decayed(in_features=3, num_gates=4).double(),
+                                  datamodule=TensorDataModule(train=(X, Y)))
+
+
+def test_the_gates_patterns_are_never_autocasts_bf16():
+    g = torch.Generator().manual_seed(0)
+    Xf, gates = fold_bias(torch.randn(2000, 8, generator=g), True), torch.randn(9, 50, generator=g)
+    exact = Xf.double() @ gates.double() >= 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gate_mask(Xf, gates), exact)
+
+
+def test_no_earlier_duality_gap_stays_beside_a_later_point_outside_its_cones():
+    """callback_metrics kept the step-0 gap (0.917) beside the final objective and bound of a point whose gap is not
+    logged (outside its cones)."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from hcl import ConvexReLU
+    from hcl.datamodules import TensorDataModule
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    model = ConvexReLU(in_features=3, num_gates=5, variant="relu", weight_decay=0.02, optimizer="sgd", lr=0.05,
+                       certify_every_n_steps=5).double()
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", precision="64-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=TensorDataModule(train=(X, torch.sin(X.sum(1, keepdim=True)))))
+    metrics = trainer.callback_metrics
+    assert float(metrics["convex_train/violation"]) > 0  # the case under test
+    assert "convex_train/duality_gap" not in metrics
