@@ -123,3 +123,34 @@ def test_repeated_points_on_the_boundary_keep_their_columns():
     restored = feasible_solution(problem, solution, 1e-6)
     assert restored.violation == 0.0 and restored.status == "optimal"
     assert restored.value == pytest.approx(reference_solve(problem).value, rel=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.01])
+def test_a_cone_without_interior_keeps_the_optimum_on_its_boundary(lam):
+    # a neuron without bias tied at 0 on x and −x (both active): its cone is the subspace x·u = 0, which no step puts
+    # "inside"; the column was zeroed, the value rose 25 % above the optimum, and no optimum was logged
+    X = torch.tensor([[1., 0], [-1, 0], [2, 0], [-2, 0], [1, 1], [-1, 2], [2, -1], [.5, -2], [1, 3], [-2, -1]],
+                     dtype=torch.float64)
+    Y = torch.tensor([1., 2, 3, 1, 2, 5, -1, 0, 4, 1], dtype=torch.float64)[:, None]
+    W, A = torch.tensor([[0., 1.], [1., 1.]], dtype=torch.float64), torch.tensor([[1., 1.]], dtype=torch.float64)
+    problem, _ = problem_from_network(X, Y, W, None, A, None, weight_decay=lam, reduction="mean")
+    solution = solve(problem, "clarabel")
+    assert solution.violation > 0  # the case: the conic solver's point is outside by rounding
+    restored = feasible_solution(problem, solution, 1e-6)
+    assert restored.status == "optimal" and restored.violation <= 1e-12
+    assert restored.value == pytest.approx(reference_solve(problem).value, rel=1e-6)
+
+
+def test_a_neuron_of_zeros_without_bias_keeps_a_lambda_0_optimum():
+    # its all-ones pattern's cone on Gaussian data is {0}: the solver's 4e-10 left there was zeroed at no cost, yet with
+    # λ = 0 (no certificate beyond 0) the moved point lost its "optimal"
+    g = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randn(30, 1, generator=g, dtype=torch.float64)
+    W, A = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(1, 4, generator=g, dtype=torch.float64)
+    W[0] = 0.0
+    problem, _ = problem_from_network(X, Y, W, None, A, None, weight_decay=0.0, reduction="mean")
+    solution = solve(problem, "clarabel")
+    assert solution.violation > 0
+    restored = feasible_solution(problem, solution, 1e-6)
+    assert restored.status == "optimal" and restored.violation == 0.0
+    assert restored.value == pytest.approx(reference_solve(problem).value, rel=1e-6)
