@@ -191,7 +191,8 @@ class ActivationPointPlot(StackCallback):
         step = trainer.global_step
         if step > self.last_step and not self._stopped:  # a model no longer its stack is drawn no more
             self.last_step = step
-            self._draw(trainer, step)
+            if self.recheck(trainer, step):  # after the last step's update (a pruned weight: after its forward)
+                self._draw(trainer, step)
         writes = not trainer.fast_dev_run  # Lightning's dry run logs and writes nothing
         if writes and self._last_frame is not None:
             self.png_path = self._write_png(trainer, self._last_frame)

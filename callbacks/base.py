@@ -174,12 +174,17 @@ class StackCallback(Callback):
         if step <= self.last_step or not self.should_run(step):
             return None
         self.last_step = step
+        return step if self.recheck(trainer, step) else None
+
+    def recheck(self, trainer: "pl.Trainer", step: int) -> bool:
+        """Whether the model still computes its stack's function, checked by a forward (which also brings a weight that
+        a pre-hook computes, pruning's or weight_norm's, up to date); the callback stops when it does not."""
         if self._checked is not None and not self._stopped:
             try:  # a term of the forward that was zero when training started may not be by now
                 self._stack.check_forward(trainer.lightning_module, self._checked, again=True)
             except ValueError as err:
                 self._stop(step, err)
-        return None if self._stopped else step
+        return not self._stopped
 
     def _stop(self, step: int, err: ValueError) -> None:
         self._stopped = True

@@ -31,7 +31,12 @@ from typing_extensions import override
 from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
-from hcl.callbacks.monitor_options import check_monitor_arguments, warn_if_checkpoints_wait
+from hcl.callbacks.monitor_options import (
+    check_monitor_arguments,
+    proved_tags,
+    warn_about_monitored_tags,
+    warn_if_checkpoints_wait,
+)
 from hcl.callbacks.solve_queue import SolveQueue
 from hcl.checks import check_seed
 from hcl.convex import solve
@@ -245,6 +250,7 @@ class ConvexGapMonitor(StackCallback):
         self._trainer = trainer
         self._chain = WarmStartChain() if self.warm_start == "previous" else None
         self._failure = None
+        warn_about_monitored_tags(trainer, type(self).__name__, self.prefix, self.asynchronous)
         if self.asynchronous and trainer.is_global_zero:
             warn_if_checkpoints_wait(trainer, type(self).__name__, self.every_n_steps)
             self._X_cpu = self._X.detach().to("cpu", copy=True)
@@ -274,7 +280,7 @@ class ConvexGapMonitor(StackCallback):
             return
         snapshot = self._snapshot(step)
         metrics, solved = self.evaluate(snapshot)
-        log_scalars(trainer, metrics, step)
+        log_scalars(trainer, metrics, step, proved_tags(self.prefix))
         if self.load_solution:
             weights = self._solution_weights(solved)
             if distributed_load:
@@ -371,7 +377,7 @@ class ConvexGapMonitor(StackCallback):
         if self._queue is None or not len(self._queue):
             return
         for step, outcome in self._queue.collect(wait=wait):
-            log_scalars(trainer, outcome.metrics, step)
+            log_scalars(trainer, outcome.metrics, step, proved_tags(self.prefix))
             if raise_errors and self.raise_worker_errors and outcome.error is not None and self._failure is None:
                 self._failure = f"{type(self).__name__}: the background solve of step {step} failed: {outcome.error}"
                 continue

@@ -227,7 +227,7 @@ class GlobalOptimumMonitor(StackCallback):
                 metrics[f"{p}/global_gap"] = L - self.optimum
             if self.lower_bound is not None:
                 metrics[f"{p}/global_max_gap"] = L - self.lower_bound
-        log_scalars(trainer, metrics, step)
+        log_scalars(trainer, metrics, step, absent=[f"{p}/global_gap", f"{p}/global_max_gap"])
 
     # ---------------------------------------------------------------- helpers
     def network_objective(self) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -13,18 +13,24 @@ from lightning.pytorch.utilities import rank_zero_warn
 from hcl import dashboard
 
 
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, absent: Iterable[str] = ()) -> None:
     """Write ``metrics`` at ``step`` to every logger (rank zero), and expose them in ``callback_metrics``.
 
     The values charted with others are also written to their series runs (:func:`hcl.dashboard.mirror_series`).
+    ``absent``: tags this step proves nothing about when not in ``metrics`` (a bound its solve did not certify); an
+    earlier step's value of them leaves ``callback_metrics``, where ``ModelCheckpoint`` or ``EarlyStopping`` would read
+    it as this step's.
     """
     clean = {k: float(v) for k, v in metrics.items()}
     for logger in trainer.loggers:
         logger.log_metrics(clean, step=step)
     if trainer.is_global_zero:
         dashboard.mirror_series(trainer, clean, step)
+    for k in absent:
+        if k not in clean:
+            trainer.callback_metrics.pop(k, None)
     for k, v in clean.items():
-        trainer.callback_metrics[k] = torch.tensor(v)
+        trainer.callback_metrics[k] = torch.tensor(v, dtype=torch.float64)  # as the loggers have it
 
 
 def flush_loggers(trainer: pl.Trainer) -> None:

@@ -8,6 +8,7 @@ import pickle
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from hcl.checks import check_seconds, check_seed, is_int
@@ -122,3 +123,33 @@ def warn_if_checkpoints_wait(trainer: Any, owner: str, every_n_steps: int) -> No
                 "--trainer.enable_checkpointing=false) to keep the solves in the background"
             )
             return
+
+# What a solve logs only when it proves it (docs/dashboards.md): absent at a step whose solve does not
+PROVED_TAGS = ("optimum", "gap", "gated_optimum", "upper_bound", "lower_bound", "gated_network_bound", "max_gap",
+               "duality_gap")
+
+
+def proved_tags(prefix: str) -> list[str]:
+    """The tags under ``prefix`` that a solve logs only when it proves them."""
+    return [f"{prefix}/{tag}" for tag in PROVED_TAGS]
+
+
+def warn_about_monitored_tags(trainer: Any, owner: str, prefix: str, asynchronous: bool) -> None:
+    """Warn when a ``ModelCheckpoint`` or ``EarlyStopping`` monitors one of the monitor's tags where it cannot read the
+    step's own value: an asynchronous solve's result arrives steps later (the callback then reads an earlier step's
+    value, or none: ``EarlyStopping`` stops with an error, ``ModelCheckpoint`` saves nothing), and a tag the step's
+    solve did not prove is absent (``EarlyStopping(strict=True)`` then stops training with an error)."""
+    for callback in trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if not isinstance(monitor, str) or not monitor.startswith(f"{prefix}/"):
+            continue
+        kind = type(callback).__name__
+        if asynchronous and isinstance(callback, (ModelCheckpoint, EarlyStopping)):
+            rank_zero_warn(f"{owner}: {kind}(monitor={monitor!r}) reads the asynchronous solves' values, which arrive "
+                           "steps after their snapshot: it scores a step by an earlier step's value, or finds none "
+                           "(EarlyStopping then stops with an error, ModelCheckpoint saves nothing); monitor a "
+                           "synchronous ConvexGapMonitor's tag (asynchronous=False)")
+        elif isinstance(callback, EarlyStopping) and callback.strict and monitor in proved_tags(prefix):
+            rank_zero_warn(f"{owner}: {monitor!r} is logged only at a step whose solve proves it, so "
+                           f"EarlyStopping(monitor={monitor!r}, strict=True) stops training with an error at the first "
+                           "solve that does not: pass strict=False to skip those steps")

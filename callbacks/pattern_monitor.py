@@ -110,7 +110,8 @@ class PatternMonitor(StackCallback):
         self._pending = None
         # Patterns are taken in the training step's own forward pass: of exactly the weights its loss uses, even when
         # another callback changed them earlier in the step (ConvexGapMonitor(load_solution=True)).
-        self._hook = self._stack.hidden.register_forward_hook(self._from_forward)
+        # run as it is under torch.compile (its NumPy packing is no graph to trace: dynamo failed on it)
+        self._hook = self._stack.hidden.register_forward_hook(torch.compiler.disable(self._from_forward))
 
     @override
     def on_train_batch_start(
