@@ -62,7 +62,7 @@ def training_data(
             source = "one pass over the training dataloader"
             total = None  # the samples of the loader's dataset (None: this rank's dataset's length)
             if not whole and trainer.world_size > 1:
-                copies, total = _rank_datasets(trainer, loader)
+                copies, total = rank_datasets(trainer, loader)
                 whole = copies
             if whole:
                 source += "'s dataset, whole on every rank"
@@ -230,7 +230,7 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
         raise ValueError(f"the training batches cannot be stacked into one data set ({err}): pass probe=") from err
 
 
-def _rank_datasets(trainer: pl.Trainer, loader: object) -> tuple[bool, int | None]:
+def rank_datasets(trainer: pl.Trainer, loader: object) -> tuple[bool, int | None]:
     """Under DDP without DDP's own sampler (``use_distributed_sampler=False``): whether every rank's loader reads the
     same dataset whole (copies: nothing to gather, and training counts each sample once per rank), and the samples of
     the ranks' datasets together where each rank reads a dataset of its own whole (else ``None``). A collective: every
@@ -255,7 +255,7 @@ def _rank_datasets(trainer: pl.Trainer, loader: object) -> tuple[bool, int | Non
 
 def training_copies(trainer: pl.Trainer) -> int:
     """The ranks that hold each training sample under DDP: all of them with an hcl data module's ``shard=False`` or
-    a loader that reads the same dataset whole on every rank (:func:`_rank_datasets`), else one (sharded, as
+    a loader that reads the same dataset whole on every rank (:func:`rank_datasets`), else one (sharded, as
     DDP's own sampler shards a plain dataloader). A collective where the loader does not tell: every rank calls it."""
     if trainer.world_size < 2:
         return 1
@@ -265,7 +265,7 @@ def training_copies(trainer: pl.Trainer) -> int:
     loader = getattr(trainer, "train_dataloader", None)
     if loader is None or _whole_on_every_rank(loader, trainer.world_size):
         return 1
-    return trainer.world_size if _rank_datasets(trainer, loader)[0] else 1
+    return trainer.world_size if rank_datasets(trainer, loader)[0] else 1
 
 
 def _fingerprint(dataset: object) -> Tensor | None:

@@ -127,7 +127,7 @@ class EvaluationLog:
         count = torch.tensor(float(entry[1]), dtype=total.dtype, device=module.device)
         world = module.trainer.world_size
         loaders = _loaders(module.trainer, stage)
-        if world > 1 and loaders and _sharded(loaders[0]):  # each rank evaluated its part of the set
+        if world > 1 and loaders and _own_parts(module.trainer, loaders[0]):  # each rank evaluated its part of the set
             total, count = module.all_gather(total).sum(), module.all_gather(count).sum()
         data_loss = total if self.reduction == "sum" else total / count
         penalty = self.evaluation_penalty().detach().to(total.dtype)
@@ -157,6 +157,18 @@ def _sharded(loader: object) -> bool:
     sampler = getattr(loader, "sampler", None)
     return (isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1
             and len(sampler.dataset) >= sampler.num_replicas)
+
+
+def _own_parts(trainer: pl.Trainer, loader: object) -> bool:
+    """Whether the ranks evaluated different parts of the set: Lightning's sampler split it (:func:`_sharded`), or
+    each rank read a dataset of its own (``use_distributed_sampler=False``: told apart from the same dataset on every
+    rank by :func:`hcl.callbacks.data.rank_datasets`, a collective)."""
+    if _sharded(loader):
+        return True
+    from hcl.callbacks.data import rank_datasets  # not at import: the callbacks load the models late
+
+    copies, total = rank_datasets(trainer, loader)
+    return not copies and total is not None
 
 
 def _real_rows(loader: object) -> int | None:

@@ -178,9 +178,15 @@ class _RankData(pl.LightningDataModule):
         self.X, self.y, self.kind = X, y, kind
 
     def train_dataloader(self) -> DataLoader:
+        return self._loader(self.X, self.y)
+
+    def val_dataloader(self) -> DataLoader:  # the training set again, in batches of 4
+        return self._loader(self.X, self.y, 4)
+
+    def _loader(self, X: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
         part = slice(None) if self.kind == "copies" else slice(rank, None, world)
-        return DataLoader(TensorDataset(self.X[part], self.y[part]), batch_size=len(self.X))
+        return DataLoader(TensorDataset(X[part], y[part]), batch_size=batch_size or len(X))
 
 
 def _own_sampler_run(tmp_path: Path, devices: int, kind: str) -> dict:
@@ -191,8 +197,8 @@ def _own_sampler_run(tmp_path: Path, devices: int, kind: str) -> dict:
         max_steps=3, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
         precision="64-true", log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="run", version=0),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=[PatternMonitor(), ConvexGapMonitor(formulation="neurons",
-                                                                                      solver="clarabel")],
+        use_distributed_sampler=False, num_sanity_val_steps=0,
+        callbacks=[PatternMonitor(), ConvexGapMonitor(formulation="neurons", solver="clarabel")],
     )
     trainer.fit(TwoLayerReLU(in_features=3, hidden=8, reduction="sum", lr=0.05, weight_decay=0.01),
                 _RankData(X, y, kind))
@@ -205,6 +211,10 @@ def test_each_ranks_own_loader_counts_every_point_once_with_reduction_sum(tmp_pa
     one = _own_sampler_run(tmp_path / "one", 1, "copies")
     for kind in ("copies", "shards"):
         two = _own_sampler_run(tmp_path / kind, 2, kind)
+        # validated after each epoch's step: each rank's part of the set gathered, the same set on every rank once
+        assert [s for s, _ in two["val/data_loss"]] == [s for s, _ in one["val/data_loss"]] == [1, 2, 3], kind
+        for (_, single), (_, double) in zip(one["val/data_loss"], two["val/data_loss"]):
+            assert double == pytest.approx(single, rel=1e-5), kind
         for tag in ("train/objective", "convex/optimum", "convex/nonconvex_objective"):
             assert [s for s, _ in two[tag]] == [s for s, _ in one[tag]] == [0, 1, 2], (kind, tag)
             for (_, single), (_, double) in zip(one[tag], two[tag]):
