@@ -41,8 +41,9 @@ def training_data(
 
     The ``probe``/``target`` the user gave, else the data module's full training set (``train_tensors()``, as in
     :mod:`hcl.datamodules`), else one pass over the training dataloader. A shuffling sampler's or DDP's own
-    sampler's dataset is read whole, in its own order, on every rank; under DDP another sampler only yields this
-    rank's shard, so the shards are gathered from all ranks (a collective: call this on every rank). ``max_samples``
+    sampler's dataset is read whole, in its own order, on every rank; under DDP another sampler's pass is read once
+    where every rank reads the same dataset whole (:func:`rank_datasets`), else its shard from every rank is gathered
+    (a collective: call this on every rank). ``max_samples``
     keeps the first ones. Says which (once per trainer and source, naming ``owner`` for a probe and ``reader`` as
     what evaluates it).
 
@@ -60,19 +61,19 @@ def training_data(
         else:
             X, Y, loader, whole = _collect_dataloader(trainer)
             source = "one pass over the training dataloader"
-            total = None  # the samples of the loader's dataset (None: this rank's dataset's length)
+            datasets = None  # the samples of the ranks' own datasets together (None: this rank's dataset's length)
+            copies = False  # the same dataset read whole on every rank: one pass of one rank's
             if not whole and trainer.world_size > 1:
-                copies, total = rank_datasets(trainer, loader)
-                whole = copies
-            if whole:
+                copies, datasets = rank_datasets(trainer, loader)
+            if whole or copies:
                 source += "'s dataset, whole on every rank"
-                total = None
+                datasets = None
             elif trainer.world_size > 1:
                 X = gather_rows(trainer, X)
                 Y = None if Y is None else gather_rows(trainer, Y)
                 source += f", gathered from {trainer.world_size} ranks"
-            _warn_if_partial(trainer, loader, X.shape[0], trainer.world_size, total)
-            warn_if_resampled(trainer)
+            _warn_if_partial(trainer, loader, X.shape[0], 1 if copies else trainer.world_size, datasets)
+            warn_if_ddp_changes_samples(trainer)
             source += " (each batch's first item as the inputs, its second as the targets)"
     total = X.shape[0]
     if max_samples is not None:
@@ -144,7 +145,7 @@ def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size:
                   "count more than once in the callbacks' values", rank_zero_warn)
 
 
-def warn_if_resampled(trainer: pl.Trainer) -> None:
+def warn_if_ddp_changes_samples(trainer: pl.Trainer) -> None:
     """Warn (once per trainer) when DDP's distributed sampler pads the training set to a multiple of the ranks by
     repeating samples (training then counts those twice an epoch, while the callbacks count every sample once), or
     when the loader's ``drop_last`` leaves out the end of each rank's shard (training leaves those out, the callbacks,
@@ -233,8 +234,10 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
 def rank_datasets(trainer: pl.Trainer, loader: object) -> tuple[bool, int | None]:
     """Under DDP without DDP's own sampler (``use_distributed_sampler=False``): whether every rank's loader reads the
     same dataset whole (copies: nothing to gather, and training counts each sample once per rank), and the samples of
-    the ranks' datasets together where each rank reads a dataset of its own whole (else ``None``). A collective: every
-    rank calls it. The datasets are compared by their lengths and a checksum of their first, middle and last items."""
+    the ranks' datasets together where every rank reads its dataset whole (``None`` where one does not, or cannot be
+    told). A collective: every rank calls it. The datasets are compared by their lengths and checksums of their first,
+    middle and last items, read with the random generators seeded alike (a random augmentation draws the same numbers
+    on every rank) and restored: own parts that agree there would be taken for copies."""
     sampler = _sampler(loader)
     dataset = getattr(loader, "dataset", None)
     if type(sampler) is RandomSampler:  # every sample once unless told otherwise
@@ -245,7 +248,11 @@ def rank_datasets(trainer: pl.Trainer, loader: object) -> tuple[bool, int | None
     else:  # (a distributed sampler over one replica: a dataset sharded beforehand)
         reads_whole = type(sampler) is SequentialSampler or type(sampler) is DistributedSampler and (
             sampler.num_replicas == 1 and not sampler.drop_last)
-    mine = _fingerprint(dataset) if reads_whole else None
+    with _generators_kept():
+        torch.random.default_generator.manual_seed(0)  # the CPU's only: the state kept and restored
+        random.seed(0)
+        np.random.seed(0)
+        mine = _fingerprint(dataset) if reads_whole else None
     local = torch.full((1, 3), math.nan, dtype=torch.float64) if mine is None else mine.reshape(1, 3)
     every = gather_rows(trainer, local)
     if bool(torch.isnan(every).any()):  # a rank's sampler or dataset that cannot be told

@@ -124,6 +124,7 @@ def warn_if_checkpoints_wait(trainer: Any, owner: str, every_n_steps: int) -> No
             )
             return
 
+
 # What a solve logs only when it proves it (docs/dashboards.md): absent at a step whose solve does not
 PROVED_TAGS = ("optimum", "gap", "gated_optimum", "upper_bound", "lower_bound", "gated_network_bound", "max_gap",
                "duality_gap")
@@ -141,7 +142,8 @@ def warn_about_monitored_tags(trainer: Any, owner: str, prefix: str, asynchronou
     solve did not prove is absent (``EarlyStopping(strict=True)`` then stops training with an error)."""
     for callback in trainer.callbacks:
         monitor = getattr(callback, "monitor", None)
-        if not isinstance(monitor, str) or not monitor.startswith(f"{prefix}/"):
+        # (GlobalOptimumMonitor's tags, under the same default prefix, are global_*: synchronous, and not this one's)
+        if not isinstance(monitor, str) or not monitor.startswith(f"{prefix}/") or "/global_" in monitor:
             continue
         kind = type(callback).__name__
         if asynchronous and isinstance(callback, (ModelCheckpoint, EarlyStopping)):

@@ -17,7 +17,7 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from hcl.callbacks.data import training_data, warn_if_resampled
+from hcl.callbacks.data import training_data, warn_if_ddp_changes_samples
 from hcl.callbacks.logs import log_scalars, mark_resumed_run
 from hcl.checks import cast_to_checkpoint, check_classes, check_reduction, check_seed, check_weight_decay, is_int
 from hcl.convex.gated import (
@@ -302,7 +302,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         # a resumed run certifies (and logs) its first step again: the restart marker keeps each step once
         mark_resumed_run(self.trainer)
         self.relog_evaluation()  # the checkpoint step's validation, which the restart marker dropped
-        warn_if_resampled(self.trainer)  # DDP's sampler repeating samples: the objective would count them twice
+        warn_if_ddp_changes_samples(self.trainer)  # DDP repeating or dropping samples: said
         check_classes(self.trainer, self)
         self._train_data = None
         self._certified_step = None

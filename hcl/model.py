@@ -189,10 +189,11 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         # a weight decay given to the optimizer (hcl.fit --optimizer.weight_decay) is part of the objective trained:
         # logged in L as the callbacks count it (docs/convex.md#weight-decay-in-the-optimizer); none it cannot name
         from hcl.callbacks.base import optimizer_lambda  # not at import: hcl.callbacks.base loads late
-        from hcl.callbacks.data import training_copies, warn_if_resampled
+        from hcl.callbacks.data import training_copies, warn_if_ddp_changes_samples
 
-        warn_if_resampled(self.trainer)  # DDP's sampler repeating samples: L would count them twice
-        self._data_copies = training_copies(self.trainer)  # (a collective, on every rank)
+        warn_if_ddp_changes_samples(self.trainer)  # DDP repeating samples (L would count them twice) or dropping some
+        if self.reduction == "sum":  # (a collective, on every rank; a mean counts the copies in n too)
+            self._data_copies = training_copies(self.trainer)
         check_classes(self.trainer, self)
 
         stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")
@@ -236,7 +237,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             # n counts each point once per rank too; "sum" divides by the copies.)
             n_total = self.all_gather(torch.tensor(float(x.shape[0]), dtype=_counts_dtype(out), device=out.device))
             n_total = n_total.sum()
-            scale = self._summed_batches() / self._copies(world) if self.reduction == "sum" else 1.0 / n_total
+            scale = self._summed_batches() / self._copies() if self.reduction == "sum" else 1.0 / n_total
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
             if self.hparams.out_features > 1:
@@ -290,7 +291,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self._window = (self.global_step, k, data, pen, correct, rows)
         return data / k, pen / k, counts
 
-    def _copies(self, world: int) -> int:
+    def _copies(self) -> int:
         """The ranks that hold each training point (:func:`hcl.callbacks.data.training_copies`, when training started):
         all of them with an hcl data module's ``shard=False`` or the same dataset read whole on every rank (the union of
         the ranks' batches then counts every point once per rank), else one (sharded, as Lightning's distributed

@@ -218,3 +218,28 @@ def test_a_monitor_that_needs_targets_refuses_inputs_only(make_trainer):
     loader = DataLoader(TensorDataset(X.double()), batch_size=8)
     with pytest.raises(ValueError, match="ConvexGapMonitor needs targets: the training data has none"):
         make_trainer([ConvexGapMonitor(solver="clarabel")], max_steps=1, logger=False).fit(model, loader)
+
+
+def test_telling_the_ranks_datasets_apart_draws_no_random_numbers_and_sees_augmented_copies(monkeypatch):
+    """Reading a randomly augmented dataset's items drew from the training run's generators, and ranks on other random
+    streams saw different items: the same data set taken for parts of one (gathered twice)."""
+    import hcl.callbacks.data as data_module
+
+    X, y = _data(n=6)
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(X)
+
+        def __getitem__(self, i):
+            return X[i] + 0.1 * torch.randn(X.shape[1]), y[i]
+
+    seen = []
+    monkeypatch.setattr(data_module, "gather_rows", lambda trainer, t: seen.append(t) or torch.cat([t, t]))
+    trainer = _fake_trainer(DataLoader(Noisy(), batch_size=4), world_size=2)
+    for seed in (1, 2):  # two ranks' random streams
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        assert data_module.rank_datasets(trainer, trainer.train_dataloader) == (True, 12)
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(seen[0], seen[1])

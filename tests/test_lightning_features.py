@@ -114,3 +114,16 @@ def test_callbacks_that_cannot_read_a_steps_own_value_are_said(tmp_path, asynchr
     assert (warned is None) == (not said), said
     if warned:
         assert warned in said[0]
+
+
+def test_the_global_monitors_tags_under_the_same_prefix_are_not_the_asynchronous_ones():
+    from types import SimpleNamespace
+
+    from hcl.callbacks.monitor_options import warn_about_monitored_tags
+
+    trainer = SimpleNamespace(callbacks=[ModelCheckpoint(monitor="convex/global_gap")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_about_monitored_tags(trainer, "ConvexGapMonitor", "convex", asynchronous=True)
+    assert not caught
+

@@ -25,6 +25,7 @@ def full_priority(monkeypatch):
     # The test machine is shared: a worker process at a lower priority could take long to start.
     monkeypatch.setattr(hcl.worker, "WORKER_NICENESS", 0)
 
+
 def scripted_solve(problem, solver, *, gated=False, warm_start=None, **options):
     """The point it starts from, or what the solver name says: ``"hang"`` for a minute, ``"die"``, ``"halve"``."""
     from hcl.convex.problem import ConvexSolution

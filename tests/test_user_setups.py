@@ -156,14 +156,14 @@ def test_ddp_samplers_padding_is_said(n, drop_last, warned):
 
     from torch.utils.data import DistributedSampler
 
-    from hcl.callbacks.data import warn_if_resampled
+    from hcl.callbacks.data import warn_if_ddp_changes_samples
 
     dataset = TensorDataset(torch.randn(n, 2))
     sampler = DistributedSampler(dataset, num_replicas=2, rank=0, drop_last=drop_last)
     trainer = SimpleNamespace(train_dataloader=DataLoader(dataset, sampler=sampler, batch_size=10))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_if_resampled(trainer)
+        warn_if_ddp_changes_samples(trainer)
     said = [str(w.message) for w in caught if "pads the" in str(w.message)]
     assert bool(said) == warned
     if warned:
@@ -178,14 +178,14 @@ def test_a_loaders_drop_last_under_ddp_is_said(n, batch_size, left):
 
     from torch.utils.data import DistributedSampler
 
-    from hcl.callbacks.data import warn_if_resampled
+    from hcl.callbacks.data import warn_if_ddp_changes_samples
 
     dataset = TensorDataset(torch.randn(n, 2))
     sampler = DistributedSampler(dataset, num_replicas=2, rank=0)
     loader = DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_if_resampled(SimpleNamespace(train_dataloader=loader))
+        warn_if_ddp_changes_samples(SimpleNamespace(train_dataloader=loader))
     said = [str(w.message) for w in caught if "drop_last" in str(w.message)]
     assert len(said) == bool(left)
     if left:
@@ -199,14 +199,14 @@ def test_a_full_batch_of_each_ranks_shard_is_no_padding():
 
     from torch.utils.data import DistributedSampler
 
-    from hcl.callbacks.data import warn_if_resampled
+    from hcl.callbacks.data import warn_if_ddp_changes_samples
     from hcl.datamodules.base import _FullBatch
 
     dataset = _FullBatch(torch.randn(6, 2), torch.randn(6, 1))
     loader = DataLoader(dataset, batch_size=None, sampler=DistributedSampler(dataset, num_replicas=2, rank=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_if_resampled(SimpleNamespace(train_dataloader=loader))
+        warn_if_ddp_changes_samples(SimpleNamespace(train_dataloader=loader))
     assert not [w for w in caught if "pads the" in str(w.message)]
 
 

@@ -1,11 +1,12 @@
-"""An exactly feasible point near a nearly feasible one, so that its objective bounds ``p*`` from above.
+"""A feasible point near a nearly feasible one, so that its objective bounds ``p*`` from above.
 
 A solver stopped at a loose ``constraint_tol`` returns block columns ``u`` slightly outside their cones
 ``(2D_i − I) X u ≥ 0``; their objective may then lie below ``p*``. Each violated column is moved by the least step
 that puts its outputs a hair inside the cone on the violated samples ``A``, least in the metric ``Q = XᵀX + r I`` (the
 data term's curvature, so that the outputs on the other samples move little): ``δ = Q⁻¹X_Aᵀ (X_A Q⁻¹X_Aᵀ)⁻¹ (ε − X_A
 u)``, ``A`` growing with any sample a step pushes out, for a few rounds; a column that does not settle becomes zero
-(inside every cone). See ``docs/convex.md#feasibility``.
+(inside every cone). A cone without interior is reached on its boundary, up to the products' rounding (``ROUNDING``).
+See ``docs/convex.md#feasibility``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def restore_feasibility(
     problem: ConvexProblem, U: Tensor, V: Tensor, directions: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(U', V', b0')`` in float64: ``(U, V)`` with every column moved into its cone (columns already inside are left
-    as they are; a column the steps do not bring inside within ``ROUNDS`` becomes zero, which every cone holds) and the
-    optimal output bias. Its objective is an upper bound on ``p*``.
+    as they are; a column the steps do not bring inside within ``ROUNDS`` becomes zero, which every cone holds; one
+    whose cone has no interior is put on its boundary, outside by at most ``ROUNDING`` of its largest output before
+    the move) and the optimal output bias. Exactly feasible, its objective is an upper bound on ``p*``.
 
     ``directions``: ``(d, P)`` a point of each pattern's cone (e.g. the network's own neuron, ``0`` where none is
     known). A column is first moved along its pattern's one by the least step that puts it inside, for every column at
@@ -72,7 +74,7 @@ def restore_feasibility(
     XQ = torch.cholesky_solve(X.T, torch.linalg.cholesky(Q)).T  # X Q⁻¹
     gram = XQ @ X.T if X.shape[0] <= GRAM_MAX_SAMPLES else None  # the active rows' matrices are its blocks
     active = torch.zeros_like(signs, dtype=torch.bool)
-    rounding = ROUNDING * XW.abs().amax(0)  # (0 for a column of zeros)
+    rounding = ROUNDING * XW.abs().amax(0)  # of the outputs before the move (0 for a column of zeros)
     boundary = torch.zeros(W.shape[1], dtype=torch.bool, device=X.device)  # columns put on their cones' boundary
     for _ in range(ROUNDS):
         violated = (signs * XW < 0) & ~(boundary & (signs * XW >= -rounding))
@@ -147,7 +149,8 @@ def feasible_solution(
 ) -> ConvexSolution:
     """``solution`` when its point is feasible (violation 0); otherwise the solution at its restored point
     (:func:`restore_feasibility`): that point's value and violation, and ``"optimal"`` kept only when the relative gap
-    from the restored value to the certified dual value is within ``tol`` (with the native stopping rule's floor).
+    from the restored value to the certified dual value is within ``tol`` (with the native stopping rule's floor; with
+    ``λ = 0``, which certifies nothing above 0, when the move raised the solver's value by at most ``tol``).
     Even a violation within a solver's tolerance is moved away: such a point's value can lie below ``p*``, under the
     certified lower bound, and would not bound ``p*`` from above. ``directions`` as in :func:`restore_feasibility`."""
     if solution.gated or not math.isfinite(solution.value) or solution.violation <= 0.0:
