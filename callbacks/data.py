@@ -25,8 +25,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
+from hcl.convex.native.memory import free_memory
+
 # The data descriptions already said, per trainer: several callbacks on the same data say it once.
 _SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A pass over a loader without a length (an iterable dataset, perhaps endless) stops with an error past this share of
+# the free memory (or these bytes where it is unknown): an endless stream filled the memory at 70 MB/s, silently
+ENDLESS_PASS_FRACTION = 0.5
+ENDLESS_PASS_BYTES = 8 * 2**30
 
 
 def training_data(
@@ -74,6 +80,11 @@ def training_data(
                 source += f", gathered from {trainer.world_size} ranks"
             _warn_if_partial(trainer, loader, X.shape[0], 1 if copies else trainer.world_size, datasets)
             warn_if_ddp_changes_samples(trainer)
+            reload = getattr(trainer, "reload_dataloaders_every_n_epochs", 0)
+            if reload:  # a new loader may hold other data: these stay the first one's
+                _say_once(trainer, f"the trainer reloads the training dataloader every {reload} epoch(s) "
+                          f"(reload_dataloaders_every_n_epochs) while {reader} evaluate the network on the data of the "
+                          "pass read when training started: pass probe=/target= to name the data", rank_zero_warn)
             source += " (each batch's first item as the inputs, its second as the targets)"
     total = X.shape[0]
     if max_samples is not None:
@@ -206,6 +217,13 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
                          f"{'s' * (len(loader) != 1)}: the callbacks evaluate the network on one data set: pass probe= "
                          "(and target=) to the callback")
     xs, ys = [], []
+    try:
+        len(loader)  # type: ignore[arg-type]
+        most = math.inf  # a pass over a loader of known length ends
+    except TypeError:  # an iterable loader may never end: a pass takes at most a share of the free memory
+        free = free_memory("cpu")
+        most = ENDLESS_PASS_FRACTION * free if free is not None else ENDLESS_PASS_BYTES
+    held = 0
     for batch in _batches(loader):
         if isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(isinstance(b, Tensor) for b in batch[:2]):
             xs.append(batch[0])
@@ -219,6 +237,11 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
                 f"cannot read inputs from a training batch of type {type(batch).__name__}: pass probe= (and "
                 "target=, for the convex monitors) to the callback"
             )
+        held += sum(t[-1].element_size() * t[-1].nelement() for t in (xs, ys) if t)
+        if held > most:
+            raise ValueError(f"one pass over the training dataloader, which has no length, read {held / 2**30:.2f} GiB "
+                             "without ending (an endless stream?): the callbacks need the whole training set: pass "
+                             "probe= (and target=) to the callback")
     if not xs:
         raise ValueError("the training dataloader is empty")
     whole = _whole_on_every_rank(loader, trainer.world_size)

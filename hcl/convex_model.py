@@ -305,6 +305,9 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         warn_if_ddp_changes_samples(self.trainer)  # DDP repeating or dropping samples: said
         check_classes(self.trainer, self)
         self._train_data = None
+        if self.reduction == "sum" and getattr(self.trainer, "reload_dataloaders_every_n_epochs", 0):
+            warnings.warn("ConvexReLU(reduction='sum') scales each batch by the n of the training data read when "
+                          "training starts, which reloaded loaders may change: use reduction='mean'", stacklevel=2)
         self._certified_step = None
         self._warned_nonfinite = self._warned_growth = self._warned_outside = False
         self._first_objective: float | None = None

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from hcl.callbacks.logs import mark_resumed_run
@@ -194,6 +195,11 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         warn_if_ddp_changes_samples(self.trainer)  # DDP repeating samples (L would count them twice) or dropping some
         if self.reduction == "sum":  # (a collective, on every rank; a mean counts the copies in n too)
             self._data_copies = training_copies(self.trainer)
+            if training_batches(self.trainer) is None:
+                rank_zero_warn("TwoLayerReLU(reduction='sum'): the training loader does not tell its batches an "
+                               "epoch (no length): with several, each batch's sum is not scaled to the whole set, so "
+                               "train/objective is one batch's and each step weighs λ against one batch; use a dataset "
+                               "with a length, or reduction='mean'")
         check_classes(self.trainer, self)
 
         stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")

@@ -149,3 +149,12 @@ def test_no_earlier_duality_gap_stays_beside_a_later_point_outside_its_cones():
     metrics = trainer.callback_metrics
     assert float(metrics["convex_train/violation"]) > 0  # the case under test
     assert "convex_train/duality_gap" not in metrics
+
+
+def test_a_summed_objective_over_reloaded_loaders_is_said(tmp_path):
+    """Each batch is scaled by the n read when training started: a loader reloaded with more data trained 20/30 of the
+    summed objective, silently."""
+    X, Y = _data(n=12)
+    model = ConvexReLU(in_features=3, num_gates=4, reduction="sum", certify_every_n_steps=0).double()
+    with pytest.warns(UserWarning, match=r"ConvexReLU\(reduction='sum'\) scales each batch by the n"):
+        _trainer(tmp_path, 1, reload_dataloaders_every_n_epochs=1).fit(model, datamodule=TensorDataModule(train=(X, Y)))

@@ -127,3 +127,48 @@ def test_the_global_monitors_tags_under_the_same_prefix_are_not_the_asynchronous
         warn_about_monitored_tags(trainer, "ConvexGapMonitor", "convex", asynchronous=True)
     assert not caught
 
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches of 10 rows of a fixed set of 40, once (``endless=False``) or for ever."""
+
+    def __init__(self, endless: bool) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+        self.y = torch.sin(self.X.sum(1, keepdim=True))
+        self.endless = endless
+
+    def __iter__(self):
+        while True:
+            for lo in range(0, 40, 10):
+                yield self.X[lo:lo + 10], self.y[lo:lo + 10]
+            if not self.endless:
+                return
+
+
+def test_an_endless_loader_is_refused_before_it_fills_the_memory(monkeypatch):
+    """One pass over an endless iterable loader never ended: no step was taken while the memory grew by 70 MB/s."""
+    from types import SimpleNamespace
+
+    import hcl.callbacks.data as data_module
+
+    monkeypatch.setattr(data_module, "free_memory", lambda device: 2**20)  # a pass may take 0.5 MiB
+    trainer = SimpleNamespace(datamodule=None, world_size=1, reload_dataloaders_every_n_epochs=0,
+                              train_dataloader=torch.utils.data.DataLoader(_Stream(endless=True), batch_size=None))
+    with pytest.raises(ValueError, match="which has no length, read .* without ending"):
+        data_module.training_data(trainer)
+    trainer.train_dataloader = torch.utils.data.DataLoader(_Stream(endless=False), batch_size=None)
+    assert data_module.training_data(trainer)[0].shape == (40, 3)  # a finite one is read whole
+
+
+def test_data_that_training_reloads_or_cannot_count_is_said(tmp_path):
+    """A loader reloaded every epoch may hold other data than the callbacks read at the start; a summed loss over an
+    iterable loader's batches was one batch's sum (7.23 against L = 35.57), silently."""
+    stream = torch.utils.data.DataLoader(_Stream(endless=False), batch_size=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [PatternMonitor()], steps=2, reload_dataloaders_every_n_epochs=1).fit(
+            TwoLayerReLU(in_features=3, hidden=4, reduction="sum").double(), stream)
+    said = [str(w.message) for w in caught]
+    assert any("reloads the training dataloader every 1 epoch(s)" in m for m in said), said
+    assert any("TwoLayerReLU(reduction='sum'): the training loader does not tell its batches" in m for m in said)
