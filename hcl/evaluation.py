@@ -165,6 +165,8 @@ def _own_parts(trainer: pl.Trainer, loader: object) -> bool:
     rank by :func:`hcl.callbacks.data.rank_datasets`, a collective)."""
     if _sharded(loader):
         return True
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler):  # Lightning's over a set of one whole batch
+        return False
     from hcl.callbacks.data import rank_datasets  # not at import: the callbacks load the models late
 
     copies, total = rank_datasets(trainer, loader)
