@@ -7,6 +7,7 @@ in the series runs too.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -126,6 +127,9 @@ def test_a_resumed_run_marks_its_restart_in_the_series_runs(tmp_path):
     fit(6)  # steps 0 … 5 logged; the checkpoint at step 4 is the one resumed from
     (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 4
+    # event files are read in their names' order: time in whole seconds, then a counter ("….9" after "….10"); a resume
+    # is seconds after its run's files were made, a fit of this size is not
+    time.sleep(1.1)
     fit(9, str(checkpoint))
     run_dir = root / "run" / "version_0"
     for tag in ("train/objective", "convex/optimum", "convex_async/optimum", "patterns/new"):
