@@ -127,7 +127,9 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.optimizer_decay = 0.0  # the λ of its optimizer's own weight decay, found when training starts
         self._window = None  # the training values of the optimizer step under way, summed over its micro-batches
-        self._data_copies = 1  # the ranks holding each training point (on_train_start: training_copies)
+        # the ranks holding each training point: all with the same data read whole on each, else one (sharded);
+        # set when training starts (hcl.callbacks.data.training_copies)
+        self._data_copies = 1
         self.reduction = reduction
         self._initialise(init, init_scale, hidden_weight, hidden_bias_init, output_weight)
         if out_features > 1:
@@ -243,7 +245,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             # n counts each point once per rank too; "sum" divides by the copies.)
             n_total = self.all_gather(torch.tensor(float(x.shape[0]), dtype=_counts_dtype(out), device=out.device))
             n_total = n_total.sum()
-            scale = self._summed_batches() / self._copies() if self.reduction == "sum" else 1.0 / n_total
+            scale = self._summed_batches() / self._data_copies if self.reduction == "sum" else 1.0 / n_total
             data_loss = scale * self.all_gather(local_sum.detach()).sum()
             loss = world * scale * local_sum + penalty
             if self.hparams.out_features > 1:
@@ -296,13 +298,6 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
             counts = correct, rows = correct + counts[0], rows + counts[1]
         self._window = (self.global_step, k, data, pen, correct, rows)
         return data / k, pen / k, counts
-
-    def _copies(self) -> int:
-        """The ranks that hold each training point (:func:`hcl.callbacks.data.training_copies`, when training started):
-        all of them with an hcl data module's ``shard=False`` or the same dataset read whole on every rank (the union of
-        the ranks' batches then counts every point once per rank), else one (sharded, as Lightning's distributed
-        sampler shards a plain dataloader)."""
-        return self._data_copies
 
     def _summed_batches(self) -> float:
         """The weight of a summed mini-batch in the training loss: the batches of an epoch, so that the loss of a
