@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import glob
 import importlib
 import inspect
 import os
@@ -366,19 +367,25 @@ def _remove_log_dirs(folders: list[Path]) -> None:
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> str:
-    """``--ckpt_path=last``: the newest checkpoint of the TensorBoard logger's runs (``<root>/<version>/checkpoints/``)
-    and of the run's ``OnExceptionCheckpoint``.
+    """``--ckpt_path=last``: the newest checkpoint where this run's ``ModelCheckpoint`` would have written one in an
+    earlier run (the loggers' runs, ``<root>/<version>/checkpoints/``; ``<default_root_dir>/checkpoints/`` without a
+    logger; a ``dirpath`` given to it) and of the run's ``OnExceptionCheckpoint``.
 
     Lightning looks in the new run's own folder only, which is empty, and trains from step 0 with a warning.
     """
-    roots = [Path(logger.root_dir) for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-    found = [path for root in roots for path in root.glob("*/checkpoints/*.ckpt") if path.is_file()]
+    # TensorBoard's and CSV's runs alike (Lightning puts the checkpoints in the first logger's run folder)
+    places = [Path(logger.root_dir) / "*" / "checkpoints" for logger in trainer.loggers
+              if isinstance(getattr(logger, "root_dir", None), (str, os.PathLike))]
+    if not trainer.loggers:
+        places.append(Path(trainer.default_root_dir) / "checkpoints")
+    places += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    found = [Path(name) for place in places for name in glob.glob(str(place / "*.ckpt")) if Path(name).is_file()]
     # and those Lightning's OnExceptionCheckpoint writes where it is told (a crash's or Ctrl-C's), as Lightning's "last"
     found += [Path(cb.ckpt_path) for cb in trainer.callbacks
               if isinstance(cb, OnExceptionCheckpoint) and Path(cb.ckpt_path).is_file()]
     if not found:
-        _fail(FileNotFoundError(f"--ckpt_path=last: no checkpoint under {', '.join(map(str, roots)) or 'any logger'}"
-                                "/*/checkpoints/: name one, or train first"))
+        searched = ", ".join(f"{place}/" for place in places) or "(no logger and no checkpoint folder)"
+        _fail(FileNotFoundError(f"--ckpt_path=last: no checkpoint (*.ckpt) in {searched}: name one, or train first"))
     newest = max(found, key=lambda path: path.stat().st_mtime)
     if trainer.is_global_zero:
         print(f"hcl: --ckpt_path=last is {newest}", file=sys.stderr)

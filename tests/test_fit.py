@@ -222,7 +222,7 @@ def test_ckpt_path_last_without_any_checkpoint_is_one_line(tmp_path, capsys):
               "--trainer.enable_progress_bar=false"])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "--ckpt_path=last: no checkpoint under" in errors[0], errors
+    assert len(errors) == 1 and "--ckpt_path=last: no checkpoint (*.ckpt) in" in errors[0], errors
 
 
 def test_hcl_traceback_shows_the_original_error(monkeypatch):
@@ -282,8 +282,23 @@ def test_ckpt_path_last_includes_the_exception_checkpoint(tmp_path):
     on_exception = OnExceptionCheckpoint(dirpath=str(tmp_path / "crash"))
     Path(on_exception.ckpt_path).parent.mkdir()
     Path(on_exception.ckpt_path).write_bytes(b"")
-    trainer = SimpleNamespace(loggers=[logger], callbacks=[on_exception], is_global_zero=True)
+    trainer = SimpleNamespace(loggers=[logger], callbacks=[on_exception], checkpoint_callbacks=[], is_global_zero=True)
     assert _last_checkpoint(trainer) == on_exception.ckpt_path
+
+
+@pytest.mark.parametrize("logger", ["lightning.pytorch.loggers.CSVLogger", "false"])
+def test_ckpt_path_last_finds_the_checkpoints_of_other_loggers(tmp_path, logger, capsys):
+    """A CSV logger's runs hold their checkpoints as TensorBoard's do, and without a logger they are in
+    <default_root_dir>/checkpoints: --ckpt_path=last said there were none."""
+    args = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger={logger}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false"]
+    if logger != "false":
+        args.append(f"--trainer.logger.save_dir={tmp_path}")
+    main([*args, "--trainer.max_steps=2"])
+    capsys.readouterr()
+    cli = main([*args, "--trainer.max_steps=3", "--ckpt_path=last"])
+    assert "--ckpt_path=last is" in capsys.readouterr().err
+    assert cli.trainer.global_step == 3 and cli.trainer.ckpt_path is not None  # resumed at step 2, one step more
 
 
 def test_a_user_error_a_spawned_process_raised_is_taken_from_its_traceback():
