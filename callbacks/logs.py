@@ -8,13 +8,16 @@ from collections.abc import Iterable, Mapping
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from hcl import dashboard
 
 
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, absent: Iterable[str] = ()) -> None:
-    """Write ``metrics`` at ``step`` to every logger (rank zero), and expose them in ``callback_metrics``.
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, absent: Iterable[str] = (),
+                loggers: Iterable[Logger] | None = None) -> None:
+    """Write ``metrics`` at ``step`` to every logger (or to ``loggers``; rank zero), and expose them in
+    ``callback_metrics``.
 
     The values charted with others are also written to their series runs (:func:`hcl.dashboard.mirror_series`).
     ``absent``: tags this step proves nothing about when not in ``metrics`` (a bound its solve did not certify); an
@@ -22,7 +25,7 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, ab
     it as this step's.
     """
     clean = {k: float(v) for k, v in metrics.items()}
-    for logger in trainer.loggers:
+    for logger in trainer.loggers if loggers is None else loggers:
         logger.log_metrics(clean, step=step)
     if trainer.is_global_zero:
         dashboard.mirror_series(trainer, clean, step)

@@ -104,6 +104,8 @@ def _check_sendable(solver: str) -> None:
 def warn_if_checkpoints_wait(trainer: Any, owner: str, every_n_steps: int) -> None:
     """Warn when a ``ModelCheckpoint`` saves at least as often as an asynchronous monitor solves: a checkpoint waits
     for the solves in flight (it is a consistent cut), so training would wait for nearly every solve."""
+    if getattr(trainer, "fast_dev_run", False):  # Lightning saves no checkpoint there
+        return
     batches = trainer.num_training_batches
     # an epoch's last, partial accumulation is a step too
     steps_per_epoch = math.ceil(batches / max(trainer.accumulate_grad_batches, 1)) if math.isfinite(batches) else 0

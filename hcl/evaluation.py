@@ -107,9 +107,13 @@ class EvaluationLog:
         saved = self.__dict__.get("_last_validation")
         resumed = module.trainer.ckpt_path is not None
         if saved and resumed and saved["step"] == module.trainer.global_step > 0 and module.trainer.is_global_zero:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
             from hcl.callbacks.logs import log_scalars  # not at import: the callbacks load the models late
 
-            log_scalars(module.trainer, saved["values"], saved["step"])
+            # TensorBoard's only: the other loggers have them from the run that saved the checkpoint
+            tensorboard = [logger for logger in module.trainer.loggers if isinstance(logger, TensorBoardLogger)]
+            log_scalars(module.trainer, saved["values"], saved["step"], loggers=tensorboard)
 
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")

@@ -421,9 +421,11 @@ def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:
 def _print_log_location(trainer: pl.Trainer) -> None:
     if not trainer.is_global_zero:
         return
+    printed = set()
     for logger in trainer.loggers:
         log_dir = getattr(logger, "log_dir", None)
-        if log_dir:
+        if log_dir and Path(log_dir).resolve() not in printed:  # loggers sharing a save_dir share a run folder
+            printed.add(Path(log_dir).resolve())
             print(f"hcl: logs written to {Path(log_dir).resolve()}")
             if isinstance(logger, TensorBoardLogger):  # a CSV folder holds nothing TensorBoard reads
                 print(f"hcl: open them with: tensorboard --logdir {Path(logger.root_dir).resolve()}")

@@ -371,13 +371,15 @@ def test_checkpoints_saved_less_often_than_the_solves_are_not_warned_about(tmp_p
     assert not [w for w in caught if "waits for nearly every solve" in str(w.message)]
 
 
-@pytest.mark.parametrize("batches, accumulate, check_val, every_n_steps, warned", [
-    (1, 1, 1, 1, True),  # full batch, a checkpoint each epoch: each step
-    (1, 1, 5, 1, False),  # saved after validation, every fifth epoch
-    (4, 3, 1, 1, False),  # two steps an epoch (the last accumulation is partial)
-    (4, 3, 1, 2, True),
+@pytest.mark.parametrize("batches, accumulate, check_val, every_n_steps, fast_dev_run, warned", [
+    (1, 1, 1, 1, 0, True),  # full batch, a checkpoint each epoch: each step
+    (1, 1, 1, 1, 3, False),  # Lightning saves no checkpoint in a fast_dev_run
+    (1, 1, 5, 1, 0, False),  # saved after validation, every fifth epoch
+    (4, 3, 1, 1, 0, False),  # two steps an epoch (the last accumulation is partial)
+    (4, 3, 1, 2, 0, True),
 ])
-def test_the_checkpoint_warning_counts_steps_as_lightning_saves(batches, accumulate, check_val, every_n_steps, warned):
+def test_the_checkpoint_warning_counts_steps_as_lightning_saves(batches, accumulate, check_val, every_n_steps,
+                                                                fast_dev_run, warned):
     from types import SimpleNamespace
 
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -386,7 +388,7 @@ def test_the_checkpoint_warning_counts_steps_as_lightning_saves(batches, accumul
 
     trainer = SimpleNamespace(num_training_batches=batches, accumulate_grad_batches=accumulate,
                               check_val_every_n_epoch=check_val, num_val_batches=[2], val_check_interval=1.0,
-                              checkpoint_callbacks=[ModelCheckpoint()])
+                              fast_dev_run=fast_dev_run, checkpoint_callbacks=[ModelCheckpoint()])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warn_if_checkpoints_wait(trainer, "ConvexGapMonitor", every_n_steps)

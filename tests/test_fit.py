@@ -290,8 +290,8 @@ def test_ckpt_path_last_includes_the_exception_checkpoint(tmp_path):
 def test_ckpt_path_last_finds_the_checkpoints_of_other_loggers(tmp_path, logger, capsys):
     """A CSV logger's runs hold their checkpoints as TensorBoard's do, and without a logger they are in
     <default_root_dir>/checkpoints: --ckpt_path=last said there were none."""
-    args = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger={logger}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false"]
+    args = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger={logger}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     if logger != "false":
         args.append(f"--trainer.logger.save_dir={tmp_path}")
     main([*args, "--trainer.max_steps=2"])

@@ -350,9 +350,10 @@ def test_a_dict_of_validation_sets_is_refused_like_a_list(tmp_path):
 def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, classes):
     """The restart marker at the checkpoint's step dropped that step's validation, which the resumed run does not take
     again: val/* read 1, …, 5, 7, … after a resume from step 6."""
+    import csv
     import glob
 
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import (
         STORE_EVERYTHING_SIZE_GUIDANCE,
         EventAccumulator,
@@ -368,7 +369,8 @@ def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, cl
     def run(name, steps, ckpt=None):
         torch.manual_seed(1)
         trainer = pl.Trainer(max_steps=steps, accelerator="cpu", precision="64-true", num_sanity_val_steps=0,
-                             logger=TensorBoardLogger(str(tmp_path / name), name="run", version=0),
+                             logger=[TensorBoardLogger(str(tmp_path / name), name="run", version=0),
+                                     CSVLogger(str(tmp_path / name), name="csv")],
                              enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
         trainer.fit(TwoLayerReLU(in_features=4, hidden=5, out_features=c), ckpt_path=ckpt,
                     datamodule=TensorDataModule(train=(X, Y), val=(Xv, Yv), num_classes=classes))
@@ -383,6 +385,10 @@ def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, cl
     for tag in tags:
         assert [s for s, _ in resumed[tag]] == [s for s, _ in straight[tag]] == list(range(1, 9)), tag
         assert [v for _, v in resumed[tag]] == pytest.approx([v for _, v in straight[tag]], rel=1e-6), tag
+    # the CSV logger has no restart marker: its two runs' files hold each step once, none logged again
+    rows = [row for path in sorted(glob.glob(str(tmp_path / "resumed/csv/version_*/metrics.csv")))
+            for row in csv.DictReader(open(path))]
+    assert sorted(int(row["step"]) for row in rows if row.get("val/objective")) == list(range(1, 9))
 
 def _one_step(root) -> pl.Trainer:
     return pl.Trainer(max_steps=1, accelerator="cpu", precision="64-true", logger=False, enable_checkpointing=False,
