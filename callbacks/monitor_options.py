@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from hcl.checks import check_seconds, check_seed, is_int
 from hcl.convex import available_solvers, check_solver_options
-from hcl.convex.solvers import solvers_used
+from hcl.convex.solvers import solvers_used, unknown_solver
 from hcl.worker import WORKER_KINDS
 
 FORMULATIONS = ("neurons", "patterns")
@@ -81,7 +81,7 @@ def _check_solver(solver: str) -> str:
     name = solver.lower()
     known = available_solvers()
     if name not in known:
-        raise ValueError(f"unknown solver {solver!r}: use one of {known}")
+        raise ValueError(unknown_solver(solver))
     return name
 
 

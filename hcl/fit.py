@@ -188,6 +188,13 @@ def main(args: ArgsType = None) -> HCLCLI:
     return cli
 
 
+
+def console_main() -> None:
+    """The ``hcl-fit`` command: :func:`main` on the command line, exit status 0 after a run (a console script exits
+    with what its function returns, and the CLI object is not a status)."""
+    main()
+
+
 def _build_cli(args: ArgsType, parser_kwargs: dict[str, Any]) -> HCLCLI:
     return HCLCLI(
         pl.LightningModule,

@@ -117,6 +117,7 @@ CONSTRUCTION = [
     (lambda: ConvexGapMonitor(every_n_steps=True), ValueError, "every_n_steps"),
     (lambda: ConvexGapMonitor(formulation="layers"), ValueError, "formulation"),
     (lambda: ConvexGapMonitor(solver="gurobi-9"), ValueError, "unknown solver 'gurobi-9'"),
+    (lambda: ConvexGapMonitor(solver="mosek"), ValueError, "cvxpy's MOSEK, which is not installed here"),
     (lambda: ConvexGapMonitor(solver=""), ValueError, "solver must be a solver name"),
     (lambda: ConvexGapMonitor(solver=None), ValueError, "solver must be a solver name"),
     (lambda: ConvexGapMonitor(sampled_patterns=-1), ValueError, "sampled_patterns"),

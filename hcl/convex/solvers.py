@@ -225,8 +225,19 @@ def get_solver(name: str) -> Solver:
         raise TypeError(f"solver must be a string, got {type(name).__name__}")
     solver = _registry().get(name.lower())
     if solver is None:
-        raise ValueError(f"unknown solver {name!r}; available: {available_solvers()}")
+        raise ValueError(unknown_solver(name))
     return solver
+
+
+def unknown_solver(name: str) -> str:
+    """Why ``name`` is no solver here: one of cvxpy's that is not installed (its package is missing), or no name at
+    all; with the names that are."""
+    import cvxpy.settings
+
+    if name.upper() in cvxpy.settings.SOLVERS:
+        return (f"solver {name!r} is cvxpy's {name.upper()}, which is not installed here (install its package, e.g. "
+                f"pip install {name.lower()}); available: {available_solvers()}")
+    return f"unknown solver {name!r}; available: {available_solvers()}"
 
 
 def check_solver_options(solver: str, options: Mapping[str, Any]) -> None:
