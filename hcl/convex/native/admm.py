@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import torch
 from torch import Tensor
@@ -23,6 +22,7 @@ from torch import Tensor
 from hcl.convex.feasibility import restore_feasibility
 from hcl.convex.native.anderson import Anderson
 from hcl.convex.native.certificate import Convergence, bracket, converged, final_status
+from hcl.convex.native.clock import Deadline
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import ADMM_MATRIX_CHUNK, ANDERSON_MEMORY, NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
@@ -116,7 +116,7 @@ class _LinearStep:
 
 
 def admm(
-    op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None,
+    op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: Deadline | None,
     precision_fallback: bool = False,
 ) -> Result:
     """Run the ADMM on ``op`` from ``warm`` (or from zero) until the stopping rule, the cap or ``deadline``;
@@ -229,7 +229,7 @@ def admm(
                 half = STALL_CHECKS // 2
                 if len(floored) == STALL_CHECKS and min(floored[half:]) > 0.5 * min(floored[:half]):
                     stop, stalled = Status.MAX_ITERATIONS, True
-        elif deadline is not None and time.perf_counter() > deadline:
+        if stop is None and deadline is not None and deadline.passed():
             stop = Status.TIME_LIMIT
         if stop is not None:  # before ζ moves: the multipliers returned are the ones the stop was decided with
             status = stop

@@ -10,13 +10,13 @@ FISTA. Each iteration costs two products with ``X`` (``n × d`` times ``d × 2Pc
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from hcl.convex.native.certificate import converged
+from hcl.convex.native.clock import Deadline
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import NativeOptions
 from hcl.convex.native.warm_start import WarmPoint
@@ -29,11 +29,11 @@ CHECK_EVERY = 25
 
 
 def first_order(
-    op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None,
+    op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: Deadline | None,
     precision_fallback: bool = False,
 ) -> Result:
     """Run the augmented Lagrangian + FISTA (constrained) or FISTA (gated) on ``op`` from ``warm`` (or from zero)
-    until the stopping rule, the iteration cap or ``deadline`` (a ``time.perf_counter()`` value);
+    until the stopping rule, the iteration cap or ``deadline``;
     ``precision_fallback``: end as stalled where rounding stops the backtracking (the caller goes on in float64)."""
     n, P, c = op.n, op.P, op.c
     lam = op.lam
@@ -124,7 +124,7 @@ def first_order(
             bound = fy + float((grad * diff).sum()) + float(diff.square().sum()) / (2.0 * step)
             if f_new <= bound + rounding * abs(fy) or step < min_step:
                 break
-            late = deadline is not None and time.perf_counter() > deadline
+            late = deadline is not None and deadline.reached()
             if late or not (math.isfinite(f_new) or math.isfinite(fy)):
                 break  # out of time, or nothing finite to decrease (overflow): the tests below say which
             step *= 0.5
@@ -166,7 +166,7 @@ def first_order(
             ):
                 status = Status.OPTIMAL_INACCURATE  # λ = 0: no certificate beyond 0 (see interior_point)
                 break
-        if deadline is not None and time.perf_counter() > deadline:
+        if deadline is not None and deadline.passed():
             status = Status.TIME_LIMIT
             break
     penalty_reached = delta * op.problem.scale if constrained else None
@@ -174,7 +174,7 @@ def first_order(
 
 
 def _power_norm(
-    apply: Callable[[Tensor], Tensor], op: Operator, deadline: float | None = None, iters: int = 30
+    apply: Callable[[Tensor], Tensor], op: Operator, deadline: Deadline | None = None, iters: int = 30
 ) -> float:
     """Largest eigenvalue of a positive semi-definite operator on ``W``'s space (power iteration from a fixed seed).
 
@@ -192,6 +192,6 @@ def _power_norm(
         AV = apply(V)
         previous, value = value, float((V * AV).sum())
         V = AV
-        if abs(value - previous) <= 1e-3 * value or (deadline is not None and time.perf_counter() > deadline):
+        if abs(value - previous) <= 1e-3 * value or (deadline is not None and deadline.reached()):
             break
     return value * 1.05  # a margin: the power iteration approaches from below

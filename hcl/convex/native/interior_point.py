@@ -11,12 +11,12 @@ it is for ``n`` up to a few thousand. See ``docs/solvers.md#the-native-solver-hc
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import Tensor
 
 from hcl.convex.native.certificate import converged
+from hcl.convex.native.clock import Deadline
 from hcl.convex.native.newton import NewtonSystem, SchurPrecision
 from hcl.convex.native.operator import Operator, Result
 from hcl.convex.native.options import (
@@ -33,9 +33,9 @@ from hcl.convex.native.workspace import Workspace
 from hcl.convex.status import GAP_FLOOR, Status
 
 
-def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: float | None) -> Result:
+def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None, deadline: Deadline | None) -> Result:
     """Run the interior-point method on ``op`` from ``warm`` (or from zero) until the stopping rule, the iteration
-    cap or ``deadline`` (a ``time.perf_counter()`` value)."""
+    cap or ``deadline``."""
     n, P, c = op.n, op.P, op.c
     cm = op.cmask
     m = max(op.num_constraints, 1)
@@ -110,7 +110,7 @@ def interior_point(op: Operator, options: NativeOptions, warm: WarmPoint | None,
         if check.met:
             status = Status.OPTIMAL
             break
-        if deadline is not None and time.perf_counter() > deadline:
+        if deadline is not None and deadline.passed():
             status = Status.TIME_LIMIT
             break
         if op.lam == 0 and _kkt_met(op, r, rd, mu, m, check.violation, options):

@@ -9,6 +9,7 @@ import torch
 
 from hcl.convex.native.admm import admm
 from hcl.convex.native.certificate import bracket, final_status
+from hcl.convex.native.clock import WRAP_UP_ITERATIONS, Deadline
 from hcl.convex.native.first_order import first_order
 from hcl.convex.native.interior_point import interior_point
 from hcl.convex.native.memory import plan
@@ -82,7 +83,8 @@ def planned_method(problem: ConvexProblem, **options) -> str | None:
 def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gated: bool, warm_start,
          asked: NativeOptions) -> ConvexSolution:
     start = time.perf_counter()
-    deadline = None if chosen.time_limit is None else start + float(chosen.time_limit)
+    deadline = (None if chosen.time_limit is None else
+                Deadline(start, float(chosen.time_limit), WRAP_UP_ITERATIONS[chosen.method]))
 
     op = Operator(problem, gated=gated, dtype=dtype, row_space=True)
     warm = None if warm_start is None else warm_point(op, warm_start)
@@ -97,7 +99,7 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
     else:
         result = _METHODS[chosen.method](op, chosen, warm, deadline)
     reached = None
-    if result.stalled and result.iterations < chosen.max_iters and (deadline is None or time.perf_counter() < deadline):
+    if result.stalled and result.iterations < chosen.max_iters and (deadline is None or not deadline.reached()):
         if chosen.verbose:
             print(f"{chosen.method}: stalled in {dtype} after {result.iterations} iterations; going on in float64")
         reached = _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)

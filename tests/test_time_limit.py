@@ -1,0 +1,59 @@
+"""The native solver's time limit covers the whole solve: a method stops where its next iteration and the final
+certificate would end past it (``hcl.convex.native.clock``), and what it returns is still a certified bracket."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _reference import reference_solve
+
+import hcl.convex.native.clock as clock
+from hcl.convex import ConvexProblem, Status, solve
+from hcl.convex.native.clock import WRAP_UP_ITERATIONS, Deadline
+
+
+def test_a_deadline_leaves_room_for_the_next_iteration_and_the_certificate(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(clock, "perf_counter", lambda: now[0])
+    deadline = Deadline(100.0, 10.0, wrap_up=3.0)
+    now[0] = 101.0
+    assert not deadline.passed()  # no pace measured yet: the limit itself only
+    now[0] = 102.0
+    assert not deadline.passed()  # an iteration of 1 s: 102 + 4 · 1 ≤ 110
+    now[0] = 105.0
+    assert deadline.passed() and not deadline.reached()  # one of 3 s: 105 + 4 · 3 > 110, stop with 5 s left
+    now[0] = 110.5
+    assert deadline.reached()
+    # the certificate of a method whose iterations are cheap beside it is what the room is for
+    assert WRAP_UP_ITERATIONS["admm"] > WRAP_UP_ITERATIONS["newton"]
+
+
+def test_the_last_iteration_before_the_limit_is_taken_at_a_steady_pace(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(clock, "perf_counter", lambda: now[0])
+    deadline, iterations = Deadline(0.0, 10.0, wrap_up=1.0), 0
+    while not deadline.passed():
+        now[0] += 1.0
+        iterations += 1
+    assert iterations == 9 and now[0] + 1.0 <= 10.0  # stopped at 9 s, leaving the certificate its 1 s
+
+
+@pytest.fixture(scope="module")
+def unreachable():
+    """A problem and its optimum (Clarabel): a tolerance of 1e-15 no method reaches, so the limit stops it."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 20, generator=g, dtype=torch.float64)
+    problem = ConvexProblem(X=X, Y=torch.randn(200, generator=g, dtype=torch.float64),
+                            patterns=X @ torch.randn(20, 40, generator=g, dtype=torch.float64) >= 0,
+                            weight_decay=1e-3, reduction="mean")
+    return problem, reference_solve(problem).value
+
+
+@pytest.mark.parametrize("method", ["newton", "fista", "admm"])
+def test_a_solve_stopped_by_its_time_limit_returns_a_certified_bound(method, unreachable):
+    problem, optimum = unreachable
+    solution = solve(problem, "native", method=method, tol=1e-15, constraint_tol=1e-15, max_iters=10**6,
+                     time_limit=0.3)
+    assert solution.status == Status.TIME_LIMIT
+    assert 0.0 <= solution.dual_value <= optimum * (1 + 1e-7)  # a lower bound, stopped or not
+    assert solution.value == pytest.approx(float(problem.objective(solution.U, solution.V, solution.b0)), rel=1e-12)
