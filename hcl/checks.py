@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,22 @@ def check_classes(trainer: Any, module: Any) -> None:
     if classes is not None and (classes > 2 or outputs > 1) and classes != outputs:
         raise ValueError(f"{type(module).__name__}(out_features={outputs}) cannot fit a data set of {classes} classes: "
                          f"set out_features={classes}")
+
+
+def warn_about_training_setup(trainer: Any, reduction: str) -> None:
+    """:class:`hcl.ConvexReLU`'s training set-up: an optimizer of a subclass's own with a coupled weight decay (a ridge
+    its objective and certificate leave out) or a scheduler (Lightning steps none under manual optimization), and
+    reloaded loaders with a summed loss."""
+    if reduction == "sum" and getattr(trainer, "reload_dataloaders_every_n_epochs", 0):
+        warnings.warn("ConvexReLU(reduction='sum') scales each batch by the n of the training data read when "
+                      "training starts, which reloaded loaders may change: use reduction='mean'", stacklevel=3)
+    coupled = [float(group.get("weight_decay") or 0.0) for opt in trainer.optimizers for group in opt.param_groups
+               if not (group.get("decoupled_weight_decay") or isinstance(opt, torch.optim.AdamW))]
+    if max(coupled, default=0.0) > 0:
+        warnings.warn(f"ConvexReLU: the optimizer's weight_decay={max(coupled):g} adds a ridge (wd/2)‖U‖² to the "
+                      "program, which its objective and certificate leave out: set λ with weight_decay= instead",
+                      stacklevel=3)
+    if getattr(trainer, "lr_scheduler_configs", None):
+        warnings.warn("ConvexReLU steps its optimizer itself (manual optimization), and Lightning steps no scheduler "
+                      "then: step it in training_step (self.lr_schedulers().step()); the proximal step follows the "
+                      "optimizer's lr", stacklevel=3)

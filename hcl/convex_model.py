@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from hcl.callbacks.data import training_data, warn_if_ddp_changes_samples
 from hcl.callbacks.logs import log_scalars, mark_resumed_run
-from hcl.checks import cast_to_checkpoint, check_classes, check_reduction, check_seed, check_weight_decay, is_int
+from hcl.checks import (
+    cast_to_checkpoint,
+    check_classes,
+    check_reduction,
+    check_seed,
+    check_weight_decay,
+    is_int,
+    warn_about_training_setup,
+)
 from hcl.convex.gated import (
     CHUNK_BYTES,
     VARIANTS,
@@ -171,8 +179,9 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.reduction = reduction
         self._train_data: tuple[Tensor, Tensor] | None = None
-        self._certified_step: int | None = None
-        self._warned_nonfinite = self._warned_outside = False
+        # on_train_start resets these; set here too for a subclass's on_train_start that does not call super()
+        self._certified_step, self._first_objective = None, None
+        self._warned_nonfinite = self._warned_outside = self._warned_growth = False
         if out_features > 1:
             self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
             self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
@@ -258,10 +267,12 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         optimizer.zero_grad()
         self.manual_backward(world * scale * local_sum)
         optimizer.step()
-        threshold = self.hparams.lr * 2.0 * self.weight_decay
-        group_soft_threshold_(self.U.data, threshold)
-        if self.V is not None:
-            group_soft_threshold_(self.V.data, threshold)
+        # the prox of the step each parameter just took: its group's lr (a subclass's optimizer, a scheduler)
+        groups = getattr(optimizer, "optimizer", optimizer).param_groups
+        for param in (self.U, self.V):
+            if param is not None:
+                lr = next((g["lr"] for g in groups if any(p is param for p in g["params"])), self.hparams.lr)
+                group_soft_threshold_(param.data, float(lr) * 2.0 * self.weight_decay)
 
         data_loss = scale * mapped_sum
         self.log("step", float(step), on_step=True, on_epoch=False)
@@ -305,19 +316,9 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         warn_if_ddp_changes_samples(self.trainer)  # DDP repeating or dropping samples: said
         check_classes(self.trainer, self)
         self._train_data = None
-        if self.reduction == "sum" and getattr(self.trainer, "reload_dataloaders_every_n_epochs", 0):
-            warnings.warn("ConvexReLU(reduction='sum') scales each batch by the n of the training data read when "
-                          "training starts, which reloaded loaders may change: use reduction='mean'", stacklevel=2)
-        self._certified_step = None
+        self._certified_step, self._first_objective = None, None
         self._warned_nonfinite = self._warned_growth = self._warned_outside = False
-        self._first_objective: float | None = None
-        # an optimizer of a subclass's own (hcl.fit refuses --optimizer here)
-        decay = max((group.get("weight_decay") or 0.0 for opt in self.trainer.optimizers for group in opt.param_groups),
-                    default=0.0)
-        if decay > 0:
-            warnings.warn(f"ConvexReLU: the optimizer's weight_decay={decay:g} adds a ridge (wd/2)‖U‖² to the "
-                          "program, which its objective and certificate leave out: set λ with weight_decay= instead",
-                          stacklevel=2)
+        warn_about_training_setup(self.trainer, self.reduction)  # a subclass's optimizer, reloaded loaders
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)

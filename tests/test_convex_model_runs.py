@@ -119,6 +119,34 @@ def test_a_weight_decay_in_a_subclasss_optimizer_is_said(tmp_path):
                                   datamodule=TensorDataModule(train=(X, Y)))
 
 
+def test_the_proximal_step_follows_the_optimizers_lr(tmp_path):
+    """A subclass's SGD at a quarter of hparams.lr took the prox of hparams.lr: it settled at the optimum of 4λ (its
+    duality gap stuck at 0.5) without a word."""
+    class Quarter(ConvexReLU):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr / 4)
+
+    X, Y = _data(n=20, c=1)
+    points = []
+    for model in (Quarter(in_features=3, num_gates=4, weight_decay=0.1, optimizer="sgd", lr=0.04),
+                  ConvexReLU(in_features=3, num_gates=4, weight_decay=0.1, optimizer="sgd", lr=0.01)):
+        _trainer(tmp_path, 3).fit(model.double(), datamodule=TensorDataModule(train=(X, Y)))
+        points.append(model.U.detach().clone())
+    assert points[1].abs().sum() > 0 and torch.allclose(points[0], points[1], rtol=1e-12, atol=0)
+
+
+def test_a_scheduler_lightning_does_not_step_is_said(tmp_path):
+    class Scheduled(ConvexReLU):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)]
+
+    X, Y = _data(n=20, c=1)
+    with pytest.warns(UserWarning, match=r"Lightning steps no scheduler then: step it in training_step"):
+        _trainer(tmp_path, 2).fit(Scheduled(in_features=3, num_gates=4).double(),
+                                  datamodule=TensorDataModule(train=(X, Y)))
+
+
 def test_the_gates_patterns_are_never_autocasts_bf16():
     g = torch.Generator().manual_seed(0)
     Xf, gates = fold_bias(torch.randn(2000, 8, generator=g), True), torch.randn(9, 50, generator=g)
