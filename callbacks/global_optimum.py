@@ -135,6 +135,7 @@ class GlobalOptimumMonitor(StackCallback):
         self.num_patterns: int | None = None
         self.num_neurons: int | None = None
         self._described_at: int | None = None  # the step the run's constants were logged at
+        self._solved_for: tuple | None = None  # the (λ, reduction, biases), X and Y of the solution
         self._X: Tensor | None = None
         self._Y: Tensor | None = None
 
@@ -149,6 +150,9 @@ class GlobalOptimumMonitor(StackCallback):
     @override
     def reset(self) -> None:
         super().reset()  # and the last run's problem: another trainer may train on other data
+        self._forget_solution()
+
+    def _forget_solution(self) -> None:
         self.optimum = self.lower_bound = self.upper_bound = None
         self.problem = self.solution = None
         self.num_patterns = self.num_neurons = None
@@ -184,6 +188,12 @@ class GlobalOptimumMonitor(StackCallback):
         X, Y = self.training_data(trainer)
         self._X = X
         self._Y = as_targets(Y, self._stack.output.out_features, X)
+        solved_for = (self._lambda, self._reduction, self._stack.bias, self._stack.output_bias)
+        before = self._solved_for
+        if self.solution is not None and before is not None and not (
+                before[0] == solved_for and torch.equal(before[1], X) and torch.equal(before[2], self._Y)):
+            self._forget_solution()  # another fit of the same trainer, on other data or with another λ
+        self._solved_for = (solved_for, X, self._Y)
         if not trainer.is_global_zero or self.solution is not None:
             return
         self._solve_once()

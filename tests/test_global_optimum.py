@@ -390,3 +390,22 @@ def test_a_large_enumeration_is_announced_before_it_starts(tmp_path, make_traine
     model = TwoLayerReLU(in_features=2, hidden=6, bias=False, weight_decay=1e-2, lr=0.1)
     with pytest.warns(UserWarning, match="7 points in 2-D have up to 43 activation patterns"):
         make_trainer([GlobalOptimumMonitor()], max_steps=1, root=tmp_path).fit(model, datamodule=data)
+
+
+def test_another_fit_of_the_same_trainer_with_another_lambda_solves_again(make_trainer):
+    """A second fit of the same trainer (a notebook's next cell) with another λ kept the first λ's optimum: 0.0173
+    logged as certified where p*_all is 0.1009."""
+    torch.manual_seed(0)
+    data = _points_data(append_ones=False)
+    model = TwoLayerReLU(in_features=1, hidden=6, bias=True, weight_decay=1e-2, lr=0.1)
+    monitor = GlobalOptimumMonitor(every_n_steps=1)
+    trainer = make_trainer([monitor], max_steps=2)
+    trainer.fit(model, datamodule=data)
+    first = monitor.optimum
+    model.weight_decay = 0.1
+    trainer.fit_loop.epoch_loop.max_steps = 4
+    trainer.fit(model, datamodule=data)
+    fresh = GlobalOptimumMonitor(every_n_steps=1)
+    make_trainer([fresh], max_steps=1, logger=False).fit(TwoLayerReLU(in_features=1, hidden=6, bias=True, weight_decay=0.1),
+                                                         datamodule=_points_data(append_ones=False))
+    assert monitor.optimum == pytest.approx(fresh.optimum, rel=1e-9) and monitor.optimum > 2 * first
