@@ -406,6 +406,6 @@ def test_another_fit_of_the_same_trainer_with_another_lambda_solves_again(make_t
     trainer.fit_loop.epoch_loop.max_steps = 4
     trainer.fit(model, datamodule=data)
     fresh = GlobalOptimumMonitor(every_n_steps=1)
-    make_trainer([fresh], max_steps=1, logger=False).fit(TwoLayerReLU(in_features=1, hidden=6, bias=True, weight_decay=0.1),
-                                                         datamodule=_points_data(append_ones=False))
+    other = TwoLayerReLU(in_features=1, hidden=6, bias=True, weight_decay=0.1)
+    make_trainer([fresh], max_steps=1, logger=False).fit(other, datamodule=_points_data(append_ones=False))
     assert monitor.optimum == pytest.approx(fresh.optimum, rel=1e-9) and monitor.optimum > 2 * first
