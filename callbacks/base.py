@@ -307,6 +307,8 @@ class StackCallback(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self.raised_in_me(exception):  # its step cut short: another fit of this trainer takes it again
+            self.last_step = min(self.last_step, self.finished_step())
         flush_loggers(trainer)  # what was logged before the failure stays on disk
         # on_fit_end, which closes them otherwise, does not run after a failure; the last stack callback closes them,
         # after the others have logged what their solves had finished
@@ -315,6 +317,15 @@ class StackCallback(Callback):
                 dashboard.close_series(trainer)
             except Exception as err:  # noqa: BLE001 - the run's own error is the one to raise (a log dir deleted)
                 rank_zero_warn(f"{type(self).__name__}: could not close the chart series: {err}")
+
+    def raised_in_me(self, exception: BaseException) -> bool:
+        """Whether ``exception`` came from inside this callback's own code (a Ctrl-C in its solve, say)."""
+        frame = exception.__traceback__
+        while frame is not None:
+            if frame.tb_frame.f_locals.get("self") is self:
+                return True
+            frame = frame.tb_next
+        return False
 
     @override
     def state_dict(self) -> dict[str, Any]:

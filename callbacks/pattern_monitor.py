@@ -141,6 +141,8 @@ class PatternMonitor(StackCallback):
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._remove_hook()
+        if self._pending is not None:  # its step's forward never came: another fit of this trainer takes it again
+            self.last_step, self._pending = min(self.last_step, self._pending - 1), None
         super().on_exception(trainer, pl_module, exception)
 
     @override

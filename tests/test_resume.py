@@ -208,3 +208,46 @@ def test_a_run_resumed_from_an_exception_in_its_first_step_has_step_0_once(tmp_p
         assert [e.step for e in acc.Scalars(tag)] == [0, 1, 2, 3], tag
     # the global monitor's constants, logged once at step 0: logged again by the resumed run, whose marker dropped them
     assert [e.step for e in acc.Scalars("convex/global_patterns")] == [0]
+
+
+class _Stop(BaseException):
+    """An interruption nothing catches, as a Ctrl-C."""
+
+
+@pytest.mark.parametrize("where", ["solve", "model"])
+def test_the_next_fit_of_an_interrupted_trainer_takes_a_step_cut_short_in_a_callback_again(tmp_path, make_trainer,
+                                                                                           monkeypatch, where):
+    """A notebook cell interrupted inside the convex solve of step 2, then run again: the callbacks had counted step 2
+    as done, and logged nothing at it (the solve's monitor, and the pattern monitor, whose forward never came). An
+    interruption in the model's own step, after the callbacks had logged it, keeps their step once."""
+    import hcl.callbacks.convex_gap as convex_gap_module
+    from hcl import TwoLayerReLU
+    from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+    from hcl.datamodules import SyntheticRegression
+
+    solves, stopped = [], []
+    original = convex_gap_module.evaluate_snapshot
+
+    def interrupted(*args, **kwargs):
+        solves.append(1)
+        if where == "solve" and len(solves) == 3:
+            raise _Stop
+        return original(*args, **kwargs)
+
+    class StopInStep(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if where == "model" and trainer.global_step == 2 and not stopped:
+                stopped.append(1)
+                raise _Stop
+
+    monkeypatch.setattr(convex_gap_module, "evaluate_snapshot", interrupted)
+    torch.manual_seed(0)
+    data = SyntheticRegression(kind="gaussian_linear", n=30, d=3, seed=0, dtype="float64")
+    model = TwoLayerReLU(in_features=3, hidden=6, bias=True, weight_decay=1e-3, lr=0.05)
+    trainer = make_trainer([PatternMonitor(), ConvexGapMonitor(solver="clarabel"), StopInStep()], max_steps=4)
+    with pytest.raises(_Stop):
+        trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data)  # the next cell
+    s = read_scalars(tmp_path)
+    for tag in ("patterns/unique", "convex/status", "convex/nonconvex_objective"):
+        assert [step for step, _ in s[tag]] == [0, 1, 2, 3], tag
