@@ -263,11 +263,11 @@ class StackCallback(Callback):
         dashboard.write_layout(trainer)
 
     def _refuse_twins(self, trainer: "pl.Trainer") -> None:
-        """Refuse another callback of this class (or a subclass, or its parent) that would write the same tags (same
-        prefix, same image tag)."""
+        """Refuse another callback of this kind (this class, a subclass, its parent or a sibling: the same callback of
+        hcl's underneath) that would write the same tags (same prefix, same image tag)."""
         key = (self.prefix, getattr(self, "tag", None))
         twins = [cb for cb in trainer.callbacks
-                 if cb is not self and (isinstance(cb, type(self)) or isinstance(self, type(cb)))
+                 if cb is not self and isinstance(cb, StackCallback) and _kind(cb) is _kind(self)
                  and (cb.prefix, getattr(cb, "tag", None)) == key]
         if twins:
             name = type(self).__name__
@@ -343,6 +343,13 @@ class StackCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
+
+
+def _kind(callback: StackCallback) -> type:
+    """The class just below :class:`StackCallback` in ``callback``'s: what it logs (``ConvexGapMonitor`` for every
+    subclass of it)."""
+    mro = type(callback).__mro__
+    return mro[max(mro.index(StackCallback) - 1, 0)]
 
 
 def objective_tags(pl_module: "pl.LightningModule") -> list[str]:

@@ -202,7 +202,10 @@ def test_the_objective_of_a_half_precision_network_is_not_rounded_to_its_precisi
     (lambda: [ConvexGapMonitor(solver="clarabel"), type("Mine", (ConvexGapMonitor,), {})(solver="clarabel",
                                                                                          every_n_steps=2)],
      r"2 \w+ callbacks would log under the same tags \(prefix 'convex'\)"),  # a user's subclass beside the class
-], ids=["ConvexGapMonitor", "PatternMonitor", "subclass"])
+    (lambda: [type("A", (ConvexGapMonitor,), {})(solver="clarabel"), type("B", (ConvexGapMonitor,), {})(
+        solver="clarabel", formulation="neurons")],
+     r"2 A callbacks would log under the same tags \(prefix 'convex'\)"),  # two siblings: mixed series before
+], ids=["ConvexGapMonitor", "PatternMonitor", "subclass", "siblings"])
 def test_two_callbacks_writing_the_same_tags_are_refused_at_setup(make, said, make_trainer):
     X, generator = _data()
     y = torch.randn(30, generator=generator, dtype=torch.float64)
