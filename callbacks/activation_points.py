@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,9 @@ class ActivationPointPlot(StackCallback):
     The picture (see :mod:`hcl.activation_geometry`) is logged as the TensorBoard image ``tag`` at steps ``0, k, 2k, …``
     (``k = every_n_steps``) with the weights the training step at that global step uses, and once more at the
     end of training with the final weights; that final picture is also written as a PNG in the logger's folder,
-    named after the GIF (``activation_points.png`` by default; :attr:`png_path`). Its title gives the step and the
-    network's objective ``L`` (``λ`` and the reduction read from the model, with its optimizer's coupled weight decay,
-    as :class:`hcl.callbacks.ConvexGapMonitor` does).
+    named after the GIF (``<tag>.png``, ``activation_points.png`` by default; :attr:`png_path`). Its title gives the
+    step and the network's objective ``L`` (``λ`` and the reduction read from the model, with its optimizer's coupled
+    weight decay, as :class:`hcl.callbacks.ConvexGapMonitor` does).
 
     The 1-D input is found in the data: the hidden layer takes either ``x`` alone with its own bias, or ``x``
     and a column of ones, in any order.
@@ -62,9 +63,11 @@ class ActivationPointPlot(StackCallback):
             Frames are kept as numbers, not images, until then (about 21 kB per frame for a thousand neurons);
             writing holds the images at once (0.5 MB and 80 ms each), so at most ``MAX_GIF_FRAMES`` evenly spaced
             frames are animated. A resumed run, or a second ``fit()``, animates its own steps only.
-        gif_name: file name of the GIF; the final PNG takes its name with the suffix ``.png``.
+        gif_name: file name of the GIF (default: the tag's, ``<tag>.gif`` with any character but letters, digits,
+            ``-`` and ``.`` as ``_``); the final PNG takes its name with the suffix ``.png``. Two pictures of a run
+            need two names.
         gif_fps: frames per second of the GIF.
-        x_range: ``(low, high)`` of the horizontal axis; default: the data's range widened by its length on
+        x_range: ``(low, high)`` of the horizontal axis; default: each run's data's range widened by its length on
             each side. Neurons whose activation point falls outside are counted in the title.
         probe: 1-D inputs to draw (default: the training data); ``target`` must come with it.
         target: targets of ``probe``.
@@ -90,7 +93,7 @@ class ActivationPointPlot(StackCallback):
         every_n_steps: int = 10,
         tag: str = "activation_points",
         gif: bool = False,
-        gif_name: str = "activation_points.gif",
+        gif_name: str | None = None,
         gif_fps: float = 10.0,
         x_range: tuple[float, float] | None = None,
         probe: Tensor | None = None,
@@ -103,6 +106,8 @@ class ActivationPointPlot(StackCallback):
         super().__init__(every_n_steps, probe=probe, target=target, layer=layer, output_layer=output_layer)
         if not isinstance(tag, str) or not tag:
             raise ValueError(f"tag must be a non-empty string, got {tag!r}")
+        if gif_name is None and isinstance(tag, str):
+            gif_name = re.sub(r"[^A-Za-z0-9.-]", "_", tag) + ".gif"
         if (not isinstance(gif_name, str) or Path(gif_name).suffix != ".gif" or Path(gif_name).name != gif_name
                 or not Path(gif_name).stem):
             raise ValueError(f"gif_name must be a file name ending in .gif, got {gif_name!r}")
@@ -124,7 +129,7 @@ class ActivationPointPlot(StackCallback):
         self.gif = check_bool(gif, "gif")
         self.gif_name = gif_name
         self.gif_fps = float(gif_fps)
-        self.x_range = x_range
+        self.x_range = self._x_range_given = x_range  # x_range: the run's (each run's data's, when not given)
         self.figsize = (float(figsize[0]), float(figsize[1]))
         self.dpi = dpi
         self.frames: list[Frame] = []
@@ -136,6 +141,14 @@ class ActivationPointPlot(StackCallback):
         self._Y: Tensor | None = None
         self._grid: Tensor | None = None
         self._figure: ActivationPointFigure | None = None
+
+    @override
+    def _refuse_twins(self, trainer: "pl.Trainer") -> None:
+        super()._refuse_twins(trainer)  # and two pictures written to one file (each tag its own, by default)
+        if any(cb is not self and isinstance(cb, ActivationPointPlot) and cb.gif_name == self.gif_name
+               for cb in trainer.callbacks):
+            raise ValueError(f"2 ActivationPointPlot callbacks would write the same {self.gif_name!r} and its PNG: "
+                             "give each its own gif_name=")
 
     # ------------------------------------------------------------------- hooks
     @override
@@ -166,6 +179,7 @@ class ActivationPointPlot(StackCallback):
         self._Y = Y.detach().to(X).reshape(-1)
         if self._Y.shape[0] != X.shape[0]:
             raise ValueError(f"the activation-point picture needs one target per point, got {tuple(Y.shape)}")
+        self.x_range = self._x_range_given
         if self.x_range is None:
             x = X[:, self._layout.x_column]
             low, high = float(x.min()), float(x.max())

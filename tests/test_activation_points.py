@@ -279,3 +279,22 @@ def test_a_long_runs_gif_animates_evenly_spaced_frames_at_most(tmp_path, make_tr
     make_trainer([plot], max_steps=7).fit(TwoLayerReLU(in_features=2, hidden=6, lr=0.2), datamodule=data)
     assert [frame.step for frame in plot.frames] == [0, 2, 4, 6, 7]  # every one kept as numbers
     assert Image.open(plot.gif_path).n_frames == 3  # the first, the middle and the last
+
+
+def test_two_pictures_write_two_files_and_each_run_draws_its_own_range(tmp_path, make_trainer):
+    """Two pictures with their own tags both wrote activation_points.png, and a reused picture kept the first run's
+    axis, with the second run's data outside it."""
+    first = SyntheticRegression(kind="points", x=[-0.7, 0.7, 0.8], y=[0.3, 1.1, 1.2], append_ones=True, dtype="float64")
+    a, b = (ActivationPointPlot(every_n_steps=5, tag=tag, figsize=(3, 2), dpi=40) for tag in ("a/ap", "b"))
+    make_trainer([a, b], max_steps=2, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=first)
+    assert (a.png_path, b.png_path) == (tmp_path / "a_ap.png", tmp_path / "b.png") and a.png_path.exists()
+    with pytest.raises(ValueError, match="would write the same 'x.gif' and its PNG: give each its own gif_name="):
+        make_trainer([ActivationPointPlot(tag="a", gif_name="x.gif"), ActivationPointPlot(tag="b", gif_name="x.gif")],
+                     max_steps=1, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=first)
+    far = SyntheticRegression(kind="points", x=[4.0, 6.0, 8.0], y=[1.0, 0.2, 1.1], append_ones=True, dtype="float64")
+    make_trainer([a], max_steps=1, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=far)
+    assert a.x_range == (0.0, 12.0)  # the second run's: its span widened by itself on each side
+    fixed = ActivationPointPlot(x_range=(-1.0, 1.0), figsize=(3, 2), dpi=40)
+    make_trainer([fixed], max_steps=1, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=far)
+    assert fixed.x_range == (-1.0, 1.0)  # a range given is every run's
+
