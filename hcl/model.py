@@ -127,6 +127,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.optimizer_decay = 0.0  # the λ of its optimizer's own weight decay, found when training starts
         self._window = None  # the training values of the optimizer step under way, summed over its micro-batches
+        self._started_for: int | None = None  # the trainer whose run _start_training began
         # the ranks holding each training point: all with the same data read whole on each, else one (sharded);
         # set when training starts (hcl.callbacks.data.training_copies)
         self._data_copies = 1
@@ -144,7 +145,9 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return self.output_layer(torch.relu(self.hidden_layer(x)))
 
     def penalty(self) -> Tensor:
-        """``λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``, the ``λ`` the loss adds (``weight_decay``); the output bias is not penalised."""
+        """``λ Σ_i (‖w̃_i‖² + ‖α_i‖²)``, the ``λ`` the loss adds (``weight_decay``); the output bias is not penalised.
+        What the loss and the callbacks use, not a hook: they compute it from ``weight_decay`` themselves (the convex
+        reformulation holds for this penalty only)."""
         return self.weight_decay * self._squares()
 
     def evaluation_penalty(self) -> Tensor:
@@ -185,6 +188,12 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         return self._shared_step(batch, "test", batch_idx)
 
     def on_train_start(self) -> None:
+        self._start_training()
+
+    def _start_training(self) -> None:
+        """hcl's start of a training run (from ``on_train_start``, or at the first training step of a subclass whose
+        ``on_train_start`` does not call ``super()``)."""
+        self._started_for = id(self.trainer)  # an id, not a reference: the model stays picklable
         self._window = None
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
         mark_resumed_run(self.trainer)
@@ -228,6 +237,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
 
     # --------------------------------------------------------------- helpers
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
+        if stage == "train" and self._started_for != id(self.trainer):
+            self._start_training()  # a subclass's on_train_start without super(): the optimizer's decay, the checks
         x, y = batch
         out = self(x)
         local_sum = self.data_loss_sum(out, y)

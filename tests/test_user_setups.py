@@ -247,3 +247,25 @@ def test_an_unknown_number_of_batches_for_a_summed_loss_is_said():
     user._trainer = SimpleNamespace(num_training_batches=float("inf"), world_size=1)
     with pytest.warns(UserWarning, match="not scaled by the batches of an epoch.*weight_decay=B·λ"):
         assert resolve_objective(user, None, None, "Probe")[0] == pytest.approx(0.01)
+
+
+def test_a_subclass_whose_on_train_start_skips_super_still_counts_its_optimizers_decay(make_trainer):
+    """Lightning's on_train_start is a no-op, so a subclass need not call super(): train/objective then left out the
+    optimizer's decay that the monitors' L counts (0.87137 against 0.90632)."""
+    from hcl.callbacks import ConvexGapMonitor
+
+    class Quiet(TwoLayerReLU):
+        def on_train_start(self):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=0.02)
+
+    X, y = _data(n=20)
+    model = Quiet(in_features=3, hidden=4, weight_decay=0.01)
+    monitor = ConvexGapMonitor(solver="clarabel")
+    trainer = make_trainer([monitor], max_steps=1, logger=False)
+    trainer.fit(model, DataLoader(TensorDataset(X, y.reshape(-1, 1)), batch_size=20))
+    assert model.optimizer_decay == pytest.approx(0.01)  # wd / 2
+    assert float(trainer.callback_metrics["train/objective"]) == pytest.approx(
+        float(trainer.callback_metrics["convex/nonconvex_objective"]), rel=1e-6)
