@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -84,6 +84,7 @@ class PatternMonitor(StackCallback):
         super().__init__(every_n_steps, probe=probe, layer=layer, output_layer=output_layer, max_samples=max_samples)
         self._tracker = PatternTracker()
         self._tracked_step: int | None = None  # the step of the tracker's last snapshot
+        self._tracked_width: int | None = None  # the hidden width it tracks
         self._data: Tensor | None = None
         self._hook = None
         self._pending: int | None = None  # the due step whose patterns the next training forward pass records
@@ -105,7 +106,15 @@ class PatternMonitor(StackCallback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
-        self._data, _ = self.training_data(trainer)
+        data, before = self.training_data(trainer)[0], self._data
+        width = self._stack.hidden.out_features
+        if self._tracked_step is not None and (self._tracked_width != width or before is None or not (
+                before.shape == data.shape and torch.equal(before, data))):
+            # another fit of the same trainer on another network or other data: no pattern of the last one applies
+            rank_zero_info("PatternMonitor: another network or data than the last fit's: the pattern history starts "
+                           "again (patterns/changed compares with this fit's own steps only)")
+            self._tracker, self._tracked_step = PatternTracker(), None
+        self._data, self._tracked_width = data, width
         self._trainer = trainer
         self._pending = None
         # Patterns are taken in the training step's own forward pass: of exactly the weights its loss uses, even when

@@ -269,3 +269,20 @@ def test_a_subclass_whose_on_train_start_skips_super_still_counts_its_optimizers
     assert model.optimizer_decay == pytest.approx(0.01)  # wd / 2
     assert float(trainer.callback_metrics["train/objective"]) == pytest.approx(
         float(trainer.callback_metrics["convex/nonconvex_objective"]), rel=1e-6)
+
+
+def test_another_fit_of_the_trainer_on_another_network_starts_the_pattern_history_again(make_trainer, caplog):
+    """A narrower network in the same trainer's next fit stopped mid-step with the tracker's internal "call reset()";
+    other data of the same shape was compared with the last fit's patterns."""
+    from hcl.callbacks import PatternMonitor
+
+    X, y = _data(n=20)
+    loader = DataLoader(TensorDataset(X, y.reshape(-1, 1)), batch_size=20)
+    monitor = PatternMonitor()
+    trainer = make_trainer([monitor], max_steps=2, logger=False)
+    trainer.fit(TwoLayerReLU(in_features=3, hidden=8), loader)
+    trainer.fit_loop.epoch_loop.max_steps = 4
+    with caplog.at_level("INFO"):
+        trainer.fit(TwoLayerReLU(in_features=3, hidden=4), loader)
+    assert "the pattern history starts again" in caplog.text
+    assert float(trainer.callback_metrics["patterns/unique"]) <= 4 and monitor._tracker.num_seen <= 3 * 4
