@@ -157,7 +157,7 @@ class ReLUStack:
                     "would describe another network; transform the data instead, or use a two-layer model"
                 )
         end = start + called[start:].index(self.output) if self.output in called[start:] else start
-        dropouts = []
+        dropouts = [names.get(layer, type(layer).__name__) for layer in called[:start] if isinstance(layer, _DROPOUTS)]
         for layer in called[start + 1 : end]:
             if isinstance(layer, (nn.ReLU, nn.Identity)):
                 continue
@@ -171,8 +171,8 @@ class ReLUStack:
             )
         if dropouts:
             warnings.warn(
-                f"Dropout {', '.join(map(repr, dropouts))} between the layers of {self.name!r}: the callbacks compute "
-                "the network without dropout (its eval-mode function)", stacklevel=3,
+                f"Dropout {', '.join(map(repr, dropouts))} before or between the layers of {self.name!r}: the "
+                "callbacks compute the network without dropout (its eval-mode function)", stacklevel=3,
             )
 
     def mapped_weights(

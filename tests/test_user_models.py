@@ -326,7 +326,19 @@ def test_dropout_between_the_layers_is_accepted_and_said(make_trainer):
     X, y = _data(n=64)
     loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
     said = _fit(make_trainer, Between(nn.Dropout(0.2)), loader, _between_callbacks("both"))
-    assert any("'net.1' between the layers" in message and "without dropout" in message for message in said)
+    assert any("'net.1' before or between the layers" in message and "without dropout" in message for message in said)
+
+
+def test_dropout_on_the_inputs_is_said_as_between_the_layers(make_trainer):
+    class Before(Between):
+        def forward(self, x):
+            return self.net(self.drop(x))
+
+    X, y = _data(n=64)
+    model = Before(nn.Identity())
+    model.drop = nn.Dropout(0.2)
+    said = _fit(make_trainer, model, DataLoader(TensorDataset(X, y), batch_size=16), _between_callbacks("both"))
+    assert any("'drop' before or between the layers" in message and "without dropout" in message for message in said)
 
 
 def test_dropout_between_the_layers_is_found_without_naming_the_layers(make_trainer):
@@ -334,7 +346,7 @@ def test_dropout_between_the_layers_is_found_without_naming_the_layers(make_trai
     loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
     said = _fit(make_trainer, Between(nn.Dropout(0.2)), loader,
                 [PatternMonitor(), ConvexGapMonitor(weight_decay=1e-3, reduction="mean", solver="clarabel")])
-    assert any("'net.1' between the layers" in message and "without dropout" in message for message in said)
+    assert any("'net.1' before or between the layers" in message and "without dropout" in message for message in said)
     model = Between(nn.Dropout(0.2))
     assert find_relu_stack(model, "net.0").output is model.net[3]  # the hidden layer alone names the stack
 
