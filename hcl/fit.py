@@ -191,7 +191,9 @@ def main(args: ArgsType = None) -> HCLCLI:
 
 def console_main() -> None:
     """The ``hcl-fit`` command: :func:`main` on the command line, exit status 0 after a run (a console script exits
-    with what its function returns, and the CLI object is not a status)."""
+    with what its function returns, and the CLI object is not a status); its messages name the command."""
+    global PROG
+    PROG = "hcl-fit"
     main()
 
 

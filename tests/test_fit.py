@@ -318,12 +318,19 @@ def test_a_user_error_a_spawned_process_raised_is_taken_from_its_traceback():
     assert _spawned_user_error(ValueError("not spawned")) is None
 
 
-def test_the_hcl_fit_command_exits_with_0_after_a_run(tmp_path):
+def test_the_hcl_fit_command_exits_with_0_after_a_run_and_names_itself(tmp_path, monkeypatch, capsys):
     """The console script exits with what its function returns: main's CLI object made every good run exit 1."""
-    code = ("import sys; from importlib.metadata import entry_points; "
-            "(command,) = entry_points(group='console_scripts', name='hcl-fit'); "
-            f"sys.argv[1:] = ['--trainer.max_steps=1', '--trainer.default_root_dir={tmp_path}', "
-            "'--trainer.enable_progress_bar=false']; sys.exit(command.load()())")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "HCLCLI" not in done.stderr
+    from importlib.metadata import entry_points
+
+    import hcl.fit
+
+    (command,) = entry_points(group="console_scripts", name="hcl-fit")
+    monkeypatch.setattr(hcl.fit, "PROG", hcl.fit.PROG)  # restored after the test
+    args = ["hcl-fit", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false"]
+    monkeypatch.setattr(sys, "argv", args)
+    assert command.load()() is None  # sys.exit(None): status 0
+    monkeypatch.setattr(sys, "argv", [*args, "--trainer.max_steps=-3"])
+    with pytest.raises(SystemExit) as exit_info:
+        command.load()()
+    assert exit_info.value.code == 2 and "\nhcl-fit: error: " in capsys.readouterr().err
