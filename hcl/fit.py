@@ -383,17 +383,19 @@ def _last_checkpoint(trainer: pl.Trainer) -> str:
     Lightning looks in the new run's own folder only, which is empty, and trains from step 0 with a warning.
     """
     # TensorBoard's and CSV's runs alike (Lightning puts the checkpoints in the first logger's run folder)
-    places = [Path(logger.root_dir) / "*" / "checkpoints" for logger in trainer.loggers
+    # (folder, its subfolders' pattern): a folder's own name may hold glob's special characters, "[" say
+    places = [(Path(logger.root_dir), "*/checkpoints") for logger in trainer.loggers
               if isinstance(getattr(logger, "root_dir", None), (str, os.PathLike))]
     if not trainer.loggers:
-        places.append(Path(trainer.default_root_dir) / "checkpoints")
-    places += [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    found = [Path(name) for place in places for name in glob.glob(str(place / "*.ckpt")) if Path(name).is_file()]
+        places.append((Path(trainer.default_root_dir), "checkpoints"))
+    places += [(Path(cb.dirpath), "") for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    found = [Path(name) for folder, below in places
+             for name in glob.glob(os.path.join(glob.escape(str(folder)), below, "*.ckpt")) if Path(name).is_file()]
     # and those Lightning's OnExceptionCheckpoint writes where it is told (a crash's or Ctrl-C's), as Lightning's "last"
     found += [Path(cb.ckpt_path) for cb in trainer.callbacks
               if isinstance(cb, OnExceptionCheckpoint) and Path(cb.ckpt_path).is_file()]
     if not found:
-        searched = ", ".join(f"{place}/" for place in places) or "(no logger and no checkpoint folder)"
+        searched = ", ".join(f"{os.path.join(folder, below, '')}" for folder, below in places) or "(no folder)"
         _fail(FileNotFoundError(f"--ckpt_path=last: no checkpoint (*.ckpt) in {searched}: name one, or train first"))
     newest = max(found, key=lambda path: path.stat().st_mtime)
     if trainer.is_global_zero:

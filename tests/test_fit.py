@@ -289,7 +289,8 @@ def test_ckpt_path_last_includes_the_exception_checkpoint(tmp_path):
 @pytest.mark.parametrize("logger", ["lightning.pytorch.loggers.CSVLogger", "false"])
 def test_ckpt_path_last_finds_the_checkpoints_of_other_loggers(tmp_path, logger, capsys):
     """A CSV logger's runs hold their checkpoints as TensorBoard's do, and without a logger they are in
-    <default_root_dir>/checkpoints: --ckpt_path=last said there were none."""
+    <default_root_dir>/checkpoints: --ckpt_path=last said there were none. (A folder named like a glob pattern.)"""
+    tmp_path = tmp_path / "runs[1]"
     args = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger={logger}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     if logger != "false":
