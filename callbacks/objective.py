@@ -4,7 +4,6 @@ argument, the model's attribute, an optimizer's coupled decay, scaled on summed 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -82,32 +81,16 @@ def optimizer_lambda(
     return wd / 2, f"{cls}'s weight_decay={wd:g} (coupled L2: λ = weight_decay / 2)"
 
 
-def own_loss(pl_module: "pl.LightningModule") -> bool:
-    """Whether the model trains on :class:`hcl.TwoLayerReLU`'s own loss: that class, or a subclass whose
-    ``training_step`` is the base one or calls ``super()``; one that replaces it is a model of one's own."""
-    from hcl.model import TwoLayerReLU  # here: the model module loads torchmetrics
-
-    if not isinstance(pl_module, TwoLayerReLU):
-        return False
-    step = type(pl_module).training_step
-    if step is TwoLayerReLU.training_step:
-        return True
-    try:
-        return "super(" in inspect.getsource(step)
-    except (OSError, TypeError):  # no source (defined in an interactive prompt): nothing says it calls the base one
-        return False
-
-
 def epoch_batches(pl_module: "pl.LightningModule") -> int:
     """How many times a penalty added at each step outweighs the data sum over an epoch of summed mini-batch losses:
     the training batches of an epoch, times the processes under DDP, which averages the ranks' gradients; 1 for
-    :class:`hcl.TwoLayerReLU` training on its own loss (:func:`own_loss`), which weighs each summed batch so that it
-    estimates ``L``, and when unknown (no trainer, or an endless loader)."""
-    from hcl.model import training_batches  # here: the model module loads torchmetrics
+    :class:`hcl.TwoLayerReLU`, whose loss weighs each summed batch so that it estimates ``L``, and when unknown (no
+    trainer, or an endless loader)."""
+    from hcl.model import TwoLayerReLU, training_batches  # here: the model module loads torchmetrics
 
     trainer = getattr(pl_module, "_trainer", None)
     batches = training_batches(trainer)
-    if own_loss(pl_module) or batches is None:
+    if isinstance(pl_module, TwoLayerReLU) or batches is None:
         return 1
     return batches * int(getattr(trainer, "world_size", 1) or 1)
 
@@ -131,7 +114,7 @@ def resolve_objective(
     Raises:
         ValueError: the model's values are not a valid ``λ`` or reduction.
     """
-    from hcl.model import training_batches  # here: the model module loads torchmetrics
+    from hcl.model import TwoLayerReLU, training_batches  # here: the model module loads torchmetrics
 
     model_lam = getattr(pl_module, "weight_decay", None)
     model_red = getattr(pl_module, "reduction", None)
@@ -147,11 +130,11 @@ def resolve_objective(
         if steps > 1 and lam > 0:
             rank_zero_info(f"{owner}: λ = {lam:g}: the model's weight_decay {model_lam:g}, added at each of {steps} "
                            "steps an epoch on summed mini-batches (docs/convex.md#weight-decay-in-the-optimizer)")
-        if opt_text and opt_lam is not None and own_loss(pl_module):
+        if opt_text and opt_lam is not None and isinstance(pl_module, TwoLayerReLU):
             lam += opt_lam
             rank_zero_info(f"{owner}: λ = {lam:g}: the model's weight_decay {model_lam:g} plus {opt_text}")
         elif opt_lam is None and opt_text:
-            hint = "" if own_loss(pl_module) else (  # whose loss adds its weight_decay
+            hint = "" if isinstance(pl_module, TwoLayerReLU) else (  # whose loss adds its weight_decay
                 " (pass weight_decay=0 to the callback if the model's `weight_decay` is that decay, not a λ its loss "
                 "adds)")
             said.append(f"{opt_text}: the convex values use the model's λ = {lam:g} and leave that decay out{hint}")
@@ -168,7 +151,7 @@ def resolve_objective(
                else "its optimizer applies no weight decay" if optimizers is not None else "no λ given")
         said.append(f"using λ = 0 ({why})")
     red = reduction if reduction is not None else model_red
-    if (red == "sum" and weight_decay is None and lam > 0 and not own_loss(pl_module)
+    if (red == "sum" and weight_decay is None and lam > 0 and not isinstance(pl_module, TwoLayerReLU)
             and training_batches(getattr(pl_module, "_trainer", None)) is None):
         said.append(f"λ = {lam:g} is not scaled by the batches of an epoch, which an iterable or endless loader does "
                     "not tell: with a loss summed over each of B batches an epoch, pass weight_decay=B·λ")

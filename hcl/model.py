@@ -15,7 +15,7 @@ a batch's data sum weighs the number of batches of an epoch: a step's loss estim
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +34,11 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
 MOMENTUM = 0.9  # the default of optimizer="momentum"
 INITS = ("uniform", "normal", "kaiming")
 LOSSES = ("squared", "cross_entropy")
+
+
+def _run_key(trainer: pl.Trainer) -> tuple[int, ...]:
+    """A fit of ``trainer``: ids, not references (the model stays picklable); each fit makes its own optimizers."""
+    return (id(trainer), *map(id, trainer.optimizers))
 
 
 class TwoLayerReLU(EvaluationLog, pl.LightningModule):
@@ -127,7 +132,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.optimizer_decay = 0.0  # the λ of its optimizer's own weight decay, found when training starts
         self._window = None  # the training values of the optimizer step under way, summed over its micro-batches
-        self._started_for: int | None = None  # the trainer whose run _start_training began
+        self._started_for: tuple | None = None  # the run _start_training began (_run_key)
+        self._own_loss_ran, self._told_own_loss = False, False  # a subclass's training_step may compute another
         # the ranks holding each training point: all with the same data read whole on each, else one (sharded);
         # set when training starts (hcl.callbacks.data.training_copies)
         self._data_copies = 1
@@ -193,7 +199,8 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     def _start_training(self) -> None:
         """hcl's start of a training run (from ``on_train_start``, or at the first training step of a subclass whose
         ``on_train_start`` does not call ``super()``)."""
-        self._started_for = id(self.trainer)  # an id, not a reference: the model stays picklable
+        self._started_for = _run_key(self.trainer)
+        self._own_loss_ran = False
         self._window = None
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
         mark_resumed_run(self.trainer)
@@ -216,6 +223,14 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         stack = ReLUStack(self.hidden_layer, self.output_layer, "hidden_layer")
         self.optimizer_decay = optimizer_lambda(self.trainer.optimizers, stack)[0] or 0.0  # the loss estimates L
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._own_loss_ran and not self._told_own_loss:  # a subclass's training_step of its own
+            self._told_own_loss = True
+            rank_zero_warn(f"{type(self).__name__}'s training step does not compute TwoLayerReLU's loss: the callbacks "
+                           "evaluate TwoLayerReLU's objective all the same (its reduction and weight_decay); with a "
+                           "loss of your own summed over each of B mini-batches that adds the penalty at every step, "
+                           "pass weight_decay=B·λ to them (docs/convex.md#weight-decay-in-the-optimizer)")
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is not None:  # a resume: a float64 run's weights load exactly (load_from_checkpoint: as ever)
             cast_to_checkpoint(self, checkpoint)
@@ -237,8 +252,10 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
 
     # --------------------------------------------------------------- helpers
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
-        if stage == "train" and self._started_for != id(self.trainer):
+        trainer = self._trainer  # (None when a step is called by hand)
+        if stage == "train" and trainer is not None and self._started_for != _run_key(trainer):
             self._start_training()  # a subclass's on_train_start without super(): the optimizer's decay, the checks
+        self._own_loss_ran = self._own_loss_ran or stage == "train"
         x, y = batch
         out = self(x)
         local_sum = self.data_loss_sum(out, y)

@@ -148,13 +148,9 @@ def test_a_summed_losss_decay_counts_the_steps_of_an_epoch_and_the_ranks_ddp_ave
     assert epoch_batches(user) == 1
 
 
-def test_a_two_layer_relu_subclass_with_a_loss_of_its_own_counts_the_steps_like_a_model_of_ones_own():
-    """A subclass whose training_step sums its batches' losses and adds the penalty at each (no super()) was taken for
-    TwoLayerReLU's own weighted loss: λ = 0.01 where its loss adds 4 · 0.01 over an epoch (optimum 0.42 for 0.86)."""
-    from types import SimpleNamespace
-
-    from hcl.callbacks.base import epoch_batches, resolve_objective
-
+def test_a_two_layer_relu_subclass_with_a_loss_of_its_own_is_told_what_the_callbacks_evaluate(make_trainer):
+    """A subclass whose training_step sums its batches' losses and adds the penalty at each (no super()) was taken
+    for TwoLayerReLU's weighted loss without a word: λ = 0.01 where its loss adds 4 · 0.01 over an epoch."""
     class OwnSum(TwoLayerReLU):
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -162,16 +158,19 @@ def test_a_two_layer_relu_subclass_with_a_loss_of_its_own_counts_the_steps_like_
 
     class Logs(TwoLayerReLU):
         def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
+            loss = TwoLayerReLU.training_step(self, batch, batch_idx)  # the base one, by name
             self.log("mine", 1.0)
             return loss
 
-    trainer = SimpleNamespace(num_training_batches=4, world_size=1)
-    for cls, steps in ((OwnSum, 4), (Logs, 1), (TwoLayerReLU, 1)):
-        model = cls(in_features=3, weight_decay=0.01, reduction="sum")
-        model._trainer = trainer
-        assert epoch_batches(model) == steps, cls
-        assert resolve_objective(model, None, None, "Probe")[0] == pytest.approx(0.01 * steps), cls
+    X, y = _data(n=20)
+    loader = DataLoader(TensorDataset(X, y.reshape(-1, 1)), batch_size=5)
+    for cls, told in ((OwnSum, 1), (Logs, 0), (TwoLayerReLU, 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer([], max_steps=3, logger=False).fit(cls(in_features=3, weight_decay=0.01, reduction="sum"),
+                                                            loader)
+        said = [w for w in caught if "does not compute TwoLayerReLU's loss" in str(w.message)]
+        assert len(said) == told and (not told or "pass weight_decay=B·λ" in str(said[0].message)), cls
 
 
 @pytest.mark.parametrize("n,drop_last,warned", [(101, False, True), (100, False, False), (101, True, False)])
