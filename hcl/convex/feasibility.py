@@ -41,6 +41,8 @@ STEP_COLUMNS = 256
 # A column whose active samples no step puts inside (a cone without interior: x and −x both tied at 0) is moved onto
 # the boundary instead, where its outputs are 0 up to this fraction of its largest one (the products' rounding)
 ROUNDING = 1e-12
+# Boundary columns left outside by rounding are zeroed when that raises the point's value by at most this fraction
+ZEROED_COST = 1e-9
 
 
 def restore_feasibility(
@@ -98,9 +100,24 @@ def restore_feasibility(
     # is only 0 (the cone {0}: a neuron of zeros without bias on data on every side) exactly there
     W[:, ((signs * XW < 0) & ~(boundary & (signs * XW >= -rounding))).any(0)] = 0.0
     W[:, boundary & (XW.abs() <= rounding).all(0)] = 0.0
+    point = _point(exact, W, (d, P, c))
+    # boundary columns still outside by rounding keep the point from bounding p*: zeroed where that costs nothing
+    # measurable (columns that are rounding themselves: 13 of norm 1e-7 at 500 MNIST images and 10 outputs), kept where
+    # the value would rise (a cone without interior, whose column carries the fit)
+    stray = boundary & (signs * XW < 0).any(0)
+    if bool(stray.any()):
+        zeroed = _point(exact, torch.where(stray, 0.0, W), (d, P, c))
+        if float(exact.objective(*zeroed)) <= float(exact.objective(*point)) * (1.0 + ZEROED_COST):
+            point = zeroed
+    return point
+
+
+def _point(exact: ConvexProblem, W: Tensor, sizes: tuple[int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, V, b0)`` of the ``(d, 2Pc)`` columns ``W``, with the optimal output bias."""
+    d, P, c = sizes
     W = W.reshape(d, 2, P, c).permute(1, 2, 0, 3)
     U2, V2 = W[0].contiguous(), W[1].contiguous()
-    b0 = torch.zeros(exact.c, dtype=torch.float64, device=X.device)
+    b0 = torch.zeros(exact.c, dtype=torch.float64, device=W.device)
     if exact.output_bias:
         b0 = (exact.Y - exact.predict(U2, V2)).mean(0)
     return U2, V2, b0
