@@ -180,19 +180,32 @@ def check_classes(trainer: Any, module: Any) -> None:
 
 
 def warn_about_training_setup(trainer: Any, reduction: str) -> None:
-    """:class:`hcl.ConvexReLU`'s training set-up: an optimizer of a subclass's own with a coupled weight decay (a ridge
-    its objective and certificate leave out) or a scheduler (Lightning steps none under manual optimization), and
-    reloaded loaders with a summed loss."""
+    """:class:`hcl.ConvexReLU`'s training set-up: an optimizer of a subclass's own with a weight decay (a coupled one
+    adds a ridge its objective and certificate leave out, a decoupled one a shrinkage no λ matches), and reloaded
+    loaders with a summed loss."""
     if reduction == "sum" and getattr(trainer, "reload_dataloaders_every_n_epochs", 0):
         warnings.warn("ConvexReLU(reduction='sum') scales each batch by the n of the training data read when "
                       "training starts, which reloaded loaders may change: use reduction='mean'", stacklevel=3)
-    coupled = [float(group.get("weight_decay") or 0.0) for opt in trainer.optimizers for group in opt.param_groups
-               if not (group.get("decoupled_weight_decay") or isinstance(opt, torch.optim.AdamW))]
-    if max(coupled, default=0.0) > 0:
-        warnings.warn(f"ConvexReLU: the optimizer's weight_decay={max(coupled):g} adds a ridge (wd/2)‖U‖² to the "
-                      "program, which its objective and certificate leave out: set λ with weight_decay= instead",
-                      stacklevel=3)
-    if getattr(trainer, "lr_scheduler_configs", None):
-        warnings.warn("ConvexReLU steps its optimizer itself (manual optimization), and Lightning steps no scheduler "
-                      "then: step it in training_step (self.lr_schedulers().step()); the proximal step follows the "
-                      "optimizer's lr", stacklevel=3)
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            wd = float(group.get("weight_decay") or 0.0)
+            if wd > 0 and (group.get("decoupled_weight_decay") or isinstance(opt, torch.optim.AdamW)):
+                warnings.warn(f"ConvexReLU: the optimizer's decoupled weight_decay={wd:g} shrinks U outside the "
+                              "gradient, which no λ of the program matches (its objective and certificate leave it "
+                              "out): set λ with weight_decay= instead", stacklevel=3)
+                return
+            if wd > 0:
+                warnings.warn(f"ConvexReLU: the optimizer's weight_decay={wd:g} adds a ridge (wd/2)‖U‖² to the "
+                              "program, which its objective and certificate leave out: set λ with weight_decay= "
+                              "instead", stacklevel=3)
+                return
+
+
+def warn_if_schedulers_idle(trainer: Any) -> None:
+    """:class:`hcl.ConvexReLU` steps its optimizer itself (manual optimization), and Lightning steps no scheduler then:
+    one never stepped by the end of training is said (its first lr was the proximal step's all along)."""
+    idle = [type(config.scheduler).__name__ for config in getattr(trainer, "lr_scheduler_configs", None) or ()
+            if getattr(config.scheduler, "_step_count", 2) <= 1]
+    if idle:
+        warnings.warn(f"ConvexReLU: the scheduler {idle[0]} was never stepped: under manual optimization Lightning "
+                      "steps none; step it in training_step (self.lr_schedulers().step())", stacklevel=3)

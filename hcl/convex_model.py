@@ -27,6 +27,7 @@ from hcl.checks import (
     check_weight_decay,
     is_int,
     warn_about_training_setup,
+    warn_if_schedulers_idle,
 )
 from hcl.convex.gated import (
     CHUNK_BYTES,
@@ -179,8 +180,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.reduction = reduction
         self._train_data: tuple[Tensor, Tensor] | None = None
-        # on_train_start resets these; set here too for a subclass's on_train_start that does not call super()
-        self._certified_step, self._first_objective = None, None
+        self._certified_step, self._first_objective = None, None  # (also for an on_train_start without super())
         self._warned_nonfinite = self._warned_outside = self._warned_growth = False
         if out_features > 1:
             self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
@@ -333,6 +333,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
             self.certify_and_log()
 
     def on_train_end(self) -> None:
+        warn_if_schedulers_idle(self.trainer)
         # the final point, unless this step was just certified (training stopped before updating it)
         if self.hparams.certify_every_n_steps and self._certified_step != self.global_step:
             self.certify_and_log()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -135,15 +137,36 @@ def test_the_proximal_step_follows_the_optimizers_lr(tmp_path):
     assert points[1].abs().sum() > 0 and torch.allclose(points[0], points[1], rtol=1e-12, atol=0)
 
 
-def test_a_scheduler_lightning_does_not_step_is_said(tmp_path):
+@pytest.mark.parametrize("steps_it", [False, True])
+def test_a_scheduler_lightning_does_not_step_is_said_unless_the_subclass_does(tmp_path, steps_it):
     class Scheduled(ConvexReLU):
         def configure_optimizers(self):
             optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)]
 
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if steps_it:
+                self.lr_schedulers().step()
+            return loss
+
     X, Y = _data(n=20, c=1)
-    with pytest.warns(UserWarning, match=r"Lightning steps no scheduler then: step it in training_step"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _trainer(tmp_path, 2).fit(Scheduled(in_features=3, num_gates=4).double(),
+                                  datamodule=TensorDataModule(train=(X, Y)))
+    said = [w for w in caught if "was never stepped: under manual optimization Lightning steps none" in str(w.message)]
+    assert len(said) == (0 if steps_it else 1)
+
+
+def test_a_decoupled_decay_in_a_subclasss_optimizer_is_said(tmp_path):
+    class Decoupled(ConvexReLU):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.01)  # its default weight_decay: 0.01
+
+    X, Y = _data(n=20, c=1)
+    with pytest.warns(UserWarning, match=r"decoupled weight_decay=0.01 shrinks U outside the gradient"):
+        _trainer(tmp_path, 2).fit(Decoupled(in_features=3, num_gates=4).double(),
                                   datamodule=TensorDataModule(train=(X, Y)))
 
 
