@@ -319,13 +319,14 @@ class StackCallback(Callback):
                 rank_zero_warn(f"{type(self).__name__}: could not close the chart series: {err}")
 
     def raised_in_me(self, exception: BaseException) -> bool:
-        """Whether ``exception`` came from inside this callback's own code (a Ctrl-C in its solve, say)."""
-        frame = exception.__traceback__
+        """Whether ``exception`` came from inside this callback's own code at a training step (a Ctrl-C in its solve,
+        say), not at the end of training (whose step it has drawn or logged already)."""
+        mine, frame = [], exception.__traceback__
         while frame is not None:
             if frame.tb_frame.f_locals.get("self") is self:
-                return True
+                mine.append(frame.tb_frame.f_code.co_name)
             frame = frame.tb_next
-        return False
+        return bool(mine) and "on_train_end" not in mine
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -118,6 +118,7 @@ CONSTRUCTION = [
     (lambda: ConvexGapMonitor(formulation="layers"), ValueError, "formulation"),
     (lambda: ConvexGapMonitor(solver="gurobi-9"), ValueError, "unknown solver 'gurobi-9'"),
     (lambda: ConvexGapMonitor(solver="mosek"), ValueError, "cvxpy's MOSEK, which is not installed here"),
+    (lambda: ConvexGapMonitor(solver="osqp"), ValueError, "cvxpy's OSQP, installed but not one hcl solves"),
     (lambda: ConvexGapMonitor(solver=""), ValueError, "solver must be a solver name"),
     (lambda: ConvexGapMonitor(solver=None), ValueError, "solver must be a solver name"),
     (lambda: ConvexGapMonitor(sampled_patterns=-1), ValueError, "sampled_patterns"),

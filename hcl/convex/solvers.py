@@ -230,13 +230,17 @@ def get_solver(name: str) -> Solver:
 
 
 def unknown_solver(name: str) -> str:
-    """Why ``name`` is no solver here: one of cvxpy's that is not installed (its package is missing), or no name at
-    all; with the names that are."""
+    """Why ``name`` is no solver here: one of cvxpy's that is not installed, or that is but does not solve the problem's
+    cones, or no name at all; with the names that are."""
+    import cvxpy
     import cvxpy.settings
 
+    if name.upper() in cvxpy.installed_solvers():  # cvxpy's, not only the cone solvers that work
+        return (f"solver {name!r} is cvxpy's {name.upper()}, installed but not one hcl solves the convex problem (its "
+                f"second-order cones) with: use one of {available_solvers()}")
     if name.upper() in cvxpy.settings.SOLVERS:
-        return (f"solver {name!r} is cvxpy's {name.upper()}, which is not installed here (install its package, e.g. "
-                f"pip install {name.lower()}); available: {available_solvers()}")
+        return (f"solver {name!r} is cvxpy's {name.upper()}, which is not installed here (install its package, "
+                f"which cvxpy's docs name); available: {available_solvers()}")
     return f"unknown solver {name!r}; available: {available_solvers()}"
 
 

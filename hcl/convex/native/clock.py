@@ -24,6 +24,10 @@ class Deadline:
         self._last: float | None = None
         self._pace = 0.0
 
+    def restart(self) -> None:
+        """Forget the pace: another loop (the float64 one after a float32 stall) measures its own."""
+        self._last, self._pace = None, 0.0
+
     def reached(self) -> bool:
         return perf_counter() > self.at
 

@@ -92,7 +92,8 @@ class NativeOptions:
         max_iters: iteration cap (default ``DEFAULT_MAX_ITERS``: 100 for ``"newton"``, 5000 for ``"admm"``, 20000
             for ``"fista"``).
         time_limit: wall-clock limit in seconds for the whole solve, its final certificate included (the iterations
-            stop where the next one and the certificate would pass it; docs/solvers.md#time-limits).
+            stop where the next one and the certificate, at the pace measured, would pass it;
+            docs/solvers.md#time-limits).
         penalty: the augmented-Lagrangian penalty ``δ`` of ``"fista"`` (default: chosen from the data's curvature;
             it still doubles when the violation stalls).
         dtype: working precision; default float64 for ``"newton"`` (the barrier's systems need it), for ``"admm"``

@@ -108,6 +108,8 @@ def _run(problem: ConvexProblem, chosen: NativeOptions, dtype: torch.dtype, gate
                                    penalty=chosen.penalty if result.penalty is None else result.penalty)
         warm = dataclasses.replace(warm_point(op, reached), rho=result.rho)
         done = result.iterations
+        if deadline is not None:
+            deadline.restart()
         result = _METHODS[chosen.method](op, rest, warm, deadline)
         result.iterations += done
     solution = _solution(op, result, time.perf_counter() - start, "native-" + chosen.method, chosen)
