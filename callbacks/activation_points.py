@@ -63,7 +63,7 @@ class ActivationPointPlot(StackCallback):
             Frames are kept as numbers, not images, until then (about 21 kB per frame for a thousand neurons);
             writing holds the images at once (0.5 MB and 80 ms each), so at most ``MAX_GIF_FRAMES`` evenly spaced
             frames are animated. A resumed run, or a second ``fit()``, animates its own steps only.
-        gif_name: file name of the GIF (default: the tag's, ``<tag>.gif`` with any character but letters, digits,
+        gif_name: file name of the GIF (default: the tag's, ``<tag>.gif`` with any character but ASCII letters, digits,
             ``-`` and ``.`` as ``_``); the final PNG takes its name with the suffix ``.png``. Two pictures of a run
             need two names.
         gif_fps: frames per second of the GIF.
