@@ -24,7 +24,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -296,6 +296,9 @@ class ConvexGapMonitor(StackCallback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._queue is not None:
+            if len(self._queue):  # training is over and the bar stands still: say what it waits for
+                limit = "" if self.solve_time_limit is None else f", each at most {self.solve_time_limit:g} s"
+                rank_zero_info(f"{type(self).__name__}: waiting for {len(self._queue)} background solve(s){limit}")
             self._collect(trainer, wait=True)
             self._close_queue(kill=False)
             flush_loggers(trainer)
