@@ -31,24 +31,11 @@ from hcl.convex.status import STATUS_CODES, Status, relative_gap
 from hcl.patterns import pattern_keys
 
 # An "optimal" value further than this (relative, floor ConvexProblem.gap_floor) above a known feasible value, or a
-# point violating the constraints by more than this times max |Y|, is not believed: the native solver's defaults;
-# see docs/dashboards.md#when-a-value-is-certified
+# point off its cones by more than this times max |Y|, is not believed (docs/dashboards.md#when-a-value-is-certified)
 CHECK_TOL = 1e-6
 
-__all__ = [
-    "CHECK_TOL",
-    "STATUS_CODES",
-    "Bracket",
-    "Snapshot",
-    "SolveOutcome",
-    "SolveSpec",
-    "WarmStartChain",
-    "bracket",
-    "check_tol",
-    "evaluate_snapshot",
-    "solve_snapshot_job",
-    "store_worker_data",
-]
+__all__ = ["CHECK_TOL", "STATUS_CODES", "Bracket", "Snapshot", "SolveOutcome", "SolveSpec", "WarmStartChain", "bracket",
+           "check_tol", "evaluate_snapshot", "solve_snapshot_job", "store_worker_data"]
 
 
 @dataclass
@@ -205,14 +192,16 @@ def evaluate_snapshot(
             solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
         if not isinstance(solution, ConvexSolution):
             raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
-        # a point outside its cones (by any amount: within a solver's tolerance its value can be below p*) is moved
-        # into them: its value then bounds p* from above, and "optimal" stays only if its gap is within the solver's tol
         seconds = time.perf_counter() - start  # the solve's own time, against its limit
         if chain is not None:  # the solver's own point and multipliers start the next solve
             chain.keep(problem, solution)
-        # the network's own neurons are points of their patterns' cones: the directions that move a point in cheaply
+        # a point outside its cones by any amount (its value can be below p*) is moved in, along the network's own
+        # neurons (points of their cones), unless the limit has passed (a move takes seconds at MNIST's sizes)
         directions = (point[0] + point[1]).sum(-1).T if not spec.gated else None
-        solution = feasible_solution(problem, solution, check_tol(spec.solver_options, solution.solver), directions)
+        if spec.time_limit is None or seconds < spec.time_limit:
+            solution = feasible_solution(problem, solution, check_tol(spec.solver_options, solution.solver), directions)
+        elif solution.violation > 0:  # bounded by its dual value only
+            solution = replace(solution, status=Status.TIME_LIMIT.value)
         return _measure(spec, snap, problem, point, solution, L, seconds, metrics, keep_solution)
     except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
         seconds = time.perf_counter() - start
@@ -220,14 +209,14 @@ def evaluate_snapshot(
         metrics[f"{p}/status"] = (Status.TIME_LIMIT if late else Status.FAILED).code
         metrics[f"{p}/solve_seconds"] = seconds
         reason = f" after {seconds:.2f} s (time limit {spec.time_limit} s)" if late else ""
-        description = f"{type(err).__name__}: {err}"
-        return SolveOutcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {description}"],
-                            error=description)
+        error = f"{type(err).__name__}: {err}"
+        return SolveOutcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {error}"],
+                            error=error)
 
 
 def _finite_weights(snap: Snapshot) -> bool:
-    weights = (snap.hidden_weight, snap.hidden_bias, snap.output_weight, snap.output_bias)
-    return all(bool(torch.isfinite(t).all()) for t in weights if t is not None)
+    return all(bool(torch.isfinite(t).all()) for t in (snap.hidden_weight, snap.hidden_bias, snap.output_weight,
+                                                        snap.output_bias) if t is not None)
 
 
 def _network_point(spec: SolveSpec, snap: Snapshot, metrics: dict[str, float]) -> tuple[float, ConvexProblem, tuple]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -206,7 +207,10 @@ def admm(
                 # W on the groups the splitting keeps (Z's): the others are rounding (1e-9–1e-6 of the largest),
                 # and each violated column costs the move a factorisation; docs/solvers.md#the-moves-support
                 kept = W * op.expand(op.group_norms(Z) > 0)
+                moving = time.perf_counter()
                 feasible, moved_gap = _feasible(op, original, kept, mu, rotation, options, best_point)
+                if deadline is not None:  # a one-off move, not the iterations' pace
+                    deadline.exclude(time.perf_counter() - moving)
                 if feasible is not None:
                     W, stop = feasible, Status.OPTIMAL
                 tried = check.violation

@@ -28,6 +28,11 @@ class Deadline:
         """Forget the pace: another loop (the float64 one after a float32 stall) measures its own."""
         self._last, self._pace = None, 0.0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of one-off work (a move into the cones) out of the pace the next call measures."""
+        if self._last is not None:
+            self._last += seconds
+
     def reached(self) -> bool:
         return perf_counter() > self.at
 
