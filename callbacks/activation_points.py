@@ -49,9 +49,9 @@ class ActivationPointPlot(StackCallback):
     The picture (see :mod:`hcl.activation_geometry`) is logged as the TensorBoard image ``tag`` at steps ``0, k, 2k, …``
     (``k = every_n_steps``) with the weights the training step at that global step uses, and once more at the
     end of training with the final weights; that final picture is also written as a PNG in the logger's folder,
-    named after the GIF (``<tag>.png``, ``activation_points.png`` by default; :attr:`png_path`). Its title gives the
-    step and the network's objective ``L`` (``λ`` and the reduction read from the model, with its optimizer's coupled
-    weight decay, as :class:`hcl.callbacks.ConvexGapMonitor` does).
+    named after the GIF (the tag's, cleaned as ``gif_name`` says: ``activation_points.png`` by default;
+    :attr:`png_path`). Its title gives the step and the network's objective ``L`` (``λ`` and the reduction read from
+    the model, with its optimizer's coupled weight decay, as :class:`hcl.callbacks.ConvexGapMonitor` does).
 
     The 1-D input is found in the data: the hidden layer takes either ``x`` alone with its own bias, or ``x``
     and a column of ones, in any order.

@@ -196,9 +196,10 @@ def evaluate_snapshot(
         if chain is not None:  # the solver's own point and multipliers start the next solve
             chain.keep(problem, solution)
         # a point outside its cones by any amount (its value can be below p*) is moved in, along the network's own
-        # neurons (points of their cones), unless the limit has passed (a move takes seconds at MNIST's sizes)
+        # neurons (points of their cones), unless its solve stopped at its limit (a move takes seconds at MNIST's sizes)
         directions = (point[0] + point[1]).sum(-1).T if not spec.gated else None
-        if spec.time_limit is None or seconds < spec.time_limit:
+        stopped = Status.of(solution.status) == Status.TIME_LIMIT
+        if not stopped and (spec.time_limit is None or seconds < spec.time_limit):
             solution = feasible_solution(problem, solution, check_tol(spec.solver_options, solution.solver), directions)
         elif solution.violation > 0:  # bounded by its dual value only
             solution = replace(solution, status=Status.TIME_LIMIT.value)

@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from hcl.convex.cvxpy_solver import ConvexSolveError, certified_status, installed_solvers, solve_cvxpy, solver_settings
+from hcl.convex.cvxpy_solver import (
+    _SOCP_SOLVERS,
+    ConvexSolveError,
+    certified_status,
+    installed_solvers,
+    solve_cvxpy,
+    solver_settings,
+)
 from hcl.convex.native import Multipliers, NativeOptions, SolverMemoryError, dual_certificate, solve_native
 from hcl.convex.native.options import DEFAULT_TOL
 from hcl.convex.native.threads import SINGLE_THREAD_BELOW, solve_threads  # noqa: F401 (the switch, re-exported)
@@ -230,15 +237,14 @@ def get_solver(name: str) -> Solver:
 
 
 def unknown_solver(name: str) -> str:
-    """Why ``name`` is no solver here: one of cvxpy's that is not installed, or that is but does not solve the problem's
-    cones, or no name at all; with the names that are."""
-    import cvxpy
+    """Why ``name`` is no solver here: one of the cvxpy cone solvers hcl takes that is not installed, one of cvxpy's
+    others, or no name at all; with the names that are."""
     import cvxpy.settings
 
-    if name.upper() in cvxpy.installed_solvers():  # cvxpy's, not only the cone solvers that work
-        return (f"solver {name!r} is cvxpy's {name.upper()}, installed but not one hcl solves the convex problem (its "
-                f"second-order cones) with: use one of {available_solvers()}")
-    if name.upper() in cvxpy.settings.SOLVERS:
+    if name.upper() in cvxpy.settings.SOLVERS and name.upper() not in _SOCP_SOLVERS:
+        return (f"solver {name!r} is cvxpy's {name.upper()}, not one hcl solves the convex problem (its second-order "
+                f"cones) with: use one of {available_solvers()}")
+    if name.upper() in _SOCP_SOLVERS:
         return (f"solver {name!r} is cvxpy's {name.upper()}, which is not installed here (install its package, "
                 f"which cvxpy's docs name); available: {available_solvers()}")
     return f"unknown solver {name!r}; available: {available_solvers()}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from time import perf_counter
 
 # The final certificate (the point's value, violation and bound recomputed in float64 with the data itself) costs about
-# this many of the method's iterations: 0.6–6 for the ADMM, 2–3.4 for the first-order method, at most 0.24 for the
+# this many of the method's iterations: 0.6–6.4 for the ADMM, 2–3.4 for the first-order method, at most 0.24 for the
 # interior point (docs/solvers.md#time-limits)
 WRAP_UP_ITERATIONS = {"admm": 5.0, "fista": 4.0, "newton": 0.5}
 
