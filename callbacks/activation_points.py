@@ -107,7 +107,7 @@ class ActivationPointPlot(StackCallback):
         if not isinstance(tag, str) or not tag:
             raise ValueError(f"tag must be a non-empty string, got {tag!r}")
         if gif_name is None and isinstance(tag, str):
-            gif_name = re.sub(r"[^A-Za-z0-9.-]", "_", tag) + ".gif"
+            gif_name = (re.sub(r"[^A-Za-z0-9.-]", "_", tag)[:100].strip(".") or "activation_points") + ".gif"
         if (not isinstance(gif_name, str) or Path(gif_name).suffix != ".gif" or Path(gif_name).name != gif_name
                 or not Path(gif_name).stem):
             raise ValueError(f"gif_name must be a file name ending in .gif, got {gif_name!r}")

@@ -205,7 +205,7 @@ def warn_if_schedulers_idle(trainer: Any) -> None:
     """:class:`hcl.ConvexReLU` steps its optimizer itself (manual optimization), and Lightning steps no scheduler then:
     one never stepped by the end of training is said (its first lr was the proximal step's all along)."""
     idle = [type(config.scheduler).__name__ for config in getattr(trainer, "lr_scheduler_configs", None) or ()
-            if getattr(config.scheduler, "_step_count", 2) <= 1]
+            if getattr(config.scheduler, "last_epoch", 1) == 0]  # 0 until stepped (ReduceLROnPlateau too)
     if idle:
         warnings.warn(f"ConvexReLU: the scheduler {idle[0]} was never stepped: under manual optimization Lightning "
                       "steps none; step it in training_step (self.lr_schedulers().step())", stacklevel=3)

@@ -43,7 +43,7 @@ from hcl.convex.gated import (
 )
 from hcl.convex.native.memory import DEFAULT_MEMORY_FRACTION, free_memory
 from hcl.convex.problem import fold_bias
-from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32
+from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32, run_key
 
 OPTIMIZERS = ("sgd", "adam")
 # The certificate's accumulators (a few float64 copies of d̃ × P × c) above this, or above half the free memory, are
@@ -179,7 +179,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         self.b0 = nn.Parameter(torch.zeros(out_features)) if output_bias else None
         self.weight_decay = float(weight_decay)
         self.reduction = reduction
-        self._train_data: tuple[Tensor, Tensor] | None = None
+        self._train_data: tuple | None = None  # (the fit's run_key, X, Y)
         self._certified_step, self._first_objective = None, None  # (also for an on_train_start without super())
         self._warned_nonfinite = self._warned_outside = self._warned_growth = False
         if out_features > 1:
@@ -372,13 +372,13 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
 
     def _training_set(self) -> tuple[Tensor, Tensor]:
         """The full training set (read once per fit, as the callbacks read it: a collective under DDP)."""
-        if self._train_data is None:
+        if self._train_data is None or self._train_data[0] != run_key(self.trainer):  # (also without on_train_start)
             name = type(self).__name__
             X, Y = training_data(self.trainer, owner=name, reader=f"{name}'s certificates")
             if Y is None:
                 raise ValueError("the certificate needs the training targets; the training data has none")
-            self._train_data = (X, Y)
-        return self._train_data
+            self._train_data = (run_key(self.trainer), X, Y)
+        return self._train_data[1:]
 
     def certify_and_log(self) -> dict[str, float] | None:
         """Certify the current point on the full training set and log it at the current step (every rank calls it).

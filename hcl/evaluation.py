@@ -26,6 +26,11 @@ def at_least_float32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def run_key(trainer: pl.Trainer) -> tuple[int, ...]:
+    """A fit of ``trainer``: ids, not references (a model stays picklable); each fit makes its own optimizers."""
+    return (id(trainer), *map(id, trainer.optimizers))
+
+
 class EvaluationLog:
     """Mixin for a ``LightningModule`` with a ``reduction`` and a ``penalty()`` (or :meth:`evaluation_penalty`): its
     evaluation steps ask :meth:`evaluation_rows` which rows of the batch count and :meth:`accumulate` their data sum,

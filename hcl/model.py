@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from hcl.callbacks.logs import mark_resumed_run
 from hcl.checks import cast_to_checkpoint, check_bool, check_classes, check_reduction, check_weight_decay, is_int
 from hcl.convex.problem import data_scale
-from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32
+from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32, run_key
 from hcl.network import ReLUStack
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad")
@@ -35,10 +35,6 @@ MOMENTUM = 0.9  # the default of optimizer="momentum"
 INITS = ("uniform", "normal", "kaiming")
 LOSSES = ("squared", "cross_entropy")
 
-
-def _run_key(trainer: pl.Trainer) -> tuple[int, ...]:
-    """A fit of ``trainer``: ids, not references (the model stays picklable); each fit makes its own optimizers."""
-    return (id(trainer), *map(id, trainer.optimizers))
 
 
 class TwoLayerReLU(EvaluationLog, pl.LightningModule):
@@ -132,7 +128,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.optimizer_decay = 0.0  # the λ of its optimizer's own weight decay, found when training starts
         self._window = None  # the training values of the optimizer step under way, summed over its micro-batches
-        self._started_for: tuple | None = None  # the run _start_training began (_run_key)
+        self._started_for: tuple | None = None  # the run _start_training began (hcl.evaluation.run_key)
         self._own_loss_ran, self._told_own_loss = False, False  # a subclass's training_step may compute another
         # the ranks holding each training point: all with the same data read whole on each, else one (sharded);
         # set when training starts (hcl.callbacks.data.training_copies)
@@ -199,7 +195,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     def _start_training(self) -> None:
         """hcl's start of a training run (from ``on_train_start``, or at the first training step of a subclass whose
         ``on_train_start`` does not call ``super()``)."""
-        self._started_for = _run_key(self.trainer)
+        self._started_for = run_key(self.trainer)
         self._own_loss_ran = False
         self._window = None
         # a resumed run re-logs the steps after its checkpoint: the restart marker keeps each step once in TensorBoard
@@ -224,7 +220,9 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
         self.optimizer_decay = optimizer_lambda(self.trainer.optimizers, stack)[0] or 0.0  # the loss estimates L
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._own_loss_ran and not self._told_own_loss:  # a subclass's training_step of its own
+        # a subclass's training_step of its own, told at the first batch it trained on ({} or None: one skipped)
+        skipped = outputs is None or (isinstance(outputs, dict) and not outputs)
+        if not skipped and not self._own_loss_ran and not self._told_own_loss:
             self._told_own_loss = True
             rank_zero_warn(f"{type(self).__name__}'s training step does not compute TwoLayerReLU's loss: the callbacks "
                            "evaluate TwoLayerReLU's objective all the same (its reduction and weight_decay); with a "
@@ -253,7 +251,7 @@ class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     # --------------------------------------------------------------- helpers
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
         trainer = self._trainer  # (None when a step is called by hand)
-        if stage == "train" and trainer is not None and self._started_for != _run_key(trainer):
+        if stage == "train" and trainer is not None and self._started_for != run_key(trainer):
             self._start_training()  # a subclass's on_train_start without super(): the optimizer's decay, the checks
         self._own_loss_ran = self._own_loss_ran or stage == "train"
         x, y = batch

@@ -288,6 +288,8 @@ def test_two_pictures_write_two_files_and_each_run_draws_its_own_range(tmp_path,
     a, b = (ActivationPointPlot(every_n_steps=5, tag=tag, figsize=(3, 2), dpi=40) for tag in ("a/ap", "b"))
     make_trainer([a, b], max_steps=2, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=first)
     assert (a.png_path, b.png_path) == (tmp_path / "a_ap.png", tmp_path / "b.png") and a.png_path.exists()
+    assert [ActivationPointPlot(tag=tag).gif_name for tag in (".", "x" * 300)] == ["activation_points.gif",
+                                                                                 "x" * 100 + ".gif"]  # writable
     with pytest.raises(ValueError, match="would write the same 'x.gif' and its PNG: give each its own gif_name="):
         make_trainer([ActivationPointPlot(tag="a", gif_name="x.gif"), ActivationPointPlot(tag="b", gif_name="x.gif")],
                      max_steps=1, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=first)

@@ -137,11 +137,14 @@ def test_the_proximal_step_follows_the_optimizers_lr(tmp_path):
     assert points[1].abs().sum() > 0 and torch.allclose(points[0], points[1], rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("steps_it", [False, True])
-def test_a_scheduler_lightning_does_not_step_is_said_unless_the_subclass_does(tmp_path, steps_it):
+@pytest.mark.parametrize("steps_it, plateau", [(False, False), (True, False), (False, True)])
+def test_a_scheduler_lightning_does_not_step_is_said_unless_the_subclass_does(tmp_path, steps_it, plateau):
     class Scheduled(ConvexReLU):
         def configure_optimizers(self):
             optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+            if plateau:  # no _step_count of its own
+                scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+                return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "train/objective"}}
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)]
 
         def training_step(self, batch, batch_idx):
@@ -168,6 +171,18 @@ def test_a_decoupled_decay_in_a_subclasss_optimizer_is_said(tmp_path):
     with pytest.warns(UserWarning, match=r"decoupled weight_decay=0.01 shrinks U outside the gradient"):
         _trainer(tmp_path, 2).fit(Decoupled(in_features=3, num_gates=4).double(),
                                   datamodule=TensorDataModule(train=(X, Y)))
+
+
+def test_a_subclass_without_super_on_train_start_certifies_each_fit_on_its_own_data(tmp_path):
+    class NoSuper(ConvexReLU):
+        def on_train_start(self):
+            pass
+
+    model = NoSuper(in_features=3, num_gates=4, certify_every_n_steps=1).double()
+    for n in (16, 40):  # the second fit's certificates were computed on the first fit's 16 rows
+        X, Y = _data(n=n, c=1, seed=n)
+        _trainer(tmp_path, 2).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+        assert model._train_data[1].shape[0] == n
 
 
 def test_the_gates_patterns_are_never_autocasts_bf16():

@@ -162,9 +162,13 @@ def test_a_two_layer_relu_subclass_with_a_loss_of_its_own_is_told_what_the_callb
             self.log("mine", 1.0)
             return loss
 
+    class SkipsFirst(TwoLayerReLU):
+        def training_step(self, batch, batch_idx):  # Lightning's "skip this batch": decided at the next one
+            return None if self.global_step == 0 and batch_idx == 0 else super().training_step(batch, batch_idx)
+
     X, y = _data(n=20)
     loader = DataLoader(TensorDataset(X, y.reshape(-1, 1)), batch_size=5)
-    for cls, told in ((OwnSum, 1), (Logs, 0), (TwoLayerReLU, 0)):
+    for cls, told in ((OwnSum, 1), (Logs, 0), (TwoLayerReLU, 0), (SkipsFirst, 0)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             make_trainer([], max_steps=3, logger=False).fit(cls(in_features=3, weight_decay=0.01, reduction="sum"),
