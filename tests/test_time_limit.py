@@ -1,15 +1,22 @@
-"""The native solver's time limit covers the whole solve: a method stops where its next iteration and the final
-certificate would end past it (``hcl.convex.native.clock``), and what it returns is still a certified bracket."""
+"""Time limits: the native solver's covers its final certificate (a method stops where its next iteration and the
+certificate would end past it, ``hcl.convex.native.clock``) and what it returns is still a certified bracket; a
+snapshot whose solve stopped at its limit is not moved into its cones after it."""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import pytest
 import torch
 from _reference import reference_solve
+from test_snapshot import snapshot, spec
 
 import hcl.convex.native.clock as clock
+import hcl.convex.snapshot as snapshot_module
 from hcl.convex import ConvexProblem, Status, solve
 from hcl.convex.native.clock import WRAP_UP_ITERATIONS, Deadline
+from hcl.convex.snapshot import evaluate_snapshot
 
 
 def test_a_deadline_leaves_room_for_the_next_iteration_and_the_certificate(monkeypatch):
@@ -57,3 +64,23 @@ def test_a_solve_stopped_by_its_time_limit_returns_a_certified_bound(method, unr
     assert solution.status == Status.TIME_LIMIT
     assert 0.0 <= solution.dual_value <= optimum * (1 + 1e-7)  # a lower bound, stopped or not
     assert solution.value == pytest.approx(float(problem.objective(solution.U, solution.V, solution.b0)), rel=1e-12)
+
+
+@pytest.mark.parametrize("late", [False, True, "stopped"])
+def test_a_point_outside_its_cones_is_moved_in_unless_its_time_is_up(monkeypatch, late):
+    """The move into the cones took 8 s after a 2 s limit at 1 000 MNIST images: the asynchronous monitor abandoned
+    a solve that had stopped, and its certified bound was lost."""
+    moved = []
+    monkeypatch.setattr(snapshot_module, "feasible_solution", lambda problem, solution, *a: moved.append(1) or solution)
+
+    def outside(problem, solver, **options):
+        solution = solve(problem, "clarabel")
+        time.sleep(0.06 if late is True else 0.0)  # past the limit, or stopped by it just before (the native solver)
+        return dataclasses.replace(solution, violation=1e-3, status="time_limit" if late == "stopped" else "optimal")
+
+    outcome = evaluate_snapshot(spec(time_limit=0.05 if late is True else 60.0), snapshot(), outside, quiet=True,
+                                keep_solution=False)
+    assert bool(moved) is not bool(late)
+    if late:  # not moved: its status says the time ran out, and its certified dual value still bounds p*
+        assert outcome.metrics["convex/status"] == Status.TIME_LIMIT.code and "convex/optimum" not in outcome.metrics
+        assert "convex/lower_bound" in outcome.metrics
