@@ -36,7 +36,6 @@ INITS = ("uniform", "normal", "kaiming")
 LOSSES = ("squared", "cross_entropy")
 
 
-
 class TwoLayerReLU(EvaluationLog, pl.LightningModule):
     """A two-layer ReLU network ``Linear → ReLU → Linear`` trained on the objective ``L`` of ``docs/convex.md``.
 
