@@ -276,3 +276,23 @@ def test_a_float32_problem_is_certified_at_the_point_the_solver_found(seed):
     reference = solve_cvxpy(problem.in_float64())
     assert solution.value == pytest.approx(reference.value, rel=1e-7)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_problems_solution_and_its_multipliers_stay_on_cuda_through_a_remap():
+    """A monitor solving on the training GPU with a cvxpy solver remaps the last solution for the next snapshot's
+    patterns: its multipliers on the CPU had every solve after the first fail (a CUDA index into a CPU tensor)."""
+    from hcl.convex.native import remap_warm_start
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    patterns = X @ torch.randn(5, 6, generator=g, dtype=torch.float64) >= 0
+    problem = ConvexProblem(X.cuda(), torch.randn(40, 1, generator=g, dtype=torch.float64).cuda(), patterns.cuda(),
+                            weight_decay=0.05, reduction="mean")
+    solution = solve_cvxpy(problem, "CLARABEL")
+    assert solution.U.is_cuda and solution.multipliers.cone.is_cuda
+    changed = problem.patterns.clone()
+    changed[:3, 0] = ~changed[:3, 0]
+    for old, new in ((problem.patterns, changed), (problem.patterns.cpu(), changed.cpu())):
+        U, _, _, mult = remap_warm_start(old, solution, new)
+        assert U.is_cuda and mult.cone.is_cuda

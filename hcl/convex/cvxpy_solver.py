@@ -421,6 +421,6 @@ def _build(problem: ConvexProblem, gated: bool):
                 raise _NoValue
             b = torch.as_tensor(unit * np.asarray(b0.value).reshape(c), dtype=U.dtype, device=U.device)
         cone = _cone_multipliers(form, problem.n, P, c)  # the Lagrangian scales by a², the constraints by a
-        return U, V, b, None if cone is None else unit * cone
+        return U, V, b, None if cone is None else unit * cone.to(U.device)  # with the point, on the problem's device
 
     return cvx_problem, read_solution

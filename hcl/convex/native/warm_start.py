@@ -131,12 +131,14 @@ def remap_warm_start(
     U, V, b0, mult = unpack_warm_start(old_solution)
     if U.shape[0] != old_patterns.shape[1]:
         raise ValueError(f"the solution has {U.shape[0]} blocks but old_patterns has {old_patterns.shape[1]}")
-    old_index = nearest_columns(old_patterns.bool(), new_patterns.to(old_patterns.device).bool())
+    # on the solution's device: the patterns may come from elsewhere (a CUDA index into a CPU tensor is refused)
+    old_patterns, new_patterns = old_patterns.to(U.device), new_patterns.to(U.device)
+    old_index = nearest_columns(old_patterns.bool(), new_patterns.bool())
     keep = old_index >= 0
     P_new = new_patterns.shape[1]
     takers = torch.bincount(old_index[keep], minlength=U.shape[0]).to(U.dtype)
     share = torch.zeros(P_new, dtype=U.dtype, device=U.device)
-    share[keep] = 1.0 / takers[old_index[keep]].to(U.device)
+    share[keep] = 1.0 / takers[old_index[keep]]
     U_new = U.new_zeros((P_new,) + tuple(U.shape[1:]))
     V_new = V.new_zeros((P_new,) + tuple(V.shape[1:]))
     U_new[keep] = U[old_index[keep]] * share[keep, None, None]
@@ -147,10 +149,10 @@ def remap_warm_start(
         # where a sample changed side, whose constraint changed sign (docs/solvers.md, "Warm starts")
         if not isinstance(mult, Multipliers):  # a tensor, as a warm start's tuple may hold them (warm_point)
             mult = Multipliers(_tensor(mult, "the warm start's multipliers"))
-        cone = mult.cone.to_dense() if mult.cone.is_sparse else mult.cone
+        cone = (mult.cone.to_dense() if mult.cone.is_sparse else mult.cone).to(U.device)
         dense = cone.new_zeros(cone.shape[:2] + (P_new,) + cone.shape[3:])
-        taken = old_index[keep].to(cone.device)
-        same_side = old_patterns.bool().to(cone.device)[:, taken] == new_patterns.bool().to(cone.device)[:, keep]
+        taken = old_index[keep]
+        same_side = old_patterns.bool()[:, taken] == new_patterns.bool()[:, keep]
         dense[:, :, keep] = cone[:, :, taken] * same_side[:, None, :, None]
         new_mult = Multipliers(dense.to_sparse(), mult.penalty)
     return U_new, V_new, None if b0 is None else b0.clone(), new_mult
