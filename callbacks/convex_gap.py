@@ -40,7 +40,7 @@ from hcl.callbacks.monitor_options import (
 from hcl.callbacks.solve_queue import SolveQueue
 from hcl.checks import check_seed
 from hcl.convex import solve
-from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias
+from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, float64_device, fold_bias
 from hcl.convex.snapshot import Snapshot, SolveSpec, WarmStartChain, evaluate_snapshot
 from hcl.patterns import sample_patterns
 
@@ -247,6 +247,7 @@ class ConvexGapMonitor(StackCallback):
                     logger.log_hyperparams(setup)
         X, Y = self.training_data(trainer)
         self._X, self._Y = X, as_targets(Y, self._stack.output.out_features, X)
+        self._X, self._Y = (t.to(float64_device(X.device)) for t in (self._X, self._Y))  # solves need float64 (MPS)
         self._trainer = trainer
         self._chain = WarmStartChain() if self.warm_start == "previous" else None
         self._failure = None
@@ -401,7 +402,7 @@ class ConvexGapMonitor(StackCallback):
     def _snapshot(self, step: int) -> Snapshot:
         hidden_weight, hidden_bias, output_weight, output_bias = self._stack.weights()
         # Asynchronous snapshots are CPU copies: the worker never touches the training device or live tensors.
-        device = "cpu" if self.asynchronous else None
+        device = "cpu" if self.asynchronous else self._X.device
 
         def copy(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().to(device=device, copy=True)

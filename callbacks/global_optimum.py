@@ -39,7 +39,15 @@ from hcl.convex.build import all_patterns_problem
 from hcl.convex.cvxpy_solver import ConvexSolveError
 from hcl.convex.feasibility import feasible_solution
 from hcl.convex.native import SolverMemoryError
-from hcl.convex.problem import ConvexProblem, ConvexSolution, as_targets, fold_bias, fold_weights, network_objective
+from hcl.convex.problem import (
+    ConvexProblem,
+    ConvexSolution,
+    as_targets,
+    float64_device,
+    fold_bias,
+    fold_weights,
+    network_objective,
+)
 from hcl.convex.snapshot import CHECK_TOL, bracket, check_tol
 from hcl.convex.status import Status
 
@@ -186,6 +194,7 @@ class GlobalOptimumMonitor(StackCallback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
         X, Y = self.training_data(trainer)
+        X, Y = (None if t is None else t.to(float64_device(X.device)) for t in (X, Y))  # solved in float64 (MPS: none)
         self._X = X
         self._Y = as_targets(Y, self._stack.output.out_features, X)
         solved_for = (self._lambda, self._reduction, self._stack.bias, self._stack.output_bias)
@@ -242,13 +251,12 @@ class GlobalOptimumMonitor(StackCallback):
     # ---------------------------------------------------------------- helpers
     def network_objective(self) -> float:
         """``L`` of the network's current weights on the monitor's data (float64)."""
-        weight, bias, output_weight, output_bias = self._stack.weights()
+        weight, bias, output_weight, output_bias = (
+            None if t is None else t.to(self._X.device, torch.float64) for t in self._stack.weights())
         X = fold_bias(self._X.double(), bias is not None)
-        W = fold_weights(weight.double(), None if bias is None else bias.double())
         with torch.no_grad():
-            L = network_objective(X, self._Y.double(), W, output_weight.double(),
-                                  None if output_bias is None else output_bias.double(), self._lambda,
-                                  self._reduction)
+            L = network_objective(X, self._Y.double(), fold_weights(weight, bias), output_weight, output_bias,
+                                  self._lambda, self._reduction)
         return float(L)
 
     def _solve_once(self) -> None:

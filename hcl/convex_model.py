@@ -42,7 +42,7 @@ from hcl.convex.gated import (
     sample_gates,
 )
 from hcl.convex.native.memory import DEFAULT_MEMORY_FRACTION, free_memory
-from hcl.convex.problem import fold_bias
+from hcl.convex.problem import float64_device, fold_bias
 from hcl.evaluation import STEPS_DONE, EvaluationLog, at_least_float32, run_key
 
 OPTIMIZERS = ("sgd", "adam")
@@ -393,10 +393,9 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         rows = len(X[rank::world])  # the accumulators, a chunk's buffers and this rank's rows on the device
         needed = 8 * d * P * c * (4 if self.V is not None else 2) + min(CHUNK_BYTES, 32 * rows * P * c)
-        needed += 0 if X.device == self.device else X.element_size() * rows * (X[0].numel() + Y[0].numel())
-        free = free_memory(self.device)
-        if free is not None and self.device.type == "cuda":  # what torch's cache holds unused is free to it
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        where = float64_device(self.device)  # the certificate is float64: on the CPU where the device has none (MPS)
+        needed += 0 if X.device == where else X.element_size() * rows * (X[0].numel() + Y[0].numel())
+        free = free_memory(where)
         limit = min(MAX_CERTIFICATE_BYTES, int(DEFAULT_MEMORY_FRACTION * free) if free is not None else math.inf)
         skip = needed > limit
         if world > 1:  # one decision for every rank: the certificate's sums are collectives
@@ -412,8 +411,9 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         try:
             with torch.no_grad():
                 result = certify(
-                    X[rank::world].to(self.device), Y[rank::world].to(self.device), self.gates, self.U, self.V,
-                    self.b0, weight_decay=self.weight_decay, reduction=self.reduction, bias=self.hparams.bias,
+                    X[rank::world].to(where), Y[rank::world].to(where),
+                    *(None if t is None else t.to(where) for t in (self.gates, self.U, self.V, self.b0)),
+                    weight_decay=self.weight_decay, reduction=self.reduction, bias=self.hparams.bias,
                     cone_penalty=self.hparams.cone_penalty, all_reduce=reduce,
                 )
         except (torch.OutOfMemoryError, RuntimeError) as error:  # no room after all: the training goes on

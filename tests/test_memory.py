@@ -164,6 +164,29 @@ def test_free_memory_and_the_default_budget():
     assert memory_budget("cpu", 123456) == (123456, "memory_limit")
 
 
+def test_free_memory_on_cuda_counts_the_cache_and_is_unknown_where_the_driver_cannot_say(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 70 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 << 30)
+    assert free_memory("cuda:1") == 80 << 30  # 20 free to the driver, 60 in torch's cache unused
+    assert memory_budget("cuda:1")[0] == int(DEFAULT_MEMORY_FRACTION * (80 << 30))
+
+    def fails(device=None):
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fails)
+    assert free_memory("cuda") is None
+    assert memory_budget("cuda", 123456) == (123456, "memory_limit")
+    assert memory_budget("cuda") == (None, "free memory unknown")
+
+
+def test_float64_work_runs_on_the_cpu_only_for_a_device_without_float64():
+    from hcl.convex.problem import float64_device
+
+    assert float64_device("mps") == torch.device("cpu")  # Apple's GPUs have no float64
+    assert float64_device("cuda:1") == torch.device("cuda:1") and float64_device("cpu") == torch.device("cpu")
+
+
 def test_a_cgroup_limit_bounds_the_free_memory(tmp_path):
     limit, usage = tmp_path / "max", tmp_path / "current"
     limit.write_text("1000000\n")

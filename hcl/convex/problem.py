@@ -48,6 +48,12 @@ def data_scale(reduction: str, n: int) -> float:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def float64_device(device: torch.device | str) -> torch.device:
+    """Where float64 work on ``device``'s tensors runs: ``device``, or the CPU where it has no float64 (Apple's MPS)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def fold_bias(X: Tensor, bias: bool) -> Tensor:
     """Append the column of ones that carries the first-layer bias (``X̃ = [X, 1]``) when ``bias``."""
     if not bias:

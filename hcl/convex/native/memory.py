@@ -183,12 +183,16 @@ def footprint(
 
 
 def free_memory(device: torch.device | str) -> int | None:
-    """Bytes free on ``device``: ``torch.cuda.mem_get_info`` on CUDA; on the CPU ``MemAvailable`` of
-    ``/proc/meminfo`` (``psutil`` where there is no ``/proc``), within the cgroup's limit when one is set;
-    ``None`` where unknown."""
+    """Bytes free on ``device``: on CUDA ``torch.cuda.mem_get_info`` plus what torch's cache holds unused (free to
+    torch, not to the driver); on the CPU ``MemAvailable`` of ``/proc/meminfo`` (``psutil`` where there is no
+    ``/proc``), within the cgroup's limit when one is set; ``None`` where unknown (a driver that cannot say)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        try:
+            free = int(torch.cuda.mem_get_info(device)[0])
+            return free + int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+        except (RuntimeError, AssertionError, ValueError):  # no driver, or a device it cannot query
+            return None
     if device.type != "cpu":
         return None
     free = _meminfo_available()
