@@ -12,9 +12,9 @@ decay ``λ``, ``docs/convex.md``), the learning rate of each chosen by validatio
   initialisation) trained on mini-batches.
 
 Every run is a fresh child process: its wall time (training and evaluation, data loading excluded) and its peak
-resident memory (``ru_maxrss``: the interpreter, torch, the data and the method together; the ``data only`` row is
-the floor) are its own; on a GPU also ``torch.cuda.max_memory_allocated``. Settings and results:
-``docs/accuracy.md``.
+resident memory (``VmHWM``: the interpreter, torch, the data and the method together) are its own, and so is the
+method's share of it (``own MB``: the peak while it runs above the resident memory it started from, the data
+loaded); on a GPU also ``torch.cuda.max_memory_allocated``. Settings and results: ``docs/accuracy.md``.
 
     python benchmarks/accuracy_table.py --root ../shared/data           # CPU: 10 000 MNIST images, width 100
     python benchmarks/accuracy_table.py --root ../shared/data --quick   # 2 000 images, width 50, a few epochs
@@ -94,6 +94,7 @@ class RunResult:
     peak_rss_mb: float
     peak_gpu_mb: float | None
     note: str = ""
+    own_rss_mb: float = math.nan  # the peak while the method ran above the resident memory it started from
 
 
 # --------------------------------------------------------------------------- data
@@ -175,7 +176,9 @@ def run_lightning(s: Settings, method: str, lr: float, splits: Splits, dm) -> tu
         # no certificate during training: the table times the training alone
         model = ConvexReLU(num_gates=s.width, variant="gated" if method == "convex gated ReLU" else "relu",
                            optimizer="adam", gate_seed=s.seed, certify_every_n_steps=None, **common)
-    trainer = pl.Trainer(max_epochs=s.epochs, accelerator="gpu" if s.device.startswith("cuda") else "cpu", devices=1,
+    device = torch.device(s.device)
+    devices = [device.index] if device.type == "cuda" and device.index is not None else 1  # cuda:1 is not GPU 0
+    trainer = pl.Trainer(max_epochs=s.epochs, accelerator="gpu" if device.type == "cuda" else "cpu", devices=devices,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     with warnings.catch_warnings():
@@ -192,6 +195,7 @@ def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
         torch.cuda.reset_peak_memory_stats()
     dm = data_module(s)  # loaded once, before the clock starts: the Lightning runs train from the same module
     splits = load_splits(s, dm)
+    before = _status_kib("VmRSS") if _reset_peak() else None  # the loading's transient peak is not the method's
     start = time.perf_counter()
     note = ""
     if method == "data only":
@@ -204,8 +208,29 @@ def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     gpu = torch.cuda.max_memory_allocated() / 2**20 if s.device.startswith("cuda") else None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return RunResult(method, lr, val_acc, test_acc, seconds, rss, gpu, note)
+    peak = _status_kib("VmHWM")  # this process's own: ru_maxrss also counts the parent's memory at the fork
+    rss = (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    own = math.nan if before is None or peak is None else (peak - before) / 1024
+    return RunResult(method, lr, val_acc, test_acc, seconds, rss, gpu, note, own)
+
+
+def _status_kib(field: str) -> int | None:
+    """``field`` of ``/proc/self/status`` (KiB), or ``None`` where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) for line in status if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak resident memory to its current one (Linux ≥ 4.0); ``False`` where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_isolated(s: Settings, method: str, lr: float | None) -> RunResult:
@@ -242,14 +267,15 @@ def markdown(s: Settings, rows: list[dict]) -> str:
     paper = PAPER[s.dataset]
     gpu = s.device.startswith("cuda")
     head = ["method", "lr grid (chosen)", "val acc %", "test acc %", "paper %", "time s", "grid time s",
-            "peak RSS MB"] + (["peak GPU MB"] if gpu else []) + ["note"]
+            "peak RSS MB", "own MB"] + (["peak GPU MB"] if gpu else []) + ["note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         r = row["result"]
         grid = row["grid"] if r.lr is None else f"{row['grid']} ({r.lr:g})"
         cells = [r.method, grid, _pct(r.val_acc), _pct(r.test_acc),
                  _paper(paper, r.method), f"{r.seconds:.1f}",
-                 f"{row['grid_seconds']:.1f}", f"{r.peak_rss_mb:.0f}"]
+                 f"{row['grid_seconds']:.1f}", f"{r.peak_rss_mb:.0f}",
+                 "—" if not math.isfinite(r.own_rss_mb) else f"{r.own_rss_mb:.0f}"]
         cells += [f"{r.peak_gpu_mb:.0f}"] if gpu else []
         lines.append("| " + " | ".join(cells + [r.note]) + " |")
     return "\n".join(lines)
@@ -257,10 +283,11 @@ def markdown(s: Settings, rows: list[dict]) -> str:
 
 def describe(s: Settings) -> str:
     n = "all" if s.subset is None else f"{s.subset}"
-    machine = torch.cuda.get_device_name(0) if s.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
+    gpu = s.device.startswith("cuda")
+    machine = torch.cuda.get_device_name(torch.device(s.device)) if gpu else f"{os.cpu_count()} CPU cores"
     return (f"{s.dataset}: {n} training images ({s.val_size} more held out for validation), all test images; "
-            f"width {s.width}; λ = {s.weight_decay:g} (mean reduction); {s.epochs} epochs of batches of "
-            f"{s.batch_size}; convex: at most {s.convex_iters} iterations or {s.convex_time_limit:g} s; "
+            f"width {s.width}; λ = {s.weight_decay:g} (mean reduction); {s.epochs} epoch{'s' * (s.epochs != 1)} of "
+            f"batches of {s.batch_size}; convex: at most {s.convex_iters} iterations or {s.convex_time_limit:g} s; "
             f"{machine}, {platform.processor() or platform.machine()}, torch {torch.__version__}")
 
 
@@ -293,16 +320,28 @@ def settings_for(dataset: str, args: argparse.Namespace, device: str) -> Setting
     return s
 
 
+def _at_least(low: float, kind: type):
+    """An argparse type: ``kind`` of the argument, refused below ``low`` (before any run, not in a child at the end)."""
+    def parse(text: str):
+        value = kind(text)  # ValueError: argparse's "invalid int value"
+        if not value >= low:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="data", help="folder holding MNIST/raw/ (and cifar-10-batches-py/)")
     parser.add_argument("--quick", action="store_true", help="2 000 images, width 50, 8 epochs, two rates each")
-    parser.add_argument("--subset", type=int, help="training images (0: all)")
-    parser.add_argument("--width", type=int, help="hidden neurons / gates")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--convex-iters", type=int, help="iteration cap of the convex solves")
+    parser.add_argument("--subset", type=_at_least(0, int), help="training images (0: all)")
+    parser.add_argument("--width", type=_at_least(1, int), help="hidden neurons / gates")
+    parser.add_argument("--epochs", type=_at_least(1, int))
+    parser.add_argument("--batch-size", type=_at_least(1, int))
+    parser.add_argument("--weight-decay", type=_at_least(0, float))
+    parser.add_argument("--convex-iters", type=_at_least(1, int), help="iteration cap of the convex solves")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", nargs="+", choices=sorted(PAPER),
@@ -311,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     cifar = os.path.join(args.root, "cifar-10-batches-py")
     if args.datasets and "cifar10" in args.datasets and not os.path.isdir(cifar):
         parser.error(f"--datasets cifar10: no {cifar} (hcl.datamodules.CIFAR10(root, download=True) fetches it)")
-    print("python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
+    print("python " + " ".join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))))
     for dataset in args.datasets or list(PAPER):
         if dataset == "cifar10" and not os.path.isdir(cifar):
             print(f"\ncifar10: no {cifar}, skipped")
