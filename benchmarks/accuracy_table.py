@@ -192,7 +192,7 @@ def run_lightning(s: Settings, method: str, lr: float, splits: Splits, dm) -> tu
 def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
     """One method at one learning rate, measured in this process (meant to be a fresh child)."""
     if s.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(s.device)
     dm = data_module(s)  # loaded once, before the clock starts: the Lightning runs train from the same module
     splits = load_splits(s, dm)
     before = _status_kib("VmRSS") if _reset_peak() else None  # the loading's transient peak is not the method's
@@ -205,9 +205,9 @@ def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
     else:
         val_acc, test_acc = run_lightning(s, method, lr, splits, dm)
     if s.device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(s.device)
     seconds = time.perf_counter() - start
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if s.device.startswith("cuda") else None
+    gpu = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.startswith("cuda") else None
     peak = _status_kib("VmHWM")  # this process's own: ru_maxrss also counts the parent's memory at the fork
     rss = (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
     own = math.nan if before is None or peak is None else (peak - before) / 1024
