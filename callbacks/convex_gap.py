@@ -32,6 +32,7 @@ from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.logs import flush_loggers, log_scalars
 from hcl.callbacks.monitor_options import (
+    check_for_outputs,
     check_monitor_arguments,
     proved_tags,
     warn_about_monitored_tags,
@@ -220,9 +221,7 @@ class ConvexGapMonitor(StackCallback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.target is not None:  # its shape and labels against the model's outputs, before training
             as_targets(self.target, self._stack.output.out_features, torch.empty(0))
-        if self.load_solution and self._stack.output.out_features > 1:
-            raise ValueError("load_solution needs a network with one output: with several, the solution maps to a "
-                             "neuron per nonzero column of its blocks (up to 2Pc), more than any network's width")
+        check_for_outputs(type(self).__name__, self.solver, self._stack.output.out_features, self.load_solution)
         p = self.prefix
         dashboard.register_charts(
             trainer, "hcl",

@@ -34,6 +34,7 @@ from hcl import dashboard
 from hcl.callbacks.base import StackCallback, objective_tags
 from hcl.callbacks.convex_gap import ConvexGapMonitor
 from hcl.callbacks.logs import log_scalars
+from hcl.callbacks.monitor_options import check_for_outputs
 from hcl.convex import check_solver_options, global_lower_bound, solve
 from hcl.convex.build import all_patterns_problem
 from hcl.convex.cvxpy_solver import ConvexSolveError
@@ -182,6 +183,7 @@ class GlobalOptimumMonitor(StackCallback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.target is not None:  # its shape and labels against the model's outputs, before training
             as_targets(self.target, self._stack.output.out_features, torch.empty(0))
+        check_for_outputs(type(self).__name__, self.solver, self._stack.output.out_features)
         p = self.prefix
         # Beside a ConvexGapMonitor of the same prefix, the objective, the convex optimum and the global optimum
         # share its chart; alone, the monitor draws the objective and the global optimum on a chart of its own.

@@ -85,6 +85,17 @@ def _check_solver(solver: str) -> str:
     return name
 
 
+def check_for_outputs(owner: str, solver: str, out_features: int, load_solution: bool = False) -> None:
+    """Refuse before training what cannot work with the network's outputs: the cvxpylayers layer takes problems of
+    one output (or one-vs-all ones, which the monitors do not build), so with several every solve would fail."""
+    if solver == "cvxpylayers" and out_features > 1:
+        raise ValueError(f"{owner}: solver='cvxpylayers' solves problems of one output and the network has "
+                         f"{out_features}: use 'auto', 'native' or a cvxpy solver")
+    if load_solution and out_features > 1:
+        raise ValueError("load_solution needs a network with one output: with several, the solution maps to a "
+                         "neuron per nonzero column of its blocks (up to 2Pc), more than any network's width")
+
+
 def _check_sendable(solver: str) -> None:
     """A worker process gets the solver objects with each job (it knows only the built-in ones): refuse now, not at
     every solve, one that cannot be pickled or whose class lives in ``__main__`` (the worker's is empty)."""

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import hcl.callbacks.convex_gap as convex_gap_module
 import hcl.convex.snapshot as snapshot_module
 from hcl import TwoLayerReLU
-from hcl.callbacks import ConvexGapMonitor, PatternMonitor
+from hcl.callbacks import ConvexGapMonitor, GlobalOptimumMonitor, PatternMonitor
 from hcl.convex import fold_bias, fold_weights
 from hcl.datamodules import SyntheticRegression
 from hcl.patterns import activation_patterns, unique_patterns
@@ -420,6 +420,10 @@ def test_load_solution_needs_one_output_and_says_when_it_loads_nothing(tmp_path,
     monitor = ConvexGapMonitor(solver="clarabel", load_solution=True)
     with pytest.raises(ValueError, match="load_solution needs a network with one output"):
         make_trainer([monitor], max_steps=1).fit(TwoLayerReLU(in_features=3, hidden=4, out_features=3), datamodule=data)
+    for layer in (ConvexGapMonitor(solver="cvxpylayers"), GlobalOptimumMonitor(solver="cvxpylayers")):  # every solve
+        with pytest.raises(ValueError, match="solver='cvxpylayers' solves problems of one output and the network"):
+            make_trainer([layer], max_steps=1).fit(TwoLayerReLU(in_features=3, hidden=4, out_features=3),
+                                                   datamodule=data)
 
     model, data = _seed_c(weight_decay=1e-3, init_scale=0.5)
     stopped = ConvexGapMonitor(solver="native", solver_options={"method": "newton", "max_iters": 2}, load_solution=True)
