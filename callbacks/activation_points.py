@@ -247,7 +247,7 @@ class ActivationPointPlot(StackCallback):
 
     def _draw(self, trainer: "pl.Trainer", step: int) -> None:
         if not self._stack.finite():
-            rank_zero_warn(f"{type(self).__name__}: non-finite weights at step {step}; no picture")
+            self.warn_once(f"{type(self).__name__}: non-finite weights at step {step}; no picture")
             return
         frame = self.snapshot(step)
         self._last_frame = frame

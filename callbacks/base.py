@@ -9,6 +9,7 @@ What every hcl callback shares: it watches the ``Linear → ReLU → Linear`` st
 from __future__ import annotations
 
 import ast
+import re
 import weakref
 from typing import Any, ClassVar
 
@@ -224,10 +225,20 @@ class StackCallback(Callback):
         self.last_step = -1
         self._checked, self._stopped = None, False
 
+    def warn_once(self, message: str) -> None:
+        """``rank_zero_warn`` once per kind of message (its numbers aside) and fit: a condition that lasts many steps
+        (non-finite weights, a solver's limit) is said once, not at every step (its status is logged at each)."""
+        said = self.__dict__.setdefault("_said", set())
+        kind = re.sub(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", "#", message)
+        if kind not in said:
+            said.add(kind)
+            rank_zero_warn(f"{message} (said once per fit)")
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return  # the callbacks watch training only
+        self._said = set()  # warn_once's kinds: each fit says them again
         from hcl.convex_model import ConvexReLU  # here: the model module loads torchmetrics
 
         if isinstance(pl_module, ConvexReLU):

@@ -363,12 +363,13 @@ class ConvexGapMonitor(StackCallback):
         """
         outcome = evaluate_snapshot(self._spec(), snap, solve, quiet=True, keep_solution=True, chain=self._chain)
         for message in outcome.messages:
-            rank_zero_warn(message)
+            self.warn_once(message)
         return outcome.metrics, outcome.solved
 
     def _spec(self) -> SolveSpec:
         return SolveSpec(
-            owner=type(self).__name__, prefix=self.prefix, formulation=self.formulation,
+            owner=type(self).__name__ + ("" if self.prefix == "convex" else f" ({self.prefix!r})"),  # which one
+            prefix=self.prefix, formulation=self.formulation,
             solver=self.solver, gated=self.gated, weight_decay=self._lambda, reduction=self._reduction,
             solver_options=dict(self.solver_options), time_limit=self.solve_time_limit,
         )
@@ -382,10 +383,11 @@ class ConvexGapMonitor(StackCallback):
         for step, outcome in self._queue.collect(wait=wait):
             log_scalars(trainer, outcome.metrics, step, proved_tags(self.prefix))
             if raise_errors and self.raise_worker_errors and outcome.error is not None and self._failure is None:
-                self._failure = f"{type(self).__name__}: the background solve of step {step} failed: {outcome.error}"
+                self._failure = (f"{type(self).__name__}: the background solve of step {step} failed: {outcome.error}"
+                                 f"\n\nThe solve's traceback:\n{outcome.traceback or ''}")
                 continue
             for message in outcome.messages:
-                rank_zero_warn(message)
+                self.warn_once(message)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -86,9 +86,10 @@ def test_a_solver_that_raises_gives_status_3_and_a_message():
     assert outcome.metrics["convex/nonconvex_objective"] > 0 and outcome.metrics["convex/solve_seconds"] >= 0
     assert outcome.metrics["convex/upper_bound"] <= outcome.metrics["convex/nonconvex_objective"]  # the network's
     assert "convex/optimum" not in outcome.metrics and "convex/lower_bound" not in outcome.metrics
-    assert outcome.error == "RuntimeError: solver exploded"
-    assert outcome.messages == ["Probe: convex solve failed at step 7: RuntimeError: solver exploded"]
-    assert outcome.solved is None
+    where = f"{explode.__code__.co_filename}:{explode.__code__.co_firstlineno + 1} in explode"  # the raising line
+    assert outcome.error == f"RuntimeError: solver exploded (raised at {where})"
+    assert outcome.messages == [f"Probe: convex solve failed at step 7: {outcome.error}"]
+    assert 'raise RuntimeError("solver exploded")' in outcome.traceback and outcome.solved is None
 
 
 def test_a_solver_that_raises_after_the_time_limit_is_a_time_limit():

@@ -325,7 +325,7 @@ def test_a_users_solver_claiming_optimal_for_a_point_that_is_not_finite_is_logge
     monkeypatch.setitem(solvers_module._registry(), "nan_point", NaNPoint())
     X, generator = _data()
     loader = DataLoader(TensorDataset(X, torch.randn(30, generator=generator, dtype=torch.float64)), batch_size=30)
-    with pytest.warns(UserWarning, match=r"solver status 'failed' at step 0$"):
+    with pytest.warns(UserWarning, match=r"solver status 'failed' at step 0 \(said once per fit\)$"):
         make_trainer([ConvexGapMonitor(solver="nan_point")], max_steps=1).fit(Net(), loader)
     scalars = read_scalars(tmp_path)
     assert scalars["convex/status"] == [(0, 3.0)] and "convex/optimum" not in scalars

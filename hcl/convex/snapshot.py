@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -75,6 +76,7 @@ class SolveOutcome:
     messages: list[str] = field(default_factory=list)
     solved: tuple[ConvexProblem, ConvexSolution] | None = None
     error: str | None = None  # the solver's exception, when it raised
+    traceback: str | None = None  # and its traceback
 
 
 # Share of the new patterns that must be among the old ones for the interior point's warm start: below it the remapped
@@ -210,9 +212,13 @@ def evaluate_snapshot(
         metrics[f"{p}/status"] = (Status.TIME_LIMIT if late else Status.FAILED).code
         metrics[f"{p}/solve_seconds"] = seconds
         reason = f" after {seconds:.2f} s (time limit {spec.time_limit} s)" if late else ""
-        error = f"{type(err).__name__}: {err}"
+        # where it was raised: a bug in a solver of one's own is found from the warning alone
+        frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
+        error = f"{type(err).__name__}: {err}" + ("" if frame is None else
+                                                   f" (raised at {frame.filename}:{frame.lineno} in {frame.name})")
+        trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         return SolveOutcome(metrics, [f"{owner}: convex solve failed at step {snap.step}{reason}: {error}"],
-                            error=error)
+                            error=error, traceback=trace)
 
 
 def _finite_weights(snap: Snapshot) -> bool:
