@@ -307,16 +307,20 @@ def test_a_user_error_a_spawned_process_raised_is_taken_from_its_traceback():
     ProcessRaisedException (exit 1, an empty run left) instead of the one-line message."""
     from torch.multiprocessing.spawn import ProcessRaisedException
 
-    from hcl.fit import _spawned_user_error
+    import hcl.callbacks
+    from hcl.cli_errors import spawned_user_error
 
+    base = Path(hcl.callbacks.__file__).parent / "base.py"
     trace = ('\n\n-- Process 0 terminated with the following error:\nTraceback (most recent call last):\n'
-             '  File "x.py", line 1, in setup\n    raise ValueError(\nValueError: PatternMonitor watches a network: '
+             f'  File "{base}", line 1, in setup\n    raise ValueError(\nValueError: PatternMonitor watches a network: '
              'leave it out\n')
-    error = _spawned_user_error(ProcessRaisedException(trace, 0, 123))
+    error = spawned_user_error(ProcessRaisedException(trace, 0, 123))
     assert type(error) is ValueError and str(error) == "PatternMonitor watches a network: leave it out"
     other = trace.replace("ValueError: PatternMonitor", "ZeroDivisionError: division")
-    assert _spawned_user_error(ProcessRaisedException(other, 0, 123)) is None  # a bug keeps its traceback
-    assert _spawned_user_error(ValueError("not spawned")) is None
+    assert spawned_user_error(ProcessRaisedException(other, 0, 123)) is None  # a bug keeps its traceback
+    assert spawned_user_error(ValueError("not spawned")) is None
+    mine = trace.replace(str(base), "/home/me/my_model.py")  # raised in a user's own code: a bug, with its traceback
+    assert spawned_user_error(ProcessRaisedException(mine, 0, 123)) is None
 
 
 def test_the_hcl_fit_command_exits_with_0_after_a_run_and_names_itself(tmp_path, monkeypatch, capsys):
@@ -335,3 +339,23 @@ def test_the_hcl_fit_command_exits_with_0_after_a_run_and_names_itself(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         command.load()()
     assert exit_info.value.code == 2 and "\nhcl-fit: error: " in capsys.readouterr().err
+
+
+class BuggyStep(__import__("hcl").TwoLayerReLU):
+    """A user's model with a bug in its training step (read by ``--model=test_fit.BuggyStep``)."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 1:
+            len(self.hparams.lr)  # TypeError: a float has no len()
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_bug_in_a_users_code_during_training_keeps_its_traceback_and_a_refusal_stays_one_line(tmp_path, capsys):
+    """A TypeError raised in a user's training_step was reported as a one-line usage error (exit 2), naming no file."""
+    common = [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3"]
+    with pytest.raises(TypeError, match="has no len") as raised:
+        main(["--model=test_fit.BuggyStep", *common])
+    assert raised.traceback[-1].name == "training_step"  # the user's line, as Python shows it
+    with pytest.raises(SystemExit) as refused:  # hcl's own refusal during fit: still its one line
+        main(["--model=hcl.ConvexReLU", *common])  # the default config's callbacks watch a network
+    assert refused.value.code == 2 and "PatternMonitor watches a network's" in capsys.readouterr().err
