@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from hcl.checks import check_seconds, check_seed, is_int
+from hcl.checks import caller_stacklevel, check_seconds, check_seed, is_int
 from hcl.convex import available_solvers, check_solver_options
 from hcl.convex.solvers import solvers_used, unknown_solver
 from hcl.worker import WORKER_KINDS
@@ -68,10 +68,10 @@ def check_monitor_arguments(
     # accepted, but they would do nothing: said now rather than found out from the dashboard
     if raise_worker_errors and not asynchronous:
         rank_zero_warn("ConvexGapMonitor: raise_worker_errors=True has no effect without asynchronous=True (a "
-                       "synchronous solve's failure is a warning and a status)")
+                       "synchronous solve's failure is a warning and a status)", stacklevel=_past_rank_zero_warn())
     if warm_start == "previous" and solver not in ("native", "auto"):
         rank_zero_warn(f"ConvexGapMonitor: warm_start='previous' has no effect with solver={solver!r}: "
-                       "only the native solver takes a warm start")
+                       "only the native solver takes a warm start", stacklevel=_past_rank_zero_warn())
     return solver, solve_time_limit
 
 
@@ -83,6 +83,11 @@ def _check_solver(solver: str) -> str:
     if name not in known:
         raise ValueError(unknown_solver(solver))
     return name
+
+
+def _past_rank_zero_warn() -> int:
+    """The user's line for ``rank_zero_warn`` (three frames of its own) from the function that calls this one."""
+    return 2 + caller_stacklevel()
 
 
 def check_for_outputs(owner: str, solver: str, out_features: int, load_solution: bool = False) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,20 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("sum", "mean")
+
+
+# hcl's own folders (the engine, the callbacks, the data modules): a warning about a caller's input points past them
+_HCL_DIRS = tuple(os.path.dirname(os.path.dirname(__file__)) + os.sep + name + os.sep
+                  for name in ("hcl", "callbacks", "datamodules"))
+
+
+def caller_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` for the first frame outside hcl, from the function that calls this one: a
+    warning about a caller's input shows the caller's line, however deep in hcl it is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_HCL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def is_int(value: Any) -> bool:

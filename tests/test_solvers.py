@@ -216,3 +216,22 @@ def test_a_subclass_of_a_built_in_solver_and_a_half_precision_point_are_checked(
                                                                 b0=s.b0.bfloat16()))
     monkeypatch.setitem(solvers_module._registry(), "shrunk", shrunk)
     assert solve(problem, "shrunk").status == Status.OPTIMAL_INACCURATE
+
+
+def test_multipliers_of_another_shape_are_said_and_warnings_about_the_callers_input_point_at_the_caller(monkeypatch):
+    """A user's solver returning its multipliers with permuted axes got a weaker bound (status optimal_inaccurate)
+    without a word; the time-limit warning pointed into hcl."""
+    from hcl.convex.native import Multipliers
+
+    def permuted(solution, problem):  # (2, n, P, c): a user's bug
+        cone = solution.multipliers.cone.to_dense().transpose(0, 1)
+        return dataclasses.replace(solution, multipliers=Multipliers(cone))
+
+    monkeypatch.setitem(solvers_module._registry(), "permuted", _Claims("permuted", permuted))
+    problem = small_problem()
+    with pytest.warns(UserWarning, match="solver 'permuted' returned multipliers hcl cannot use") as record:
+        solve(problem, "permuted")
+    assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match="ECOS has no time limit") as record:
+        solve(problem, "ecos", time_limit=1.0)
+    assert record[0].filename == __file__

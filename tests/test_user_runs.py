@@ -280,10 +280,11 @@ def test_the_global_monitors_constants_are_logged_once_across_a_resume(tmp_path)
 
 
 def test_arguments_that_would_do_nothing_are_said_and_a_time_limit_given_twice_is_refused():
-    with pytest.warns(UserWarning, match="raise_worker_errors=True has no effect without asynchronous=True"):
+    with pytest.warns(UserWarning, match="raise_worker_errors=True has no effect without asynchronous=True") as said:
         ConvexGapMonitor(raise_worker_errors=True)
-    with pytest.warns(UserWarning, match="warm_start='previous' has no effect with solver='clarabel'"):
+    with pytest.warns(UserWarning, match="warm_start='previous' has no effect with solver='clarabel'") as also:
         ConvexGapMonitor(solver="clarabel", warm_start="previous")
+    assert said[0].filename == also[0].filename == __file__  # the user's line, not hcl's
     with pytest.raises(ValueError, match="give the time limit once"):
         ConvexGapMonitor(solve_time_limit=1.0, solver_options={"time_limit": 3.0})
 

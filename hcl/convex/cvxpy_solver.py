@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from hcl.checks import caller_stacklevel
 from hcl.convex.native.certificate import dual_certificate
 from hcl.convex.native.memory import check_conic_memory
 from hcl.convex.native.options import DEFAULT_TOL
@@ -188,7 +189,8 @@ def solve_cvxpy(
         if name in _TIME_LIMIT_OPTION:
             options.update(_TIME_LIMIT_OPTION[name](time_limit))
         else:
-            warnings.warn(f"{name} has no time limit; time_limit={time_limit} is ignored", stacklevel=2)
+            warnings.warn(f"{name} has no time limit; time_limit={time_limit} is ignored",
+                          stacklevel=caller_stacklevel())
 
     check_conic_memory(problem, name.lower(), memory_limit)
     start = time.perf_counter()

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hcl.checks import caller_stacklevel
 from hcl.convex.cvxpy_solver import (
     _SOCP_SOLVERS,
     ConvexSolveError,
@@ -363,8 +364,11 @@ def checked_solution(problem: ConvexProblem, solution: Any, name: str, **options
     violation = 0.0 if gated else float(exact.violation(point["U"], point["V"]))
     dual = dual_certificate(problem, point["U"], point["V"], b0, gated=gated)  # with μ = 0: always a bound
     if isinstance(solution.multipliers, Multipliers):
-        with contextlib.suppress(ValueError, RuntimeError):  # multipliers of another shape: the bound without them
+        try:
             dual = max(dual, dual_certificate(problem, point["U"], point["V"], b0, solution.multipliers, gated=gated))
+        except (ValueError, RuntimeError) as error:  # multipliers of another shape: the bound without them, said
+            warnings.warn(f"solver {name!r} returned multipliers hcl cannot use ({error}): its bound is the one with "
+                          "μ = 0", stacklevel=caller_stacklevel())
     status = Status.of(solution.status)
     if status.solved:
         # a float32 point's own rounding moves its value by ~1e-7 of it (1.2e-6 measured on a tiny one); a point in a
