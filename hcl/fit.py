@@ -93,7 +93,8 @@ class HCLCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+            callbacks = [*callbacks, StepProgressBar()]
+        kwargs["callbacks"] = [*callbacks, LoggedRuns()]
         trainer = super().instantiate_trainer(**kwargs)
         if config.get("logger") in (None, True):
             # Lightning's default TensorBoard logger writes hp_metric = −1 at step 0 at every fit and test: a tag
@@ -102,6 +103,17 @@ class HCLCLI(LightningCLI):
                 if isinstance(logger, TensorBoardLogger) and hasattr(logger, "_default_hp_metric"):
                     logger._default_hp_metric = False
         return trainer
+
+
+class LoggedRuns(pl.Callback):
+    """Writes into each checkpoint the version folder of every TensorBoard logger, so that a resume continues each of
+    them (the checkpoint's own folder names one logger's only)."""
+
+    KEY = "hcl_tensorboard_versions"
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = {str(Path(logger.root_dir).resolve()): logger.version for logger in trainer.loggers
+                                if isinstance(logger, TensorBoardLogger)}
 
 
 def main(args: ArgsType = None) -> HCLCLI:
@@ -150,12 +162,14 @@ def main(args: ArgsType = None) -> HCLCLI:
               "model.lr are not used", file=sys.stderr)
     if cli.config.ckpt_path == "last":
         cli.config.ckpt_path = _last_checkpoint(cli.trainer)
+    checkpoint = None
     if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).is_file():  # Lightning names a missing one
         try:
-            check_resumable(read_checkpoint(cli.config.ckpt_path, "--ckpt_path"), cli.model, "--ckpt_path")
+            checkpoint = read_checkpoint(cli.config.ckpt_path, "--ckpt_path")
+            check_resumable(checkpoint, cli.model, "--ckpt_path")
         except ValueError as error:
             _fail(error)
-    _continue_logged_run(cli.trainer, cli.config.ckpt_path)
+    _continue_logged_run(cli.trainer, cli.config.ckpt_path, (checkpoint or {}).get(LoggedRuns.KEY) or {})
     new_dirs = _new_log_dirs(cli.trainer)
     try:
         try:
@@ -299,30 +313,36 @@ def _last_checkpoint(trainer: pl.Trainer) -> str:
     return str(newest)
 
 
-def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:
-    """Log a resumed run into the TensorBoard version directory its checkpoint came from.
+def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None, recorded: dict[str, Any]) -> None:
+    """Log a resumed run into the TensorBoard version directories its checkpoint's run wrote to.
 
     Lightning's default is a new ``version_<k+1>`` on every run, which splits one training run over two TensorBoard
-    runs that overlap between the checkpoint and the crash. A checkpoint at ``<save_dir>/<name>/<version>/checkpoints/
-    x.ckpt`` of a TensorBoard logger with the same ``save_dir`` and ``name`` and no explicit version continues
-    ``<version>`` instead.
+    runs that overlap between the checkpoint and the crash. Each TensorBoard logger without an explicit version
+    continues the version its root folder had in the checkpoint's run (``recorded``: :class:`LoggedRuns`), else, for
+    a checkpoint at ``<save_dir>/<name>/<version>/checkpoints/x.ckpt``, the logger of that ``save_dir`` and ``name``
+    continues ``<version>``.
     """
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
         return
     checkpoint = Path(ckpt_path).resolve()
-    if checkpoint.parent.name != "checkpoints":
-        return
-    version_dir = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints":  # a checkpoint without the record: its own folder's logger
+        version_dir = checkpoint.parent.parent
+        match = re.fullmatch(r"version_(\d+)", version_dir.name)
+        recorded = {str(version_dir.parent): int(match.group(1)) if match else version_dir.name, **recorded}
     for logger in trainer.loggers:
         # (not a CSV logger: Lightning's would delete the earlier metrics.csv of that version; it starts a new one)
         if not isinstance(logger, TensorBoardLogger) or getattr(logger, "_version", 0) is not None:
             continue
-        if Path(logger.root_dir).resolve() != version_dir.parent:
+        version = recorded.get(str(Path(logger.root_dir).resolve()))
+        if version is None:
             continue
-        match = re.fullmatch(r"version_(\d+)", version_dir.name)
-        logger._version = int(match.group(1)) if match else version_dir.name
+        logger._version = version
         if trainer.is_global_zero:
-            print(f"hcl: resuming the run logged in {version_dir}")
+            print(f"hcl: resuming the run logged in {Path(logger.root_dir) / _version_name(version)}")
+
+
+def _version_name(version: int | str) -> str:
+    return version if isinstance(version, str) else f"version_{version}"
 
 
 def _print_log_location(trainer: pl.Trainer) -> None:

@@ -251,3 +251,31 @@ def test_the_next_fit_of_an_interrupted_trainer_takes_a_step_cut_short_in_a_call
     s = read_scalars(tmp_path)
     for tag in ("patterns/unique", "convex/status", "convex/nonconvex_objective"):
         assert [step for step, _ in s[tag]] == [0, 1, 2, 3], tag
+
+
+def test_a_resume_continues_every_tensorboard_loggers_run(tmp_path):
+    """A second TensorBoard logger (its own folder, a prefix) started a new version on resume: its steps between the
+    checkpoint and the end of the first run were shown twice."""
+    config = tmp_path / "two.yaml"
+    config.write_text(f"""
+trainer:
+  logger:
+    - class_path: lightning.pytorch.loggers.TensorBoardLogger
+      init_args: {{save_dir: {tmp_path}, name: plain}}
+    - class_path: lightning.pytorch.loggers.TensorBoardLogger
+      init_args: {{save_dir: {tmp_path}, name: prefixed, prefix: exp}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: 4, save_top_k: -1}}
+data:
+  class_path: hcl.datamodules.SyntheticRegression
+  init_args: {{kind: gaussian_linear, n: 40, d: 3, seed: 0}}
+""")
+    common = ["--config", str(config), "--trainer.enable_progress_bar=false", "--model.hidden=5"]
+    main([*common, "--trainer.max_steps=8"])
+    checkpoint = min((tmp_path / "plain" / "version_0" / "checkpoints").glob("*.ckpt"))  # after 4 steps
+    main([*common, "--trainer.max_steps=10", f"--ckpt_path={checkpoint}"])
+    assert sorted(p.name for p in (tmp_path / "prefixed").iterdir()) == ["version_0"]
+    for run, tag in (("plain", "train/objective"), ("prefixed", "exp-train/objective")):
+        steps = [step for step, _ in _tensorboard_view(tmp_path / run / "version_0")[tag]]
+        assert steps == list(range(10)), (run, steps)
