@@ -239,6 +239,7 @@ class StackCallback(Callback):
         if stage != "fit":
             return  # the callbacks watch training only
         self._said = set()  # warn_once's kinds: each fit says them again
+        dashboard.wait_past_last_fit(trainer)  # before Lightning logs anything of this fit
         from hcl.convex_model import ConvexReLU  # here: the model module loads torchmetrics
 
         if isinstance(pl_module, ConvexReLU):

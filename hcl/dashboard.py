@@ -11,8 +11,10 @@ per series, each in its own colour and named by its tag. The run's own tags stay
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import time
 import weakref
 from collections.abc import Mapping
 
@@ -139,6 +141,17 @@ def flush_series(trainer: pl.Trainer, tags: list[str] | None = None) -> None:
             writer.flush()
 
 
+def wait_past_last_fit(trainer: pl.Trainer) -> None:
+    """Before a later fit of ``trainer`` writes anything: wait for the next second when the last fit's runs closed in
+    this one. TensorBoard reads a run's event files in name order, a name is its creation second then a process-wide
+    counter compared as text ("….13" before "….3"), and a file read first drops the steps before its own: the second
+    fit's points were lost from a series run opened within the second the first fit's closed in."""
+    entry = _REGISTRY.get(trainer)
+    closed = None if entry is None else entry.get("closed")
+    if closed is not None and math.floor(time.time()) == math.floor(closed):
+        time.sleep(math.floor(closed) + 1.0 - time.time())
+
+
 def close_series(trainer: pl.Trainer) -> None:
     """Flush and close the series runs at the end of a fit; a later fit of the same trainer writes the layout and
     opens them again."""
@@ -150,6 +163,8 @@ def close_series(trainer: pl.Trainer) -> None:
     for runs in writers.values():
         for writer in runs:
             writer.close()
+    if writers or any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
+        entry["closed"] = time.time()
 
 
 def series_dirs(trainer: pl.Trainer) -> dict[str, str]:

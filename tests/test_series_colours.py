@@ -169,3 +169,16 @@ def test_every_tensorboard_logger_gets_series_that_its_charts_select_and_a_secon
                 assert all(len(points) >= 7 for points in drawn), (logger.name, title)  # both fits
             else:
                 assert [tag for tag in main if re.match(regex, tag)], (logger.name, title, regex)
+        # TensorBoard reads a run's files in name order (creation second, then a counter compared as text): the
+        # second fit's files are of a later second, else "….13" was read before "….3" and the first fit's points lost
+        for run in {p.parent for p in run_dir.rglob("events.out.tfevents.*")}:
+            seconds = [int(p.name.split(".")[3]) for p in run.glob("events.out.tfevents.*")]
+            assert len(set(seconds)) == len(seconds), (run, seconds)
+
+
+def test_a_later_fit_waits_for_the_next_second_after_the_last_fit_closed_in_this_one():
+    trainer = pl.Trainer(logger=False)
+    dashboard.register_charts(trainer, "hcl", {"chart": ["a", "b"]})
+    dashboard._REGISTRY[trainer]["closed"] = time.time()
+    dashboard.wait_past_last_fit(trainer)
+    assert int(time.time()) > int(dashboard._REGISTRY[trainer]["closed"])
