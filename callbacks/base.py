@@ -182,7 +182,8 @@ class StackCallback(Callback):
         a pre-hook computes, pruning's or weight_norm's, up to date); the callback stops when it does not."""
         if self._checked is not None and not self._stopped:
             try:  # a term of the forward that was zero when training started may not be by now
-                self._stack.check_forward(trainer.lightning_module, self._checked, again=True)
+                self._stack.check_forward(trainer.lightning_module, self._checked, again=True,
+                                          shaped=self.__dict__.get("_checked_shaped"))
             except ValueError as err:
                 self._stop(step, err)
         return not self._stopped
@@ -205,12 +206,13 @@ class StackCallback(Callback):
         X, Y = data.training_data(trainer, self.probe, self.target, self.max_samples, type(self).__name__)
         if self.needs_target and Y is None:
             raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass target=)")
+        shaped = X[:8].detach().to(self._stack.hidden.weight)  # as the data holds them: the forward's own input
         X = self._stack.inputs(X).detach()
         # Every callback checks the model itself, whichever others run and whatever the loader's order, and again
         # at every step it acts at (due_step)
-        self._checked, self._stopped = X[:8], False
+        self._checked, self._checked_shaped, self._stopped = X[:8], shaped, False
         try:
-            self._stack.check_forward(trainer.lightning_module, X)
+            self._stack.check_forward(trainer.lightning_module, X, shaped=shaped)
         except ValueError as err:
             if self.last_step < 0:  # a new run: refused before it trains
                 raise

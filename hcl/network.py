@@ -76,14 +76,17 @@ class ReLUStack:
         """Whether every weight of the stack is finite."""
         return all(bool(torch.isfinite(t).all()) for t in self.weights() if t is not None)
 
-    def check_forward(self, module: nn.Module, X: Tensor, rows: int = 8, again: bool = False) -> None:
+    def check_forward(
+        self, module: nn.Module, X: Tensor, rows: int = 8, again: bool = False, shaped: Tensor | None = None
+    ) -> None:
         """Refuse a ``module`` whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of this stack.
 
         The convex problem describes the stack only; a module that computes something else (a deeper network, extra
         layers, a scaled output) would get meaningless numbers. The first ``rows`` samples of ``X`` (inputs as the
         hidden layer takes them) are run through ``module`` in eval mode; its modes are restored afterwards. A module
-        whose forward does not take a plain input tensor cannot be checked and is let through, and so are non-finite
-        weights (reported elsewhere).
+        whose forward takes neither the samples as the data holds them (``shaped``, e.g. images a forward flattens or
+        normalises) nor flattened cannot be checked: it is let through with a warning, and so are non-finite weights
+        (reported elsewhere).
 
         The layers the forward runs between the hidden and the output layer are also checked by name, whatever their
         current effect: a normalisation there (``BatchNorm1d`` is close to the identity at initialisation, and not
@@ -97,6 +100,7 @@ class ReLUStack:
                 between the stack's layers or before them.
         """
         sample = X[:rows]
+        given = [sample] if shaped is None or shaped.shape[1:] == sample.shape[1:] else [shaped[:rows], sample]
         modes = {sub: sub.training for sub in module.modules()}
         called: list[nn.Module] = []
         hooks = [] if again else [sub.register_forward_hook(lambda m, args, out: called.append(m))
@@ -104,9 +108,18 @@ class ReLUStack:
         module.eval()
         try:
             with torch.no_grad():
-                try:
-                    actual = module(sample)
-                except Exception:  # noqa: BLE001 - e.g. a forward that expects a dict batch: nothing to compare
+                for inputs in given:  # as the data holds them first: a forward may transform them before flattening
+                    called.clear()
+                    try:
+                        actual = module(inputs)
+                        break
+                    except Exception as error:  # noqa: BLE001 - e.g. a forward that expects a dict batch
+                        failure = error
+                else:
+                    if not again:
+                        warnings.warn(f"the model's forward does not take the callbacks' samples "
+                                      f"({type(failure).__name__}: {failure}): they cannot check that it computes its "
+                                      f"stack {self.name!r} (Linear → ReLU → Linear)", stacklevel=2)
                     return
                 # after the forward: a weight a pre-hook computes (pruning, weight_norm) is the current one only then
                 weight, bias, output_weight, output_bias = self.weights()

@@ -137,3 +137,34 @@ def test_a_frozen_layer_before_the_hidden_one_is_left_to_the_comparison_of_outpu
     scaled.weight.mul_(2.0)  # not the identity: another network
     with pytest.raises(ValueError, match="the model's output differs"):
         _fit(make_trainer, Before(scaled), loader, [PatternMonitor(**stack)])
+
+
+class Images(UserNet):
+    """Images ``(n, 1, 2, 2)`` that the forward transforms, then flattens, before the stack."""
+
+    def __init__(self, transform):
+        super().__init__(d=4)
+        self.transform = transform
+
+    def forward(self, x):
+        return self.net(self.transform(x).flatten(1))
+
+
+def test_a_forward_is_checked_on_the_samples_as_the_data_holds_them(make_trainer):
+    """A forward that transforms images (a transpose, a per-channel normalisation) raised on the flattened samples
+    the check gave it, and the model was let through: the callbacks logged the numbers of another network."""
+    X = torch.randn(32, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(X, X.flatten(1).sum(1)), batch_size=32)
+    with pytest.raises(ValueError, match="the model's output differs from that of its two-layer ReLU stack"):
+        _fit(make_trainer, Images(lambda x: x.transpose(-1, -2)), loader, [PatternMonitor()])
+    assert not [m for m in _fit(make_trainer, Images(nn.Identity()), loader, [PatternMonitor()]) if "forward" in m]
+
+    class Keyed(UserNet):  # a forward of the user's own convention: nothing the callbacks can run it on
+        def forward(self, x):
+            return self.net(x["x"]) if isinstance(x, dict) else self.net(x[:, :0])
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sub(batch[1][:, None]).square().mean()
+
+    messages = _fit(make_trainer, Keyed(), DataLoader(TensorDataset(*_data()), batch_size=40), [PatternMonitor()])
+    assert any("the model's forward does not take the callbacks' samples" in m for m in messages), messages
