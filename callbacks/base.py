@@ -205,7 +205,7 @@ class StackCallback(Callback):
         """
         X, Y = data.training_data(trainer, self.probe, self.target, self.max_samples, type(self).__name__)
         if self.needs_target and Y is None:
-            raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass target=)")
+            raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass probe= and target=)")
         shaped = X[:8].detach().to(self._stack.hidden.weight)  # as the data holds them: the forward's own input
         X = self._stack.inputs(X).detach()
         # Every callback checks the model itself, whichever others run and whatever the loader's order, and again

@@ -23,7 +23,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
 from hcl.convex.native.memory import free_memory
 
@@ -67,6 +73,8 @@ def training_data(
         else:
             X, Y, loader, whole = _collect_dataloader(trainer)
             source = "one pass over the training dataloader"
+            if type(_sampler(loader)) is WeightedRandomSampler:  # its draws are a resample, not the training set
+                source += "'s dataset, each sample once (its WeightedRandomSampler's weights not applied)"
             datasets = None  # the samples of the ranks' own datasets together (None: this rank's dataset's length)
             copies = False  # the same dataset read whole on every rank: one pass of one rank's
             if not whole and trainer.world_size > 1:
@@ -85,7 +93,8 @@ def training_data(
                 _say_once(trainer, f"the trainer reloads the training dataloader every {reload} epoch(s) "
                           f"(reload_dataloaders_every_n_epochs) while {reader} evaluate the network on the data of the "
                           "pass read when training started: pass probe=/target= to name the data", rank_zero_warn)
-            source += " (each batch's first item as the inputs, its second as the targets)"
+            source += (" (each batch's first item as the inputs, its second as the targets)" if Y is not None else
+                       " (each batch as the inputs, without targets)")
     total = X.shape[0]
     if max_samples is not None:
         X = X[:max_samples]
@@ -244,6 +253,8 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
                              "probe= (and target=) to the callback")
     if not xs:
         raise ValueError("the training dataloader is empty")
+    if _unbatched(loader) and ys and (ys[0].ndim == 0 or xs[0].ndim == 0 or xs[0].shape[0] != ys[0].shape[0]):
+        xs, ys = [torch.stack(xs)], [torch.stack(ys)]  # items that are samples (rows unlike the target's), not batches
     whole = _whole_on_every_rank(loader, trainer.world_size)
     if len(xs) == 1:
         # One batch (full-batch training): keep its tensors, so that a callback can recognise them in a training step.
@@ -324,8 +335,9 @@ def _reads_dataset(loader: object) -> bool:
     """Whether :func:`_batches` reads ``loader``'s dataset itself, in its own order: for a shuffling sampler (a row
     order that changes with the epoch would make every pattern look changed) and for a distributed one
     (rank-interleaved, padded with repeats: an order that changes with the number of processes)."""
-    # exact types: a subclass (Lightning's wrapper of a custom sampler) may cover part of the dataset
-    return type(_sampler(loader)) in (RandomSampler, DistributedSampler) and not isinstance(
+    # exact types: a subclass (Lightning's wrapper of a custom sampler) may cover part of the dataset; a weighted one's
+    # draws with replacement are a resample of it (24 of 40 samples in one pass)
+    return type(_sampler(loader)) in (RandomSampler, DistributedSampler, WeightedRandomSampler) and not isinstance(
         getattr(loader, "dataset", None), IterableDataset)
 
 
@@ -341,8 +353,11 @@ def _batches(loader: object) -> Iterator[object]:
     instead where :func:`_reads_dataset` (its batches collated as the loader collates them)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
     dataset = getattr(loader, "dataset", None)
-    with _generators_kept():
-        if _reads_dataset(loader):
+    with _generators_kept(loader):
+        if _reads_dataset(loader) and _unbatched(loader):  # each item is collated alone (a sample, or a whole batch)
+            for i in range(len(dataset)):
+                yield loader.collate_fn(dataset[i])
+        elif _reads_dataset(loader):
             size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", None) or 1
             total = len(dataset)
             for lo in range(0, total, size):
@@ -351,14 +366,24 @@ def _batches(loader: object) -> Iterator[object]:
             yield from loader
 
 
+def _unbatched(loader: object) -> bool:
+    """A loader without automatic batching (``batch_size=None``): each dataset item is collated alone."""
+    return getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None
+
+
 @contextmanager
-def _generators_kept() -> Iterator[None]:
-    """torch's (CPU), Python's and NumPy's global random states restored on exit: a sampler seeded from them, or a
-    random transform, would otherwise change the training run."""
+def _generators_kept(loader: object = None) -> Iterator[None]:
+    """torch's (CPU), Python's and NumPy's global random states restored on exit, and the generators of ``loader``
+    and of its sampler: a sampler seeded from them, or a random transform, would otherwise change the training run."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
+    own = {id(g): g for g in (getattr(loader, "generator", None), getattr(_sampler(loader), "generator", None))
+           if isinstance(g, torch.Generator)}
+    states = [(g, g.get_state()) for g in own.values()]
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+            for generator, state in states:
+                generator.set_state(state)

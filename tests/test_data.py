@@ -243,3 +243,38 @@ def test_telling_the_ranks_datasets_apart_draws_no_random_numbers_and_sees_augme
         assert data_module.rank_datasets(trainer, trainer.train_dataloader) == (True, 12)
         assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(seen[0], seen[1])
+
+
+def test_a_weighted_sampler_reads_its_dataset_and_no_sampler_or_loader_generator_moves():
+    """A WeightedRandomSampler's pass was a resample (24 of 40 samples); a pass advanced a sampler's own generator,
+    so that training differed from a run without the callbacks."""
+    from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
+
+    X, y = _data(n=40)
+    weighted = DataLoader(TensorDataset(X, y), batch_size=8, sampler=WeightedRandomSampler(torch.rand(40), 40))
+    X_read, y_read = training_data(_fake_trainer(weighted))
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+    for make in (lambda g: DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True, generator=g),
+                 lambda g: DataLoader(TensorDataset(X, y), batch_size=8, sampler=SubsetRandomSampler(range(40), g))):
+        generator = torch.Generator().manual_seed(1)
+        before = generator.get_state()
+        training_data(_fake_trainer(make(generator)))
+        assert torch.equal(generator.get_state(), before)
+
+
+def test_loaders_without_automatic_batching_give_their_samples_or_batches():
+    """batch_size=None: a shuffled dataset of whole batches was refused ("a training batch of type list"), a dataset
+    of single samples read as one row per feature (160 rows for 40 samples)."""
+    X, y = _data(n=40)
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return X[10 * i:10 * (i + 1)], y[10 * i:10 * (i + 1)]
+
+    X_read, y_read = training_data(_fake_trainer(DataLoader(Batches(), batch_size=None, shuffle=True)))
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+    X_read, y_read = training_data(_fake_trainer(DataLoader(TensorDataset(X, y[:, None]), batch_size=None)))
+    assert torch.equal(X_read, X) and torch.equal(y_read, y[:, None])
