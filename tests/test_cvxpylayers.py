@@ -1,5 +1,6 @@
 """The fixed-pattern problem as a CvxpyLayer: its solution, batching, and gradients with respect to y."""
 
+import math
 import warnings
 
 import cvxpy as cp
@@ -130,3 +131,26 @@ def test_a_layer_solve_is_optimal_only_where_certified_and_a_failed_backend_is_n
         assert result.status == "optimal_inaccurate"
     with pytest.raises(ConvexSolveError, match="cvxpylayers"):
         solve(problem, "cvxpylayers", solver_args={"solve_method": "ECOS", "max_iters": 2})
+
+
+def test_at_lambda_0_no_layer_solve_is_optimal_and_tiny_targets_are_solved_in_their_own_scale():
+    """λ = 0: Clarabel stopped after one iteration (or found the problem infeasible) and the point read "optimal";
+    targets of scale 1e-6 were solved to the backend's absolute tolerance, 13.5 times the optimum."""
+    problem = small_problem(c=1, lam=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stopped = solve(problem, "cvxpylayers", solver_args={"solve_method": "Clarabel", "max_iter": 1})
+        assert stopped.status == solve(problem, "cvxpylayers").status == "optimal_inaccurate"
+        for unit in (1e-6, 1e6):
+            tiny = ConvexProblem(problem.X, problem.Y * unit, problem.patterns, weight_decay=0.05 * unit,
+                                 output_bias=True)
+            assert solve(tiny, "cvxpylayers").value == pytest.approx(reference(tiny, 0), rel=1e-5)
+    layer = FixedPatternLayer.from_problem(problem, data_as_parameters=True)
+    with pytest.raises(ValueError, match="batch ≥ 1"):
+        layer(torch.zeros(0, problem.n, dtype=torch.float64), problem.X, problem.patterns)
+    with pytest.raises(ValueError, match="X contains NaN"):
+        layer(problem.Y[:, 0], problem.X * math.nan, problem.patterns)
+    with pytest.raises(ValueError, match="patterns must be 0 or 1"):
+        layer(problem.Y[:, 0], problem.X, problem.patterns * 0.5)
+    with pytest.raises(TypeError, match="solver_args must be a dict"):
+        FixedPatternLayer.from_problem(problem, solver_args="Clarabel")

@@ -25,6 +25,7 @@ solver gives for free; the layer is needed for gradients of the *solution*.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -88,6 +89,9 @@ class FixedPatternLayer(torch.nn.Module):
         self.gated = gated
         self.output_bias = output_bias
         self.data_as_parameters = data_as_parameters
+        if solver_args is not None and not isinstance(solver_args, dict):
+            raise TypeError(f"solver_args must be a dict of the backend's settings, e.g. {DEFAULT_SOLVER_ARGS}, got "
+                            f"{solver_args!r}")
         self.solver_args = dict(DEFAULT_SOLVER_ARGS if solver_args is None else solver_args)
         self.register_buffer("X", check.X.detach().to(torch.float64))
         self.register_buffer("patterns", check.patterns.detach().clone())
@@ -150,8 +154,9 @@ class FixedPatternLayer(torch.nn.Module):
         """
         single = Y.ndim == 1
         Yb = Y.reshape(1, -1) if single else Y
-        if Yb.ndim != 2 or Yb.shape[1] != self.n:
-            raise ValueError(f"Y must have shape (n,) or (batch, n) with n = {self.n}, got {tuple(Y.shape)}")
+        if Yb.ndim != 2 or Yb.shape[1] != self.n or Yb.shape[0] == 0:
+            raise ValueError(f"Y must have shape (n,) or (batch, n) with n = {self.n} and batch ≥ 1, got "
+                             f"{tuple(Y.shape)}")
         if not torch.isfinite(Yb).all():
             raise ValueError("Y contains NaN or inf")
         Yb = Yb.to(torch.float64)
@@ -161,6 +166,10 @@ class FixedPatternLayer(torch.nn.Module):
                 raise ValueError("this layer takes X and patterns as arguments (data_as_parameters=True)")
             if tuple(X.shape) != (self.n, self.d) or tuple(patterns.shape) != (self.n, self.P):
                 raise ValueError(f"X and patterns must have shapes {(self.n, self.d)} and {(self.n, self.P)}")
+            if not torch.isfinite(X).all():
+                raise ValueError("X contains NaN or inf")
+            if not ((patterns == 0) | (patterns == 1)).all():  # 2D − I of a 0.5 is 0: its cone constraints vanish
+                raise ValueError("patterns must be 0 or 1 (boolean activation patterns)")
             args = [X.to(torch.float64), patterns.to(torch.float64), Yb]
         elif X is not None or patterns is not None:
             raise ValueError("X and patterns are constants of this layer (data_as_parameters=False)")
@@ -224,10 +233,14 @@ def solve_layer(
     """
     check_conic_memory(problem, "cvxpylayers", memory_limit)
     start = time.perf_counter()
-    layer = FixedPatternLayer.from_problem(problem, gated=gated, solver_args=solver_args, verbose=verbose)
+    # solved for Y / max|Y| (λ / max|Y|, the point scaled back), as the conic path is: the backend's tolerances are
+    # absolute (at max|Y| = 1e-6 its value was 13.5 times the optimum)
+    unit = float(problem.Y.abs().max()) or 1.0
+    scaled = dataclasses.replace(problem, Y=problem.Y / unit, weight_decay=problem.weight_decay / unit)
+    layer = FixedPatternLayer.from_problem(scaled, gated=gated, solver_args=solver_args, verbose=verbose)
     try:
         with torch.no_grad():
-            U, V, b0 = layer(problem.Y.T.contiguous())
+            U, V, b0 = (unit * t for t in layer(scaled.Y.T.contiguous()))
     except diffcp.SolverError as error:  # a backend that stops without a solution
         raise ConvexSolveError(f"cvxpylayers ({layer.solver_args.get('solve_method', 'Clarabel')}): {error}") from error
     dtype, device = problem.X.dtype, problem.X.device
@@ -247,7 +260,10 @@ def solve_layer(
         U=U.to(dtype),
         V=V.to(dtype),
         b0=b0.to(dtype),
-        status=certified_status(problem, Status.OPTIMAL, value, dual_value, violation),
+        # the backend's own status does not come back (diffcp maps it, and raises for some backends only): at λ = 0,
+        # where no certificate decides, the point is not called optimal (Clarabel stopped at 1 iteration, or found
+        # the problem infeasible, and it read "optimal")
+        status=certified_status(problem, Status.OPTIMAL_INACCURATE, value, dual_value, violation),
         solver="cvxpylayers",
         solve_seconds=time.perf_counter() - start,
         dual_value=dual_value,
