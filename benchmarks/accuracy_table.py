@@ -324,8 +324,8 @@ def _at_least(low: float, kind: type):
     """An argparse type: ``kind`` of the argument, refused below ``low`` (before any run, not in a child at the end)."""
     def parse(text: str):
         value = kind(text)  # ValueError: argparse's "invalid int value"
-        if not value >= low:  # NaN too
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if not low <= value < math.inf:  # NaN and inf too
+            raise argparse.ArgumentTypeError(f"must be a finite number at least {low}, got {text}")
         return value
 
     parse.__name__ = kind.__name__

@@ -203,16 +203,17 @@ class StackCallback(Callback):
             ValueError: no data, data of the wrong width, no targets for a callback that needs them, or a model that
                 does not compute its stack's function (:meth:`hcl.network.ReLUStack.check_forward`).
         """
-        X, Y = data.training_data(trainer, self.probe, self.target, self.max_samples, type(self).__name__)
+        X, Y = data.training_data(trainer, self.probe, self.target, self.max_samples, type(self).__name__,
+                                  in_features=self._stack.in_features)
         if self.needs_target and Y is None:
-            raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass probe= and target=)")
+            raise ValueError(f"{type(self).__name__} needs targets: the training data has none (pass probe=, target=)")
         shaped = X[:8].detach().to(self._stack.hidden.weight)  # as the data holds them: the forward's own input
         X = self._stack.inputs(X).detach()
         # Every callback checks the model itself, whichever others run and whatever the loader's order, and again
         # at every step it acts at (due_step)
         self._checked, self._checked_shaped, self._stopped = X[:8], shaped, False
         try:
-            self._stack.check_forward(trainer.lightning_module, X, shaped=shaped)
+            self._stack.check_forward(trainer.lightning_module, X, shaped=shaped, warn=rank_zero_warn)
         except ValueError as err:
             if self.last_step < 0:  # a new run: refused before it trains
                 raise
@@ -231,7 +232,8 @@ class StackCallback(Callback):
         """``rank_zero_warn`` once per kind of message (its numbers aside) and fit: a condition that lasts many steps
         (non-finite weights, a solver's limit) is said once, not at every step (its status is logged at each)."""
         said = self.__dict__.setdefault("_said", set())
-        kind = re.sub(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", "#", message)
+        # the numbers hcl writes in (the step, seconds), not an error's own (its text, where it was raised)
+        kind = re.sub(r"(step|of|after|took) \d+(?:\.\d+)?(?:e[-+]?\d+)?", r"\1 #", message)
         if kind not in said:
             said.add(kind)
             rank_zero_warn(f"{message} (said once per fit)")

@@ -245,17 +245,15 @@ class ConvexGapMonitor(StackCallback):
                 else:
                     logger.log_hyperparams(setup)
         X, Y = self.training_data(trainer)
-        self._X, self._Y = X, as_targets(Y, self._stack.output.out_features, X)
-        self._X, self._Y = (t.to(float64_device(X.device)) for t in (self._X, self._Y))  # solves need float64 (MPS)
-        self._trainer = trainer
+        where = float64_device(X.device)  # solves need float64 (MPS has none)
+        self._X, self._Y = X.to(where), as_targets(Y, self._stack.output.out_features, X).to(where)
+        self._trainer, self._failure = trainer, None
         self._chain = WarmStartChain() if self.warm_start == "previous" else None
-        self._failure = None
         warn_about_monitored_tags(trainer, type(self).__name__, self.prefix, self.asynchronous)
         if self.asynchronous and trainer.is_global_zero:
-            warn_if_checkpoints_wait(trainer, type(self).__name__, self.every_n_steps)
-            self._X_cpu = self._X.detach().to("cpu", copy=True)
-            self._Y_cpu = self._Y.detach().to("cpu", copy=True)
-            self._queue = SolveQueue(owner=type(self).__name__, worker=self.worker, max_pending=self.max_pending,
+            warn_if_checkpoints_wait(trainer, self._owner, self.every_n_steps)
+            self._X_cpu, self._Y_cpu = (t.detach().to("cpu", copy=True) for t in (self._X, self._Y))
+            self._queue = SolveQueue(owner=self._owner, worker=self.worker, max_pending=self.max_pending,
                                      time_limit=self.solve_time_limit, X=self._X_cpu, Y=self._Y_cpu,
                                      name=f"hcl-{self.prefix}-solver", chain=self._chain)
 
@@ -298,7 +296,7 @@ class ConvexGapMonitor(StackCallback):
         if self._queue is not None:
             if len(self._queue):  # training is over and the bar stands still: say what it waits for
                 limit = "" if self.solve_time_limit is None else f", each at most {self.solve_time_limit:g} s"
-                rank_zero_info(f"{type(self).__name__}: waiting for {len(self._queue)} background solve(s){limit}")
+                rank_zero_info(f"{self._owner}: waiting for {len(self._queue)} background solve(s){limit}")
             self._collect(trainer, wait=True)
             self._close_queue(kill=False)
             flush_loggers(trainer)
@@ -330,7 +328,7 @@ class ConvexGapMonitor(StackCallback):
                         unlogged = err
                 self._close_queue(kill=True)
             if unlogged is not None:  # Lightning wraps a logger's error: its cause says what happened
-                rank_zero_warn(f"{type(self).__name__}: could not log every solve of the failed run: "
+                rank_zero_warn(f"{self._owner}: could not log every solve of the failed run: "
                                f"{unlogged.__cause__ or unlogged}")
         super().on_exception(trainer, pl_module, exception)
 
@@ -366,10 +364,12 @@ class ConvexGapMonitor(StackCallback):
             self.warn_once(message)
         return outcome.metrics, outcome.solved
 
+    # in messages: which monitor, where two run with their own prefixes
+    _owner = property(lambda self: type(self).__name__ + ("" if self.prefix == "convex" else f" ({self.prefix!r})"))
+
     def _spec(self) -> SolveSpec:
         return SolveSpec(
-            owner=type(self).__name__ + ("" if self.prefix == "convex" else f" ({self.prefix!r})"),  # which one
-            prefix=self.prefix, formulation=self.formulation,
+            owner=self._owner, prefix=self.prefix, formulation=self.formulation,
             solver=self.solver, gated=self.gated, weight_decay=self._lambda, reduction=self._reduction,
             solver_options=dict(self.solver_options), time_limit=self.solve_time_limit,
         )
@@ -383,8 +383,8 @@ class ConvexGapMonitor(StackCallback):
         for step, outcome in self._queue.collect(wait=wait):
             log_scalars(trainer, outcome.metrics, step, proved_tags(self.prefix))
             if raise_errors and self.raise_worker_errors and outcome.error is not None and self._failure is None:
-                self._failure = (f"{type(self).__name__}: the background solve of step {step} failed: {outcome.error}"
-                                 f"\n\nThe solve's traceback:\n{outcome.traceback or ''}")
+                self._failure = (f"{self._owner}: the background solve of step {step} failed: {outcome.error}"
+                                 + (f"\n\nThe solve's traceback:\n{outcome.traceback}" if outcome.traceback else ""))
                 continue
             for message in outcome.messages:
                 self.warn_once(message)

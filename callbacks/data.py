@@ -48,6 +48,7 @@ def training_data(
     max_samples: int | None = None,
     owner: str | None = None,
     reader: str = "the callbacks",
+    in_features: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The inputs (and targets) a callback evaluates the network on.
 
@@ -71,7 +72,7 @@ def training_data(
             X, Y = datamodule.train_tensors()
             source = f"the full training set of the data module {type(datamodule).__name__}"
         else:
-            X, Y, loader, whole = _collect_dataloader(trainer)
+            X, Y, loader, whole = _collect_dataloader(trainer, in_features)
             source = "one pass over the training dataloader"
             if type(_sampler(loader)) is WeightedRandomSampler:  # its draws are a resample, not the training set
                 source += "'s dataset, each sample once (its WeightedRandomSampler's weights not applied)"
@@ -86,7 +87,7 @@ def training_data(
                 X = gather_rows(trainer, X)
                 Y = None if Y is None else gather_rows(trainer, Y)
                 source += f", gathered from {trainer.world_size} ranks"
-            _warn_if_partial(trainer, loader, X.shape[0], 1 if copies else trainer.world_size, datasets)
+            _warn_if_partial(trainer, loader, X.shape[0], 1 if copies else trainer.world_size, datasets, in_features)
             warn_if_ddp_changes_samples(trainer)
             reload = getattr(trainer, "reload_dataloaders_every_n_epochs", 0)
             if reload:  # a new loader may hold other data: these stay the first one's
@@ -137,18 +138,24 @@ def _say_once(trainer: pl.Trainer, message: str, say=None) -> None:
         (say or rank_zero_info)(message)
 
 
-def _warn_if_partial(trainer: pl.Trainer, loader: object, rows: int, world_size: int, total: int | None = None) -> None:
+def _warn_if_partial(
+    trainer: pl.Trainer, loader: object, rows: int, world_size: int, total: int | None = None,
+    in_features: int | None = None,
+) -> None:
     """Warn (once per trainer) when one pass over ``loader`` (all ranks together) yields another number of samples
     than its dataset (``total``: the ranks' datasets together, where each rank has a part of its own)."""
     try:
         total = len(loader.dataset) if total is None else total  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         return  # no dataset of known length (an iterable dataset, a list of batches)
-    if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None:
-        # no collation: each item is a batch of its own (a dataset of whole batches), of as many rows as the first
+    if _unbatched(loader):
+        # no collation: each item is a sample, or a batch of its own (a dataset of whole batches) of as many rows as
+        # the first
         item = loader.dataset[0]  # type: ignore[attr-defined]
-        first = item[0] if isinstance(item, (tuple, list)) and item else item
-        total *= first.shape[0] if isinstance(first, Tensor) and first.ndim >= 2 else 1
+        pair = isinstance(item, (tuple, list))
+        first, target = (item[0] if pair else item), (item[1] if pair and len(item) > 1 else None)
+        if isinstance(first, Tensor) and first.ndim >= 1 and not _items_are_samples(first, target, in_features):
+            total *= first.shape[0]
     if rows == total:
         return
     if rows < total:
@@ -211,7 +218,9 @@ def gather_rows(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
-def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, object, bool]:
+def _collect_dataloader(
+    trainer: pl.Trainer, in_features: int | None = None
+) -> tuple[Tensor, Tensor | None, object, bool]:
     """The loader's inputs and targets, the loader, and whether they are its whole dataset read in order
     on every rank (:func:`_whole_on_every_rank`: then nothing is gathered)."""
     loader = trainer.train_dataloader
@@ -253,8 +262,8 @@ def _collect_dataloader(trainer: pl.Trainer) -> tuple[Tensor, Tensor | None, obj
                              "probe= (and target=) to the callback")
     if not xs:
         raise ValueError("the training dataloader is empty")
-    if _unbatched(loader) and ys and (ys[0].ndim == 0 or xs[0].ndim == 0 or xs[0].shape[0] != ys[0].shape[0]):
-        xs, ys = [torch.stack(xs)], [torch.stack(ys)]  # items that are samples (rows unlike the target's), not batches
+    if _unbatched(loader) and _items_are_samples(xs[0], ys[0] if ys else None, in_features):
+        xs, ys = [torch.stack(xs)], [torch.stack(ys)] if ys else []
     whole = _whole_on_every_rank(loader, trainer.world_size)
     if len(xs) == 1:
         # One batch (full-batch training): keep its tensors, so that a callback can recognise them in a training step.
@@ -274,11 +283,8 @@ def rank_datasets(trainer: pl.Trainer, loader: object) -> tuple[bool, int | None
     on every rank) and restored: own parts that agree there would be taken for copies."""
     sampler = _sampler(loader)
     dataset = getattr(loader, "dataset", None)
-    if type(sampler) is RandomSampler:  # every sample once unless told otherwise
-        try:
-            reads_whole = not sampler.replacement and sampler.num_samples == len(dataset)  # type: ignore[arg-type]
-        except TypeError:
-            reads_whole = False
+    if type(sampler) in (RandomSampler, WeightedRandomSampler):  # _batches reads their dataset whole, each sample once
+        reads_whole = _reads_dataset(loader)
     else:  # (a distributed sampler over one replica: a dataset sharded beforehand)
         reads_whole = type(sampler) is SequentialSampler or type(sampler) is DistributedSampler and (
             sampler.num_replicas == 1 and not sampler.drop_last)
@@ -364,6 +370,16 @@ def _batches(loader: object) -> Iterator[object]:
                 yield loader.collate_fn([dataset[i] for i in range(lo, min(lo + size, total))])
         else:
             yield from loader
+
+
+def _items_are_samples(x: Tensor, y: object, in_features: int | None) -> bool:
+    """Whether the items of a loader without automatic batching are samples (one row each), not whole batches: by the
+    hidden layer's width where it is known, else by rows that the targets do not share."""
+    y = y if isinstance(y, Tensor) else None
+    one_row = y is not None and y.ndim >= 1 and x.ndim >= 2 and x.shape[0] == y.shape[0] == 1  # a batch of one
+    if in_features is not None:
+        return x.numel() == in_features and not one_row
+    return y is not None and (y.ndim == 0 or x.ndim == 0 or x.shape[0] != y.shape[0])
 
 
 def _unbatched(loader: object) -> bool:

@@ -18,16 +18,14 @@ from torch import Tensor
 REDUCTIONS = ("sum", "mean")
 
 
-# hcl's own folders (the engine, the callbacks, the data modules): a warning about a caller's input points past them
-_HCL_DIRS = tuple(os.path.dirname(os.path.dirname(__file__)) + os.sep + name + os.sep
-                  for name in ("hcl", "callbacks", "datamodules"))
-
-
 def caller_stacklevel() -> int:
     """``warnings.warn``'s ``stacklevel`` for the first frame outside hcl, from the function that calls this one: a
     warning about a caller's input shows the caller's line, however deep in hcl it is raised."""
+    # hcl's own folders (the engine, the callbacks, the data modules), as installed: those of its loaded packages
+    dirs = tuple(os.path.dirname(module.__file__) + os.sep for name in ("hcl", "hcl.callbacks", "hcl.datamodules")
+                 if getattr(module := sys.modules.get(name), "__file__", None))
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_HCL_DIRS):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(dirs):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -33,7 +33,8 @@ _CHECKING = tuple(os.path.dirname(module.__file__) + os.sep
 
 def raised_by_checks(error: BaseException) -> bool:
     """Whether hcl or Lightning raised ``error`` itself (its innermost frame is theirs): a refusal to report in one
-    line, not a bug in a user's code (a model's ``training_step``, a solver of one's own) whose traceback is wanted."""
+    line, not a bug in a user's code (a model's ``training_step``, a data module of one's own), whose traceback is
+    wanted."""
     frames = traceback.extract_tb(error.__traceback__)
     return not frames or frames[-1].filename.startswith(_CHECKING)
 

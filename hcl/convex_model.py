@@ -34,6 +34,7 @@ from hcl.convex.gated import (
     VARIANTS,
     block_outputs,
     certify,
+    distributed_reduce,
     gate_mask,
     gate_weights,
     gates_from_weights,
@@ -181,7 +182,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         self.reduction = reduction
         self._train_data: tuple | None = None  # (the fit's run_key, X, Y)
         self._certified_step, self._first_objective = None, None  # (also for an on_train_start without super())
-        self._warned_nonfinite = self._warned_outside = self._warned_growth = False
+        self._warned_nonfinite = self._warned_outside = self._warned_growth = self._warned_skipped = False
         if out_features > 1:
             self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
             self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=out_features)
@@ -317,7 +318,7 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         check_classes(self.trainer, self)
         self._train_data = None
         self._certified_step, self._first_objective = None, None
-        self._warned_nonfinite = self._warned_growth = self._warned_outside = False
+        self._warned_nonfinite = self._warned_growth = self._warned_outside = self._warned_skipped = False
         warn_about_training_setup(self.trainer, self.reduction)  # a subclass's optimizer, reloaded loaders
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -401,13 +402,13 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         if world > 1:  # one decision for every rank: the certificate's sums are collectives
             skip = bool(self.all_gather(torch.tensor(float(skip), device=self.device)).max())
         if skip:
-            warnings.warn(
-                f"ConvexReLU: the certificate of d̃ = {d}, P = {P}, c = {c} needs {needed / 2**30:.2f} GiB "
-                f"(limit {limit / 2**30:.2f} GiB: {MAX_CERTIFICATE_BYTES / 2**30:.0f} GiB, or half the free memory): "
-                "skipped", stacklevel=2,
-            )
+            if not self._warned_skipped:  # said once per fit (the sizes stay; the free memory moves)
+                self._warned_skipped = True
+                warnings.warn(f"ConvexReLU: the certificate of d̃ = {d}, P = {P}, c = {c} needs {needed / 2**30:.2f} "
+                              f"GiB (limit {limit / 2**30:.2f} GiB: {MAX_CERTIFICATE_BYTES / 2**30:.0f} GiB, or half "
+                              "the free memory): skipped (said once per fit)", stacklevel=2)
             return None
-        reduce = _all_reduce if world > 1 and dist.is_available() and dist.is_initialized() else None
+        reduce = distributed_reduce if world > 1 and dist.is_available() and dist.is_initialized() else None
         try:
             with torch.no_grad():
                 result = certify(
@@ -419,7 +420,10 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         except (torch.OutOfMemoryError, RuntimeError) as error:  # no room after all: the training goes on
             if world > 1 or "memory" not in str(error).lower():  # under DDP the other ranks wait in its sums
                 raise
-            warnings.warn(f"ConvexReLU: the certificate ran out of memory ({error}): skipped", stacklevel=2)
+            if not self._warned_skipped:
+                self._warned_skipped = True
+                warnings.warn(f"ConvexReLU: the certificate ran out of memory ({error}): skipped (said once per fit)",
+                              stacklevel=2)
             return None
         if not self._finite(result.objective, result.lower_bound, result.gap, result.violation):  # overflowed
             return None
@@ -443,8 +447,3 @@ class ConvexReLU(EvaluationLog, pl.LightningModule):
         self._certified_step = self.global_step
         return values
 
-
-def _all_reduce(tensor: Tensor, op: str) -> Tensor:
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensor

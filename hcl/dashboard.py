@@ -147,9 +147,9 @@ def wait_past_last_fit(trainer: pl.Trainer) -> None:
     counter compared as text ("….13" before "….3"), and a file read first drops the steps before its own: the second
     fit's points were lost from a series run opened within the second the first fit's closed in."""
     entry = _REGISTRY.get(trainer)
-    closed = None if entry is None else entry.get("closed")
-    if closed is not None and math.floor(time.time()) == math.floor(closed):
-        time.sleep(math.floor(closed) + 1.0 - time.time())
+    closed, now = (None if entry is None else entry.get("closed")), time.time()
+    if closed is not None and math.floor(now) == math.floor(closed):
+        time.sleep(max(0.0, math.floor(closed) + 1.0 - now))
 
 
 def close_series(trainer: pl.Trainer) -> None:

@@ -10,9 +10,10 @@ configs/<experiment>.yaml``, ``--model.hidden=50``, ``--trainer.callbacks+=...``
 A wrong option or value ends the run with one line on stderr (``python -m hcl.fit: error: ...``) and exit code 2;
 ``HCL_TRACEBACK=1`` shows the full traceback instead.
 
-Resuming: a checkpoint that lies in a TensorBoard run's ``checkpoints/`` folder (where Lightning puts them) continues
-that run's version directory, unless the logger's ``version`` is set explicitly; hcl's callbacks then mark the
-restart, so TensorBoard shows every step once (see ``docs/reliability.md``).
+Resuming: every TensorBoard logger continues the version directory it wrote to in the checkpoint's run (recorded in
+the checkpoint by :class:`LoggedRuns`; for an older checkpoint, the run whose ``checkpoints/`` folder holds it),
+unless the logger's ``version`` is set explicitly; hcl's callbacks then mark the restart, so TensorBoard shows every
+step once (see ``docs/reliability.md``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # A two-layer network's summary table says nothing the config does not; it made the start banner long.
     "enable_model_summary": False,
 }
+
 
 def data_in_features(data: pl.LightningDataModule) -> int:
     """The model's ``in_features``: the data module's."""
@@ -112,8 +114,10 @@ class LoggedRuns(pl.Callback):
     KEY = "hcl_tensorboard_versions"
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint[self.KEY] = {str(Path(logger.root_dir).resolve()): logger.version for logger in trainer.loggers
-                                if isinstance(logger, TensorBoardLogger)}
+        # by folder, and by name for a log folder moved since (its loggers' names stay)
+        checkpoint[self.KEY] = [{"root": str(Path(logger.root_dir).resolve()), "name": logger.name,
+                                 "version": logger.version}
+                                for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
 def main(args: ArgsType = None) -> HCLCLI:
@@ -162,14 +166,16 @@ def main(args: ArgsType = None) -> HCLCLI:
               "model.lr are not used", file=sys.stderr)
     if cli.config.ckpt_path == "last":
         cli.config.ckpt_path = _last_checkpoint(cli.trainer)
-    checkpoint = None
+    recorded = []  # the checkpoint's TensorBoard versions (the checkpoint itself is not kept while training)
     if cli.config.ckpt_path is not None and Path(cli.config.ckpt_path).is_file():  # Lightning names a missing one
         try:
             checkpoint = read_checkpoint(cli.config.ckpt_path, "--ckpt_path")
             check_resumable(checkpoint, cli.model, "--ckpt_path")
+            recorded = checkpoint.get(LoggedRuns.KEY) or []
+            del checkpoint
         except ValueError as error:
             _fail(error)
-    _continue_logged_run(cli.trainer, cli.config.ckpt_path, (checkpoint or {}).get(LoggedRuns.KEY) or {})
+    _continue_logged_run(cli.trainer, cli.config.ckpt_path, recorded if isinstance(recorded, list) else [])
     new_dirs = _new_log_dirs(cli.trainer)
     try:
         try:
@@ -181,7 +187,7 @@ def main(args: ArgsType = None) -> HCLCLI:
             raise spawned from error
     except USER_ERRORS as error:
         if not raised_by_checks(error):
-            raise  # a bug in a user's own code (a model's step, a solver): its traceback says where
+            raise  # a bug in a user's own code (a model's step, a data module): its traceback says where
         if cli.trainer.global_step == 0:
             _remove_log_dirs(new_dirs)  # nothing was trained: no empty run in TensorBoard
         _fail(error)
@@ -313,27 +319,32 @@ def _last_checkpoint(trainer: pl.Trainer) -> str:
     return str(newest)
 
 
-def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None, recorded: dict[str, Any]) -> None:
+def _continue_logged_run(trainer: pl.Trainer, ckpt_path: str | None, recorded: list[dict[str, Any]]) -> None:
     """Log a resumed run into the TensorBoard version directories its checkpoint's run wrote to.
 
     Lightning's default is a new ``version_<k+1>`` on every run, which splits one training run over two TensorBoard
     runs that overlap between the checkpoint and the crash. Each TensorBoard logger without an explicit version
-    continues the version its root folder had in the checkpoint's run (``recorded``: :class:`LoggedRuns`), else, for
-    a checkpoint at ``<save_dir>/<name>/<version>/checkpoints/x.ckpt``, the logger of that ``save_dir`` and ``name``
-    continues ``<version>``.
+    continues the version its root folder (else its name, when one recorded logger has it: a log folder moved) had in
+    the checkpoint's run (``recorded``: :class:`LoggedRuns`); for a checkpoint at
+    ``<save_dir>/<name>/<version>/checkpoints/x.ckpt`` the logger of that ``save_dir`` and ``name`` continues
+    ``<version>`` first.
     """
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
         return
     checkpoint = Path(ckpt_path).resolve()
-    if checkpoint.parent.name == "checkpoints":  # a checkpoint without the record: its own folder's logger
+    roots = {entry.get("root"): entry.get("version") for entry in recorded}
+    names = [entry.get("name") for entry in recorded]
+    if checkpoint.parent.name == "checkpoints":  # its own folder's logger, where it is now
         version_dir = checkpoint.parent.parent
         match = re.fullmatch(r"version_(\d+)", version_dir.name)
-        recorded = {str(version_dir.parent): int(match.group(1)) if match else version_dir.name, **recorded}
+        roots[str(version_dir.parent)] = int(match.group(1)) if match else version_dir.name
     for logger in trainer.loggers:
         # (not a CSV logger: Lightning's would delete the earlier metrics.csv of that version; it starts a new one)
         if not isinstance(logger, TensorBoardLogger) or getattr(logger, "_version", 0) is not None:
             continue
-        version = recorded.get(str(Path(logger.root_dir).resolve()))
+        version = roots.get(str(Path(logger.root_dir).resolve()))
+        if version is None and names.count(logger.name) == 1:
+            version = recorded[names.index(logger.name)].get("version")
         if version is None:
             continue
         logger._version = version

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,8 @@ class ReLUStack:
         return all(bool(torch.isfinite(t).all()) for t in self.weights() if t is not None)
 
     def check_forward(
-        self, module: nn.Module, X: Tensor, rows: int = 8, again: bool = False, shaped: Tensor | None = None
+        self, module: nn.Module, X: Tensor, rows: int = 8, again: bool = False, shaped: Tensor | None = None,
+        warn: Callable[[str], object] = warnings.warn,
     ) -> None:
         """Refuse a ``module`` whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of this stack.
 
@@ -101,6 +103,7 @@ class ReLUStack:
         """
         sample = X[:rows]
         given = [sample] if shaped is None or shaped.shape[1:] == sample.shape[1:] else [shaped[:rows], sample]
+        failure: Exception | None = None
         modes = {sub: sub.training for sub in module.modules()}
         called: list[nn.Module] = []
         hooks = [] if again else [sub.register_forward_hook(lambda m, args, out: called.append(m))
@@ -114,12 +117,12 @@ class ReLUStack:
                         actual = module(inputs)
                         break
                     except Exception as error:  # noqa: BLE001 - e.g. a forward that expects a dict batch
-                        failure = error
+                        failure = error if inputs is given[0] else failure  # the data's own shape's says most
                 else:
                     if not again:
-                        warnings.warn(f"the model's forward does not take the callbacks' samples "
-                                      f"({type(failure).__name__}: {failure}): they cannot check that it computes its "
-                                      f"stack {self.name!r} (Linear → ReLU → Linear)", stacklevel=2)
+                        warn(f"the model's forward does not take the callbacks' samples ({type(failure).__name__}: "
+                             f"{failure}): they cannot check that it computes its stack {self.name!r} (Linear → ReLU "
+                             "→ Linear)")
                     return
                 # after the forward: a weight a pre-hook computes (pruning, weight_norm) is the current one only then
                 weight, bias, output_weight, output_bias = self.weights()

@@ -277,7 +277,6 @@ def test_a_float32_problem_is_certified_at_the_point_the_solver_found(seed):
     assert solution.value == pytest.approx(reference.value, rel=1e-7)
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_problems_solution_and_its_multipliers_stay_on_cuda_through_a_remap():
     """A monitor solving on the training GPU with a cvxpy solver remaps the last solution for the next snapshot's

@@ -254,7 +254,7 @@ def test_a_weighted_sampler_reads_its_dataset_and_no_sampler_or_loader_generator
     weighted = DataLoader(TensorDataset(X, y), batch_size=8, sampler=WeightedRandomSampler(torch.rand(40), 40))
     X_read, y_read = training_data(_fake_trainer(weighted))
     assert torch.equal(X_read, X) and torch.equal(y_read, y)
-    for make in (lambda g: DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True, generator=g),
+    for make in (lambda g: DataLoader(TensorDataset(X, y), batch_size=8, generator=g),  # its workers' seed
                  lambda g: DataLoader(TensorDataset(X, y), batch_size=8, sampler=SubsetRandomSampler(range(40), g))):
         generator = torch.Generator().manual_seed(1)
         before = generator.get_state()
@@ -262,7 +262,7 @@ def test_a_weighted_sampler_reads_its_dataset_and_no_sampler_or_loader_generator
         assert torch.equal(generator.get_state(), before)
 
 
-def test_loaders_without_automatic_batching_give_their_samples_or_batches():
+def test_loaders_without_automatic_batching_give_their_samples_or_batches(monkeypatch):
     """batch_size=None: a shuffled dataset of whole batches was refused ("a training batch of type list"), a dataset
     of single samples read as one row per feature (160 rows for 40 samples)."""
     X, y = _data(n=40)
@@ -278,3 +278,16 @@ def test_loaders_without_automatic_batching_give_their_samples_or_batches():
     assert torch.equal(X_read, X) and torch.equal(y_read, y)
     X_read, y_read = training_data(_fake_trainer(DataLoader(TensorDataset(X, y[:, None]), batch_size=None)))
     assert torch.equal(X_read, X) and torch.equal(y_read, y[:, None])
+    # inputs only, and targets as wide as the inputs: told apart by the hidden layer's width
+    X_read, _ = training_data(_fake_trainer(DataLoader(TensorDataset(X), batch_size=None)), in_features=3)
+    assert torch.equal(X_read, X)
+    wide = torch.randn(40, 3)
+    X_read, y_read = training_data(_fake_trainer(DataLoader(TensorDataset(X, wide), batch_size=None)), in_features=3)
+    assert torch.equal(X_read, X) and torch.equal(y_read, wide)
+    import hcl.callbacks.data as data_module
+
+    warned = []
+    monkeypatch.setattr(data_module, "rank_zero_warn", warned.append)
+    images = torch.randn(40, 1, 2, 2)  # image samples: 40 of them, not 40 batches of one row each
+    X_read, _ = training_data(_fake_trainer(DataLoader(TensorDataset(images, y), batch_size=None)), in_features=4)
+    assert X_read.shape == (40, 1, 2, 2) and not warned, warned

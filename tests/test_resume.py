@@ -3,6 +3,7 @@ was never interrupted."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -279,3 +280,10 @@ data:
     for run, tag in (("plain", "train/objective"), ("prefixed", "exp-train/objective")):
         steps = [step for step, _ in _tensorboard_view(tmp_path / run / "version_0")[tag]]
         assert steps == list(range(10)), (run, steps)
+    moved = tmp_path / "moved"  # the log folder moved: the loggers are found by their names
+    moved.mkdir()
+    for run in ("plain", "prefixed"):
+        shutil.copytree(tmp_path / run, moved / run)
+    config.write_text(config.read_text().replace(f"save_dir: {tmp_path}", f"save_dir: {moved}"))
+    main([*common, "--trainer.max_steps=12", f"--ckpt_path={moved / checkpoint.relative_to(tmp_path)}"])
+    assert sorted(p.name for p in (moved / "prefixed").iterdir()) == ["version_0"]

@@ -235,3 +235,10 @@ def test_multipliers_of_another_shape_are_said_and_warnings_about_the_callers_in
     with pytest.warns(UserWarning, match="ECOS has no time limit") as record:
         solve(problem, "ecos", time_limit=1.0)
     assert record[0].filename == __file__
+    from test_snapshot import snapshot, spec
+
+    from hcl.convex.snapshot import evaluate_snapshot
+
+    # a monitor, which silences solver chatter, passes it on
+    outcome = evaluate_snapshot(spec(solver="permuted"), snapshot(), solve, quiet=True, keep_solution=False)
+    assert any(m.startswith("Probe: solver 'permuted' returned multipliers hcl cannot use") for m in outcome.messages)

@@ -330,3 +330,17 @@ def test_a_users_solver_claiming_optimal_for_a_point_that_is_not_finite_is_logge
         make_trainer([ConvexGapMonitor(solver="nan_point")], max_steps=1).fit(Net(), loader)
     scalars = read_scalars(tmp_path)
     assert scalars["convex/status"] == [(0, 3.0)] and "convex/optimum" not in scalars
+
+
+def test_warn_once_says_a_kind_once_but_errors_that_differ_in_their_own_numbers_each(monkeypatch):
+    import hcl.callbacks.base
+
+    said = []
+    monkeypatch.setattr(hcl.callbacks.base, "rank_zero_warn", said.append)
+    monitor = PatternMonitor()
+    for step, index, line in ((1, 7, 12), (2, 7, 12), (3, 9, 14)):
+        monitor.warn_once(f"M: convex solve failed at step {step} after 0.{step} s: IndexError: index {index} is out "
+                          f"of bounds (raised at f.py:{line} in g)")
+    assert [m.split(": ", 2)[1] for m in said] == ["convex solve failed at step 1 after 0.1 s", "convex solve failed "
+                                                   "at step 3 after 0.3 s"], said
+

@@ -146,6 +146,13 @@ class Certificate:
     n: int
 
 
+def distributed_reduce(tensor: Tensor, op: str) -> Tensor:
+    """``certify``'s ``all_reduce`` under ``torch.distributed``: a sum or a max over the processes."""
+    tensor, ops = tensor.clone(), torch.distributed.ReduceOp
+    torch.distributed.all_reduce(tensor, op=ops.SUM if op == "sum" else ops.MAX)
+    return tensor
+
+
 def certify(
     X: Tensor,
     Y: Tensor,

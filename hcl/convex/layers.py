@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hcl.convex.cvxpy_solver import ConvexSolveError, certified_status, formulate
+from hcl.convex.cvxpy_solver import _DEFAULT_SETTINGS, ConvexSolveError, certified_status, formulate
 from hcl.convex.native.certificate import dual_certificate
 from hcl.convex.native.memory import check_conic_memory
 from hcl.convex.problem import ConvexProblem, ConvexSolution, data_scale
@@ -237,6 +237,8 @@ def solve_layer(
     # absolute (at max|Y| = 1e-6 its value was 13.5 times the optimum)
     unit = float(problem.Y.abs().max()) or 1.0
     scaled = dataclasses.replace(problem, Y=problem.Y / unit, weight_decay=problem.weight_decay / unit)
+    if solver_args is None:  # Clarabel to the conic path's tolerances (its own 1e-8 moved large targets' values 7e-5)
+        solver_args = {**DEFAULT_SOLVER_ARGS, **_DEFAULT_SETTINGS["CLARABEL"]}
     layer = FixedPatternLayer.from_problem(scaled, gated=gated, solver_args=solver_args, verbose=verbose)
     try:
         with torch.no_grad():

@@ -27,7 +27,7 @@ from hcl.convex.feasibility import feasible_solution
 from hcl.convex.native import NativeOptions, planned_method, remap_warm_start
 from hcl.convex.native.options import default_tol
 from hcl.convex.problem import ConvexProblem, ConvexSolution, fold_bias, fold_weights, network_objective
-from hcl.convex.solvers import choose_solver, get_solver
+from hcl.convex.solvers import SolverOutputWarning, choose_solver, get_solver
 from hcl.convex.status import STATUS_CODES, Status, relative_gap
 from hcl.patterns import pattern_keys
 
@@ -181,17 +181,14 @@ def evaluate_snapshot(
     start = time.perf_counter()
     try:
         L, problem, point = _network_point(spec, snap, metrics)
-        if chain is not None:
-            first_order = runs_first_order(problem, spec.solver, options)
-            warm = chain.start_for(problem, spec.gated, first_order=first_order) or point
-        else:
-            warm = point
-        if quiet:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # solver chatter; the status is logged instead
-                solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
-        else:
+        first_order = chain is not None and runs_first_order(problem, spec.solver, options)
+        warm = (chain.start_for(problem, spec.gated, first_order=first_order) if chain is not None else None) or point
+        with warnings.catch_warnings(record=quiet) as caught:
+            if quiet:  # solver chatter (the status is logged instead), but what hcl set aside of a solver's result
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("always", SolverOutputWarning)
             solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
+        notes = [f"{owner}: {w.message}" for w in caught or [] if issubclass(w.category, SolverOutputWarning)]
         if not isinstance(solution, ConvexSolution):
             raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
         seconds = time.perf_counter() - start  # the solve's own time, against its limit
@@ -205,7 +202,8 @@ def evaluate_snapshot(
             solution = feasible_solution(problem, solution, check_tol(spec.solver_options, solution.solver), directions)
         elif solution.violation > 0:  # bounded by its dual value only
             solution = replace(solution, status=Status.TIME_LIMIT.value)
-        return _measure(spec, snap, problem, point, solution, L, seconds, metrics, keep_solution)
+        outcome = _measure(spec, snap, problem, point, solution, L, seconds, metrics, keep_solution)
+        return replace(outcome, messages=notes + outcome.messages)
     except Exception as err:  # noqa: BLE001 - a failed solve must never stop training
         seconds = time.perf_counter() - start
         late = spec.time_limit is not None and seconds >= spec.time_limit

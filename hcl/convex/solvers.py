@@ -171,6 +171,11 @@ _REGISTRY: dict[str, Solver] = {}
 _REGISTRY_LOCK = threading.Lock()  # a worker thread may make the first solve while training validates a name
 
 
+class SolverOutputWarning(UserWarning):
+    """What hcl set aside of a solver's result (multipliers of another shape): said even where solver chatter is not
+    (the monitors pass it on as a message)."""
+
+
 def register_solver(solver: Solver) -> None:
     """Make ``solver`` available to :func:`solve` under ``solver.name`` (case-insensitive).
 
@@ -368,7 +373,7 @@ def checked_solution(problem: ConvexProblem, solution: Any, name: str, **options
             dual = max(dual, dual_certificate(problem, point["U"], point["V"], b0, solution.multipliers, gated=gated))
         except (ValueError, RuntimeError) as error:  # multipliers of another shape: the bound without them, said
             warnings.warn(f"solver {name!r} returned multipliers hcl cannot use ({error}): its bound is the one with "
-                          "μ = 0", stacklevel=caller_stacklevel())
+                          "μ = 0", SolverOutputWarning, stacklevel=caller_stacklevel())
     status = Status.of(solution.status)
     if status.solved:
         # a float32 point's own rounding moves its value by ~1e-7 of it (1.2e-6 measured on a tiny one); a point in a
