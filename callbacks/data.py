@@ -338,9 +338,10 @@ def _sampler(loader: object) -> object:
 
 
 def _reads_dataset(loader: object) -> bool:
-    """Whether :func:`_batches` reads ``loader``'s dataset itself, in its own order: for a shuffling sampler (a row
-    order that changes with the epoch would make every pattern look changed) and for a distributed one
-    (rank-interleaved, padded with repeats: an order that changes with the number of processes)."""
+    """Whether :func:`_batches` reads ``loader``'s dataset itself, in its own order: for a shuffling or weighted
+    sampler (a row order that changes with the epoch would make every pattern look changed; a weighted one's pass is a
+    resample) and for a distributed one (rank-interleaved, padded with repeats: an order that changes with the number
+    of processes)."""
     # exact types: a subclass (Lightning's wrapper of a custom sampler) may cover part of the dataset; a weighted one's
     # draws with replacement are a resample of it (24 of 40 samples in one pass)
     return type(_sampler(loader)) in (RandomSampler, DistributedSampler, WeightedRandomSampler) and not isinstance(

@@ -62,6 +62,7 @@ class FixedPatternLayer(torch.nn.Module):
 
     Raises:
         ValueError: mismatched shapes, non-finite data, ``λ < 0`` or an empty pattern set.
+        TypeError: ``solver_args`` that is not a dict.
     """
 
     def __init__(
