@@ -17,6 +17,7 @@ import re
 import time
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -142,14 +143,19 @@ def flush_series(trainer: pl.Trainer, tags: list[str] | None = None) -> None:
 
 
 def wait_past_last_fit(trainer: pl.Trainer) -> None:
-    """Before a later fit of ``trainer`` writes anything: wait for the next second when the last fit's runs closed in
+    """Before a fit writes anything: wait for the next second when an event file of its TensorBoard runs was made in
     this one. TensorBoard reads a run's event files in name order, a name is its creation second then a process-wide
-    counter compared as text ("….13" before "….3"), and a file read first drops the steps before its own: the second
-    fit's points were lost from a series run opened within the second the first fit's closed in."""
-    entry = _REGISTRY.get(trainer)
-    closed, now = (None if entry is None else entry.get("closed")), time.time()
-    if closed is not None and math.floor(now) == math.floor(closed):
-        time.sleep(max(0.0, math.floor(closed) + 1.0 - now))
+    counter compared as text ("….13" before "….3"), and a file read first drops the steps before its own: a second
+    fit's series points, or a resumed run's whole first step, were lost to files made in the same second."""
+    if not trainer.is_global_zero:
+        return
+    now = time.time()
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and os.path.isdir(logger.log_dir):
+            stamps = (path.name.split(".")[3] for path in Path(logger.log_dir).rglob("events.out.tfevents.*"))
+            if any(stamp.isdigit() and int(stamp) >= math.floor(now) for stamp in stamps):
+                time.sleep(max(0.0, math.floor(now) + 1.0 - now))
+                return
 
 
 def close_series(trainer: pl.Trainer) -> None:
@@ -163,8 +169,6 @@ def close_series(trainer: pl.Trainer) -> None:
     for runs in writers.values():
         for writer in runs:
             writer.close()
-    if writers or any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
-        entry["closed"] = time.time()
 
 
 def series_dirs(trainer: pl.Trainer) -> dict[str, str]:

@@ -176,9 +176,15 @@ def test_every_tensorboard_logger_gets_series_that_its_charts_select_and_a_secon
             assert len(set(seconds)) == len(seconds), (run, seconds)
 
 
-def test_a_later_fit_waits_for_the_next_second_after_the_last_fit_closed_in_this_one():
-    trainer = pl.Trainer(logger=False)
-    dashboard.register_charts(trainer, "hcl", {"chart": ["a", "b"]})
-    dashboard._REGISTRY[trainer]["closed"] = time.time()
+def test_a_fit_waits_for_the_next_second_after_an_event_file_of_its_runs_made_in_this_one(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    trainer = pl.Trainer(logger=logger, accelerator="cpu", devices=1)
+    series = Path(logger.log_dir) / "series" / "a"
+    series.mkdir(parents=True)
+    made = time.time()
+    (series / f"events.out.tfevents.{int(made)}.host.1.3").write_bytes(b"")
     dashboard.wait_past_last_fit(trainer)
-    assert int(time.time()) > int(dashboard._REGISTRY[trainer]["closed"])
+    assert int(time.time()) > int(made)
+    started = time.time()
+    dashboard.wait_past_last_fit(trainer)  # nothing of this second: no wait
+    assert time.time() - started < 0.5

@@ -183,12 +183,15 @@ def evaluate_snapshot(
         L, problem, point = _network_point(spec, snap, metrics)
         first_order = chain is not None and runs_first_order(problem, spec.solver, options)
         warm = (chain.start_for(problem, spec.gated, first_order=first_order) if chain is not None else None) or point
-        with warnings.catch_warnings(record=quiet) as caught:
-            if quiet:  # solver chatter (the status is logged instead), but what hcl set aside of a solver's result
+        caught: list = []
+        if quiet:  # solver chatter (the status is logged instead), but what hcl set aside of a solver's result
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("ignore")
                 warnings.simplefilter("always", SolverOutputWarning)
+                solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
+        else:  # no filter in a worker thread: the state is process-global, and restored late it clobbers the training's
             solution = solve_fn(problem, spec.solver, gated=spec.gated, warm_start=warm, **options)
-        notes = [f"{owner}: {w.message}" for w in caught or [] if issubclass(w.category, SolverOutputWarning)]
+        notes = [f"{owner}: {w.message}" for w in caught if issubclass(w.category, SolverOutputWarning)]
         if not isinstance(solution, ConvexSolution):
             raise TypeError(f"the solver returned {type(solution).__name__}, not a ConvexSolution")
         seconds = time.perf_counter() - start  # the solve's own time, against its limit
