@@ -212,8 +212,9 @@ class StackCallback(Callback):
         # Every callback checks the model itself, whichever others run and whatever the loader's order, and again
         # at every step it acts at (due_step)
         self._checked, self._checked_shaped, self._stopped = X[:8], shaped, False
-        try:
-            self._stack.check_forward(trainer.lightning_module, X, shaped=shaped, warn=rank_zero_warn)
+        try:  # later checks give the forward only the samples it took (a failed first try costs a forward each step)
+            self._checked_shaped = self._stack.check_forward(trainer.lightning_module, X, shaped=shaped,
+                                                             warn=rank_zero_warn)
         except ValueError as err:
             if self.last_step < 0:  # a new run: refused before it trains
                 raise

@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -89,14 +89,12 @@ class PatternMonitor(StackCallback):
         self._hook = None
         self._pending: int | None = None  # the due step whose patterns the next training forward pass records
         self._trainer: pl.Trainer | None = None
-        self._warned_nonfinite = False
 
     @override
     def reset(self) -> None:
         super().reset()
         self._tracker = PatternTracker()
         self._tracked_step = None
-        self._warned_nonfinite = False
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -202,10 +200,8 @@ class PatternMonitor(StackCallback):
         # NaN compares false: non-finite weights would be counted as dead neurons, which they are not.
         if bool(torch.isfinite(values).all()) and (bias is None or bool(torch.isfinite(bias).all())):
             return True
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            rank_zero_warn(f"{type(self).__name__}: non-finite hidden-layer weights at step {step}; patterns are not "
-                           "counted while they last")
+        self.warn_once(f"{type(self).__name__}: non-finite hidden-layer weights at step {step}; patterns are not "
+                       "counted while they last")
         return False
 
     def _remove_hook(self) -> None:

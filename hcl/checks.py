@@ -18,12 +18,18 @@ from torch import Tensor
 REDUCTIONS = ("sum", "mean")
 
 
+def package_dirs(*names: str) -> tuple[str, ...]:
+    """The folders (with a trailing separator) of the loaded packages ``names``, as installed; by default hcl's own (the
+    engine, the callbacks, the data modules)."""
+    return tuple(os.path.dirname(module.__file__) + os.sep
+                 for name in names or ("hcl", "hcl.callbacks", "hcl.datamodules")
+                 if getattr(module := sys.modules.get(name), "__file__", None))
+
+
 def caller_stacklevel() -> int:
     """``warnings.warn``'s ``stacklevel`` for the first frame outside hcl, from the function that calls this one: a
     warning about a caller's input shows the caller's line, however deep in hcl it is raised."""
-    # hcl's own folders (the engine, the callbacks, the data modules), as installed: those of its loaded packages
-    dirs = tuple(os.path.dirname(module.__file__) + os.sep for name in ("hcl", "hcl.callbacks", "hcl.datamodules")
-                 if getattr(module := sys.modules.get(name), "__file__", None))
+    dirs = package_dirs()
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_code.co_filename.startswith(dirs):
         frame, level = frame.f_back, level + 1

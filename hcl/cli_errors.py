@@ -13,13 +13,12 @@ import re
 import traceback
 from types import TracebackType
 
-import lightning
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-import hcl
-import hcl.callbacks
-import hcl.datamodules
+import hcl.callbacks  # noqa: F401 - loaded: their folders are the checks' (package_dirs)
+import hcl.datamodules  # noqa: F401
+from hcl.checks import package_dirs
 
 # Errors of a run's set-up that a user's options cause: reported in one line, without a traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ConnectionError,
@@ -27,8 +26,7 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Con
 
 
 # The packages whose raised errors are refusals of options or data (their own checks), not bugs
-_CHECKING = tuple(os.path.dirname(module.__file__) + os.sep
-                  for module in (hcl, hcl.callbacks, hcl.datamodules, lightning))
+_CHECKING = package_dirs("hcl", "hcl.callbacks", "hcl.datamodules", "lightning")
 
 
 def raised_by_checks(error: BaseException) -> bool:

@@ -175,7 +175,7 @@ def main(args: ArgsType = None) -> HCLCLI:
             del checkpoint
         except ValueError as error:
             _fail(error)
-    _continue_logged_run(cli.trainer, cli.config.ckpt_path, recorded if isinstance(recorded, list) else [])
+    _continue_logged_run(cli.trainer, cli.config.ckpt_path, recorded)
     new_dirs = _new_log_dirs(cli.trainer)
     try:
         try:

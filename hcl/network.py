@@ -80,7 +80,7 @@ class ReLUStack:
     def check_forward(
         self, module: nn.Module, X: Tensor, rows: int = 8, again: bool = False, shaped: Tensor | None = None,
         warn: Callable[[str], object] = warnings.warn,
-    ) -> None:
+    ) -> Tensor | None:
         """Refuse a ``module`` whose output is not ``relu(X W̃ᵀ) Aᵀ + b₀`` of this stack.
 
         The convex problem describes the stack only; a module that computes something else (a deeper network, extra
@@ -88,7 +88,8 @@ class ReLUStack:
         hidden layer takes them) are run through ``module`` in eval mode; its modes are restored afterwards. A module
         whose forward takes neither the samples as the data holds them (``shaped``, e.g. images a forward flattens or
         normalises) nor flattened cannot be checked: it is let through with a warning, and so are non-finite weights
-        (reported elsewhere).
+        (reported elsewhere). Returns the samples the forward took (a later check passes them as ``shaped``), or
+        ``None`` when it took neither.
 
         The layers the forward runs between the hidden and the output layer are also checked by name, whatever their
         current effect: a normalisation there (``BatchNorm1d`` is close to the identity at initialisation, and not
@@ -123,7 +124,7 @@ class ReLUStack:
                         warn(f"the model's forward does not take the callbacks' samples ({type(failure).__name__}: "
                              f"{failure}): they cannot check that it computes its stack {self.name!r} (Linear → ReLU "
                              "→ Linear)")
-                    return
+                    return None
                 # after the forward: a weight a pre-hook computes (pruning, weight_norm) is the current one only then
                 weight, bias, output_weight, output_bias = self.weights()
                 expected = F.linear(torch.relu(F.linear(sample, weight, bias)), output_weight, output_bias)
@@ -142,7 +143,7 @@ class ReLUStack:
             )
         actual = actual.reshape(expected.shape).to(expected)
         if not (torch.isfinite(expected).all() and torch.isfinite(actual).all()):
-            return
+            return inputs
         scale = expected.abs().max().clamp_min(1e-12)
         # float32 forwards round at ~1e-7 relative per operation; a different network differs by far more.
         tolerance = 1e-4 if expected.dtype == torch.float64 else 1e-3
@@ -154,6 +155,7 @@ class ReLUStack:
                 "the data instead)? The convex problem describes a network Linear → ReLU → Linear only; name another "
                 "stack with layer=/output_layer=, or use a two-layer model"
             )
+        return inputs
 
     def _check_between(self, module: nn.Module, called: list[nn.Module]) -> None:
         """Refuse the layers a forward ran between the hidden and the output layer, except ReLU, Dropout, Identity,
