@@ -9,21 +9,17 @@ import signal
 import sys
 import threading
 import time
-import warnings
 
 import lightning.pytorch as pl
 import pytest
-import torch
+from _async_utils import slow_solve, small_run, steps_of
 from _events import read_scalars
 
 import hcl.callbacks.solve_queue as solve_queue_module
 import hcl.convex.solvers as solvers_module
 import hcl.worker
-from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor, PatternMonitor
-from hcl.convex.problem import ConvexSolution
 from hcl.convex.solvers import Solver, get_solver
-from hcl.datamodules import SyntheticRegression
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -33,32 +29,10 @@ TAGS = ("convex/optimum", "convex/upper_bound", "convex/lower_bound", "convex/no
 
 @pytest.fixture
 def run(make_trainer):
-    """``run(root, callbacks, max_steps=10, checkpoint=False)``: train a small network, return the logged scalars."""
-
-    def run(root, callbacks, max_steps=10, checkpoint=False):
-        torch.manual_seed(0)
-        data = SyntheticRegression(kind="gaussian_linear", n=40, d=5, seed=0, dtype="float64")
-        model = TwoLayerReLU(in_features=5, hidden=8, init="normal", init_scale=0.5, lr=0.05)
-        make_trainer(callbacks, max_steps, root=root, enable_checkpointing=checkpoint).fit(model, datamodule=data)
-        return read_scalars(root)
-
-    return run
+    return small_run(make_trainer)
 
 
-def _steps(series, tag):
-    return [step for step, _ in series.get(tag, [])]
-
-
-# Module-level solvers: the worker process imports them by name. The thread-worker tests use solvers that stay out
-# of cvxpy, whose warnings.catch_warnings (process-global state) would race with pytest.warns on the main thread.
-def slow_solve(problem, solver, *, gated=False, warm_start=None, **options):
-    """The network's own feasible point, returned after 50 ms (value = L: a valid, if poor, upper bound)."""
-    time.sleep(0.05)
-    U, V, b0 = warm_start
-    return ConvexSolution(value=float(problem.objective(U, V, b0)), U=U, V=V, b0=b0, status="optimal",
-                          solver="slow", solve_seconds=0.05)
-
-
+# Module-level solvers: the worker process imports them by name.
 def sleepy_solve(problem, solver, **options):
     time.sleep(3600)
 
@@ -91,7 +65,7 @@ def test_with_room_in_the_queue_the_async_series_is_the_sync_series(tmp_path, wo
     monitor = ConvexGapMonitor(every_n_steps=2, solver="clarabel", asynchronous=True, max_pending=100, worker=worker)
     background = run(tmp_path / "async", [monitor])
     for tag in TAGS:
-        assert _steps(background, tag) == list(range(0, 10, 2)), tag
+        assert steps_of(background, tag) == list(range(0, 10, 2)), tag
         for (step, value), (sync_step, sync_value) in zip(background[tag], sync[tag]):
             assert step == sync_step and value == pytest.approx(sync_value, rel=1e-6, abs=1e-9), tag
     assert "convex/skipped" not in background
@@ -104,7 +78,7 @@ def test_a_full_queue_skips_and_counts_but_loses_nothing(tmp_path, monkeypatch, 
     built, snapshot = [], monitor._snapshot
     monitor._snapshot = lambda step: built.append(step) or snapshot(step)
     s = run(tmp_path, [monitor], max_steps=30)
-    solved, skipped = _steps(s, "convex/status"), _steps(s, "convex/skipped")
+    solved, skipped = steps_of(s, "convex/status"), steps_of(s, "convex/skipped")
     assert skipped, "a 50 ms solver at every step of a fast run must fall behind"
     assert built == solved  # a skipped step's snapshot is not built (its sampled patterns take seconds at MNIST size)
     assert len(solved) == len(set(solved))  # each solved step exactly once
@@ -153,7 +127,7 @@ def test_raise_worker_errors_stops_training_and_keeps_what_was_logged(tmp_path, 
     assert s["convex/status"][:3] == [(0, 0.0), (1, 0.0), (2, 3.0)]
     assert 2 <= len(s["train/objective"]) < 50
     # raised before a step, not after one: every step the trainer (and so a checkpoint) counts done has its values
-    assert _steps(s, "train/objective") == list(range(Done.steps))
+    assert steps_of(s, "train/objective") == list(range(Done.steps))
     assert monitor._queue is None  # closed, not left running
 
 
@@ -165,7 +139,7 @@ def test_a_late_result_is_logged_with_the_time_limit_status(tmp_path, monkeypatc
         s = run(tmp_path, [monitor], max_steps=6)
     assert s["convex/status"] == [(0, 2.0), (3, 2.0)]
     assert all(seconds > 0.01 for _, seconds in s["convex/solve_seconds"])
-    assert _steps(s, "convex/upper_bound") == [0, 3]  # the late point is still feasible: its value is kept
+    assert steps_of(s, "convex/upper_bound") == [0, 3]  # the late point is still feasible: its value is kept
     assert "convex/optimum" not in s  # but the optimum is logged only with status 0
 
 
@@ -186,12 +160,12 @@ def test_a_hung_solver_never_hangs_training(tmp_path, monkeypatch, run):
     finally:
         release.set()
     assert time.monotonic() - start < 30
-    solved, skipped = _steps(s, "convex/status"), _steps(s, "convex/skipped")
+    solved, skipped = steps_of(s, "convex/status"), steps_of(s, "convex/skipped")
     assert sorted(solved + skipped) == [0, 2, 4]
     assert all(v == 2.0 for _, v in s["convex/status"])  # abandoned solves are time-limit results
     assert len(s["train/objective"]) == 6
     # what the network itself gives is logged all the same: L and its own point's value, p* ≤ upper_bound ≤ L
-    assert _steps(s, "convex/nonconvex_objective") == _steps(s, "convex/upper_bound") == solved
+    assert steps_of(s, "convex/nonconvex_objective") == steps_of(s, "convex/upper_bound") == solved
     for (_, upper), (_, L) in zip(s["convex/upper_bound"], s["convex/nonconvex_objective"]):
         assert upper <= L * (1 + 1e-6)
 
@@ -222,7 +196,7 @@ def test_abandoned_thread_solves_count_in_max_pending(tmp_path, monkeypatch, run
         assert most[0] <= 2
     finally:
         release.set()
-    assert sorted(_steps(s, "convex/status") + _steps(s, "convex/skipped")) == list(range(14))
+    assert sorted(steps_of(s, "convex/status") + steps_of(s, "convex/skipped")) == list(range(14))
 
 
 def test_the_worker_process_is_killed_when_a_solve_overruns(tmp_path, monkeypatch, full_priority, run):
@@ -248,8 +222,8 @@ def test_an_exception_cancels_the_queue_and_flushes(tmp_path, monkeypatch, run):
     with pytest.raises(KeyError, match="crash at step 8"):  # a stack callback before the monitor, as in the configs
         run(tmp_path, [PatternMonitor(), monitor, Crash()], max_steps=50)
     s = read_scalars(tmp_path)
-    assert _steps(s, "train/objective") == list(range(8))
-    assert _steps(s, "convex/status") == _steps(s, "convex/optimum") == list(range(9))  # on disk, in order
+    assert steps_of(s, "train/objective") == list(range(8))
+    assert steps_of(s, "convex/status") == steps_of(s, "convex/optimum") == list(range(9))  # on disk, in order
     # the chart's series run got them too, also those logged after the first callback's on_exception
     series = read_scalars(next(tmp_path.rglob("series")) / "convex" / "optimum")
     assert [step for step, _ in next(iter(series.values()))] == list(range(9))
@@ -342,70 +316,6 @@ def test_raise_worker_errors_raises_the_first_failure_and_the_others_warn(tmp_pa
     assert 'raise RuntimeError("solver exploded")' in str(e.value)
 
 
-def test_a_checkpoint_waits_for_the_solves_in_flight(tmp_path, monkeypatch, run):
-    """Whatever a checkpoint records as done has been logged: a resumed run neither repeats nor misses a step."""
-
-    class Inspect(pl.Callback):
-        seen: list[tuple[int, int]] = []
-
-        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            state = checkpoint["callbacks"][monitor.state_key]
-            self.seen.append((state["last_step"], len(monitor._queue)))
-
-    monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
-    monitor = ConvexGapMonitor(asynchronous=True, max_pending=100, worker="thread")
-    with pytest.warns(UserWarning, match="training waits for nearly every solve"):  # said, since it costs
-        s = run(tmp_path, [monitor, Inspect()], max_steps=5, checkpoint=True)
-    # One checkpoint per full-batch epoch; each was written with an empty queue, after its steps were logged.
-    assert Inspect.seen == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)]
-    assert _steps(s, "convex/status") == list(range(5))
-
-
-def test_checkpoints_saved_less_often_than_the_solves_are_not_warned_about(tmp_path, monkeypatch, run):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    monkeypatch.setattr(solve_queue_module, "solve", slow_solve)
-    monitor = ConvexGapMonitor(every_n_steps=2, asynchronous=True, max_pending=100, worker="thread")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run(tmp_path, [monitor, ModelCheckpoint(every_n_train_steps=3, every_n_epochs=None)], max_steps=4,
-            checkpoint=True)
-    assert not [w for w in caught if "waits for nearly every solve" in str(w.message)]
-
-
-@pytest.mark.parametrize("batches, accumulate, check_val, every_n_steps, fast_dev_run, warned", [
-    (1, 1, 1, 1, 0, True),  # full batch, a checkpoint each epoch: each step
-    (1, 1, 1, 1, 3, False),  # Lightning saves no checkpoint in a fast_dev_run
-    (1, 1, 5, 1, 0, False),  # saved after validation, every fifth epoch
-    (4, 3, 1, 1, 0, False),  # two steps an epoch (the last accumulation is partial)
-    (4, 3, 1, 2, 0, True),
-])
-def test_the_checkpoint_warning_counts_steps_as_lightning_saves(batches, accumulate, check_val, every_n_steps,
-                                                                fast_dev_run, warned):
-    from types import SimpleNamespace
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from hcl.callbacks.monitor_options import warn_if_checkpoints_wait
-
-    trainer = SimpleNamespace(num_training_batches=batches, accumulate_grad_batches=accumulate,
-                              check_val_every_n_epoch=check_val, num_val_batches=[2], val_check_interval=1.0,
-                              fast_dev_run=fast_dev_run, checkpoint_callbacks=[ModelCheckpoint()])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warn_if_checkpoints_wait(trainer, "ConvexGapMonitor", every_n_steps)
-    assert bool([w for w in caught if "waits for nearly every solve" in str(w.message)]) == warned
-
-
-def test_the_async_monitor_is_picklable_before_and_after_training(tmp_path, run):
-    import pickle
-
-    monitor = ConvexGapMonitor(asynchronous=True, worker="thread")
-    pickle.dumps(monitor)  # ddp_spawn pickles the callbacks before training
-    run(tmp_path, [monitor], max_steps=2)
-    pickle.dumps(monitor)
-
-
 def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tmp_path, monkeypatch, run):
     """Every due step is logged or counted as skipped, never neither: the solves collected before the interruption of
     the end-of-training wait are logged, the rest skipped (the interrupt comes once step 2 is collected, 3 held)."""
@@ -444,7 +354,7 @@ def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tm
         signal.signal(signal.SIGINT, handler)  # Lightning ignores a second Ctrl-C from then on
         release.set()
     s = read_scalars(tmp_path)
-    assert _steps(s, "convex/status") == [0, 1, 2]
+    assert steps_of(s, "convex/status") == [0, 1, 2]
     assert s["convex/skipped"] == [(3, 1.0)]
 
 
@@ -454,7 +364,7 @@ def test_a_users_registered_solver_is_used_by_the_worker_process(tmp_path, monke
     monkeypatch.setitem(solvers_module._registry(), "clarabel_renamed", ClarabelByAnotherName())
     monitor = ConvexGapMonitor(every_n_steps=2, solver="clarabel_renamed", asynchronous=True, worker="process")
     s = run(tmp_path, [monitor], max_steps=4)
-    assert s["convex/status"] == [(0, 0.0), (2, 0.0)] and _steps(s, "convex/optimum") == [0, 2]
+    assert s["convex/status"] == [(0, 0.0), (2, 0.0)] and steps_of(s, "convex/optimum") == [0, 2]
 
     class Local(ClarabelByAnotherName):
         name = "local"

@@ -100,12 +100,12 @@ def test_the_mnist_monitor_benchmark_runs_end_to_end(tmp_path):
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images)
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_monitor.py"
-    args = [sys.executable, str(script), "--root", str(tmp_path), "--sizes", "150", "--seeds", "0", "--steps", "0",
-            "2", "--time-limit", "2", "--threads", "1"]
+    # one snapshot (each solve starts a process of its own, a few seconds each)
+    args = [sys.executable, str(script), "--root", str(tmp_path), "--sizes", "150", "--seeds", "0", "--steps", "2",
+            "--time-limit", "2", "--threads", "1"]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 150 ")]
-    assert [(r[2].strip(), r[4].strip()) for r in rows] == [("0", "admm"), ("0", "fista"), ("2", "admm"),
-                                                              ("2", "fista")]
+    assert [(r[2].strip(), r[4].strip()) for r in rows] == [("2", "admm"), ("2", "fista")]
     for r in rows:
         lower, value, violation = float(r[6]), float(r[7]), float(r[9])
         assert lower >= 0.0 and math.isfinite(value)
