@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import (
@@ -74,14 +75,15 @@ def training_data(
         else:
             X, Y, loader, whole = _collect_dataloader(trainer, in_features)
             source = "one pass over the training dataloader"
-            if type(_sampler(loader)) is WeightedRandomSampler:  # its draws are a resample, not the training set
+            weighted = type(_drawing(loader)) is WeightedRandomSampler
+            if weighted:  # its draws are a resample, not the training set
                 source += "'s dataset, each sample once (its WeightedRandomSampler's weights not applied)"
             datasets = None  # the samples of the ranks' own datasets together (None: this rank's dataset's length)
             copies = False  # the same dataset read whole on every rank: one pass of one rank's
             if not whole and trainer.world_size > 1:
                 copies, datasets = rank_datasets(trainer, loader)
             if whole or copies:
-                source += "'s dataset, whole on every rank"
+                source += ", whole on every rank" if weighted else "'s dataset, whole on every rank"
                 datasets = None
             elif trainer.world_size > 1:
                 X = gather_rows(trainer, X)
@@ -337,6 +339,23 @@ def _sampler(loader: object) -> object:
     return getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
 
 
+def _drawing(loader: object) -> object:
+    """The sampler that draws the indices: the loader's, or the one Lightning's ``DistributedSamplerWrapper`` holds
+    under DDP (a user's sampler, e.g. a ``WeightedRandomSampler``, whose draws it shards over the ranks)."""
+    sampler = _sampler(loader)
+    if isinstance(sampler, DistributedSamplerWrapper):
+        return getattr(sampler.dataset, "_sampler", sampler)
+    return sampler
+
+
+def _wrapped_over_ranks(loader: object, world_size: int) -> bool:
+    """A shuffling or weighted sampler that Lightning's wrapper shards over the ``world_size > 1`` ranks: each rank's
+    loader holds the whole dataset."""
+    sampler = _sampler(loader)
+    return isinstance(sampler, DistributedSamplerWrapper) and sampler.num_replicas == world_size > 1 and type(
+        _drawing(loader)) in (RandomSampler, WeightedRandomSampler)
+
+
 def _reads_dataset(loader: object) -> bool:
     """Whether :func:`_batches` reads ``loader``'s dataset itself, in its own order: for a shuffling or weighted
     sampler (a row order that changes with the epoch would make every pattern look changed; a weighted one's pass is a
@@ -344,15 +363,19 @@ def _reads_dataset(loader: object) -> bool:
     of processes)."""
     # exact types: a subclass (Lightning's wrapper of a custom sampler) may cover part of the dataset; a weighted one's
     # draws with replacement are a resample of it (24 of 40 samples in one pass)
-    return type(_sampler(loader)) in (RandomSampler, DistributedSampler, WeightedRandomSampler) and not isinstance(
-        getattr(loader, "dataset", None), IterableDataset)
+    sampler = _sampler(loader)
+    reads = type(sampler) in (RandomSampler, DistributedSampler, WeightedRandomSampler) or isinstance(
+        sampler, DistributedSamplerWrapper) and type(_drawing(loader)) in (RandomSampler, WeightedRandomSampler)
+    return reads and not isinstance(getattr(loader, "dataset", None), IterableDataset)
 
 
 def _whole_on_every_rank(loader: object, world_size: int) -> bool:
     """Whether that read gives every rank the whole dataset: DDP's own sampler, which shards the dataset over the
-    ranks (one over a single replica is a dataset sharded beforehand, whose ranks' parts are gathered)."""
+    ranks (one over a single replica is a dataset sharded beforehand, whose ranks' parts are gathered), or Lightning's
+    wrapper of a shuffling or weighted sampler."""
     sampler = _sampler(loader)
-    return _reads_dataset(loader) and type(sampler) is DistributedSampler and sampler.num_replicas == world_size > 1
+    return _reads_dataset(loader) and (type(sampler) is DistributedSampler and sampler.num_replicas == world_size > 1
+                                       or _wrapped_over_ranks(loader, world_size))
 
 
 def _batches(loader: object) -> Iterator[object]:
@@ -393,8 +416,8 @@ def _generators_kept(loader: object = None) -> Iterator[None]:
     """torch's (CPU), Python's and NumPy's global random states restored on exit, and the generators of ``loader``
     and of its sampler: a sampler seeded from them, or a random transform, would otherwise change the training run."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    own = {id(g): g for g in (getattr(loader, "generator", None), getattr(_sampler(loader), "generator", None))
-           if isinstance(g, torch.Generator)}
+    own = {id(g): g for g in (getattr(loader, "generator", None), getattr(_sampler(loader), "generator", None),
+                              getattr(_drawing(loader), "generator", None)) if isinstance(g, torch.Generator)}
     states = [(g, g.get_state()) for g in own.values()]
     with torch.random.fork_rng(devices=[]):
         try:

@@ -262,6 +262,30 @@ def test_a_weighted_sampler_reads_its_dataset_and_no_sampler_or_loader_generator
         assert torch.equal(generator.get_state(), before)
 
 
+@pytest.mark.parametrize("kind", ["weighted", "random"])
+def test_under_ddp_a_wrapped_sampler_reads_its_dataset_whole_on_every_rank_and_keeps_its_generator(kind):
+    """Lightning wraps a user's sampler in a DistributedSamplerWrapper under DDP: the pass had gathered the ranks'
+    weighted draws (a resample) and advanced the sampler's generator, so that training differed without the
+    callbacks."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+    from hcl.callbacks.data import training_copies
+
+    X, y = _data(n=40)
+    generator = torch.Generator().manual_seed(1)
+    inner = (WeightedRandomSampler(torch.rand(40), 40, generator=generator) if kind == "weighted" else
+             RandomSampler(range(40), generator=generator))
+    before = generator.get_state()
+    sampler = DistributedSamplerWrapper(inner, num_replicas=2, rank=1)
+    trainer = _fake_trainer(DataLoader(TensorDataset(X, y), batch_size=8, sampler=sampler), world_size=2)
+    trainer.strategy = None  # nothing is gathered: a collective here would fail
+    X_read, y_read = training_data(trainer)
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+    assert torch.equal(generator.get_state(), before)
+    assert training_copies(trainer) == 1  # each draw trains on one rank
+
+
 def test_loaders_without_automatic_batching_give_their_samples_or_batches(monkeypatch):
     """batch_size=None: a shuffled dataset of whole batches was refused ("a training batch of type list"), a dataset
     of single samples read as one row per feature (160 rows for 40 samples)."""
