@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hcl.key_set import KEY, KeySet
+
 _BITS_PER_WORD = 64
 # Bytes of a product with X computed at once (sampled gates' X g, hidden pre-activations): the whole (n, k) product
 # at MNIST's full size is 1.2 GB for 5 000 gates, for patterns of 34 MB
@@ -267,10 +269,11 @@ class PatternStats(NamedTuple):
 class PatternTracker:
     """Follows the neurons' patterns over a run: distinct, dead, changed and never-seen-before counts.
 
-    Patterns are remembered by their 128-bit keys (:func:`pattern_keys`), not their ``n`` bits, in one sorted array,
-    and the history is saved by :meth:`state_dict` as a base64 string: a resumed run continues ``new`` and
-    ``changed`` where it stopped. It grows with the distinct patterns seen, 16 bytes each in memory, 22 in a
-    checkpoint (mini-batch Adam on MNIST with 500 neurons meets 500 new ones at every step: 8 MB per 1 000 steps).
+    Patterns are remembered by their 128-bit keys (:func:`pattern_keys`), not their ``n`` bits
+    (:class:`hcl.key_set.KeySet`), and the history is saved by :meth:`state_dict` as a base64 string: a resumed run
+    continues ``new`` and ``changed`` where it stopped. It grows with the distinct patterns seen, 16 bytes each in
+    memory, 22 in a checkpoint (mini-batch Adam on MNIST with 500 neurons meets 500 new ones at every step: 8 MB per
+    1 000 steps).
     All snapshots must be taken on the same data (the same rows of ``D``).
 
     Example::
@@ -285,9 +288,9 @@ class PatternTracker:
 
     def reset(self) -> None:
         """Forget the history (the next snapshot counts as the first)."""
-        self._seen = np.empty(0, _KEY)  # sorted, distinct
+        self._seen = KeySet()
         self._previous: Tensor | None = None  # (m, 2) keys of the last snapshot
-        self._undo: tuple[np.ndarray, Tensor | None] = (self._seen, None)  # the last update's additions, previous
+        self._undo: tuple[np.ndarray, Tensor | None] = (np.empty(0, KEY), None)  # the last update's additions, previous
 
     @property
     def num_seen(self) -> int:
@@ -315,12 +318,11 @@ class PatternTracker:
                     "call reset() before tracking a different network"
                 )
             changed = int((self._previous.to(keys.device) != keys).any(dim=1).sum())
-        candidates = _as_keys(distinct.cpu().numpy())
-        where = np.searchsorted(self._seen, candidates)
-        known = where < len(self._seen)
-        known[known] = self._seen[where[known]] == candidates[known]
-        added = candidates[~known]
-        self._seen = np.insert(self._seen, where[~known], added)  # sorted still: both are
+        candidates = distinct.cpu().numpy()
+        high, low = np.ascontiguousarray(candidates[:, 0]), np.ascontiguousarray(candidates[:, 1])
+        new = ~self._seen.contains(high, low)
+        self._seen.add(high[new], low[new])
+        added = _as_keys(candidates[new])
         self._undo = (added, self._previous)
         self._previous = keys
         unique = distinct.shape[0]
@@ -331,9 +333,9 @@ class PatternTracker:
     def state_dict(self, drop_last: bool = False) -> dict:
         """The history as a string and lists (what ``torch.load(weights_only=True)`` reads); with ``drop_last``, as it
         was before the last snapshot (a checkpoint of a step that did not finish, which the resumed run takes again)."""
-        seen, previous = self._seen, self._previous
+        seen, previous = self._seen.records(), self._previous
         if drop_last:
-            seen = np.delete(seen, np.searchsorted(seen, self._undo[0]))
+            seen = self._seen.records(without=self._undo[0])
             previous = self._undo[1]
         return {"seen": base64.b64encode(seen.tobytes()).decode("ascii"),
                 "previous": None if previous is None else previous.cpu().tolist()}
@@ -344,21 +346,17 @@ class PatternTracker:
             raise ValueError("state must be a dict with keys 'seen' and 'previous' (from state_dict())")
         seen = state["seen"]
         if isinstance(seen, str):
-            self._seen = np.frombuffer(base64.b64decode(seen), dtype=_KEY).copy()
+            self._seen = KeySet.of_records(np.frombuffer(base64.b64decode(seen), dtype=KEY), distinct=True)
         else:
-            self._seen = np.unique(_as_keys(np.asarray(seen, dtype=np.int64).reshape(-1, 2)))
+            self._seen = KeySet.of_records(_as_keys(np.asarray(seen, dtype=np.int64).reshape(-1, 2)))
         previous = state["previous"]
         self._previous = None if previous is None else torch.tensor(previous, dtype=torch.int64).reshape(-1, 2)
-        self._undo = (self._seen[:0], None)
-
-
-# A pattern's key as one sortable record: numpy orders structured arrays field by field
-_KEY = np.dtype([("high", np.int64), ("low", np.int64)])
+        self._undo = (np.empty(0, KEY), None)
 
 
 def _as_keys(pairs: np.ndarray) -> np.ndarray:
-    """``(N, 2)`` int64 key pairs as ``N`` records of :data:`_KEY`."""
-    return np.ascontiguousarray(pairs, dtype=np.int64).view(_KEY).reshape(-1)
+    """``(N, 2)`` int64 key pairs as ``N`` records of :data:`~hcl.key_set.KEY`."""
+    return np.ascontiguousarray(pairs, dtype=np.int64).view(KEY).reshape(-1)
 
 
 # --------------------------------------------------------------------------- sampling
