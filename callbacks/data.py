@@ -183,6 +183,8 @@ def warn_if_ddp_changes_samples(trainer: pl.Trainer) -> None:
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.num_replicas < 2:
         return
+    if _wrapped_over_ranks(loader, sampler.num_replicas):
+        return  # a weighted sampler's draws: a resample, not the samples the callbacks read (its dataset, once)
     batch_size = getattr(loader, "batch_size", 1)
     if batch_size is None and getattr(loader, "batch_sampler", None) is None:
         return  # a dataset of whole batches, not of samples (an hcl data module's full batch: each rank's own shard)
@@ -349,11 +351,11 @@ def _drawing(loader: object) -> object:
 
 
 def _wrapped_over_ranks(loader: object, world_size: int) -> bool:
-    """A shuffling or weighted sampler that Lightning's wrapper shards over the ``world_size > 1`` ranks: each rank's
-    loader holds the whole dataset."""
+    """A weighted sampler that Lightning's wrapper shards over the ``world_size > 1`` ranks (it replaces a shuffling
+    one by its own): each rank's loader holds the whole dataset."""
     sampler = _sampler(loader)
     return isinstance(sampler, DistributedSamplerWrapper) and sampler.num_replicas == world_size > 1 and type(
-        _drawing(loader)) in (RandomSampler, WeightedRandomSampler)
+        _drawing(loader)) is WeightedRandomSampler
 
 
 def _reads_dataset(loader: object) -> bool:
@@ -365,14 +367,14 @@ def _reads_dataset(loader: object) -> bool:
     # draws with replacement are a resample of it (24 of 40 samples in one pass)
     sampler = _sampler(loader)
     reads = type(sampler) in (RandomSampler, DistributedSampler, WeightedRandomSampler) or isinstance(
-        sampler, DistributedSamplerWrapper) and type(_drawing(loader)) in (RandomSampler, WeightedRandomSampler)
+        sampler, DistributedSamplerWrapper) and type(_drawing(loader)) is WeightedRandomSampler
     return reads and not isinstance(getattr(loader, "dataset", None), IterableDataset)
 
 
 def _whole_on_every_rank(loader: object, world_size: int) -> bool:
     """Whether that read gives every rank the whole dataset: DDP's own sampler, which shards the dataset over the
     ranks (one over a single replica is a dataset sharded beforehand, whose ranks' parts are gathered), or Lightning's
-    wrapper of a shuffling or weighted sampler."""
+    wrapper of a weighted sampler."""
     sampler = _sampler(loader)
     return _reads_dataset(loader) and (type(sampler) is DistributedSampler and sampler.num_replicas == world_size > 1
                                        or _wrapped_over_ranks(loader, world_size))

@@ -84,7 +84,7 @@ def test_warm_start_is_the_monitors_chain(tr):
     assert ours[0].shape[0] == after.num_patterns
 
 
-@pytest.mark.slow  # four solves, each in a fresh process
+@pytest.mark.slow  # two solves, each in a fresh process
 def test_the_mnist_monitor_benchmark_runs_end_to_end(tmp_path):
     """On tiny files in MNIST's format: every row a certified bracket from its own fresh process."""
     import math

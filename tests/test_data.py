@@ -262,26 +262,29 @@ def test_a_weighted_sampler_reads_its_dataset_and_no_sampler_or_loader_generator
         assert torch.equal(generator.get_state(), before)
 
 
-@pytest.mark.parametrize("kind", ["weighted", "random"])
-def test_under_ddp_a_wrapped_sampler_reads_its_dataset_whole_on_every_rank_and_keeps_its_generator(kind):
-    """Lightning wraps a user's sampler in a DistributedSamplerWrapper under DDP: the pass had gathered the ranks'
-    weighted draws (a resample) and advanced the sampler's generator, so that training differed without the
-    callbacks."""
+@pytest.mark.parametrize("draws", [40, 41, 100])
+def test_under_ddp_a_wrapped_weighted_sampler_reads_its_dataset_whole_on_every_rank_and_keeps_its_generator(draws):
+    """Lightning wraps a user's WeightedRandomSampler in a DistributedSamplerWrapper under DDP: the pass had gathered
+    the ranks' weighted draws (a resample) and advanced the sampler's generator, so that training differed without
+    the callbacks. The draws' padding and drop_last are not the callbacks' samples: no warning about them."""
     from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-    from torch.utils.data import RandomSampler, WeightedRandomSampler
+    from torch.utils.data import WeightedRandomSampler
 
     from hcl.callbacks.data import training_copies
 
     X, y = _data(n=40)
     generator = torch.Generator().manual_seed(1)
-    inner = (WeightedRandomSampler(torch.rand(40), 40, generator=generator) if kind == "weighted" else
-             RandomSampler(range(40), generator=generator))
+    inner = WeightedRandomSampler(torch.rand(40), draws, generator=generator)
     before = generator.get_state()
     sampler = DistributedSamplerWrapper(inner, num_replicas=2, rank=1)
-    trainer = _fake_trainer(DataLoader(TensorDataset(X, y), batch_size=8, sampler=sampler), world_size=2)
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, sampler=sampler, drop_last=True)
+    trainer = _fake_trainer(loader, world_size=2)
     trainer.strategy = None  # nothing is gathered: a collective here would fail
-    X_read, y_read = training_data(trainer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        X_read, y_read = training_data(trainer)
     assert torch.equal(X_read, X) and torch.equal(y_read, y)
+    assert not [w for w in caught if "pads" in str(w.message) or "drop_last" in str(w.message)]
     assert torch.equal(generator.get_state(), before)
     assert training_copies(trainer) == 1  # each draw trains on one rank
 
