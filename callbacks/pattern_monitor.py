@@ -162,6 +162,7 @@ class PatternMonitor(StackCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._tracker.load_state_dict(state_dict["tracker"])
+        self._tracked_step = None  # the loaded history's last snapshot is a finished step's (an earlier fit's is gone)
 
     # ------------------------------------------------------------------ helpers
     def _from_forward(self, module, inputs, output: Tensor) -> None:

@@ -351,7 +351,7 @@ class PatternTracker:
             self._seen = KeySet.of_records(_as_keys(np.asarray(seen, dtype=np.int64).reshape(-1, 2)))
         previous = state["previous"]
         self._previous = None if previous is None else torch.tensor(previous, dtype=torch.int64).reshape(-1, 2)
-        self._undo = (np.empty(0, KEY), None)
+        self._undo = (np.empty(0, KEY), self._previous)  # nothing added since: the snapshot before is the loaded one
 
 
 def _as_keys(pairs: np.ndarray) -> np.ndarray:

@@ -307,7 +307,7 @@ def test_sample_patterns_takes_numpy_integers():
 
 def test_the_pattern_history_is_sixteen_bytes_a_pattern_and_counts_as_a_set_would():
     """MNIST's mini-batch training meets m new patterns at every step: a Python set of key pairs took 190 bytes a
-    pattern and 2.4 s a million to save. The sorted array counts as the set did, its state is a base64 string of 16
+    pattern and 2.4 s a million to save. The key set counts as the set did, its state is a base64 string of 16
     bytes a pattern, a state saved as a list of key pairs (earlier checkpoints) loads, and ``drop_last`` forgets the
     last snapshot."""
     g = torch.Generator().manual_seed(0)
@@ -326,3 +326,17 @@ def test_the_pattern_history_is_sixteen_bytes_a_pattern_and_counts_as_a_set_woul
         resumed = PatternTracker()
         resumed.load_state_dict(saved)
         assert resumed.num_seen == len(seen) and resumed.update(D).new == 0
+
+
+def test_a_checkpoint_inside_the_step_after_a_resume_keeps_the_loaded_snapshot():
+    """Right after a load, state_dict(drop_last=True) had dropped the loaded previous snapshot: the run resumed from
+    it logged patterns/changed = 0 at its first step."""
+    g = torch.Generator().manual_seed(0)
+    D0, D1 = (torch.rand(30, 8, generator=g) > 0.5 for _ in range(2))
+    tracker = PatternTracker()
+    tracker.update(D0)
+    resumed = PatternTracker()
+    resumed.load_state_dict(tracker.state_dict())
+    again = PatternTracker()
+    again.load_state_dict(resumed.state_dict(drop_last=True))  # a checkpoint before the resumed run's first snapshot
+    assert again.update(D1) == tracker.update(D1)
