@@ -228,6 +228,7 @@ def test_a_fast_dev_run_writes_no_picture_and_warns_of_no_missing_logger(tmp_pat
     assert plot.png_path is None and not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_unsupported_models_and_data_are_refused(make_trainer):
     data = SyntheticRegression(kind="points", x=[[0.1, 0.2], [0.3, -0.1], [0.5, 0.9]], y=[0.0, 1.0, 0.5],
                                dtype="float64")
@@ -281,6 +282,7 @@ def test_a_long_runs_gif_animates_evenly_spaced_frames_at_most(tmp_path, make_tr
     assert Image.open(plot.gif_path).n_frames == 3  # the first, the middle and the last
 
 
+@pytest.mark.slow
 def test_two_pictures_write_two_files_and_each_run_draws_its_own_range(tmp_path, make_trainer):
     """Two pictures with their own tags both wrote activation_points.png, and a reused picture kept the first run's
     axis, with the second run's data outside it."""

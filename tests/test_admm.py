@@ -93,6 +93,7 @@ def _summed_small_lambda() -> ConvexProblem:
                          reduction="sum")
 
 
+@pytest.mark.slow
 def test_where_float32_stops_closing_the_gap_the_solve_goes_on_in_float64():
     # λ small beside the data term (a sum): float32's iterates held the gap at 5.4e-3, then 3.8e-3, for thousands of
     # iterations; the solve now carries its point, multipliers and penalties over to float64 and certifies
@@ -106,6 +107,7 @@ def test_where_float32_stops_closing_the_gap_the_solve_goes_on_in_float64():
 
 
 @pytest.mark.parametrize("seed", [0, 5])
+@pytest.mark.slow
 def test_where_float32_meets_the_test_only_short_of_its_cones_the_solve_goes_on_in_float64(seed):
     # n < d, correlated float32 inputs, p* 1e-4 of the data term's scale: float32's iterates met the test with the
     # violation at 1e-7 of max|Y|, its floor, where moving them into the cones cost more than tol (max_iterations);
@@ -121,6 +123,7 @@ def test_where_float32_meets_the_test_only_short_of_its_cones_the_solve_goes_on_
     assert solution.status == "optimal" and solution.iterations < 1500
 
 
+@pytest.mark.slow
 def test_a_precision_asked_for_or_a_float64_that_does_not_fit_is_kept_to_the_end():
     problem = _summed_small_lambda()
     asked = solve_native(problem, method="admm", max_iters=1500, dtype=torch.float32)
@@ -190,6 +193,7 @@ def test_an_early_stop_still_brackets_the_optimum():
     assert solution.violation > 1e-6 * float(problem.Y.abs().max())
 
 
+@pytest.mark.slow
 def test_a_warm_start_from_the_optimum_takes_a_fraction_of_the_iterations():
     problem = instance(n=60, d=8, P=12, c=1, seed=8)
     for anderson, fraction in ((0, 10), (None, 5)):  # the acceleration shortens the cold solve more than the warm one
@@ -378,6 +382,7 @@ def test_lambda_zero_in_float32_keeps_zero_groups_finite(method):
     assert 0.0 <= solution.dual_value <= solution.value < float("inf")
 
 
+@pytest.mark.slow
 def test_on_badly_scaled_data_the_penalties_stop_where_the_step_still_factors(monkeypatch):
     """Inputs of scale 1e-6 beside a bias column, targets of scale 1e8: residual balancing lowered ρ until the
     ``n × n`` matrix lost its ``I/2`` to rounding and its factorisation raised. ρ now stops falling there, and a ρ

@@ -28,6 +28,7 @@ def _seed_c(n=60, d=6, hidden=10, bias=False, init_scale=1e-2, weight_decay=0.0,
     return model, data
 
 
+@pytest.mark.slow
 def test_pattern_monitor_logs_counts_that_match_the_weights(tmp_path, make_trainer):
     model, data = _seed_c(init_scale=1.0, lr=0.2)
     data.setup("fit")
@@ -46,6 +47,7 @@ def test_pattern_monitor_logs_counts_that_match_the_weights(tmp_path, make_train
     assert all(0 <= v <= 10 for _, v in s["patterns/unique"])
 
 
+@pytest.mark.slow
 def test_forward_hook_and_recomputation_give_the_same_series(tmp_path, make_trainer):
     """Full-batch runs read patterns from the forward pass; a probe recomputes them, and so does a model in eval mode
     (no forward hook: before the backward pass, not after the optimizer's step): all must agree."""
@@ -92,6 +94,7 @@ def test_convex_optimum_never_exceeds_the_objective(tmp_path, make_trainer, form
     assert "custom_scalars__config__" in tensor_tags(tmp_path)
 
 
+@pytest.mark.slow
 def test_both_formulations_reproduce_the_seed_step_zero_picture(tmp_path, make_trainer):
     """Seed (c) at step 0: the per-neuron problem is far above 0, the pattern problem fits the linear labels."""
     torch.manual_seed(0)
@@ -108,6 +111,7 @@ def test_both_formulations_reproduce_the_seed_step_zero_picture(tmp_path, make_t
 
 
 @pytest.mark.parametrize("outputs", [1, 2])
+@pytest.mark.slow
 def test_each_kind_of_solve_logs_its_own_tags_and_charts(tmp_path, make_trainer, outputs):
     """Scalar output: optimum and its bracket; c > 1: the lower bound alone (the Frobenius problem is not attained);
     gated: the gated relaxation's values under names of their own, never lower_bound or optimum."""
@@ -164,6 +168,7 @@ class _UserModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 def test_user_style_module_works_unchanged(tmp_path, make_trainer):
     torch.manual_seed(1)
     X = torch.randn(40, 3, dtype=torch.float64)
@@ -195,6 +200,7 @@ def test_model_without_a_stack_is_refused_at_setup(make_trainer):
         make_trainer([ConvexGapMonitor()], max_steps=1, logger=False).fit(ThreeLayers(), loader)
 
 
+@pytest.mark.slow
 def test_a_failing_solver_warns_and_training_goes_on(tmp_path, make_trainer, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("solver exploded")
@@ -210,6 +216,7 @@ def test_a_failing_solver_warns_and_training_goes_on(tmp_path, make_trainer, mon
 
 
 
+@pytest.mark.slow
 def test_an_uncertified_native_solve_without_weight_decay_says_why(tmp_path, make_trainer):
     model, data = _seed_c(n=30, hidden=6)  # λ = 0
     said = (r"solver status 'optimal_inaccurate' at step 0; with weight_decay = 0 no bound above 0 is certified, so "
@@ -268,6 +275,7 @@ def test_previous_solution_warm_start_in_the_worker_process(tmp_path, make_train
     assert optima["worker"] == pytest.approx(optima["sync"], rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_reported_not_solved(tmp_path, make_trainer):
     model, data = _seed_c()
     with torch.no_grad():
@@ -278,6 +286,7 @@ def test_non_finite_weights_are_reported_not_solved(tmp_path, make_trainer):
     assert [v for _, v in s["convex/status"]] == [4.0, 4.0]
 
 
+@pytest.mark.slow
 def test_load_solution_moves_the_network_to_the_convex_optimum(tmp_path, make_trainer):
     model, data = _seed_c(weight_decay=1e-3, init_scale=0.5)
     monitor = ConvexGapMonitor(every_n_steps=2, formulation="neurons", solver="clarabel", load_solution=True)
@@ -356,6 +365,7 @@ class _OddSteps(PatternMonitor):
         return step % 2 == 1
 
 
+@pytest.mark.slow
 def test_should_run_chooses_the_steps(tmp_path, make_trainer):
     model, data = _seed_c(init_scale=1.0, lr=0.2)
     make_trainer([_OddSteps()], max_steps=7).fit(model, datamodule=data)
@@ -363,6 +373,7 @@ def test_should_run_chooses_the_steps(tmp_path, make_trainer):
     assert [step for step, _ in s["patterns/unique"]] == [1, 3, 5]
 
 
+@pytest.mark.slow
 def test_load_solution_needs_one_output_and_says_when_it_loads_nothing(tmp_path, make_trainer):
     """With c > 1 the solution never fitted the network ("needs 60 neurons but the network has 10", every solve); an
     unsolved result left the weights alone without a word."""
@@ -384,6 +395,7 @@ def test_load_solution_needs_one_output_and_says_when_it_loads_nothing(tmp_path,
         make_trainer([stopped], max_steps=1).fit(model, datamodule=data)
 
 
+@pytest.mark.slow
 def test_a_step_whose_weights_the_solution_replaced_is_done_in_a_checkpoint_written_inside_it(tmp_path, make_trainer):
     """A checkpoint inside a step leaves the step to the resumed run, except where load_solution already replaced the
     weights the checkpoint holds: solved again from them, the step logged a gap of -0.0 for the network's 0.0007."""

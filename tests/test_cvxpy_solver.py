@@ -210,6 +210,7 @@ def test_optimal_from_a_conic_solver_is_certified_by_hcls_bound(solver):
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.slow
 def test_clarabel_is_certified_at_its_default_settings_with_several_outputs(seed):
     # at Clarabel's own 1e-8 these instances ended 1e-6 to 7e-6 from hcl's certificate ("optimal_inaccurate")
     generator = torch.Generator().manual_seed(seed)

@@ -442,6 +442,7 @@ def test_fast_dev_run_with_its_dummy_logger(tmp_path):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.slow
 def test_a_full_batch_loader_is_read_row_for_row_only_when_it_is_the_data(tmp_path, shuffle):
     """A shuffled full batch holds the same points in another order each step: patterns read from the forward pass
     would change order with it and count as changed; the monitor recomputes them instead."""

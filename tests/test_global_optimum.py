@@ -141,6 +141,7 @@ def _points_data(n=6, seed=0, append_ones=True):
 
 
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.slow
 def test_objective_never_goes_below_the_global_optimum_during_training(tmp_path, make_trainer, bias):
     """Invariant 4 in a real run, read back from the event file; λ > 0 so that p*_all > 0."""
     torch.manual_seed(0)
@@ -197,6 +198,7 @@ def test_patterns_whose_solve_cannot_fit_are_not_enumerated(make_trainer, monkey
         make_trainer([monitor], max_steps=1, logger=False).fit(model, datamodule=data)
 
 
+@pytest.mark.slow
 def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(tmp_path, make_trainer):
     """Experiment (b) of docs/experiments.md: one neuron, two points, λ = 0: p*_all = 0 and the gap closes."""
     data = SyntheticRegression(kind="points", x=[-0.2, 1.0], y=[0.5, 1.0], append_ones=True, dtype="float64")
@@ -214,6 +216,7 @@ def test_gradient_descent_reaches_the_global_optimum_of_the_seed_single_neuron(t
     assert described["convex/global_neurons"] == [(0, float(monitor.num_neurons))]
 
 
+@pytest.mark.slow
 def test_charts_alone_and_beside_the_convex_gap_monitor(tmp_path, make_trainer):
     data = _points_data()
     alone = make_trainer([GlobalOptimumMonitor()], max_steps=1, root=tmp_path / "alone")
@@ -244,6 +247,7 @@ def _seven_points(lam: float):
 
 
 @pytest.mark.parametrize("lam", [0.0, 1e-3])
+@pytest.mark.slow
 def test_the_global_bracket_holds_the_true_optimum_and_the_optimum_needs_a_certificate(
     tmp_path, make_trainer, monkeypatch, lam
 ):
@@ -274,6 +278,7 @@ def test_the_global_bracket_holds_the_true_optimum_and_the_optimum_needs_a_certi
         assert (monitor.optimum is None) == (not certified)
 
 
+@pytest.mark.slow
 def test_a_loose_solve_is_moved_into_its_cones_before_it_bounds_the_global_optimum(tmp_path, make_trainer):
     """A solve allowed to leave its cones by 1e-2 (the first-order method at a loose tolerance): its value may lie below
     p*_all, so its point is moved into the cones first; the upper bound is then a feasible value, near p*_all, not
@@ -294,6 +299,7 @@ def test_a_loose_solve_is_moved_into_its_cones_before_it_bounds_the_global_optim
     assert monitor.lower_bound <= p_star * (1 + 1e-9)
 
 
+@pytest.mark.slow
 def test_an_optimal_claim_above_the_zero_network_is_refused(tmp_path, make_trainer, monkeypatch):
     import hcl.callbacks.global_optimum as module
 
@@ -313,6 +319,7 @@ def test_an_optimal_claim_above_the_zero_network_is_refused(tmp_path, make_train
     assert monitor.optimum is None and "convex/global_optimum" not in s and "convex/global_gap" not in s
 
 
+@pytest.mark.slow
 def test_training_on_unsupported_data_fails_before_the_first_step(tmp_path, make_trainer):
     data = SyntheticRegression(kind="gaussian_linear", n=10, d=3, dtype="float64")
     model = TwoLayerReLU(in_features=3, hidden=4, bias=True)
@@ -363,6 +370,7 @@ def test_the_width_warning_counts_the_neurons_some_optimum_needs_at_most(make_tr
     assert len(said[2]) == 1 and f"at most {n + 1}" in said[2][0]
 
 
+@pytest.mark.slow
 def test_a_global_solve_stopped_at_its_limit_logs_its_bracket_and_training_goes_on(tmp_path, make_trainer):
     """A limit is not a failure: the run stopped before its first step ("the all-patterns problem was not solved:
     status <Status.MAX_ITERATIONS: ...>"), though the point's certified bracket holds."""
@@ -382,6 +390,7 @@ def test_a_global_solve_stopped_at_its_limit_logs_its_bracket_and_training_goes_
     assert monitor.lower_bound <= p_star * (1 + 1e-9) <= monitor.upper_bound * (1 + 2e-9)
 
 
+@pytest.mark.slow
 def test_a_large_enumeration_is_announced_before_it_starts(tmp_path, make_trainer, monkeypatch):
     import hcl.callbacks.global_optimum as global_module
 
@@ -392,6 +401,7 @@ def test_a_large_enumeration_is_announced_before_it_starts(tmp_path, make_traine
         make_trainer([GlobalOptimumMonitor()], max_steps=1, root=tmp_path).fit(model, datamodule=data)
 
 
+@pytest.mark.slow
 def test_another_fit_of_the_same_trainer_with_another_lambda_solves_again(make_trainer):
     """A second fit of the same trainer (a notebook's next cell) with another λ kept the first λ's optimum: 0.0173
     logged as certified where p*_all is 0.1009."""

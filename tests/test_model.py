@@ -203,6 +203,7 @@ def test_accumulated_steps_log_the_mean_of_their_micro_batches(tmp_path, make_tr
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+@pytest.mark.slow
 def test_the_training_values_under_bf16_are_summed_over_every_sample(tmp_path, make_trainer, precision):
     """Under bf16 the outputs are bfloat16, which holds integers exactly only up to 256 and sums thousands of squares
     0.2 % off: the count of right answers is an integer (988 was logged for 987 of 3 001), its ratio float32 (not the

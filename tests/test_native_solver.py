@@ -165,6 +165,7 @@ def test_fista_float32_by_default_and_chunks_agree():
     assert abs(chunked.value - ref) <= 1e-5 * ref
 
 
+@pytest.mark.slow
 def test_fista_in_float32_goes_on_in_float64_where_rounding_stops_its_backtracking():
     # float32 rounding of the smooth part failed the sufficient-decrease test at every step length: the step fell to
     # its floor, and the solve stayed 3.6e-3 above the optimum for 20 000 iterations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from hcl import TwoLayerReLU
@@ -19,6 +20,7 @@ def _renders(text: str) -> list[str]:
     return [part.strip() for part in re.split(r"[\r\n]", text) if "step/s" in part]
 
 
+@pytest.mark.slow
 def test_a_full_batch_run_draws_one_bar_over_max_steps_with_the_convex_values(make_trainer, capsys):
     torch.manual_seed(0)
     data = SyntheticRegression(n=20, d=4, dtype="float64")

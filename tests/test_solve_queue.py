@@ -142,6 +142,7 @@ def test_a_full_queue_refuses_a_snapshot_and_wait_drains_it(solve_queue, queues,
     assert q.submit(_spec("fake"), _snapshot(2))
 
 
+@pytest.mark.slow
 def test_a_job_its_worker_never_starts_is_abandoned_and_the_next_one_still_solved(solve_queue, queues, monkeypatch):
     """A worker stuck before its first job (a hung import) held the end of training's wait forever."""
     from concurrent.futures import Future

@@ -218,6 +218,7 @@ FORMERLY_STALLED = (17, 29, 173, 200, 305, 307, 311, 353, 367, 885, 1065, 1420)
 
 
 @pytest.mark.parametrize("seed", FORMERLY_STALLED)
+@pytest.mark.slow
 def test_instances_that_used_to_stall(seed):
     instance = make_instance(seed)
     instance.method = "newton"

@@ -57,6 +57,7 @@ def unreachable():
 
 
 @pytest.mark.parametrize("method", ["newton", "fista", "admm"])
+@pytest.mark.slow
 def test_a_solve_stopped_by_its_time_limit_returns_a_certified_bound(method, unreachable):
     problem, optimum = unreachable
     solution = solve(problem, "native", method=method, tol=1e-15, constraint_tol=1e-15, max_iters=10**6,

@@ -24,6 +24,7 @@ class Before(Between):
 
 
 @pytest.mark.parametrize("kind", ["patterns", "gap"])
+@pytest.mark.slow
 def test_a_normalisation_before_the_hidden_layer_is_refused(kind, make_trainer):
     # a fresh BatchNorm1d is the identity in eval mode: the callbacks logged L 1.22 where the network's was 0.67
     X, y = _data(n=64)
@@ -49,6 +50,7 @@ class GrowingSide(UserNet):
         return self.net(x) + self.side(x)
 
 
+@pytest.mark.slow
 def test_a_forward_that_stops_computing_the_stack_ends_the_callbacks_logs_with_a_warning(make_trainer, tmp_path):
     # the check at the start of training passed, and the values of every later step were the stack's alone
     X, y = _data(n=40)
@@ -62,6 +64,7 @@ def test_a_forward_that_stops_computing_the_stack_ends_the_callbacks_logs_with_a
     assert [step for step, _ in logged["patterns/unique"]] == [0]
 
 
+@pytest.mark.slow
 def test_a_run_resumed_after_its_callback_stopped_goes_on_and_says_so_again(make_trainer, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -79,6 +82,7 @@ def test_a_run_resumed_after_its_callback_stopped_goes_on_and_says_so_again(make
     assert any("PatternMonitor: at step 3, the model's output differs" in str(w.message) for w in caught)
 
 
+@pytest.mark.slow
 def test_an_activation_plot_draws_no_frame_after_it_stopped(make_trainer):
     # the final weights were drawn at the end of training, after the warning that nothing more would be
     from hcl.callbacks import ActivationPointPlot
@@ -97,6 +101,7 @@ def test_an_activation_plot_draws_no_frame_after_it_stopped(make_trainer):
     assert [frame.step for frame in plot.frames] == [0]
 
 
+@pytest.mark.slow
 def test_dropout_is_said_once_though_the_forward_is_checked_at_every_step(make_trainer):
     X, y = _data(n=64)
     loader = DataLoader(TensorDataset(X, y), batch_size=64)
@@ -115,6 +120,7 @@ class Pruned(UserNet):
         torch.nn.utils.prune.l1_unstructured(self.net[0], "weight", amount=0.25)
 
 
+@pytest.mark.slow
 def test_a_weight_computed_by_a_pre_hook_is_compared_at_its_current_value(make_trainer, tmp_path):
     # the check compared the output with the previous step's weight and stopped the callbacks at step 1
     X, y = _data(n=64)
@@ -125,6 +131,7 @@ def test_a_weight_computed_by_a_pre_hook_is_compared_at_its_current_value(make_t
     assert [step for step, _ in logged["convex/nonconvex_objective"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_frozen_layer_before_the_hidden_one_is_left_to_the_comparison_of_outputs(make_trainer):
     X, y = _data(n=64)
     loader = DataLoader(TensorDataset(X, y), batch_size=64)
@@ -150,6 +157,7 @@ class Images(UserNet):
         return self.net(self.transform(x).flatten(1))
 
 
+@pytest.mark.slow
 def test_a_forward_is_checked_on_the_samples_as_the_data_holds_them(make_trainer):
     """A forward that transforms images (a transpose, a per-channel normalisation) raised on the flattened samples
     the check gave it, and the model was let through: the callbacks logged the numbers of another network."""

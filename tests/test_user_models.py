@@ -97,6 +97,7 @@ def _stack_squares(model):
     return float(net[0].weight.square().sum() + net[0].bias.square().sum() + net[2].weight.square().sum())
 
 
+@pytest.mark.slow
 def test_lambda_is_read_from_coupled_weight_decay_in_the_optimizer(make_trainer, tmp_path, monkeypatch):
     """SGD with weight_decay = wd on a mean MSE minimises mean MSE + (wd/2)‖θ‖²: the monitor uses λ = wd/2."""
     said = []
@@ -120,6 +121,7 @@ def test_lambda_is_read_from_coupled_weight_decay_in_the_optimizer(make_trainer,
                                                  (torch.optim.Adam, {"weight_decay": 1e-3,
                                                                      "decoupled_weight_decay": True})],
                          ids=["AdamW", "Adam-decoupled"])
+@pytest.mark.slow
 def test_decoupled_weight_decay_is_said_precisely(optimizer, args, make_trainer):
     X, y = _data()
     monitor = ConvexGapMonitor(solver="clarabel", reduction="mean")
@@ -130,6 +132,7 @@ def test_decoupled_weight_decay_is_said_precisely(optimizer, args, make_trainer)
     assert decoupled and "using λ = 0" in decoupled[0] and "no λ of the objective matches" in decoupled[0], messages
 
 
+@pytest.mark.slow
 def test_a_lambda_given_to_the_callback_is_never_reported_as_zero(make_trainer):
     X, y = _data()
     monitor = ConvexGapMonitor(solver="clarabel", weight_decay=1e-3)
@@ -140,6 +143,7 @@ def test_a_lambda_given_to_the_callback_is_never_reported_as_zero(make_trainer):
     assert not any("λ = 0" in m for m in messages), messages
 
 
+@pytest.mark.slow
 def test_two_layer_relu_adds_its_optimizers_weight_decay_to_its_own(make_trainer):
     class Decayed(TwoLayerReLU):
         def configure_optimizers(self):
@@ -152,6 +156,7 @@ def test_two_layer_relu_adds_its_optimizers_weight_decay_to_its_own(make_trainer
     assert monitor._lambda == pytest.approx(0.02)
 
 
+@pytest.mark.slow
 def test_two_layer_relu_under_adamw_keeps_its_own_lambda_and_says_the_decay_is_left_out(make_trainer):
     class Decoupled(TwoLayerReLU):
         def configure_optimizers(self):
@@ -166,6 +171,7 @@ def test_two_layer_relu_under_adamw_keeps_its_own_lambda_and_says_the_decay_is_l
                in m for m in messages), messages
 
 
+@pytest.mark.slow
 def test_a_user_models_weight_decay_beside_the_optimizers_is_said_with_both_choices(make_trainer):
     X, y = _data()
     model = UserNet(weight_decay=0.2)
@@ -177,6 +183,7 @@ def test_a_user_models_weight_decay_beside_the_optimizers_is_said_with_both_choi
                in m for m in messages), messages
 
 
+@pytest.mark.slow
 def test_a_user_models_weight_decay_beside_adamws_says_how_to_leave_it_out(make_trainer):
     X, y = _data()
     model = UserNet(optimizer=torch.optim.AdamW, weight_decay=0.02)
@@ -187,6 +194,7 @@ def test_a_user_models_weight_decay_beside_adamws_says_how_to_leave_it_out(make_
                in m for m in messages), messages
 
 
+@pytest.mark.slow
 def test_a_mean_mse_over_several_outputs_is_said_beside_a_mean_reduction_attribute(make_trainer):
     # the attribute says "mean", and the values were silently 3× the loss nn.MSELoss() computes
     X, y = _data()
@@ -237,6 +245,7 @@ def test_the_cli_optimizer_weight_decay_reaches_lambda(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------- which data
+@pytest.mark.slow
 def test_the_data_is_said_once_and_a_loader_that_drops_samples_warns(make_trainer, monkeypatch):
     said = []
     monkeypatch.setattr(data_module, "rank_zero_info", said.append)
@@ -250,6 +259,7 @@ def test_the_data_is_said_once_and_a_loader_that_drops_samples_warns(make_traine
     assert sum("yields 32 of its dataset's 40 samples (drop_last=True" in m for m in messages) == 1, messages
 
 
+@pytest.mark.slow
 def test_a_sampler_covering_part_of_the_dataset_warns(make_trainer):
     X, y = _data(n=40)
     loader = DataLoader(TensorDataset(X, y), batch_size=10, sampler=SubsetRandomSampler(range(30)))
@@ -257,6 +267,7 @@ def test_a_sampler_covering_part_of_the_dataset_warns(make_trainer):
     assert any("yields 30 of its dataset's 40 samples (its sampler covers fewer" in m for m in messages), messages
 
 
+@pytest.mark.slow
 def test_a_sampler_that_repeats_samples_warns_and_a_dataset_of_whole_batches_does_not(make_trainer):
     X, y = _data(n=40)
     repeating = DataLoader(TensorDataset(X, y), batch_size=20, sampler=list(range(40)) + list(range(20)))
@@ -270,6 +281,7 @@ def test_a_sampler_that_repeats_samples_warns_and_a_dataset_of_whole_batches_doe
     assert not any("dataloader yields" in m for m in messages), messages
 
 
+@pytest.mark.slow
 def test_a_full_pass_and_a_probe_are_said_without_a_warning(make_trainer, monkeypatch):
     said = []
     monkeypatch.setattr(data_module, "rank_zero_info", said.append)
@@ -314,6 +326,7 @@ def _between_callbacks(kind):
 
 
 @pytest.mark.parametrize("kind", ["patterns", "gap", "both"])
+@pytest.mark.slow
 def test_batch_norm_between_the_layers_is_refused_by_every_callback_on_a_shuffled_loader(kind, make_trainer):
     # At initialisation BatchNorm1d in eval mode is nearly the identity: only the layer itself can give it away.
     X, y = _data(n=64)
@@ -322,6 +335,7 @@ def test_batch_norm_between_the_layers_is_refused_by_every_callback_on_a_shuffle
         _fit(make_trainer, Between(nn.BatchNorm1d(8)), loader, _between_callbacks(kind))
 
 
+@pytest.mark.slow
 def test_dropout_between_the_layers_is_accepted_and_said(make_trainer):
     X, y = _data(n=64)
     loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
@@ -329,6 +343,7 @@ def test_dropout_between_the_layers_is_accepted_and_said(make_trainer):
     assert any("'net.1' before or between the layers" in message and "without dropout" in message for message in said)
 
 
+@pytest.mark.slow
 def test_dropout_on_the_inputs_is_said_as_between_the_layers(make_trainer):
     class Before(Between):
         def forward(self, x):
@@ -341,6 +356,7 @@ def test_dropout_on_the_inputs_is_said_as_between_the_layers(make_trainer):
     assert any("'drop' before or between the layers" in message and "without dropout" in message for message in said)
 
 
+@pytest.mark.slow
 def test_dropout_between_the_layers_is_found_without_naming_the_layers(make_trainer):
     X, y = _data(n=64)
     loader = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
@@ -360,6 +376,7 @@ def test_the_stack_check_names_the_layer_and_lets_an_identity_through():
     find_relu_stack(plain, "net.0", "net.3").check_forward(plain, torch.randn(8, 3))
 
 
+@pytest.mark.slow
 def test_the_chart_lists_the_objective_only_for_a_model_that_logs_it(make_trainer):
     from hcl import dashboard
 

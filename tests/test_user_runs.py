@@ -80,6 +80,7 @@ def test_float_labels_for_several_outputs_stop_training_before_the_first_step(mo
     assert torch.equal(model.net[0].weight, before)
 
 
+@pytest.mark.slow
 def test_integer_one_hot_targets_give_the_objective_of_float_ones(make_trainer, tmp_path):
     X, generator = _data()
     labels = torch.randint(0, 3, (30,), generator=generator)
@@ -124,6 +125,7 @@ def test_the_callbacks_leave_a_shuffled_training_run_as_it_would_be_without_them
 
 
 # --------------------------------------------------------------------------------------------- augmented inputs
+@pytest.mark.slow
 def test_patterns_are_those_of_the_data_not_of_an_augmented_batch(make_trainer, tmp_path):
     X, generator = _data(n=40)
     y = torch.randn(40, generator=generator, dtype=torch.float64)
@@ -138,6 +140,7 @@ def test_patterns_are_those_of_the_data_not_of_an_augmented_batch(make_trainer, 
 
 
 # ------------------------------------------------------------------------------------------------ reused callbacks
+@pytest.mark.slow
 def test_callbacks_reused_in_a_new_trainer_start_a_new_run(make_trainer, tmp_path):
     X, generator = _data(n=30)
     y = torch.randn(30, generator=generator, dtype=torch.float64)
@@ -156,6 +159,7 @@ def test_callbacks_reused_in_a_new_trainer_start_a_new_run(make_trainer, tmp_pat
 
 
 
+@pytest.mark.slow
 def test_a_trainer_that_fits_again_after_another_continues_its_own_run(make_trainer, tmp_path):
     """Callbacks shared by two trainers in turn: the first trainer's next fit goes on with its own run's history."""
     X, generator = _data(n=30)
@@ -217,6 +221,7 @@ def test_two_callbacks_writing_the_same_tags_are_refused_at_setup(make, said, ma
 
 
 # ------------------------------------------------------------------------------------------- charts and failures
+@pytest.mark.slow
 def test_a_failed_fit_closes_its_chart_series(make_trainer):
     from hcl import dashboard
 
@@ -235,6 +240,7 @@ def test_a_failed_fit_closes_its_chart_series(make_trainer):
 
 
 @pytest.mark.parametrize(("gated", "c"), [(True, 1), (False, 3)])
+@pytest.mark.slow
 def test_the_gap_chart_lists_gap_only_where_it_is_logged(gated, c, make_trainer, tmp_path):
     from hcl import dashboard
 
@@ -249,6 +255,7 @@ def test_the_gap_chart_lists_gap_only_where_it_is_logged(gated, c, make_trainer,
     assert all(tag in logged for tag in listed), (listed, logged)
 
 
+@pytest.mark.slow
 def test_the_global_monitors_constants_are_logged_once_across_a_resume(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -289,6 +296,7 @@ def test_arguments_that_would_do_nothing_are_said_and_a_time_limit_given_twice_i
         ConvexGapMonitor(solve_time_limit=1.0, solver_options={"time_limit": 3.0})
 
 
+@pytest.mark.slow
 def test_the_monitors_setup_is_a_text_tensorboard_shows(make_trainer, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import (
         STORE_EVERYTHING_SIZE_GUIDANCE,
@@ -307,6 +315,7 @@ def test_the_monitors_setup_is_a_text_tensorboard_shows(make_trainer, tmp_path):
     assert text.tensor_proto.string_val[0].decode() == "formulation: neurons, solver: clarabel"
 
 
+@pytest.mark.slow
 def test_a_users_solver_claiming_optimal_for_a_point_that_is_not_finite_is_logged_failed(make_trainer, tmp_path,
                                                                                          monkeypatch):
     """Its value and bound were taken as given: status 0 and an optimum were logged, and load_solution loaded zeros."""

@@ -17,6 +17,7 @@ from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor, PatternMonitor
 
 
+@pytest.mark.slow
 def test_mixed_precision_patterns_are_those_of_the_weights_not_of_the_rounded_forward(tmp_path, make_trainer):
     """Under bf16-mixed the hidden layer's output is rounded to bf16, which flips signs near 0: the patterns are
     counted in the weights' own precision, as the convex monitors build their problems."""
@@ -46,6 +47,7 @@ class DecayedByItsOptimizer(TwoLayerReLU):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.slow
 def test_an_optimizers_weight_decay_is_in_the_models_objective_the_monitors_and_the_picture(
         tmp_path, make_trainer, reduction):
     """The model's train/objective, the monitors' L and the activation-point picture's L are one objective, with
@@ -77,6 +79,7 @@ def test_an_optimizers_weight_decay_is_in_the_models_objective_the_monitors_and_
 @pytest.mark.parametrize(("limit", "partial"), [
     ({"overfit_batches": 1}, True), ({"limit_train_batches": 2}, True), ({"limit_train_batches": 1}, True),
     ({"limit_train_batches": 0.5}, True), ({"limit_train_batches": 100}, False)])
+@pytest.mark.slow
 def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit, partial):
     X, y = _data(n=40)
     loader = DataLoader(TensorDataset(X, y), batch_size=10)  # four batches: an int limit counts batches
@@ -91,6 +94,7 @@ def test_a_trainer_that_trains_on_part_of_the_data_says_so(make_trainer, limit, 
 
 
 @pytest.mark.parametrize("logs_step", [False, True])
+@pytest.mark.slow
 def test_manual_optimization_whose_global_step_is_not_the_batch_count_says_how_to_align_the_charts(make_trainer,
                                                                                                     logs_step):
     class TwoOptimizers(UserNet):  # each batch steps two optimizers: trainer.global_step moves by two

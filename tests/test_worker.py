@@ -180,6 +180,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_worker_process_ends_with_its_parent_killed_outright():
     """SIGKILL (or the OOM killer) runs no clean-up in the training process: its worker went on with its solve, up
     to the solve's time limit, as an orphan."""
