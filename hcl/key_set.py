@@ -86,8 +86,7 @@ class KeySet:
             return keys
         order = np.lexsort((low, high))
         high, low = high[order], low[order]
-        distinct = np.ones(len(high), dtype=bool)
-        distinct[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
-        keys.add(high[distinct], low[distinct])
+        first = np.ones(len(high), dtype=bool)  # the first of each run of equal keys
+        first[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+        keys.add(high[first], low[first])
         return keys
-

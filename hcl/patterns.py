@@ -333,10 +333,8 @@ class PatternTracker:
     def state_dict(self, drop_last: bool = False) -> dict:
         """The history as a string and lists (what ``torch.load(weights_only=True)`` reads); with ``drop_last``, as it
         was before the last snapshot (a checkpoint of a step that did not finish, which the resumed run takes again)."""
-        seen, previous = self._seen.records(), self._previous
-        if drop_last:
-            seen = self._seen.records(without=self._undo[0])
-            previous = self._undo[1]
+        seen = self._seen.records(without=self._undo[0] if drop_last else None)
+        previous = self._undo[1] if drop_last else self._previous
         return {"seen": base64.b64encode(seen.tobytes()).decode("ascii"),
                 "previous": None if previous is None else previous.cpu().tolist()}
 
