@@ -351,11 +351,12 @@ def _drawing(loader: object) -> object:
 
 
 def _wrapped_over_ranks(loader: object, world_size: int) -> bool:
-    """A weighted sampler that Lightning's wrapper shards over the ``world_size > 1`` ranks (it replaces a shuffling
-    one by its own): each rank's loader holds the whole dataset."""
+    """A sampler that Lightning's wrapper shards over the ``world_size > 1`` ranks and whose dataset
+    :func:`_reads_dataset` reads (a weighted one: Lightning replaces a shuffling one by its own): each rank's loader
+    holds the whole dataset."""
     sampler = _sampler(loader)
-    return isinstance(sampler, DistributedSamplerWrapper) and sampler.num_replicas == world_size > 1 and type(
-        _drawing(loader)) is WeightedRandomSampler
+    return isinstance(sampler, DistributedSamplerWrapper) and sampler.num_replicas == world_size > 1 and _reads_dataset(
+        loader)
 
 
 def _reads_dataset(loader: object) -> bool:
@@ -365,10 +366,8 @@ def _reads_dataset(loader: object) -> bool:
     of processes)."""
     # exact types: a subclass (Lightning's wrapper of a custom sampler) may cover part of the dataset; a weighted one's
     # draws with replacement are a resample of it (24 of 40 samples in one pass)
-    sampler = _sampler(loader)
-    reads = type(sampler) in (RandomSampler, DistributedSampler, WeightedRandomSampler) or isinstance(
-        sampler, DistributedSamplerWrapper) and type(_drawing(loader)) is WeightedRandomSampler
-    return reads and not isinstance(getattr(loader, "dataset", None), IterableDataset)
+    return type(_drawing(loader)) in (RandomSampler, DistributedSampler, WeightedRandomSampler) and not isinstance(
+        getattr(loader, "dataset", None), IterableDataset)
 
 
 def _whole_on_every_rank(loader: object, world_size: int) -> bool:
