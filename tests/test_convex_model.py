@@ -286,6 +286,7 @@ class _ShutDownTheGroup(pl.Callback):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.xdist_group("ddp")  # one DDP run at a time under pytest-xdist (tests/test_ddp.py)
 def test_ddp_two_processes_match_one(tmp_path):
     X, Y = _data(n=31, d=3, c=2)
 

@@ -21,7 +21,8 @@ from hcl.callbacks import ConvexGapMonitor, PatternMonitor
 from hcl.fit import main
 
 # A collective called on one rank only would hang: the timeout fails the test instead.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+# one DDP run at a time under pytest-xdist (--dist loadgroup): two process groups at once on two cores failed
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.xdist_group("ddp")]
 
 CONFIG = """
 seed_everything: 0
