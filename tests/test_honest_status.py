@@ -235,6 +235,19 @@ def test_row_space_basis_spans_the_rows_of_rank_deficient_data_only():
     assert row_space_basis(repeated).shape == (3, 1)
 
 
+def test_row_space_basis_sees_dependent_columns_of_tall_data_with_many_columns():
+    """Above 64 columns the rank is read from the Gram matrix first: its Cholesky factor had succeeded on exactly
+    dependent columns (rounding), so data of rank 68 had passed as full rank."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(120, 70, generator=g, **F64)
+    X[:, 5] = X[:, 4]
+    X[:, 6] = 2 * X[:, 4] - X[:, 7]
+    basis = row_space_basis(X)
+    assert basis.shape == (70, 68)
+    assert torch.allclose(X @ basis @ basis.T, X, atol=1e-10)
+    assert row_space_basis(torch.randn(120, 70, generator=g, **F64)) is None  # full rank: no basis
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_fewer_samples_than_dimensions(seed):
     g = torch.Generator().manual_seed(seed)
