@@ -69,6 +69,30 @@ def test_exact_m_matches_a_dense_sweep_of_the_circle():
         dense = float((torch.relu(circle @ X.T) @ nu).abs().max())
         assert dense <= exact + 1e-12
         assert exact <= dense * (1 + 1e-4)  # the sweep misses a kink by up to its step
+    # a few points, whose maximum often lies inside an arc along −g rather than +g (or at a breakpoint)
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        n = 2 + seed % 5
+        X = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        nu = torch.randn(n, generator=g, dtype=torch.float64)
+        exact = max_abs_relu_correlation(X, nu)
+        dense = float((torch.relu(circle @ X.T) @ nu).abs().max())
+        assert dense <= exact + 1e-12, seed
+        assert exact <= dense * (1 + 1e-4), seed
+
+
+@pytest.mark.parametrize("shift", [0.5, -0.5, 0.0])
+def test_the_spectral_m_bounds_the_exact_one_for_residuals_of_one_sign(shift):
+    """A prediction above (below) every target gives ν ≥ 0 (≤ 0): the spectral M must still bound the exact one, and
+    its bound lie below the exact bound (shift 0: the targets' own signs)."""
+    X, y = instance(7, n=40)
+    prediction = y + shift if shift else torch.zeros_like(y)
+    args = dict(weight_decay=0.05, reduction="mean", bias=True)
+    exact = global_lower_bound(X, y, prediction, method="exact", **args)
+    spectral = global_lower_bound(X, y, prediction, method="spectral", **args)
+    assert exact.M > 0
+    assert spectral.M >= exact.M * (1 - 1e-12)
+    assert spectral.lower_bound <= exact.lower_bound + 1e-12
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTH
 
 from hcl import ConvexReLU, TwoLayerReLU
 from hcl.convex import ConvexProblem, dual_certificate
-from hcl.convex.gated import certify, gate_mask, sample_gates
+from hcl.convex.gated import certify, cone_violations, gate_mask, sample_gates
 from hcl.convex.problem import fold_bias
 from hcl.datamodules.base import TensorDataModule
 
@@ -88,6 +88,26 @@ def test_logged_certificate_is_the_engines_bound(tmp_path):
     chunked = certify(X, Y, model.gates, model.U, None, model.b0, weight_decay=LAM, reduction="mean", bias=True,
                       chunk_size=4)
     assert chunked.lower_bound == pytest.approx(logged["convex_train/lower_bound"], rel=1e-10)
+
+
+@pytest.mark.parametrize("reduction, output_bias", [("mean", False), ("sum", True)])
+def test_the_relu_certificate_is_the_engines_bound_with_the_cone_penalty_multipliers(reduction, output_bias):
+    """With ρ > 0 the ReLU variant's certificate takes μ = 2ρs·violation: the engine's certificate with those
+    multipliers, at points outside their cones, is the same number (a sign slip in μ had gone unseen)."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(30, 2, generator=g, dtype=torch.float64), torch.randn(30, 1, generator=g, dtype=torch.float64)
+    gates = sample_gates(3, 6, seed=0, dtype=torch.float64)
+    Xf = fold_bias(X, True)
+    D = gate_mask(Xf, gates)
+    problem = ConvexProblem(Xf, Y, D, weight_decay=LAM, reduction=reduction, output_bias=output_bias)
+    b0 = torch.randn(1, generator=g, dtype=torch.float64) if output_bias else None
+    for rho in (0.7, 5.0):
+        U, V = (0.3 * torch.randn(3, 6, 1, generator=g, dtype=torch.float64) for _ in range(2))
+        bound = certify(X, Y, gates, U, V, b0, weight_decay=LAM, reduction=reduction, bias=True, cone_penalty=rho)
+        assert bound.violation > 0
+        mu = 2 * rho * problem.scale * torch.stack([cone_violations(Xf, D, U), cone_violations(Xf, D, V)], dim=1)
+        engine = dual_certificate(problem, U.permute(1, 0, 2), V.permute(1, 0, 2), b0, multipliers=mu)
+        assert bound.lower_bound == pytest.approx(engine, rel=1e-10, abs=1e-14)
 
 
 def test_relu_variant_mapped_network_reproduces_the_convex_prediction():

@@ -174,3 +174,22 @@ def test_a_boundary_column_that_is_rounding_itself_is_zeroed_so_the_point_bounds
     U, V, b0 = restore_feasibility(problem, solution.U, solution.V)
     assert float(problem.violation(U, V)) == 0.0
     assert all(float({"U": U, "V": V}[name][i].abs().max()) == 0.0 for name, i in outside)
+
+
+def test_a_point_moved_into_its_cones_without_a_dual_value_is_not_optimal():
+    """A user's solver may say "optimal" with no dual value: once its point has moved (its value changed), nothing
+    certifies it."""
+    from hcl.convex import ConvexProblem, ConvexSolution, Status
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 2, generator=g, dtype=torch.float64)
+    problem = ConvexProblem(X, torch.randn(20, 1, generator=g, dtype=torch.float64),
+                            X @ torch.randn(2, 4, generator=g, dtype=torch.float64) >= 0, weight_decay=0.01)
+    U, V = (torch.randn(4, 2, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    b0 = torch.zeros(1, dtype=torch.float64)
+    claim = ConvexSolution(value=float(problem.objective(U, V, b0)), U=U, V=V, b0=b0, status="optimal", solver="mine",
+                           solve_seconds=0.0, dual_value=None, violation=float(problem.violation(U, V)))
+    assert claim.violation > 0
+    moved = feasible_solution(problem, claim, tol=1e-6)
+    assert moved.violation == 0.0
+    assert Status.of(moved.status) == Status.OPTIMAL_INACCURATE

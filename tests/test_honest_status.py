@@ -17,11 +17,11 @@ from _reference import reference_value
 from test_snapshot import snapshot, spec
 
 import hcl.convex.native.solver as native_solver
-from hcl.convex import ConvexProblem, Status, solve, solve_native
+from hcl.convex import ConvexProblem, ConvexSolution, Status, solve, solve_native
 from hcl.convex.native import NativeOptions
 from hcl.convex.native.operator import Operator, Result, row_space_basis
 from hcl.convex.native.solver import final_status
-from hcl.convex.snapshot import evaluate_snapshot
+from hcl.convex.snapshot import bracket, evaluate_snapshot
 from hcl.convex.status import GAP_FLOOR, relative_gap
 
 F64 = dict(dtype=torch.float64)
@@ -308,3 +308,47 @@ def test_targets_the_zero_network_interpolates_are_solved_exactly(solver, option
     assert solution.status == Status.OPTIMAL and solution.value == 0.0 == solution.dual_value
     assert float(problem.objective(solution.U, solution.V, solution.b0)) == 0.0
     assert solution.gated is gated and solution.U.shape == (5, 3, 3)
+
+
+# ------------------------------------------------------------------------- brackets at the edges
+def _claimed(problem: ConvexProblem, value: float, dual: float | None, violation: float = 0.0) -> ConvexSolution:
+    zero = torch.zeros(problem.num_patterns, problem.d, problem.c, **F64)
+    return ConvexSolution(value=value, U=zero, V=zero.clone(), b0=torch.zeros(problem.c, **F64), status="optimal",
+                          solver="mine", solve_seconds=0.0, dual_value=dual, violation=violation,
+                          gap_floor=problem.gap_floor)
+
+
+def _small_problem() -> ConvexProblem:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 2, generator=g, **F64)
+    D = X @ torch.randn(2, 3, generator=g, **F64) >= 0
+    return ConvexProblem(X, torch.randn(10, 1, generator=g, **F64), D, weight_decay=0.01, reduction="mean")
+
+
+def test_an_optimal_value_below_its_own_lower_bound_is_refuted_even_within_the_constraint_tolerance():
+    """A point within the constraint tolerance (not exactly inside) does not bound p* from above, so only the check
+    of its value against its own certified bound can refute the claim."""
+    problem = _small_problem()
+    result = bracket(problem, _claimed(problem, 1.0, 2.0, violation=1e-9))
+    assert result.optimum is None
+    assert "below its certified lower bound" in result.refuted
+
+
+def test_a_zero_optimum_is_judged_on_the_gap_floor():
+    """At an optimum of 0 every relative difference is measured against the problem's gap floor, not the value."""
+    problem = _small_problem()
+    floor = problem.gap_floor
+    claim = _claimed(problem, 1e-13, 0.0)
+    assert claim.relative_gap == pytest.approx(1e-13 / floor, rel=1e-9)
+    result = bracket(problem, claim, feasible_value=0.0)  # 1e-13 above a feasible 0: rounding, not a refutation
+    assert result.optimum == 1e-13 and result.refuted is None
+
+    floors = []
+
+    def solve_to_zero(problem, solver, **options):
+        floors.append(problem.gap_floor)
+        return _claimed(problem, 1e-13, 0.0)
+
+    metrics = evaluate_snapshot(spec(solver="mine"), snapshot(), solve_to_zero, quiet=True,
+                                keep_solution=False).metrics
+    assert metrics["convex/duality_gap"] == pytest.approx(1e-13 / floors[0], rel=1e-9)
