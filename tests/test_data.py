@@ -318,3 +318,25 @@ def test_loaders_without_automatic_batching_give_their_samples_or_batches(monkey
     images = torch.randn(40, 1, 2, 2)  # image samples: 40 of them, not 40 batches of one row each
     X_read, _ = training_data(_fake_trainer(DataLoader(TensorDataset(images, y), batch_size=None)), in_features=4)
     assert X_read.shape == (40, 1, 2, 2) and not warned, warned
+
+
+def test_gathered_rows_come_in_rank_order_whatever_their_sizes():
+    """Rank 0's rows first, then rank 1's, without the padding the collective needs: `max_samples` keeps the first
+    rows, which must be the same rows whatever the number of processes."""
+    from hcl.callbacks.data import gather_rows
+
+    shards = [torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[10.0], [11.0]])]
+
+    class TwoRanks:  # what Lightning's all_gather returns on two ranks: (world, *shape)
+        root_device = torch.device("cpu")
+
+        def all_gather(self, tensor):
+            if tensor.shape == (1,):
+                return torch.stack([torch.tensor([len(shard)]) for shard in shards])
+            out = torch.zeros(len(shards), *tensor.shape)
+            for rank, shard in enumerate(shards):
+                out[rank, : len(shard)] = shard
+            return out
+
+    gathered = gather_rows(SimpleNamespace(strategy=TwoRanks()), shards[0])
+    assert gathered.flatten().tolist() == [0.0, 1.0, 2.0, 10.0, 11.0]

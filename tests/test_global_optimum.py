@@ -419,3 +419,21 @@ def test_another_fit_of_the_same_trainer_with_another_lambda_solves_again(make_t
     other = TwoLayerReLU(in_features=1, hidden=6, bias=True, weight_decay=0.1)
     make_trainer([fresh], max_steps=1, logger=False).fit(other, datamodule=_points_data(append_ones=False))
     assert monitor.optimum == pytest.approx(fresh.optimum, rel=1e-9) and monitor.optimum > 2 * first
+
+
+@pytest.mark.slow
+def test_an_uncertified_bracket_logs_the_largest_gap_from_its_lower_bound(tmp_path, make_trainer):
+    """SCS stopped after 20 iterations leaves a wide bracket: `global_max_gap` is L minus its certified lower end, the
+    most the network can be above the optimum, not L minus the upper end."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    X = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
+    monitor = GlobalOptimumMonitor(solver="scs", solver_options={"max_iters": 20})
+    model = TwoLayerReLU(in_features=1, hidden=6, bias=True, weight_decay=0.01, lr=1e-9).double()
+    make_trainer([monitor], max_steps=1).fit(model, DataLoader(TensorDataset(X, torch.sin(3 * X)), batch_size=8))
+    s = read_scalars(tmp_path)
+    assert monitor.optimum is None and "convex/global_optimum" not in s
+    assert monitor.upper_bound - monitor.lower_bound > 1e-2 * monitor.upper_bound  # the case under test
+    L = monitor.network_objective()  # the step-0 network's (learning rate 1e-9)
+    assert s["convex/global_lower_bound"][0][1] == pytest.approx(monitor.lower_bound, rel=1e-6)
+    assert s["convex/global_max_gap"][0][1] == pytest.approx(L - monitor.lower_bound, rel=1e-5)

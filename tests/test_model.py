@@ -267,12 +267,13 @@ def _validator(tmp_path, callbacks=(), **options):
                       default_root_dir=tmp_path, callbacks=list(callbacks), **options)
 
 
-def test_validation_sums_every_batch_once_also_after_an_interrupted_validation(tmp_path):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_validation_sums_every_batch_once_also_after_an_interrupted_validation(tmp_path, reduction):
     """An interrupted validation (Ctrl-C, an error, a batch-size finder's retry) left its partial sums to be added to
-    the next one's: 7.08 where the set's sum is 3.54."""
+    the next one's: 7.08 where the set's sum is 3.54. The mean divides by every batch's rows, not the last one's."""
     torch.manual_seed(0)
     X, y = torch.randn(31, 3), torch.randn(31, 1)
-    model = TwoLayerReLU(in_features=3, hidden=5, reduction="sum")
+    model = TwoLayerReLU(in_features=3, hidden=5, reduction=reduction)
     loader = DataLoader(TensorDataset(X, y), batch_size=7)
 
     class Interrupt(pl.Callback):
@@ -284,7 +285,7 @@ def test_validation_sums_every_batch_once_also_after_an_interrupted_validation(t
         _validator(tmp_path, [Interrupt()]).validate(model, loader, verbose=False)
     result = _validator(tmp_path).validate(model, loader, verbose=False)[0]
     with torch.no_grad():
-        expected = float((model(X) - y).square().sum())
+        expected = float((model(X) - y).square().sum()) / (31 if reduction == "mean" else 1)
     assert result["val/data_loss"] == pytest.approx(expected, rel=1e-6)
 
 

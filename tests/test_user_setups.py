@@ -152,6 +152,28 @@ def test_a_summed_losss_decay_counts_the_steps_of_an_epoch_and_the_ranks_ddp_ave
     assert epoch_batches(user) == 1
 
 
+def test_an_optimizers_decay_on_a_summed_loss_counts_the_steps_and_a_bare_model_is_taken_as_mean():
+    """The optimizer's λ = wd/2 per step of a summed loss weighs B batches an epoch (B·wd/2); a model with neither
+    `weight_decay` nor `reduction` is evaluated with the mean its loss most likely takes."""
+    from types import SimpleNamespace
+
+    from hcl.callbacks.base import resolve_objective
+    from hcl.network import find_relu_stack
+
+    user = UserNet(weight_decay=0.1)
+    user.reduction = "sum"
+    user._trainer = SimpleNamespace(num_training_batches=4, world_size=1)
+    optimizers = [user.configure_optimizers()]
+    stack = find_relu_stack(user)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert resolve_objective(user, None, None, "Probe", optimizers, stack) == (pytest.approx(4 * 0.1 / 2), "sum")
+        bare = UserNet()
+        bare._trainer = SimpleNamespace(num_training_batches=4, world_size=1)
+        assert resolve_objective(bare, None, None, "Probe", [bare.configure_optimizers()],
+                                 find_relu_stack(bare)) == (0.0, "mean")
+
+
 def test_a_two_layer_relu_subclass_with_a_loss_of_its_own_is_told_what_the_callbacks_evaluate(make_trainer):
     """A subclass whose training_step sums its batches' losses and adds the penalty at each (no super()) was taken
     for TwoLayerReLU's weighted loss without a word: λ = 0.01 where its loss adds 4 · 0.01 over an epoch."""
