@@ -301,3 +301,22 @@ def test_a_point_is_evaluated_a_block_of_rows_at_a_time(monkeypatch):
     assert len(problem._row_blocks()) == 8
     assert torch.allclose(problem.predict(U, V, b0), whole, rtol=1e-14, atol=1e-14)
     assert float(problem.violation(U, V)) == pytest.approx(max(cones, signs), rel=1e-14)
+
+
+def test_the_built_problem_keeps_every_live_pattern_and_new_extra_pattern_and_no_dead_one():
+    """One block per distinct live pattern plus every extra pattern not among them; a dead neuron (all-zero pattern)
+    has none; in the per-neuron formulation an output weight of exactly 0 counts as +1."""
+    X = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]], dtype=torch.float64)
+    y = torch.tensor([2.0, 1.0, 1.0, 2.0], dtype=torch.float64)
+    W = torch.tensor([[-1.0], [1.0], [-1.0]], dtype=torch.float64)
+    b = torch.tensor([0.0, 0.0, -10.0], dtype=torch.float64)  # neuron 2 is dead on this data
+    alpha = torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)  # neuron 0's output weight is exactly 0
+    args = dict(weight_decay=1e-3, reduction="mean")
+    problem, _ = problem_from_network(X, y, W, b, alpha, None, **args)
+    assert problem.num_patterns == 2 and bool(problem.patterns.any(0).all())
+    neurons, _ = problem_from_network(X, y, W, b, alpha, None, formulation="neurons", **args)
+    assert neurons.signs.tolist() == [1, 1]
+    extra = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.bool)  # the second is neuron 1's own
+    extended, _ = problem_from_network(X, y, W[1:2], b[1:2], alpha[:, 1:2], None, extra_patterns=extra, **args)
+    columns = set(map(tuple, extended.patterns.T.tolist()))
+    assert columns == {(True, True, False, False), (False, False, True, True)}

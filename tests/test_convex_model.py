@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTH
 
 from hcl import ConvexReLU, TwoLayerReLU
 from hcl.convex import ConvexProblem, dual_certificate
-from hcl.convex.gated import certify, cone_violations, gate_mask, sample_gates
+from hcl.convex.gated import certify, cone_violations, gate_mask, gates_from_weights, sample_gates
 from hcl.convex.problem import fold_bias
 from hcl.datamodules.base import TensorDataModule
+from hcl.patterns import activation_patterns
 
 
 def _step_size(X: torch.Tensor, gates: torch.Tensor, reduction: str = "mean") -> float:
@@ -108,6 +109,17 @@ def test_the_relu_certificate_is_the_engines_bound_with_the_cone_penalty_multipl
         mu = 2 * rho * problem.scale * torch.stack([cone_violations(Xf, D, U), cone_violations(Xf, D, V)], dim=1)
         engine = dual_certificate(problem, U.permute(1, 0, 2), V.permute(1, 0, 2), b0, multipliers=mu)
         assert bound.lower_bound == pytest.approx(engine, rel=1e-10, abs=1e-14)
+
+
+def test_gates_taken_from_a_network_are_its_patterns_samples_on_a_hyperplane_included():
+    """Integer weights put samples exactly on hyperplanes: a gate counts them active, as the network's patterns do."""
+    X = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, 3.0], [-1.0, 1.0]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    bias = torch.tensor([-1.0, -1.0, 0.0], dtype=torch.float64)
+    gates = gates_from_weights(weight, bias, 3)
+    patterns = activation_patterns(X, weight, bias)
+    assert bool((X @ weight.T + bias == 0).any())  # the case under test
+    assert torch.equal(gate_mask(fold_bias(X, True), gates), patterns)
 
 
 def test_relu_variant_mapped_network_reproduces_the_convex_prediction():

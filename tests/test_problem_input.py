@@ -8,7 +8,7 @@ from test_native_solver import random_problem
 
 from hcl.convex import solve
 from hcl.convex.native import dual_certificate, solve_native
-from hcl.convex.problem import ConvexProblem
+from hcl.convex.problem import ConvexProblem, fold_bias
 from hcl.convex.status import Status
 
 
@@ -196,3 +196,22 @@ def test_a_warm_start_is_data_of_any_array_type_and_garbage_is_named():
         solve_native(problem, warm_start=("a", "b", "c"))
     with pytest.raises(TypeError, match="warm start multipliers must be a tensor, got str"):
         solve_native(problem, warm_start=(solution.U, solution.V, solution.b0, "x"))
+
+
+def test_a_forbidden_signs_violation_is_in_data_units_and_the_gap_floor_ignores_a_constant_with_an_output_bias():
+    """A block its sign forbids counts by the largest prediction it could make (it scales with X); with an output
+    bias a constant added to every target changes neither the optimum nor the least denominator of relative gaps."""
+    F64 = dict(dtype=torch.float64)
+    X = torch.tensor([[1000.0, 1.0]] * 3 + [[-1000.0, 1.0]] * 3, **F64)
+    for scale in (1.0, 1e-3):
+        problem = ConvexProblem(X * scale, torch.ones(6, 1, **F64), X[:, :1] >= 0, signs=torch.tensor([1]))
+        U, V, _ = problem.zeros()
+        V[0, 0, 0] = 1e-3  # inside V's cone, but V is forbidden
+        change = float((problem.X @ V[0]).abs().max())
+        assert float(problem.violation(U, V)) >= change > 0
+    g = torch.Generator().manual_seed(0)
+    Xf = fold_bias(torch.randn(40, 2, generator=g, **F64), True)
+    Y = 0.01 * torch.randn(40, 1, generator=g, **F64)
+    D = torch.rand(40, 5, generator=g) < 0.5
+    floors = [ConvexProblem(Xf, Y + shift, D, weight_decay=1e-3, output_bias=True).gap_floor for shift in (0.0, 100.0)]
+    assert floors[1] == pytest.approx(floors[0], rel=1e-9)
