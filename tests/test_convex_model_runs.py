@@ -224,3 +224,34 @@ def test_a_summed_objective_over_reloaded_loaders_is_said(tmp_path):
     model = ConvexReLU(in_features=3, num_gates=4, reduction="sum", certify_every_n_steps=0).double()
     with pytest.warns(UserWarning, match=r"ConvexReLU\(reduction='sum'\) scales each batch by the n"):
         _trainer(tmp_path, 1, reload_dataloaders_every_n_epochs=1).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+
+
+def test_each_step_logs_the_accuracy_and_penalty_of_the_point_it_evaluated(tmp_path):
+    """Outside its cones the ReLU variant's own prediction is not its network's: `train/acc` is the mapped network's
+    (the model's forward) on the batch, and `train/penalty` the penalty at the step's point, before its update, so
+    that `train/objective` = `train/data_loss` + `train/penalty`."""
+    torch.manual_seed(0)
+    X = torch.randn(60, 3, dtype=torch.float64)
+    labels = (X[:, 0] * X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    Y = torch.nn.functional.one_hot(labels, 3).double()
+    seen = []
+
+    class Before(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                self.acc = float((pl_module(batch[0]).argmax(1) == batch[1].argmax(1)).double().mean())
+                self.penalty = float(pl_module.penalty())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            seen.append((self.acc, float(m["train/acc"]), self.penalty, float(m["train/penalty"]),
+                         float(m["train/objective"]) - float(m["train/data_loss"])))
+
+    model = ConvexReLU(in_features=3, out_features=3, num_gates=8, variant="relu", optimizer="sgd", lr=0.5,
+                       cone_penalty=0.01, weight_decay=1e-2, certify_every_n_steps=0).double()
+    _trainer(tmp_path, 8, callbacks=[Before()]).fit(model, datamodule=TensorDataModule(train=(X, Y)))
+    assert len(seen) == 8
+    for acc, logged_acc, penalty, logged_penalty, difference in seen:
+        assert logged_acc == pytest.approx(acc, abs=1e-12)
+        assert logged_penalty == pytest.approx(penalty, rel=1e-9)
+        assert difference == pytest.approx(logged_penalty, rel=1e-6, abs=1e-12)

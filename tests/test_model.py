@@ -348,8 +348,8 @@ def test_a_dict_of_validation_sets_is_refused_like_a_list(tmp_path):
         _validator(tmp_path).validate(TwoSets(in_features=3, hidden=4), {"a": loader, "b": loader}, verbose=False)
 
 
-@pytest.mark.parametrize("classes", [None, 3])
-def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, classes):
+@pytest.mark.parametrize("classes, convex", [(None, False), (3, False), (3, True)])
+def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, classes, convex):
     """The restart marker at the checkpoint's step dropped that step's validation, which the resumed run does not take
     again: val/* read 1, …, 5, 7, … after a resume from step 6."""
     import csv
@@ -374,7 +374,9 @@ def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, cl
                              logger=[TensorBoardLogger(str(tmp_path / name), name="run", version=0),
                                      CSVLogger(str(tmp_path / name), name="csv")],
                              enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
-        trainer.fit(TwoLayerReLU(in_features=4, hidden=5, out_features=c), ckpt_path=ckpt,
+        model = (ConvexReLU(in_features=4, out_features=c, num_gates=5, certify_every_n_steps=0) if convex
+                 else TwoLayerReLU(in_features=4, hidden=5, out_features=c))
+        trainer.fit(model, ckpt_path=ckpt,
                     datamodule=TensorDataModule(train=(X, Y), val=(Xv, Yv), num_classes=classes))
         acc = EventAccumulator(str(tmp_path / name / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
         acc.Reload()
