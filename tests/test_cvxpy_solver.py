@@ -296,3 +296,24 @@ def test_a_cuda_problems_solution_and_its_multipliers_stay_on_cuda_through_a_rem
     for old, new in ((problem.patterns, changed), (problem.patterns.cpu(), changed.cpu())):
         U, _, _, mult = remap_warm_start(old, solution, new)
         assert U.is_cuda and mult.cone.is_cuda
+
+
+def _unregularised() -> ConvexProblem:
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    patterns = X @ torch.randn(3, 6, generator=g, dtype=torch.float64) >= 0
+    return ConvexProblem(X, torch.randn(40, generator=g, dtype=torch.float64), patterns, 0.0)
+
+
+@pytest.mark.skipif("ECOS" not in installed_solvers() or "SCS" not in installed_solvers(), reason="ECOS, SCS")
+def test_with_no_weight_decay_a_conic_solvers_loose_point_is_not_called_optimal():
+    """With λ = 0 nothing certifies a bound above 0, so the solver's own word and the point's violation decide: ECOS's
+    "optimal_inaccurate" stays so, and SCS's point outside its cones reports the violation the problem measures."""
+    problem = _unregularised()
+    early = solve_cvxpy(problem, "ECOS", max_iters=5, feastol_inacc=1.0, abstol_inacc=1.0, reltol_inacc=1.0)
+    assert Status.of(early.status) == Status.OPTIMAL_INACCURATE
+    assert early.value > 1.01 * solve_cvxpy(problem, "CLARABEL").value  # the case under test: far from the optimum
+    loose = solve_cvxpy(problem, "SCS", eps_abs=1e-4, eps_rel=1e-4)
+    assert loose.violation == pytest.approx(float(problem.violation(loose.U, loose.V)), rel=1e-9)
+    assert loose.violation > 1e-6 * float(problem.Y.abs().max())
+    assert Status.of(loose.status) == Status.OPTIMAL_INACCURATE

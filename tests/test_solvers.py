@@ -242,3 +242,43 @@ def test_multipliers_of_another_shape_are_said_and_warnings_about_the_callers_in
     # a monitor, which silences solver chatter, passes it on
     outcome = evaluate_snapshot(spec(solver="permuted"), snapshot(), solve, quiet=True, keep_solution=False)
     assert any(m.startswith("Probe: solver 'permuted' returned multipliers hcl cannot use") for m in outcome.messages)
+
+
+def _sized(n: int, lam: float) -> ConvexProblem:
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    return ConvexProblem(X, torch.randn(n, generator=g, dtype=torch.float64),
+                         X @ torch.randn(5, 4, generator=g, dtype=torch.float64) >= 0, lam)
+
+
+def test_auto_switches_just_above_its_switch_points_and_later_with_no_weight_decay():
+    """Up to n·d·P·c = AUTO_NATIVE_ABOVE Clarabel; with λ = 0, where the native solver certifies no bound above 0,
+    up to AUTO_NATIVE_ABOVE_UNREGULARIZED."""
+    from hcl.convex.solvers import AUTO_NATIVE_ABOVE_UNREGULARIZED
+
+    at = AUTO_NATIVE_ABOVE // 20  # n with d = 5, P = 4, c = 1
+    assert problem_size(_sized(at, 0.1)) == AUTO_NATIVE_ABOVE
+    assert choose_solver(_sized(at, 0.1)) == "clarabel" and choose_solver(_sized(at + 1, 0.1)) == "native"
+    between = 2 * at  # above the first switch point, below the unregularised one
+    assert AUTO_NATIVE_ABOVE < problem_size(_sized(between, 0.0)) <= AUTO_NATIVE_ABOVE_UNREGULARIZED
+    assert choose_solver(_sized(between, 0.0)) == "clarabel"
+    assert choose_solver(_sized(AUTO_NATIVE_ABOVE_UNREGULARIZED // 20 + 1, 0.0)) == "native"
+
+
+def test_a_user_solvers_point_is_certified_at_the_tolerance_asked(monkeypatch):
+    """A user's solver stopped early (a relative gap of about 2e-4) is "optimal" at tol = 1e-3, not at the default."""
+
+    class Early(Solver):
+        name = "early"
+        options = solvers_module.COMMON_OPTIONS | {"tol"}
+
+        def solve(self, problem, gated=False, tol=None, **options):
+            return solve(problem, "clarabel", gated=gated, tol_gap_abs=1e-5, tol_gap_rel=1e-5, tol_feas=1e-5,
+                         max_iter=7)
+
+    monkeypatch.setattr(solvers_module, "_REGISTRY", dict(solvers_module._REGISTRY))
+    register_solver(Early())
+    problem = _sized(40, 0.1)
+    loose, strict = solve(problem, "early", tol=1e-3), solve(problem, "early")
+    assert 1e-6 < loose.relative_gap <= 1e-3
+    assert Status.of(loose.status) == Status.OPTIMAL and Status.of(strict.status) == Status.OPTIMAL_INACCURATE
