@@ -416,3 +416,17 @@ def test_a_step_whose_weights_the_solution_replaced_is_done_in_a_checkpoint_writ
     with pytest.raises(RuntimeError, match="crash in step 2"):
         make_trainer([monitor, patterns, Crash()], max_steps=4).fit(model, datamodule=data)
     assert Crash.saved == {"gap": 2, "patterns": 1}
+
+
+@pytest.mark.slow
+def test_a_non_finite_hidden_bias_is_warned_and_no_pattern_counted(tmp_path, make_trainer):
+    """NaN compares false: a neuron with a NaN bias would count as dead (and every count with it) unless the check
+    reads the bias as well as the weights."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 3, dtype=torch.float64)
+    model = TwoLayerReLU(in_features=3, hidden=8, bias=True, lr=1e-12).double()
+    with torch.no_grad():
+        model.hidden_layer.bias[0] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite hidden-layer weights"):
+        make_trainer([PatternMonitor()], max_steps=2).fit(model, DataLoader(TensorDataset(X, X[:, :1]), batch_size=40))
+    assert not any(tag.startswith("patterns/") for tag in read_scalars(tmp_path))

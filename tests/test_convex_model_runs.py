@@ -226,6 +226,7 @@ def test_a_summed_objective_over_reloaded_loaders_is_said(tmp_path):
         _trainer(tmp_path, 1, reload_dataloaders_every_n_epochs=1).fit(model, datamodule=TensorDataModule(train=(X, Y)))
 
 
+@pytest.mark.slow
 def test_each_step_logs_the_accuracy_and_penalty_of_the_point_it_evaluated(tmp_path):
     """Outside its cones the ReLU variant's own prediction is not its network's: `train/acc` is the mapped network's
     (the model's forward) on the batch, and `train/penalty` the penalty at the step's point, before its update, so

@@ -170,6 +170,7 @@ def test_classification_logs_accuracy_and_uses_one_hot_squared_loss():
     ce = TwoLayerReLU(in_features=4, hidden=8, out_features=3, loss="cross_entropy")
     expected = torch.nn.functional.cross_entropy(ce(X), labels, reduction="mean")
     assert float(ce.objective(X, labels)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(ce.objective(X, one_hot)) == pytest.approx(float(expected), rel=1e-6)  # soft targets: the same mean
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
