@@ -302,3 +302,19 @@ def test_two_pictures_write_two_files_and_each_run_draws_its_own_range(tmp_path,
     make_trainer([fixed], max_steps=1, logger=False).fit(TwoLayerReLU(in_features=2, hidden=3), datamodule=far)
     assert fixed.x_range == (-1.0, 1.0)  # a range given is every run's
 
+
+
+@pytest.mark.slow
+def test_the_pictures_objective_is_the_models_with_an_output_bias(tmp_path):
+    """The objective in each picture's numbers (and title) is the network's own, output bias included."""
+    X = torch.linspace(-1, 1, 20, dtype=torch.float64).reshape(-1, 1)
+    model = TwoLayerReLU(in_features=1, hidden=4, bias=True, output_bias=True, lr=1e-12, weight_decay=1e-3).double()
+    with torch.no_grad():
+        model.output_layer.bias.fill_(3.0)
+    plot = ActivationPointPlot(every_n_steps=1, gif=True)  # the frames' numbers are kept for the GIF
+    pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=tmp_path, callbacks=[plot]).fit(
+        model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, X.abs() + 3.0), batch_size=20))
+    with torch.no_grad():
+        expected = float(model.objective(X, X.abs() + 3.0))
+    assert plot.frames and plot.frames[-1].objective == pytest.approx(expected, rel=1e-6)

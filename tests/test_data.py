@@ -340,3 +340,21 @@ def test_gathered_rows_come_in_rank_order_whatever_their_sizes():
 
     gathered = gather_rows(SimpleNamespace(strategy=TwoRanks()), shards[0])
     assert gathered.flatten().tolist() == [0.0, 1.0, 2.0, 10.0, 11.0]
+
+
+@pytest.mark.parametrize("n", [40, 41, 45])
+def test_a_shuffling_loader_is_read_whole_in_order_whatever_its_last_batch(n):
+    """The in-order pass over a shuffling loader's dataset ends with a full, a one-row or a partial batch."""
+    X, y = _data(n=n)
+    loader = DataLoader(TensorDataset(X, y), batch_size=10, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every sample is read: no partial-pass warning
+        X_read, y_read = training_data(_fake_trainer(loader))
+    assert torch.equal(X_read, X) and torch.equal(y_read, y)
+
+
+def test_a_pass_that_drops_the_last_batch_says_how_many_samples_it_misses():
+    X, y = _data(n=41)
+    with pytest.warns(UserWarning, match="40 of its dataset's 41 samples"):
+        X_read, _ = training_data(_fake_trainer(DataLoader(TensorDataset(X, y), batch_size=10, drop_last=True)))
+    assert torch.equal(X_read, X[:40])
