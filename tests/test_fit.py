@@ -359,3 +359,14 @@ def test_a_bug_in_a_users_code_during_training_keeps_its_traceback_and_a_refusal
     with pytest.raises(SystemExit) as refused:  # hcl's own refusal during fit: still its one line
         main(["--model=hcl.ConvexReLU", *common])  # the default config's callbacks watch a network
     assert refused.value.code == 2 and "PatternMonitor watches a network's" in capsys.readouterr().err
+
+
+def test_every_spelling_of_a_config_or_a_data_module_replaces_the_embedded_default():
+    from hcl.fit import _names_config_or_data
+
+    for args in (["--data=hcl.datamodules.MNIST"], ["--data", "hcl.datamodules.MNIST"],
+                 ["--data.class_path=hcl.datamodules.SyntheticRegression"], ["--data.class_path", "x"],
+                 ["-c", "run.yaml"], ["-crun.yaml"], ["--config=run.yaml"], ["--model.hidden=3", "--config", "r"]):
+        assert _names_config_or_data(args), args
+    for args in ([], ["--model.hidden=3"], ["--data.init_args.n=30"], ["--trainer.max_steps=5"]):
+        assert not _names_config_or_data(args), args
