@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
+import pytest
+import torch
+from _events import read_scalars
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer.call import _call_callbacks_load_state_dict, _call_callbacks_on_load_checkpoint
+from torch.utils.data import DataLoader, TensorDataset
 
+from hcl import TwoLayerReLU
 from hcl.callbacks import ConvexGapMonitor, PatternMonitor
 
 
@@ -55,3 +61,29 @@ def test_a_reset_forgets_the_step_whose_weights_were_replaced():
     monitor.changed_weights_at = monitor.last_step = 10  # a solution loaded at step 10, then a resume from step 5
     monitor.reset()
     assert monitor.changed_weights_at is None
+
+
+@pytest.mark.slow
+def test_a_step_whose_training_step_raised_is_counted_when_the_same_trainer_fits_again(tmp_path):
+    """The exception came before the hidden layer's forward: that step's patterns were never counted, so the next fit,
+    which takes the step again, counts them."""
+    class FailsOnce(TwoLayerReLU):
+        failed = False
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2 and not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("once")
+            return super().training_step(batch, batch_idx)
+
+    g = torch.Generator().manual_seed(1)
+    loader = DataLoader(TensorDataset(torch.randn(30, 3, generator=g), torch.randn(30, 1, generator=g)), batch_size=30)
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", callbacks=[PatternMonitor()], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         log_every_n_steps=1)
+    model = FailsOnce(in_features=3, hidden=6, lr=1e-12)
+    with pytest.raises(RuntimeError, match="once"):
+        trainer.fit(model, loader)
+    trainer.fit(model, loader)
+    steps = [step for step, _ in read_scalars(tmp_path)["patterns/unique"]]
+    assert steps == [0, 1, 2, 3, 4]
