@@ -48,14 +48,14 @@ def row_space_basis(X: Tensor) -> Tensor | None:
     as ``numpy.linalg.matrix_rank`` counts it), or ``None`` when ``X`` has full column rank."""
     n, d = X.shape
     eps = torch.finfo(torch.float64).eps
+    X64 = X.to(torch.float64)
     if n >= d and d > 64:  # a tall matrix with many columns: its Gram matrix first, O(n d²), cheaper than the SVD
-        X64 = X.to(torch.float64)
         eigenvalues = torch.linalg.eigvalsh(X64.T @ X64)
         # full rank only far above the Gram matrix's rounding (a Cholesky factor succeeded on exactly dependent
         # columns); nearer, the SVD decides
         if eigenvalues[0] > 100 * max(n, d) * eps * eigenvalues[-1]:
             return None
-    _, sigma, Vh = torch.linalg.svd(X.to(torch.float64), full_matrices=False)
+    _, sigma, Vh = torch.linalg.svd(X64, full_matrices=False)
     rank = max(1, int((sigma > sigma[0] * max(n, d) * eps).sum()))
     if rank == d:
         return None
