@@ -85,3 +85,21 @@ def test_a_point_outside_its_cones_is_moved_in_unless_its_time_is_up(monkeypatch
     if late:  # not moved: its status says the time ran out, and its certified dual value still bounds p*
         assert outcome.metrics["convex/status"] == Status.TIME_LIMIT.code and "convex/optimum" not in outcome.metrics
         assert "convex/lower_bound" in outcome.metrics
+
+
+def test_one_off_work_and_another_loop_are_left_out_of_the_pace(monkeypatch):
+    """A move into the cones of 1 s between iterations of 0.1 s entered the pace: the solve stopped with most of its
+    limit unused."""
+    now = [0.0]
+    monkeypatch.setattr(clock, "perf_counter", lambda: now[0])
+    deadline = Deadline(0.0, 6.0, wrap_up=5.0)
+    now[0] = 1.0
+    assert not deadline.passed()
+    now[0] = 2.1
+    deadline.exclude(1.0)  # 1 s of the last 1.1 s was the move
+    assert not deadline.passed()  # the pace is 0.1 s: 2.1 + 6 · 0.1 ≤ 6 (1.1 s would stop it)
+    now[0] = 4.0
+    deadline.restart()  # the float64 loop after a float32 stall: its first call measures no pace
+    assert not deadline.passed()  # a 1.9 s "iteration" would end past the limit: 4 + 6 · 1.9 > 6
+    now[0] = 4.5
+    assert deadline.passed()  # its own pace: 4.5 + 6 · 0.5 > 6
