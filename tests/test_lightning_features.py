@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelPru
 import hcl.callbacks.convex_gap as convex_gap_module
 from hcl import TwoLayerReLU
 from hcl.callbacks import ActivationPointPlot, ConvexGapMonitor, PatternMonitor
+from hcl.convex import Status
 from hcl.convex.problem import fold_bias, fold_weights, network_objective
 from hcl.datamodules import SyntheticRegression
 
@@ -89,6 +90,35 @@ def test_a_checkpoint_is_scored_only_by_its_own_steps_certified_gap(tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=0.ckpt", "step=2.ckpt"]
     assert "convex/gap" not in trainer.callback_metrics  # the last solve (step 3) proved none
     assert trainer.callback_metrics["convex/status"].dtype == torch.float64  # as the loggers have it
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_no_tag_of_an_earlier_step_stays_in_the_metrics_a_later_solve_proves_nothing_of(tmp_path, monkeypatch,
+                                                                                        asynchronous):
+    """A solve that proves no bound left step 0's convex/max_gap (and, in the background, its optimum, lower_bound and
+    duality_gap) in callback_metrics, where ModelCheckpoint and EarlyStopping read them as the last step's."""
+    import hcl.callbacks.solve_queue as solve_queue_module
+
+    real, calls = convex_gap_module.solve, []
+
+    def first_only(problem, solver, **options):  # step 0 certified; later steps stopped early without a dual value
+        calls.append(solver)
+        solution = real(problem, solver, **options)
+        return solution if len(calls) == 1 else dataclasses.replace(solution, status="max_iterations", dual_value=None)
+
+    monkeypatch.setattr(convex_gap_module, "solve", first_only)
+    monkeypatch.setattr(solve_queue_module, "solve", first_only)
+    monitor = ConvexGapMonitor(solver="clarabel", asynchronous=asynchronous, worker="thread")
+    trainer = _trainer(tmp_path, [monitor], steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the uncertified steps' status warnings
+        trainer.fit(_model(), datamodule=_data())
+    assert len(calls) >= 2  # in the background a snapshot may be skipped while one is solved
+    # (the last solve's point is feasible: its upper bound is its own)
+    proved = ("optimum", "gap", "lower_bound", "max_gap", "duality_gap")
+    stale = [tag for tag in proved if f"convex/{tag}" in trainer.callback_metrics]
+    assert not stale, stale
+    assert float(trainer.callback_metrics["convex/status"]) == Status.MAX_ITERATIONS.code
 
 
 @pytest.mark.parametrize("asynchronous,callback,warned", [
