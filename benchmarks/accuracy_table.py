@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import torch
+from peak_memory import reset_peak, status_kib  # this folder is on sys.path when run as a script
 from torch import Tensor
 
 # The paper's test accuracies (%), Mishkin, Sahiner & Pilanci, ICML 2022, Table 4 (its convex model: gated ReLU).
@@ -195,7 +196,7 @@ def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
         torch.cuda.reset_peak_memory_stats(s.device)
     dm = data_module(s)  # loaded once, before the clock starts: the Lightning runs train from the same module
     splits = load_splits(s, dm)
-    before = _status_kib("VmRSS") if _reset_peak() else None  # the loading's transient peak is not the method's
+    before = status_kib("VmRSS") if reset_peak() else None  # the loading's transient peak is not the method's
     start = time.perf_counter()
     note = ""
     if method == "data only":
@@ -208,29 +209,10 @@ def run_one(s: Settings, method: str, lr: float | None) -> RunResult:
         torch.cuda.synchronize(s.device)
     seconds = time.perf_counter() - start
     gpu = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.startswith("cuda") else None
-    peak = _status_kib("VmHWM")  # this process's own: ru_maxrss also counts the parent's memory at the fork
+    peak = status_kib("VmHWM")  # this process's own: ru_maxrss also counts the parent's memory at the fork
     rss = (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
     own = math.nan if before is None or peak is None else (peak - before) / 1024
     return RunResult(method, lr, val_acc, test_acc, seconds, rss, gpu, note, own)
-
-
-def _status_kib(field: str) -> int | None:
-    """``field`` of ``/proc/self/status`` (KiB), or ``None`` where there is none."""
-    try:
-        with open("/proc/self/status") as status:
-            return next((int(line.split()[1]) for line in status if line.startswith(field + ":")), None)
-    except OSError:
-        return None
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak resident memory to its current one (Linux ≥ 4.0); ``False`` where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_isolated(s: Settings, method: str, lr: float | None) -> RunResult:

@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
+from peak_memory import reset_peak, status_kib  # this folder is on sys.path when run as a script
 from trajectories import snapshot_problem, train_trajectory  # this folder is on sys.path when run as a script
 
 from hcl.convex import solve
@@ -45,11 +46,13 @@ def snapshots(root: str, n: int, seed: int, steps: list[int], hidden: int, lam: 
 
 
 def measure(problem: ConvexProblem, method: str, options: dict, device: str = "cpu") -> dict:
-    """One solve on ``device`` in this (fresh) process: its bracket, iterations, time and peak memory (resident over
-    the process's start on the CPU; the GPU's peak allocation, from zero, on CUDA)."""
+    """One solve on ``device`` in this (fresh) process: its bracket, iterations, time and peak memory (on the CPU this
+    process's own peak resident memory during the solve, and its resident memory at the start, the problem loaded;
+    the GPU's peak allocation, from zero, on CUDA)."""
     problem = dataclasses.replace(problem, X=problem.X.to(device))  # the rest follows X's device
     gpu = problem.X.is_cuda
-    before = 0 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss would also count the parent's high-water mark, which a spawned child keeps: benchmarks/peak_memory.py
+    before = 0 if gpu else status_kib("VmRSS") if reset_peak() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -63,7 +66,8 @@ def measure(problem: ConvexProblem, method: str, options: dict, device: str = "c
     if gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**10 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = torch.cuda.max_memory_allocated() / 2**10 if gpu else (
+        status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return dict(status=str(solution.status), value=solution.value, bound=solution.dual_value,
                 violation=solution.violation / float(problem.Y.abs().max()), iterations=solution.iterations,
                 seconds=seconds, peak_gib=peak / 2**20, start_gib=before / 2**20)

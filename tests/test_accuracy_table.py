@@ -90,7 +90,7 @@ def test_every_method_runs_is_measured_and_the_solver_separates_the_classes(at, 
 @pytest.mark.slow
 def test_a_run_in_a_child_process_reports_its_own_memory(at, tiny_settings):
     held = torch.ones(2**27, dtype=torch.float64)  # 1 GiB resident in the parent: ru_maxrss had counted it
-    parent_mb = at._status_kib("VmRSS") / 1024
+    parent_mb = at.status_kib("VmRSS") / 1024
     result = at.run_isolated(tiny_settings, "data only", None)
     del held
     assert result.method == "data only" and 50 < result.peak_rss_mb < parent_mb - 512, (result, parent_mb)

@@ -111,3 +111,27 @@ def test_the_mnist_monitor_benchmark_runs_end_to_end(tmp_path):
         assert lower >= 0.0 and math.isfinite(value)
         if violation <= 1e-6:  # a feasible point: its value bounds the optimum from above
             assert lower <= value
+
+
+@pytest.mark.slow  # a fresh process
+def test_the_mnist_monitor_benchmark_reports_its_child_processs_own_memory(monkeypatch):
+    """A spawned child keeps its parent's ru_maxrss: with 1 GiB once held by the parent, a tiny solve read 1.8 GiB."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from hcl.convex import ConvexProblem
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the child imports the script and its neighbours by name
+    import mnist_monitor
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y, gates = torch.randn(30, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    problem = ConvexProblem(X, y, X @ gates >= 0, weight_decay=1e-2)
+    held = torch.ones(2**27, dtype=torch.float64)  # 1 GiB resident in the parent
+    parent_gib = mnist_monitor.status_kib("VmRSS") / 2**20
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        row = pool.submit(mnist_monitor.measure, problem, "admm", {"tol": 1e-4}).result()
+    del held
+    assert row["status"] == "optimal"
+    assert 0.05 < row["start_gib"] <= row["peak_gib"] < parent_gib - 0.5, (row, parent_gib)
