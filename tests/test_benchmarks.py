@@ -1,4 +1,5 @@
-"""benchmarks/trajectories.py's instance builder on a tiny network (no timing is asserted)."""
+"""The benchmark scripts: trajectories.py's instance builder on a tiny network and its table on scripted solves,
+mnist_monitor.py end to end and its memory reading (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -135,3 +136,59 @@ def test_the_mnist_monitor_benchmark_reports_its_child_processs_own_memory(monke
     del held
     assert row["status"] == "optimal"
     assert 0.05 < row["start_gib"] <= row["peak_gib"] < parent_gib - 0.5, (row, parent_gib)
+
+
+def test_the_trajectory_table_s_ratios_differences_and_medians(tr, monkeypatch):
+    """On a scripted clock and scripted solves (no solver runs): the reference value comes from certified cvxpy solves
+    only, its time from any usable one; the larger native difference is reported and a native value off the reference
+    by more than 1e-6 gets no ratio; each solve's time is its fastest repeat; medians are per step gap."""
+    from types import SimpleNamespace
+
+    from hcl.convex import ConvexProblem
+    from hcl.convex.solution import ConvexSolution
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(12, 2, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+    before = ConvexProblem(X, y, X @ torch.randn(2, 3, generator=g, dtype=torch.float64) >= 0, weight_decay=0.1)
+    now, script = [0.0], {}
+
+    def scripted_solve(problem, solver, warm_start=None, **options):
+        kind = "previous" if problem is before else "warm" if warm_start is not None else solver
+        seconds, value, status, iterations = script[kind].pop(0) if kind != "previous" else (0.0, 10.0, "optimal", 1)
+        now[0] += seconds
+        zero = torch.zeros(1)
+        return ConvexSolution(value, zero, zero, zero, status, solver, seconds, iterations)
+
+    monkeypatch.setattr(tr, "solve", scripted_solve)
+    monkeypatch.setattr(tr, "remap_warm_start", lambda *args: "start")
+    monkeypatch.setattr(tr, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    args = SimpleNamespace(repeats=2, solvers=["clarabel", "ecos"])
+    ecos = [(2.0, 9.99, "optimal_inaccurate", 9)] * 2  # fastest, uncertified and 0.1 % low: a time, not a value
+    rows = []
+    # step + 1: cold 10 (1 + 1e-7) in 1 s (5 s on its first repeat), warm 10 (1 + 2e-7) in 0.5 s
+    script.update(clarabel=[(3.0, 10.0, "optimal", 9)] * 2, ecos=list(ecos),
+                  native=[(5.0, 10.000001, "optimal", 30), (1.0, 10.000001, "optimal", 30)],
+                  warm=[(0.5, 10.000002, "optimal", 7)] * 2)
+    rows.append(tr.measure(before, _later(before), ["a"], 1, args))
+    # step + 10: cold in 0.5 s, warm 1e-4 off the reference and slower (2 s)
+    script.update(clarabel=[(3.0, 10.0, "optimal", 9)] * 2, ecos=list(ecos),
+                  native=[(0.5, 10.0, "optimal", 30)] * 2, warm=[(2.0, 10.001, "optimal", 7)] * 2)
+    rows.append(tr.measure(before, _later(before), ["b"], 10, args))
+
+    first, second = rows
+    assert first.rel_diff == pytest.approx(2e-7, rel=1e-6)  # relative, the larger of the two
+    assert (first.cold_ratio, first.warm_ratio, first.warm_over_cold) == pytest.approx((2.0, 4.0, 0.5))
+    assert first.cells[-3:] == ["2.0×", "4.0×", "0.50"] and first.cells[-6:-4] == ["3.00", "2.00 (optimal_inaccurate)"]
+    assert second.rel_diff == pytest.approx(1e-4, rel=1e-6) and "(> 1e-6)" in second.cells[-4]
+    assert (second.cold_ratio, second.warm_ratio) == (pytest.approx(4.0), None)
+    assert tr.summary(rows) == (
+        "Summary: step +1: median best cvxpy / cold 2.00×, best cvxpy / warm 4.00×, warm / cold 0.50 (warm slower than "
+        "cold in 0 of 1); step +10: median best cvxpy / cold 4.00×, best cvxpy / warm – over 1 / 0 of 1 rows, "
+        "warm / cold 4.00 (warm slower than cold in 1 of 1); worst relative objective difference 1.0e-04")
+
+
+def _later(problem):
+    """Another problem object with the same data: the later snapshot, as measure sees it."""
+    import dataclasses
+
+    return dataclasses.replace(problem)
