@@ -126,3 +126,20 @@ def test_cifar10_asked_for_without_its_files_stops_with_the_path(at, tmp_path, c
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert f"--datasets cifar10: no {tmp_path / 'cifar-10-batches-py'} (hcl.datamodules.CIFAR10" in error
+
+
+def test_the_grid_s_learning_rate_is_chosen_by_validation_and_its_time_is_the_sum(at, monkeypatch):
+    """Scripted runs: the learning rate with the best validation accuracy is the row's, whatever its test accuracy."""
+    scripted = {1e-3: (0.90, 0.80, 2.0), 1e-2: (0.80, 0.95, 3.0), 1e-1: (float("nan"), float("nan"), 0.5)}
+
+    def run_one(s, method, lr):
+        val, test, seconds = scripted[lr] if lr is not None else (float("nan"), float("nan"), 1.0)
+        return at.RunResult(method, lr, val, test, seconds, 100.0, None)
+
+    monkeypatch.setattr(at, "run_one", run_one)
+    monkeypatch.setattr(at, "SOLVER_METHODS", ())
+    s = at.Settings(grids={"Adam": (1e-1, 1e-3, 1e-2)})  # a diverged run (nan) is never chosen, even first
+    rows = at.table(s, isolate=False, log=lambda line: None)
+    adam = rows[1]
+    assert (adam["result"].lr, adam["result"].test_acc, adam["grid_seconds"]) == (1e-3, 0.80, 5.5)
+    assert "| Adam | 0.1, 0.001, 0.01 (0.001) | 90.00 | 80.00 | 98.0 | 2.0 | 5.5 |" in at.markdown(s, rows)
