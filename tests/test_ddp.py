@@ -130,11 +130,14 @@ def test_plain_dataloader_shards_are_gathered_with_reduction_mean(tmp_path):
     assert two_metrics["convex/optimum"] == pytest.approx(one_metrics["convex/optimum"], rel=1e-4)
 
 
-def _validated_run(tmp_path: Path, devices: int) -> tuple[dict, TwoLayerReLU]:
+def _validated_run(tmp_path: Path, devices: int, reduction: str = "sum", outputs: int = 1) -> tuple[dict, TwoLayerReLU]:
     torch.manual_seed(0)
     X, Xv = torch.randn(40, 4, dtype=torch.float64), torch.randn(31, 4, dtype=torch.float64)
     w = torch.linspace(-1, 1, 4, dtype=torch.float64)
-    model = TwoLayerReLU(in_features=4, hidden=6, reduction="sum", lr=0.01, weight_decay=0.01)
+    if outputs > 1:
+        w = torch.stack([w, w.flip(0)], 1)[:, :outputs]
+    model = TwoLayerReLU(in_features=4, hidden=6, out_features=outputs, reduction=reduction, lr=0.01,
+                         weight_decay=0.01)
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
         precision="64-true", log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="run", version=0),
@@ -142,9 +145,9 @@ def _validated_run(tmp_path: Path, devices: int) -> tuple[dict, TwoLayerReLU]:
     )
     # validation in batches of 7: several per rank, and under DDP each rank evaluates its half (31 points: Lightning's
     # sampler pads them to 32 by repeating the first, which must not count twice)
-    trainer.fit(model, DataLoader(TensorDataset(X, (X @ w).unsqueeze(1)), batch_size=40),
-                DataLoader(TensorDataset(Xv, (Xv @ w).unsqueeze(1)), batch_size=7))
-    return _series(tmp_path / "run" / "version_0"), (Xv, (Xv @ w).unsqueeze(1))
+    y, yv = (X @ w).reshape(len(X), -1), (Xv @ w).reshape(len(Xv), -1)
+    trainer.fit(model, DataLoader(TensorDataset(X, y), batch_size=40), DataLoader(TensorDataset(Xv, yv), batch_size=7))
+    return _series(tmp_path / "run" / "version_0"), (Xv, yv)
 
 
 def test_validation_with_reduction_sum_sums_over_every_batch_and_rank(tmp_path):
@@ -168,6 +171,17 @@ def test_validation_with_reduction_sum_sums_over_every_batch_and_rank(tmp_path):
     with torch.no_grad():
         expected = float((model(Xv) - yv).square().sum())
     assert one["val/data_loss"][0][1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_validation_with_reduction_mean_and_the_accuracy_of_two_outputs_match_one_process(tmp_path):
+    """val/data_loss with "mean" divides the gathered sum by the gathered count (it was the local count, twice the
+    value); train/acc counts the correct predictions of every rank."""
+    one, _ = _validated_run(tmp_path / "one", devices=1, reduction="mean", outputs=2)
+    two, _ = _validated_run(tmp_path / "two", devices=2, reduction="mean", outputs=2)
+    for tag in ("val/data_loss", "val/acc", "train/acc", "train/objective"):
+        assert [s for s, _ in one[tag]] == [s for s, _ in two[tag]] and one[tag], tag
+        for (_, single), (_, double) in zip(one[tag], two[tag]):
+            assert double == pytest.approx(single, rel=1e-6), tag
 
 
 class _RankData(pl.LightningDataModule):
