@@ -342,6 +342,29 @@ def test_ddp_two_processes_match_one(tmp_path, variant, reduction, lr):
     torch.testing.assert_close(model_two.U, model_one.U, rtol=1e-6, atol=1e-9)
 
 
+class _NoRoomOnRankZero(pl.Callback):
+    """Rank 0 sees no free memory for the certificate, rank 1 enough (set in each spawned process)."""
+
+    def setup(self, trainer, pl_module, stage):
+        import hcl.convex_model as convex_model_module
+
+        convex_model_module.free_memory = lambda where: 0 if trainer.global_rank == 0 else None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a rank waiting in the certificate's collective while the other trains hangs the run
+@pytest.mark.xdist_group("ddp")
+def test_a_certificate_one_rank_has_no_room_for_is_skipped_on_every_rank(tmp_path):
+    X, Y = _data(n=31, d=3, c=2)
+    model = ConvexReLU(in_features=3, out_features=2, num_gates=6, weight_decay=LAM, optimizer="sgd", lr=0.2,
+                       certify_every_n_steps=1).double()
+    callbacks = [_NoRoomOnRankZero(), _ShutDownTheGroup()]
+    trainer = _trainer(tmp_path, 3, devices=2, strategy="ddp_spawn", callbacks=callbacks)
+    trainer.fit(model, datamodule=TensorDataModule(train=(X, Y)))  # (the skip's warning is said in the workers)
+    assert "train/objective" in trainer.callback_metrics  # rank 0's, back from the workers
+    assert "convex_train/objective" not in trainer.callback_metrics
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_a_mini_batch_step_estimates_the_full_objectives_gradient(tmp_path, reduction):
     """An epoch of tiny SGD steps on batches of B moves the variables as n/B full-batch steps do, for either
