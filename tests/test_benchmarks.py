@@ -108,8 +108,9 @@ def test_the_mnist_monitor_benchmark_runs_end_to_end(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 150 ")]
     assert [(r[2].strip(), r[4].strip()) for r in rows] == [("2", "admm"), ("2", "fista")]
     for r in rows:
-        lower, value, violation = float(r[6]), float(r[7]), float(r[9])
+        lower, value, gap, violation = float(r[6]), float(r[7]), float(r[8]), float(r[9])
         assert lower >= 0.0 and math.isfinite(value)
+        assert gap == pytest.approx((value - lower) / abs(value), rel=1e-3, abs=1e-6)  # the stopping rule's gap
         if violation <= 1e-6:  # a feasible point: its value bounds the optimum from above
             assert lower <= value
 
