@@ -193,3 +193,25 @@ def _later(problem):
     import dataclasses
 
     return dataclasses.replace(problem)
+
+
+def test_the_cold_solver_table_s_reference_and_speed_up(monkeypatch, capsys):
+    """benchmarks/solvers.py on scripted solves: the reference value is a certified cvxpy one, the time any usable
+    one's, and the speed-up is that time over the native one's."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("solvers_benchmark", SCRIPT.parent / "solvers.py")
+    sv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sv)
+    scripted = {"CLARABEL": (10.0, 3.0, "optimal"), "ECOS": (9.99, 1.0, "optimal_inaccurate")}
+    native = SimpleNamespace(value=10.000001, solve_seconds=0.5, iterations=20, status="optimal", violation=0.0,
+                             relative_gap=1e-8)
+    monkeypatch.setattr(sv, "COLD_SIZES", [(12, 2, 3)])
+    monkeypatch.setattr(sv, "fastest", lambda repeats, problem, **options: native)
+    monkeypatch.setattr(sv, "fastest_cvxpy", lambda problem, name, limit, repeats: scripted[name])
+    monkeypatch.setattr(sv.torch.cuda, "is_available", lambda: False)
+    assert sv.best_cvxpy([*scripted.values(), (None, None, "skipped (> 60 s)")]) == (10.0, 1.0)
+    sv.cold(SimpleNamespace(repeats=1, native_limit=None, time_limit=60.0))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 12, 2, 3 |"))
+    cells = [cell.strip() for cell in line.split("|")[1:-1]]
+    assert cells[4] == "1.0e-07" and cells[-1] == "2.0×", cells  # 1 s (ECOS, inaccurate but usable) over 0.5 s
