@@ -32,8 +32,9 @@ def at():
     sys.path.remove(str(SCRIPT.parent))
 
 
-def _write_separable_mnist(root: Path, n_train: int = 200, n_test: int = 50) -> None:
-    """Class k lights a 4 × 4 block of its own, on noise: separable by a linear model."""
+def _write_separable_mnist(root: Path, n_train: int = 200, n_test: int = 50, test_shift: int = 0) -> None:
+    """Class k lights a 4 × 4 block of its own, on noise: separable by a linear model. ``test_shift``: the test
+    images are labelled ``k + test_shift`` (mod 10)."""
     rng = np.random.default_rng(0)
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -43,6 +44,7 @@ def _write_separable_mnist(root: Path, n_train: int = 200, n_test: int = 50) -> 
         for i, k in enumerate(labels):
             images[i, 4 * (k // 5) + 8: 4 * (k // 5) + 12, 4 * (k % 5) + 4: 4 * (k % 5) + 8] = 255
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        labels = ((labels + (test_shift if prefix == "t10k" else 0)) % 10).astype(np.uint8)
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
 
 
@@ -143,3 +145,14 @@ def test_the_grid_s_learning_rate_is_chosen_by_validation_and_its_time_is_the_su
     adam = rows[1]
     assert (adam["result"].lr, adam["result"].test_acc, adam["grid_seconds"]) == (1e-3, 0.80, 5.5)
     assert "| Adam | 0.1, 0.001, 0.01 (0.001) | 90.00 | 80.00 | 98.0 | 2.0 | 5.5 |" in at.markdown(s, rows)
+
+
+@pytest.mark.slow  # two trainings
+def test_each_accuracy_is_measured_on_its_own_split(at, tmp_path):
+    """With every test image mislabelled, a model that fits the training set is right on the validation points and
+    wrong on the test ones, whichever way it was trained."""
+    _write_separable_mnist(tmp_path, test_shift=1)
+    s = at.Settings(root=str(tmp_path), subset=120, val_size=40, width=8, epochs=2, batch_size=40, convex_iters=60)
+    for method, lr in (("convex gated ReLU (solver)", None), ("Adam", 1e-2)):
+        result = at.run_one(s, method, lr)
+        assert result.val_acc >= 0.4 and result.test_acc <= 0.2, (method, result)  # chance: 0.1
