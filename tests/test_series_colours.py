@@ -95,6 +95,23 @@ def test_each_charted_series_is_a_run_of_its_own(tmp_path, make_trainer):
     assert dashboard.series_dirs(trainer) == {}  # closed at the end of fitting
 
 
+def test_a_tag_in_two_charts_is_mirrored_into_both(tmp_path, make_trainer):
+    """train/objective beside a monitor's optimum and beside the global optimum: the second chart had lost its line."""
+    from hcl.callbacks.global_optimum import GlobalOptimumMonitor
+
+    torch.manual_seed(0)
+    data = SyntheticRegression(kind="gaussian_linear", n=20, d=2, seed=0, dtype="float64")
+    model = TwoLayerReLU(in_features=2, hidden=3, bias=True, init="normal", init_scale=0.5, lr=0.05)
+    trainer = make_trainer([ConvexGapMonitor(prefix="cvx2"), GlobalOptimumMonitor()], max_steps=3)
+    trainer.fit(model, datamodule=data)
+    charts = [title for title, (_, tags) in dashboard.layout_of(trainer)["hcl"].items()
+              if len(tags) > 1 and "train/objective" in tags]
+    assert len(charts) == 2, charts  # the case under test
+    mirrored = _view(tmp_path / "run" / "version_0" / "series" / "train" / "objective")
+    assert set(mirrored) == {dashboard.chart_tag(title) for title in charts}
+    assert all([step for step, _ in points] == [0, 1, 2] for points in mirrored.values())
+
+
 @pytest.mark.parametrize("logger", ["none", "csv"])
 def test_without_tensorboard_there_are_no_series_runs(tmp_path, make_trainer, logger):
     data, model = _data_and_model()
