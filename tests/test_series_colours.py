@@ -147,7 +147,10 @@ def test_a_resumed_run_marks_its_restart_in_the_series_runs(tmp_path):
     # event files are read in their names' order: time in whole seconds, then a counter ("….9" after "….10"); a resume
     # is seconds after its run's files were made, a fit of this size is not
     time.sleep(1.1)
-    fit(9, str(checkpoint))
+    trainer = fit(9, str(checkpoint))
+    # a next fit of the same trainer continues, and does not mark the resume's restart again (that hid steps 4 … 8)
+    trainer.fit_loop.epoch_loop.max_steps = 12
+    trainer.fit(trainer.lightning_module, datamodule=trainer.datamodule)
     run_dir = root / "run" / "version_0"
     for tag in ("train/objective", "convex/optimum", "convex_async/optimum", "patterns/new"):
         series = run_dir / "series" / tag
@@ -156,7 +159,7 @@ def test_a_resumed_run_marks_its_restart_in_the_series_runs(tmp_path):
                     if event.HasField("session_log") and event.session_log.status == SessionLog.START]
         assert restarts == [4], tag
         (points,) = _view(series).values()
-        assert [step for step, _ in points] == list(range(9)), tag  # steps 4 and 5 once: the resumed run's
+        assert [step for step, _ in points] == list(range(12)), tag  # steps 4 and 5 once: the resumed run's
         assert _same(points, _view(run_dir)[tag]), tag
 
 
