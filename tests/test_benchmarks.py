@@ -215,3 +215,32 @@ def test_the_cold_solver_table_s_reference_and_speed_up(monkeypatch, capsys):
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 12, 2, 3 |"))
     cells = [cell.strip() for cell in line.split("|")[1:-1]]
     assert cells[4] == "1.0e-07" and cells[-1] == "2.0×", cells  # 1 s (ECOS, inaccurate but usable) over 0.5 s
+
+
+def test_the_pattern_monitor_benchmark_times_the_steps_after_the_first_and_keeps_the_fastest_run(monkeypatch, capsys):
+    """benchmarks/pattern_monitor.py on a scripted clock (one second per reading): each fit times its steps 1 … N
+    (step 0 carries the set-up); the ratio and the per-step figures come from the fastest run of each kind."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("pattern_monitor_benchmark", SCRIPT.parent / "pattern_monitor.py")
+    pm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pm)
+    clock = [0.0]
+
+    def tick() -> float:
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(pm, "time", SimpleNamespace(perf_counter=tick))
+    X, Y = torch.randn(30, 4), torch.randn(30, 2)
+    assert pm._fit_seconds(X, Y, 3, 3, [], "cpu", None) == 3.0  # three timed steps of one tick each
+
+    fits = iter([0.30, 0.33, 0.20, 0.22, 0.25, 0.40])  # (without, with) × 3 repeats: the fastest are 0.20 and 0.22
+    monkeypatch.setattr(pm, "_fit_seconds", lambda *args, **kwargs: next(fits))
+    monkeypatch.setattr(sys, "argv", ["pattern_monitor.py", "--n", "30", "--d", "4", "--hidden", "3", "--steps", "2",
+                                      "--mnist-root", "absent"])
+    pm.main()
+    out = capsys.readouterr().out
+    assert "without monitor :     100.0 ms" in out and "with monitor    :     110.0 ms" in out
+    assert "ratio with / without          :     1.100" in out
+    assert "500.0 ms = 5.000 of a step" in out  # one tick (1 s) over the two snapshots, against a step of 0.1 s
