@@ -244,3 +244,48 @@ def test_the_pattern_monitor_benchmark_times_the_steps_after_the_first_and_keeps
     assert "without monitor :     100.0 ms" in out and "with monitor    :     110.0 ms" in out
     assert "ratio with / without          :     1.100" in out
     assert "500.0 ms = 5.000 of a step" in out  # one tick (1 s) over the two snapshots, against a step of 0.1 s
+
+
+def test_the_async_overhead_benchmark_s_timer_and_ratios(monkeypatch, capsys):
+    """benchmarks/async_overhead.py on scripted clocks and runs: the timer spans the first step's start to the last
+    step's end, in wall time and the training thread's CPU time; each monitored run is divided by the baseline run
+    of its own repetition, and the median of those ratios is printed."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("async_overhead_benchmark", SCRIPT.parent / "async_overhead.py")
+    ao = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ao)
+    clock = {"wall": 0.0, "thread": 0.0, "process": 100.0}
+    monkeypatch.setattr(ao, "time", SimpleNamespace(perf_counter=lambda: clock["wall"],
+                                                    thread_time=lambda: clock["thread"],
+                                                    process_time=lambda: clock["process"]))
+    timer = ao.StepTimer()
+    for i in range(3):  # steps of 1 s (0.5 s of the thread's CPU), 0.25 s (0.1 s) between them
+        timer.on_train_batch_start(None, None, None, i)
+        clock["wall"] += 1.0
+        clock["thread"] += 0.5
+        clock["process"] += 2.0
+        timer.on_train_batch_end(None, None, None, None, i)
+        clock["wall"] += 0.25
+        clock["thread"] += 0.1
+    assert timer.wall[1] - timer.wall[0] == pytest.approx(3.5)
+    assert timer.cpu[1] - timer.cpu[0] == pytest.approx(1.7) and timer.durations == [1.0, 1.0, 1.0]
+
+    base, factor, calls = [1.0, 10.0, 100.0], [1.1, 1.2, 1.3], {"base": 0, "async": 0}
+
+    def scripted_run(steps, monitor):
+        kind = "base" if monitor is None else "async"
+        if steps == 20:  # the warm-up run
+            return {}
+        k = calls[kind]
+        calls[kind] += 1
+        value = base[k] * (1.0 if monitor is None else factor[k])
+        return {"cpu": value, "steps": value, "median step": value, "fit": value,
+                "skipped": 0.0 if monitor is None else 5.0}
+
+    monkeypatch.setattr(ao, "run", scripted_run)
+    monkeypatch.setattr(sys, "argv", ["async_overhead.py", "--steps", "50", "--repeats", "3", "--worker", "thread"])
+    ao.main()
+    out = capsys.readouterr().out
+    assert "async: ratio to baseline cpu 1.200, steps 1.200, median step 1.200, fit 1.200" in out, out
+    assert "(the rest skipped) 45 of 50" in out
