@@ -215,8 +215,8 @@ def summary(rows: list[Row]) -> str:
         slower = sum(x > 1 for x in ratio)
         # a native solve not certified, or off the reference by more than 1e-6, has no ratio (a fast wrong answer)
         left = "" if len(cold) == len(warm) == len(some) else f" over {len(cold)} / {len(warm)} of {len(some)} rows"
-        times = [median(values) + ("×" if values else "") for values in (cold, warm)]
-        parts.append(f"step +{gap}: median best cvxpy / cold {times[0]}, best cvxpy / warm {times[1]}"
+        shown = [median(values) + ("×" if values else "") for values in (cold, warm)]
+        parts.append(f"step +{gap}: median best cvxpy / cold {shown[0]}, best cvxpy / warm {shown[1]}"
                      f"{left}, warm / cold {median(ratio)} (warm slower than cold in {slower} of {len(some)})")
     diffs = [r.rel_diff for r in rows if r.rel_diff is not None]
     worst = "–" if not diffs else f"{max(diffs):.1e}"
