@@ -319,13 +319,15 @@ def test_raise_worker_errors_raises_the_first_failure_and_the_others_warn(tmp_pa
 def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tmp_path, monkeypatch, run):
     """Every due step is logged or counted as skipped, never neither: the solves collected before the interruption of
     the end-of-training wait are logged, the rest skipped (the interrupt comes once step 2 is collected, 3 held)."""
-    release = threading.Event()
+    release, ended = threading.Event(), threading.Event()
 
     def last_one_held(problem, solver, **options):  # step 2 finishes during the wait, step 3 is still running
         if release.is_set():
             return slow_solve(problem, solver, **options)
-        time.sleep(0.3 if len(calls) == 2 else 0.0)
         calls.append(solver)
+        if len(calls) == 3:  # step 2: after training has ended, however slow the machine (a poll had collected it)
+            ended.wait(30)
+            time.sleep(0.3)
         if len(calls) == 4:
             release.wait(30)
         return slow_solve(problem, solver, **options)
@@ -341,6 +343,7 @@ def test_a_ctrl_c_while_training_waits_for_its_solves_keeps_the_finished_ones(tm
 
     class CtrlC(pl.Callback):
         def on_train_end(self, trainer, pl_module):
+            ended.set()
             threading.Thread(target=interrupt_once_step_2_is_collected, daemon=True).start()
 
     calls = []

@@ -110,7 +110,8 @@ def test_the_mnist_monitor_benchmark_runs_end_to_end(tmp_path):
     for r in rows:
         lower, value, gap, violation = float(r[6]), float(r[7]), float(r[8]), float(r[9])
         assert lower >= 0.0 and math.isfinite(value)
-        assert gap == pytest.approx((value - lower) / abs(value), rel=1e-3, abs=1e-6)  # the stopping rule's gap
+        # the stopping rule's gap, printed to three digits
+        assert gap == pytest.approx((value - lower) / abs(value), rel=5e-3, abs=1e-6)
         if violation <= 1e-6:  # a feasible point: its value bounds the optimum from above
             assert lower <= value
 
