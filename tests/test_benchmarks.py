@@ -3,6 +3,7 @@ mnist_monitor.py end to end and its memory reading (no timing is asserted)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -191,9 +192,15 @@ def test_the_trajectory_table_s_ratios_differences_and_medians(tr, monkeypatch):
 
 def _later(problem):
     """Another problem object with the same data: the later snapshot, as measure sees it."""
-    import dataclasses
-
     return dataclasses.replace(problem)
+
+
+def _script(file: str):
+    """A benchmark script loaded as a module of its own (not run)."""
+    spec = importlib.util.spec_from_file_location(f"{Path(file).stem}_benchmark", SCRIPT.parent / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_cold_solver_table_s_reference_and_speed_up(monkeypatch, capsys):
@@ -201,9 +208,7 @@ def test_the_cold_solver_table_s_reference_and_speed_up(monkeypatch, capsys):
     one's, and the speed-up is that time over the native one's."""
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("solvers_benchmark", SCRIPT.parent / "solvers.py")
-    sv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sv)
+    sv = _script("solvers.py")
     scripted = {"CLARABEL": (10.0, 3.0, "optimal"), "ECOS": (9.99, 1.0, "optimal_inaccurate")}
     native = SimpleNamespace(value=10.000001, solve_seconds=0.5, iterations=20, status="optimal", violation=0.0,
                              relative_gap=1e-8)
@@ -223,9 +228,7 @@ def test_the_pattern_monitor_benchmark_times_the_steps_after_the_first_and_keeps
     (step 0 carries the set-up); the ratio and the per-step figures come from the fastest run of each kind."""
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("pattern_monitor_benchmark", SCRIPT.parent / "pattern_monitor.py")
-    pm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pm)
+    pm = _script("pattern_monitor.py")
     clock = [0.0]
 
     def tick() -> float:
@@ -253,9 +256,7 @@ def test_the_async_overhead_benchmark_s_timer_and_ratios(monkeypatch, capsys):
     of its own repetition, and the median of those ratios is printed."""
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("async_overhead_benchmark", SCRIPT.parent / "async_overhead.py")
-    ao = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ao)
+    ao = _script("async_overhead.py")
     clock = {"wall": 0.0, "thread": 0.0, "process": 100.0}
     monkeypatch.setattr(ao, "time", SimpleNamespace(perf_counter=lambda: clock["wall"],
                                                     thread_time=lambda: clock["thread"],
