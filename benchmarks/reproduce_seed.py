@@ -55,9 +55,10 @@ def at(s: dict[str, dict[int, float]], tag: str, step: int | None = None) -> str
     """The value of ``tag`` at ``step`` (default: its last), or why there is none: an optimum is logged only when the
     solver certified it (docs/dashboards.md)."""
     values = s.get(tag, {})
-    if not values:
+    step = max(values, default=None) if step is None else step
+    if step not in values:  # an uncertified solve logs no optimum at its step
         return "not logged (not certified)"
-    return f"{values[max(values) if step is None else step]:.4g}"
+    return f"{values[step]:.4g}"
 
 
 def global_bracket(s: dict[str, dict[int, float]]) -> str:

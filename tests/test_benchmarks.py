@@ -291,3 +291,94 @@ def test_the_async_overhead_benchmark_s_timer_and_ratios(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "async: ratio to baseline cpu 1.200, steps 1.200, median step 1.200, fit 1.200" in out, out
     assert "(the rest skipped) 45 of 50" in out
+
+
+def test_the_threads_benchmark_times_each_case_against_one_idle_thread(monkeypatch, capsys):
+    """benchmarks/threads.py on scripted solves: the default, one and all threads are timed while a process keeps a
+    core busy, one thread once it is stopped; each time is printed over that idle one, with the count the default
+    chose for the instance's size."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports trajectories.py by name
+    th = _script("threads.py")
+    busy = {"alive": False}
+
+    class Busy:  # the busy process: alive from its start to its kill
+        def __init__(self, args):
+            assert args[-1] == th.BUSY
+            busy["alive"] = True
+
+        def kill(self):
+            busy["alive"] = False
+
+        def wait(self):
+            pass
+
+    seconds = {(True, None): 2.2, (True, 1): 3.0, (True, 2): 6.0, (False, 1): 2.0}
+    sizes = []
+    monkeypatch.setattr(th, "trajectory_problems", lambda *a, **k: [SimpleNamespace(n=5, d=3, num_patterns=4, c=2)])
+    monkeypatch.setattr(th.subprocess, "Popen", Busy)
+    monkeypatch.setattr(th.time, "sleep", lambda s: None)
+    monkeypatch.setattr(th.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(th, "busy_cores", lambda: 1.0)
+    monkeypatch.setattr(th, "default_threads", lambda size: sizes.append(size) or 1)
+    monkeypatch.setattr(th, "machine", lambda: "test machine")
+    monkeypatch.setattr(th, "timed", lambda problem, repeats, num_threads=None: seconds[busy["alive"], num_threads])
+    monkeypatch.setattr(sys, "argv", ["threads.py", "--repeats", "1"])
+    th.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "time s" not in line]
+    assert rows == ["| default (1 thread(s)), one core busy, 1.00 cores seen busy | 2.20 | 1.10 |",
+                    "| 1 thread, one core busy | 3.00 | 1.50 |", "| 2 threads, one core busy | 6.00 | 3.00 |",
+                    "| 1 thread, idle | 2.00 | 1.00 |"], rows
+    assert sizes == [5 * 3 * 4 * 2] and not busy["alive"]
+
+
+def test_the_threads_benchmark_takes_the_median_of_certified_solves(monkeypatch):
+    """Its timer: the median of the repeats' wall times, and a solve that is not certified stops the benchmark."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    th = _script("threads.py")
+    clock, spans, statuses = [0.0], iter([5.0, 1.0, 2.0]), iter(["optimal"] * 3 + ["time_limit"])
+
+    def scripted_solve(problem, solver, **options):
+        clock[0] += next(spans)
+        return SimpleNamespace(status=next(statuses))
+
+    monkeypatch.setattr(th, "solve", scripted_solve)
+    monkeypatch.setattr(th.time, "perf_counter", lambda: clock[0])
+    assert th.timed(None, 3, num_threads=1) == 2.0
+    spans = iter([1.0])
+    with pytest.raises(AssertionError, match="time_limit"):
+        th.timed(None, 1)
+
+
+def test_the_seed_reproduction_reads_every_event_file_and_reports_on_the_certified_values(tmp_path, capsys):
+    """benchmarks/reproduce_seed.py's reading: the scalars of every event file under the run (a resumed run writes a
+    second one), the last value of a tag or why there is none, the first step (in step order) meeting a condition, and
+    experiment (c)'s report, whose step-0 reference is the certified optimum or, without one, the upper bound."""
+    from types import SimpleNamespace
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    rs = _script("reproduce_seed.py")
+    for version, values in (("version_0", {0: 4.0, 1: 3.0, 2: 2.5}), ("version_1", {2: 2.0, 3: 0.5})):
+        with SummaryWriter(str(tmp_path / version)) as writer:
+            for step, value in values.items():
+                writer.add_scalar("train/objective", value, step)
+    s = rs.read_scalars(tmp_path)
+    assert s["train/objective"] == {0: 4.0, 1: 3.0, 2: 2.0, 3: 0.5}
+    assert rs.at(s, "train/objective") == "0.5" and rs.at(s, "train/objective", 1) == "3"
+    assert rs.at(s, "convex/optimum") == "not logged (not certified)"
+    assert rs.first_step({5: 0.1, 1: 0.9, 3: 0.2}, lambda v: v < 0.5) == 3
+
+    s.update({"patterns/unique": {0: 7.0, 3: 9.0}, "convex/upper_bound": {0: 0.8, 3: 0.3},
+              "convex/status": {0: 1.0, 3: 0.0}, "convex/optimum": {3: 0.25}})
+    rs.report_c(SimpleNamespace(), s)
+    out = capsys.readouterr().out
+    assert "GD beats the step-0 convex optimum at step: 3" in out  # 0.5 < 0.8, the step-0 upper bound
+    assert "per-neuron convex optimum at step 0: not logged (not certified)" in out
+    assert "certified at 1 of 2 solves" in out and "loss leaves its plateau (< 0.95 x step 0) at step: 1" in out
+    s["convex/optimum"][0] = 2.5  # certified at step 0: the reference is the optimum itself
+    rs.report_c(SimpleNamespace(), s)
+    assert "GD beats the step-0 convex optimum at step: 2" in capsys.readouterr().out
