@@ -20,6 +20,7 @@ from hcl.activation_geometry import (
     input_layout,
     network_curve,
     neuron_markers,
+    to_numpy,
 )
 from hcl.callbacks import ActivationPointPlot, ConvexGapMonitor
 from hcl.datamodules import SyntheticRegression
@@ -318,3 +319,38 @@ def test_the_pictures_objective_is_the_models_with_an_output_bias(tmp_path):
     with torch.no_grad():
         expected = float(model.objective(X, X.abs() + 3.0))
     assert plot.frames and plot.frames[-1].objective == pytest.approx(expected, rel=1e-6)
+
+
+def test_markers_of_a_zero_output_weight_and_a_flat_neuron():
+    """α = 0 counts as positive (green, ``α ≥ 0``) and a neuron flat in x (w = 0) is active to no side (``w > 0``).
+    Kills A1 (``α ≥ 0`` → ``α > 0``) and A7 (``w > 0`` → ``w ≥ 0``)."""
+    layout = InputLayout(x_column=0, ones_columns=(1,), width=2)
+    weight = torch.tensor([[1.0, 0.5], [0.0, 0.5], [-2.0, 1.0]], dtype=torch.float64)
+    output = torch.tensor([[0.0, 1.0, -1.0]], dtype=torch.float64)
+    markers = neuron_markers(weight, None, output, layout)
+    assert markers.positive.tolist() == [True, True, False]
+    assert markers.right.tolist() == [True, False, False]
+
+
+def test_input_layout_refuses_data_with_no_x_column():
+    """Only columns of ones: not 1-D data, refused with the 1-D message. Kills A3 (``!= 1`` → ``> 1``: IndexError)."""
+    with pytest.raises(ValueError, match="1-D data"):
+        input_layout(torch.ones(5, 2, dtype=torch.float64), has_bias=True)
+
+
+def test_a_neuron_on_the_edge_of_the_range_is_drawn():
+    """Activation points at the ends of x_range are on the axis, not off it. Kills A4 (``>=``/``<=`` → ``>``/``<``)."""
+    grid = np.linspace(-2, 2, 50)
+    figure = ActivationPointFigure(grid, np.array([-0.5, 0.5]), np.array([0.2, 0.8]), (-2.0, 2.0), figsize=(3, 2),
+                                   dpi=40)
+    frame = Frame(3, 0.1, np.array([-2.0, 2.0]), np.array([0.5, 1.0]), np.array([True, True]),
+                  np.array([True, True]), 0 * grid)
+    figure.render(frame)
+    assert "off-axis" not in figure.title.get_text()
+    assert figure.markers[True, True].get_offsets().shape[0] == 2
+
+
+def test_frames_hold_float64_arrays():
+    """``to_numpy`` copies floating point as float64 (a float32 run's frames too). Kills A5 (the dtype dropped)."""
+    assert to_numpy(torch.ones(3, dtype=torch.float32)).dtype == np.float64
+    assert to_numpy(torch.tensor([True, False])).dtype == np.bool_

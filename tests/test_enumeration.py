@@ -137,3 +137,32 @@ def test_a_far_point_does_not_merge_near_points_onto_a_line(points):
     X = with_bias(torch.tensor(points, **F64))
     E = enumerate_patterns(X)
     assert E.shape[1] == 4 * 4 - 4 + 1 and unique_patterns(E).patterns.shape[1] == E.shape[1]
+
+
+def test_a_point_a_real_distance_off_a_line_is_not_counted_on_it():
+    """1e-10 off a unit segment is a million float64 rounding errors: four points in general position, n² − n + 1
+    patterns. Kills E1 (COLLINEAR_RTOL 1e-13 → 1e-9, which merged it onto the line: 11 patterns)."""
+    X = with_bias(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 1e-10], [0.3, 3.0]], **F64))
+    E = enumerate_patterns(X)
+    assert E.shape[1] == 4 * 4 - 4 + 1
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_enumeration_refuses_empty_data(d):
+    """Kills E3 (the n = 0 check dropped: an empty (0, 0) result came back without a word)."""
+    with pytest.raises(ValueError, match="empty"):
+        enumerate_patterns(torch.ones(0, d, **F64))
+
+
+@pytest.mark.parametrize("points", [[[0.0, 0.0], [1.0, 2.0]], [[0.0, 0.0], [1.0, 0.0], [0.2, 1.0]],
+                                    [[0.0, 0.0], [1.0, 0.0], [0.2, 1.0], [0.7, -0.4]]])
+def test_few_points_in_the_plane_have_every_cell(points):
+    """Two, three and four points: n² − n + 1 patterns, every one of them (the vertices of pairs of neighbours in the
+    sorted order count too). Kills E14 (``triu_indices(offset=2)``: neighbouring pairs skipped)."""
+    X = with_bias(torch.tensor(points, **F64))
+    n = X.shape[0]
+    E = enumerate_patterns(X)
+    assert E.shape[1] == n * n - n + 1
+    dirs = torch.randn(3, 20000, generator=torch.Generator().manual_seed(0), **F64)
+    sampled = {tuple(c) for c in (X @ dirs >= 0).T.tolist() if any(c)}
+    assert sampled == {tuple(c) for c in E.T.tolist()}
