@@ -348,3 +348,67 @@ def test_cifar10_config_runs_on_tiny_batches(tmp_path, no_md5_check):
                           "--trainer.max_epochs=1")
     assert [step for step, _ in scalars["patterns/unique"]] == [0, 1] and "val/acc" in scalars
     assert scalars["convex/status"][0][0] == 0 and "convex/solve_seconds" in scalars
+
+
+def test_mnist_val_size_taking_every_point_names_the_shortage(tiny_mnist):
+    """Kills I1 (needed = val_size + (subset or 0)): holding out all 40 points leaves no training set."""
+    root, _, _ = tiny_mnist
+    with pytest.raises(ValueError, match=r"has 40 training points .* val_size=40 and subset=None need 41"):
+        MNIST(root=root, val_size=40).setup("fit")
+
+
+def test_mnist_val_size_plus_subset_may_use_every_point(tiny_mnist):
+    """Kills I2 (needed >= n): val_size + subset == n is allowed and uses each point once."""
+    root, _, _ = tiny_mnist
+    dm = MNIST(root=root, normalize=False, val_size=8, subset=32)
+    X, _ = dm.train_tensors()
+    Xv, _ = dm.split_tensors("val")
+    assert X.shape == (32, 784) and Xv.shape == (8, 784)
+
+
+def test_mnist_validation_points_keep_the_files_order(tiny_mnist):
+    """Kills I3 (val_index not sorted): the held-out points come in file order, like the training points."""
+    root, images, _ = tiny_mnist
+    flat = torch.from_numpy(images["train"].reshape(40, 784).astype(np.int64))
+    dm = MNIST(root=root, normalize=False, dtype="float64", val_size=10, seed=3)
+    for split in ("train", "val"):
+        X = (dm.split_tensors(split)[0] * 255).round().long()
+        index = [int(torch.nonzero((flat == row).all(1))[0]) for row in X]
+        assert index == sorted(index) and len(set(index)) == len(index), split
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_an_mnist_label_just_past_the_last_class_is_named_as_damaged(tiny_mnist, one_hot):
+    """Kills I9 (labels.max() > 10): the label 10 is the first out of range."""
+    root, _, _ = tiny_mnist
+    path = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    data[8 + 5] = 10
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"training labels .* outside \[0, 10\) \(min 0, max 10\).*damaged"):
+        MNIST(root=root, one_hot=one_hot).setup("fit")
+
+
+@pytest.mark.parametrize("one_hot", [True, False])
+def test_a_negative_cifar_label_is_named_as_damaged(tmp_path, no_md5_check, one_hot):
+    """Kills I10 (no labels.min() < 0 check): CIFAR's labels are a pickled list and can hold -1."""
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder)
+    with open(folder / "data_batch_2", "rb") as f:
+        entry = pickle.load(f)
+    entry["labels"][1] = -1
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(entry, f)
+    with pytest.raises(RuntimeError, match=r"training labels .* outside \[0, 10\) \(min -1, .*damaged"):
+        CIFAR10(root=tmp_path, one_hot=one_hot).setup("fit")
+
+
+def test_mnist_setup_never_downloads_even_with_download_true(tmp_path, monkeypatch):
+    """Kills I17 (_open passes download=self.download): only prepare_data may touch the network."""
+    calls = []
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive",
+                        lambda url, download_root, filename=None, md5=None, **kwargs: calls.append(filename))
+    dm = MNIST(root=tmp_path, download=True)
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        dm.setup("fit")  # prepare_data not called: the files are missing
+    assert calls == []
