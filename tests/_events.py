@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
@@ -26,3 +27,10 @@ def tensor_tags(log_dir: str | Path) -> set[str]:
         acc.Reload()
         tags.update(acc.Tags()["tensors"])
     return tags
+
+
+def next_second() -> None:
+    """Wait for the wall clock's next whole second, before a resume in the same process. TensorBoard reads a run's event
+    files in their names' order, as text: the time in whole seconds, then a per-process counter ("….10" before "….9"),
+    so a resume made within its run's second could be read first; a real resume comes seconds later."""
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _convex_model_utils import LAM, Recorder, _data, _trainer
-from _events import read_scalars
+from _events import next_second, read_scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
@@ -205,6 +205,7 @@ def test_a_resumed_run_logs_each_certificate_step_once(tmp_path):
 
     run(6)  # certificates at 0, 2, 4 and at the end, 6
     (path,) = (tmp_path / "ckpt").glob("epoch=1-*.ckpt")  # after 6 steps
+    next_second()
     run(9, ckpt_path=path)  # at 6 again (before its update), 8 and the end, 9
     # the run folder as TensorBoard reads it: one accumulator over its files, which the restart marker purges
     run_dir = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)

@@ -7,6 +7,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from _events import next_second
 from torch.utils.data import DataLoader, TensorDataset
 
 from hcl import ConvexReLU, TwoLayerReLU
@@ -385,6 +386,7 @@ def test_a_resumed_run_keeps_the_validation_at_its_checkpoints_step(tmp_path, cl
 
     straight = run("straight", 8)
     run("resumed", 5)
+    next_second()
     resumed = run("resumed", 8, glob.glob(str(tmp_path / "resumed/run/version_0/checkpoints/*.ckpt"))[0])
     tags = ["val/objective", "val/data_loss"] + (["val/acc"] if classes else [])
     for tag in tags:

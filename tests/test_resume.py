@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _events import read_scalars
+from _events import next_second, read_scalars
 from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
 
 import hcl.callbacks.solve_queue as solve_queue_module
@@ -71,6 +71,7 @@ def test_a_killed_run_resumed_through_the_cli_has_every_step_once(tmp_path):
     checkpoints = sorted(run_dir.glob("checkpoints/*.ckpt"))
     assert len(checkpoints) == 1
     assert torch.load(checkpoints[0], weights_only=False)["global_step"] == KILL_AT  # the last full step
+    next_second()
     _cli(root, "--ckpt_path=last")  # the newest checkpoint of the logger's runs: the one above
 
     assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]  # the same run continues
@@ -111,6 +112,7 @@ def test_a_run_resumed_from_its_exception_checkpoint_takes_the_failed_step_again
     saved = torch.load(checkpoints / "on_exception.ckpt", weights_only=False)
     assert saved["global_step"] == KILL_AT
     assert all(state["last_step"] == KILL_AT - 1 for state in saved["callbacks"].values() if "last_step" in state)
+    next_second()
     _cli(root, *mini_batches, f"--ckpt_path={checkpoints / 'on_exception.ckpt'}")
 
     resumed = _tensorboard_view(root / "lightning_logs" / "version_0")
@@ -152,6 +154,7 @@ def test_continuing_after_max_steps_keeps_counting(tmp_path, monkeypatch):
     for state in (gap_state, pattern_state):
         _assert_plain(state)
 
+    next_second()
     main([*config, "--trainer.max_steps=30", f"--trainer.default_root_dir={root}", f"--ckpt_path={checkpoint}"])
     s = _tensorboard_view(root / "lightning_logs" / "version_0")
     for tag in ("patterns/new", "patterns/changed", "patterns/unique"):
@@ -201,6 +204,7 @@ def test_a_run_resumed_from_an_exception_in_its_first_step_has_step_0_once(tmp_p
 
     with pytest.raises(RuntimeError, match="raised in step 0"):
         fit([RaiseInStep(0), OnExceptionCheckpoint(dirpath=tmp_path / "checkpoints")])
+    next_second()
     fit([], ckpt_path=tmp_path / "checkpoints" / "on_exception.ckpt")
 
     acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
@@ -275,6 +279,7 @@ data:
     common = ["--config", str(config), "--trainer.enable_progress_bar=false", "--model.hidden=5"]
     main([*common, "--trainer.max_steps=8"])
     checkpoint = min((tmp_path / "plain" / "version_0" / "checkpoints").glob("*.ckpt"))  # after 4 steps
+    next_second()
     main([*common, "--trainer.max_steps=10", f"--ckpt_path={checkpoint}"])
     assert sorted(p.name for p in (tmp_path / "prefixed").iterdir()) == ["version_0"]
     for run, tag in (("plain", "train/objective"), ("prefixed", "exp-train/objective")):

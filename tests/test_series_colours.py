@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from _events import next_second
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import STORE_EVERYTHING_SIZE_GUIDANCE, EventAccumulator
@@ -144,9 +145,7 @@ def test_a_resumed_run_marks_its_restart_in_the_series_runs(tmp_path):
     fit(6)  # steps 0 … 5 logged; the checkpoint at step 4 is the one resumed from
     (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 4
-    # event files are read in their names' order: time in whole seconds, then a counter ("….9" after "….10"); a resume
-    # is seconds after its run's files were made, a fit of this size is not
-    time.sleep(1.1)
+    next_second()
     trainer = fit(9, str(checkpoint))
     # a next fit of the same trainer continues, and does not mark the resume's restart again (that hid steps 4 … 8)
     trainer.fit_loop.epoch_loop.max_steps = 12

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _events import read_scalars
+from _events import next_second, read_scalars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -279,6 +279,7 @@ def test_the_global_monitors_constants_are_logged_once_across_a_resume(tmp_path)
                    enable_model_summary=False).fit(model, datamodule=data, ckpt_path=ckpt_path)
 
     run(3)
+    next_second()
     run(6, ckpt_path=next((tmp_path / "ckpt").glob("*.ckpt")))
     events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
     events.Reload()
