@@ -103,3 +103,46 @@ def test_one_off_work_and_another_loop_are_left_out_of_the_pace(monkeypatch):
     assert not deadline.passed()  # a 1.9 s "iteration" would end past the limit: 4 + 6 · 1.9 > 6
     now[0] = 4.5
     assert deadline.passed()  # its own pace: 4.5 + 6 · 0.5 > 6
+
+
+@pytest.fixture
+def now(monkeypatch):
+    t = [0.0]
+    monkeypatch.setattr(clock, "perf_counter", lambda: t[0])
+    return t
+
+
+def test_a_restart_forgets_the_pace_of_the_loop_before(now):
+    """Kills C2 (restart resets _last but keeps _pace)."""
+    deadline = Deadline(0.0, 10.0, wrap_up=1.0)
+    now[0] = 1.0
+    assert not deadline.passed()
+    now[0] = 5.0
+    assert deadline.passed()  # a 4 s iteration: 5 + 2 · 4 > 10
+    deadline.restart()
+    now[0] = 5.5
+    assert not deadline.passed()  # the new loop's first call measures no pace: the limit itself only
+
+
+def test_the_pace_is_the_last_iterations_not_the_slowest(now):
+    """Kills C4 (the pace kept as the largest seen)."""
+    deadline = Deadline(0.0, 10.0, wrap_up=1.0)
+    now[0] = 1.0
+    assert not deadline.passed()
+    now[0] = 4.0
+    assert not deadline.passed()  # 4 + 2 · 3 = 10: not past
+    now[0] = 4.5
+    assert not deadline.passed()  # 4.5 + 2 · 0.5 ≤ 10 (3 s would stop it)
+
+
+def test_reached_is_the_limit_itself_whatever_the_pace(now):
+    """Kills C5 (reached() adding the pace)."""
+    deadline = Deadline(0.0, 10.0, wrap_up=1.0)
+    now[0] = 1.0
+    deadline.passed()
+    now[0] = 5.0
+    assert deadline.passed()  # pace 4 s
+    now[0] = 9.0
+    assert not deadline.reached()
+    now[0] = 10.5
+    assert deadline.reached()
