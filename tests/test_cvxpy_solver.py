@@ -308,12 +308,21 @@ def _unregularised() -> ConvexProblem:
 @pytest.mark.skipif("ECOS" not in installed_solvers() or "SCS" not in installed_solvers(), reason="ECOS, SCS")
 def test_with_no_weight_decay_a_conic_solvers_loose_point_is_not_called_optimal():
     """With λ = 0 nothing certifies a bound above 0, so the solver's own word and the point's violation decide: ECOS's
-    "optimal_inaccurate" stays so, and SCS's point outside its cones reports the violation the problem measures."""
+    "optimal_inaccurate" stays so, and SCS's point outside its cones reports the violation the problem measures and is
+    not called optimal. (Where SCS stops depends on the machine: at eps 1e-4 one CPU left its point outside the cones,
+    another inside them; each tolerance's point is judged as it came.)"""
     problem = _unregularised()
+    optimum = solve_cvxpy(problem, "CLARABEL").value
     early = solve_cvxpy(problem, "ECOS", max_iters=5, feastol_inacc=1.0, abstol_inacc=1.0, reltol_inacc=1.0)
     assert Status.of(early.status) == Status.OPTIMAL_INACCURATE
-    assert early.value > 1.01 * solve_cvxpy(problem, "CLARABEL").value  # the case under test: far from the optimum
-    loose = solve_cvxpy(problem, "SCS", eps_abs=1e-4, eps_rel=1e-4)
-    assert loose.violation == pytest.approx(float(problem.violation(loose.U, loose.V)), rel=1e-9)
-    assert loose.violation > 1e-6 * float(problem.Y.abs().max())
-    assert Status.of(loose.status) == Status.OPTIMAL_INACCURATE
+    assert early.value > 1.01 * optimum  # the case under test: far from the optimum
+    outside = 0
+    for eps in (1e-4, 1e-3, 1e-2):
+        loose = solve_cvxpy(problem, "SCS", eps_abs=eps, eps_rel=eps)
+        assert loose.violation == pytest.approx(float(problem.violation(loose.U, loose.V)), rel=1e-9), eps
+        if loose.violation > 1e-6 * float(problem.Y.abs().max()):
+            outside += 1
+            assert Status.of(loose.status) == Status.OPTIMAL_INACCURATE, eps
+        elif Status.of(loose.status) == Status.OPTIMAL:  # inside its cones: a value no lower than the optimum's
+            assert loose.value >= optimum * (1 - 1e-6), eps
+    assert outside, "no SCS point outside its cones: the case under test did not occur"
