@@ -193,3 +193,22 @@ def test_a_point_moved_into_its_cones_without_a_dual_value_is_not_optimal():
     moved = feasible_solution(problem, claim, tol=1e-6)
     assert moved.violation == 0.0
     assert Status.of(moved.status) == Status.OPTIMAL_INACCURATE
+
+
+def test_with_no_weight_decay_a_move_that_lowers_the_claimed_value_ends_the_claim():
+    """At λ = 0 nothing certifies a bound, so a moved point keeps "optimal" only where the move left the value where it
+    was. A move that lowers it found a feasible point below the claimed optimum, which was then none (such a point,
+    moved from 104 to 0.76 where p* = 0.26, stayed "optimal" when only a raised value counted)."""
+    from hcl.convex import ConvexProblem, ConvexSolution, Status
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    patterns = X @ torch.randn(3, 4, generator=g, dtype=torch.float64) >= 0
+    problem = ConvexProblem(X, torch.randn(20, generator=g, dtype=torch.float64), patterns, weight_decay=0.0)
+    U, V = (3.0 * torch.randn(4, 3, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    b0 = torch.zeros(1, dtype=torch.float64)
+    claim = ConvexSolution(value=float(problem.objective(U, V, b0)), U=U, V=V, b0=b0, status="optimal", solver="mine",
+                           solve_seconds=0.0, dual_value=0.0, violation=float(problem.violation(U, V)))
+    moved = feasible_solution(problem, claim, tol=1e-6)
+    assert moved.violation == 0.0 and moved.value < 0.5 * claim.value  # the case: the move lowered the value
+    assert Status.of(moved.status) == Status.OPTIMAL_INACCURATE

@@ -168,7 +168,8 @@ def feasible_solution(
     """``solution`` when its point is feasible (violation 0); otherwise the solution at its restored point
     (:func:`restore_feasibility`): that point's value and violation, and ``"optimal"`` kept only when the relative gap
     from the restored value to the certified dual value is within ``tol`` (with the native stopping rule's floor; with
-    ``λ = 0``, which certifies nothing above 0, when the move raised the solver's value by at most ``tol``).
+    ``λ = 0``, which certifies nothing above 0, when the move changed the solver's value by at most ``tol``: a move
+    that lowers it found a feasible point below the claimed optimum, which was then none).
     Even a violation within a solver's tolerance is moved away: such a point's value can lie below ``p*``, under the
     certified lower bound, and would not bound ``p*`` from above. ``directions`` as in :func:`restore_feasibility`."""
     if solution.gated or not math.isfinite(solution.value) or solution.violation <= 0.0:
@@ -179,7 +180,7 @@ def feasible_solution(
     status = Status.of(solution.status)
     if status == Status.OPTIMAL:
         if exact.weight_decay == 0:  # no certificate beyond 0: the solver's own test stands where the move cost nothing
-            moved = relative_gap(value, float(solution.value), exact.gap_floor)
+            moved = abs(relative_gap(value, float(solution.value), exact.gap_floor))
             y_unit = float(exact.Y.abs().max()) or 1.0
             status = status if moved <= tol and violation <= tol * y_unit else Status.OPTIMAL_INACCURATE
         elif solution.dual_value is None:
