@@ -323,7 +323,7 @@ def test_the_pictures_objective_is_the_models_with_an_output_bias(tmp_path):
 
 def test_markers_of_a_zero_output_weight_and_a_flat_neuron():
     """α = 0 counts as positive (green, ``α ≥ 0``) and a neuron flat in x (w = 0) is active to no side (``w > 0``).
-    Kills A1 (``α ≥ 0`` → ``α > 0``) and A7 (``w > 0`` → ``w ≥ 0``)."""
+    Catches: (``α ≥ 0`` → ``α > 0``) and (``w > 0`` → ``w ≥ 0``)."""
     layout = InputLayout(x_column=0, ones_columns=(1,), width=2)
     weight = torch.tensor([[1.0, 0.5], [0.0, 0.5], [-2.0, 1.0]], dtype=torch.float64)
     output = torch.tensor([[0.0, 1.0, -1.0]], dtype=torch.float64)
@@ -333,13 +333,13 @@ def test_markers_of_a_zero_output_weight_and_a_flat_neuron():
 
 
 def test_input_layout_refuses_data_with_no_x_column():
-    """Only columns of ones: not 1-D data, refused with the 1-D message. Kills A3 (``!= 1`` → ``> 1``: IndexError)."""
+    """Only columns of ones: not 1-D data, refused with the 1-D message. Catches: (``!= 1`` → ``> 1``: IndexError)."""
     with pytest.raises(ValueError, match="1-D data"):
         input_layout(torch.ones(5, 2, dtype=torch.float64), has_bias=True)
 
 
 def test_a_neuron_on_the_edge_of_the_range_is_drawn():
-    """Activation points at the ends of x_range are on the axis, not off it. Kills A4 (``>=``/``<=`` → ``>``/``<``)."""
+    """Activation points at the ends of x_range are on the axis, not off it. Catches: (``>=``/``<=`` → ``>``/``<``)."""
     grid = np.linspace(-2, 2, 50)
     figure = ActivationPointFigure(grid, np.array([-0.5, 0.5]), np.array([0.2, 0.8]), (-2.0, 2.0), figsize=(3, 2),
                                    dpi=40)
@@ -351,6 +351,6 @@ def test_a_neuron_on_the_edge_of_the_range_is_drawn():
 
 
 def test_frames_hold_float64_arrays():
-    """``to_numpy`` copies floating point as float64 (a float32 run's frames too). Kills A5 (the dtype dropped)."""
+    """``to_numpy`` copies floating point as float64 (a float32 run's frames too). Catches: (the dtype dropped)."""
     assert to_numpy(torch.ones(3, dtype=torch.float32)).dtype == np.float64
     assert to_numpy(torch.tensor([True, False])).dtype == np.bool_

@@ -24,7 +24,7 @@ def _trainer(root, **overrides) -> pl.Trainer:
 
 # ------------------------------------------------------------------------------------------------------ network.py
 def test_a_trailing_dropout_is_never_taken_as_the_output_layer():
-    # mutant: _stack_index without `children[-1] is kept[1]` made the Dropout the stack's output layer
+    # catches: _stack_index without `children[-1] is kept[1]` made the Dropout the stack's output layer
     from hcl.network import find_relu_stack
 
     sequential = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1), nn.Dropout(0.1))
@@ -33,7 +33,7 @@ def test_a_trailing_dropout_is_never_taken_as_the_output_layer():
 
 
 def test_check_forward_refuses_an_output_scaled_by_a_tenth_of_a_percent_in_float64():
-    # mutant: the float64 tolerance 1e-4 loosened to 1e-2 let a 1.001× output pass as the stack's
+    # catches: the float64 tolerance 1e-4 loosened to 1e-2 let a 1.001× output pass as the stack's
     from hcl.network import find_relu_stack
 
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def test_check_forward_refuses_an_output_scaled_by_a_tenth_of_a_percent_in_float
 
 
 def test_a_loss_name_with_a_loss_prefix_is_recognised():
-    # mutant: _loss_kind without removeprefix("loss"): "loss_l1" read as nothing known, the L1 loss let through
+    # catches: _loss_kind without removeprefix("loss"): "loss_l1" read as nothing known, the L1 loss let through
     from hcl.network import non_squared_loss
 
     class Net(nn.Module):
@@ -69,7 +69,7 @@ def test_a_loss_name_with_a_loss_prefix_is_recognised():
 
 # --------------------------------------------------------------------------------------- checks.py, evaluation.py
 def test_the_validation_objective_is_the_data_loss_plus_the_penalty(tmp_path):
-    # mutant: <stage>/objective logged as the data loss alone (only an order-dependent resume test caught it)
+    # catches: <stage>/objective logged as the data loss alone (only an order-dependent resume test caught it)
     from hcl import TwoLayerReLU
     from hcl.datamodules import TensorDataModule
 
@@ -85,7 +85,7 @@ def test_the_validation_objective_is_the_data_loss_plus_the_penalty(tmp_path):
 
 
 def test_a_bfloat16_models_penalty_is_summed_in_float32():
-    # mutant: at_least_float32 leaves bfloat16 as it is (a bf16 sum of many squares is off by 0.2 % and more)
+    # catches: at_least_float32 leaves bfloat16 as it is (a bf16 sum of many squares is off by 0.2 % and more)
     from hcl import TwoLayerReLU
     from hcl.evaluation import at_least_float32
 
@@ -95,7 +95,7 @@ def test_a_bfloat16_models_penalty_is_summed_in_float32():
 
 
 def test_a_seed_of_2_to_the_63_is_refused_at_construction():
-    # mutant: check_seed's bound `< 2**63` as `<= 2**63`: torch's generator then fails later ("Overflow ...")
+    # catches: check_seed's bound `< 2**63` as `<= 2**63`: torch's generator then fails later ("Overflow ...")
     from hcl.callbacks import ConvexGapMonitor
     from hcl.checks import check_seed
 
@@ -105,7 +105,7 @@ def test_a_seed_of_2_to_the_63_is_refused_at_construction():
 
 
 def test_more_outputs_than_two_classes_are_refused(tmp_path):
-    # mutant: check_classes without `outputs > 1`: out_features=3 on 2 classes was let through
+    # catches: check_classes without `outputs > 1`: out_features=3 on 2 classes was let through
     from hcl import TwoLayerReLU
     from hcl.datamodules import TensorDataModule
 
@@ -116,7 +116,7 @@ def test_more_outputs_than_two_classes_are_refused(tmp_path):
 
 
 def test_a_checkpoint_of_mixed_float_dtypes_leaves_the_modules_dtype():
-    # mutant: cast_to_checkpoint with `len(dtypes) >= 1` cast the module to an arbitrary one of several dtypes
+    # catches: cast_to_checkpoint with `len(dtypes) >= 1` cast the module to an arbitrary one of several dtypes
     from hcl.checks import cast_to_checkpoint
 
     for order in ((torch.float16, torch.float64), (torch.float64, torch.float16)):
@@ -128,7 +128,7 @@ def test_a_checkpoint_of_mixed_float_dtypes_leaves_the_modules_dtype():
 
 
 def test_a_checkpoint_with_extra_weights_is_refused_in_one_line():
-    # mutant: check_resumable raised on missing keys only; a checkpoint with extra ones went on to Lightning's
+    # catches: check_resumable raised on missing keys only; a checkpoint with extra ones went on to Lightning's
     # strict load_state_dict (a RuntimeError with a traceback)
     from hcl import TwoLayerReLU
     from hcl.checks import check_resumable
@@ -140,7 +140,7 @@ def test_a_checkpoint_with_extra_weights_is_refused_in_one_line():
 
 
 def test_numpy_booleans_are_flags():
-    # mutant: check_bool without np.bool_: TwoLayerReLU(bias=np.True_) (a flag from numpy) refused
+    # catches: check_bool without np.bool_: TwoLayerReLU(bias=np.True_) (a flag from numpy) refused
     from hcl import TwoLayerReLU
 
     model = TwoLayerReLU(in_features=3, hidden=4, bias=np.True_, output_bias=np.False_)
@@ -148,7 +148,7 @@ def test_numpy_booleans_are_flags():
 
 
 def test_a_spawned_error_is_judged_by_its_innermost_frame():
-    # mutant: spawned_user_error read the outermost frame (files[0]): a bug in a user's code called from hcl's
+    # catches: spawned_user_error read the outermost frame (files[0]): a bug in a user's code called from hcl's
     # became a one-line usage error, its traceback lost; an hcl refusal called from a user's code kept a traceback
     from pathlib import Path
 
@@ -171,7 +171,7 @@ def test_a_spawned_error_is_judged_by_its_innermost_frame():
 
 
 def test_a_misspelt_option_gets_a_suggestion():
-    # mutant: difflib's cutoff raised (0.6 → 0.95): "hiden" got no "did you mean 'hidden'"
+    # catches: difflib's cutoff raised (0.6 → 0.95): "hiden" got no "did you mean 'hidden'"
     from hcl.cli_errors import _suggestion
 
     assert _suggestion("hcl.TwoLayerReLU", "hiden").startswith("; did you mean 'hidden'?")
@@ -179,7 +179,7 @@ def test_a_misspelt_option_gets_a_suggestion():
 
 # ------------------------------------------------------------------------------------------ callbacks/progress.py
 def test_no_total_when_the_steps_cannot_be_estimated_and_max_steps_is_unset():
-    # mutant: total_steps without `total < 0`: max_steps=-1 (the fallback when the accumulation changes between
+    # catches: total_steps without `total < 0`: max_steps=-1 (the fallback when the accumulation changes between
     # epochs) became a total of -1 steps
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -198,7 +198,7 @@ def test_no_total_when_the_steps_cannot_be_estimated_and_max_steps_is_unset():
 
 
 def test_the_epoch_is_named_with_two_steps_per_epoch(tmp_path, capsys):
-    # mutant: `total_train_batches != 1` as `> 2`: a run of two batches an epoch never named its epoch
+    # catches: `total_train_batches != 1` as `> 2`: a run of two batches an epoch never named its epoch
     from hcl import TwoLayerReLU
     from hcl.callbacks import StepProgressBar
     from hcl.datamodules import SyntheticRegression
@@ -210,7 +210,7 @@ def test_the_epoch_is_named_with_two_steps_per_epoch(tmp_path, capsys):
 
 
 def test_a_tag_named_status_alone_is_no_monitors():
-    # mutant: _prefixes without `tag != "/<suffix>"`: a metric "/status" was read as a monitor of prefix ""
+    # catches: _prefixes without `tag != "/<suffix>"`: a metric "/status" was read as a monitor of prefix ""
     from hcl.callbacks import StepProgressBar
 
     trainer = SimpleNamespace(callback_metrics={"/status": torch.tensor(3.0)}, progress_bar_metrics={}, loggers=[])
@@ -218,7 +218,7 @@ def test_a_tag_named_status_alone_is_no_monitors():
 
 
 def test_the_bar_ends_at_the_last_step_when_its_postfix_did_not_change(tmp_path):
-    # mutant: on_train_end redrew only on a new postfix: a run stopped between two refreshes ended its bar short
+    # catches: on_train_end redrew only on a new postfix: a run stopped between two refreshes ended its bar short
     from hcl.callbacks import StepProgressBar
 
     class Quiet(pl.LightningModule):  # logs nothing: the postfix stays empty
@@ -248,7 +248,7 @@ def test_the_bar_ends_at_the_last_step_when_its_postfix_did_not_change(tmp_path)
 
 # ---------------------------------------------------------------------------------------------- callbacks/logs.py
 def test_logged_values_reach_callback_metrics_in_float64():
-    # mutant: callback_metrics kept float32 copies: 0.1 read back as 0.10000000149…, not what the loggers have
+    # catches: callback_metrics kept float32 copies: 0.1 read back as 0.10000000149…, not what the loggers have
     from hcl.callbacks.logs import log_scalars
 
     trainer = SimpleNamespace(loggers=[], is_global_zero=False, callback_metrics={})
@@ -257,7 +257,7 @@ def test_logged_values_reach_callback_metrics_in_float64():
 
 
 def test_a_resumed_run_writes_one_restart_marker_on_disk(tmp_path):
-    # mutant: mark_resumed_run without its once-per-trainer guard: the monitors' on_train_start and the model's
+    # catches: mark_resumed_run without its once-per-trainer guard: the monitors' on_train_start and the model's
     # each wrote one (2 on disk by the first resumed step here): a marker more per monitor
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader

@@ -225,7 +225,7 @@ def test_the_line_of_generated_points_takes_its_slope_and_intercept():
 
 
 def test_setup_refuses_a_split_whose_targets_have_other_columns_than_the_training_set():
-    """Kills B1 (no target-width check in _check_width)."""
+    """Catches: (no target-width check in _check_width)."""
     with pytest.raises(ValueError, match="validation targets have 2 columns but out_features is 1"):
         TensorDataModule(train=_pair(c=1), val=_pair(c=2)).setup("fit")
     with pytest.raises(ValueError, match="test targets have 3 columns but out_features is 1"):
@@ -233,7 +233,7 @@ def test_setup_refuses_a_split_whose_targets_have_other_columns_than_the_trainin
 
 
 def test_targets_without_columns_are_an_empty_set():
-    """Kills B2 (only inputs checked for emptiness): targets (n, 0) passed validation and gave out_features 0."""
+    """Catches: (only inputs checked for emptiness): targets (n, 0) passed validation and gave out_features 0."""
     X, _ = _pair()
     with pytest.raises(ValueError, match="training set is empty"):
         validate_split(X, torch.empty(4, 0), "train")
@@ -242,30 +242,30 @@ def test_targets_without_columns_are_an_empty_set():
 
 
 def test_negative_class_indices_are_refused():
-    """Kills B4 (no targets.min() < 0 check)."""
+    """Catches: (no targets.min() < 0 check)."""
     X, _ = _pair()
     with pytest.raises(ValueError, match=r"class indices outside \[0, 3\): min -1, max 2"):
         validate_split(X, torch.tensor([0, -1, 1, 2]), "val", num_classes=3)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(kind="points", x=[0.0, 1.0], y=[1.0, 2.0], test_n=1), "no law"),  # S1
+    (dict(kind="points", x=[0.0, 1.0], y=[1.0, 2.0], test_n=1), "no law"),
     (dict(kind="points", x=[0.0, 1.0], y=[1.0, 2.0], noise=0.1), "no law"),
-    (dict(kind="orthogonal", n=3, d=5, noise=0.1), "noise, val_n and test_n must be 0"),  # S2
+    (dict(kind="orthogonal", n=3, d=5, noise=0.1), "noise, val_n and test_n must be 0"),
     (dict(kind="orthogonal", n=3, d=5, test_n=2), "noise, val_n and test_n must be 0"),
-    (dict(kind="points", x=[0.0, 1.0], y=[1.0, 2.0], d=2), "d=2 but the points of x have 1 coordinates"),  # S3
-    (dict(noise=float("inf")), "noise must be a finite standard deviation"),  # S4
+    (dict(kind="points", x=[0.0, 1.0], y=[1.0, 2.0], d=2), "d=2 but the points of x have 1 coordinates"),
+    (dict(noise=float("inf")), "noise must be a finite standard deviation"),
     (dict(noise=float("nan")), "noise must be a finite standard deviation"),
 ])
 def test_synthetic_options_the_data_cannot_honour_are_refused_early(kwargs, message):
-    """Kills S1 (explicit points ignore test_n), S2 (orthogonal ignores noise), S3 (d of explicit points unchecked),
-    S4 (an infinite noise accepted, failing only in setup)."""
+    """Options that would be silently ignored (explicit points with test_n or noise, orthogonal rows with noise or
+    test_n), explicit points of another dimension than d, and a noise that is not finite are refused at construction."""
     with pytest.raises(ValueError, match=message):
         SyntheticRegression(**kwargs)
 
 
 def test_noisy_and_clean_sets_share_the_inputs_of_every_split():
-    """Kills S5b (no noise drawn at noise=0): the validation and test inputs then moved with the noise level."""
+    """Catches: (no noise drawn at noise=0): the validation and test inputs then moved with the noise level."""
     clean = SyntheticRegression(n=20, d=3, val_n=5, test_n=4, dtype="float64", seed=7)
     noisy = SyntheticRegression(n=20, d=3, val_n=5, test_n=4, dtype="float64", noise=0.3, seed=7)
     for split in ("train", "val", "test"):

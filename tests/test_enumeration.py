@@ -141,7 +141,7 @@ def test_a_far_point_does_not_merge_near_points_onto_a_line(points):
 
 def test_a_point_a_real_distance_off_a_line_is_not_counted_on_it():
     """1e-10 off a unit segment is a million float64 rounding errors: four points in general position, n² − n + 1
-    patterns. Kills E1 (COLLINEAR_RTOL 1e-13 → 1e-9, which merged it onto the line: 11 patterns)."""
+    patterns. Catches: (COLLINEAR_RTOL 1e-13 → 1e-9, which merged it onto the line: 11 patterns)."""
     X = with_bias(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 1e-10], [0.3, 3.0]], **F64))
     E = enumerate_patterns(X)
     assert E.shape[1] == 4 * 4 - 4 + 1
@@ -149,7 +149,7 @@ def test_a_point_a_real_distance_off_a_line_is_not_counted_on_it():
 
 @pytest.mark.parametrize("d", [2, 3])
 def test_enumeration_refuses_empty_data(d):
-    """Kills E3 (the n = 0 check dropped: an empty (0, 0) result came back without a word)."""
+    """Catches: (the n = 0 check dropped: an empty (0, 0) result came back without a word)."""
     with pytest.raises(ValueError, match="empty"):
         enumerate_patterns(torch.ones(0, d, **F64))
 
@@ -158,7 +158,7 @@ def test_enumeration_refuses_empty_data(d):
                                     [[0.0, 0.0], [1.0, 0.0], [0.2, 1.0], [0.7, -0.4]]])
 def test_few_points_in_the_plane_have_every_cell(points):
     """Two, three and four points: n² − n + 1 patterns, every one of them (the vertices of pairs of neighbours in the
-    sorted order count too). Kills E14 (``triu_indices(offset=2)``: neighbouring pairs skipped)."""
+    sorted order count too). Catches: (``triu_indices(offset=2)``: neighbouring pairs skipped)."""
     X = with_bias(torch.tensor(points, **F64))
     n = X.shape[0]
     E = enumerate_patterns(X)

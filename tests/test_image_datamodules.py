@@ -351,14 +351,14 @@ def test_cifar10_config_runs_on_tiny_batches(tmp_path, no_md5_check):
 
 
 def test_mnist_val_size_taking_every_point_names_the_shortage(tiny_mnist):
-    """Kills I1 (needed = val_size + (subset or 0)): holding out all 40 points leaves no training set."""
+    """Catches: (needed = val_size + (subset or 0)): holding out all 40 points leaves no training set."""
     root, _, _ = tiny_mnist
     with pytest.raises(ValueError, match=r"has 40 training points .* val_size=40 and subset=None need 41"):
         MNIST(root=root, val_size=40).setup("fit")
 
 
 def test_mnist_val_size_plus_subset_may_use_every_point(tiny_mnist):
-    """Kills I2 (needed >= n): val_size + subset == n is allowed and uses each point once."""
+    """Catches: (needed >= n): val_size + subset == n is allowed and uses each point once."""
     root, _, _ = tiny_mnist
     dm = MNIST(root=root, normalize=False, val_size=8, subset=32)
     X, _ = dm.train_tensors()
@@ -367,7 +367,7 @@ def test_mnist_val_size_plus_subset_may_use_every_point(tiny_mnist):
 
 
 def test_mnist_validation_points_keep_the_files_order(tiny_mnist):
-    """Kills I3 (val_index not sorted): the held-out points come in file order, like the training points."""
+    """Catches: (val_index not sorted): the held-out points come in file order, like the training points."""
     root, images, _ = tiny_mnist
     flat = torch.from_numpy(images["train"].reshape(40, 784).astype(np.int64))
     dm = MNIST(root=root, normalize=False, dtype="float64", val_size=10, seed=3)
@@ -379,7 +379,7 @@ def test_mnist_validation_points_keep_the_files_order(tiny_mnist):
 
 @pytest.mark.parametrize("one_hot", [True, False])
 def test_an_mnist_label_just_past_the_last_class_is_named_as_damaged(tiny_mnist, one_hot):
-    """Kills I9 (labels.max() > 10): the label 10 is the first out of range."""
+    """Catches: (labels.max() > 10): the label 10 is the first out of range."""
     root, _, _ = tiny_mnist
     path = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
     data = bytearray(path.read_bytes())
@@ -391,7 +391,7 @@ def test_an_mnist_label_just_past_the_last_class_is_named_as_damaged(tiny_mnist,
 
 @pytest.mark.parametrize("one_hot", [True, False])
 def test_a_negative_cifar_label_is_named_as_damaged(tmp_path, no_md5_check, one_hot):
-    """Kills I10 (no labels.min() < 0 check): CIFAR's labels are a pickled list and can hold -1."""
+    """Catches: (no labels.min() < 0 check): CIFAR's labels are a pickled list and can hold -1."""
     folder = tmp_path / "cifar-10-batches-py"
     _write_cifar(folder)
     with open(folder / "data_batch_2", "rb") as f:
@@ -404,7 +404,7 @@ def test_a_negative_cifar_label_is_named_as_damaged(tmp_path, no_md5_check, one_
 
 
 def test_mnist_setup_never_downloads_even_with_download_true(tmp_path, monkeypatch):
-    """Kills I17 (_open passes download=self.download): only prepare_data may touch the network."""
+    """Catches: (_open passes download=self.download): only prepare_data may touch the network."""
     calls = []
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive",
                         lambda url, download_root, filename=None, md5=None, **kwargs: calls.append(filename))

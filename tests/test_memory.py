@@ -269,12 +269,8 @@ def test_default_threads_follow_the_usable_idle_cores(monkeypatch):
     assert native_threads.default_threads(native_threads.SINGLE_THREAD_BELOW - 1) == 1
 
 
-def test_busy_cores_are_sampled_now_on_the_usable_cores(monkeypatch):
-    # cpu1 busy all the time, cpu0 idle, cpu2 busy but not ours; a one-minute load average of 2 is not consulted
-    samples = itertools.cycle([
-        "cpu  1 0 0 1 0 0 0 0\ncpu0 100 0 0 900 0 0 0 0\ncpu1 900 0 0 100 0 0 0 0\ncpu2 5 0 0 5 0 0 0 0",
-        "cpu  1 0 0 1 0 0 0 0\ncpu0 100 0 0 910 0 0 0 0\ncpu1 905 0 5 100 0 0 0 0\ncpu2 15 0 0 5 0 0 0 0",
-    ])
+def proc_stat(samples):
+    """A stand-in for ``open`` on ``/proc/stat``: each opening reads the next of ``samples`` (an iterator)."""
 
     class Stat:
         def __init__(self, *args):
@@ -289,9 +285,19 @@ def test_busy_cores_are_sampled_now_on_the_usable_cores(monkeypatch):
         def read(self):
             return self.text
 
+    return Stat
+
+
+def test_busy_cores_are_sampled_now_on_the_usable_cores(monkeypatch):
+    # cpu1 busy all the time, cpu0 idle, cpu2 busy but not ours; a one-minute load average of 2 is not consulted
+    samples = itertools.cycle([
+        "cpu  1 0 0 1 0 0 0 0\ncpu0 100 0 0 900 0 0 0 0\ncpu1 900 0 0 100 0 0 0 0\ncpu2 5 0 0 5 0 0 0 0",
+        "cpu  1 0 0 1 0 0 0 0\ncpu0 100 0 0 910 0 0 0 0\ncpu1 905 0 5 100 0 0 0 0\ncpu2 15 0 0 5 0 0 0 0",
+    ])
+
     monkeypatch.setattr(native_threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(native_threads.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
-    monkeypatch.setattr(native_threads, "open", Stat, raising=False)
+    monkeypatch.setattr(native_threads, "open", proc_stat(samples), raising=False)
     monkeypatch.setattr(native_threads.time, "sleep", lambda seconds: None)
     assert native_threads.busy_cores() == pytest.approx(1.0)
     assert native_threads.default_threads(10**7) == 1

@@ -344,7 +344,7 @@ def test_a_checkpoint_inside_the_step_after_a_resume_keeps_the_loaded_snapshot()
 
 
 def test_unpack_refuses_more_rows_than_the_packed_words_hold():
-    """Kills P4 (the bound loosened by a word: unpack(…, 65) of one word returned 64 rows, not 65, silently)."""
+    """Catches: (the bound loosened by a word: unpack(…, 65) of one word returned 64 rows, not 65, silently)."""
     packed = pack_patterns(torch.ones(10, 3, dtype=torch.bool))
     assert unpack_patterns(packed, 64).shape == (64, 3)
     with pytest.raises(ValueError, match="exceeds"):
@@ -352,7 +352,7 @@ def test_unpack_refuses_more_rows_than_the_packed_words_hold():
 
 
 def test_pre_activations_refuse_a_bias_of_the_wrong_length():
-    """A one-entry bias for three neurons must not broadcast. Kills P5 (``!=`` → ``>``)."""
+    """A one-entry bias for three neurons must not broadcast. Catches: (``!=`` → ``>``)."""
     X, W = torch.randn(5, 2), torch.randn(3, 2)
     with pytest.raises(ValueError, match="3 entries"):
         pre_activations(X, W, torch.tensor([0.5]))
@@ -360,7 +360,7 @@ def test_pre_activations_refuse_a_bias_of_the_wrong_length():
 
 def test_hidden_signs_in_blocks_that_are_not_a_whole_number_of_words(monkeypatch):
     """A byte budget that is not a multiple of 64 rows: the blocks are rounded down to whole words, so that their
-    words concatenate into the whole matrix's. Kills P9 (the rounding dropped: blocks of 100 rows)."""
+    words concatenate into the whole matrix's. Catches: (the rounding dropped: blocks of 100 rows)."""
     import hcl.patterns as patterns
 
     g = torch.Generator().manual_seed(0)

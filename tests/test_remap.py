@@ -23,7 +23,7 @@ def _two_block_solution(n: int = 20, d: int = 3, c: int = 1):
 
 def test_remap_keeps_a_pattern_exactly_a_tenth_of_the_samples_away_and_drops_one_farther():
     """'A new pattern farther than n / 10 samples from every old one starts at zero': exactly n / 10 is not farther.
-    Kills W1 (``>`` → ``>=``) and W2 (``n / 10`` → ``n / 5``)."""
+    Catches: (``>`` → ``>=``) and (``n / 10`` → ``n / 5``)."""
     old, U, V = _two_block_solution(n=20)
     at_tenth = old[:, 0].clone()
     at_tenth[[0, 1]] = ~at_tenth[[0, 1]]  # 2 = n / 10 samples from old pattern 0 (18 from pattern 1)
@@ -36,7 +36,7 @@ def test_remap_keeps_a_pattern_exactly_a_tenth_of_the_samples_away_and_drops_one
 
 
 def test_remap_returns_the_output_bias():
-    """The output bias does not depend on the patterns: it comes back (a copy) with the remapped blocks. Kills W6."""
+    """The output bias does not depend on the patterns: it comes back (a copy) with the remapped blocks."""
     old, U, V = _two_block_solution()
     b0 = torch.tensor([0.75], **F64)
     _, _, b0_new, _ = remap_warm_start(old, (U, V, b0), old.flip(1))
@@ -46,7 +46,7 @@ def test_remap_returns_the_output_bias():
 
 def test_remap_keeps_the_multipliers_penalty():
     """The augmented-Lagrangian penalty reached travels with the multipliers, which stay a sparse COO tensor (their
-    documented layout: only active constraints stored). Kills W7 (penalty dropped) and W15 (a dense cone)."""
+    documented layout: only active constraints stored). Catches: (penalty dropped) and (a dense cone)."""
     old, U, V = _two_block_solution()
     n, c = old.shape[0], U.shape[2]
     cone = torch.zeros(n, 2, 2, c, **F64)
@@ -59,7 +59,7 @@ def test_remap_keeps_the_multipliers_penalty():
 
 def test_remap_from_a_solution_without_patterns_starts_every_block_at_zero():
     """A solved problem with no pattern (every neuron dead) still carries over: no block is near, all start at 0.
-    Kills W8 (the early return only for an empty new set: the (P_new, 0) max raised)."""
+    Catches: (the early return only for an empty new set: the (P_new, 0) max raised)."""
     n, d, c = 12, 3, 1
     old = torch.zeros(n, 0, dtype=torch.bool)
     new = torch.rand(n, 3, generator=torch.Generator().manual_seed(0)) > 0.5
@@ -70,7 +70,7 @@ def test_remap_from_a_solution_without_patterns_starts_every_block_at_zero():
 
 
 def test_remap_refuses_patterns_of_other_samples_and_a_solution_of_other_patterns():
-    """Kills W9 (the same-n check dropped: a RuntimeError from the product) and W10 (a solution with more blocks
+    """Catches: (the same-n check dropped: a RuntimeError from the product) and (a solution with more blocks
     than old patterns accepted)."""
     old, U, V = _two_block_solution(n=20)
     with pytest.raises(ValueError, match="same n"):

@@ -113,7 +113,7 @@ def now(monkeypatch):
 
 
 def test_a_restart_forgets_the_pace_of_the_loop_before(now):
-    """Kills C2 (restart resets _last but keeps _pace)."""
+    """Catches: (restart resets _last but keeps _pace)."""
     deadline = Deadline(0.0, 10.0, wrap_up=1.0)
     now[0] = 1.0
     assert not deadline.passed()
@@ -125,7 +125,7 @@ def test_a_restart_forgets_the_pace_of_the_loop_before(now):
 
 
 def test_the_pace_is_the_last_iterations_not_the_slowest(now):
-    """Kills C4 (the pace kept as the largest seen)."""
+    """Catches: (the pace kept as the largest seen)."""
     deadline = Deadline(0.0, 10.0, wrap_up=1.0)
     now[0] = 1.0
     assert not deadline.passed()
@@ -136,7 +136,7 @@ def test_the_pace_is_the_last_iterations_not_the_slowest(now):
 
 
 def test_reached_is_the_limit_itself_whatever_the_pace(now):
-    """Kills C5 (reached() adding the pace)."""
+    """Catches: (reached() adding the pace)."""
     deadline = Deadline(0.0, 10.0, wrap_up=1.0)
     now[0] = 1.0
     deadline.passed()
