@@ -36,6 +36,10 @@ METRIC_RIDGE = 1e-2
 INSIDE = 1e-9
 # A move along a given direction is taken when it changes no output by more than this many times the violation
 SHIFT_MAX = 100.0
+# A violated column whose outputs are at most this many times its violation is zeroed: any move into the cone changes
+# them by at least the violation, zero by the outputs, and factorising its many active rows costs the most (rounding
+# columns of 10⁻⁷ at 2 000 MNIST images: 260 of 1 880, 97 % of the flops); docs/convex.md#feasibility
+ZERO_WITHIN = 10.0
 # Columns whose steps are formed by one product: a few n-vectors each, not a second copy of the outputs X W
 STEP_COLUMNS = 256
 # A column whose active samples no step puts inside (a cone without interior: x and −x both tied at 0) is moved onto
@@ -81,6 +85,10 @@ def restore_feasibility(
     boundary = torch.zeros(W.shape[1], dtype=torch.bool, device=X.device)  # columns put on their cones' boundary
     for _ in range(ROUNDS):
         violated = (signs * XW < 0) & ~(boundary & (signs * XW >= -rounding))
+        shortfall = torch.where(violated, inside - signs * XW, 0.0).norm(dim=0)
+        small = violated.any(0) & (XW.norm(dim=0) <= ZERO_WITHIN * shortfall)
+        W[:, small], XW[:, small] = 0.0, 0.0
+        violated &= ~small
         todo = violated.any(0).nonzero().flatten()
         if len(todo) == 0:
             break
