@@ -5,8 +5,8 @@ A solver stopped at a loose ``constraint_tol`` returns block columns ``u`` sligh
 that puts its outputs a hair inside the cone on the violated samples ``A``, least in the metric ``Q = XᵀX + r I`` (the
 data term's curvature, so that the outputs on the other samples move little): ``δ = Q⁻¹X_Aᵀ (X_A Q⁻¹X_Aᵀ)⁻¹ (ε − X_A
 u)``, ``A`` growing with any sample a step pushes out, for a few rounds; a column that does not settle becomes zero
-(inside every cone). A cone without interior is reached on its boundary, up to the products' rounding (``ROUNDING``).
-See ``docs/convex.md#feasibility``.
+(inside every cone), as does at once a column hardly larger than its violation. A cone without interior is reached
+on its boundary, up to the products' rounding (``ROUNDING``). See ``docs/convex.md#feasibility``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ METRIC_RIDGE = 1e-2
 INSIDE = 1e-9
 # A move along a given direction is taken when it changes no output by more than this many times the violation
 SHIFT_MAX = 100.0
-# A violated column whose outputs are at most this many times its violation is zeroed: any move into the cone changes
-# them by at least the violation, zero by the outputs, and factorising its many active rows costs the most (rounding
-# columns of 10⁻⁷ at 2 000 MNIST images: 260 of 1 880, 97 % of the flops); docs/convex.md#feasibility
+# A violated column whose outputs are at most this many times its violation is zeroed, not stepped: any move into its
+# cone changes them by at least the violation (rounding, violated on many samples); docs/convex.md#feasibility
 ZERO_WITHIN = 10.0
 # Columns whose steps are formed by one product: a few n-vectors each, not a second copy of the outputs X W
 STEP_COLUMNS = 256
@@ -53,9 +52,10 @@ def restore_feasibility(
     problem: ConvexProblem, U: Tensor, V: Tensor, directions: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(U', V', b0')`` in float64: ``(U, V)`` with every column moved into its cone (columns already inside are left
-    as they are; a column the steps do not bring inside within ``ROUNDS`` becomes zero, which every cone holds; one
-    whose cone has no interior is put on its boundary, outside by at most ``ROUNDING`` of its largest output before
-    the move) and the optimal output bias. Where exactly feasible (violation 0), its objective is an upper bound on
+    as they are; a column the steps do not bring inside within ``ROUNDS`` becomes zero, which every cone holds, as
+    does one whose outputs are at most ``ZERO_WITHIN`` times its violation, before any step; one whose cone has no
+    interior is put on its boundary, outside by at most ``ROUNDING`` of its largest output before the move) and the
+    optimal output bias. Where exactly feasible (violation 0), its objective is an upper bound on
     ``p*``.
 
     ``directions``: ``(d, P)`` a point of each pattern's cone (e.g. the network's own neuron, ``0`` where none is
