@@ -55,8 +55,7 @@ def restore_feasibility(
     as they are; a column the steps do not bring inside within ``ROUNDS`` becomes zero, which every cone holds, as
     does one whose outputs are at most ``ZERO_WITHIN`` times its violation, before any step; one whose cone has no
     interior is put on its boundary, outside by at most ``ROUNDING`` of its largest output before the move) and the
-    optimal output bias. Where exactly feasible (violation 0), its objective is an upper bound on
-    ``p*``.
+    optimal output bias. Where exactly feasible (violation 0), its objective is an upper bound on ``p*``.
 
     ``directions``: ``(d, P)`` a point of each pattern's cone (e.g. the network's own neuron, ``0`` where none is
     known). A column is first moved along its pattern's one by the least step that puts it inside, for every column at
