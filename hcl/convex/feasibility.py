@@ -83,8 +83,9 @@ def restore_feasibility(
     rounding = ROUNDING * XW.abs().amax(0)  # of the outputs before the move (0 for a column of zeros)
     boundary = torch.zeros(W.shape[1], dtype=torch.bool, device=X.device)  # columns put on their cones' boundary
     for _ in range(ROUNDS):
-        violated = (signs * XW < 0) & ~(boundary & (signs * XW >= -rounding))
-        shortfall = torch.where(violated, inside - signs * XW, 0.0).norm(dim=0)
+        slack = signs * XW
+        violated = (slack < 0) & ~(boundary & (slack >= -rounding))
+        shortfall = torch.where(violated, inside - slack, 0.0).norm(dim=0)
         small = violated.any(0) & (XW.norm(dim=0) <= ZERO_WITHIN * shortfall)
         W[:, small], XW[:, small] = 0.0, 0.0
         violated &= ~small
